@@ -1,0 +1,246 @@
+//! DuoAttention prefill: per-KV-head kinds, validation of every input, and the launch.
+use crate::context::Context;
+use crate::element::AttnElement;
+use crate::error::{Error, Result};
+use crate::tensor::{TensorDesc, View, ViewMut};
+use duo_attn_kernels::abi::{
+    HEAD_MASK_WORDS, MAX_KV_HEADS, MAX_SEQLEN, PREFILL_BLOCK_M, PREFILL_THREADS, PrefillParams,
+};
+
+/// How a KV head (and every query head of its group) attends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HeadKind {
+    /// The whole context: causal or full, per [`AttentionConfig::causal`].
+    Retrieval,
+    /// The first `sink` keys plus the last `window` keys up to the query (always causal).
+    Streaming,
+}
+
+/// What one attention call computes, besides the tensors.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttentionConfig {
+    /// One kind per KV head.
+    pub head_kinds: Vec<HeadKind>,
+    /// Retrieval heads: causal (default) or full attention.
+    pub causal: bool,
+    /// Streaming heads: attention-sink tokens at the start of the sequence.
+    pub sink: u32,
+    /// Streaming heads: recent keys, the query's own position included (`q - k < window`).
+    pub window: u32,
+    /// Scale of `q.k`; `None` means `1 / sqrt(head_dim)`.
+    pub softmax_scale: Option<f32>,
+}
+
+impl AttentionConfig {
+    /// DuoAttention's usual streaming setting: 64 sink and 256 recent tokens, causal retrieval.
+    pub fn new(head_kinds: Vec<HeadKind>) -> Self {
+        AttentionConfig { head_kinds, causal: true, sink: 64, window: 256, softmax_scale: None }
+    }
+
+    /// Every head a retrieval head.
+    pub fn all_retrieval(heads_kv: usize) -> Self {
+        Self::new(vec![HeadKind::Retrieval; heads_kv])
+    }
+
+    /// Every head a streaming head.
+    pub fn all_streaming(heads_kv: usize, sink: u32, window: u32) -> Self {
+        Self::new(vec![HeadKind::Streaming; heads_kv]).sink(sink).window(window)
+    }
+
+    pub fn causal(mut self, causal: bool) -> Self {
+        self.causal = causal;
+        self
+    }
+    pub fn sink(mut self, sink: u32) -> Self {
+        self.sink = sink;
+        self
+    }
+    pub fn window(mut self, window: u32) -> Self {
+        self.window = window;
+        self
+    }
+    pub fn softmax_scale(mut self, scale: f32) -> Self {
+        self.softmax_scale = Some(scale);
+        self
+    }
+
+    /// The scale applied for head dim `d`.
+    pub fn scale_for(&self, head_dim: usize) -> f32 {
+        self.softmax_scale.unwrap_or(1.0 / (head_dim as f32).sqrt())
+    }
+}
+
+/// A validated launch: kernel entry, grid and parameters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PrefillPlan {
+    pub entry: String,
+    pub grid: (u32, u32, u32),
+    pub block: u32,
+    pub params: PrefillParams,
+}
+
+const SUPPORTED_HEAD_DIMS: [usize; 2] = [64, 128];
+/// Vector loads are 16 bytes wide (and TMA needs 16-byte strides).
+const ALIGN: u64 = 16;
+/// CUDA grid y/z limit (heads and batch ride on them).
+const MAX_GRID_YZ: usize = 65535;
+
+fn check_device<const N: usize>(t: &TensorDesc<N>, tensor: &'static str, device: u32) -> Result<()> {
+    if t.device != device {
+        return Err(Error::WrongDevice { tensor, tensor_device: t.device, context_device: device });
+    }
+    Ok(())
+}
+
+fn check_shape<const N: usize>(t: &TensorDesc<N>, tensor: &'static str, expected: [usize; N], why: &'static str) -> Result<()> {
+    if t.shape != expected {
+        return Err(Error::ShapeMismatch { tensor, got: t.shape.to_vec(), expected: expected.to_vec(), why });
+    }
+    Ok(())
+}
+
+/// Rules for a `[B, S, H, D]` operand: head dim contiguous, 16-byte aligned base and strides, in bounds.
+fn check_bshd(t: &TensorDesc<4>, tensor: &'static str) -> Result<()> {
+    if t.strides[3] != 1 {
+        return Err(Error::NonContiguousHeadDim { tensor, stride: t.strides[3] });
+    }
+    if t.ptr % ALIGN != 0 {
+        return Err(Error::Misaligned { tensor, what: "the base address", value: t.ptr, align: ALIGN });
+    }
+    for (what, stride) in [("the batch stride", t.strides[0]), ("the sequence stride", t.strides[1]), ("the head stride", t.strides[2])] {
+        let bytes = (stride * t.elem_bytes) as u64;
+        if bytes % ALIGN != 0 {
+            return Err(Error::Misaligned { tensor, what, value: bytes, align: ALIGN });
+        }
+    }
+    t.check_in_bounds(tensor)
+}
+
+fn check_limit(what: &'static str, value: usize, limit: usize) -> Result<()> {
+    if value > limit {
+        return Err(Error::TooLarge { what, value, limit });
+    }
+    Ok(())
+}
+
+/// Validates a prefill call and builds its launch. Pure: no GPU needed, so every rule is unit-tested.
+///
+/// q/out `[B, Sq, Hq, D]`, k/v `[B, Sk, Hkv, D]`, lse `[B, Hq, Sq]` (contiguous f32).
+pub fn plan_prefill<T: AttnElement>(
+    q: &TensorDesc<4>,
+    k: &TensorDesc<4>,
+    v: &TensorDesc<4>,
+    out: &TensorDesc<4>,
+    lse: &TensorDesc<3>,
+    cfg: &AttentionConfig,
+    device: u32,
+) -> Result<PrefillPlan> {
+    let named4 = [(q, "q"), (k, "k"), (v, "v"), (out, "out")];
+    for (t, name) in named4 {
+        check_device(t, name, device)?;
+    }
+    check_device(lse, "lse", device)?;
+    for (t, name) in named4 {
+        t.check_not_empty(name)?;
+    }
+    lse.check_not_empty("lse")?;
+
+    let [batch, seqlen_q, heads_q, head_dim] = q.shape;
+    let [_, seqlen_k, heads_kv, _] = k.shape;
+    if !SUPPORTED_HEAD_DIMS.contains(&head_dim) {
+        return Err(Error::UnsupportedHeadDim(head_dim));
+    }
+    check_shape(k, "k", [batch, seqlen_k, heads_kv, head_dim], "k is [B, Sk, Hkv, D] with q's B and D")?;
+    check_shape(v, "v", k.shape, "v must match k")?;
+    check_shape(out, "out", q.shape, "out must match q")?;
+    check_shape(lse, "lse", [batch, heads_q, seqlen_q], "lse is [B, Hq, Sq]")?;
+    if heads_q % heads_kv != 0 {
+        return Err(Error::HeadGroupMismatch { heads_q, heads_kv });
+    }
+    if cfg.head_kinds.len() != heads_kv {
+        return Err(Error::HeadKindsLength { got: cfg.head_kinds.len(), expected: heads_kv });
+    }
+    check_limit("seqlen_q", seqlen_q, MAX_SEQLEN)?;
+    check_limit("seqlen_k", seqlen_k, MAX_SEQLEN)?;
+    check_limit("the batch size", batch, MAX_GRID_YZ)?;
+    check_limit("the number of query heads", heads_q, MAX_GRID_YZ)?;
+    check_limit("the number of KV heads", heads_kv, MAX_KV_HEADS)?;
+    let scale = cfg.scale_for(head_dim);
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(Error::InvalidScale(scale));
+    }
+
+    for (t, name) in named4 {
+        check_bshd(t, name)?;
+    }
+    lse.check_contiguous("lse")?;
+    lse.check_in_bounds("lse")?;
+    out.check_non_overlapping("out")?;
+    let (out_start, out_end) = out.byte_range();
+    let (lse_start, lse_end) = lse.byte_range();
+    for (t, name) in [(q, "q"), (k, "k"), (v, "v")] {
+        if t.overlaps(out_start, out_end) {
+            return Err(Error::Aliasing { output: "out", input: name });
+        }
+        if t.overlaps(lse_start, lse_end) {
+            return Err(Error::Aliasing { output: "lse", input: name });
+        }
+    }
+    if out.overlaps(lse_start, lse_end) {
+        return Err(Error::Aliasing { output: "lse", input: "out" });
+    }
+
+    let mut streaming_heads = [0u32; HEAD_MASK_WORDS];
+    for (h, kind) in cfg.head_kinds.iter().enumerate() {
+        if *kind == HeadKind::Streaming {
+            streaming_heads[h / 32] |= 1 << (h % 32);
+        }
+    }
+    let strides = |t: &TensorDesc<4>| [t.strides[0] as i64, t.strides[1] as i64, t.strides[2] as i64];
+    // Values past any sequence length act the same as MAX_SEQLEN and keep kernel arithmetic in i32.
+    let clamp = |x: u32| (x as usize).min(MAX_SEQLEN) as i32;
+    let params = PrefillParams {
+        q: q.ptr,
+        k: k.ptr,
+        v: v.ptr,
+        o: out.ptr,
+        lse: lse.ptr,
+        streaming_heads,
+        q_strides: strides(q),
+        k_strides: strides(k),
+        v_strides: strides(v),
+        o_strides: strides(out),
+        seqlen_q: seqlen_q as i32,
+        seqlen_k: seqlen_k as i32,
+        heads_q: heads_q as i32,
+        heads_kv: heads_kv as i32,
+        sink: clamp(cfg.sink),
+        window: clamp(cfg.window),
+        causal: cfg.causal as i32,
+        scale_log2: scale * std::f32::consts::LOG2_E,
+    };
+    Ok(PrefillPlan {
+        entry: format!("duo_prefill_{}_d{}", T::KERNEL_NAME, head_dim),
+        grid: (seqlen_q.div_ceil(PREFILL_BLOCK_M) as u32, heads_q as u32, batch as u32),
+        block: PREFILL_THREADS as u32,
+        params,
+    })
+}
+
+impl Context {
+    /// Prefill attention over one layer: every query head attends per its KV head's kind, in one
+    /// launch. Writes `out` and the natural-log `lse`; rows that see no key get 0 and `-inf`.
+    /// Queued on the context's stream; call [`Context::synchronize`] to wait and see kernel errors.
+    pub fn attention<T: AttnElement>(
+        &self,
+        q: &View<'_, T, 4>,
+        k: &View<'_, T, 4>,
+        v: &View<'_, T, 4>,
+        out: &mut ViewMut<'_, T, 4>,
+        lse: &mut ViewMut<'_, f32, 3>,
+        cfg: &AttentionConfig,
+    ) -> Result<()> {
+        let plan = plan_prefill::<T>(q.desc(), k.desc(), v.desc(), out.desc(), lse.desc(), cfg, self.ordinal())?;
+        self.launch(&plan.entry, plan.grid, plan.block, &plan.params)
+    }
+}

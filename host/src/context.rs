@@ -1,0 +1,123 @@
+//! A device, its loaded kernel module and a stream: what every operation runs through.
+use crate::element::DeviceScalar;
+use crate::error::{CudaContext, Error, Result};
+use crate::kernels;
+use crate::tensor::DeviceTensor;
+use cust::context::{Context as CudaContext_, CurrentContext};
+use cust::device::{Device, DeviceAttribute};
+use cust::function::{BlockSize, GridSize};
+use cust::module::Module;
+use cust::stream::{Stream, StreamFlags};
+use std::ffi::c_void;
+
+/// What the context's device is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub ordinal: u32,
+    pub name: String,
+    pub compute_capability: (i32, i32),
+    pub multiprocessors: u32,
+    pub total_memory: usize,
+}
+
+/// One GPU with duo-attn's kernels loaded. Operations are queued on the context's stream, a
+/// blocking stream, so synchronous copies such as [`DeviceTensor::to_host`] see their results.
+pub struct Context {
+    // Field order is drop order: module and stream go before the CUDA context.
+    module: Module,
+    stream: Stream,
+    cuda: CudaContext_,
+    info: DeviceInfo,
+}
+
+impl Context {
+    /// Number of visible CUDA devices; `Error::NoDevice` when the driver finds none.
+    pub fn device_count() -> Result<u32> {
+        cust::init(cust::CudaFlags::empty()).map_err(Error::NoDevice)?;
+        Device::num_devices().during("counting devices")
+    }
+
+    /// Opens device `ordinal` (its primary context), checks it is a Hopper GPU (sm_90) and loads the
+    /// embedded kernels.
+    pub fn new(ordinal: u32) -> Result<Self> {
+        let count = Self::device_count()?;
+        if count == 0 {
+            return Err(Error::NoDevice(cust::error::CudaError::NoDevice));
+        }
+        if ordinal >= count {
+            return Err(Error::DeviceOutOfRange { ordinal, count });
+        }
+        let device = Device::get_device(ordinal).during("opening the device")?;
+        let attr = |a| device.get_attribute(a).during("reading device attributes");
+        let info = DeviceInfo {
+            ordinal,
+            name: device.name().during("reading the device name")?,
+            compute_capability: (attr(DeviceAttribute::ComputeCapabilityMajor)?, attr(DeviceAttribute::ComputeCapabilityMinor)?),
+            multiprocessors: attr(DeviceAttribute::MultiprocessorCount)? as u32,
+            total_memory: device.total_memory().during("reading device memory size")?,
+        };
+        if info.compute_capability != (9, 0) {
+            let (major, minor) = info.compute_capability;
+            return Err(Error::UnsupportedDevice { ordinal, name: info.name, major, minor });
+        }
+        let cuda = CudaContext_::new(device).during("creating the context")?;
+        let module = Self::load_module()?;
+        let stream = Stream::new(StreamFlags::DEFAULT, None).during("creating a stream")?;
+        Ok(Context { module, stream, cuda, info })
+    }
+
+    /// The cubin when one was embedded and loads, else the PTX (JIT-compiled by the driver).
+    fn load_module() -> Result<Module> {
+        if !kernels::CUBIN.is_empty() {
+            if let Ok(m) = Module::from_cubin(kernels::CUBIN, &[]) {
+                return Ok(m);
+            }
+        }
+        Module::from_ptx(kernels::PTX, &[]).during("loading the kernel module")
+    }
+
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    pub fn ordinal(&self) -> u32 {
+        self.info.ordinal
+    }
+
+    /// Makes this context current on the calling thread (each public operation does this).
+    pub(crate) fn make_current(&self) -> Result<()> {
+        CurrentContext::set_current(&self.cuda).during("making the context current")
+    }
+
+    /// Uninitialised device tensor.
+    pub fn alloc<T: DeviceScalar, const N: usize>(&self, shape: [usize; N]) -> Result<DeviceTensor<T, N>> {
+        self.make_current()?;
+        DeviceTensor::alloc(shape, self.ordinal())
+    }
+
+    /// Device tensor holding `data` (row-major, `shape`).
+    pub fn upload<T: DeviceScalar, const N: usize>(&self, data: &[T], shape: [usize; N]) -> Result<DeviceTensor<T, N>> {
+        self.make_current()?;
+        DeviceTensor::upload(data, shape, self.ordinal())
+    }
+
+    /// Waits for all queued work; reports errors of kernels that ran.
+    pub fn synchronize(&self) -> Result<()> {
+        self.make_current()?;
+        self.stream.synchronize().during("synchronizing the stream")
+    }
+
+    /// Launches `entry` with one by-value `#[repr(C)]` parameter struct.
+    pub(crate) fn launch<P: Copy>(&self, entry: &str, grid: (u32, u32, u32), block: u32, params: &P) -> Result<()> {
+        self.make_current()?;
+        let function = self.module.get_function(entry).during("looking up a kernel")?;
+        let mut params = *params;
+        let args = [&mut params as *mut P as *mut c_void];
+        // SAFETY: `P` is the `#[repr(C)]` struct the entry takes by value (shared ABI crate), and the
+        // caller validated every pointer and extent in it.
+        unsafe {
+            self.stream.launch(&function, GridSize::xyz(grid.0, grid.1, grid.2), BlockSize::x(block), 0, &args)
+        }
+        .during("launching a kernel")
+    }
+}

@@ -1,0 +1,78 @@
+//! Element types: what lives in device tensors, and which of them the attention kernels take.
+use cust::memory::DeviceCopy;
+use half::{bf16, f16};
+
+/// Data types of device tensors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    BF16,
+    F16,
+    F32,
+}
+
+/// A scalar stored in device memory. `Raw` is the bit-identical type cust copies (`half` 2's types
+/// are not `DeviceCopy`: cust_core implements it for `half` 1 only).
+pub trait DeviceScalar: Copy + bytemuck::Pod + Send + Sync + 'static {
+    type Raw: DeviceCopy + bytemuck::Pod;
+    const DTYPE: DType;
+    fn to_f32(self) -> f32;
+    fn from_f32(v: f32) -> Self;
+    /// A NaN pattern of this type, used to poison outputs in tests.
+    fn nan() -> Self;
+}
+
+/// 16-bit types the attention kernels take for Q, K, V and O.
+pub trait AttnElement: DeviceScalar<Raw = u16> {
+    /// Kernel entry-name suffix.
+    const KERNEL_NAME: &'static str;
+}
+
+impl DeviceScalar for bf16 {
+    type Raw = u16;
+    const DTYPE: DType = DType::BF16;
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+    fn nan() -> Self {
+        bf16::NAN
+    }
+}
+
+impl DeviceScalar for f16 {
+    type Raw = u16;
+    const DTYPE: DType = DType::F16;
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+    fn nan() -> Self {
+        f16::NAN
+    }
+}
+
+impl DeviceScalar for f32 {
+    type Raw = f32;
+    const DTYPE: DType = DType::F32;
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    fn nan() -> Self {
+        f32::NAN
+    }
+}
+
+impl AttnElement for bf16 {
+    const KERNEL_NAME: &'static str = "bf16";
+}
+
+impl AttnElement for f16 {
+    const KERNEL_NAME: &'static str = "f16";
+}

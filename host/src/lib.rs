@@ -1,0 +1,38 @@
+//! # duo-attn
+//!
+//! DuoAttention on NVIDIA Hopper from Rust. Each layer's KV heads are either **retrieval** heads
+//! (full or causal attention over the whole context) or **streaming** heads (the first `sink`
+//! tokens plus the last `window`); one kernel launch serves both kinds, and streaming heads skip
+//! every KV block outside their sink and window.
+//!
+//! ```no_run
+//! use duo_attn::{AttentionConfig, Context, HeadKind};
+//! use half::bf16;
+//! # fn main() -> Result<(), duo_attn::Error> {
+//! let ctx = Context::new(0)?;
+//! let (b, sq, sk, hq, hkv, d) = (1, 128, 128, 8, 2, 128);
+//! let host = vec![bf16::from_f32(0.5); b * sq * hq * d];
+//! let q = ctx.upload(&host, [b, sq, hq, d])?;
+//! let k = ctx.upload(&host[..b * sk * hkv * d], [b, sk, hkv, d])?;
+//! let v = ctx.upload(&host[..b * sk * hkv * d], [b, sk, hkv, d])?;
+//! let mut out = ctx.alloc::<bf16, 4>([b, sq, hq, d])?;
+//! let mut lse = ctx.alloc::<f32, 3>([b, hq, sq])?;
+//! let cfg = AttentionConfig::new(vec![HeadKind::Retrieval, HeadKind::Streaming]).sink(4).window(64);
+//! ctx.attention(&q.view(), &k.view(), &v.view(), &mut out.view_mut(), &mut lse.view_mut(), &cfg)?;
+//! let o: Vec<bf16> = out.to_host()?;
+//! # Ok(()) }
+//! ```
+
+pub mod attention;
+pub mod context;
+pub mod element;
+pub mod error;
+pub mod kernels;
+pub mod reference;
+pub mod tensor;
+
+pub use attention::{AttentionConfig, HeadKind, PrefillPlan, plan_prefill};
+pub use context::{Context, DeviceInfo};
+pub use element::{AttnElement, DType, DeviceScalar};
+pub use error::{Error, Result};
+pub use tensor::{DeviceTensor, TensorDesc, View, ViewMut};

@@ -1,0 +1,117 @@
+//! Float64 CPU reference of exactly what the kernels compute, for tests and the demo.
+//!
+//! Layouts are dense row-major host arrays: q/out `[B, Sq, Hq, D]`, k/v `[B, Sk, Hkv, D]`,
+//! lse `[B, Hq, Sq]`. Query row `i` sits at position `Sk - Sq + i` (bottom-right alignment);
+//! query head `h` reads KV head `h / (Hq / Hkv)`. LSE is the natural log of the softmax
+//! denominator of the scaled scores; rows that see no key give output 0 and LSE `-inf`.
+use crate::attention::{AttentionConfig, HeadKind};
+
+/// Problem sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shape {
+    pub batch: usize,
+    pub seqlen_q: usize,
+    pub seqlen_k: usize,
+    pub heads_q: usize,
+    pub heads_kv: usize,
+    pub head_dim: usize,
+}
+
+impl Shape {
+    pub fn q_len(&self) -> usize {
+        self.batch * self.seqlen_q * self.heads_q * self.head_dim
+    }
+    pub fn kv_len(&self) -> usize {
+        self.batch * self.seqlen_k * self.heads_kv * self.head_dim
+    }
+    pub fn lse_len(&self) -> usize {
+        self.batch * self.heads_q * self.seqlen_q
+    }
+    pub fn q_shape(&self) -> [usize; 4] {
+        [self.batch, self.seqlen_q, self.heads_q, self.head_dim]
+    }
+    pub fn kv_shape(&self) -> [usize; 4] {
+        [self.batch, self.seqlen_k, self.heads_kv, self.head_dim]
+    }
+    pub fn lse_shape(&self) -> [usize; 3] {
+        [self.batch, self.heads_q, self.seqlen_q]
+    }
+    /// KV head read by query head `h`.
+    pub fn kv_head(&self, h: usize) -> usize {
+        h / (self.heads_q / self.heads_kv)
+    }
+    /// Position of query row `i`.
+    pub fn q_pos(&self, i: usize) -> i64 {
+        self.seqlen_k as i64 - self.seqlen_q as i64 + i as i64
+    }
+}
+
+/// Does the query at position `q_pos` see key `k` under a head of `kind`?
+pub fn key_visible(kind: HeadKind, cfg: &AttentionConfig, q_pos: i64, k: i64) -> bool {
+    match kind {
+        HeadKind::Retrieval => !cfg.causal || k <= q_pos,
+        HeadKind::Streaming => k <= q_pos && (k < cfg.sink as i64 || q_pos - k < cfg.window as i64),
+    }
+}
+
+/// One output row `(b, h, i)`: the `D` outputs and the LSE.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_row(
+    shape: &Shape,
+    cfg: &AttentionConfig,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    b: usize,
+    h: usize,
+    i: usize,
+) -> (Vec<f64>, f64) {
+    let d = shape.head_dim;
+    let kvh = shape.kv_head(h);
+    let kind = cfg.head_kinds[kvh];
+    let scale = cfg.scale_for(d) as f64;
+    let q_row = &q[((b * shape.seqlen_q + i) * shape.heads_q + h) * d..][..d];
+    let kv_row = |j: usize| ((b * shape.seqlen_k + j) * shape.heads_kv + kvh) * d;
+    let q_pos = shape.q_pos(i);
+
+    let scores: Vec<(usize, f64)> = (0..shape.seqlen_k)
+        .filter(|&j| key_visible(kind, cfg, q_pos, j as i64))
+        .map(|j| {
+            let k_row = &k[kv_row(j)..][..d];
+            let dot: f64 = q_row.iter().zip(k_row).map(|(&a, &b)| a as f64 * b as f64).sum();
+            (j, dot * scale)
+        })
+        .collect();
+    let mut out = vec![0.0; d];
+    if scores.is_empty() {
+        return (out, f64::NEG_INFINITY);
+    }
+    let max = scores.iter().map(|&(_, s)| s).fold(f64::NEG_INFINITY, f64::max);
+    let mut denom = 0.0;
+    for &(j, s) in &scores {
+        let p = (s - max).exp();
+        denom += p;
+        for (o, &x) in out.iter_mut().zip(&v[kv_row(j)..][..d]) {
+            *o += p * x as f64;
+        }
+    }
+    out.iter_mut().for_each(|o| *o /= denom);
+    (out, max + denom.ln())
+}
+
+/// The whole output `[B, Sq, Hq, D]` and LSE `[B, Hq, Sq]`.
+pub fn attention(shape: &Shape, cfg: &AttentionConfig, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f64>, Vec<f64>) {
+    let d = shape.head_dim;
+    let mut out = vec![0.0; shape.q_len()];
+    let mut lse = vec![0.0; shape.lse_len()];
+    for b in 0..shape.batch {
+        for h in 0..shape.heads_q {
+            for i in 0..shape.seqlen_q {
+                let (row, l) = attention_row(shape, cfg, q, k, v, b, h, i);
+                out[((b * shape.seqlen_q + i) * shape.heads_q + h) * d..][..d].copy_from_slice(&row);
+                lse[(b * shape.heads_q + h) * shape.seqlen_q + i] = l;
+            }
+        }
+    }
+    (out, lse)
+}

@@ -1,0 +1,263 @@
+//! Typed tensors over device memory: an owning [`DeviceTensor`], borrowed [`View`]s/[`ViewMut`]s
+//! with arbitrary element strides, and the plain [`TensorDesc`] the validation works on (so every
+//! shape/stride/alignment rule is testable without a GPU).
+use crate::element::DeviceScalar;
+use crate::error::{CudaContext, Error, Result};
+use cust::memory::{CopyDestination, DeviceBuffer};
+use std::marker::PhantomData;
+
+/// Row-major strides (in elements) of `shape`.
+pub fn contiguous_strides<const N: usize>(shape: [usize; N]) -> [usize; N] {
+    let mut strides = [1; N];
+    for i in (0..N.saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1];
+    }
+    strides
+}
+
+/// Where a tensor is and how it is laid out: device address, shape, element strides, the number
+/// of elements addressable from `ptr` inside its allocation, element size and device ordinal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TensorDesc<const N: usize> {
+    pub ptr: u64,
+    pub shape: [usize; N],
+    pub strides: [usize; N],
+    pub available: usize,
+    pub elem_bytes: usize,
+    pub device: u32,
+}
+
+impl<const N: usize> TensorDesc<N> {
+    /// A dense row-major tensor filling its allocation exactly.
+    pub fn contiguous(ptr: u64, shape: [usize; N], elem_bytes: usize, device: u32) -> Self {
+        let available = shape.iter().product();
+        TensorDesc { ptr, shape, strides: contiguous_strides(shape), available, elem_bytes, device }
+    }
+
+    /// One past the largest element offset the tensor touches (0 if it has no elements).
+    pub fn span(&self) -> usize {
+        if self.shape.contains(&0) {
+            return 0;
+        }
+        1 + self.shape.iter().zip(&self.strides).map(|(&n, &s)| (n - 1) * s).sum::<usize>()
+    }
+
+    /// Device byte range `[start, end)` the tensor touches.
+    pub fn byte_range(&self) -> (u64, u64) {
+        (self.ptr, self.ptr + (self.span() * self.elem_bytes) as u64)
+    }
+
+    pub(crate) fn check_not_empty(&self, tensor: &'static str) -> Result<()> {
+        if self.shape.contains(&0) {
+            return Err(Error::EmptyDimension { tensor, shape: self.shape.to_vec() });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn check_in_bounds(&self, tensor: &'static str) -> Result<()> {
+        let needed = self.span();
+        if needed > self.available {
+            return Err(Error::OutOfBounds { tensor, needed, available: self.available });
+        }
+        Ok(())
+    }
+
+    /// No two index tuples map to one address: sorted by stride, each stride covers the extent of
+    /// all smaller dimensions. (Sufficient, and exact for the layouts kernels produce.)
+    pub(crate) fn check_non_overlapping(&self, tensor: &'static str) -> Result<()> {
+        let mut dims: Vec<(usize, usize)> =
+            self.strides.iter().copied().zip(self.shape.iter().copied()).filter(|&(_, n)| n > 1).collect();
+        dims.sort_unstable();
+        let mut extent = 1;
+        for (stride, n) in dims {
+            if stride < extent {
+                return Err(Error::OverlappingOutput { tensor, shape: self.shape.to_vec(), strides: self.strides.to_vec() });
+            }
+            extent = stride * n;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn check_contiguous(&self, tensor: &'static str) -> Result<()> {
+        let expected = contiguous_strides(self.shape);
+        let matters = |i: usize| self.shape[i] > 1;
+        if (0..N).any(|i| matters(i) && self.strides[i] != expected[i]) {
+            return Err(Error::NotContiguous {
+                tensor,
+                shape: self.shape.to_vec(),
+                strides: self.strides.to_vec(),
+                expected: expected.to_vec(),
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn overlaps(&self, other_start: u64, other_end: u64) -> bool {
+        let (start, end) = self.byte_range();
+        start < other_end && other_start < end
+    }
+}
+
+/// An owned tensor in device memory, dense row-major.
+pub struct DeviceTensor<T: DeviceScalar, const N: usize> {
+    buf: DeviceBuffer<T::Raw>,
+    shape: [usize; N],
+    device: u32,
+}
+
+impl<T: DeviceScalar, const N: usize> DeviceTensor<T, N> {
+    /// Allocates uninitialised device memory; the context must be current (see `Context`).
+    pub(crate) fn alloc(shape: [usize; N], device: u32) -> Result<Self> {
+        let len: usize = shape.iter().product();
+        if len == 0 {
+            return Err(Error::EmptyDimension { tensor: "tensor", shape: shape.to_vec() });
+        }
+        // SAFETY: T::Raw is Pod; every element is written before it is read back by our API.
+        let buf = unsafe { DeviceBuffer::uninitialized(len) }.during("allocating a tensor")?;
+        Ok(DeviceTensor { buf, shape, device })
+    }
+
+    pub(crate) fn upload(data: &[T], shape: [usize; N], device: u32) -> Result<Self> {
+        let expected: usize = shape.iter().product();
+        if data.len() != expected {
+            return Err(Error::HostLength { tensor: "tensor", shape: shape.to_vec(), expected, got: data.len() });
+        }
+        let mut t = Self::alloc(shape, device)?;
+        t.copy_from_host(data)?;
+        Ok(t)
+    }
+
+    pub fn shape(&self) -> [usize; N] {
+        self.shape
+    }
+
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// Device ordinal the memory lives on.
+    pub fn device(&self) -> u32 {
+        self.device
+    }
+
+    fn desc(&self) -> TensorDesc<N> {
+        TensorDesc::contiguous(
+            self.buf.as_device_ptr().as_raw(),
+            self.shape,
+            std::mem::size_of::<T>(),
+            self.device,
+        )
+    }
+
+    /// The whole tensor.
+    pub fn view(&self) -> View<'_, T, N> {
+        View { desc: self.desc(), _marker: PhantomData }
+    }
+
+    /// The whole tensor, writable.
+    pub fn view_mut(&mut self) -> ViewMut<'_, T, N> {
+        ViewMut { desc: self.desc(), _marker: PhantomData }
+    }
+
+    /// A strided view starting `offset` elements in, e.g. Q, K or V out of a packed QKV tensor.
+    /// Bounds are checked here; layout rules are checked by the operation that takes the view.
+    pub fn strided_view<const M: usize>(&self, offset: usize, shape: [usize; M], strides: [usize; M]) -> Result<View<'_, T, M>> {
+        Ok(View { desc: self.sub_desc(offset, shape, strides)?, _marker: PhantomData })
+    }
+
+    /// A writable strided view, e.g. an output written into a slice of a larger buffer.
+    pub fn strided_view_mut<const M: usize>(
+        &mut self,
+        offset: usize,
+        shape: [usize; M],
+        strides: [usize; M],
+    ) -> Result<ViewMut<'_, T, M>> {
+        Ok(ViewMut { desc: self.sub_desc(offset, shape, strides)?, _marker: PhantomData })
+    }
+
+    fn sub_desc<const M: usize>(&self, offset: usize, shape: [usize; M], strides: [usize; M]) -> Result<TensorDesc<M>> {
+        let available = self.len().checked_sub(offset).ok_or(Error::OutOfBounds {
+            tensor: "strided view",
+            needed: offset,
+            available: self.len(),
+        })?;
+        let desc = TensorDesc {
+            ptr: self.buf.as_device_ptr().as_raw() + (offset * std::mem::size_of::<T>()) as u64,
+            shape,
+            strides,
+            available,
+            elem_bytes: std::mem::size_of::<T>(),
+            device: self.device,
+        };
+        desc.check_in_bounds("strided view")?;
+        Ok(desc)
+    }
+
+    /// Copies the whole tensor to the host (synchronous).
+    pub fn to_host(&self) -> Result<Vec<T>> {
+        let mut raw = vec![<T::Raw as bytemuck::Zeroable>::zeroed(); self.len()];
+        self.buf.copy_to(&mut raw[..]).during("copying a tensor to the host")?;
+        Ok(bytemuck::cast_slice(&raw).to_vec())
+    }
+
+    /// Overwrites the tensor with host data of the same length (synchronous).
+    pub fn copy_from_host(&mut self, data: &[T]) -> Result<()> {
+        if data.len() != self.len() {
+            return Err(Error::HostLength { tensor: "tensor", shape: self.shape.to_vec(), expected: self.len(), got: data.len() });
+        }
+        self.buf.copy_from(bytemuck::cast_slice::<T, T::Raw>(data)).during("copying a tensor to the device")
+    }
+
+    /// Sets every element to `value` (e.g. NaN to poison an output before a run).
+    pub fn fill(&mut self, value: T) -> Result<()> {
+        let bytes = bytemuck::bytes_of(&value);
+        match bytes.len() {
+            2 => self.buf.set_16(u16::from_ne_bytes([bytes[0], bytes[1]])),
+            4 => self.buf.set_32(u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])),
+            _ => self.buf.set_8(bytes[0]),
+        }
+        .during("filling a tensor")
+    }
+}
+
+/// A read-only view of device memory with shape and element strides.
+#[derive(Clone, Copy, Debug)]
+pub struct View<'a, T, const N: usize> {
+    desc: TensorDesc<N>,
+    _marker: PhantomData<&'a T>,
+}
+
+/// A writable view of device memory with shape and element strides.
+#[derive(Debug)]
+pub struct ViewMut<'a, T, const N: usize> {
+    desc: TensorDesc<N>,
+    _marker: PhantomData<&'a mut T>,
+}
+
+impl<T, const N: usize> View<'_, T, N> {
+    pub fn desc(&self) -> &TensorDesc<N> {
+        &self.desc
+    }
+    pub fn shape(&self) -> [usize; N] {
+        self.desc.shape
+    }
+    pub fn strides(&self) -> [usize; N] {
+        self.desc.strides
+    }
+}
+
+impl<T, const N: usize> ViewMut<'_, T, N> {
+    pub fn desc(&self) -> &TensorDesc<N> {
+        &self.desc
+    }
+    pub fn shape(&self) -> [usize; N] {
+        self.desc.shape
+    }
+    pub fn strides(&self) -> [usize; N] {
+        self.desc.strides
+    }
+}

@@ -1,0 +1,58 @@
+//! Launch ABI shared by the kernels and the host: parameter structs passed by value, tile sizes,
+//! head-kind codes and kernel entry names. `#[repr(C)]` on both sides, so one definition serves both.
+
+/// Query rows per thread block of the prefill kernel (4 warps x 16 rows).
+pub const PREFILL_BLOCK_M: usize = 64;
+/// Keys per KV tile of the prefill kernel.
+pub const PREFILL_BLOCK_N: usize = 64;
+/// Threads per block of the prefill kernel.
+pub const PREFILL_THREADS: usize = 128;
+
+/// Most KV heads per layer: head kinds travel in the launch parameters as a bitmask.
+pub const MAX_KV_HEADS: usize = 256;
+/// Words of the streaming-head bitmask.
+pub const HEAD_MASK_WORDS: usize = MAX_KV_HEADS / 32;
+
+/// Largest sequence length the kernels accept: position arithmetic stays inside `i32`.
+pub const MAX_SEQLEN: usize = 1 << 30;
+
+/// Parameters of the prefill kernel (`duo_prefill_*` entries), passed by value.
+///
+/// Layouts: q/o `[B, Sq, Hq, D]`, k/v `[B, Sk, Hkv, D]` with the given element strides and the last
+/// dimension contiguous; lse `[B, Hq, Sq]` contiguous f32; head_kinds `[Hkv]` u32.
+/// Grid: `(ceil(Sq / BLOCK_M), Hq, B)`, block: `PREFILL_THREADS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PrefillParams {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub o: u64,
+    pub lse: u64,
+    pub streaming_heads: [u32; HEAD_MASK_WORDS],
+    /// Element strides of (batch, sequence, head).
+    pub q_strides: [i64; 3],
+    pub k_strides: [i64; 3],
+    pub v_strides: [i64; 3],
+    pub o_strides: [i64; 3],
+    pub seqlen_q: i32,
+    pub seqlen_k: i32,
+    pub heads_q: i32,
+    pub heads_kv: i32,
+    /// Streaming heads: keys `< sink` are always visible (clamped to `MAX_SEQLEN` by the host).
+    pub sink: i32,
+    /// Streaming heads: keys with `q_pos - k_pos < window` are visible (clamped likewise).
+    pub window: i32,
+    /// Retrieval heads: 1 = causal, 0 = full.
+    pub causal: i32,
+    /// softmax_scale * log2(e): scores go through exp2.
+    pub scale_log2: f32,
+}
+
+/// Prefill kernel entry names, by (element, head dim).
+pub const PREFILL_ENTRIES: [(&str, &str, usize); 4] = [
+    ("duo_prefill_bf16_d64", "bf16", 64),
+    ("duo_prefill_bf16_d128", "bf16", 128),
+    ("duo_prefill_f16_d64", "f16", 64),
+    ("duo_prefill_f16_d128", "f16", 128),
+];

@@ -1,0 +1,162 @@
+//! Device-side primitives over inline PTX: special registers, shared memory, barriers, warp
+//! shuffles, fast math and global/shared loads and stores. Everything is `#[inline(always)]`:
+//! the PTX module must hold no calls. Later wgmma/TMA/mbarrier wrappers go beside these.
+use core::arch::asm;
+
+macro_rules! special_reg {
+    ($(#[$doc:meta])* $name:ident, $reg:literal) => {
+        $(#[$doc])*
+        #[inline(always)]
+        pub fn $name() -> u32 {
+            let r: u32;
+            unsafe { asm!(concat!("mov.u32 {r}, ", $reg, ";"), r = out(reg32) r, options(pure, nomem, nostack)) };
+            r
+        }
+    };
+}
+
+special_reg!(/// Thread index in the block (x).
+    thread_idx_x, "%tid.x");
+special_reg!(/// Block index in the grid (x).
+    block_idx_x, "%ctaid.x");
+special_reg!(/// Block index in the grid (y).
+    block_idx_y, "%ctaid.y");
+special_reg!(/// Block index in the grid (z).
+    block_idx_z, "%ctaid.z");
+special_reg!(/// Grid size in blocks (x).
+    grid_dim_x, "%nctaid.x");
+special_reg!(/// Lane index in the warp.
+    lane_id, "%laneid");
+
+/// Declares `BYTES` of static shared memory for the calling kernel and returns its shared-window
+/// address. Call it once per kernel (the PTX name is function-scoped; a second call in the same
+/// kernel is an assembler error, not a silent alias).
+#[inline(always)]
+pub fn shared_memory_base<const BYTES: usize>() -> u32 {
+    let r: u32;
+    unsafe {
+        asm!(
+            ".shared .align 128 .b8 duo_smem[{n}];",
+            "mov.u32 {r}, duo_smem;",
+            n = const BYTES,
+            r = out(reg32) r,
+            options(pure, nomem, nostack),
+        )
+    };
+    r
+}
+
+/// Block-wide barrier (`bar.sync 0`); also orders shared-memory accesses.
+#[inline(always)]
+pub fn sync_threads() {
+    unsafe { asm!("bar.sync 0;", options(nostack)) };
+}
+
+/// Butterfly shuffle across the full warp.
+#[inline(always)]
+pub fn shfl_xor_f32(v: f32, lane_mask: u32) -> f32 {
+    let r: f32;
+    unsafe {
+        asm!("shfl.sync.bfly.b32 {r}, {v}, {m}, 0x1f, 0xffffffff;",
+            r = out(reg32) r, v = in(reg32) v, m = in(reg32) lane_mask, options(nomem, nostack))
+    };
+    r
+}
+
+/// 2^x with the SFU (`ex2.approx.ftz`); exact for `-inf` (gives 0).
+#[inline(always)]
+pub fn exp2_approx(x: f32) -> f32 {
+    let r: f32;
+    unsafe { asm!("ex2.approx.ftz.f32 {r}, {x};", r = out(reg32) r, x = in(reg32) x, options(pure, nomem, nostack)) };
+    r
+}
+
+/// log2(x) with the SFU (`lg2.approx.ftz`).
+#[inline(always)]
+pub fn log2_approx(x: f32) -> f32 {
+    let r: f32;
+    unsafe { asm!("lg2.approx.ftz.f32 {r}, {x};", r = out(reg32) r, x = in(reg32) x, options(pure, nomem, nostack)) };
+    r
+}
+
+/// Fast reciprocal (`rcp.approx.ftz`).
+#[inline(always)]
+pub fn rcp_approx(x: f32) -> f32 {
+    let r: f32;
+    unsafe { asm!("rcp.approx.ftz.f32 {r}, {x};", r = out(reg32) r, x = in(reg32) x, options(pure, nomem, nostack)) };
+    r
+}
+
+#[inline(always)]
+pub fn max_f32(a: f32, b: f32) -> f32 {
+    let r: f32;
+    unsafe { asm!("max.f32 {r}, {a}, {b};", r = out(reg32) r, a = in(reg32) a, b = in(reg32) b, options(pure, nomem, nostack)) };
+    r
+}
+
+/// Converts two f32 to a packed bf16x2 (`lo` in the low half), round to nearest even.
+#[inline(always)]
+pub fn pack_bf16x2(lo: f32, hi: f32) -> u32 {
+    let r: u32;
+    unsafe { asm!("cvt.rn.bf16x2.f32 {r}, {hi}, {lo};", r = out(reg32) r, hi = in(reg32) hi, lo = in(reg32) lo, options(pure, nomem, nostack)) };
+    r
+}
+
+/// Converts two f32 to a packed f16x2 (`lo` in the low half), round to nearest even.
+#[inline(always)]
+pub fn pack_f16x2(lo: f32, hi: f32) -> u32 {
+    let r: u32;
+    unsafe { asm!("cvt.rn.f16x2.f32 {r}, {hi}, {lo};", r = out(reg32) r, hi = in(reg32) hi, lo = in(reg32) lo, options(pure, nomem, nostack)) };
+    r
+}
+
+/// 16-byte read-only global load (address must be 16-byte aligned).
+#[inline(always)]
+pub unsafe fn ld_global_nc_v4(addr: u64) -> [u32; 4] {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    unsafe {
+        asm!("ld.global.nc.v4.u32 {{{a}, {b}, {c}, {d}}}, [{p}];",
+            a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d, p = in(reg64) addr,
+            options(readonly, nostack))
+    };
+    [a, b, c, d]
+}
+
+/// 4-byte read-only global load (address must be 4-byte aligned).
+#[inline(always)]
+pub unsafe fn ld_global_nc_u32(addr: u64) -> u32 {
+    let r: u32;
+    unsafe { asm!("ld.global.nc.u32 {r}, [{p}];", r = out(reg32) r, p = in(reg64) addr, options(readonly, nostack)) };
+    r
+}
+
+#[inline(always)]
+pub unsafe fn st_global_u32(addr: u64, v: u32) {
+    unsafe { asm!("st.global.u32 [{p}], {v};", p = in(reg64) addr, v = in(reg32) v, options(nostack)) };
+}
+
+#[inline(always)]
+pub unsafe fn st_global_f32(addr: u64, v: f32) {
+    unsafe { asm!("st.global.f32 [{p}], {v};", p = in(reg64) addr, v = in(reg32) v, options(nostack)) };
+}
+
+#[inline(always)]
+pub unsafe fn st_shared_v4(addr: u32, v: [u32; 4]) {
+    unsafe {
+        asm!("st.shared.v4.u32 [{p}], {{{a}, {b}, {c}, {d}}};",
+            p = in(reg32) addr, a = in(reg32) v[0], b = in(reg32) v[1], c = in(reg32) v[2], d = in(reg32) v[3],
+            options(nostack))
+    };
+}
+
+#[inline(always)]
+pub unsafe fn st_shared_u16(addr: u32, v: u16) {
+    unsafe { asm!("st.shared.u16 [{p}], {v};", p = in(reg32) addr, v = in(reg16) v, options(nostack)) };
+}
+
+#[inline(always)]
+pub unsafe fn ld_shared_u32(addr: u32) -> u32 {
+    let r: u32;
+    unsafe { asm!("ld.shared.u32 {r}, [{p}];", r = out(reg32) r, p = in(reg32) addr, options(readonly, nostack)) };
+    r
+}

@@ -1,0 +1,27 @@
+//! duo-attn device code.
+//!
+//! Built for `nvptx64-nvidia-cuda` (sm_90a) by `cargo xtask build-kernels` / `host/build.rs`, which
+//! emit one PTX module. On the host the same crate compiles to just the launch ABI ([`abi`]) and the
+//! pure block/mask arithmetic ([`mask`]), so the host crate and CPU tests share one definition.
+//!
+//! We use rustc's own NVPTX backend, not rust-cuda's `cuda_std` (which needs rustc_codegen_nvvm);
+//! [`device`] is our small replacement: special registers, shared memory, barriers, shuffles, math.
+#![no_std]
+#![cfg_attr(target_arch = "nvptx64", feature(abi_ptx, asm_experimental_arch))]
+
+pub mod abi;
+pub mod mask;
+
+#[cfg(target_arch = "nvptx64")]
+pub mod device;
+#[cfg(target_arch = "nvptx64")]
+pub mod mma;
+#[cfg(target_arch = "nvptx64")]
+pub mod prefill;
+
+#[cfg(target_arch = "nvptx64")]
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo) -> ! {
+    // Kernels are written so that no panic path survives optimisation; if one does, trap loudly.
+    unsafe { core::arch::asm!("trap;", options(noreturn)) }
+}

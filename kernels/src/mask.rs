@@ -1,0 +1,158 @@
+//! Which keys a query sees, per head kind, at three granularities: one (query, key) pair, a whole
+//! KV block (fully visible, so no element mask is needed), and the KV block ranges a query tile visits.
+//! Pure integer arithmetic, shared by the kernels and tested on the CPU against the reference mask.
+//!
+//! Positions are bottom-right aligned: query row `i` sits at position `seqlen_k - seqlen_q + i`.
+//! Callers keep every sequence length and the sink/window values at or under `abi::MAX_SEQLEN`,
+//! so all differences below fit in `i32`.
+
+/// The mask of one head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeadMask {
+    pub streaming: bool,
+    /// Retrieval heads only: causal or full.
+    pub causal: bool,
+    pub sink: i32,
+    pub window: i32,
+    pub seqlen_k: i32,
+}
+
+/// Half-open block index range `[start, end)`; empty when `start >= end`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockRange {
+    pub start: i32,
+    pub end: i32,
+}
+
+impl BlockRange {
+    pub const EMPTY: BlockRange = BlockRange { start: 0, end: 0 };
+    #[inline(always)]
+    pub fn len(&self) -> i32 {
+        if self.end > self.start { self.end - self.start } else { 0 }
+    }
+    #[inline(always)]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[inline(always)]
+fn ceil_div(a: i32, b: i32) -> i32 {
+    (a + b - 1) / b
+}
+
+impl HeadMask {
+    /// Is key `k` (0-based) visible to the query at position `q_pos`?
+    #[inline(always)]
+    pub fn visible(&self, q_pos: i32, k: i32) -> bool {
+        if k < 0 || k >= self.seqlen_k {
+            return false;
+        }
+        if self.streaming {
+            k <= q_pos && (k < self.sink || q_pos - k < self.window)
+        } else {
+            !self.causal || k <= q_pos
+        }
+    }
+
+    /// The (at most two) KV block ranges that hold every key visible to some query at positions
+    /// `q_lo..=q_hi`: for streaming heads the sink blocks, then the window blocks, nothing between.
+    #[inline(always)]
+    pub fn block_ranges(&self, q_lo: i32, q_hi: i32, block_n: i32) -> [BlockRange; 2] {
+        // Keys strictly after the last query position are invisible to every head kind but full
+        // retrieval.
+        let causal_end = if q_hi < 0 { 0 } else { min(self.seqlen_k, q_hi + 1) };
+        if !self.streaming {
+            let end = if self.causal { causal_end } else { self.seqlen_k };
+            return [BlockRange { start: 0, end: ceil_div(end, block_n) }, BlockRange::EMPTY];
+        }
+        let sink_end = min(self.sink, causal_end);
+        let sink_blocks = ceil_div(sink_end, block_n);
+        let window_start = if self.window == 0 { causal_end } else { max(0, q_lo - self.window + 1) };
+        let window_blocks = BlockRange {
+            start: max(window_start / block_n, sink_blocks),
+            end: if window_start >= causal_end { 0 } else { ceil_div(causal_end, block_n) },
+        };
+        [BlockRange { start: 0, end: sink_blocks }, window_blocks]
+    }
+
+    /// Are all keys of block `[n0, n0 + block_n)` visible to every query at `q_lo..=q_hi`?
+    /// Such blocks skip the element mask.
+    #[inline(always)]
+    pub fn block_fully_visible(&self, q_lo: i32, q_hi: i32, n0: i32, block_n: i32) -> bool {
+        let n_last = n0 + block_n - 1;
+        if n_last >= self.seqlen_k {
+            return false;
+        }
+        if self.streaming {
+            n_last <= q_lo && (n_last < self.sink || q_hi - n0 < self.window)
+        } else {
+            !self.causal || n_last <= q_lo
+        }
+    }
+}
+
+#[inline(always)]
+fn min(a: i32, b: i32) -> i32 {
+    if a < b { a } else { b }
+}
+
+#[inline(always)]
+fn max(a: i32, b: i32) -> i32 {
+    if a > b { a } else { b }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every visible (query, key) pair lies in a visited block, and "fully visible" blocks really are.
+    #[test]
+    fn block_ranges_cover_exactly_the_visible_keys() {
+        let bn = 8;
+        for &(sq, sk) in &[(1, 1), (5, 17), (17, 5), (33, 33), (40, 70), (70, 40)] {
+            for &streaming in &[false, true] {
+                for &causal in &[false, true] {
+                    for &sink in &[0, 1, 4, 9, 100] {
+                        for &window in &[0, 1, 3, 8, 20, 1000] {
+                            let m = HeadMask { streaming, causal, sink, window, seqlen_k: sk };
+                            for tile in 0..(sq + 15) / 16 {
+                                let rows = (tile * 16)..core::cmp::min(sq, tile * 16 + 16);
+                                let q_lo = sk - sq + rows.start;
+                                let q_hi = sk - sq + rows.end - 1;
+                                let ranges = m.block_ranges(q_lo, q_hi, bn);
+                                assert!(ranges[0].end <= ranges[1].start || ranges[1].is_empty());
+                                let visited = |b: i32| ranges.iter().any(|r| r.start <= b && b < r.end);
+                                for k in 0..sk {
+                                    let any = (q_lo..=q_hi).any(|q| m.visible(q, k));
+                                    if any {
+                                        assert!(visited(k / bn), "{m:?} q {q_lo}..={q_hi} key {k}");
+                                    }
+                                }
+                                for b in 0..(sk + bn - 1) / bn {
+                                    if m.block_fully_visible(q_lo, q_hi, b * bn, bn) {
+                                        for q in q_lo..=q_hi {
+                                            for k in b * bn..b * bn + bn {
+                                                assert!(m.visible(q, k), "{m:?} block {b} q {q} k {k}");
+                                            }
+                                        }
+                                    }
+                                }
+                                // Streaming tiles visit no block that holds no visible key.
+                                if streaming {
+                                    for r in ranges {
+                                        for b in r.start..r.end {
+                                            let useful = (q_lo..=q_hi)
+                                                .any(|q| (b * bn..b * bn + bn).any(|k| m.visible(q, k)));
+                                            assert!(useful, "{m:?} q {q_lo}..={q_hi} visits useless block {b}");
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

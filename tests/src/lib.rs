@@ -1,0 +1,163 @@
+//! Shared helpers of the integration tests and the demo: random inputs, GPU detection with a loud
+//! skip notice, and comparison of kernel outputs with the float64 reference.
+use duo_attn::reference::{Shape, attention_row};
+use duo_attn::{AttentionConfig, AttnElement, Context, DeviceScalar, Error};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use rand_distr::StandardNormal;
+use rayon::prelude::*;
+use std::io::Write;
+
+/// Writes straight to stderr, past the test harness's output capture, so skips are always seen.
+pub fn notice(msg: &str) {
+    let _ = writeln!(std::io::stderr(), "{msg}");
+}
+
+/// The first GPU if it is a Hopper device; otherwise prints why the calling test skips.
+pub fn gpu_or_skip(test: &str) -> Option<Context> {
+    match Context::new(0) {
+        Ok(ctx) => Some(ctx),
+        Err(e @ (Error::NoDevice(_) | Error::UnsupportedDevice { .. } | Error::DeviceOutOfRange { .. })) => {
+            notice(&format!("\n*** SKIPPED GPU TEST `{test}`: {e} ***\n"));
+            None
+        }
+        Err(e) => panic!("{test}: opening the GPU failed: {e}"),
+    }
+}
+
+/// A seeded RNG; the seed comes from `DUO_ATTN_SEED` or the clock (printed so failures replay).
+pub fn rng(test: &str) -> StdRng {
+    let seed = std::env::var("DUO_ATTN_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    });
+    notice(&format!("{test}: seed {seed} (set DUO_ATTN_SEED to replay)"));
+    StdRng::seed_from_u64(seed)
+}
+
+/// `n` standard-normal values rounded to `T`, and the same values as f32 (exact) for the reference.
+pub fn random_tensor<T: DeviceScalar>(rng: &mut impl Rng, n: usize) -> (Vec<T>, Vec<f32>) {
+    let data: Vec<T> = (0..n).map(|_| T::from_f32(rng.sample::<f32, _>(StandardNormal))).collect();
+    let f32s = data.iter().map(|x| x.to_f32()).collect();
+    (data, f32s)
+}
+
+/// Query rows `(b, h, i)` to compare: all of them when the reference is cheap, otherwise the first
+/// and last 40 rows of every head (tile and mask edges live there) plus 40 random rows between.
+pub fn rows_to_check(shape: &Shape, rng: &mut impl Rng) -> Vec<(usize, usize, usize)> {
+    const FULL_BUDGET: usize = 1 << 32; // multiply-adds
+    let cost = shape.batch * shape.heads_q * shape.seqlen_q * shape.seqlen_k * shape.head_dim;
+    let mut rows = Vec::new();
+    for b in 0..shape.batch {
+        for h in 0..shape.heads_q {
+            if cost <= FULL_BUDGET || shape.seqlen_q <= 120 {
+                rows.extend((0..shape.seqlen_q).map(|i| (b, h, i)));
+            } else {
+                let sq = shape.seqlen_q;
+                rows.extend((0..40).map(|i| (b, h, i)));
+                rows.extend((sq - 40..sq).map(|i| (b, h, i)));
+                rows.extend((0..40).map(|_| (b, h, rng.random_range(40..sq - 40))));
+            }
+        }
+    }
+    rows
+}
+
+/// How a kernel output compares with the reference.
+#[derive(Clone, Debug, Default)]
+pub struct Comparison {
+    pub rows: usize,
+    /// ||out - ref|| / ||ref|| over all compared rows.
+    pub rel_err: f64,
+    /// Worst per-row ||out - ref|| / max(||ref||, 1e-3).
+    pub worst_row_rel_err: f64,
+    /// Worst |lse - ref| / max(1, |ref|) over rows that see keys.
+    pub worst_lse_err: f64,
+    /// Elements that are NaN/inf (unwritten poison or a broken kernel), output and LSE.
+    pub non_finite: usize,
+    /// Rows where the kernel and the reference disagree on "sees no key" (LSE -inf, output 0).
+    pub masked_row_mismatches: usize,
+}
+
+impl Comparison {
+    pub const REL_TOL: f64 = 1e-2;
+    pub const ROW_TOL: f64 = 2e-2;
+    pub const LSE_TOL: f64 = 1e-3;
+
+    pub fn passed(&self) -> bool {
+        self.non_finite == 0
+            && self.masked_row_mismatches == 0
+            && self.rel_err < Self::REL_TOL
+            && self.worst_row_rel_err < Self::ROW_TOL
+            && self.worst_lse_err < Self::LSE_TOL
+    }
+}
+
+/// Compares `out` (`[B, Sq, Hq, D]`) and `lse` (`[B, Hq, Sq]`) with the reference on `rows`;
+/// every element of both is also checked for NaN/inf.
+#[allow(clippy::too_many_arguments)]
+pub fn compare(
+    shape: &Shape,
+    cfg: &AttentionConfig,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    rows: &[(usize, usize, usize)],
+) -> Comparison {
+    let d = shape.head_dim;
+    let non_finite_out = out.par_iter().filter(|x| !x.is_finite()).count();
+    let non_finite_lse = lse.par_iter().filter(|x| x.is_nan() || **x == f32::INFINITY).count();
+    let per_row: Vec<(f64, f64, f64, f64, bool)> = rows
+        .par_iter()
+        .map(|&(b, h, i)| {
+            let (want, want_lse) = attention_row(shape, cfg, q, k, v, b, h, i);
+            let got = &out[((b * shape.seqlen_q + i) * shape.heads_q + h) * d..][..d];
+            let got_lse = lse[(b * shape.heads_q + h) * shape.seqlen_q + i] as f64;
+            let err2: f64 = got.iter().zip(&want).map(|(&g, &w)| (g as f64 - w).powi(2)).sum();
+            let ref2: f64 = want.iter().map(|w| w * w).sum();
+            let row_rel = err2.sqrt() / ref2.sqrt().max(1e-3);
+            let masked = want_lse == f64::NEG_INFINITY;
+            let (lse_err, mismatch) = if masked {
+                (0.0, got_lse != f64::NEG_INFINITY || got.iter().any(|&x| x != 0.0))
+            } else {
+                ((got_lse - want_lse).abs() / want_lse.abs().max(1.0), got_lse == f64::NEG_INFINITY)
+            };
+            (err2, ref2, row_rel, lse_err, mismatch)
+        })
+        .collect();
+    let (err2, ref2) = per_row.iter().fold((0.0, 0.0), |(e, r), x| (e + x.0, r + x.1));
+    Comparison {
+        rows: rows.len(),
+        rel_err: if ref2 > 0.0 { err2.sqrt() / ref2.sqrt() } else { err2.sqrt() },
+        worst_row_rel_err: per_row.iter().map(|x| x.2).fold(0.0, f64::max),
+        worst_lse_err: per_row.iter().map(|x| x.3).fold(0.0, f64::max),
+        non_finite: non_finite_out + non_finite_lse,
+        masked_row_mismatches: per_row.iter().filter(|x| x.4).count(),
+    }
+}
+
+/// Runs one prefill case on the GPU on fresh random inputs (outputs poisoned with NaN first) and
+/// compares it with the reference.
+pub fn run_prefill_case<T: AttnElement>(
+    ctx: &Context,
+    shape: &Shape,
+    cfg: &AttentionConfig,
+    rng: &mut StdRng,
+) -> Result<Comparison, Error> {
+    let (q, q32) = random_tensor::<T>(rng, shape.q_len());
+    let (k, k32) = random_tensor::<T>(rng, shape.kv_len());
+    let (v, v32) = random_tensor::<T>(rng, shape.kv_len());
+    let dq = ctx.upload(&q, shape.q_shape())?;
+    let dk = ctx.upload(&k, shape.kv_shape())?;
+    let dv = ctx.upload(&v, shape.kv_shape())?;
+    let mut out = ctx.alloc::<T, 4>(shape.q_shape())?;
+    let mut lse = ctx.alloc::<f32, 3>(shape.lse_shape())?;
+    out.fill(T::nan())?;
+    lse.fill(f32::NAN)?;
+    ctx.attention(&dq.view(), &dk.view(), &dv.view(), &mut out.view_mut(), &mut lse.view_mut(), cfg)?;
+    ctx.synchronize()?;
+    let out32: Vec<f32> = out.to_host()?.iter().map(|x| x.to_f32()).collect();
+    let lse32 = lse.to_host()?;
+    let rows = rows_to_check(shape, rng);
+    Ok(compare(shape, cfg, &q32, &k32, &v32, &out32, &lse32, &rows))
+}

@@ -1,0 +1,166 @@
+//! Every validation error of the prefill call, one test each, on plain descriptors (no GPU).
+use duo_attn::{AttentionConfig, Error, HeadKind, TensorDesc, plan_prefill};
+use half::bf16;
+
+const DEV: u32 = 0;
+const B: usize = 2;
+const SQ: usize = 100;
+const SK: usize = 300;
+const HQ: usize = 8;
+const HKV: usize = 2;
+const D: usize = 64;
+
+struct Call {
+    q: TensorDesc<4>,
+    k: TensorDesc<4>,
+    v: TensorDesc<4>,
+    out: TensorDesc<4>,
+    lse: TensorDesc<3>,
+    cfg: AttentionConfig,
+}
+
+/// A valid call: each tensor in its own (fake, aligned) allocation.
+fn valid() -> Call {
+    let at = |i: u64| 0x7000_0000_0000 + i * 0x1_0000_0000;
+    Call {
+        q: TensorDesc::contiguous(at(0), [B, SQ, HQ, D], 2, DEV),
+        k: TensorDesc::contiguous(at(1), [B, SK, HKV, D], 2, DEV),
+        v: TensorDesc::contiguous(at(2), [B, SK, HKV, D], 2, DEV),
+        out: TensorDesc::contiguous(at(3), [B, SQ, HQ, D], 2, DEV),
+        lse: TensorDesc::contiguous(at(4), [B, HQ, SQ], 4, DEV),
+        cfg: AttentionConfig::new(vec![HeadKind::Retrieval, HeadKind::Streaming]),
+    }
+}
+
+fn plan(c: &Call) -> Result<duo_attn::PrefillPlan, Error> {
+    plan_prefill::<bf16>(&c.q, &c.k, &c.v, &c.out, &c.lse, &c.cfg, DEV)
+}
+
+fn fails(edit: impl FnOnce(&mut Call)) -> Error {
+    let mut c = valid();
+    edit(&mut c);
+    let err = plan(&c).expect_err("the call should have been rejected");
+    eprintln!("rejected: {err}");
+    err
+}
+
+#[test]
+fn valid_call_plans_a_launch() {
+    let p = plan(&valid()).unwrap();
+    assert_eq!(p.entry, "duo_prefill_bf16_d64");
+    assert_eq!(p.grid, (2, HQ as u32, B as u32));
+    assert_eq!(p.params.streaming_heads[0], 0b10);
+    assert_eq!((p.params.seqlen_q, p.params.seqlen_k), (SQ as i32, SK as i32));
+    assert_eq!(p.params.q_strides, [(SQ * HQ * D) as i64, (HQ * D) as i64, D as i64]);
+}
+
+#[test]
+fn huge_sink_and_window_are_clamped_not_rejected() {
+    let mut c = valid();
+    c.cfg = c.cfg.sink(u32::MAX).window(u32::MAX);
+    let p = plan(&c).unwrap();
+    assert_eq!((p.params.sink, p.params.window), (1 << 30, 1 << 30));
+}
+
+#[test]
+fn wrong_device() {
+    assert!(matches!(fails(|c| c.k.device = 1), Error::WrongDevice { tensor: "k", tensor_device: 1, .. }));
+}
+
+#[test]
+fn empty_dimension() {
+    assert!(matches!(fails(|c| c.q.shape[1] = 0), Error::EmptyDimension { tensor: "q", .. }));
+}
+
+#[test]
+fn unsupported_head_dim() {
+    let err = fails(|c| {
+        for t in [&mut c.q, &mut c.k, &mut c.v, &mut c.out] {
+            t.shape[3] = 96;
+        }
+    });
+    assert!(matches!(err, Error::UnsupportedHeadDim(96)));
+}
+
+#[test]
+fn shape_mismatch() {
+    assert!(matches!(fails(|c| c.v.shape[1] = SK - 1), Error::ShapeMismatch { tensor: "v", .. }));
+    assert!(matches!(fails(|c| c.k.shape[0] = 1), Error::ShapeMismatch { tensor: "k", .. }));
+    assert!(matches!(fails(|c| c.out.shape[2] = HQ - 1), Error::ShapeMismatch { tensor: "out", .. }));
+    assert!(matches!(fails(|c| c.lse.shape = [B, SQ, HQ]), Error::ShapeMismatch { tensor: "lse", .. }));
+}
+
+#[test]
+fn head_group_mismatch() {
+    let err = fails(|c| {
+        c.k.shape[2] = 3;
+        c.v.shape[2] = 3;
+        c.cfg.head_kinds = vec![HeadKind::Retrieval; 3];
+    });
+    assert!(matches!(err, Error::HeadGroupMismatch { heads_q: 8, heads_kv: 3 }));
+}
+
+#[test]
+fn head_kinds_length() {
+    assert!(matches!(
+        fails(|c| c.cfg.head_kinds.push(HeadKind::Streaming)),
+        Error::HeadKindsLength { got: 3, expected: 2 }
+    ));
+}
+
+#[test]
+fn too_large() {
+    let err = fails(|c| {
+        c.k.shape[1] = (1 << 30) + 1;
+        c.v.shape[1] = (1 << 30) + 1;
+    });
+    assert!(matches!(err, Error::TooLarge { what: "seqlen_k", .. }));
+}
+
+#[test]
+fn invalid_scale() {
+    assert!(matches!(fails(|c| c.cfg.softmax_scale = Some(f32::NAN)), Error::InvalidScale(_)));
+    assert!(matches!(fails(|c| c.cfg.softmax_scale = Some(-1.0)), Error::InvalidScale(_)));
+}
+
+#[test]
+fn non_contiguous_head_dim() {
+    assert!(matches!(fails(|c| c.q.strides[3] = 2), Error::NonContiguousHeadDim { tensor: "q", stride: 2 }));
+}
+
+#[test]
+fn misaligned() {
+    assert!(matches!(fails(|c| c.k.ptr += 2), Error::Misaligned { tensor: "k", what: "the base address", .. }));
+    let err = fails(|c| {
+        // 68-element rows: 136 bytes, not a multiple of 16.
+        c.v.strides = [SK * HKV * 68, HKV * 68, 68, 1];
+        c.v.available = B * SK * HKV * 68;
+    });
+    assert!(matches!(err, Error::Misaligned { tensor: "v", what: "the head stride", value: 136, .. }));
+}
+
+#[test]
+fn out_of_bounds() {
+    assert!(matches!(fails(|c| c.q.available -= 1), Error::OutOfBounds { tensor: "q", .. }));
+}
+
+#[test]
+fn lse_not_contiguous() {
+    let err = fails(|c| {
+        c.lse.strides = [HQ * SQ * 2, SQ * 2, 2];
+        c.lse.available = B * HQ * SQ * 2;
+    });
+    assert!(matches!(err, Error::NotContiguous { tensor: "lse", .. }));
+}
+
+#[test]
+fn overlapping_output() {
+    // Heads written over each other: head stride 8 < head dim 64.
+    assert!(matches!(fails(|c| c.out.strides[2] = 8), Error::OverlappingOutput { tensor: "out", .. }));
+}
+
+#[test]
+fn aliasing() {
+    assert!(matches!(fails(|c| c.out.ptr = c.q.ptr), Error::Aliasing { output: "out", input: "q" }));
+    assert!(matches!(fails(|c| c.lse.ptr = c.out.ptr), Error::Aliasing { output: "lse", input: "out" }));
+}

@@ -1,0 +1,220 @@
+//! Kernel build steps shared by `host/build.rs` (embeds the PTX) and `cargo xtask build-kernels`
+//! (also assembles with ptxas and prints a resource table).
+//!
+//! The kernels are compiled by rustc's own NVPTX backend:
+//! `cargo rustc -Zbuild-std=core --target nvptx64-nvidia-cuda -- --emit=asm -C target-cpu=sm_90a`.
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub const TARGET: &str = "nvptx64-nvidia-cuda";
+pub const ARCH: &str = "sm_90a";
+pub const KERNELS_CRATE: &str = "duo-attn-kernels";
+/// Cargo profile of the kernel build (root Cargo.toml): one codegen unit, so one `.s` file.
+pub const PROFILE: &str = "ptx";
+const SETUP_HINT: &str = "run `scripts/setup.sh` (Debian 12) to install Debian's rustc-web/cargo-web/rust-web-src \
+and the ptxas wheel; see README.md";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("`{0}` could not be started: {1}. Is the Rust toolchain installed? {SETUP_HINT}")]
+    ToolMissing(String, std::io::Error),
+    #[error("rustc `{rustc}` has no library source at {path} (needed by -Zbuild-std=core). {SETUP_HINT}")]
+    NoLibrarySource { rustc: String, path: PathBuf },
+    #[error("rustc `{0}` does not list the {TARGET} target. {SETUP_HINT}")]
+    NoNvptxTarget(String),
+    #[error("the kernel build failed (exit {0}); cargo's messages are above")]
+    CargoFailed(i32),
+    #[error("the kernel build finished but no PTX was found under {0}")]
+    NoPtx(PathBuf),
+    #[error("ptxas `{path}` failed: {message}")]
+    Ptxas { path: PathBuf, message: String },
+    #[error("i/o error on {0}: {1}")]
+    Io(PathBuf, std::io::Error),
+}
+
+fn run_capture(cmd: &mut Command) -> Result<std::process::Output, BuildError> {
+    let name = cmd.get_program().to_string_lossy().into_owned();
+    cmd.output().map_err(|e| BuildError::ToolMissing(name, e))
+}
+
+/// Checks that `rustc` can build core for NVPTX: the target is known and the library source exists.
+pub fn check_toolchain(rustc: &OsStr, cwd: &Path) -> Result<(), BuildError> {
+    let name = rustc.to_string_lossy().into_owned();
+    let out = run_capture(Command::new(rustc).current_dir(cwd).args(["--print", "target-list"]))?;
+    if !String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == TARGET) {
+        return Err(BuildError::NoNvptxTarget(name));
+    }
+    let out = run_capture(Command::new(rustc).current_dir(cwd).args(["--print", "sysroot"]))?;
+    let sysroot = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let src = sysroot.join("lib/rustlib/src/rust/library/core/Cargo.toml");
+    if !src.exists() {
+        return Err(BuildError::NoLibrarySource { rustc: name, path: src });
+    }
+    Ok(())
+}
+
+/// Builds the kernels crate of the workspace at `workspace` to PTX for sm_90a, with its own
+/// target directory `target_dir`, and returns the path of the PTX file.
+///
+/// Safe to call from a build script: the variables cargo sets for the outer build are removed,
+/// so the nested build targets NVPTX with its own flags.
+pub fn build_ptx(workspace: &Path, target_dir: &Path) -> Result<PathBuf, BuildError> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    check_toolchain(&rustc, workspace)?;
+
+    let mut cmd = Command::new(&cargo);
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        let keep = matches!(key.as_ref(), "CARGO_HOME" | "CARGO_NET_OFFLINE" | "CARGO_TERM_COLOR");
+        let outer = key.starts_with("CARGO_")
+            || matches!(
+                key.as_ref(),
+                "RUSTFLAGS" | "RUSTDOCFLAGS" | "RUSTC_WRAPPER" | "RUSTC_WORKSPACE_WRAPPER" | "TARGET" | "HOST"
+                    | "OUT_DIR" | "OPT_LEVEL" | "PROFILE" | "DEBUG" | "NUM_JOBS" | "RUSTC_LINKER" | "RUSTDOC"
+            );
+        if outer && !keep {
+            cmd.env_remove(key.as_ref());
+        }
+    }
+    cmd.current_dir(workspace)
+        .env("RUSTC", &rustc)
+        .env("RUSTC_BOOTSTRAP", "1") // -Zbuild-std and the kernels' #![feature]s on a stable toolchain
+        .args(["rustc", "--package", KERNELS_CRATE, "--profile", PROFILE, "-Zbuild-std=core", "--target", TARGET])
+        .arg("--target-dir")
+        .arg(target_dir)
+        .args(["--", "--emit=asm", "-C"])
+        .arg(format!("target-cpu={ARCH}"))
+        // Fragment arrays must stay in registers: unroll the fixed-trip tile loops completely.
+        .args(["-C", "llvm-args=-unroll-threshold=2000"]);
+    let status = cmd.status().map_err(|e| BuildError::ToolMissing(cargo.to_string_lossy().into_owned(), e))?;
+    if !status.success() {
+        return Err(BuildError::CargoFailed(status.code().unwrap_or(-1)));
+    }
+    newest_ptx(&target_dir.join(TARGET).join(PROFILE).join("deps"))
+}
+
+/// rustc names the asm `duo_attn_kernels-<hash>.s`; take the newest.
+fn newest_ptx(deps: &Path) -> Result<PathBuf, BuildError> {
+    let prefix = KERNELS_CRATE.replace('-', "_") + "-";
+    let entries = std::fs::read_dir(deps).map_err(|e| BuildError::Io(deps.to_path_buf(), e))?;
+    entries
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with(&prefix) && name.ends_with(".s")
+        })
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .max()
+        .map(|(_, path)| path)
+        .ok_or_else(|| BuildError::NoPtx(deps.to_path_buf()))
+}
+
+/// Where ptxas may be: `$PTXAS`, `PATH`, the CUDA toolkit, the wheel `scripts/setup.sh` installs.
+pub fn find_ptxas() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("PTXAS") {
+        return Some(PathBuf::from(p));
+    }
+    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).map(|d| d.join("ptxas")).collect())
+        .unwrap_or_default();
+    candidates.push(PathBuf::from("/usr/local/cuda/bin/ptxas"));
+    let tools = std::env::var_os("DUO_ATTN_TOOLS")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/duo-attn")));
+    if let Some(tools) = tools {
+        candidates.push(tools.join("nvcc/nvidia/cu13/bin/ptxas"));
+    }
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+/// ptxas's resource report for one kernel entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelResources {
+    pub name: String,
+    pub registers: u32,
+    pub shared_bytes: u32,
+    pub stack_bytes: u32,
+    pub spill_store_bytes: u32,
+    pub spill_load_bytes: u32,
+}
+
+/// Assembles `ptx` for sm_90a into `cubin` and returns the per-kernel resource report.
+pub fn assemble(ptxas: &Path, ptx: &Path, cubin: &Path) -> Result<Vec<KernelResources>, BuildError> {
+    let out = run_capture(Command::new(ptxas).arg(format!("-arch={ARCH}")).arg("-v").arg(ptx).arg("-o").arg(cubin))?;
+    let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(BuildError::Ptxas { path: ptxas.to_path_buf(), message: text });
+    }
+    Ok(parse_ptxas_report(&text))
+}
+
+fn number_before(line: &str, unit: &str) -> Option<u32> {
+    let idx = line.find(unit)?;
+    line[..idx].split_whitespace().last()?.parse().ok()
+}
+
+/// Parses `ptxas -v` output ("Compiling entry function 'x'", "N bytes stack frame, N bytes spill
+/// stores, N bytes spill loads", "Used N registers, ..., N bytes smem").
+pub fn parse_ptxas_report(text: &str) -> Vec<KernelResources> {
+    let mut kernels: Vec<KernelResources> = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            let name = rest.split('\'').next().unwrap_or_default().to_string();
+            kernels.push(KernelResources { name, ..Default::default() });
+        } else if let Some(k) = kernels.last_mut() {
+            if line.contains("stack frame") {
+                k.stack_bytes = number_before(line, "bytes stack frame").unwrap_or(0);
+                k.spill_store_bytes = number_before(line, "bytes spill stores").unwrap_or(0);
+                k.spill_load_bytes = number_before(line, "bytes spill loads").unwrap_or(0);
+            } else if line.contains("Used") && line.contains("registers") {
+                k.registers = number_before(line, "registers").unwrap_or(0);
+                k.shared_bytes = number_before(line, "bytes smem").unwrap_or(0);
+            }
+        }
+    }
+    kernels
+}
+
+/// A plain text table of the report.
+pub fn format_report(kernels: &[KernelResources]) -> String {
+    let mut s = format!(
+        "{:<28} {:>9} {:>11} {:>11} {:>12} {:>11}\n",
+        "kernel", "registers", "smem bytes", "stack bytes", "spill stores", "spill loads"
+    );
+    for k in kernels {
+        s += &format!(
+            "{:<28} {:>9} {:>11} {:>11} {:>12} {:>11}\n",
+            k.name, k.registers, k.shared_bytes, k.stack_bytes, k.spill_store_bytes, k.spill_load_bytes
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ptxas_verbose_output() {
+        let text = "ptxas info    : 0 bytes gmem\n\
+ptxas info    : Compiling entry function 'duo_prefill_f16_d64' for 'sm_90a'\n\
+ptxas info    : Function properties for duo_prefill_f16_d64\n\
+    32 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n\
+ptxas info    : Used 168 registers, used 1 barriers, 18432 bytes smem\n";
+        let k = parse_ptxas_report(text);
+        assert_eq!(
+            k,
+            vec![KernelResources {
+                name: "duo_prefill_f16_d64".into(),
+                registers: 168,
+                shared_bytes: 18432,
+                stack_bytes: 32,
+                spill_store_bytes: 8,
+                spill_load_bytes: 4,
+            }]
+        );
+    }
+}
