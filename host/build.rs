@@ -9,7 +9,12 @@ fn main() {
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").unwrap());
     println!("cargo:rerun-if-env-changed=DUO_ATTN_PTX");
     println!("cargo:rerun-if-env-changed=PTXAS");
-    for path in ["kernels/src", "kernels/Cargo.toml", "xtask/kernel-build/src", "Cargo.toml"] {
+    for path in [
+        "kernels/src",
+        "kernels/Cargo.toml",
+        "xtask/kernel-build/src",
+        "Cargo.toml",
+    ] {
         println!("cargo:rerun-if-changed={}", workspace.join(path).display());
     }
 
@@ -38,7 +43,9 @@ fn main() {
             }
         }
         None => {
-            println!("cargo:warning=ptxas not found: embedding PTX only (the driver JIT-compiles it at load)");
+            println!(
+                "cargo:warning=ptxas not found: embedding PTX only (the driver JIT-compiles it at load)"
+            );
             std::fs::write(&cubin, b"").unwrap();
         }
     }
@@ -46,6 +53,10 @@ fn main() {
 
 fn copy(from: &Path, to: &Path) {
     if let Err(e) = std::fs::copy(from, to) {
-        panic!("duo-attn: copying {} to {}: {e}", from.display(), to.display());
+        panic!(
+            "duo-attn: copying {} to {}: {e}",
+            from.display(),
+            to.display()
+        );
     }
 }

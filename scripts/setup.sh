@@ -51,7 +51,7 @@ PTXAS="$TOOLS_DIR/nvcc/nvidia/cu13/bin/ptxas"
 if [ ! -x "$PTXAS" ]; then
   say "installing ptxas from nvidia-cuda-nvcc==$NVCC_WHEEL_VERSION into $TOOLS_DIR/nvcc"
   mkdir -p "$TOOLS_DIR"
-  python3 -m pip install -q --no-deps --disable-pip-version-check \
+  python3 -m pip install -q --no-deps --disable-pip-version-check --root-user-action=ignore \
     --target "$TOOLS_DIR/nvcc" "nvidia-cuda-nvcc==$NVCC_WHEEL_VERSION"
   chmod +x "$TOOLS_DIR"/nvcc/nvidia/cu13/bin/* || true
 else

@@ -34,7 +34,13 @@ pub struct AttentionConfig {
 impl AttentionConfig {
     /// DuoAttention's usual streaming setting: 64 sink and 256 recent tokens, causal retrieval.
     pub fn new(head_kinds: Vec<HeadKind>) -> Self {
-        AttentionConfig { head_kinds, causal: true, sink: 64, window: 256, softmax_scale: None }
+        AttentionConfig {
+            head_kinds,
+            causal: true,
+            sink: 64,
+            window: 256,
+            softmax_scale: None,
+        }
     }
 
     /// Every head a retrieval head.
@@ -44,7 +50,9 @@ impl AttentionConfig {
 
     /// Every head a streaming head.
     pub fn all_streaming(heads_kv: usize, sink: u32, window: u32) -> Self {
-        Self::new(vec![HeadKind::Streaming; heads_kv]).sink(sink).window(window)
+        Self::new(vec![HeadKind::Streaming; heads_kv])
+            .sink(sink)
+            .window(window)
     }
 
     pub fn causal(mut self, causal: bool) -> Self {
@@ -85,16 +93,34 @@ const ALIGN: u64 = 16;
 /// CUDA grid y/z limit (heads and batch ride on them).
 const MAX_GRID_YZ: usize = 65535;
 
-fn check_device<const N: usize>(t: &TensorDesc<N>, tensor: &'static str, device: u32) -> Result<()> {
+fn check_device<const N: usize>(
+    t: &TensorDesc<N>,
+    tensor: &'static str,
+    device: u32,
+) -> Result<()> {
     if t.device != device {
-        return Err(Error::WrongDevice { tensor, tensor_device: t.device, context_device: device });
+        return Err(Error::WrongDevice {
+            tensor,
+            tensor_device: t.device,
+            context_device: device,
+        });
     }
     Ok(())
 }
 
-fn check_shape<const N: usize>(t: &TensorDesc<N>, tensor: &'static str, expected: [usize; N], why: &'static str) -> Result<()> {
+fn check_shape<const N: usize>(
+    t: &TensorDesc<N>,
+    tensor: &'static str,
+    expected: [usize; N],
+    why: &'static str,
+) -> Result<()> {
     if t.shape != expected {
-        return Err(Error::ShapeMismatch { tensor, got: t.shape.to_vec(), expected: expected.to_vec(), why });
+        return Err(Error::ShapeMismatch {
+            tensor,
+            got: t.shape.to_vec(),
+            expected: expected.to_vec(),
+            why,
+        });
     }
     Ok(())
 }
@@ -102,15 +128,32 @@ fn check_shape<const N: usize>(t: &TensorDesc<N>, tensor: &'static str, expected
 /// Rules for a `[B, S, H, D]` operand: head dim contiguous, 16-byte aligned base and strides, in bounds.
 fn check_bshd(t: &TensorDesc<4>, tensor: &'static str) -> Result<()> {
     if t.strides[3] != 1 {
-        return Err(Error::NonContiguousHeadDim { tensor, stride: t.strides[3] });
+        return Err(Error::NonContiguousHeadDim {
+            tensor,
+            stride: t.strides[3],
+        });
     }
-    if t.ptr % ALIGN != 0 {
-        return Err(Error::Misaligned { tensor, what: "the base address", value: t.ptr, align: ALIGN });
+    if !t.ptr.is_multiple_of(ALIGN) {
+        return Err(Error::Misaligned {
+            tensor,
+            what: "the base address",
+            value: t.ptr,
+            align: ALIGN,
+        });
     }
-    for (what, stride) in [("the batch stride", t.strides[0]), ("the sequence stride", t.strides[1]), ("the head stride", t.strides[2])] {
+    for (what, stride) in [
+        ("the batch stride", t.strides[0]),
+        ("the sequence stride", t.strides[1]),
+        ("the head stride", t.strides[2]),
+    ] {
         let bytes = (stride * t.elem_bytes) as u64;
-        if bytes % ALIGN != 0 {
-            return Err(Error::Misaligned { tensor, what, value: bytes, align: ALIGN });
+        if !bytes.is_multiple_of(ALIGN) {
+            return Err(Error::Misaligned {
+                tensor,
+                what,
+                value: bytes,
+                align: ALIGN,
+            });
         }
     }
     t.check_in_bounds(tensor)
@@ -150,7 +193,12 @@ pub fn plan_prefill<T: AttnElement>(
     if !SUPPORTED_HEAD_DIMS.contains(&head_dim) {
         return Err(Error::UnsupportedHeadDim(head_dim));
     }
-    check_shape(k, "k", [batch, seqlen_k, heads_kv, head_dim], "k is [B, Sk, Hkv, D] with q's B and D")?;
+    check_shape(
+        k,
+        "k",
+        [batch, seqlen_k, heads_kv, head_dim],
+        "k is [B, Sk, Hkv, D] with q's B and D",
+    )?;
     check_shape(v, "v", k.shape, "v must match k")?;
     check_shape(out, "out", q.shape, "out must match q")?;
     check_shape(lse, "lse", [batch, heads_q, seqlen_q], "lse is [B, Hq, Sq]")?;
@@ -158,7 +206,10 @@ pub fn plan_prefill<T: AttnElement>(
         return Err(Error::HeadGroupMismatch { heads_q, heads_kv });
     }
     if cfg.head_kinds.len() != heads_kv {
-        return Err(Error::HeadKindsLength { got: cfg.head_kinds.len(), expected: heads_kv });
+        return Err(Error::HeadKindsLength {
+            got: cfg.head_kinds.len(),
+            expected: heads_kv,
+        });
     }
     check_limit("seqlen_q", seqlen_q, MAX_SEQLEN)?;
     check_limit("seqlen_k", seqlen_k, MAX_SEQLEN)?;
@@ -180,14 +231,23 @@ pub fn plan_prefill<T: AttnElement>(
     let (lse_start, lse_end) = lse.byte_range();
     for (t, name) in [(q, "q"), (k, "k"), (v, "v")] {
         if t.overlaps(out_start, out_end) {
-            return Err(Error::Aliasing { output: "out", input: name });
+            return Err(Error::Aliasing {
+                output: "out",
+                input: name,
+            });
         }
         if t.overlaps(lse_start, lse_end) {
-            return Err(Error::Aliasing { output: "lse", input: name });
+            return Err(Error::Aliasing {
+                output: "lse",
+                input: name,
+            });
         }
     }
     if out.overlaps(lse_start, lse_end) {
-        return Err(Error::Aliasing { output: "lse", input: "out" });
+        return Err(Error::Aliasing {
+            output: "lse",
+            input: "out",
+        });
     }
 
     let mut streaming_heads = [0u32; HEAD_MASK_WORDS];
@@ -196,7 +256,13 @@ pub fn plan_prefill<T: AttnElement>(
             streaming_heads[h / 32] |= 1 << (h % 32);
         }
     }
-    let strides = |t: &TensorDesc<4>| [t.strides[0] as i64, t.strides[1] as i64, t.strides[2] as i64];
+    let strides = |t: &TensorDesc<4>| {
+        [
+            t.strides[0] as i64,
+            t.strides[1] as i64,
+            t.strides[2] as i64,
+        ]
+    };
     // Values past any sequence length act the same as MAX_SEQLEN and keep kernel arithmetic in i32.
     let clamp = |x: u32| (x as usize).min(MAX_SEQLEN) as i32;
     let params = PrefillParams {
@@ -221,7 +287,11 @@ pub fn plan_prefill<T: AttnElement>(
     };
     Ok(PrefillPlan {
         entry: format!("duo_prefill_{}_d{}", T::KERNEL_NAME, head_dim),
-        grid: (seqlen_q.div_ceil(PREFILL_BLOCK_M) as u32, heads_q as u32, batch as u32),
+        grid: (
+            seqlen_q.div_ceil(PREFILL_BLOCK_M) as u32,
+            heads_q as u32,
+            batch as u32,
+        ),
         block: PREFILL_THREADS as u32,
         params,
     })
@@ -240,7 +310,15 @@ impl Context {
         lse: &mut ViewMut<'_, f32, 3>,
         cfg: &AttentionConfig,
     ) -> Result<()> {
-        let plan = plan_prefill::<T>(q.desc(), k.desc(), v.desc(), out.desc(), lse.desc(), cfg, self.ordinal())?;
+        let plan = plan_prefill::<T>(
+            q.desc(),
+            k.desc(),
+            v.desc(),
+            out.desc(),
+            lse.desc(),
+            cfg,
+            self.ordinal(),
+        )?;
         self.launch(&plan.entry, plan.grid, plan.block, &plan.params)
     }
 }

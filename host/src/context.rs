@@ -52,26 +52,39 @@ impl Context {
         let info = DeviceInfo {
             ordinal,
             name: device.name().during("reading the device name")?,
-            compute_capability: (attr(DeviceAttribute::ComputeCapabilityMajor)?, attr(DeviceAttribute::ComputeCapabilityMinor)?),
+            compute_capability: (
+                attr(DeviceAttribute::ComputeCapabilityMajor)?,
+                attr(DeviceAttribute::ComputeCapabilityMinor)?,
+            ),
             multiprocessors: attr(DeviceAttribute::MultiprocessorCount)? as u32,
             total_memory: device.total_memory().during("reading device memory size")?,
         };
         if info.compute_capability != (9, 0) {
             let (major, minor) = info.compute_capability;
-            return Err(Error::UnsupportedDevice { ordinal, name: info.name, major, minor });
+            return Err(Error::UnsupportedDevice {
+                ordinal,
+                name: info.name,
+                major,
+                minor,
+            });
         }
         let cuda = CudaContext_::new(device).during("creating the context")?;
         let module = Self::load_module()?;
         let stream = Stream::new(StreamFlags::DEFAULT, None).during("creating a stream")?;
-        Ok(Context { module, stream, cuda, info })
+        Ok(Context {
+            module,
+            stream,
+            cuda,
+            info,
+        })
     }
 
     /// The cubin when one was embedded and loads, else the PTX (JIT-compiled by the driver).
     fn load_module() -> Result<Module> {
-        if !kernels::CUBIN.is_empty() {
-            if let Ok(m) = Module::from_cubin(kernels::CUBIN, &[]) {
-                return Ok(m);
-            }
+        if !kernels::CUBIN.is_empty()
+            && let Ok(m) = Module::from_cubin(kernels::CUBIN, &[])
+        {
+            return Ok(m);
         }
         Module::from_ptx(kernels::PTX, &[]).during("loading the kernel module")
     }
@@ -90,13 +103,20 @@ impl Context {
     }
 
     /// Uninitialised device tensor.
-    pub fn alloc<T: DeviceScalar, const N: usize>(&self, shape: [usize; N]) -> Result<DeviceTensor<T, N>> {
+    pub fn alloc<T: DeviceScalar, const N: usize>(
+        &self,
+        shape: [usize; N],
+    ) -> Result<DeviceTensor<T, N>> {
         self.make_current()?;
         DeviceTensor::alloc(shape, self.ordinal())
     }
 
     /// Device tensor holding `data` (row-major, `shape`).
-    pub fn upload<T: DeviceScalar, const N: usize>(&self, data: &[T], shape: [usize; N]) -> Result<DeviceTensor<T, N>> {
+    pub fn upload<T: DeviceScalar, const N: usize>(
+        &self,
+        data: &[T],
+        shape: [usize; N],
+    ) -> Result<DeviceTensor<T, N>> {
         self.make_current()?;
         DeviceTensor::upload(data, shape, self.ordinal())
     }
@@ -108,15 +128,30 @@ impl Context {
     }
 
     /// Launches `entry` with one by-value `#[repr(C)]` parameter struct.
-    pub(crate) fn launch<P: Copy>(&self, entry: &str, grid: (u32, u32, u32), block: u32, params: &P) -> Result<()> {
+    pub(crate) fn launch<P: Copy>(
+        &self,
+        entry: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        params: &P,
+    ) -> Result<()> {
         self.make_current()?;
-        let function = self.module.get_function(entry).during("looking up a kernel")?;
+        let function = self
+            .module
+            .get_function(entry)
+            .during("looking up a kernel")?;
         let mut params = *params;
         let args = [&mut params as *mut P as *mut c_void];
         // SAFETY: `P` is the `#[repr(C)]` struct the entry takes by value (shared ABI crate), and the
         // caller validated every pointer and extent in it.
         unsafe {
-            self.stream.launch(&function, GridSize::xyz(grid.0, grid.1, grid.2), BlockSize::x(block), 0, &args)
+            self.stream.launch(
+                &function,
+                GridSize::xyz(grid.0, grid.1, grid.2),
+                BlockSize::x(block),
+                0,
+                &args,
+            )
         }
         .during("launching a kernel")
     }

@@ -5,20 +5,45 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("no CUDA device is available (cuInit: {0}); duo-attn needs an NVIDIA Hopper GPU (sm_90)")]
+    #[error(
+        "no CUDA device is available (cuInit: {0}); duo-attn needs an NVIDIA Hopper GPU (sm_90)"
+    )]
     NoDevice(cust::error::CudaError),
     #[error("device ordinal {ordinal} does not exist: {count} CUDA device(s) visible")]
     DeviceOutOfRange { ordinal: u32, count: u32 },
-    #[error("device {ordinal} ({name}) has compute capability {major}.{minor}; duo-attn's kernels need sm_90 (Hopper: H100/H200)")]
-    UnsupportedDevice { ordinal: u32, name: String, major: i32, minor: i32 },
+    #[error(
+        "device {ordinal} ({name}) has compute capability {major}.{minor}; duo-attn's kernels need sm_90 (Hopper: H100/H200)"
+    )]
+    UnsupportedDevice {
+        ordinal: u32,
+        name: String,
+        major: i32,
+        minor: i32,
+    },
     #[error("CUDA error during {during}: {source}")]
-    Cuda { during: &'static str, source: cust::error::CudaError },
+    Cuda {
+        during: &'static str,
+        source: cust::error::CudaError,
+    },
     #[error("host data for `{tensor}` has {got} elements but shape {shape:?} needs {expected}")]
-    HostLength { tensor: &'static str, shape: Vec<usize>, expected: usize, got: usize },
+    HostLength {
+        tensor: &'static str,
+        shape: Vec<usize>,
+        expected: usize,
+        got: usize,
+    },
     #[error("`{tensor}` has a zero-sized dimension: shape {shape:?}")]
-    EmptyDimension { tensor: &'static str, shape: Vec<usize> },
+    EmptyDimension {
+        tensor: &'static str,
+        shape: Vec<usize>,
+    },
     #[error("`{tensor}` has shape {got:?} but {expected:?} was expected ({why})")]
-    ShapeMismatch { tensor: &'static str, got: Vec<usize>, expected: Vec<usize>, why: &'static str },
+    ShapeMismatch {
+        tensor: &'static str,
+        got: Vec<usize>,
+        expected: Vec<usize>,
+        why: &'static str,
+    },
     #[error("head dim {0} is not supported by the prefill kernel: use 64 or 128")]
     UnsupportedHeadDim(usize),
     #[error("query heads ({heads_q}) must be a multiple of KV heads ({heads_kv}) for GQA/MQA")]
@@ -27,22 +52,61 @@ pub enum Error {
     HeadKindsLength { got: usize, expected: usize },
     #[error("`{tensor}`: the head dim must be contiguous (stride 1), got stride {stride}")]
     NonContiguousHeadDim { tensor: &'static str, stride: usize },
-    #[error("`{tensor}` must be contiguous: shape {shape:?} has strides {strides:?}, expected {expected:?}")]
-    NotContiguous { tensor: &'static str, shape: Vec<usize>, strides: Vec<usize>, expected: Vec<usize> },
-    #[error("`{tensor}` reaches element {needed} past its start but its buffer holds only {available} from there")]
-    OutOfBounds { tensor: &'static str, needed: usize, available: usize },
-    #[error("`{tensor}`: {what} ({value} bytes) must be a multiple of {align} bytes for vectorised loads")]
-    Misaligned { tensor: &'static str, what: &'static str, value: u64, align: u64 },
-    #[error("`{tensor}` has overlapping strides {strides:?} for shape {shape:?}: two outputs would share an address")]
-    OverlappingOutput { tensor: &'static str, shape: Vec<usize>, strides: Vec<usize> },
+    #[error(
+        "`{tensor}` must be contiguous: shape {shape:?} has strides {strides:?}, expected {expected:?}"
+    )]
+    NotContiguous {
+        tensor: &'static str,
+        shape: Vec<usize>,
+        strides: Vec<usize>,
+        expected: Vec<usize>,
+    },
+    #[error(
+        "`{tensor}` reaches element {needed} past its start but its buffer holds only {available} from there"
+    )]
+    OutOfBounds {
+        tensor: &'static str,
+        needed: usize,
+        available: usize,
+    },
+    #[error(
+        "`{tensor}`: {what} ({value} bytes) must be a multiple of {align} bytes for vectorised loads"
+    )]
+    Misaligned {
+        tensor: &'static str,
+        what: &'static str,
+        value: u64,
+        align: u64,
+    },
+    #[error(
+        "`{tensor}` has overlapping strides {strides:?} for shape {shape:?}: two outputs would share an address"
+    )]
+    OverlappingOutput {
+        tensor: &'static str,
+        shape: Vec<usize>,
+        strides: Vec<usize>,
+    },
     #[error("output `{output}` overlaps input `{input}` in device memory")]
-    Aliasing { output: &'static str, input: &'static str },
+    Aliasing {
+        output: &'static str,
+        input: &'static str,
+    },
     #[error("softmax_scale must be finite and > 0, got {0}")]
     InvalidScale(f32),
     #[error("{what} is {value}, over the supported maximum {limit}")]
-    TooLarge { what: &'static str, value: usize, limit: usize },
-    #[error("`{tensor}` lives on device {tensor_device} but this context runs on device {context_device}")]
-    WrongDevice { tensor: &'static str, tensor_device: u32, context_device: u32 },
+    TooLarge {
+        what: &'static str,
+        value: usize,
+        limit: usize,
+    },
+    #[error(
+        "`{tensor}` lives on device {tensor_device} but this context runs on device {context_device}"
+    )]
+    WrongDevice {
+        tensor: &'static str,
+        tensor_device: u32,
+        context_device: u32,
+    },
 }
 
 /// Attaches what was being done to a CUDA error.

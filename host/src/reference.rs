@@ -54,6 +54,37 @@ pub fn key_visible(kind: HeadKind, cfg: &AttentionConfig, q_pos: i64, k: i64) ->
     }
 }
 
+/// How many keys the query at `q_pos` sees (closed form of counting [`key_visible`]); used to
+/// count FLOPs as `4 * D` per attended pair.
+pub fn visible_keys(kind: HeadKind, cfg: &AttentionConfig, q_pos: i64, seqlen_k: usize) -> u64 {
+    let sk = seqlen_k as i64;
+    let causal_end = (q_pos + 1).clamp(0, sk); // keys 0..causal_end are at or before the query
+    match kind {
+        HeadKind::Retrieval if !cfg.causal => seqlen_k as u64,
+        HeadKind::Retrieval => causal_end as u64,
+        HeadKind::Streaming => {
+            let window_start = (q_pos - cfg.window as i64 + 1).clamp(0, causal_end);
+            let sink = (cfg.sink as i64).min(window_start);
+            (sink + causal_end - window_start) as u64
+        }
+    }
+}
+
+/// Attended (query, key) pairs of a whole problem.
+pub fn attended_pairs(shape: &Shape, cfg: &AttentionConfig) -> u64 {
+    let per_head = |kind| {
+        (0..shape.seqlen_q)
+            .map(|i| visible_keys(kind, cfg, shape.q_pos(i), shape.seqlen_k))
+            .sum::<u64>()
+    };
+    let group = (shape.heads_q / shape.heads_kv) as u64;
+    cfg.head_kinds
+        .iter()
+        .map(|&kind| per_head(kind) * group)
+        .sum::<u64>()
+        * shape.batch as u64
+}
+
 /// One output row `(b, h, i)`: the `D` outputs and the LSE.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_row(
@@ -78,7 +109,11 @@ pub fn attention_row(
         .filter(|&j| key_visible(kind, cfg, q_pos, j as i64))
         .map(|j| {
             let k_row = &k[kv_row(j)..][..d];
-            let dot: f64 = q_row.iter().zip(k_row).map(|(&a, &b)| a as f64 * b as f64).sum();
+            let dot: f64 = q_row
+                .iter()
+                .zip(k_row)
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum();
             (j, dot * scale)
         })
         .collect();
@@ -86,7 +121,10 @@ pub fn attention_row(
     if scores.is_empty() {
         return (out, f64::NEG_INFINITY);
     }
-    let max = scores.iter().map(|&(_, s)| s).fold(f64::NEG_INFINITY, f64::max);
+    let max = scores
+        .iter()
+        .map(|&(_, s)| s)
+        .fold(f64::NEG_INFINITY, f64::max);
     let mut denom = 0.0;
     for &(j, s) in &scores {
         let p = (s - max).exp();
@@ -100,7 +138,13 @@ pub fn attention_row(
 }
 
 /// The whole output `[B, Sq, Hq, D]` and LSE `[B, Hq, Sq]`.
-pub fn attention(shape: &Shape, cfg: &AttentionConfig, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f64>, Vec<f64>) {
+pub fn attention(
+    shape: &Shape,
+    cfg: &AttentionConfig,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+) -> (Vec<f64>, Vec<f64>) {
     let d = shape.head_dim;
     let mut out = vec![0.0; shape.q_len()];
     let mut lse = vec![0.0; shape.lse_len()];
@@ -108,7 +152,8 @@ pub fn attention(shape: &Shape, cfg: &AttentionConfig, q: &[f32], k: &[f32], v: 
         for h in 0..shape.heads_q {
             for i in 0..shape.seqlen_q {
                 let (row, l) = attention_row(shape, cfg, q, k, v, b, h, i);
-                out[((b * shape.seqlen_q + i) * shape.heads_q + h) * d..][..d].copy_from_slice(&row);
+                out[((b * shape.seqlen_q + i) * shape.heads_q + h) * d..][..d]
+                    .copy_from_slice(&row);
                 lse[(b * shape.heads_q + h) * shape.seqlen_q + i] = l;
             }
         }

@@ -31,7 +31,14 @@ impl<const N: usize> TensorDesc<N> {
     /// A dense row-major tensor filling its allocation exactly.
     pub fn contiguous(ptr: u64, shape: [usize; N], elem_bytes: usize, device: u32) -> Self {
         let available = shape.iter().product();
-        TensorDesc { ptr, shape, strides: contiguous_strides(shape), available, elem_bytes, device }
+        TensorDesc {
+            ptr,
+            shape,
+            strides: contiguous_strides(shape),
+            available,
+            elem_bytes,
+            device,
+        }
     }
 
     /// One past the largest element offset the tensor touches (0 if it has no elements).
@@ -39,7 +46,12 @@ impl<const N: usize> TensorDesc<N> {
         if self.shape.contains(&0) {
             return 0;
         }
-        1 + self.shape.iter().zip(&self.strides).map(|(&n, &s)| (n - 1) * s).sum::<usize>()
+        1 + self
+            .shape
+            .iter()
+            .zip(&self.strides)
+            .map(|(&n, &s)| (n - 1) * s)
+            .sum::<usize>()
     }
 
     /// Device byte range `[start, end)` the tensor touches.
@@ -49,7 +61,10 @@ impl<const N: usize> TensorDesc<N> {
 
     pub(crate) fn check_not_empty(&self, tensor: &'static str) -> Result<()> {
         if self.shape.contains(&0) {
-            return Err(Error::EmptyDimension { tensor, shape: self.shape.to_vec() });
+            return Err(Error::EmptyDimension {
+                tensor,
+                shape: self.shape.to_vec(),
+            });
         }
         Ok(())
     }
@@ -57,7 +72,11 @@ impl<const N: usize> TensorDesc<N> {
     pub(crate) fn check_in_bounds(&self, tensor: &'static str) -> Result<()> {
         let needed = self.span();
         if needed > self.available {
-            return Err(Error::OutOfBounds { tensor, needed, available: self.available });
+            return Err(Error::OutOfBounds {
+                tensor,
+                needed,
+                available: self.available,
+            });
         }
         Ok(())
     }
@@ -65,13 +84,22 @@ impl<const N: usize> TensorDesc<N> {
     /// No two index tuples map to one address: sorted by stride, each stride covers the extent of
     /// all smaller dimensions. (Sufficient, and exact for the layouts kernels produce.)
     pub(crate) fn check_non_overlapping(&self, tensor: &'static str) -> Result<()> {
-        let mut dims: Vec<(usize, usize)> =
-            self.strides.iter().copied().zip(self.shape.iter().copied()).filter(|&(_, n)| n > 1).collect();
+        let mut dims: Vec<(usize, usize)> = self
+            .strides
+            .iter()
+            .copied()
+            .zip(self.shape.iter().copied())
+            .filter(|&(_, n)| n > 1)
+            .collect();
         dims.sort_unstable();
         let mut extent = 1;
         for (stride, n) in dims {
             if stride < extent {
-                return Err(Error::OverlappingOutput { tensor, shape: self.shape.to_vec(), strides: self.strides.to_vec() });
+                return Err(Error::OverlappingOutput {
+                    tensor,
+                    shape: self.shape.to_vec(),
+                    strides: self.strides.to_vec(),
+                });
             }
             extent = stride * n;
         }
@@ -110,7 +138,10 @@ impl<T: DeviceScalar, const N: usize> DeviceTensor<T, N> {
     pub(crate) fn alloc(shape: [usize; N], device: u32) -> Result<Self> {
         let len: usize = shape.iter().product();
         if len == 0 {
-            return Err(Error::EmptyDimension { tensor: "tensor", shape: shape.to_vec() });
+            return Err(Error::EmptyDimension {
+                tensor: "tensor",
+                shape: shape.to_vec(),
+            });
         }
         // SAFETY: T::Raw is Pod; every element is written before it is read back by our API.
         let buf = unsafe { DeviceBuffer::uninitialized(len) }.during("allocating a tensor")?;
@@ -120,7 +151,12 @@ impl<T: DeviceScalar, const N: usize> DeviceTensor<T, N> {
     pub(crate) fn upload(data: &[T], shape: [usize; N], device: u32) -> Result<Self> {
         let expected: usize = shape.iter().product();
         if data.len() != expected {
-            return Err(Error::HostLength { tensor: "tensor", shape: shape.to_vec(), expected, got: data.len() });
+            return Err(Error::HostLength {
+                tensor: "tensor",
+                shape: shape.to_vec(),
+                expected,
+                got: data.len(),
+            });
         }
         let mut t = Self::alloc(shape, device)?;
         t.copy_from_host(data)?;
@@ -155,18 +191,32 @@ impl<T: DeviceScalar, const N: usize> DeviceTensor<T, N> {
 
     /// The whole tensor.
     pub fn view(&self) -> View<'_, T, N> {
-        View { desc: self.desc(), _marker: PhantomData }
+        View {
+            desc: self.desc(),
+            _marker: PhantomData,
+        }
     }
 
     /// The whole tensor, writable.
     pub fn view_mut(&mut self) -> ViewMut<'_, T, N> {
-        ViewMut { desc: self.desc(), _marker: PhantomData }
+        ViewMut {
+            desc: self.desc(),
+            _marker: PhantomData,
+        }
     }
 
     /// A strided view starting `offset` elements in, e.g. Q, K or V out of a packed QKV tensor.
     /// Bounds are checked here; layout rules are checked by the operation that takes the view.
-    pub fn strided_view<const M: usize>(&self, offset: usize, shape: [usize; M], strides: [usize; M]) -> Result<View<'_, T, M>> {
-        Ok(View { desc: self.sub_desc(offset, shape, strides)?, _marker: PhantomData })
+    pub fn strided_view<const M: usize>(
+        &self,
+        offset: usize,
+        shape: [usize; M],
+        strides: [usize; M],
+    ) -> Result<View<'_, T, M>> {
+        Ok(View {
+            desc: self.sub_desc(offset, shape, strides)?,
+            _marker: PhantomData,
+        })
     }
 
     /// A writable strided view, e.g. an output written into a slice of a larger buffer.
@@ -176,10 +226,18 @@ impl<T: DeviceScalar, const N: usize> DeviceTensor<T, N> {
         shape: [usize; M],
         strides: [usize; M],
     ) -> Result<ViewMut<'_, T, M>> {
-        Ok(ViewMut { desc: self.sub_desc(offset, shape, strides)?, _marker: PhantomData })
+        Ok(ViewMut {
+            desc: self.sub_desc(offset, shape, strides)?,
+            _marker: PhantomData,
+        })
     }
 
-    fn sub_desc<const M: usize>(&self, offset: usize, shape: [usize; M], strides: [usize; M]) -> Result<TensorDesc<M>> {
+    fn sub_desc<const M: usize>(
+        &self,
+        offset: usize,
+        shape: [usize; M],
+        strides: [usize; M],
+    ) -> Result<TensorDesc<M>> {
         let available = self.len().checked_sub(offset).ok_or(Error::OutOfBounds {
             tensor: "strided view",
             needed: offset,
@@ -200,16 +258,25 @@ impl<T: DeviceScalar, const N: usize> DeviceTensor<T, N> {
     /// Copies the whole tensor to the host (synchronous).
     pub fn to_host(&self) -> Result<Vec<T>> {
         let mut raw = vec![<T::Raw as bytemuck::Zeroable>::zeroed(); self.len()];
-        self.buf.copy_to(&mut raw[..]).during("copying a tensor to the host")?;
+        self.buf
+            .copy_to(&mut raw[..])
+            .during("copying a tensor to the host")?;
         Ok(bytemuck::cast_slice(&raw).to_vec())
     }
 
     /// Overwrites the tensor with host data of the same length (synchronous).
     pub fn copy_from_host(&mut self, data: &[T]) -> Result<()> {
         if data.len() != self.len() {
-            return Err(Error::HostLength { tensor: "tensor", shape: self.shape.to_vec(), expected: self.len(), got: data.len() });
+            return Err(Error::HostLength {
+                tensor: "tensor",
+                shape: self.shape.to_vec(),
+                expected: self.len(),
+                got: data.len(),
+            });
         }
-        self.buf.copy_from(bytemuck::cast_slice::<T, T::Raw>(data)).during("copying a tensor to the device")
+        self.buf
+            .copy_from(bytemuck::cast_slice::<T, T::Raw>(data))
+            .during("copying a tensor to the device")
     }
 
     /// Sets every element to `value` (e.g. NaN to poison an output before a run).
@@ -217,7 +284,9 @@ impl<T: DeviceScalar, const N: usize> DeviceTensor<T, N> {
         let bytes = bytemuck::bytes_of(&value);
         match bytes.len() {
             2 => self.buf.set_16(u16::from_ne_bytes([bytes[0], bytes[1]])),
-            4 => self.buf.set_32(u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])),
+            4 => self
+                .buf
+                .set_32(u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])),
             _ => self.buf.set_8(bytes[0]),
         }
         .during("filling a tensor")

@@ -67,7 +67,9 @@ pub fn shfl_xor_f32(v: f32, lane_mask: u32) -> f32 {
 #[inline(always)]
 pub fn exp2_approx(x: f32) -> f32 {
     let r: f32;
-    unsafe { asm!("ex2.approx.ftz.f32 {r}, {x};", r = out(reg32) r, x = in(reg32) x, options(pure, nomem, nostack)) };
+    unsafe {
+        asm!("ex2.approx.ftz.f32 {r}, {x};", r = out(reg32) r, x = in(reg32) x, options(pure, nomem, nostack))
+    };
     r
 }
 
@@ -75,7 +77,9 @@ pub fn exp2_approx(x: f32) -> f32 {
 #[inline(always)]
 pub fn log2_approx(x: f32) -> f32 {
     let r: f32;
-    unsafe { asm!("lg2.approx.ftz.f32 {r}, {x};", r = out(reg32) r, x = in(reg32) x, options(pure, nomem, nostack)) };
+    unsafe {
+        asm!("lg2.approx.ftz.f32 {r}, {x};", r = out(reg32) r, x = in(reg32) x, options(pure, nomem, nostack))
+    };
     r
 }
 
@@ -83,14 +87,18 @@ pub fn log2_approx(x: f32) -> f32 {
 #[inline(always)]
 pub fn rcp_approx(x: f32) -> f32 {
     let r: f32;
-    unsafe { asm!("rcp.approx.ftz.f32 {r}, {x};", r = out(reg32) r, x = in(reg32) x, options(pure, nomem, nostack)) };
+    unsafe {
+        asm!("rcp.approx.ftz.f32 {r}, {x};", r = out(reg32) r, x = in(reg32) x, options(pure, nomem, nostack))
+    };
     r
 }
 
 #[inline(always)]
 pub fn max_f32(a: f32, b: f32) -> f32 {
     let r: f32;
-    unsafe { asm!("max.f32 {r}, {a}, {b};", r = out(reg32) r, a = in(reg32) a, b = in(reg32) b, options(pure, nomem, nostack)) };
+    unsafe {
+        asm!("max.f32 {r}, {a}, {b};", r = out(reg32) r, a = in(reg32) a, b = in(reg32) b, options(pure, nomem, nostack))
+    };
     r
 }
 
@@ -98,7 +106,9 @@ pub fn max_f32(a: f32, b: f32) -> f32 {
 #[inline(always)]
 pub fn pack_bf16x2(lo: f32, hi: f32) -> u32 {
     let r: u32;
-    unsafe { asm!("cvt.rn.bf16x2.f32 {r}, {hi}, {lo};", r = out(reg32) r, hi = in(reg32) hi, lo = in(reg32) lo, options(pure, nomem, nostack)) };
+    unsafe {
+        asm!("cvt.rn.bf16x2.f32 {r}, {hi}, {lo};", r = out(reg32) r, hi = in(reg32) hi, lo = in(reg32) lo, options(pure, nomem, nostack))
+    };
     r
 }
 
@@ -106,7 +116,9 @@ pub fn pack_bf16x2(lo: f32, hi: f32) -> u32 {
 #[inline(always)]
 pub fn pack_f16x2(lo: f32, hi: f32) -> u32 {
     let r: u32;
-    unsafe { asm!("cvt.rn.f16x2.f32 {r}, {hi}, {lo};", r = out(reg32) r, hi = in(reg32) hi, lo = in(reg32) lo, options(pure, nomem, nostack)) };
+    unsafe {
+        asm!("cvt.rn.f16x2.f32 {r}, {hi}, {lo};", r = out(reg32) r, hi = in(reg32) hi, lo = in(reg32) lo, options(pure, nomem, nostack))
+    };
     r
 }
 
@@ -126,18 +138,24 @@ pub unsafe fn ld_global_nc_v4(addr: u64) -> [u32; 4] {
 #[inline(always)]
 pub unsafe fn ld_global_nc_u32(addr: u64) -> u32 {
     let r: u32;
-    unsafe { asm!("ld.global.nc.u32 {r}, [{p}];", r = out(reg32) r, p = in(reg64) addr, options(readonly, nostack)) };
+    unsafe {
+        asm!("ld.global.nc.u32 {r}, [{p}];", r = out(reg32) r, p = in(reg64) addr, options(readonly, nostack))
+    };
     r
 }
 
 #[inline(always)]
 pub unsafe fn st_global_u32(addr: u64, v: u32) {
-    unsafe { asm!("st.global.u32 [{p}], {v};", p = in(reg64) addr, v = in(reg32) v, options(nostack)) };
+    unsafe {
+        asm!("st.global.u32 [{p}], {v};", p = in(reg64) addr, v = in(reg32) v, options(nostack))
+    };
 }
 
 #[inline(always)]
 pub unsafe fn st_global_f32(addr: u64, v: f32) {
-    unsafe { asm!("st.global.f32 [{p}], {v};", p = in(reg64) addr, v = in(reg32) v, options(nostack)) };
+    unsafe {
+        asm!("st.global.f32 [{p}], {v};", p = in(reg64) addr, v = in(reg32) v, options(nostack))
+    };
 }
 
 #[inline(always)]
@@ -151,12 +169,16 @@ pub unsafe fn st_shared_v4(addr: u32, v: [u32; 4]) {
 
 #[inline(always)]
 pub unsafe fn st_shared_u16(addr: u32, v: u16) {
-    unsafe { asm!("st.shared.u16 [{p}], {v};", p = in(reg32) addr, v = in(reg16) v, options(nostack)) };
+    unsafe {
+        asm!("st.shared.u16 [{p}], {v};", p = in(reg32) addr, v = in(reg16) v, options(nostack))
+    };
 }
 
 #[inline(always)]
 pub unsafe fn ld_shared_u32(addr: u32) -> u32 {
     let r: u32;
-    unsafe { asm!("ld.shared.u32 {r}, [{p}];", r = out(reg32) r, p = in(reg32) addr, options(readonly, nostack)) };
+    unsafe {
+        asm!("ld.shared.u32 {r}, [{p}];", r = out(reg32) r, p = in(reg32) addr, options(readonly, nostack))
+    };
     r
 }

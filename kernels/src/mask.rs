@@ -28,7 +28,11 @@ impl BlockRange {
     pub const EMPTY: BlockRange = BlockRange { start: 0, end: 0 };
     #[inline(always)]
     pub fn len(&self) -> i32 {
-        if self.end > self.start { self.end - self.start } else { 0 }
+        if self.end > self.start {
+            self.end - self.start
+        } else {
+            0
+        }
     }
     #[inline(always)]
     pub fn is_empty(&self) -> bool {
@@ -61,19 +65,47 @@ impl HeadMask {
     pub fn block_ranges(&self, q_lo: i32, q_hi: i32, block_n: i32) -> [BlockRange; 2] {
         // Keys strictly after the last query position are invisible to every head kind but full
         // retrieval.
-        let causal_end = if q_hi < 0 { 0 } else { min(self.seqlen_k, q_hi + 1) };
+        let causal_end = if q_hi < 0 {
+            0
+        } else {
+            min(self.seqlen_k, q_hi + 1)
+        };
         if !self.streaming {
-            let end = if self.causal { causal_end } else { self.seqlen_k };
-            return [BlockRange { start: 0, end: ceil_div(end, block_n) }, BlockRange::EMPTY];
+            let end = if self.causal {
+                causal_end
+            } else {
+                self.seqlen_k
+            };
+            return [
+                BlockRange {
+                    start: 0,
+                    end: ceil_div(end, block_n),
+                },
+                BlockRange::EMPTY,
+            ];
         }
         let sink_end = min(self.sink, causal_end);
         let sink_blocks = ceil_div(sink_end, block_n);
-        let window_start = if self.window == 0 { causal_end } else { max(0, q_lo - self.window + 1) };
+        let window_start = if self.window == 0 {
+            causal_end
+        } else {
+            max(0, q_lo - self.window + 1)
+        };
         let window_blocks = BlockRange {
             start: max(window_start / block_n, sink_blocks),
-            end: if window_start >= causal_end { 0 } else { ceil_div(causal_end, block_n) },
+            end: if window_start >= causal_end {
+                0
+            } else {
+                ceil_div(causal_end, block_n)
+            },
         };
-        [BlockRange { start: 0, end: sink_blocks }, window_blocks]
+        [
+            BlockRange {
+                start: 0,
+                end: sink_blocks,
+            },
+            window_blocks,
+        ]
     }
 
     /// Are all keys of block `[n0, n0 + block_n)` visible to every query at `q_lo..=q_hi`?
@@ -115,14 +147,21 @@ mod tests {
                 for &causal in &[false, true] {
                     for &sink in &[0, 1, 4, 9, 100] {
                         for &window in &[0, 1, 3, 8, 20, 1000] {
-                            let m = HeadMask { streaming, causal, sink, window, seqlen_k: sk };
+                            let m = HeadMask {
+                                streaming,
+                                causal,
+                                sink,
+                                window,
+                                seqlen_k: sk,
+                            };
                             for tile in 0..(sq + 15) / 16 {
                                 let rows = (tile * 16)..core::cmp::min(sq, tile * 16 + 16);
                                 let q_lo = sk - sq + rows.start;
                                 let q_hi = sk - sq + rows.end - 1;
                                 let ranges = m.block_ranges(q_lo, q_hi, bn);
                                 assert!(ranges[0].end <= ranges[1].start || ranges[1].is_empty());
-                                let visited = |b: i32| ranges.iter().any(|r| r.start <= b && b < r.end);
+                                let visited =
+                                    |b: i32| ranges.iter().any(|r| r.start <= b && b < r.end);
                                 for k in 0..sk {
                                     let any = (q_lo..=q_hi).any(|q| m.visible(q, k));
                                     if any {
@@ -133,7 +172,10 @@ mod tests {
                                     if m.block_fully_visible(q_lo, q_hi, b * bn, bn) {
                                         for q in q_lo..=q_hi {
                                             for k in b * bn..b * bn + bn {
-                                                assert!(m.visible(q, k), "{m:?} block {b} q {q} k {k}");
+                                                assert!(
+                                                    m.visible(q, k),
+                                                    "{m:?} block {b} q {q} k {k}"
+                                                );
                                             }
                                         }
                                     }
@@ -142,9 +184,13 @@ mod tests {
                                 if streaming {
                                     for r in ranges {
                                         for b in r.start..r.end {
-                                            let useful = (q_lo..=q_hi)
-                                                .any(|q| (b * bn..b * bn + bn).any(|k| m.visible(q, k)));
-                                            assert!(useful, "{m:?} q {q_lo}..={q_hi} visits useless block {b}");
+                                            let useful = (q_lo..=q_hi).any(|q| {
+                                                (b * bn..b * bn + bn).any(|k| m.visible(q, k))
+                                            });
+                                            assert!(
+                                                useful,
+                                                "{m:?} q {q_lo}..={q_hi} visits useless block {b}"
+                                            );
                                         }
                                     }
                                 }

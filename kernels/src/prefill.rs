@@ -6,7 +6,9 @@
 //! shared memory row-major, V transposed, both padded so fragment reads are bank-conflict free.
 //! Online softmax in f32 with exp2; P goes from the S accumulators straight to A fragments.
 //! Correct and complete, not fast: the Hopper TMA/wgmma kernel replaces it on sm_90.
-use crate::abi::{HEAD_MASK_WORDS, PREFILL_BLOCK_M, PREFILL_BLOCK_N, PREFILL_THREADS, PrefillParams};
+use crate::abi::{
+    HEAD_MASK_WORDS, PREFILL_BLOCK_M, PREFILL_BLOCK_N, PREFILL_THREADS, PrefillParams,
+};
 use crate::device::*;
 use crate::mask::HeadMask;
 use crate::mma::{Bf16, Element, F16};
@@ -27,7 +29,11 @@ const fn vt_pitch(bn: usize) -> usize {
 /// Keys per KV tile for head dim `d`: D = 128 takes half tiles so that Q fragments, the O
 /// accumulator and S fit in registers without spills.
 pub const fn prefill_block_n(d: usize) -> usize {
-    if d > 64 { PREFILL_BLOCK_N / 2 } else { PREFILL_BLOCK_N }
+    if d > 64 {
+        PREFILL_BLOCK_N / 2
+    } else {
+        PREFILL_BLOCK_N
+    }
 }
 
 /// Static shared memory of the kernel for head dim `d`: K tile plus transposed V tile.
@@ -66,16 +72,33 @@ fn is_streaming(mask: &[u32; HEAD_MASK_WORDS], head: usize) -> bool {
 /// Byte offset of element `(batch, pos, head, col)` given element strides.
 #[inline(always)]
 fn elem_offset(strides: &[i64; 3], batch: i64, pos: i32, head: i32, col: usize) -> u64 {
-    ((batch * strides[0] + pos as i64 * strides[1] + head as i64 * strides[2] + col as i64) * 2) as u64
+    ((batch * strides[0] + pos as i64 * strides[1] + head as i64 * strides[2] + col as i64) * 2)
+        as u64
 }
 
 /// The kernel body, one instantiation per (element, head dim). `KQ = D / 16` k-steps of QK^T,
 /// `DT = D / 8` output column tiles, `BN` keys per KV tile in `NT = BN / 8` score tiles.
 #[inline(always)]
-unsafe fn prefill<E: Element, const D: usize, const KQ: usize, const DT: usize, const BN: usize, const NT: usize, const SMEM: usize>(
+unsafe fn prefill<
+    E: Element,
+    const D: usize,
+    const KQ: usize,
+    const DT: usize,
+    const BN: usize,
+    const NT: usize,
+    const SMEM: usize,
+>(
     p: &PrefillParams,
 ) {
-    const { assert!(KQ * 16 == D && DT * 8 == D && BN == prefill_block_n(D) && NT * 8 == BN && SMEM == prefill_smem_bytes(D)) };
+    const {
+        assert!(
+            KQ * 16 == D
+                && DT * 8 == D
+                && BN == prefill_block_n(D)
+                && NT * 8 == BN
+                && SMEM == prefill_smem_bytes(D)
+        )
+    };
     let vt_row = vt_pitch(BN);
     let smem = shared_memory_base::<SMEM>();
     let k_smem = smem;
@@ -92,7 +115,13 @@ unsafe fn prefill<E: Element, const D: usize, const KQ: usize, const DT: usize, 
     let batch = block_idx_z() as i64;
     let kv_head = div_or_zero(head, div_or_zero(p.heads_q, p.heads_kv));
     let streaming = is_streaming(&p.streaming_heads, kv_head as usize);
-    let mask = HeadMask { streaming, causal: p.causal != 0, sink: p.sink, window: p.window, seqlen_k: p.seqlen_k };
+    let mask = HeadMask {
+        streaming,
+        causal: p.causal != 0,
+        sink: p.sink,
+        window: p.window,
+        seqlen_k: p.seqlen_k,
+    };
 
     let (sq, sk) = (p.seqlen_q, p.seqlen_k);
     let m0 = m_block * BM;
@@ -121,7 +150,11 @@ unsafe fn prefill<E: Element, const D: usize, const KQ: usize, const DT: usize, 
     let [first, second] = mask.block_ranges(q_lo, q_hi, BN as i32);
     for i in 0..first.len() + second.len() {
         {
-            let n_block = if i < first.len() { first.start + i } else { second.start + i - first.len() };
+            let n_block = if i < first.len() {
+                first.start + i
+            } else {
+                second.start + i - first.len()
+            };
             let n0 = n_block * BN as i32;
             sync_threads(); // the previous tile is consumed
             // Stage K (row-major) and V (transposed) in 16-byte chunks; keys past the end are zero.
@@ -132,8 +165,12 @@ unsafe fn prefill<E: Element, const D: usize, const KQ: usize, const DT: usize, 
                 let (kc, vc) = if key < sk {
                     unsafe {
                         (
-                            ld_global_nc_v4(p.k + elem_offset(&p.k_strides, batch, key, kv_head, col)),
-                            ld_global_nc_v4(p.v + elem_offset(&p.v_strides, batch, key, kv_head, col)),
+                            ld_global_nc_v4(
+                                p.k + elem_offset(&p.k_strides, batch, key, kv_head, col),
+                            ),
+                            ld_global_nc_v4(
+                                p.v + elem_offset(&p.v_strides, batch, key, kv_head, col),
+                            ),
                         )
                     }
                 } else {
@@ -142,7 +179,9 @@ unsafe fn prefill<E: Element, const D: usize, const KQ: usize, const DT: usize, 
                 unsafe { st_shared_v4(k_smem + ((row * k_pitch(D) + col) * 2) as u32, kc) };
                 for e in 0..8 {
                     let half = (vc[e / 2] >> (16 * (e % 2))) as u16;
-                    unsafe { st_shared_u16(vt_smem + (((col + e) * vt_row + row) * 2) as u32, half) };
+                    unsafe {
+                        st_shared_u16(vt_smem + (((col + e) * vt_row + row) * 2) as u32, half)
+                    };
                 }
             }
             sync_threads();
@@ -164,7 +203,11 @@ unsafe fn prefill<E: Element, const D: usize, const KQ: usize, const DT: usize, 
                 for (e, v) in s_tile.iter_mut().enumerate() {
                     let key = n0 + (8 * j + 2 * t + (e & 1)) as i32;
                     let q_pos = offset + rows[e / 2];
-                    *v = if full || mask.visible(q_pos, key) { *v * p.scale_log2 } else { f32::NEG_INFINITY };
+                    *v = if full || mask.visible(q_pos, key) {
+                        *v * p.scale_log2
+                    } else {
+                        f32::NEG_INFINITY
+                    };
                 }
             }
 
@@ -197,7 +240,12 @@ unsafe fn prefill<E: Element, const D: usize, const KQ: usize, const DT: usize, 
             // O += P V: the S accumulators of key tiles 2kk, 2kk+1 are the A fragment of k-step kk.
             for kk in 0..BN / 16 {
                 let (lo, hi) = (&s[2 * kk], &s[2 * kk + 1]);
-                let pa = [E::pack(lo[0], lo[1]), E::pack(lo[2], lo[3]), E::pack(hi[0], hi[1]), E::pack(hi[2], hi[3])];
+                let pa = [
+                    E::pack(lo[0], lo[1]),
+                    E::pack(lo[2], lo[3]),
+                    E::pack(hi[0], hi[1]),
+                    E::pack(hi[2], hi[3]),
+                ];
                 for (jd, a) in acc.iter_mut().enumerate() {
                     let addr = vt_smem + (((8 * jd + g) * vt_row + 16 * kk + 2 * t) * 2) as u32;
                     let b = unsafe { [ld_shared_u32(addr), ld_shared_u32(addr + 16)] };
@@ -217,10 +265,19 @@ unsafe fn prefill<E: Element, const D: usize, const KQ: usize, const DT: usize, 
             let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
             let o_row = p.o + elem_offset(&p.o_strides, batch, row, head, 2 * t);
             for (jd, a) in acc.iter().enumerate() {
-                unsafe { st_global_u32(o_row + (jd * 16) as u64, E::pack(a[2 * r] * inv, a[2 * r + 1] * inv)) };
+                unsafe {
+                    st_global_u32(
+                        o_row + (jd * 16) as u64,
+                        E::pack(a[2 * r] * inv, a[2 * r + 1] * inv),
+                    )
+                };
             }
             if t == 0 {
-                let lse = if sum > 0.0 { (row_max[r] + log2_approx(sum)) * LN_2 } else { f32::NEG_INFINITY };
+                let lse = if sum > 0.0 {
+                    (row_max[r] + log2_approx(sum)) * LN_2
+                } else {
+                    f32::NEG_INFINITY
+                };
                 let idx = (batch * p.heads_q as i64 + head as i64) * sq as i64 + row as i64;
                 unsafe { st_global_f32(p.lse + 4 * idx as u64, lse) };
             }
@@ -232,7 +289,17 @@ macro_rules! prefill_entry {
     ($name:ident, $elem:ty, $d:literal) => {
         #[unsafe(no_mangle)]
         pub unsafe extern "ptx-kernel" fn $name(p: PrefillParams) {
-            unsafe { prefill::<$elem, $d, { $d / 16 }, { $d / 8 }, { prefill_block_n($d) }, { prefill_block_n($d) / 8 }, { prefill_smem_bytes($d) }>(&p) }
+            unsafe {
+                prefill::<
+                    $elem,
+                    $d,
+                    { $d / 16 },
+                    { $d / 8 },
+                    { prefill_block_n($d) },
+                    { prefill_block_n($d) / 8 },
+                    { prefill_smem_bytes($d) },
+                >(&p)
+            }
         }
     };
 }

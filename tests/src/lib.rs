@@ -16,7 +16,11 @@ pub fn notice(msg: &str) {
 pub fn gpu_or_skip(test: &str) -> Option<Context> {
     match Context::new(0) {
         Ok(ctx) => Some(ctx),
-        Err(e @ (Error::NoDevice(_) | Error::UnsupportedDevice { .. } | Error::DeviceOutOfRange { .. })) => {
+        Err(
+            e @ (Error::NoDevice(_)
+            | Error::UnsupportedDevice { .. }
+            | Error::DeviceOutOfRange { .. }),
+        ) => {
             notice(&format!("\n*** SKIPPED GPU TEST `{test}`: {e} ***\n"));
             None
         }
@@ -26,16 +30,26 @@ pub fn gpu_or_skip(test: &str) -> Option<Context> {
 
 /// A seeded RNG; the seed comes from `DUO_ATTN_SEED` or the clock (printed so failures replay).
 pub fn rng(test: &str) -> StdRng {
-    let seed = std::env::var("DUO_ATTN_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-    });
-    notice(&format!("{test}: seed {seed} (set DUO_ATTN_SEED to replay)"));
+    let seed = std::env::var("DUO_ATTN_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    notice(&format!(
+        "{test}: seed {seed} (set DUO_ATTN_SEED to replay)"
+    ));
     StdRng::seed_from_u64(seed)
 }
 
 /// `n` standard-normal values rounded to `T`, and the same values as f32 (exact) for the reference.
 pub fn random_tensor<T: DeviceScalar>(rng: &mut impl Rng, n: usize) -> (Vec<T>, Vec<f32>) {
-    let data: Vec<T> = (0..n).map(|_| T::from_f32(rng.sample::<f32, _>(StandardNormal))).collect();
+    let data: Vec<T> = (0..n)
+        .map(|_| T::from_f32(rng.sample::<f32, _>(StandardNormal)))
+        .collect();
     let f32s = data.iter().map(|x| x.to_f32()).collect();
     (data, f32s)
 }
@@ -106,29 +120,48 @@ pub fn compare(
 ) -> Comparison {
     let d = shape.head_dim;
     let non_finite_out = out.par_iter().filter(|x| !x.is_finite()).count();
-    let non_finite_lse = lse.par_iter().filter(|x| x.is_nan() || **x == f32::INFINITY).count();
+    let non_finite_lse = lse
+        .par_iter()
+        .filter(|x| x.is_nan() || **x == f32::INFINITY)
+        .count();
     let per_row: Vec<(f64, f64, f64, f64, bool)> = rows
         .par_iter()
         .map(|&(b, h, i)| {
             let (want, want_lse) = attention_row(shape, cfg, q, k, v, b, h, i);
             let got = &out[((b * shape.seqlen_q + i) * shape.heads_q + h) * d..][..d];
             let got_lse = lse[(b * shape.heads_q + h) * shape.seqlen_q + i] as f64;
-            let err2: f64 = got.iter().zip(&want).map(|(&g, &w)| (g as f64 - w).powi(2)).sum();
+            let err2: f64 = got
+                .iter()
+                .zip(&want)
+                .map(|(&g, &w)| (g as f64 - w).powi(2))
+                .sum();
             let ref2: f64 = want.iter().map(|w| w * w).sum();
             let row_rel = err2.sqrt() / ref2.sqrt().max(1e-3);
             let masked = want_lse == f64::NEG_INFINITY;
             let (lse_err, mismatch) = if masked {
-                (0.0, got_lse != f64::NEG_INFINITY || got.iter().any(|&x| x != 0.0))
+                (
+                    0.0,
+                    got_lse != f64::NEG_INFINITY || got.iter().any(|&x| x != 0.0),
+                )
             } else {
-                ((got_lse - want_lse).abs() / want_lse.abs().max(1.0), got_lse == f64::NEG_INFINITY)
+                (
+                    (got_lse - want_lse).abs() / want_lse.abs().max(1.0),
+                    got_lse == f64::NEG_INFINITY,
+                )
             };
             (err2, ref2, row_rel, lse_err, mismatch)
         })
         .collect();
-    let (err2, ref2) = per_row.iter().fold((0.0, 0.0), |(e, r), x| (e + x.0, r + x.1));
+    let (err2, ref2) = per_row
+        .iter()
+        .fold((0.0, 0.0), |(e, r), x| (e + x.0, r + x.1));
     Comparison {
         rows: rows.len(),
-        rel_err: if ref2 > 0.0 { err2.sqrt() / ref2.sqrt() } else { err2.sqrt() },
+        rel_err: if ref2 > 0.0 {
+            err2.sqrt() / ref2.sqrt()
+        } else {
+            err2.sqrt()
+        },
         worst_row_rel_err: per_row.iter().map(|x| x.2).fold(0.0, f64::max),
         worst_lse_err: per_row.iter().map(|x| x.3).fold(0.0, f64::max),
         non_finite: non_finite_out + non_finite_lse,
@@ -154,7 +187,14 @@ pub fn run_prefill_case<T: AttnElement>(
     let mut lse = ctx.alloc::<f32, 3>(shape.lse_shape())?;
     out.fill(T::nan())?;
     lse.fill(f32::NAN)?;
-    ctx.attention(&dq.view(), &dk.view(), &dv.view(), &mut out.view_mut(), &mut lse.view_mut(), cfg)?;
+    ctx.attention(
+        &dq.view(),
+        &dk.view(),
+        &dv.view(),
+        &mut out.view_mut(),
+        &mut lse.view_mut(),
+        cfg,
+    )?;
     ctx.synchronize()?;
     let out32: Vec<f32> = out.to_host()?.iter().map(|x| x.to_f32()).collect();
     let lse32 = lse.to_host()?;

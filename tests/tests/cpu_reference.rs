@@ -1,15 +1,28 @@
 //! The float64 reference against a naive masked softmax (full score matrix, explicit mask), on
 //! small random cases and the mask edge cases.
 use approx::assert_relative_eq;
-use duo_attn::reference::{Shape, attention};
+use duo_attn::reference::{Shape, attention, key_visible, visible_keys};
 use duo_attn::{AttentionConfig, HeadKind};
 use duo_attn_tests::random_tensor;
 use half::bf16;
 use rand::{SeedableRng, rngs::StdRng};
 
 /// Naive attention: scores for all (i, j), mask written as index inequalities, softmax, P @ V.
-fn naive(shape: &Shape, cfg: &AttentionConfig, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f64>, Vec<f64>) {
-    let Shape { batch, seqlen_q: sq, seqlen_k: sk, heads_q: hq, heads_kv: hkv, head_dim: d } = *shape;
+fn naive(
+    shape: &Shape,
+    cfg: &AttentionConfig,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+) -> (Vec<f64>, Vec<f64>) {
+    let Shape {
+        batch,
+        seqlen_q: sq,
+        seqlen_k: sk,
+        heads_q: hq,
+        heads_kv: hkv,
+        head_dim: d,
+    } = *shape;
     let scale = cfg.scale_for(d) as f64;
     let off = sk as i64 - sq as i64;
     let mut out = vec![0.0; shape.q_len()];
@@ -24,7 +37,8 @@ fn naive(shape: &Shape, cfg: &AttentionConfig, q: &[f32], k: &[f32], v: &[f32]) 
                     match cfg.head_kinds[g] {
                         HeadKind::Retrieval => !cfg.causal || j <= last_visible,
                         HeadKind::Streaming => {
-                            j <= last_visible && (j < cfg.sink as i64 || j > last_visible - cfg.window as i64)
+                            j <= last_visible
+                                && (j < cfg.sink as i64 || j > last_visible - cfg.window as i64)
                         }
                     }
                 };
@@ -34,7 +48,10 @@ fn naive(shape: &Shape, cfg: &AttentionConfig, q: &[f32], k: &[f32], v: &[f32]) 
                             return f64::NEG_INFINITY;
                         }
                         (0..d)
-                            .map(|x| q[((b * sq + i) * hq + h) * d + x] as f64 * k[((b * sk + j) * hkv + g) * d + x] as f64)
+                            .map(|x| {
+                                q[((b * sq + i) * hq + h) * d + x] as f64
+                                    * k[((b * sk + j) * hkv + g) * d + x] as f64
+                            })
                             .sum::<f64>()
                             * scale
                     })
@@ -49,7 +66,9 @@ fn naive(shape: &Shape, cfg: &AttentionConfig, q: &[f32], k: &[f32], v: &[f32]) 
                 lse[li] = m + z.ln();
                 for x in 0..d {
                     out[((b * sq + i) * hq + h) * d + x] = (0..sk)
-                        .map(|j| (scores[j] - m).exp() / z * v[((b * sk + j) * hkv + g) * d + x] as f64)
+                        .map(|j| {
+                            (scores[j] - m).exp() / z * v[((b * sk + j) * hkv + g) * d + x] as f64
+                        })
                         .sum();
                 }
             }
@@ -78,11 +97,26 @@ fn check(shape: Shape, cfg: AttentionConfig, seed: u64) {
 }
 
 fn shape(batch: usize, sq: usize, sk: usize, hq: usize, hkv: usize, d: usize) -> Shape {
-    Shape { batch, seqlen_q: sq, seqlen_k: sk, heads_q: hq, heads_kv: hkv, head_dim: d }
+    Shape {
+        batch,
+        seqlen_q: sq,
+        seqlen_k: sk,
+        heads_q: hq,
+        heads_kv: hkv,
+        head_dim: d,
+    }
 }
 
 fn mixed(hkv: usize) -> Vec<HeadKind> {
-    (0..hkv).map(|h| if h % 2 == 0 { HeadKind::Retrieval } else { HeadKind::Streaming }).collect()
+    (0..hkv)
+        .map(|h| {
+            if h % 2 == 0 {
+                HeadKind::Retrieval
+            } else {
+                HeadKind::Streaming
+            }
+        })
+        .collect()
 }
 
 #[test]
@@ -91,7 +125,10 @@ fn matches_naive_on_small_mixed_cases() {
     for &(sq, sk) in &[(1, 1), (1, 9), (7, 7), (5, 12), (12, 5), (16, 16)] {
         for &(hq, hkv) in &[(2, 2), (4, 2), (3, 1)] {
             for &causal in &[true, false] {
-                let cfg = AttentionConfig::new(mixed(hkv)).causal(causal).sink(2).window(3);
+                let cfg = AttentionConfig::new(mixed(hkv))
+                    .causal(causal)
+                    .sink(2)
+                    .window(3);
                 check(shape(2, sq, sk, hq, hkv, 8), cfg, seed);
                 seed += 1;
             }
@@ -104,16 +141,56 @@ fn mask_edge_cases() {
     let s = |sq, sk| shape(1, sq, sk, 2, 2, 8);
     let both = || vec![HeadKind::Streaming, HeadKind::Retrieval];
     let cases = [
-        ("sink 0", s(9, 9), AttentionConfig::new(both()).sink(0).window(3)),
-        ("window 0", s(9, 9), AttentionConfig::new(both()).sink(3).window(0)),
-        ("sink 0 window 0 (streaming rows see nothing)", s(9, 9), AttentionConfig::new(both()).sink(0).window(0)),
-        ("sink >= Sk", s(9, 9), AttentionConfig::new(both()).sink(50).window(1)),
-        ("window >= Sk", s(9, 9), AttentionConfig::new(both()).sink(0).window(50)),
-        ("Sq = 1", s(1, 13), AttentionConfig::new(both()).sink(2).window(4)),
-        ("Sq < Sk", s(4, 13), AttentionConfig::new(both()).sink(2).window(4)),
-        ("Sq > Sk (early rows see nothing)", s(13, 4), AttentionConfig::new(both()).sink(2).window(4)),
-        ("full retrieval, Sq > Sk", s(13, 4), AttentionConfig::new(both()).causal(false)),
-        ("explicit scale", s(6, 6), AttentionConfig::new(both()).softmax_scale(0.05)),
+        (
+            "sink 0",
+            s(9, 9),
+            AttentionConfig::new(both()).sink(0).window(3),
+        ),
+        (
+            "window 0",
+            s(9, 9),
+            AttentionConfig::new(both()).sink(3).window(0),
+        ),
+        (
+            "sink 0 window 0 (streaming rows see nothing)",
+            s(9, 9),
+            AttentionConfig::new(both()).sink(0).window(0),
+        ),
+        (
+            "sink >= Sk",
+            s(9, 9),
+            AttentionConfig::new(both()).sink(50).window(1),
+        ),
+        (
+            "window >= Sk",
+            s(9, 9),
+            AttentionConfig::new(both()).sink(0).window(50),
+        ),
+        (
+            "Sq = 1",
+            s(1, 13),
+            AttentionConfig::new(both()).sink(2).window(4),
+        ),
+        (
+            "Sq < Sk",
+            s(4, 13),
+            AttentionConfig::new(both()).sink(2).window(4),
+        ),
+        (
+            "Sq > Sk (early rows see nothing)",
+            s(13, 4),
+            AttentionConfig::new(both()).sink(2).window(4),
+        ),
+        (
+            "full retrieval, Sq > Sk",
+            s(13, 4),
+            AttentionConfig::new(both()).causal(false),
+        ),
+        (
+            "explicit scale",
+            s(6, 6),
+            AttentionConfig::new(both()).softmax_scale(0.05),
+        ),
     ];
     for (i, (name, shape, cfg)) in cases.into_iter().enumerate() {
         eprintln!("{name}");
@@ -135,4 +212,32 @@ fn fully_masked_rows_give_zero_and_neg_inf() {
         assert!(out[i * 8..(i + 1) * 8].iter().all(|&x| x == 0.0));
     }
     assert!(lse[3..].iter().all(|x| x.is_finite()));
+}
+
+#[test]
+fn visible_key_count_matches_the_mask() {
+    for kind in [HeadKind::Retrieval, HeadKind::Streaming] {
+        for causal in [true, false] {
+            for sink in [0, 1, 3, 20] {
+                for window in [0, 1, 4, 20] {
+                    let cfg = AttentionConfig::new(vec![kind])
+                        .causal(causal)
+                        .sink(sink)
+                        .window(window);
+                    for sk in [1, 5, 12] {
+                        for q_pos in -3..15 {
+                            let count = (0..sk as i64)
+                                .filter(|&k| key_visible(kind, &cfg, q_pos, k))
+                                .count() as u64;
+                            assert_eq!(
+                                visible_keys(kind, &cfg, q_pos, sk),
+                                count,
+                                "{kind:?} {cfg:?} q {q_pos} sk {sk}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

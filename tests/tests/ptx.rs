@@ -6,18 +6,29 @@ use duo_attn_tests::notice;
 
 #[test]
 fn ptx_targets_sm90a_and_holds_every_entry() {
-    assert!(PTX.contains(".target sm_90a"), "PTX is not built for sm_90a");
+    assert!(
+        PTX.contains(".target sm_90a"),
+        "PTX is not built for sm_90a"
+    );
     for (entry, _, _) in PREFILL_ENTRIES {
-        assert!(PTX.contains(&format!(".entry {entry}(")), "missing kernel entry {entry}");
+        assert!(
+            PTX.contains(&format!(".entry {entry}(")),
+            "missing kernel entry {entry}"
+        );
     }
     // Every device function must be inlined: a `call` means a leftover panic path or helper.
-    assert!(!PTX.lines().any(|l| l.trim_start().starts_with("call")), "PTX contains calls");
+    assert!(
+        !PTX.lines().any(|l| l.trim_start().starts_with("call")),
+        "PTX contains calls"
+    );
 }
 
 #[test]
 fn ptx_assembles_without_spills() {
     let Some(ptxas) = duo_attn_kernel_build::find_ptxas() else {
-        notice("\n*** SKIPPED `ptx_assembles_without_spills`: ptxas not found (run scripts/setup.sh) ***\n");
+        notice(
+            "\n*** SKIPPED `ptx_assembles_without_spills`: ptxas not found (run scripts/setup.sh) ***\n",
+        );
         return;
     };
     let dir = std::env::temp_dir().join(format!("duo-attn-ptx-test-{}", std::process::id()));
@@ -28,9 +39,17 @@ fn ptx_assembles_without_spills() {
     notice(&duo_attn_kernel_build::format_report(&report));
     assert_eq!(report.len(), PREFILL_ENTRIES.len());
     for k in &report {
-        assert_eq!((k.spill_store_bytes, k.spill_load_bytes), (0, 0), "{} spills", k.name);
+        assert_eq!(
+            (k.spill_store_bytes, k.spill_load_bytes),
+            (0, 0),
+            "{} spills",
+            k.name
+        );
         assert_eq!(k.stack_bytes, 0, "{} uses a local-memory stack", k.name);
     }
-    assert!(!CUBIN.is_empty(), "ptxas is installed, so build.rs should have embedded a cubin");
+    assert!(
+        !CUBIN.is_empty(),
+        "ptxas is installed, so build.rs should have embedded a cubin"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

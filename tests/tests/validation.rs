@@ -50,8 +50,14 @@ fn valid_call_plans_a_launch() {
     assert_eq!(p.entry, "duo_prefill_bf16_d64");
     assert_eq!(p.grid, (2, HQ as u32, B as u32));
     assert_eq!(p.params.streaming_heads[0], 0b10);
-    assert_eq!((p.params.seqlen_q, p.params.seqlen_k), (SQ as i32, SK as i32));
-    assert_eq!(p.params.q_strides, [(SQ * HQ * D) as i64, (HQ * D) as i64, D as i64]);
+    assert_eq!(
+        (p.params.seqlen_q, p.params.seqlen_k),
+        (SQ as i32, SK as i32)
+    );
+    assert_eq!(
+        p.params.q_strides,
+        [(SQ * HQ * D) as i64, (HQ * D) as i64, D as i64]
+    );
 }
 
 #[test]
@@ -64,12 +70,22 @@ fn huge_sink_and_window_are_clamped_not_rejected() {
 
 #[test]
 fn wrong_device() {
-    assert!(matches!(fails(|c| c.k.device = 1), Error::WrongDevice { tensor: "k", tensor_device: 1, .. }));
+    assert!(matches!(
+        fails(|c| c.k.device = 1),
+        Error::WrongDevice {
+            tensor: "k",
+            tensor_device: 1,
+            ..
+        }
+    ));
 }
 
 #[test]
 fn empty_dimension() {
-    assert!(matches!(fails(|c| c.q.shape[1] = 0), Error::EmptyDimension { tensor: "q", .. }));
+    assert!(matches!(
+        fails(|c| c.q.shape[1] = 0),
+        Error::EmptyDimension { tensor: "q", .. }
+    ));
 }
 
 #[test]
@@ -84,10 +100,22 @@ fn unsupported_head_dim() {
 
 #[test]
 fn shape_mismatch() {
-    assert!(matches!(fails(|c| c.v.shape[1] = SK - 1), Error::ShapeMismatch { tensor: "v", .. }));
-    assert!(matches!(fails(|c| c.k.shape[0] = 1), Error::ShapeMismatch { tensor: "k", .. }));
-    assert!(matches!(fails(|c| c.out.shape[2] = HQ - 1), Error::ShapeMismatch { tensor: "out", .. }));
-    assert!(matches!(fails(|c| c.lse.shape = [B, SQ, HQ]), Error::ShapeMismatch { tensor: "lse", .. }));
+    assert!(matches!(
+        fails(|c| c.v.shape[1] = SK - 1),
+        Error::ShapeMismatch { tensor: "v", .. }
+    ));
+    assert!(matches!(
+        fails(|c| c.k.shape[0] = 1),
+        Error::ShapeMismatch { tensor: "k", .. }
+    ));
+    assert!(matches!(
+        fails(|c| c.out.shape[2] = HQ - 1),
+        Error::ShapeMismatch { tensor: "out", .. }
+    ));
+    assert!(matches!(
+        fails(|c| c.lse.shape = [B, SQ, HQ]),
+        Error::ShapeMismatch { tensor: "lse", .. }
+    ));
 }
 
 #[test]
@@ -97,14 +125,23 @@ fn head_group_mismatch() {
         c.v.shape[2] = 3;
         c.cfg.head_kinds = vec![HeadKind::Retrieval; 3];
     });
-    assert!(matches!(err, Error::HeadGroupMismatch { heads_q: 8, heads_kv: 3 }));
+    assert!(matches!(
+        err,
+        Error::HeadGroupMismatch {
+            heads_q: 8,
+            heads_kv: 3
+        }
+    ));
 }
 
 #[test]
 fn head_kinds_length() {
     assert!(matches!(
         fails(|c| c.cfg.head_kinds.push(HeadKind::Streaming)),
-        Error::HeadKindsLength { got: 3, expected: 2 }
+        Error::HeadKindsLength {
+            got: 3,
+            expected: 2
+        }
     ));
 }
 
@@ -114,34 +151,70 @@ fn too_large() {
         c.k.shape[1] = (1 << 30) + 1;
         c.v.shape[1] = (1 << 30) + 1;
     });
-    assert!(matches!(err, Error::TooLarge { what: "seqlen_k", .. }));
+    assert!(matches!(
+        err,
+        Error::TooLarge {
+            what: "seqlen_k",
+            ..
+        }
+    ));
 }
 
 #[test]
 fn invalid_scale() {
-    assert!(matches!(fails(|c| c.cfg.softmax_scale = Some(f32::NAN)), Error::InvalidScale(_)));
-    assert!(matches!(fails(|c| c.cfg.softmax_scale = Some(-1.0)), Error::InvalidScale(_)));
+    assert!(matches!(
+        fails(|c| c.cfg.softmax_scale = Some(f32::NAN)),
+        Error::InvalidScale(_)
+    ));
+    assert!(matches!(
+        fails(|c| c.cfg.softmax_scale = Some(-1.0)),
+        Error::InvalidScale(_)
+    ));
 }
 
 #[test]
 fn non_contiguous_head_dim() {
-    assert!(matches!(fails(|c| c.q.strides[3] = 2), Error::NonContiguousHeadDim { tensor: "q", stride: 2 }));
+    assert!(matches!(
+        fails(|c| c.q.strides[3] = 2),
+        Error::NonContiguousHeadDim {
+            tensor: "q",
+            stride: 2
+        }
+    ));
 }
 
 #[test]
 fn misaligned() {
-    assert!(matches!(fails(|c| c.k.ptr += 2), Error::Misaligned { tensor: "k", what: "the base address", .. }));
+    assert!(matches!(
+        fails(|c| c.k.ptr += 2),
+        Error::Misaligned {
+            tensor: "k",
+            what: "the base address",
+            ..
+        }
+    ));
     let err = fails(|c| {
         // 68-element rows: 136 bytes, not a multiple of 16.
         c.v.strides = [SK * HKV * 68, HKV * 68, 68, 1];
         c.v.available = B * SK * HKV * 68;
     });
-    assert!(matches!(err, Error::Misaligned { tensor: "v", what: "the head stride", value: 136, .. }));
+    assert!(matches!(
+        err,
+        Error::Misaligned {
+            tensor: "v",
+            what: "the head stride",
+            value: 136,
+            ..
+        }
+    ));
 }
 
 #[test]
 fn out_of_bounds() {
-    assert!(matches!(fails(|c| c.q.available -= 1), Error::OutOfBounds { tensor: "q", .. }));
+    assert!(matches!(
+        fails(|c| c.q.available -= 1),
+        Error::OutOfBounds { tensor: "q", .. }
+    ));
 }
 
 #[test]
@@ -156,11 +229,26 @@ fn lse_not_contiguous() {
 #[test]
 fn overlapping_output() {
     // Heads written over each other: head stride 8 < head dim 64.
-    assert!(matches!(fails(|c| c.out.strides[2] = 8), Error::OverlappingOutput { tensor: "out", .. }));
+    assert!(matches!(
+        fails(|c| c.out.strides[2] = 8),
+        Error::OverlappingOutput { tensor: "out", .. }
+    ));
 }
 
 #[test]
 fn aliasing() {
-    assert!(matches!(fails(|c| c.out.ptr = c.q.ptr), Error::Aliasing { output: "out", input: "q" }));
-    assert!(matches!(fails(|c| c.lse.ptr = c.out.ptr), Error::Aliasing { output: "lse", input: "out" }));
+    assert!(matches!(
+        fails(|c| c.out.ptr = c.q.ptr),
+        Error::Aliasing {
+            output: "out",
+            input: "q"
+        }
+    ));
+    assert!(matches!(
+        fails(|c| c.lse.ptr = c.out.ptr),
+        Error::Aliasing {
+            output: "lse",
+            input: "out"
+        }
+    ));
 }

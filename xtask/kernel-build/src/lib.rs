@@ -19,7 +19,9 @@ and the ptxas wheel; see README.md";
 pub enum BuildError {
     #[error("`{0}` could not be started: {1}. Is the Rust toolchain installed? {SETUP_HINT}")]
     ToolMissing(String, std::io::Error),
-    #[error("rustc `{rustc}` has no library source at {path} (needed by -Zbuild-std=core). {SETUP_HINT}")]
+    #[error(
+        "rustc `{rustc}` has no library source at {path} (needed by -Zbuild-std=core). {SETUP_HINT}"
+    )]
     NoLibrarySource { rustc: String, path: PathBuf },
     #[error("rustc `{0}` does not list the {TARGET} target. {SETUP_HINT}")]
     NoNvptxTarget(String),
@@ -41,15 +43,29 @@ fn run_capture(cmd: &mut Command) -> Result<std::process::Output, BuildError> {
 /// Checks that `rustc` can build core for NVPTX: the target is known and the library source exists.
 pub fn check_toolchain(rustc: &OsStr, cwd: &Path) -> Result<(), BuildError> {
     let name = rustc.to_string_lossy().into_owned();
-    let out = run_capture(Command::new(rustc).current_dir(cwd).args(["--print", "target-list"]))?;
-    if !String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == TARGET) {
+    let out = run_capture(
+        Command::new(rustc)
+            .current_dir(cwd)
+            .args(["--print", "target-list"]),
+    )?;
+    if !String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.trim() == TARGET)
+    {
         return Err(BuildError::NoNvptxTarget(name));
     }
-    let out = run_capture(Command::new(rustc).current_dir(cwd).args(["--print", "sysroot"]))?;
+    let out = run_capture(
+        Command::new(rustc)
+            .current_dir(cwd)
+            .args(["--print", "sysroot"]),
+    )?;
     let sysroot = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
     let src = sysroot.join("lib/rustlib/src/rust/library/core/Cargo.toml");
     if !src.exists() {
-        return Err(BuildError::NoLibrarySource { rustc: name, path: src });
+        return Err(BuildError::NoLibrarySource {
+            rustc: name,
+            path: src,
+        });
     }
     Ok(())
 }
@@ -67,12 +83,26 @@ pub fn build_ptx(workspace: &Path, target_dir: &Path) -> Result<PathBuf, BuildEr
     let mut cmd = Command::new(&cargo);
     for (key, _) in std::env::vars_os() {
         let key = key.to_string_lossy();
-        let keep = matches!(key.as_ref(), "CARGO_HOME" | "CARGO_NET_OFFLINE" | "CARGO_TERM_COLOR");
+        let keep = matches!(
+            key.as_ref(),
+            "CARGO_HOME" | "CARGO_NET_OFFLINE" | "CARGO_TERM_COLOR"
+        );
         let outer = key.starts_with("CARGO_")
             || matches!(
                 key.as_ref(),
-                "RUSTFLAGS" | "RUSTDOCFLAGS" | "RUSTC_WRAPPER" | "RUSTC_WORKSPACE_WRAPPER" | "TARGET" | "HOST"
-                    | "OUT_DIR" | "OPT_LEVEL" | "PROFILE" | "DEBUG" | "NUM_JOBS" | "RUSTC_LINKER" | "RUSTDOC"
+                "RUSTFLAGS"
+                    | "RUSTDOCFLAGS"
+                    | "RUSTC_WRAPPER"
+                    | "RUSTC_WORKSPACE_WRAPPER"
+                    | "TARGET"
+                    | "HOST"
+                    | "OUT_DIR"
+                    | "OPT_LEVEL"
+                    | "PROFILE"
+                    | "DEBUG"
+                    | "NUM_JOBS"
+                    | "RUSTC_LINKER"
+                    | "RUSTDOC"
             );
         if outer && !keep {
             cmd.env_remove(key.as_ref());
@@ -81,14 +111,25 @@ pub fn build_ptx(workspace: &Path, target_dir: &Path) -> Result<PathBuf, BuildEr
     cmd.current_dir(workspace)
         .env("RUSTC", &rustc)
         .env("RUSTC_BOOTSTRAP", "1") // -Zbuild-std and the kernels' #![feature]s on a stable toolchain
-        .args(["rustc", "--package", KERNELS_CRATE, "--profile", PROFILE, "-Zbuild-std=core", "--target", TARGET])
+        .args([
+            "rustc",
+            "--package",
+            KERNELS_CRATE,
+            "--profile",
+            PROFILE,
+            "-Zbuild-std=core",
+            "--target",
+            TARGET,
+        ])
         .arg("--target-dir")
         .arg(target_dir)
         .args(["--", "--emit=asm", "-C"])
         .arg(format!("target-cpu={ARCH}"))
         // Fragment arrays must stay in registers: unroll the fixed-trip tile loops completely.
         .args(["-C", "llvm-args=-unroll-threshold=2000"]);
-    let status = cmd.status().map_err(|e| BuildError::ToolMissing(cargo.to_string_lossy().into_owned(), e))?;
+    let status = cmd
+        .status()
+        .map_err(|e| BuildError::ToolMissing(cargo.to_string_lossy().into_owned(), e))?;
     if !status.success() {
         return Err(BuildError::CargoFailed(status.code().unwrap_or(-1)));
     }
@@ -118,7 +159,11 @@ pub fn find_ptxas() -> Option<PathBuf> {
         return Some(PathBuf::from(p));
     }
     let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).map(|d| d.join("ptxas")).collect())
+        .map(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join("ptxas"))
+                .collect()
+        })
         .unwrap_or_default();
     candidates.push(PathBuf::from("/usr/local/cuda/bin/ptxas"));
     let tools = std::env::var_os("DUO_ATTN_TOOLS")
@@ -142,11 +187,26 @@ pub struct KernelResources {
 }
 
 /// Assembles `ptx` for sm_90a into `cubin` and returns the per-kernel resource report.
-pub fn assemble(ptxas: &Path, ptx: &Path, cubin: &Path) -> Result<Vec<KernelResources>, BuildError> {
-    let out = run_capture(Command::new(ptxas).arg(format!("-arch={ARCH}")).arg("-v").arg(ptx).arg("-o").arg(cubin))?;
-    let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+pub fn assemble(
+    ptxas: &Path,
+    ptx: &Path,
+    cubin: &Path,
+) -> Result<Vec<KernelResources>, BuildError> {
+    let out = run_capture(
+        Command::new(ptxas)
+            .arg(format!("-arch={ARCH}"))
+            .arg("-v")
+            .arg(ptx)
+            .arg("-o")
+            .arg(cubin),
+    )?;
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
-        return Err(BuildError::Ptxas { path: ptxas.to_path_buf(), message: text });
+        return Err(BuildError::Ptxas {
+            path: ptxas.to_path_buf(),
+            message: text,
+        });
     }
     Ok(parse_ptxas_report(&text))
 }
@@ -163,7 +223,10 @@ pub fn parse_ptxas_report(text: &str) -> Vec<KernelResources> {
     for line in text.lines() {
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
             let name = rest.split('\'').next().unwrap_or_default().to_string();
-            kernels.push(KernelResources { name, ..Default::default() });
+            kernels.push(KernelResources {
+                name,
+                ..Default::default()
+            });
         } else if let Some(k) = kernels.last_mut() {
             if line.contains("stack frame") {
                 k.stack_bytes = number_before(line, "bytes stack frame").unwrap_or(0);
@@ -187,7 +250,12 @@ pub fn format_report(kernels: &[KernelResources]) -> String {
     for k in kernels {
         s += &format!(
             "{:<28} {:>9} {:>11} {:>11} {:>12} {:>11}\n",
-            k.name, k.registers, k.shared_bytes, k.stack_bytes, k.spill_store_bytes, k.spill_load_bytes
+            k.name,
+            k.registers,
+            k.shared_bytes,
+            k.stack_bytes,
+            k.spill_store_bytes,
+            k.spill_load_bytes
         );
     }
     s

@@ -1,0 +1,306 @@
+//! The prefill kernel against the float64 reference on a Hopper GPU. Without one every test here
+//! prints a SKIPPED notice and returns.
+use duo_attn::reference::Shape;
+use duo_attn::{AttentionConfig, Context, DType, Error, HeadKind};
+use duo_attn_tests::{
+    Comparison, compare, gpu_or_skip, notice, random_tensor, rng, rows_to_check, run_prefill_case,
+};
+use half::{bf16, f16};
+use rand::{Rng, rngs::StdRng};
+
+const SEQLENS: [usize; 5] = [1, 17, 128, 1000, 4096];
+const HEADS: [(usize, usize); 3] = [(8, 8), (32, 8), (8, 1)];
+const HEAD_DIMS: [usize; 2] = [64, 128];
+const SINKS: [u32; 3] = [0, 4, 128];
+const WINDOWS: [u32; 4] = [0, 1, 256, 5000];
+
+/// Mixed head kinds with at least one of each when there are two or more KV heads.
+fn mixed_kinds(rng: &mut StdRng, heads_kv: usize, case: usize) -> Vec<HeadKind> {
+    if heads_kv == 1 {
+        return vec![if case.is_multiple_of(2) {
+            HeadKind::Streaming
+        } else {
+            HeadKind::Retrieval
+        }];
+    }
+    let mut kinds: Vec<HeadKind> = (0..heads_kv)
+        .map(|_| {
+            if rng.random_bool(0.5) {
+                HeadKind::Streaming
+            } else {
+                HeadKind::Retrieval
+            }
+        })
+        .collect();
+    kinds[0] = HeadKind::Streaming;
+    kinds[heads_kv - 1] = HeadKind::Retrieval;
+    kinds
+}
+
+struct Case {
+    shape: Shape,
+    cfg: AttentionConfig,
+    dtype: DType,
+}
+
+/// Every (Sq, Sk) pair x head layout x head dim; batch, sink, window, dtype and causality rotate
+/// so that every sink x window x batch combination appears (period 24) across the 150 cases.
+fn matrix(rng: &mut StdRng) -> Vec<Case> {
+    let mut cases = Vec::new();
+    for &sq in &SEQLENS {
+        for &sk in &SEQLENS {
+            for &(hq, hkv) in &HEADS {
+                for &d in &HEAD_DIMS {
+                    let n = cases.len();
+                    let shape = Shape {
+                        batch: 1 + n % 2,
+                        seqlen_q: sq,
+                        seqlen_k: sk,
+                        heads_q: hq,
+                        heads_kv: hkv,
+                        head_dim: d,
+                    };
+                    let cfg = AttentionConfig::new(mixed_kinds(rng, hkv, n))
+                        .sink(SINKS[(n / 2) % 3])
+                        .window(WINDOWS[(n / 6) % 4])
+                        .causal(n % 5 != 4);
+                    let dtype = if (n / 3) % 2 == 0 {
+                        DType::BF16
+                    } else {
+                        DType::F16
+                    };
+                    cases.push(Case { shape, cfg, dtype });
+                }
+            }
+        }
+    }
+    cases
+}
+
+fn run(ctx: &Context, case: &Case, rng: &mut StdRng) -> Result<Comparison, Error> {
+    match case.dtype {
+        DType::BF16 => run_prefill_case::<bf16>(ctx, &case.shape, &case.cfg, rng),
+        DType::F16 => run_prefill_case::<f16>(ctx, &case.shape, &case.cfg, rng),
+        DType::F32 => unreachable!("f32 is not an attention input type"),
+    }
+}
+
+#[test]
+fn prefill_matches_reference_over_the_matrix() {
+    let Some(ctx) = gpu_or_skip("prefill_matches_reference_over_the_matrix") else {
+        return;
+    };
+    let mut rng = rng("prefill matrix");
+    let cases = matrix(&mut rng);
+    let mut failures = Vec::new();
+    for (n, case) in cases.iter().enumerate() {
+        let s = &case.shape;
+        let streaming = case
+            .cfg
+            .head_kinds
+            .iter()
+            .filter(|&&k| k == HeadKind::Streaming)
+            .count();
+        let label = format!(
+            "#{n:3} {:?} B={} Sq={:4} Sk={:4} H={:2}/{} D={:3} causal={} sink={:3} window={:4} streaming {}/{}",
+            case.dtype,
+            s.batch,
+            s.seqlen_q,
+            s.seqlen_k,
+            s.heads_q,
+            s.heads_kv,
+            s.head_dim,
+            case.cfg.causal as u8,
+            case.cfg.sink,
+            case.cfg.window,
+            streaming,
+            s.heads_kv
+        );
+        let cmp = run(&ctx, case, &mut rng).unwrap_or_else(|e| panic!("{label}: {e}"));
+        let verdict = if cmp.passed() { "ok" } else { "FAIL" };
+        notice(&format!(
+            "{label}: rel {:.2e} row {:.2e} lse {:.2e} nonfinite {} masked-mismatch {} rows {} {verdict}",
+            cmp.rel_err,
+            cmp.worst_row_rel_err,
+            cmp.worst_lse_err,
+            cmp.non_finite,
+            cmp.masked_row_mismatches,
+            cmp.rows
+        ));
+        if !cmp.passed() {
+            failures.push(label);
+        }
+    }
+    notice(&format!(
+        "prefill matrix on {}: {} cases, {} failed",
+        ctx.info().name,
+        cases.len(),
+        failures.len()
+    ));
+    assert!(
+        failures.is_empty(),
+        "failed cases:\n{}",
+        failures.join("\n")
+    );
+}
+
+/// Q, K and V carved out of one packed `[B, S, Hq + 2 Hkv, D]` tensor; the output written into
+/// a buffer with padded rows. Exercises every stride the kernel takes.
+#[test]
+fn strided_packed_qkv_and_padded_output() {
+    let Some(ctx) = gpu_or_skip("strided_packed_qkv_and_padded_output") else {
+        return;
+    };
+    let mut rng = rng("strided layouts");
+    let (b, s, hq, hkv, d) = (2, 300, 8, 2, 128);
+    let heads = hq + 2 * hkv;
+    let (packed, packed32) = random_tensor::<bf16>(&mut rng, b * s * heads * d);
+    let dev = ctx.upload(&packed, [b * s * heads * d]).unwrap();
+    let strides = [s * heads * d, heads * d, d, 1];
+    let q = dev.strided_view(0, [b, s, hq, d], strides).unwrap();
+    let k = dev.strided_view(hq * d, [b, s, hkv, d], strides).unwrap();
+    let v = dev
+        .strided_view((hq + hkv) * d, [b, s, hkv, d], strides)
+        .unwrap();
+    // Output rows padded to 2 * Hq * D elements.
+    let out_row = 2 * hq * d;
+    let mut out = ctx.alloc::<bf16, 1>([b * s * out_row]).unwrap();
+    out.fill(bf16::NAN).unwrap();
+    let mut lse = ctx.alloc::<f32, 3>([b, hq, s]).unwrap();
+    lse.fill(f32::NAN).unwrap();
+    let cfg = AttentionConfig::new(vec![HeadKind::Streaming, HeadKind::Retrieval])
+        .sink(16)
+        .window(100);
+    {
+        let mut out_view = out
+            .strided_view_mut(0, [b, s, hq, d], [s * out_row, out_row, d, 1])
+            .unwrap();
+        ctx.attention(&q, &k, &v, &mut out_view, &mut lse.view_mut(), &cfg)
+            .unwrap();
+    }
+    ctx.synchronize().unwrap();
+
+    // Unpack to the dense layouts the reference takes.
+    let gather = |first: usize, count: usize, src: &[f32], row: usize| -> Vec<f32> {
+        let mut dst = Vec::with_capacity(b * s * count * d);
+        for t in 0..b * s {
+            dst.extend_from_slice(&src[t * row + first * d..][..count * d]);
+        }
+        dst
+    };
+    let (q32, k32, v32) = (
+        gather(0, hq, &packed32, heads * d),
+        gather(hq, hkv, &packed32, heads * d),
+        gather(hq + hkv, hkv, &packed32, heads * d),
+    );
+    let out_host: Vec<f32> = out.to_host().unwrap().iter().map(|x| x.to_f32()).collect();
+    // The padding must still hold the poison: the kernel writes only inside the view.
+    for t in 0..b * s {
+        assert!(
+            out_host[t * out_row + hq * d..(t + 1) * out_row]
+                .iter()
+                .all(|x| x.is_nan()),
+            "wrote into row padding"
+        );
+    }
+    let out32 = gather(0, hq, &out_host, out_row);
+    let shape = Shape {
+        batch: b,
+        seqlen_q: s,
+        seqlen_k: s,
+        heads_q: hq,
+        heads_kv: hkv,
+        head_dim: d,
+    };
+    let rows = rows_to_check(&shape, &mut rng);
+    let cmp = compare(
+        &shape,
+        &cfg,
+        &q32,
+        &k32,
+        &v32,
+        &out32,
+        &lse.to_host().unwrap(),
+        &rows,
+    );
+    notice(&format!("strided layouts: {cmp:?}"));
+    assert!(cmp.passed(), "{cmp:?}");
+}
+
+/// Same inputs twice give bit-identical outputs (a race would show as run-to-run differences).
+#[test]
+fn prefill_is_deterministic() {
+    let Some(ctx) = gpu_or_skip("prefill_is_deterministic") else {
+        return;
+    };
+    let mut rng = rng("determinism");
+    let shape = Shape {
+        batch: 1,
+        seqlen_q: 1000,
+        seqlen_k: 1500,
+        heads_q: 16,
+        heads_kv: 4,
+        head_dim: 64,
+    };
+    let (q, _) = random_tensor::<f16>(&mut rng, shape.q_len());
+    let (k, _) = random_tensor::<f16>(&mut rng, shape.kv_len());
+    let (v, _) = random_tensor::<f16>(&mut rng, shape.kv_len());
+    let (dq, dk, dv) = (
+        ctx.upload(&q, shape.q_shape()).unwrap(),
+        ctx.upload(&k, shape.kv_shape()).unwrap(),
+        ctx.upload(&v, shape.kv_shape()).unwrap(),
+    );
+    let cfg = AttentionConfig::new(vec![
+        HeadKind::Streaming,
+        HeadKind::Retrieval,
+        HeadKind::Streaming,
+        HeadKind::Retrieval,
+    ]);
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        let mut out = ctx.alloc::<f16, 4>(shape.q_shape()).unwrap();
+        let mut lse = ctx.alloc::<f32, 3>(shape.lse_shape()).unwrap();
+        out.fill(f16::NAN).unwrap();
+        ctx.attention(
+            &dq.view(),
+            &dk.view(),
+            &dv.view(),
+            &mut out.view_mut(),
+            &mut lse.view_mut(),
+            &cfg,
+        )
+        .unwrap();
+        ctx.synchronize().unwrap();
+        let bits: Vec<u16> = out.to_host().unwrap().iter().map(|x| x.to_bits()).collect();
+        let lse_bits: Vec<u32> = lse.to_host().unwrap().iter().map(|x| x.to_bits()).collect();
+        runs.push((bits, lse_bits));
+    }
+    assert!(runs[0] == runs[1], "two runs on the same inputs differ");
+}
+
+#[test]
+fn host_and_device_errors() {
+    let Some(ctx) = gpu_or_skip("host_and_device_errors") else {
+        return;
+    };
+    let err = ctx
+        .upload(&[bf16::ONE; 10], [2, 4])
+        .err()
+        .expect("10 elements for a 2x4 shape must fail");
+    assert!(
+        matches!(
+            err,
+            Error::HostLength {
+                expected: 8,
+                got: 10,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let count = Context::device_count().unwrap();
+    let err = Context::new(count)
+        .err()
+        .expect("an ordinal past the last device must fail");
+    assert!(matches!(err, Error::DeviceOutOfRange { .. }), "{err}");
+}

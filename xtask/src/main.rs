@@ -1,0 +1,181 @@
+//! `cargo xtask <command>`: developer tasks of duo-attn.
+use clap::{Parser, Subcommand};
+use duo_attn_kernel_build as kb;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+#[derive(Parser)]
+#[command(about = "duo-attn developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the kernels to PTX (sm_90a), assemble with ptxas when found, print registers,
+    /// shared memory, stack and spills per kernel. Outputs go to target/kernels/.
+    BuildKernels {
+        /// Fail when a kernel spills or uses a local-memory stack.
+        #[arg(long)]
+        deny_spills: bool,
+    },
+    /// Build release test binaries and the demo with the kernels embedded into one folder, plus
+    /// run.sh, for a GPU host with no Rust toolchain.
+    GpuBundle {
+        #[arg(long, default_value = "bundle")]
+        out: PathBuf,
+    },
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Cmd::BuildKernels { deny_spills } => build_kernels(deny_spills),
+        Cmd::GpuBundle { out } => gpu_bundle(&workspace_root().join(out)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+fn build_kernels(deny_spills: bool) -> Result<()> {
+    let root = workspace_root();
+    let out_dir = root.join("target/kernels");
+    let built = kb::build_ptx(&root, &out_dir)?;
+    let ptx = out_dir.join("duo_attn_kernels.ptx");
+    std::fs::copy(&built, &ptx)?;
+    println!("PTX   {}", ptx.display());
+    let Some(ptxas) = kb::find_ptxas() else {
+        println!(
+            "ptxas not found (set PTXAS or run scripts/setup.sh): no cubin, no resource table"
+        );
+        return Ok(());
+    };
+    let cubin = out_dir.join(format!("duo_attn_kernels.{}.cubin", kb::ARCH));
+    let report = kb::assemble(&ptxas, &ptx, &cubin)?;
+    println!("CUBIN {} (ptxas {})\n", cubin.display(), ptxas.display());
+    print!("{}", kb::format_report(&report));
+    let bad: Vec<&str> = report
+        .iter()
+        .filter(|k| k.spill_store_bytes + k.spill_load_bytes + k.stack_bytes > 0)
+        .map(|k| k.name.as_str())
+        .collect();
+    if !bad.is_empty() {
+        let msg = format!("kernels with spills or stack: {}", bad.join(", "));
+        if deny_spills {
+            return Err(msg.into());
+        }
+        println!("\nwarning: {msg}");
+    }
+    Ok(())
+}
+
+/// Runs cargo with `--message-format=json` and returns the executables it reports (only test
+/// harnesses when `only_tests`: `cargo test --no-run` also reports the examples it builds).
+fn cargo_executables(args: &[&str], only_tests: bool) -> Result<Vec<(String, PathBuf)>> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(workspace_root())
+        .args(args)
+        .arg("--message-format=json-render-diagnostics")
+        .stderr(std::process::Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        return Err(format!("cargo {} failed", args.join(" ")).into());
+    }
+    let mut exes = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let wanted = !only_tests || msg["profile"]["test"].as_bool() == Some(true);
+        if let (Some(exe), Some(name), true) = (
+            msg["executable"].as_str(),
+            msg["target"]["name"].as_str(),
+            wanted,
+        ) {
+            exes.push((name.to_string(), PathBuf::from(exe)));
+        }
+    }
+    Ok(exes)
+}
+
+const RUN_SH: &str = r#"#!/usr/bin/env bash
+# Runs duo-attn's test binaries and demo on a GPU host (no Rust needed).
+#   ./run.sh              all tests (GPU tests included), then the demo
+#   ./run.sh sanitize     compute-sanitizer memcheck, racecheck and synccheck on a small GPU test
+set -uo pipefail
+cd "$(dirname "$0")"
+export RUST_BACKTRACE=1
+status=0
+if [ "${1:-}" = "sanitize" ]; then
+  for tool in memcheck racecheck synccheck; do
+    echo "=== compute-sanitizer --tool $tool ==="
+    compute-sanitizer --tool "$tool" --error-exitcode 99 bin/gpu_prefill strided_packed_qkv_and_padded_output --test-threads=1 || status=1
+  done
+  exit $status
+fi
+for t in bin/test-*; do
+  echo "=== $t ==="
+  "$t" --test-threads=1 || status=1
+done
+echo "=== demo ==="
+bin/demo || status=1
+echo "bundle run finished: status $status"
+exit $status
+"#;
+
+fn gpu_bundle(out: &Path) -> Result<()> {
+    let bin = out.join("bin");
+    if out.exists() {
+        std::fs::remove_dir_all(out)?;
+    }
+    std::fs::create_dir_all(&bin)?;
+    let tests = cargo_executables(&["test", "--release", "--workspace", "--no-run"], true)?;
+    for (name, exe) in &tests {
+        // gpu_prefill also keeps its plain name for run.sh's sanitizer mode.
+        std::fs::copy(exe, bin.join(format!("test-{name}")))?;
+        if name == "gpu_prefill" {
+            std::fs::copy(exe, bin.join(name))?;
+        }
+    }
+    let demo = cargo_executables(
+        &[
+            "build",
+            "--release",
+            "-p",
+            "duo-attn-tests",
+            "--example",
+            "demo",
+        ],
+        false,
+    )?;
+    let (_, demo_exe) = demo.first().ok_or("the demo example was not built")?;
+    std::fs::copy(demo_exe, bin.join("demo"))?;
+    let run = out.join("run.sh");
+    std::fs::write(&run, RUN_SH)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755))?;
+    }
+    println!(
+        "bundle in {} ({} test binaries + demo): run ./run.sh on the GPU host",
+        out.display(),
+        tests.len()
+    );
+    Ok(())
+}
