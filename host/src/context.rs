@@ -17,6 +17,7 @@ pub struct DeviceInfo {
     pub name: String,
     pub compute_capability: (i32, i32),
     pub multiprocessors: u32,
+    pub l2_cache_bytes: usize,
     pub total_memory: usize,
 }
 
@@ -57,6 +58,7 @@ impl Context {
                 attr(DeviceAttribute::ComputeCapabilityMinor)?,
             ),
             multiprocessors: attr(DeviceAttribute::MultiprocessorCount)? as u32,
+            l2_cache_bytes: attr(DeviceAttribute::L2CacheSize)? as usize,
             total_memory: device.total_memory().during("reading device memory size")?,
         };
         if info.compute_capability != (9, 0) {
@@ -95,6 +97,11 @@ impl Context {
 
     pub fn ordinal(&self) -> u32 {
         self.info.ordinal
+    }
+
+    /// The stream operations are queued on (for events, graphs or interop).
+    pub fn stream(&self) -> &Stream {
+        &self.stream
     }
 
     /// Makes this context current on the calling thread (each public operation does this).

@@ -20,7 +20,14 @@ enum Cmd {
         #[arg(long)]
         deny_spills: bool,
     },
-    /// Build release test binaries and the demo with the kernels embedded into one folder, plus
+    /// On a GPU host with Rust and PyTorch: measure the peers (peers.py), then run duo-bench, which
+    /// merges them into one table and writes bench-out/bench.json and bench.svg.
+    Bench {
+        /// Fewer, shorter shapes.
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Build release test binaries, the demo and the bench with the kernels embedded into one folder, plus
     /// run.sh, for a GPU host with no Rust toolchain.
     GpuBundle {
         #[arg(long, default_value = "bundle")]
@@ -38,6 +45,7 @@ fn workspace_root() -> PathBuf {
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Cmd::BuildKernels { deny_spills } => build_kernels(deny_spills),
+        Cmd::Bench { quick } => bench(quick),
         Cmd::GpuBundle { out } => gpu_bundle(&workspace_root().join(out)),
     };
     match result {
@@ -113,14 +121,53 @@ fn cargo_executables(args: &[&str], only_tests: bool) -> Result<Vec<(String, Pat
     Ok(exes)
 }
 
+fn bench(quick: bool) -> Result<()> {
+    let root = workspace_root();
+    let out = root.join("bench-out");
+    std::fs::create_dir_all(&out)?;
+    let peers = out.join("peers.json");
+    let quick_flag: &[&str] = if quick { &["--quick"] } else { &[] };
+    let status = Command::new("python3")
+        .arg(root.join("xtask/bench/peers.py"))
+        .arg("--out")
+        .arg(&peers)
+        .args(quick_flag)
+        .status()?;
+    if !status.success() {
+        return Err("peers.py failed (it needs PyTorch with CUDA and Triton)".into());
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(&root)
+        .args(["run", "--release", "-p", "duo-attn-bench", "--"])
+        .arg("--peers")
+        .arg(&peers)
+        .arg("--out-dir")
+        .arg(&out)
+        .args(quick_flag)
+        .status()?;
+    if !status.success() {
+        return Err("duo-bench failed".into());
+    }
+    Ok(())
+}
+
 const RUN_SH: &str = r#"#!/usr/bin/env bash
 # Runs duo-attn's test binaries and demo on a GPU host (no Rust needed).
 #   ./run.sh              all tests (GPU tests included), then the demo
 #   ./run.sh sanitize     compute-sanitizer memcheck, racecheck and synccheck on a small GPU test
+#   ./run.sh bench [--quick]  peers (PyTorch) then duo-bench: merged table, $BENCH_OUT/bench.{json,svg}
 set -uo pipefail
 cd "$(dirname "$0")"
 export RUST_BACKTRACE=1
 status=0
+if [ "${1:-}" = "bench" ]; then
+  shift
+  out="${BENCH_OUT:-bench-out}"
+  mkdir -p "$out"
+  python3 peers.py --out "$out/peers.json" "$@" || exit 1
+  exec bin/duo-bench --peers "$out/peers.json" --out-dir "$out" "$@"
+fi
 if [ "${1:-}" = "sanitize" ]; then
   for tool in memcheck racecheck synccheck; do
     echo "=== compute-sanitizer --tool $tool ==="
@@ -165,6 +212,13 @@ fn gpu_bundle(out: &Path) -> Result<()> {
     )?;
     let (_, demo_exe) = demo.first().ok_or("the demo example was not built")?;
     std::fs::copy(demo_exe, bin.join("demo"))?;
+    let bench = cargo_executables(&["build", "--release", "-p", "duo-attn-bench"], false)?;
+    let (_, bench_exe) = bench.first().ok_or("duo-bench was not built")?;
+    std::fs::copy(bench_exe, bin.join("duo-bench"))?;
+    std::fs::copy(
+        workspace_root().join("xtask/bench/peers.py"),
+        out.join("peers.py"),
+    )?;
     let run = out.join("run.sh");
     std::fs::write(&run, RUN_SH)?;
     #[cfg(unix)]

@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""Peers for duo-bench, measured on this GPU with PyTorch: SDPA (cuDNN and flash backends),
+FlexAttention (causal mask; sink+window block mask), a mixed layer as cuDNN SDPA on the retrieval
+heads plus FlexAttention on the streaming heads, and decode with SDPA. Writes JSON that duo-bench
+merges (same case keys; times are medians from triton.testing.do_bench).
+
+    python3 peers.py --out peers.json [--quick]
+"""
+import argparse
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+SINK, WINDOW = 128, 1024  # must match xtask/bench/src/cases.rs
+
+
+def median_ms(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def causal(b, h, q, kv):
+    return kv <= q
+
+
+def sink_window(b, h, q, kv):
+    return (kv <= q) & ((kv < SINK) | (q - kv < WINDOW))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="peers.json")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    torch._dynamo.config.cache_size_limit = 256
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = 256
+    flex = torch.compile(flex_attention, dynamic=False)
+    dev = "cuda"
+    records = []
+
+    def record(mode, batch, sq, sk, hq, hkv, impl, fn):
+        try:
+            ms = median_ms(fn)
+        except Exception as e:  # a peer that cannot run a shape is left out, loudly
+            print(f"  {impl} {mode} B={batch} S={sk}: failed: {e}", file=sys.stderr)
+            return
+        records.append(dict(mode=mode, batch=batch, seqlen_q=sq, seqlen_k=sk, heads_q=hq, heads_kv=hkv,
+                            head_dim=128, impl=impl, ms=ms))
+        print(f"  {mode:10} B={batch:2} Sq={sq:6} Sk={sk:6} {impl:16} {ms:9.3f} ms", flush=True)
+
+    prefill_lens = [4096, 8192] if args.quick else [4096, 8192, 16384, 32768]
+    h, d = 32, 128
+    for s in prefill_lens:
+        q, k, v = (torch.randn(1, h, s, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
+        bm_causal = create_block_mask(causal, None, None, s, s, device=dev)
+        bm_stream = create_block_mask(sink_window, None, None, s, s, device=dev)
+
+        def sdpa(backend, q=q, k=k, v=v):
+            def run():
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return run
+
+        record("full", 1, s, s, h, h, "cudnn-sdpa", sdpa(SDPBackend.CUDNN_ATTENTION))
+        record("full", 1, s, s, h, h, "flash-sdpa", sdpa(SDPBackend.FLASH_ATTENTION))
+        record("full", 1, s, s, h, h, "flex", lambda: flex(q, k, v, block_mask=bm_causal))
+        record("streaming", 1, s, s, h, h, "flex", lambda: flex(q, k, v, block_mask=bm_stream))
+        half = h // 2
+        qr, kr, vr = (t[:, :half].contiguous() for t in (q, k, v))
+        qs, ks, vs = (t[:, half:].contiguous() for t in (q, k, v))
+
+        def mixed():
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                F.scaled_dot_product_attention(qr, kr, vr, is_causal=True)
+            flex(qs, ks, vs, block_mask=bm_stream)
+
+        record("mixed", 1, s, s, h, h, "cudnn+flex", mixed)
+        del q, k, v, qr, kr, vr, qs, ks, vs
+        torch.cuda.empty_cache()
+
+    decode_batches = [1, 8] if args.quick else [1, 8, 32]
+    decode_lens = [4096, 32768] if args.quick else [4096, 16384, 32768, 131072]
+    hq, hkv = 32, 8
+    for b in decode_batches:
+        for s in decode_lens:
+            q = torch.randn(b, hq, 1, d, device=dev, dtype=torch.bfloat16)
+            k, v = (torch.randn(b, hkv, s, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
+            record("decode", b, 1, s, hq, hkv, "sdpa",
+                   lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+
+            def flash_decode(q=q, k=k, v=v):
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+            record("decode", b, 1, s, hq, hkv, "flash-sdpa", flash_decode)
+            del q, k, v
+            torch.cuda.empty_cache()
+
+    out = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, records=records)
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"wrote {args.out}: {len(records)} records")
+
+
+if __name__ == "__main__":
+    main()

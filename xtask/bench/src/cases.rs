@@ -1,0 +1,130 @@
+//! What is measured: modes, shapes, and the work each does (FLOPs, bytes).
+use duo_attn::reference::{Shape, attended_pairs};
+use duo_attn::{AttentionConfig, HeadKind};
+use serde::{Deserialize, Serialize};
+
+/// Streaming setting of the prefill issue's benchmark.
+pub const SINK: u32 = 128;
+pub const WINDOW: u32 = 1024;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Every head retrieval, causal.
+    Full,
+    /// Every head streaming (sink 128, window 1024).
+    Streaming,
+    /// Half the KV heads retrieval, half streaming, one launch.
+    Mixed,
+    /// One query token per sequence against the whole context, GQA.
+    Decode,
+}
+
+impl Mode {
+    pub fn label(self) -> &'static str {
+        match self {
+            Mode::Full => "full causal",
+            Mode::Streaming => "streaming",
+            Mode::Mixed => "mixed 50/50",
+            Mode::Decode => "decode",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Case {
+    pub mode: Mode,
+    pub batch: usize,
+    pub seqlen_q: usize,
+    pub seqlen_k: usize,
+    pub heads_q: usize,
+    pub heads_kv: usize,
+    pub head_dim: usize,
+}
+
+impl Case {
+    pub fn shape(&self) -> Shape {
+        Shape {
+            batch: self.batch,
+            seqlen_q: self.seqlen_q,
+            seqlen_k: self.seqlen_k,
+            heads_q: self.heads_q,
+            heads_kv: self.heads_kv,
+            head_dim: self.head_dim,
+        }
+    }
+
+    pub fn config(&self) -> AttentionConfig {
+        let kinds = (0..self.heads_kv)
+            .map(|h| match self.mode {
+                Mode::Full | Mode::Decode => HeadKind::Retrieval,
+                Mode::Streaming => HeadKind::Streaming,
+                Mode::Mixed if h % 2 == 0 => HeadKind::Retrieval,
+                Mode::Mixed => HeadKind::Streaming,
+            })
+            .collect();
+        AttentionConfig::new(kinds).sink(SINK).window(WINDOW)
+    }
+
+    /// `4 * D` per attended (query, key) pair.
+    pub fn flops(&self) -> f64 {
+        4.0 * self.head_dim as f64 * attended_pairs(&self.shape(), &self.config()) as f64
+    }
+
+    /// Fewest bytes moved: Q, K, V read once, O written once (bf16).
+    pub fn bytes(&self) -> f64 {
+        let s = self.shape();
+        2.0 * (2 * s.q_len() + 2 * s.kv_len()) as f64
+    }
+
+    /// Decode is memory-bound (TB/s), prefill compute-bound (TFLOP/s).
+    pub fn rate(&self, ms: f64) -> (f64, &'static str) {
+        match self.mode {
+            Mode::Decode => (self.bytes() / ms / 1e9, "TB/s"),
+            _ => (self.flops() / ms / 1e9, "TFLOP/s"),
+        }
+    }
+}
+
+/// The prefill issue's shapes (B=1, Hq=Hkv=32, D=128) and decode shapes (GQA 32/8, D=128).
+pub fn all_cases(quick: bool) -> Vec<Case> {
+    let prefill_lens: &[usize] = if quick {
+        &[4096, 8192]
+    } else {
+        &[4096, 8192, 16384, 32768]
+    };
+    let decode_batches: &[usize] = if quick { &[1, 8] } else { &[1, 8, 32] };
+    let decode_lens: &[usize] = if quick {
+        &[4096, 32768]
+    } else {
+        &[4096, 16384, 32768, 131072]
+    };
+    let mut cases = Vec::new();
+    for mode in [Mode::Full, Mode::Streaming, Mode::Mixed] {
+        for &s in prefill_lens {
+            cases.push(Case {
+                mode,
+                batch: 1,
+                seqlen_q: s,
+                seqlen_k: s,
+                heads_q: 32,
+                heads_kv: 32,
+                head_dim: 128,
+            });
+        }
+    }
+    for &batch in decode_batches {
+        for &s in decode_lens {
+            cases.push(Case {
+                mode: Mode::Decode,
+                batch,
+                seqlen_q: 1,
+                seqlen_k: s,
+                heads_q: 32,
+                heads_kv: 8,
+                head_dim: 128,
+            });
+        }
+    }
+    cases
+}

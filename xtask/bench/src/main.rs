@@ -1,0 +1,187 @@
+//! `duo-bench`: times duo-attn's kernels with CUDA events on the shapes of the prefill and decode
+//! issues, merges the peers' times measured on the same GPU (`peers.py`), and prints one table;
+//! writes `bench.json` and `bench.svg`. A broken kernel posts no time: each mode is checked against
+//! the float64 reference first.
+mod cases;
+mod report;
+mod timing;
+
+use cases::{Case, Mode, all_cases};
+use clap::Parser;
+use duo_attn::Context;
+use duo_attn_tests::{rng, run_prefill_case};
+use half::bf16;
+use indicatif::{ProgressBar, ProgressStyle};
+use report::{OURS, PeersFile, Record, Report};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    about = "duo-attn benchmark against PyTorch SDPA / FlexAttention measured on the same GPU"
+)]
+struct Args {
+    /// JSON written by peers.py on this GPU, merged into the table and plot.
+    #[arg(long)]
+    peers: Option<PathBuf>,
+    /// Where bench.json and bench.svg go.
+    #[arg(long, default_value = "bench-out")]
+    out_dir: PathBuf,
+    /// Fewer, shorter shapes.
+    #[arg(long)]
+    quick: bool,
+    /// No GPU: re-print the table and re-draw the plot of an earlier run's bench.json.
+    #[arg(long)]
+    from_json: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Some(path) = &args.from_json {
+        let report = match std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|s| serde_json::from_str::<Report>(&s).map_err(|e| e.to_string()))
+        {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("cannot read {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+        };
+        return write_outputs(&args, report);
+    }
+    let ctx = match Context::new(0) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("duo-bench needs a Hopper GPU: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let device = ctx.info().name.clone();
+    println!("device: {device}");
+    let mut rng = rng("bench");
+
+    // Correctness gate: one shape per kernel path, against the float64 reference.
+    for case in [
+        Case {
+            mode: Mode::Mixed,
+            batch: 1,
+            seqlen_q: 4096,
+            seqlen_k: 4096,
+            heads_q: 32,
+            heads_kv: 32,
+            head_dim: 128,
+        },
+        Case {
+            mode: Mode::Decode,
+            batch: 2,
+            seqlen_q: 1,
+            seqlen_k: 4096,
+            heads_q: 32,
+            heads_kv: 8,
+            head_dim: 128,
+        },
+    ] {
+        match run_prefill_case::<bf16>(&ctx, &case.shape(), &case.config(), &mut rng) {
+            Ok(cmp) if cmp.passed() => println!(
+                "check {:<12} S={:<6} rel err {:.2e}: ok",
+                case.mode.label(),
+                case.seqlen_k,
+                cmp.rel_err
+            ),
+            Ok(cmp) => {
+                eprintln!(
+                    "check {} FAILED, no times posted: {cmp:?}",
+                    case.mode.label()
+                );
+                return ExitCode::FAILURE;
+            }
+            Err(e) => {
+                eprintln!("check {} failed to run: {e}", case.mode.label());
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+
+    let cases = all_cases(args.quick);
+    let bar = ProgressBar::new(cases.len() as u64)
+        .with_style(ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}").unwrap());
+    let mut records = Vec::new();
+    for case in &cases {
+        bar.set_message(format!(
+            "{} B={} S={}",
+            case.mode.label(),
+            case.batch,
+            case.seqlen_k
+        ));
+        match timing::time_case(&ctx, case, &mut rng) {
+            Ok(t) => records.push(Record {
+                case: *case,
+                implementation: OURS.into(),
+                ms: t.median_ms,
+                min_ms: Some(t.min_ms),
+                reps: Some(t.reps),
+            }),
+            Err(e) => bar.println(format!("{case:?}: {e}")),
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+
+    let mut peers_device = None;
+    let mut torch = None;
+    if let Some(path) = &args.peers {
+        match std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|s| serde_json::from_str::<PeersFile>(&s).map_err(|e| e.to_string()))
+        {
+            Ok(p) => {
+                if p.device != device {
+                    eprintln!(
+                        "warning: peers were measured on `{}`, we run on `{device}`",
+                        p.device
+                    );
+                }
+                peers_device = Some(p.device);
+                torch = Some(p.torch);
+                records.extend(p.records);
+            }
+            Err(e) => eprintln!("warning: could not read peers from {}: {e}", path.display()),
+        }
+    }
+
+    let report = Report {
+        date: report::today(),
+        device,
+        peers_device,
+        torch,
+        records,
+    };
+    write_outputs(&args, report)
+}
+
+/// Prints the merged table and writes bench.json and bench.svg.
+fn write_outputs(args: &Args, report: Report) -> ExitCode {
+    println!(
+        "\nduo-attn bench, {}, {}; median of CUDA-event times; speedup = peer ms / our ms\n",
+        report.date, report.device
+    );
+    print!("{}", report::table(&report.records));
+    if let Err(e) = std::fs::create_dir_all(&args.out_dir) {
+        eprintln!("cannot create {}: {e}", args.out_dir.display());
+        return ExitCode::FAILURE;
+    }
+    let json_path = args.out_dir.join("bench.json");
+    let svg_path = args.out_dir.join("bench.svg");
+    if let Err(e) = std::fs::write(&json_path, serde_json::to_string_pretty(&report).unwrap()) {
+        eprintln!("writing {}: {e}", json_path.display());
+        return ExitCode::FAILURE;
+    }
+    let title = format!("duo-attn vs peers, {}, {}", report.device, report.date);
+    if let Err(e) = report::plot(&report.records, &svg_path, &title) {
+        eprintln!("plotting: {e}");
+        return ExitCode::FAILURE;
+    }
+    println!("\nwrote {} and {}", json_path.display(), svg_path.display());
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,80 @@
+//! Timing with CUDA events: warm-up, rotating input sets larger than L2, median of many reps.
+use crate::cases::Case;
+use cust::event::{Event, EventFlags};
+use duo_attn::{Context, DeviceTensor, Result};
+use duo_attn_tests::random_tensor;
+use half::bf16;
+use rand::rngs::StdRng;
+
+pub struct Timing {
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub reps: usize,
+}
+
+/// GPU time spent per case, about (more reps for fast cases, at least `MIN_REPS`).
+const BUDGET_MS: f64 = 300.0;
+const MIN_REPS: usize = 5;
+const MAX_REPS: usize = 200;
+const MAX_SETS: usize = 8;
+
+pub fn time_case(ctx: &Context, case: &Case, rng: &mut StdRng) -> Result<Timing> {
+    let shape = case.shape();
+    let cfg = case.config();
+    let set_bytes = 2 * (shape.q_len() + 2 * shape.kv_len());
+    // Enough distinct input sets that consecutive launches cannot hit in L2.
+    let sets = (2 * ctx.info().l2_cache_bytes)
+        .div_ceil(set_bytes)
+        .clamp(1, MAX_SETS);
+    let (q, _) = random_tensor::<bf16>(rng, shape.q_len());
+    let (kv, _) = random_tensor::<bf16>(rng, shape.kv_len());
+    let mut inputs: Vec<[DeviceTensor<bf16, 4>; 3]> = Vec::new();
+    for _ in 0..sets {
+        inputs.push([
+            ctx.upload(&q, shape.q_shape())?,
+            ctx.upload(&kv, shape.kv_shape())?,
+            ctx.upload(&kv, shape.kv_shape())?,
+        ]);
+    }
+    let mut out = ctx.alloc::<bf16, 4>(shape.q_shape())?;
+    let mut lse = ctx.alloc::<f32, 3>(shape.lse_shape())?;
+    let mut launch = |i: usize| {
+        let [q, k, v] = &inputs[i % sets];
+        ctx.attention(
+            &q.view(),
+            &k.view(),
+            &v.view(),
+            &mut out.view_mut(),
+            &mut lse.view_mut(),
+            &cfg,
+        )
+    };
+    let cuda = |e: cust::error::CudaError| duo_attn::Error::Cuda {
+        during: "timing with events",
+        source: e,
+    };
+    let (start, stop) = (
+        Event::new(EventFlags::DEFAULT).map_err(cuda)?,
+        Event::new(EventFlags::DEFAULT).map_err(cuda)?,
+    );
+    let mut timed = |i: usize| -> Result<f64> {
+        start.record(ctx.stream()).map_err(cuda)?;
+        launch(i)?;
+        stop.record(ctx.stream()).map_err(cuda)?;
+        stop.synchronize().map_err(cuda)?;
+        Ok(stop.elapsed_time_f32(&start).map_err(cuda)? as f64)
+    };
+    for i in 0..3 {
+        timed(i)?; // warm-up
+    }
+    let first = timed(0)?;
+    let reps = ((BUDGET_MS / first.max(1e-3)) as usize).clamp(MIN_REPS, MAX_REPS);
+    let mut times = (0..reps).map(&mut timed).collect::<Result<Vec<f64>>>()?;
+    ctx.synchronize()?;
+    times.sort_by(f64::total_cmp);
+    Ok(Timing {
+        median_ms: times[reps / 2],
+        min_ms: times[0],
+        reps,
+    })
+}
