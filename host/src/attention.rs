@@ -5,6 +5,7 @@ use crate::error::{Error, Result};
 use crate::tensor::{TensorDesc, View, ViewMut};
 use duo_attn_kernels::abi::{
     HEAD_MASK_WORDS, MAX_KV_HEADS, MAX_SEQLEN, PREFILL_BLOCK_M, PREFILL_THREADS, PrefillParams,
+    WG_BLOCK_M, WG_THREADS, wg_smem_bytes,
 };
 
 /// How a KV head (and every query head of its group) attends.
@@ -14,6 +15,18 @@ pub enum HeadKind {
     Retrieval,
     /// The first `sink` keys plus the last `window` keys up to the query (always causal).
     Streaming,
+}
+
+/// Which prefill kernel runs. Both compute the same function; `Auto` picks the fastest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum PrefillKernel {
+    /// The Hopper kernel.
+    #[default]
+    Auto,
+    /// Warp-level `mma.sync` kernel (the first kernel; kept as a cross-check).
+    MmaSync,
+    /// Hopper warpgroup-MMA kernel (`wgmma`, 128-byte swizzled tiles, cp.async double buffering).
+    Wgmma,
 }
 
 /// What one attention call computes, besides the tensors.
@@ -29,6 +42,8 @@ pub struct AttentionConfig {
     pub window: u32,
     /// Scale of `q.k`; `None` means `1 / sqrt(head_dim)`.
     pub softmax_scale: Option<f32>,
+    /// Kernel choice (default: `Auto`).
+    pub kernel: PrefillKernel,
 }
 
 impl AttentionConfig {
@@ -40,6 +55,7 @@ impl AttentionConfig {
             sink: 64,
             window: 256,
             softmax_scale: None,
+            kernel: PrefillKernel::Auto,
         }
     }
 
@@ -71,6 +87,10 @@ impl AttentionConfig {
         self.softmax_scale = Some(scale);
         self
     }
+    pub fn kernel(mut self, kernel: PrefillKernel) -> Self {
+        self.kernel = kernel;
+        self
+    }
 
     /// The scale applied for head dim `d`.
     pub fn scale_for(&self, head_dim: usize) -> f32 {
@@ -78,12 +98,13 @@ impl AttentionConfig {
     }
 }
 
-/// A validated launch: kernel entry, grid and parameters.
+/// A validated launch: kernel entry, grid, block, dynamic shared memory and parameters.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PrefillPlan {
     pub entry: String,
     pub grid: (u32, u32, u32),
     pub block: u32,
+    pub shared_bytes: u32,
     pub params: PrefillParams,
 }
 
@@ -285,14 +306,21 @@ pub fn plan_prefill<T: AttnElement>(
         causal: cfg.causal as i32,
         scale_log2: scale * std::f32::consts::LOG2_E,
     };
+    let (variant, block_m, block, shared_bytes) = match cfg.kernel {
+        PrefillKernel::MmaSync => ("", PREFILL_BLOCK_M, PREFILL_THREADS, 0),
+        PrefillKernel::Auto | PrefillKernel::Wgmma => {
+            ("wgmma_", WG_BLOCK_M, WG_THREADS, wg_smem_bytes(head_dim))
+        }
+    };
     Ok(PrefillPlan {
-        entry: format!("duo_prefill_{}_d{}", T::KERNEL_NAME, head_dim),
+        entry: format!("duo_prefill_{variant}{}_d{}", T::KERNEL_NAME, head_dim),
         grid: (
-            seqlen_q.div_ceil(PREFILL_BLOCK_M) as u32,
+            seqlen_q.div_ceil(block_m) as u32,
             heads_q as u32,
             batch as u32,
         ),
-        block: PREFILL_THREADS as u32,
+        block: block as u32,
+        shared_bytes: shared_bytes as u32,
         params,
     })
 }
@@ -319,6 +347,12 @@ impl Context {
             cfg,
             self.ordinal(),
         )?;
-        self.launch(&plan.entry, plan.grid, plan.block, &plan.params)
+        self.launch(
+            &plan.entry,
+            plan.grid,
+            plan.block,
+            plan.shared_bytes,
+            &plan.params,
+        )
     }
 }

@@ -1,6 +1,6 @@
 //! A device, its loaded kernel module and a stream: what every operation runs through.
 use crate::element::DeviceScalar;
-use crate::error::{CudaContext, Error, Result};
+use crate::error::{CudaContext, Error, RawCudaStatus, Result};
 use crate::kernels;
 use crate::tensor::DeviceTensor;
 use cust::context::{Context as CudaContext_, CurrentContext};
@@ -134,12 +134,14 @@ impl Context {
         self.stream.synchronize().during("synchronizing the stream")
     }
 
-    /// Launches `entry` with one by-value `#[repr(C)]` parameter struct.
+    /// Launches `entry` with `shared_bytes` of dynamic shared memory and one by-value `#[repr(C)]`
+    /// parameter struct.
     pub(crate) fn launch<P: Copy>(
         &self,
         entry: &str,
         grid: (u32, u32, u32),
         block: u32,
+        shared_bytes: u32,
         params: &P,
     ) -> Result<()> {
         self.make_current()?;
@@ -147,6 +149,18 @@ impl Context {
             .module
             .get_function(entry)
             .during("looking up a kernel")?;
+        if shared_bytes > 48 * 1024 {
+            // Above 48 KiB a kernel must opt in to dynamic shared memory (a cheap driver call).
+            // SAFETY: a valid function handle of this context and a documented attribute.
+            unsafe {
+                cust::sys::cuFuncSetAttribute(
+                    function.to_raw(),
+                    cust::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    shared_bytes as i32,
+                )
+            }
+            .during_raw("raising a kernel's dynamic shared memory limit")?;
+        }
         let mut params = *params;
         let args = [&mut params as *mut P as *mut c_void];
         // SAFETY: `P` is the `#[repr(C)]` struct the entry takes by value (shared ABI crate), and the
@@ -156,7 +170,7 @@ impl Context {
                 &function,
                 GridSize::xyz(grid.0, grid.1, grid.2),
                 BlockSize::x(block),
-                0,
+                shared_bytes,
                 &args,
             )
         }

@@ -25,6 +25,8 @@ pub enum Error {
         during: &'static str,
         source: cust::error::CudaError,
     },
+    #[error("CUDA driver error {status} during {during}")]
+    Driver { during: &'static str, status: i32 },
     #[error("host data for `{tensor}` has {got} elements but shape {shape:?} needs {expected}")]
     HostLength {
         tensor: &'static str,
@@ -112,6 +114,24 @@ pub enum Error {
 /// Attaches what was being done to a CUDA error.
 pub(crate) trait CudaContext<T> {
     fn during(self, during: &'static str) -> Result<T>;
+}
+
+/// Maps a raw driver status (for driver calls cust does not wrap) to our error.
+pub(crate) trait RawCudaStatus {
+    fn during_raw(self, during: &'static str) -> Result<()>;
+}
+
+impl RawCudaStatus for cust::sys::CUresult {
+    fn during_raw(self, during: &'static str) -> Result<()> {
+        if self == cust::sys::CUresult::CUDA_SUCCESS {
+            return Ok(());
+        }
+        // cust has no public conversion; report the raw status code.
+        Err(Error::Driver {
+            during,
+            status: self as i32,
+        })
+    }
 }
 
 impl<T> CudaContext<T> for std::result::Result<T, cust::error::CudaError> {

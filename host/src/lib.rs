@@ -31,7 +31,7 @@ pub mod kernels;
 pub mod reference;
 pub mod tensor;
 
-pub use attention::{AttentionConfig, HeadKind, PrefillPlan, plan_prefill};
+pub use attention::{AttentionConfig, HeadKind, PrefillKernel, PrefillPlan, plan_prefill};
 pub use context::{Context, DeviceInfo};
 pub use element::{AttnElement, DType, DeviceScalar};
 pub use error::{Error, Result};

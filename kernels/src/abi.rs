@@ -8,6 +8,19 @@ pub const PREFILL_BLOCK_N: usize = 64;
 /// Threads per block of the prefill kernel.
 pub const PREFILL_THREADS: usize = 128;
 
+/// Query rows per block of the Hopper (wgmma) prefill kernel: two warpgroups of 64 rows.
+pub const WG_BLOCK_M: usize = 128;
+/// Keys per KV tile of the Hopper prefill kernel.
+pub const WG_BLOCK_N: usize = 64;
+/// Threads per block of the Hopper prefill kernel.
+pub const WG_THREADS: usize = 256;
+
+/// Dynamic shared memory of the Hopper prefill kernel for head dim `d`: Q, then two stages of
+/// (K, V), all bf16/f16.
+pub const fn wg_smem_bytes(d: usize) -> usize {
+    WG_BLOCK_M * d * 2 + 2 * 2 * WG_BLOCK_N * d * 2
+}
+
 /// Most KV heads per layer: head kinds travel in the launch parameters as a bitmask.
 pub const MAX_KV_HEADS: usize = 256;
 /// Words of the streaming-head bitmask.
@@ -49,10 +62,14 @@ pub struct PrefillParams {
     pub scale_log2: f32,
 }
 
-/// Prefill kernel entry names, by (element, head dim).
-pub const PREFILL_ENTRIES: [(&str, &str, usize); 4] = [
+/// Prefill kernel entry names, by (element, head dim): the mma.sync kernel, then the wgmma one.
+pub const PREFILL_ENTRIES: [(&str, &str, usize); 8] = [
     ("duo_prefill_bf16_d64", "bf16", 64),
     ("duo_prefill_bf16_d128", "bf16", 128),
     ("duo_prefill_f16_d64", "f16", 64),
     ("duo_prefill_f16_d128", "f16", 128),
+    ("duo_prefill_wgmma_bf16_d64", "bf16", 64),
+    ("duo_prefill_wgmma_bf16_d128", "bf16", 128),
+    ("duo_prefill_wgmma_f16_d64", "f16", 64),
+    ("duo_prefill_wgmma_f16_d128", "f16", 128),
 ];

@@ -182,3 +182,46 @@ pub unsafe fn ld_shared_u32(addr: u32) -> u32 {
     };
     r
 }
+
+/// Name of the module-scope dynamic shared memory array. `.extern .shared` cannot be declared
+/// inside a function, so the kernel build (`duo-attn-kernel-build`) adds
+/// `.extern .shared .align 1024 .b8 duo_dyn_smem[];` to the PTX module.
+pub const DYNAMIC_SMEM_SYMBOL: &str = "duo_dyn_smem";
+
+/// Shared-window address of the dynamic shared memory (1024-byte aligned, as 128-byte swizzled
+/// wgmma/TMA tiles need).
+#[inline(always)]
+pub fn dynamic_shared_base() -> u32 {
+    let r: u32;
+    unsafe { asm!("mov.u32 {r}, duo_dyn_smem;", r = out(reg32) r, options(pure, nomem, nostack)) };
+    r
+}
+
+/// Asynchronous 16-byte global-to-shared copy that zero-fills the bytes past `src_bytes`
+/// (`src_bytes = 0` writes 16 zeros and reads nothing).
+#[inline(always)]
+pub unsafe fn cp_async_16(dst: u32, src: u64, src_bytes: u32) {
+    unsafe {
+        asm!("cp.async.cg.shared.global [{d}], [{s}], 16, {n};",
+            d = in(reg32) dst, s = in(reg64) src, n = in(reg32) src_bytes, options(nostack))
+    };
+}
+
+/// Closes the group of cp.async issued since the last commit.
+#[inline(always)]
+pub fn cp_async_commit() {
+    unsafe { asm!("cp.async.commit_group;", options(nostack)) };
+}
+
+/// Waits until at most `N` committed cp.async groups are still in flight.
+#[inline(always)]
+pub fn cp_async_wait<const N: u32>() {
+    unsafe { asm!("cp.async.wait_group {n};", n = const N, options(nostack)) };
+}
+
+/// Makes this thread's generic-proxy shared-memory writes visible to the async proxy (wgmma,
+/// TMA); put it before the barrier that hands the data to them.
+#[inline(always)]
+pub fn fence_proxy_async_shared() {
+    unsafe { asm!("fence.proxy.async.shared::cta;", options(nostack)) };
+}

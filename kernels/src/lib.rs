@@ -18,6 +18,14 @@ pub mod device;
 pub mod mma;
 #[cfg(target_arch = "nvptx64")]
 pub mod prefill;
+#[cfg(target_arch = "nvptx64")]
+pub mod prefill_wgmma;
+#[cfg(target_arch = "nvptx64")]
+pub mod softmax;
+#[cfg(target_arch = "nvptx64")]
+pub mod tile;
+#[cfg(target_arch = "nvptx64")]
+pub mod wgmma;
 
 #[cfg(target_arch = "nvptx64")]
 #[panic_handler]

@@ -1,7 +1,7 @@
 //! The prefill kernel against the float64 reference on a Hopper GPU. Without one every test here
 //! prints a SKIPPED notice and returns.
 use duo_attn::reference::Shape;
-use duo_attn::{AttentionConfig, Context, DType, Error, HeadKind};
+use duo_attn::{AttentionConfig, Context, DType, Error, HeadKind, PrefillKernel};
 use duo_attn_tests::{
     Comparison, compare, gpu_or_skip, notice, random_tensor, rng, rows_to_check, run_prefill_case,
 };
@@ -87,11 +87,29 @@ fn run(ctx: &Context, case: &Case, rng: &mut StdRng) -> Result<Comparison, Error
 
 #[test]
 fn prefill_matches_reference_over_the_matrix() {
-    let Some(ctx) = gpu_or_skip("prefill_matches_reference_over_the_matrix") else {
+    matrix_for(
+        PrefillKernel::Wgmma,
+        "prefill_matches_reference_over_the_matrix",
+    );
+}
+
+#[test]
+fn mma_sync_prefill_matches_reference_over_the_matrix() {
+    matrix_for(
+        PrefillKernel::MmaSync,
+        "mma_sync_prefill_matches_reference_over_the_matrix",
+    );
+}
+
+fn matrix_for(kernel: PrefillKernel, test: &str) {
+    let Some(ctx) = gpu_or_skip(test) else {
         return;
     };
-    let mut rng = rng("prefill matrix");
-    let cases = matrix(&mut rng);
+    let mut rng = rng(test);
+    let mut cases = matrix(&mut rng);
+    for case in &mut cases {
+        case.cfg.kernel = kernel;
+    }
     let mut failures = Vec::new();
     for (n, case) in cases.iter().enumerate() {
         let s = &case.shape;
@@ -132,7 +150,7 @@ fn prefill_matches_reference_over_the_matrix() {
         }
     }
     notice(&format!(
-        "prefill matrix on {}: {} cases, {} failed",
+        "{kernel:?} prefill matrix on {}: {} cases, {} failed",
         ctx.info().name,
         cases.len(),
         failures.len()

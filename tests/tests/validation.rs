@@ -1,5 +1,5 @@
 //! Every validation error of the prefill call, one test each, on plain descriptors (no GPU).
-use duo_attn::{AttentionConfig, Error, HeadKind, TensorDesc, plan_prefill};
+use duo_attn::{AttentionConfig, Error, HeadKind, PrefillKernel, TensorDesc, plan_prefill};
 use half::bf16;
 
 const DEV: u32 = 0;
@@ -46,9 +46,12 @@ fn fails(edit: impl FnOnce(&mut Call)) -> Error {
 
 #[test]
 fn valid_call_plans_a_launch() {
-    let p = plan(&valid()).unwrap();
+    let mut c = valid();
+    c.cfg = c.cfg.kernel(PrefillKernel::MmaSync);
+    let p = plan(&c).unwrap();
     assert_eq!(p.entry, "duo_prefill_bf16_d64");
     assert_eq!(p.grid, (2, HQ as u32, B as u32));
+    assert_eq!((p.block, p.shared_bytes), (128, 0));
     assert_eq!(p.params.streaming_heads[0], 0b10);
     assert_eq!(
         (p.params.seqlen_q, p.params.seqlen_k),
@@ -57,6 +60,18 @@ fn valid_call_plans_a_launch() {
     assert_eq!(
         p.params.q_strides,
         [(SQ * HQ * D) as i64, (HQ * D) as i64, D as i64]
+    );
+}
+
+#[test]
+fn auto_picks_the_hopper_kernel() {
+    let p = plan(&valid()).unwrap();
+    assert_eq!(p.entry, "duo_prefill_wgmma_bf16_d64");
+    assert_eq!(p.grid, (1, HQ as u32, B as u32));
+    // Q (128 x 64) plus two stages of K and V (64 x 64 each), bf16.
+    assert_eq!(
+        (p.block, p.shared_bytes),
+        (256, (128 * 64 + 4 * 64 * 64) * 2)
     );
 }
 

@@ -62,9 +62,7 @@ type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 fn build_kernels(deny_spills: bool) -> Result<()> {
     let root = workspace_root();
     let out_dir = root.join("target/kernels");
-    let built = kb::build_ptx(&root, &out_dir)?;
-    let ptx = out_dir.join("duo_attn_kernels.ptx");
-    std::fs::copy(&built, &ptx)?;
+    let ptx = kb::build_ptx(&root, &out_dir)?;
     println!("PTX   {}", ptx.display());
     let Some(ptxas) = kb::find_ptxas() else {
         println!(
@@ -155,6 +153,7 @@ fn bench(quick: bool) -> Result<()> {
 const RUN_SH: &str = r#"#!/usr/bin/env bash
 # Runs duo-attn's test binaries and demo on a GPU host (no Rust needed).
 #   ./run.sh              all tests (GPU tests included), then the demo
+#   ./run.sh sass         HGMMA/HMMA instruction counts per kernel (cuobjdump)
 #   ./run.sh sanitize     compute-sanitizer memcheck, racecheck and synccheck on a small GPU test
 #   ./run.sh bench [--quick]  peers (PyTorch) then duo-bench: merged table, $BENCH_OUT/bench.{json,svg}
 set -uo pipefail
@@ -167,6 +166,11 @@ if [ "${1:-}" = "bench" ]; then
   mkdir -p "$out"
   python3 peers.py --out "$out/peers.json" "$@" || exit 1
   exec bin/duo-bench --peers "$out/peers.json" --out-dir "$out" "$@"
+fi
+if [ "${1:-}" = "sass" ]; then
+  # Instruction mix per kernel: the Hopper kernels must show HGMMA.
+  cuobjdump -sass kernels/*.cubin | awk '/Function :/ {f=$3} /HGMMA|HMMA/ {split($0,a," "); for(i in a) if (a[i] ~ /^H(G)?MMA/) c[f" "a[i]]++} END {for (k in c) print k, c[k]}' | sort
+  exit 0
 fi
 if [ "${1:-}" = "sanitize" ]; then
   for tool in memcheck racecheck synccheck; do
@@ -219,6 +223,15 @@ fn gpu_bundle(out: &Path) -> Result<()> {
         workspace_root().join("xtask/bench/peers.py"),
         out.join("peers.py"),
     )?;
+    // The module as built, for cuobjdump/nvdisasm on the GPU host.
+    let kernels = out.join("kernels");
+    std::fs::create_dir_all(&kernels)?;
+    let ptx = kb::build_ptx(&workspace_root(), &workspace_root().join("target/kernels"))?;
+    std::fs::copy(&ptx, kernels.join("duo_attn_kernels.ptx"))?;
+    if let Some(ptxas) = kb::find_ptxas() {
+        let cubin = kernels.join(format!("duo_attn_kernels.{}.cubin", kb::ARCH));
+        kb::assemble(&ptxas, &ptx, &cubin)?;
+    }
     let run = out.join("run.sh");
     std::fs::write(&run, RUN_SH)?;
     #[cfg(unix)]

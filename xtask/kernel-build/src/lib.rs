@@ -133,7 +133,32 @@ pub fn build_ptx(workspace: &Path, target_dir: &Path) -> Result<PathBuf, BuildEr
     if !status.success() {
         return Err(BuildError::CargoFailed(status.code().unwrap_or(-1)));
     }
-    newest_ptx(&target_dir.join(TARGET).join(PROFILE).join("deps"))
+    let asm = newest_ptx(&target_dir.join(TARGET).join(PROFILE).join("deps"))?;
+    let text = std::fs::read_to_string(&asm).map_err(|e| BuildError::Io(asm.clone(), e))?;
+    let ptx = target_dir.join("duo_attn_kernels.ptx");
+    std::fs::write(&ptx, add_module_declarations(&text))
+        .map_err(|e| BuildError::Io(ptx.clone(), e))?;
+    Ok(ptx)
+}
+
+/// Module-scope declarations the kernels use by name from inline asm. `.extern .shared` (dynamic
+/// shared memory) cannot be declared inside a function, which is all inline asm can reach.
+pub const MODULE_DECLARATIONS: &str = ".extern .shared .align 1024 .b8 duo_dyn_smem[];";
+
+/// Inserts [`MODULE_DECLARATIONS`] after the PTX header (`.address_size`).
+pub fn add_module_declarations(ptx: &str) -> String {
+    let mut out = String::with_capacity(ptx.len() + MODULE_DECLARATIONS.len() + 2);
+    let mut inserted = false;
+    for line in ptx.lines() {
+        out.push_str(line);
+        out.push('\n');
+        if !inserted && line.trim_start().starts_with(".address_size") {
+            out.push_str(MODULE_DECLARATIONS);
+            out.push('\n');
+            inserted = true;
+        }
+    }
+    out
 }
 
 /// rustc names the asm `duo_attn_kernels-<hash>.s`; take the newest.
@@ -264,6 +289,18 @@ pub fn format_report(kernels: &[KernelResources]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn declarations_go_after_the_header() {
+        let ptx = ".version 8.0\n.target sm_90a\n.address_size 64\n.visible .entry k() {}\n";
+        let out = add_module_declarations(ptx);
+        assert_eq!(
+            out,
+            format!(
+                ".version 8.0\n.target sm_90a\n.address_size 64\n{MODULE_DECLARATIONS}\n.visible .entry k() {{}}\n"
+            )
+        );
+    }
 
     #[test]
     fn parses_ptxas_verbose_output() {

@@ -1,0 +1,111 @@
+//! Online softmax over score fragments in the mma/wgmma accumulator layout, shared by the kernels.
+//!
+//! A thread holds two query rows (`rows[0]`, `rows[1]` = row + 8) of a 16-row slab; score element
+//! `4j + e` belongs to row `e / 2` and key `n0 + 8j + 2t + e % 2` (`t = lane % 4`). The four
+//! threads of a quad hold the rest of each row, so row reductions shuffle over lanes ^1 and ^2.
+use crate::device::{exp2_approx, log2_approx, max_f32, shfl_xor_f32};
+use crate::mask::HeadMask;
+
+const LN_2: f32 = core::f32::consts::LN_2;
+
+/// Running max (log2 domain) and partial sum of one thread's two rows.
+#[derive(Clone, Copy)]
+pub struct RowState {
+    pub max: [f32; 2],
+    pub sum: [f32; 2],
+}
+
+impl RowState {
+    #[inline(always)]
+    pub fn new() -> Self {
+        RowState {
+            max: [f32::NEG_INFINITY; 2],
+            sum: [0.0; 2],
+        }
+    }
+}
+
+impl Default for RowState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Scales scores into the log2 domain; keys the mask hides become -inf. `full` blocks (every
+/// key visible to every row of the tile) skip the per-element test.
+#[inline(always)]
+pub fn scale_and_mask<const N: usize>(
+    s: &mut [f32; N],
+    mask: &HeadMask,
+    full: bool,
+    q_pos: [i32; 2],
+    n0: i32,
+    t: usize,
+    scale_log2: f32,
+) {
+    for (i, v) in s.iter_mut().enumerate() {
+        let (j, e) = (i / 4, i % 4);
+        let key = n0 + (8 * j + 2 * t + (e & 1)) as i32;
+        *v = if full || mask.visible(q_pos[e / 2], key) {
+            *v * scale_log2
+        } else {
+            f32::NEG_INFINITY
+        };
+    }
+}
+
+/// Folds a block of scores into the running state: `s` becomes the unnormalised probabilities,
+/// and the returned per-row factors rescale the output accumulator.
+#[inline(always)]
+pub fn online_softmax<const N: usize>(s: &mut [f32; N], state: &mut RowState) -> [f32; 2] {
+    let mut alpha = [0f32; 2];
+    for r in 0..2 {
+        let mut m = state.max[r];
+        for (i, &v) in s.iter().enumerate() {
+            if (i % 4) / 2 == r {
+                m = max_f32(m, v);
+            }
+        }
+        m = max_f32(m, shfl_xor_f32(m, 1));
+        m = max_f32(m, shfl_xor_f32(m, 2));
+        // A row with nothing visible yet keeps m = -inf; subtract 0 then so exp2 gives 0, not NaN.
+        let m_sub = if m == f32::NEG_INFINITY { 0.0 } else { m };
+        alpha[r] = exp2_approx(state.max[r] - m_sub);
+        state.max[r] = m;
+        let mut sum = 0f32;
+        for (i, v) in s.iter_mut().enumerate() {
+            if (i % 4) / 2 == r {
+                *v = exp2_approx(*v - m_sub);
+                sum += *v;
+            }
+        }
+        state.sum[r] = state.sum[r] * alpha[r] + sum;
+    }
+    alpha
+}
+
+/// Multiplies each row of an output accumulator (same layout) by its factor.
+#[inline(always)]
+pub fn rescale<const N: usize>(o: &mut [f32; N], alpha: [f32; 2]) {
+    for (i, v) in o.iter_mut().enumerate() {
+        *v *= alpha[(i % 4) / 2];
+    }
+}
+
+/// Final per-row normaliser (1 / sum, 0 for rows that saw nothing) and natural-log LSE
+/// (-inf for rows that saw nothing). Shuffles: call with the whole warp.
+#[inline(always)]
+pub fn finish(state: &RowState) -> ([f32; 2], [f32; 2]) {
+    let mut inv = [0f32; 2];
+    let mut lse = [f32::NEG_INFINITY; 2];
+    for r in 0..2 {
+        let mut sum = state.sum[r];
+        sum += shfl_xor_f32(sum, 1);
+        sum += shfl_xor_f32(sum, 2);
+        if sum > 0.0 {
+            inv[r] = 1.0 / sum;
+            lse[r] = (state.max[r] + log2_approx(sum)) * LN_2;
+        }
+    }
+    (inv, lse)
+}

@@ -1,0 +1,117 @@
+//! Per-tile bookkeeping shared by the prefill kernels: which head and rows a block owns, its mask,
+//! operand addresses, and the epilogue that writes O and LSE.
+use crate::abi::{HEAD_MASK_WORDS, PrefillParams};
+use crate::device::{
+    block_idx_x, block_idx_y, block_idx_z, grid_dim_x, st_global_f32, st_global_u32,
+};
+use crate::mask::HeadMask;
+use crate::mma::Element;
+
+/// `a / b` without a panic path (the host guarantees `b > 0`; 0 keeps the kernel total).
+#[inline(always)]
+pub fn div_or_zero(a: i32, b: i32) -> i32 {
+    match core::num::NonZeroU32::new(b as u32) {
+        Some(b) => (a as u32 / b) as i32,
+        None => 0,
+    }
+}
+
+#[inline(always)]
+pub fn min_i32(a: i32, b: i32) -> i32 {
+    if a < b { a } else { b }
+}
+
+/// Bit `head` of the streaming-head mask, selected with constant indices so the parameter array
+/// is never copied to local memory.
+#[inline(always)]
+fn is_streaming(mask: &[u32; HEAD_MASK_WORDS], head: usize) -> bool {
+    let mut word = 0;
+    for (w, &bits) in mask.iter().enumerate() {
+        if w == head / 32 {
+            word = bits;
+        }
+    }
+    (word >> (head % 32)) & 1 != 0
+}
+
+/// Byte offset of element `(batch, pos, head, col)` of a 16-bit tensor with element strides.
+#[inline(always)]
+pub fn elem_offset(strides: &[i64; 3], batch: i64, pos: i32, head: i32, col: usize) -> u64 {
+    ((batch * strides[0] + pos as i64 * strides[1] + head as i64 * strides[2] + col as i64) * 2)
+        as u64
+}
+
+/// What one block of `block_m` query rows works on.
+pub struct QueryTile {
+    pub batch: i64,
+    pub head: i32,
+    pub kv_head: i32,
+    pub mask: HeadMask,
+    /// First query row of the tile.
+    pub m0: i32,
+    /// `seqlen_k - seqlen_q`: query row `i` sits at position `offset + i`.
+    pub offset: i32,
+    /// Positions of the tile's first and last valid query rows.
+    pub q_lo: i32,
+    pub q_hi: i32,
+}
+
+impl QueryTile {
+    /// Grid `(query tiles, Hq, B)`; the x order is reversed so the longest causal tiles start first.
+    #[inline(always)]
+    pub fn from_grid(p: &PrefillParams, block_m: i32) -> Self {
+        let m_block = (grid_dim_x() - 1 - block_idx_x()) as i32;
+        let head = block_idx_y() as i32;
+        let batch = block_idx_z() as i64;
+        let kv_head = div_or_zero(head, div_or_zero(p.heads_q, p.heads_kv));
+        let mask = HeadMask {
+            streaming: is_streaming(&p.streaming_heads, kv_head as usize),
+            causal: p.causal != 0,
+            sink: p.sink,
+            window: p.window,
+            seqlen_k: p.seqlen_k,
+        };
+        let m0 = m_block * block_m;
+        let offset = p.seqlen_k - p.seqlen_q;
+        QueryTile {
+            batch,
+            head,
+            kv_head,
+            mask,
+            m0,
+            offset,
+            q_lo: offset + m0,
+            q_hi: offset + min_i32(m0 + block_m, p.seqlen_q) - 1,
+        }
+    }
+
+    /// Normalises this thread's two rows of O (accumulator layout: element `4j + e` is row
+    /// `rows[e / 2]`, column `8j + 2t + e % 2`) and writes them, plus the LSE from the quad leader.
+    #[inline(always)]
+    pub fn store_rows<E: Element, const N: usize>(
+        &self,
+        p: &PrefillParams,
+        o: &[f32; N],
+        rows: [i32; 2],
+        t: usize,
+        inv: [f32; 2],
+        lse: [f32; 2],
+    ) {
+        for r in 0..2 {
+            let row = rows[r];
+            if row >= p.seqlen_q {
+                continue;
+            }
+            let o_row = p.o + elem_offset(&p.o_strides, self.batch, row, self.head, 2 * t);
+            for j in 0..N / 4 {
+                let packed = E::pack(o[4 * j + 2 * r] * inv[r], o[4 * j + 2 * r + 1] * inv[r]);
+                unsafe { st_global_u32(o_row + (j * 16) as u64, packed) };
+            }
+            if t == 0 {
+                let idx = (self.batch * p.heads_q as i64 + self.head as i64) * p.seqlen_q as i64
+                    + row as i64;
+                unsafe { st_global_f32(p.lse + 4 * idx as u64, lse[r]) };
+            }
+        }
+    }
+}
