@@ -3,7 +3,7 @@
 use. Every accumulator is its own asm operand (rustc's asm! has no array operands), which is too
 long to write by hand. Run: python3 scripts/gen_wgmma.py > kernels/src/wgmma.rs"""
 
-SHAPES_SS = [64]        # m64nNk16, A and B from shared memory (K-major both): S = Q K^T
+SHAPES_SS = [64, 128]   # m64nNk16, A and B from shared memory (K-major both): S = Q K^T
 SHAPES_RS = [64, 128]   # m64nNk16, A from registers, B from shared memory N-major: O += P V
 TYPES = [("Bf16", "bf16"), ("F16", "f16")]
 

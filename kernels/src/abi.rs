@@ -11,14 +11,16 @@ pub const PREFILL_THREADS: usize = 128;
 /// Query rows per block of the Hopper (wgmma) prefill kernel: two warpgroups of 64 rows.
 pub const WG_BLOCK_M: usize = 128;
 /// Keys per KV tile of the Hopper prefill kernel.
-pub const WG_BLOCK_N: usize = 64;
+pub const WG_BLOCK_N: usize = 128;
+/// K/V stages in the Hopper prefill kernel's shared-memory ring (prefetch distance 2).
+pub const WG_STAGES: usize = 3;
 /// Threads per block of the Hopper prefill kernel.
 pub const WG_THREADS: usize = 256;
 
-/// Dynamic shared memory of the Hopper prefill kernel for head dim `d`: Q, then two stages of
-/// (K, V), all bf16/f16.
+/// Dynamic shared memory of the Hopper prefill kernel for head dim `d`: Q, then `WG_STAGES`
+/// stages of (K, V), all bf16/f16. D = 128: 224 KiB of the 227 KiB a block may have.
 pub const fn wg_smem_bytes(d: usize) -> usize {
-    WG_BLOCK_M * d * 2 + 2 * 2 * WG_BLOCK_N * d * 2
+    WG_BLOCK_M * d * 2 + WG_STAGES * 2 * WG_BLOCK_N * d * 2
 }
 
 /// Most KV heads per layer: head kinds travel in the launch parameters as a bitmask.

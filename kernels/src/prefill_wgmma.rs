@@ -2,23 +2,23 @@
 //!
 //! A block of two warpgroups owns `WG_BLOCK_M = 128` query rows of one head (64 per warpgroup)
 //! and walks the KV blocks the head's mask reaches (sink and window blocks only for streaming
-//! heads). Q is loaded once. K/V tiles of 64 keys stream through a two-stage shared-memory ring
-//! filled by cp.async: tile i+1 is in flight while tile i is used. S = Q K^T is a
-//! `wgmma m64n64k16` with both operands K-major in shared memory. P goes from the S accumulators
+//! heads). Q is loaded once. K/V tiles of 128 keys stream through a three-stage shared-memory
+//! ring filled by cp.async, two tiles ahead, so one barrier per tile both publishes tile i and
+//! frees the stage tile i + 2 goes into. S = Q K^T is a `wgmma m64n128k16` with both operands
+//! K-major in shared memory. P goes from the S accumulators
 //! straight into register A fragments for `O += P V`, with V read N-major (transposed by wgmma).
 //!
 //! Tile layout in shared memory (Q, K and V alike): the head dim is split into 64-element
 //! (128-byte) column blocks, one after another, each `rows x 128 B`. Inside a block, 16-byte
 //! chunk `c` of row `r` sits at chunk `c ^ (r % 8)`: the hardware's 128B swizzle, which needs
 //! 1024-byte-aligned blocks.
-use crate::abi::{PrefillParams, WG_BLOCK_M, WG_BLOCK_N, WG_THREADS, wg_smem_bytes};
+use crate::abi::{PrefillParams, WG_BLOCK_M, WG_BLOCK_N, WG_STAGES, WG_THREADS, wg_smem_bytes};
 use crate::device::*;
 use crate::mma::{Bf16, Element, F16};
 use crate::softmax::{RowState, finish, online_softmax, rescale, scale_and_mask};
 use crate::tile::{QueryTile, elem_offset};
 use crate::wgmma::{
-    WgmmaElement, fence_accumulators_32, fence_accumulators_64, wgmma_commit, wgmma_fence,
-    wgmma_wait_all,
+    WgmmaElement, fence_accumulators_64, wgmma_commit, wgmma_fence, wgmma_wait_all,
 };
 
 const BM: usize = WG_BLOCK_M;
@@ -74,7 +74,7 @@ unsafe fn load_tile<const D: usize>(
 /// The kernel body, one instantiation per (element, head dim).
 #[inline(always)]
 unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillParams) {
-    const { assert!(wg_smem_bytes(D) == BM * D * 2 + 2 * 2 * BN * D * 2) };
+    const { assert!(wg_smem_bytes(D) == BM * D * 2 + WG_STAGES * 2 * BN * D * 2 && BN == 128) };
     let smem = dynamic_shared_base();
     let q_smem = smem;
     let stage_bytes = (2 * BN * D * 2) as u32;
@@ -102,54 +102,56 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillPa
         }
     };
 
-    // Prologue: Q and the first KV tile, one cp.async group.
+    let load_kv = |i: i32| {
+        let (stage, n0) = ((i % WG_STAGES as i32) as usize, n_block(i) * BN as i32);
+        unsafe {
+            load_tile::<D>(
+                k_smem(stage),
+                BN,
+                k_src,
+                p.k_strides[1],
+                n0,
+                p.seqlen_k,
+                tid,
+            );
+            load_tile::<D>(
+                v_smem(stage),
+                BN,
+                v_src,
+                p.v_strides[1],
+                n0,
+                p.seqlen_k,
+                tid,
+            );
+        }
+    };
+
+    // Prologue: Q with KV tile 0 in one cp.async group, tile 1 in the next (groups may be empty).
     let q_src = p.q + elem_offset(&p.q_strides, tile.batch, 0, tile.head, 0);
     unsafe { load_tile::<D>(q_smem, BM, q_src, p.q_strides[1], tile.m0, p.seqlen_q, tid) };
-    if blocks > 0 {
-        let n0 = n_block(0) * BN as i32;
-        unsafe {
-            load_tile::<D>(k_smem(0), BN, k_src, p.k_strides[1], n0, p.seqlen_k, tid);
-            load_tile::<D>(v_smem(0), BN, v_src, p.v_strides[1], n0, p.seqlen_k, tid);
+    for i in 0..2 {
+        if i < blocks {
+            load_kv(i);
         }
+        cp_async_commit();
     }
-    cp_async_commit();
 
     let mut o = [0f32; 64];
     let mut state = RowState::new();
     for i in 0..blocks {
-        let stage = (i % 2) as usize;
-        // Prefetch tile i + 1 into the other stage (freed by the barrier that ended iteration i - 1).
-        if i + 1 < blocks {
-            let n0 = n_block(i + 1) * BN as i32;
-            unsafe {
-                load_tile::<D>(
-                    k_smem(1 - stage),
-                    BN,
-                    k_src,
-                    p.k_strides[1],
-                    n0,
-                    p.seqlen_k,
-                    tid,
-                );
-                load_tile::<D>(
-                    v_smem(1 - stage),
-                    BN,
-                    v_src,
-                    p.v_strides[1],
-                    n0,
-                    p.seqlen_k,
-                    tid,
-                );
-            }
+        let stage = (i % WG_STAGES as i32) as usize;
+        cp_async_wait::<1>(); // all but the newest group: tile i (and Q) have landed
+        fence_proxy_async_shared();
+        // Publishes tile i, and every thread is past iteration i - 1, so its stage is free.
+        sync_threads();
+        if i + 2 < blocks {
+            load_kv(i + 2);
         }
         cp_async_commit();
-        cp_async_wait::<1>(); // all but the newest group: Q and tile i have landed
-        fence_proxy_async_shared();
-        sync_threads();
 
-        // S = Q K^T: 64 rows of this warpgroup x 64 keys, D / 16 k-steps.
-        let mut s = [0f32; 32];
-        fence_accumulators_32(&mut s);
+        // S = Q K^T: 64 rows of this warpgroup x 128 keys, D / 16 k-steps.
+        let mut s = [0f32; 64];
+        fence_accumulators_64(&mut s);
         wgmma_fence();
         for kk in 0..D / 16 {
             let (block, within) = ((kk / 4) as u32, (kk % 4) as u32 * 32);
@@ -159,11 +161,11 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillPa
                 1024,
             );
             let b = descriptor(k_smem(stage) + block * (BN * 128) as u32 + within, 16, 1024);
-            E::mma_ss_m64n64k16(&mut s, a, b, (kk > 0) as u32);
+            E::mma_ss_m64n128k16(&mut s, a, b, (kk > 0) as u32);
         }
         wgmma_commit();
         wgmma_wait_all();
-        fence_accumulators_32(&mut s);
+        fence_accumulators_64(&mut s);
 
         let n0 = n_block(i) * BN as i32;
         let full = tile
@@ -202,7 +204,6 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillPa
         wgmma_commit();
         wgmma_wait_all();
         fence_accumulators_64(&mut o);
-        sync_threads(); // every warpgroup is done with this stage before it is refilled
     }
     cp_async_wait::<0>();
 

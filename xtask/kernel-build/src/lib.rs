@@ -126,7 +126,7 @@ pub fn build_ptx(workspace: &Path, target_dir: &Path) -> Result<PathBuf, BuildEr
         .args(["--", "--emit=asm", "-C"])
         .arg(format!("target-cpu={ARCH}"))
         // Fragment arrays must stay in registers: unroll the fixed-trip tile loops completely.
-        .args(["-C", "llvm-args=-unroll-threshold=2000"]);
+        .args(["-C", "llvm-args=-unroll-threshold=20000"]);
     let status = cmd
         .status()
         .map_err(|e| BuildError::ToolMissing(cargo.to_string_lossy().into_owned(), e))?;
