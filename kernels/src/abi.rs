@@ -17,10 +17,16 @@ pub const WG_STAGES: usize = 3;
 /// Threads per block of the Hopper prefill kernel.
 pub const WG_THREADS: usize = 256;
 
-/// Dynamic shared memory of the Hopper prefill kernel for head dim `d`: Q, then `WG_STAGES`
-/// stages of (K, V), all bf16/f16. D = 128: 224 KiB of the 227 KiB a block may have.
-pub const fn wg_smem_bytes(d: usize) -> usize {
+/// Byte offset of the Hopper prefill kernel's mbarriers (after Q and the K/V ring).
+pub const fn wg_barrier_offset(d: usize) -> usize {
     WG_BLOCK_M * d * 2 + WG_STAGES * 2 * WG_BLOCK_N * d * 2
+}
+
+/// Dynamic shared memory of the Hopper prefill kernel for head dim `d`: Q, then `WG_STAGES`
+/// stages of (K, V), all bf16/f16, then a full and an empty mbarrier per stage.
+/// D = 128: 224 KiB of the 227 KiB a block may have.
+pub const fn wg_smem_bytes(d: usize) -> usize {
+    wg_barrier_offset(d) + WG_STAGES * 2 * 8
 }
 
 /// Most KV heads per layer: head kinds travel in the launch parameters as a bitmask.

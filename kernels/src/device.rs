@@ -225,3 +225,63 @@ pub fn cp_async_wait<const N: u32>() {
 pub fn fence_proxy_async_shared() {
     unsafe { asm!("fence.proxy.async.shared::cta;", options(nostack)) };
 }
+
+/// Initialises an mbarrier in shared memory expecting `count` arrivals per phase.
+#[inline(always)]
+pub unsafe fn mbarrier_init(addr: u32, count: u32) {
+    unsafe {
+        asm!("mbarrier.init.shared::cta.b64 [{a}], {c};", a = in(reg32) addr, c = in(reg32) count, options(nostack))
+    };
+}
+
+/// One arrival on an mbarrier.
+#[inline(always)]
+pub unsafe fn mbarrier_arrive(addr: u32) {
+    unsafe {
+        asm!("mbarrier.arrive.shared::cta.b64 _, [{a}];", a = in(reg32) addr, options(nostack))
+    };
+}
+
+/// Arrives on the mbarrier once every cp.async this thread issued so far has landed (the arrival
+/// is counted against the barrier's expected count: `.noinc`).
+#[inline(always)]
+pub unsafe fn cp_async_mbarrier_arrive(addr: u32) {
+    unsafe {
+        asm!("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [{a}];", a = in(reg32) addr, options(nostack))
+    };
+}
+
+/// Blocks until the mbarrier's phase with the given parity has completed.
+#[inline(always)]
+pub unsafe fn mbarrier_wait(addr: u32, parity: u32) {
+    loop {
+        let done: u32;
+        unsafe {
+            asm!(
+                "{{ .reg .pred p;",
+                "mbarrier.try_wait.parity.shared::cta.b64 p, [{a}], {ph};",
+                "selp.u32 {d}, 1, 0, p; }}",
+                a = in(reg32) addr, ph = in(reg32) parity, d = out(reg32) done, options(nostack),
+            )
+        };
+        if done != 0 {
+            break;
+        }
+    }
+}
+
+/// Waits at named barrier `id` until `threads` threads (arrivals included) have reached it.
+#[inline(always)]
+pub fn named_barrier_sync(id: u32, threads: u32) {
+    unsafe {
+        asm!("bar.sync {i}, {n};", i = in(reg32) id, n = in(reg32) threads, options(nostack))
+    };
+}
+
+/// Arrives at named barrier `id` without waiting.
+#[inline(always)]
+pub fn named_barrier_arrive(id: u32, threads: u32) {
+    unsafe {
+        asm!("bar.arrive {i}, {n};", i = in(reg32) id, n = in(reg32) threads, options(nostack))
+    };
+}

@@ -3,16 +3,19 @@
 //! A block of two warpgroups owns `WG_BLOCK_M = 128` query rows of one head (64 per warpgroup)
 //! and walks the KV blocks the head's mask reaches (sink and window blocks only for streaming
 //! heads). Q is loaded once. K/V tiles of 128 keys stream through a three-stage shared-memory
-//! ring filled by cp.async, two tiles ahead, so one barrier per tile both publishes tile i and
-//! frees the stage tile i + 2 goes into. S = Q K^T is a `wgmma m64n128k16` with both operands
-//! K-major in shared memory. P goes from the S accumulators
+//! ring filled by cp.async, two tiles ahead. Each stage has a "full" mbarrier (every thread's
+//! copies landed: `cp.async.mbarrier.arrive`) and an "empty" one (every thread done reading), so
+//! there is no block-wide barrier in the loop and the warpgroups drift apart; named barriers then
+//! alternate their GEMM issue (ping-pong), so one warpgroup's softmax overlaps the other's
+//! tensor-core work. S = Q K^T is a `wgmma m64n128k16` with both operands K-major in shared
+//! memory. P goes from the S accumulators
 //! straight into register A fragments for `O += P V`, with V read N-major (transposed by wgmma).
 //!
 //! Tile layout in shared memory (Q, K and V alike): the head dim is split into 64-element
 //! (128-byte) column blocks, one after another, each `rows x 128 B`. Inside a block, 16-byte
 //! chunk `c` of row `r` sits at chunk `c ^ (r % 8)`: the hardware's 128B swizzle, which needs
 //! 1024-byte-aligned blocks.
-use crate::abi::{PrefillParams, WG_BLOCK_M, WG_BLOCK_N, WG_STAGES, WG_THREADS, wg_smem_bytes};
+use crate::abi::{PrefillParams, WG_BLOCK_M, WG_BLOCK_N, WG_STAGES, WG_THREADS, wg_barrier_offset};
 use crate::device::*;
 use crate::mma::{Bf16, Element, F16};
 use crate::softmax::{RowState, finish, online_softmax, rescale, scale_and_mask};
@@ -74,7 +77,7 @@ unsafe fn load_tile<const D: usize>(
 /// The kernel body, one instantiation per (element, head dim).
 #[inline(always)]
 unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillParams) {
-    const { assert!(wg_smem_bytes(D) == BM * D * 2 + WG_STAGES * 2 * BN * D * 2 && BN == 128) };
+    const { assert!(wg_barrier_offset(D) == BM * D * 2 + WG_STAGES * 2 * BN * D * 2 && BN == 128) };
     let smem = dynamic_shared_base();
     let q_smem = smem;
     let stage_bytes = (2 * BN * D * 2) as u32;
@@ -126,30 +129,50 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillPa
         }
     };
 
-    // Prologue: Q with KV tile 0 in one cp.async group, tile 1 in the next (groups may be empty).
+    // Per stage: `full` completes when all threads' copies of a tile landed, `empty` when all
+    // threads finished reading it. Phase k of a stage's barrier belongs to tile 3k + stage.
+    let barriers = smem + wg_barrier_offset(D) as u32;
+    let full = |stage: usize| barriers + 8 * stage as u32;
+    let empty = |stage: usize| barriers + 8 * (WG_STAGES + stage) as u32;
+    let parity = |tile: i32| ((tile / WG_STAGES as i32) & 1) as u32;
+    if tid == 0 {
+        for stage in 0..WG_STAGES {
+            unsafe {
+                mbarrier_init(full(stage), WG_THREADS as u32);
+                mbarrier_init(empty(stage), WG_THREADS as u32);
+            }
+        }
+    }
+    sync_threads();
+
+    // Prologue: Q rides with KV tile 0 on full[0]; tile 1 goes into stage 1.
     let q_src = p.q + elem_offset(&p.q_strides, tile.batch, 0, tile.head, 0);
     unsafe { load_tile::<D>(q_smem, BM, q_src, p.q_strides[1], tile.m0, p.seqlen_q, tid) };
-    for i in 0..2 {
-        if i < blocks {
-            load_kv(i);
-        }
-        cp_async_commit();
+    if blocks > 0 {
+        load_kv(0);
+    }
+    unsafe { cp_async_mbarrier_arrive(full(0)) };
+    if blocks > 1 {
+        load_kv(1);
+        unsafe { cp_async_mbarrier_arrive(full(1)) };
+    }
+
+    // Ping-pong: warpgroup w issues its GEMMs after passing named barrier 1 + w, which the other
+    // warpgroup arrives at once it has issued its own S GEMM. Warpgroup 1 lets 0 go first.
+    let (my_turn, their_turn) = (1 + wg as u32, 2 - wg as u32);
+    if wg == 1 {
+        named_barrier_arrive(their_turn, WG_THREADS as u32);
     }
 
     let mut o = [0f32; 64];
     let mut state = RowState::new();
     for i in 0..blocks {
         let stage = (i % WG_STAGES as i32) as usize;
-        cp_async_wait::<1>(); // all but the newest group: tile i (and Q) have landed
-        fence_proxy_async_shared();
-        // Publishes tile i, and every thread is past iteration i - 1, so its stage is free.
-        sync_threads();
-        if i + 2 < blocks {
-            load_kv(i + 2);
-        }
-        cp_async_commit();
+        unsafe { mbarrier_wait(full(stage), parity(i)) };
+        fence_proxy_async_shared(); // cp.async (generic proxy) data -> wgmma (async proxy)
 
         // S = Q K^T: 64 rows of this warpgroup x 128 keys, D / 16 k-steps.
+        named_barrier_sync(my_turn, WG_THREADS as u32);
         let mut s = [0f32; 64];
         fence_accumulators_64(&mut s);
         wgmma_fence();
@@ -164,14 +187,15 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillPa
             E::mma_ss_m64n128k16(&mut s, a, b, (kk > 0) as u32);
         }
         wgmma_commit();
+        named_barrier_arrive(their_turn, WG_THREADS as u32);
         wgmma_wait_all();
         fence_accumulators_64(&mut s);
 
         let n0 = n_block(i) * BN as i32;
-        let full = tile
+        let full_block = tile
             .mask
             .block_fully_visible(tile.q_lo, tile.q_hi, n0, BN as i32);
-        scale_and_mask(&mut s, &tile.mask, full, q_pos, n0, t, p.scale_log2);
+        scale_and_mask(&mut s, &tile.mask, full_block, q_pos, n0, t, p.scale_log2);
         let alpha = online_softmax(&mut s, &mut state);
         rescale(&mut o, alpha);
 
@@ -204,9 +228,18 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillPa
         wgmma_commit();
         wgmma_wait_all();
         fence_accumulators_64(&mut o);
-    }
-    cp_async_wait::<0>();
+        unsafe { mbarrier_arrive(empty(stage)) };
 
+        // Refill: tile i + 2 goes where tile i - 1 was, once every thread has finished with it.
+        if i + 2 < blocks {
+            let refill = ((i + 2) % WG_STAGES as i32) as usize;
+            if i >= 1 {
+                unsafe { mbarrier_wait(empty(refill), parity(i - 1)) };
+            }
+            load_kv(i + 2);
+            unsafe { cp_async_mbarrier_arrive(full(refill)) };
+        }
+    }
     let (inv, lse) = finish(&state);
     let o_used: &[f32; 64] = &o;
     if D == 64 {
