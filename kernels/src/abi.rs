@@ -14,8 +14,12 @@ pub const WG_BLOCK_M: usize = 128;
 pub const WG_BLOCK_N: usize = 128;
 /// K/V stages in the Hopper prefill kernel's shared-memory ring (prefetch distance 2).
 pub const WG_STAGES: usize = 3;
-/// Threads per block of the Hopper prefill kernel.
-pub const WG_THREADS: usize = 256;
+/// Threads per block of the Hopper prefill kernel: a producer warpgroup (loads) and two consumer
+/// warpgroups (math).
+pub const WG_THREADS: usize = 384;
+/// Registers per thread after `setmaxnreg`: the producer gives its registers to the consumers.
+pub const WG_PRODUCER_REGISTERS: u32 = 64;
+pub const WG_CONSUMER_REGISTERS: u32 = 208;
 
 /// Byte offset of the Hopper prefill kernel's mbarriers (after Q and the K/V ring).
 pub const fn wg_barrier_offset(d: usize) -> usize {
@@ -23,10 +27,10 @@ pub const fn wg_barrier_offset(d: usize) -> usize {
 }
 
 /// Dynamic shared memory of the Hopper prefill kernel for head dim `d`: Q, then `WG_STAGES`
-/// stages of (K, V), all bf16/f16, then a full and an empty mbarrier per stage.
+/// stages of (K, V), all bf16/f16, then mbarriers (Q full; full and empty per stage).
 /// D = 128: 224 KiB of the 227 KiB a block may have.
 pub const fn wg_smem_bytes(d: usize) -> usize {
-    wg_barrier_offset(d) + WG_STAGES * 2 * 8
+    wg_barrier_offset(d) + (1 + 2 * WG_STAGES) * 8
 }
 
 /// Most KV heads per layer: head kinds travel in the launch parameters as a bitmask.

@@ -285,3 +285,15 @@ pub fn named_barrier_arrive(id: u32, threads: u32) {
         asm!("bar.arrive {i}, {n};", i = in(reg32) id, n = in(reg32) threads, options(nostack))
     };
 }
+
+/// Lowers this warpgroup's register allocation to `N` (all its threads must execute it).
+#[inline(always)]
+pub fn setmaxnreg_dec<const N: u32>() {
+    unsafe { asm!("setmaxnreg.dec.sync.aligned.u32 {n};", n = const N, options(nostack)) };
+}
+
+/// Raises this warpgroup's register allocation to `N` (all its threads must execute it).
+#[inline(always)]
+pub fn setmaxnreg_inc<const N: u32>() {
+    unsafe { asm!("setmaxnreg.inc.sync.aligned.u32 {n};", n = const N, options(nostack)) };
+}

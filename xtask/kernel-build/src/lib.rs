@@ -145,17 +145,41 @@ pub fn build_ptx(workspace: &Path, target_dir: &Path) -> Result<PathBuf, BuildEr
 /// shared memory) cannot be declared inside a function, which is all inline asm can reach.
 pub const MODULE_DECLARATIONS: &str = ".extern .shared .align 1024 .b8 duo_dyn_smem[];";
 
-/// Inserts [`MODULE_DECLARATIONS`] after the PTX header (`.address_size`).
+/// Performance directives per kernel-entry prefix: rustc has no attribute for them. The Hopper
+/// kernel needs a register cap at entry (`.maxntid` with `.minnctapersm 1`) for `setmaxnreg`.
+pub fn entry_directives() -> Vec<(&'static str, String)> {
+    let threads = duo_attn_kernels::abi::WG_THREADS;
+    vec![(
+        "duo_prefill_wgmma_",
+        format!(".maxntid {threads}, 1, 1\n.minnctapersm 1"),
+    )]
+}
+
+/// Inserts [`MODULE_DECLARATIONS`] after the PTX header (`.address_size`) and each entry's
+/// [`entry_directives`] between its parameter list and its body.
 pub fn add_module_declarations(ptx: &str) -> String {
-    let mut out = String::with_capacity(ptx.len() + MODULE_DECLARATIONS.len() + 2);
+    let directives = entry_directives();
+    let mut out = String::with_capacity(ptx.len() + 4096);
     let mut inserted = false;
+    let mut pending: Option<&str> = None; // directives of the entry whose parameters are being read
     for line in ptx.lines() {
+        let trimmed = line.trim_start();
+        if pending.is_some() && trimmed == "{" {
+            out.push_str(pending.take().unwrap());
+            out.push('\n');
+        }
         out.push_str(line);
         out.push('\n');
-        if !inserted && line.trim_start().starts_with(".address_size") {
+        if !inserted && trimmed.starts_with(".address_size") {
             out.push_str(MODULE_DECLARATIONS);
             out.push('\n');
             inserted = true;
+        }
+        if let Some(name) = trimmed.strip_prefix(".visible .entry ") {
+            pending = directives
+                .iter()
+                .find(|(prefix, _)| name.starts_with(prefix))
+                .map(|(_, d)| d.as_str());
         }
     }
     out
@@ -291,15 +315,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn declarations_go_after_the_header() {
-        let ptx = ".version 8.0\n.target sm_90a\n.address_size 64\n.visible .entry k() {}\n";
-        let out = add_module_declarations(ptx);
-        assert_eq!(
-            out,
-            format!(
-                ".version 8.0\n.target sm_90a\n.address_size 64\n{MODULE_DECLARATIONS}\n.visible .entry k() {{}}\n"
-            )
+    fn declarations_go_after_the_header_and_directives_before_bodies() {
+        let ptx = ".version 8.0\n.address_size 64\n.visible .entry k(\n.param .b64 p\n)\n{\nret;\n}\n\
+.visible .entry duo_prefill_wgmma_bf16_d64(\n.param .b64 p\n)\n{\nret;\n}\n";
+        let threads = duo_attn_kernels::abi::WG_THREADS;
+        let want = format!(
+            ".version 8.0\n.address_size 64\n{MODULE_DECLARATIONS}\n.visible .entry k(\n.param .b64 p\n)\n{{\nret;\n}}\n\
+.visible .entry duo_prefill_wgmma_bf16_d64(\n.param .b64 p\n)\n.maxntid {threads}, 1, 1\n.minnctapersm 1\n{{\nret;\n}}\n"
         );
+        assert_eq!(add_module_declarations(ptx), want);
     }
 
     #[test]
