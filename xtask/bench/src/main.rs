@@ -115,13 +115,24 @@ fn main() -> ExitCode {
             case.seqlen_k
         ));
         match timing::time_case(&ctx, case, &mut rng) {
-            Ok(t) => records.push(Record {
-                case: *case,
-                implementation: OURS.into(),
-                ms: t.median_ms,
-                min_ms: Some(t.min_ms),
-                reps: Some(t.reps),
-            }),
+            Ok(t) => {
+                bar.println(format!(
+                    "{:<12} B={:<2} Sq={:<6} Sk={:<6} {:9.3} ms ({} reps)",
+                    case.mode.label(),
+                    case.batch,
+                    case.seqlen_q,
+                    case.seqlen_k,
+                    t.median_ms,
+                    t.reps
+                ));
+                records.push(Record {
+                    case: *case,
+                    implementation: OURS.into(),
+                    ms: t.median_ms,
+                    min_ms: Some(t.min_ms),
+                    reps: Some(t.reps),
+                });
+            }
             Err(e) => bar.println(format!("{case:?}: {e}")),
         }
         bar.inc(1);
