@@ -9,7 +9,7 @@
 use crate::abi::{PREFILL_BLOCK_M, PREFILL_BLOCK_N, PREFILL_THREADS, PrefillParams};
 use crate::device::*;
 use crate::mma::{Bf16, Element, F16};
-use crate::softmax::{RowState, finish, online_softmax, rescale, scale_and_mask};
+use crate::softmax::{RowState, finish};
 use crate::tile::{QueryTile, elem_offset};
 
 const BM: i32 = PREFILL_BLOCK_M as i32;
@@ -149,12 +149,16 @@ unsafe fn prefill<
             set_quad(&mut s, j, c);
         }
 
-        let full = tile
-            .mask
-            .block_fully_visible(tile.q_lo, tile.q_hi, n0, BN as i32);
-        scale_and_mask(&mut s, &tile.mask, full, q_pos, n0, t, p.scale_log2);
-        let alpha = online_softmax(&mut s, &mut state);
-        rescale(&mut acc, alpha);
+        tile.softmax_step(
+            &mut s,
+            &mut acc,
+            &mut state,
+            n0,
+            BN as i32,
+            q_pos,
+            t,
+            p.scale_log2,
+        );
 
         // O += P V: the S accumulators of key tiles 2kk, 2kk+1 are the A fragment of k-step kk.
         for kk in 0..BN / 16 {

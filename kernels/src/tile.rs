@@ -6,6 +6,7 @@ use crate::device::{
 };
 use crate::mask::HeadMask;
 use crate::mma::Element;
+use crate::softmax::{RowState, online_softmax, rescale, scale_and_mask};
 
 /// `a / b` without a panic path (the host guarantees `b > 0`; 0 keeps the kernel total).
 #[inline(always)]
@@ -83,6 +84,30 @@ impl QueryTile {
             q_lo: offset + m0,
             q_hi: offset + min_i32(m0 + block_m, p.seqlen_q) - 1,
         }
+    }
+
+    /// One KV block's softmax step for this thread's rows: scale and mask the scores of keys
+    /// `n0..n0 + block_n` (element masks only on blocks not fully visible to the whole tile), fold
+    /// them into the running state (`s` becomes P), and rescale the output accumulator.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    pub fn softmax_step<const SN: usize, const ON: usize>(
+        &self,
+        s: &mut [f32; SN],
+        o: &mut [f32; ON],
+        state: &mut RowState,
+        n0: i32,
+        block_n: i32,
+        q_pos: [i32; 2],
+        t: usize,
+        scale_log2: f32,
+    ) {
+        let full = self
+            .mask
+            .block_fully_visible(self.q_lo, self.q_hi, n0, block_n);
+        scale_and_mask(s, &self.mask, full, q_pos, n0, t, scale_log2);
+        let alpha = online_softmax(s, state);
+        rescale(o, alpha);
     }
 
     /// Normalises this thread's two rows of O (accumulator layout: element `4j + e` is row

@@ -169,20 +169,19 @@ pub fn compare(
     }
 }
 
-/// Runs one prefill case on the GPU on fresh random inputs (outputs poisoned with NaN first) and
-/// compares it with the reference.
-pub fn run_prefill_case<T: AttnElement>(
+/// Runs prefill once on the GPU on host inputs, with the outputs poisoned (NaN) first, and
+/// returns the output `[B, Sq, Hq, D]` and LSE `[B, Hq, Sq]` after a synchronize.
+pub fn run_prefill<T: AttnElement>(
     ctx: &Context,
     shape: &Shape,
     cfg: &AttentionConfig,
-    rng: &mut StdRng,
-) -> Result<Comparison, Error> {
-    let (q, q32) = random_tensor::<T>(rng, shape.q_len());
-    let (k, k32) = random_tensor::<T>(rng, shape.kv_len());
-    let (v, v32) = random_tensor::<T>(rng, shape.kv_len());
-    let dq = ctx.upload(&q, shape.q_shape())?;
-    let dk = ctx.upload(&k, shape.kv_shape())?;
-    let dv = ctx.upload(&v, shape.kv_shape())?;
+    q: &[T],
+    k: &[T],
+    v: &[T],
+) -> Result<(Vec<T>, Vec<f32>), Error> {
+    let dq = ctx.upload(q, shape.q_shape())?;
+    let dk = ctx.upload(k, shape.kv_shape())?;
+    let dv = ctx.upload(v, shape.kv_shape())?;
     let mut out = ctx.alloc::<T, 4>(shape.q_shape())?;
     let mut lse = ctx.alloc::<f32, 3>(shape.lse_shape())?;
     out.fill(T::nan())?;
@@ -196,8 +195,22 @@ pub fn run_prefill_case<T: AttnElement>(
         cfg,
     )?;
     ctx.synchronize()?;
-    let out32: Vec<f32> = out.to_host()?.iter().map(|x| x.to_f32()).collect();
-    let lse32 = lse.to_host()?;
+    Ok((out.to_host()?, lse.to_host()?))
+}
+
+/// Runs one prefill case on the GPU on fresh random inputs (outputs poisoned with NaN first) and
+/// compares it with the reference.
+pub fn run_prefill_case<T: AttnElement>(
+    ctx: &Context,
+    shape: &Shape,
+    cfg: &AttentionConfig,
+    rng: &mut StdRng,
+) -> Result<Comparison, Error> {
+    let (q, q32) = random_tensor::<T>(rng, shape.q_len());
+    let (k, k32) = random_tensor::<T>(rng, shape.kv_len());
+    let (v, v32) = random_tensor::<T>(rng, shape.kv_len());
+    let (out, lse) = run_prefill(ctx, shape, cfg, &q, &k, &v)?;
+    let out32: Vec<f32> = out.iter().map(|x| x.to_f32()).collect();
     let rows = rows_to_check(shape, rng);
-    Ok(compare(shape, cfg, &q32, &k32, &v32, &out32, &lse32, &rows))
+    Ok(compare(shape, cfg, &q32, &k32, &v32, &out32, &lse, &rows))
 }

@@ -3,7 +3,8 @@
 use duo_attn::reference::Shape;
 use duo_attn::{AttentionConfig, Context, DType, Error, HeadKind, PrefillKernel};
 use duo_attn_tests::{
-    Comparison, compare, gpu_or_skip, notice, random_tensor, rng, rows_to_check, run_prefill_case,
+    Comparison, compare, gpu_or_skip, notice, random_tensor, rng, rows_to_check, run_prefill,
+    run_prefill_case,
 };
 use half::{bf16, f16};
 use rand::{Rng, rngs::StdRng};
@@ -263,11 +264,6 @@ fn prefill_is_deterministic() {
     let (q, _) = random_tensor::<f16>(&mut rng, shape.q_len());
     let (k, _) = random_tensor::<f16>(&mut rng, shape.kv_len());
     let (v, _) = random_tensor::<f16>(&mut rng, shape.kv_len());
-    let (dq, dk, dv) = (
-        ctx.upload(&q, shape.q_shape()).unwrap(),
-        ctx.upload(&k, shape.kv_shape()).unwrap(),
-        ctx.upload(&v, shape.kv_shape()).unwrap(),
-    );
     let cfg = AttentionConfig::new(vec![
         HeadKind::Streaming,
         HeadKind::Retrieval,
@@ -276,21 +272,9 @@ fn prefill_is_deterministic() {
     ]);
     let mut runs = Vec::new();
     for _ in 0..2 {
-        let mut out = ctx.alloc::<f16, 4>(shape.q_shape()).unwrap();
-        let mut lse = ctx.alloc::<f32, 3>(shape.lse_shape()).unwrap();
-        out.fill(f16::NAN).unwrap();
-        ctx.attention(
-            &dq.view(),
-            &dk.view(),
-            &dv.view(),
-            &mut out.view_mut(),
-            &mut lse.view_mut(),
-            &cfg,
-        )
-        .unwrap();
-        ctx.synchronize().unwrap();
-        let bits: Vec<u16> = out.to_host().unwrap().iter().map(|x| x.to_bits()).collect();
-        let lse_bits: Vec<u32> = lse.to_host().unwrap().iter().map(|x| x.to_bits()).collect();
+        let (out, lse) = run_prefill(&ctx, &shape, &cfg, &q, &k, &v).unwrap();
+        let bits: Vec<u16> = out.iter().map(|x| x.to_bits()).collect();
+        let lse_bits: Vec<u32> = lse.iter().map(|x| x.to_bits()).collect();
         runs.push((bits, lse_bits));
     }
     assert!(runs[0] == runs[1], "two runs on the same inputs differ");
