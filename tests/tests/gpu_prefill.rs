@@ -306,3 +306,28 @@ fn host_and_device_errors() {
         .expect("an ordinal past the last device must fail");
     assert!(matches!(err, Error::DeviceOutOfRange { .. }), "{err}");
 }
+
+/// A full grid (full causal, B1, 4k, 32 heads, D128: 1024 blocks) launched 20 times in a row:
+/// an earlier pipelining variant hung here under load while passing every single-shot test.
+#[test]
+fn full_grid_repeated_launches() {
+    let Some(ctx) = gpu_or_skip("full_grid_repeated_launches") else {
+        return;
+    };
+    let mut rng = rng("full grid repeated");
+    let shape = Shape {
+        batch: 1,
+        seqlen_q: 4096,
+        seqlen_k: 4096,
+        heads_q: 32,
+        heads_kv: 32,
+        head_dim: 128,
+    };
+    let cfg = AttentionConfig::all_retrieval(32);
+    let (q, _) = random_tensor::<bf16>(&mut rng, shape.q_len());
+    let (k, _) = random_tensor::<bf16>(&mut rng, shape.kv_len());
+    for _ in 0..20 {
+        let (out, lse) = run_prefill(&ctx, &shape, &cfg, &q, &k, &k).unwrap();
+        assert!(out.iter().all(|x| x.to_f32().is_finite()) && lse.iter().all(|x| x.is_finite()));
+    }
+}
