@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use crate::tensor::{TensorDesc, View, ViewMut};
 use duo_attn_kernels::abi::{
     HEAD_MASK_WORDS, MAX_KV_HEADS, MAX_SEQLEN, PREFILL_BLOCK_M, PREFILL_THREADS, PrefillParams,
-    WG_BLOCK_M, WG_THREADS, wg_smem_bytes,
+    WG_BLOCK_M, WG_THREADS, WS_THREADS, wg_smem_bytes, ws_smem_bytes,
 };
 
 /// How a KV head (and every query head of its group) attends.
@@ -25,8 +25,13 @@ pub enum PrefillKernel {
     Auto,
     /// Warp-level `mma.sync` kernel (the first kernel; kept as a cross-check).
     MmaSync,
-    /// Hopper warpgroup-MMA kernel (`wgmma`, 128-byte swizzled tiles, cp.async double buffering).
+    /// Hopper warpgroup-MMA kernel: `wgmma` on 128-byte swizzled tiles, a 3-stage cp.async ring,
+    /// one block barrier per 128-key tile.
     Wgmma,
+    /// EXPERIMENTAL warp-specialised Hopper kernel (producer warpgroup, mbarrier ring,
+    /// `setmaxnreg`, ping-pong consumers): faster, but it deadlocks intermittently under
+    /// back-to-back launches of full grids. Not for production until that is fixed.
+    WgmmaWarpSpecialized,
 }
 
 /// What one attention call computes, besides the tensors.
@@ -310,6 +315,9 @@ pub fn plan_prefill<T: AttnElement>(
         PrefillKernel::MmaSync => ("", PREFILL_BLOCK_M, PREFILL_THREADS, 0),
         PrefillKernel::Auto | PrefillKernel::Wgmma => {
             ("wgmma_", WG_BLOCK_M, WG_THREADS, wg_smem_bytes(head_dim))
+        }
+        PrefillKernel::WgmmaWarpSpecialized => {
+            ("wgmma_ws_", WG_BLOCK_M, WS_THREADS, ws_smem_bytes(head_dim))
         }
     };
     Ok(PrefillPlan {

@@ -8,29 +8,37 @@ pub const PREFILL_BLOCK_N: usize = 64;
 /// Threads per block of the prefill kernel.
 pub const PREFILL_THREADS: usize = 128;
 
-/// Query rows per block of the Hopper (wgmma) prefill kernel: two warpgroups of 64 rows.
+/// Query rows per block of the Hopper (wgmma) prefill kernels: two warpgroups of 64 rows.
 pub const WG_BLOCK_M: usize = 128;
-/// Keys per KV tile of the Hopper prefill kernel.
+/// Keys per KV tile of the Hopper prefill kernels.
 pub const WG_BLOCK_N: usize = 128;
-/// K/V stages in the Hopper prefill kernel's shared-memory ring (prefetch distance 2).
+/// K/V stages in the Hopper prefill kernels' shared-memory ring.
 pub const WG_STAGES: usize = 3;
-/// Threads per block of the Hopper prefill kernel: a producer warpgroup (loads) and two consumer
-/// warpgroups (math).
-pub const WG_THREADS: usize = 384;
-/// Registers per thread after `setmaxnreg`: the producer gives its registers to the consumers.
-pub const WG_PRODUCER_REGISTERS: u32 = 64;
-pub const WG_CONSUMER_REGISTERS: u32 = 208;
+/// Threads per block of the default Hopper prefill kernel (two warpgroups that load and compute).
+pub const WG_THREADS: usize = 256;
 
-/// Byte offset of the Hopper prefill kernel's mbarriers (after Q and the K/V ring).
-pub const fn wg_barrier_offset(d: usize) -> usize {
+/// Dynamic shared memory of the default Hopper prefill kernel for head dim `d`: Q, then
+/// `WG_STAGES` stages of (K, V), all bf16/f16. D = 128: 224 KiB of the 227 KiB a block may have.
+pub const fn wg_smem_bytes(d: usize) -> usize {
     WG_BLOCK_M * d * 2 + WG_STAGES * 2 * WG_BLOCK_N * d * 2
 }
 
-/// Dynamic shared memory of the Hopper prefill kernel for head dim `d`: Q, then `WG_STAGES`
-/// stages of (K, V), all bf16/f16, then mbarriers (Q full; full and empty per stage).
-/// D = 128: 224 KiB of the 227 KiB a block may have.
-pub const fn wg_smem_bytes(d: usize) -> usize {
-    wg_barrier_offset(d) + (1 + 2 * WG_STAGES) * 8
+/// Threads per block of the warp-specialised Hopper kernel (experimental): a producer warpgroup
+/// (loads) and two consumer warpgroups (math).
+pub const WS_THREADS: usize = 384;
+/// Registers per thread after `setmaxnreg`: the producer gives its registers to the consumers.
+pub const WS_PRODUCER_REGISTERS: u32 = 64;
+pub const WS_CONSUMER_REGISTERS: u32 = 208;
+
+/// Byte offset of the warp-specialised kernel's mbarriers (after Q and the K/V ring).
+pub const fn ws_barrier_offset(d: usize) -> usize {
+    wg_smem_bytes(d)
+}
+
+/// Dynamic shared memory of the warp-specialised kernel: as the default one, then mbarriers
+/// (Q full; full and empty per stage).
+pub const fn ws_smem_bytes(d: usize) -> usize {
+    ws_barrier_offset(d) + (1 + 2 * WG_STAGES) * 8
 }
 
 /// Most KV heads per layer: head kinds travel in the launch parameters as a bitmask.
@@ -74,8 +82,9 @@ pub struct PrefillParams {
     pub scale_log2: f32,
 }
 
-/// Prefill kernel entry names, by (element, head dim): the mma.sync kernel, then the wgmma one.
-pub const PREFILL_ENTRIES: [(&str, &str, usize); 8] = [
+/// Prefill kernel entry names, by (element, head dim): the mma.sync kernel, the default wgmma
+/// kernel, the warp-specialised wgmma kernel.
+pub const PREFILL_ENTRIES: [(&str, &str, usize); 12] = [
     ("duo_prefill_bf16_d64", "bf16", 64),
     ("duo_prefill_bf16_d128", "bf16", 128),
     ("duo_prefill_f16_d64", "f16", 64),
@@ -84,4 +93,8 @@ pub const PREFILL_ENTRIES: [(&str, &str, usize); 8] = [
     ("duo_prefill_wgmma_bf16_d128", "bf16", 128),
     ("duo_prefill_wgmma_f16_d64", "f16", 64),
     ("duo_prefill_wgmma_f16_d128", "f16", 128),
+    ("duo_prefill_wgmma_ws_bf16_d64", "bf16", 64),
+    ("duo_prefill_wgmma_ws_bf16_d128", "bf16", 128),
+    ("duo_prefill_wgmma_ws_f16_d64", "f16", 64),
+    ("duo_prefill_wgmma_ws_f16_d128", "f16", 128),
 ];

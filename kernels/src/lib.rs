@@ -21,6 +21,8 @@ pub mod prefill;
 #[cfg(target_arch = "nvptx64")]
 pub mod prefill_wgmma;
 #[cfg(target_arch = "nvptx64")]
+pub mod prefill_wgmma_ws;
+#[cfg(target_arch = "nvptx64")]
 pub mod softmax;
 #[cfg(target_arch = "nvptx64")]
 pub mod tile;

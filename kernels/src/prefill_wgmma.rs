@@ -1,13 +1,10 @@
 //! Hopper prefill kernel (sm_90a): warpgroup MMA on 128-byte-swizzled shared-memory tiles.
 //!
-//! A block owns `WG_BLOCK_M = 128` query rows of one head and walks the KV blocks the head's
-//! mask reaches (sink and window blocks only for streaming heads). It is warp-specialised:
-//! warpgroup 0 is the producer (cp.async of Q once, then K/V tiles of 128 keys into a three-stage
-//! shared-memory ring; `setmaxnreg` down to 64 registers), warpgroups 1 and 2 are consumers
-//! (64 query rows each, `setmaxnreg` up to 208). Each stage has a "full" mbarrier (the producer's
-//! copies landed: `cp.async.mbarrier.arrive`) and an "empty" one (both consumers done reading).
-//! Named barriers alternate the consumers' GEMM issue (ping-pong), so one consumer's softmax
-//! overlaps the other's tensor-core work. S = Q K^T is a `wgmma m64n128k16` with both operands
+//! A block of two warpgroups owns `WG_BLOCK_M = 128` query rows of one head (64 per warpgroup)
+//! and walks the KV blocks the head's mask reaches (sink and window blocks only for streaming
+//! heads). Q is loaded once. K/V tiles of 128 keys stream through a three-stage shared-memory
+//! ring filled by cp.async, two tiles ahead, so one barrier per tile both publishes tile i and
+//! frees the stage tile i + 2 goes into. S = Q K^T is a `wgmma m64n128k16` with both operands
 //! K-major in shared memory. P goes from the S accumulators
 //! straight into register A fragments for `O += P V`, with V read N-major (transposed by wgmma).
 //!
@@ -15,13 +12,10 @@
 //! (128-byte) column blocks, one after another, each `rows x 128 B`. Inside a block, 16-byte
 //! chunk `c` of row `r` sits at chunk `c ^ (r % 8)`: the hardware's 128B swizzle, which needs
 //! 1024-byte-aligned blocks.
-use crate::abi::{
-    PrefillParams, WG_BLOCK_M, WG_BLOCK_N, WG_CONSUMER_REGISTERS, WG_PRODUCER_REGISTERS, WG_STAGES,
-    wg_barrier_offset,
-};
+use crate::abi::{PrefillParams, WG_BLOCK_M, WG_BLOCK_N, WG_STAGES, WG_THREADS, wg_smem_bytes};
 use crate::device::*;
 use crate::mma::{Bf16, Element, F16};
-use crate::softmax::{RowState, finish};
+use crate::softmax::{RowState, finish, online_softmax, rescale, scale_and_mask};
 use crate::tile::{QueryTile, elem_offset};
 use crate::wgmma::{
     WgmmaElement, fence_accumulators_64, wgmma_commit, wgmma_fence, wgmma_wait_all,
@@ -29,9 +23,6 @@ use crate::wgmma::{
 
 const BM: usize = WG_BLOCK_M;
 const BN: usize = WG_BLOCK_N;
-/// Threads of the producer warpgroup, and of the two consumer warpgroups.
-const PRODUCERS: usize = 128;
-const CONSUMERS: usize = 256;
 
 /// Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled tile of `rows` rows.
 #[inline(always)]
@@ -49,9 +40,7 @@ fn descriptor(addr: u32, leading_byte_offset: u32, stride_byte_offset: u32) -> u
 }
 
 /// Starts async copies of rows `row0..row0 + rows` of a `[.., S, H, D]` operand (one head) into a
-/// swizzled tile; rows at or past `limit` are zero-filled. The `PRODUCERS` producer threads share
-/// the work: each keeps one 16-byte column chunk and walks rows `PRODUCERS / (D / 8)` apart, a
-/// multiple of 8, so its swizzle never changes and every address just steps (few registers).
+/// swizzled tile; rows at or past `limit` are zero-filled. All `WG_THREADS` threads take part.
 #[inline(always)]
 unsafe fn load_tile<const D: usize>(
     dst: u32,
@@ -62,50 +51,47 @@ unsafe fn load_tile<const D: usize>(
     limit: i32,
     tid: usize,
 ) {
-    let chunks = D / 8;
-    let step_rows = PRODUCERS / chunks;
-    let (chunk, first_row) = (tid % chunks, tid / chunks);
-    let mut dst = dst + swizzled(rows, first_row, chunk);
-    let mut pos = row0 + first_row as i32;
-    let mut addr = src + ((pos as i64 * seq_stride + (chunk * 8) as i64) * 2) as u64;
-    let step_bytes = (step_rows as i64 * seq_stride * 2) as u64;
-    for _ in 0..rows / step_rows {
+    for i in 0..rows * D / 8 / WG_THREADS {
+        let c = tid + i * WG_THREADS;
+        let (row, chunk) = (c / (D / 8), c % (D / 8));
+        let pos = row0 + row as i32;
         let valid = pos < limit;
+        let addr = if valid {
+            src + ((pos as i64 * seq_stride + (chunk * 8) as i64) * 2) as u64
+        } else {
+            src
+        };
         unsafe {
             cp_async_16(
-                dst,
-                if valid { addr } else { src },
+                dst + swizzled(rows, row, chunk),
+                addr,
                 if valid { 16 } else { 0 },
             )
         };
-        dst += (step_rows * 128) as u32;
-        pos += step_rows as i32;
-        addr = addr.wrapping_add(step_bytes);
     }
 }
 
 /// The kernel body, one instantiation per (element, head dim).
 #[inline(always)]
 unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillParams) {
-    const { assert!(wg_barrier_offset(D) == BM * D * 2 + WG_STAGES * 2 * BN * D * 2 && BN == 128) };
-    // load_tile's fixed-swizzle walk needs whole rows per pass and a row step that is a multiple of 8.
-    const { assert!(PRODUCERS % (D / 8) == 0 && (PRODUCERS / (D / 8)) % 8 == 0) };
+    const { assert!(wg_smem_bytes(D) == BM * D * 2 + WG_STAGES * 2 * BN * D * 2 && BN == 128) };
     let smem = dynamic_shared_base();
     let q_smem = smem;
     let stage_bytes = (2 * BN * D * 2) as u32;
     let k_smem = |stage: usize| smem + (BM * D * 2) as u32 + stage as u32 * stage_bytes;
     let v_smem = |stage: usize| k_smem(stage) + (BN * D * 2) as u32;
-    // mbarriers: Q full, then per stage a full (producer copies landed) and an empty (consumers
-    // done) barrier. Phase k of a stage's barrier belongs to tile 3k + stage.
-    let barriers = smem + wg_barrier_offset(D) as u32;
-    let q_full = barriers;
-    let full = |stage: usize| barriers + 8 * (1 + stage) as u32;
-    let empty = |stage: usize| barriers + 8 * (1 + WG_STAGES + stage) as u32;
-    let parity = |tile: i32| ((tile / WG_STAGES as i32) & 1) as u32;
-    let stage_of = |tile: i32| (tile % WG_STAGES as i32) as usize;
 
     let tid = thread_idx_x() as usize;
+    let (wg, wtid) = (tid / 128, tid % 128);
+    let lane = lane_id() as usize;
+    let (g, t) = (lane / 4, lane % 4);
     let tile = QueryTile::from_grid(p, BM as i32);
+    let row0 = tile.m0 + (64 * wg + 16 * (wtid / 32) + g) as i32;
+    let rows = [row0, row0 + 8];
+    let q_pos = [tile.offset + rows[0], tile.offset + rows[1]];
+    let k_src = p.k + elem_offset(&p.k_strides, tile.batch, 0, tile.kv_head, 0);
+    let v_src = p.v + elem_offset(&p.v_strides, tile.batch, 0, tile.kv_head, 0);
+
     let [first, second] = tile.mask.block_ranges(tile.q_lo, tile.q_hi, BN as i32);
     let blocks = first.len() + second.len();
     let n_block = |i: i32| {
@@ -116,153 +102,119 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillPa
         }
     };
 
-    if tid == 0 {
+    let load_kv = |i: i32| {
+        let (stage, n0) = ((i % WG_STAGES as i32) as usize, n_block(i) * BN as i32);
         unsafe {
-            mbarrier_init(q_full, PRODUCERS as u32);
-            for stage in 0..WG_STAGES {
-                mbarrier_init(full(stage), PRODUCERS as u32);
-                mbarrier_init(empty(stage), CONSUMERS as u32);
-            }
-        }
-    }
-    sync_threads();
-
-    if tid < PRODUCERS {
-        // Producer: Q once, then every KV tile, each into a stage the consumers have emptied.
-        setmaxnreg_dec::<WG_PRODUCER_REGISTERS>();
-        let q_src = p.q + elem_offset(&p.q_strides, tile.batch, 0, tile.head, 0);
-        let k_src = p.k + elem_offset(&p.k_strides, tile.batch, 0, tile.kv_head, 0);
-        let v_src = p.v + elem_offset(&p.v_strides, tile.batch, 0, tile.kv_head, 0);
-        unsafe {
-            load_tile::<D>(q_smem, BM, q_src, p.q_strides[1], tile.m0, p.seqlen_q, tid);
-            cp_async_mbarrier_arrive(q_full);
-        }
-        for i in 0..blocks {
-            let stage = stage_of(i);
-            let n0 = n_block(i) * BN as i32;
-            unsafe {
-                if i >= WG_STAGES as i32 {
-                    mbarrier_wait(empty(stage), parity(i - WG_STAGES as i32));
-                }
-                load_tile::<D>(
-                    k_smem(stage),
-                    BN,
-                    k_src,
-                    p.k_strides[1],
-                    n0,
-                    p.seqlen_k,
-                    tid,
-                );
-                load_tile::<D>(
-                    v_smem(stage),
-                    BN,
-                    v_src,
-                    p.v_strides[1],
-                    n0,
-                    p.seqlen_k,
-                    tid,
-                );
-                cp_async_mbarrier_arrive(full(stage));
-            }
-        }
-        cp_async_wait::<0>();
-    } else {
-        setmaxnreg_inc::<WG_CONSUMER_REGISTERS>();
-        let ctid = tid - PRODUCERS;
-        let (wg, wtid) = (ctid / 128, ctid % 128);
-        let lane = lane_id() as usize;
-        let t = lane % 4;
-        let row0 = tile.m0 + (64 * wg + 16 * (wtid / 32) + lane / 4) as i32;
-        let rows = [row0, row0 + 8];
-        let q_pos = [tile.offset + rows[0], tile.offset + rows[1]];
-
-        // Ping-pong: consumer w issues its GEMMs after passing named barrier 1 + w, which the other
-        // consumer arrives at once it has issued its own S GEMM. Consumer 1 lets 0 go first.
-        let (my_turn, their_turn) = (1 + wg as u32, 2 - wg as u32);
-        if wg == 1 {
-            named_barrier_arrive(their_turn, CONSUMERS as u32);
-        }
-        unsafe { mbarrier_wait(q_full, 0) };
-
-        let mut o = [0f32; 64];
-        let mut state = RowState::new();
-        for i in 0..blocks {
-            let stage = stage_of(i);
-            unsafe { mbarrier_wait(full(stage), parity(i)) };
-            fence_proxy_async_shared(); // cp.async (generic proxy) data -> wgmma (async proxy)
-
-            // S = Q K^T: 64 rows of this consumer x 128 keys, D / 16 k-steps.
-            named_barrier_sync(my_turn, CONSUMERS as u32);
-            let mut s = [0f32; 64];
-            fence_accumulators_64(&mut s);
-            wgmma_fence();
-            for kk in 0..D / 16 {
-                let (block, within) = ((kk / 4) as u32, (kk % 4) as u32 * 32);
-                let a = descriptor(
-                    q_smem + block * (BM * 128) as u32 + (wg * 64 * 128) as u32 + within,
-                    16,
-                    1024,
-                );
-                let b = descriptor(k_smem(stage) + block * (BN * 128) as u32 + within, 16, 1024);
-                E::mma_ss_m64n128k16(&mut s, a, b, (kk > 0) as u32);
-            }
-            wgmma_commit();
-            named_barrier_arrive(their_turn, CONSUMERS as u32);
-            wgmma_wait_all();
-            fence_accumulators_64(&mut s);
-
-            let n0 = n_block(i) * BN as i32;
-            tile.softmax_step(
-                &mut s,
-                &mut o,
-                &mut state,
+            load_tile::<D>(
+                k_smem(stage),
+                BN,
+                k_src,
+                p.k_strides[1],
                 n0,
-                BN as i32,
-                q_pos,
-                t,
-                p.scale_log2,
+                p.seqlen_k,
+                tid,
             );
-
-            // O += P V: key tiles 2kk, 2kk+1 of S form the register A fragment of k-step kk; V is
-            // N-major (head dim contiguous): LBO steps between 64-column blocks, SBO between 8 keys.
-            let mut pa = [[0u32; 4]; BN / 16];
-            for (kk, a) in pa.iter_mut().enumerate() {
-                let j = 8 * kk;
-                *a = [
-                    E::pack(s[j], s[j + 1]),
-                    E::pack(s[j + 2], s[j + 3]),
-                    E::pack(s[j + 4], s[j + 5]),
-                    E::pack(s[j + 6], s[j + 7]),
-                ];
-            }
-            fence_accumulators_64(&mut o);
-            wgmma_fence();
-            for (kk, a) in pa.iter().enumerate() {
-                let b = descriptor(
-                    v_smem(stage) + (kk * 16 * 128) as u32,
-                    (BN * 128) as u32,
-                    1024,
-                );
-                if D == 64 {
-                    E::mma_rs_m64n64k16(&mut o, a, b);
-                } else {
-                    E::mma_rs_m64n128k16(&mut o, a, b);
-                }
-            }
-            wgmma_commit();
-            wgmma_wait_all();
-            fence_accumulators_64(&mut o);
-            unsafe { mbarrier_arrive(empty(stage)) };
+            load_tile::<D>(
+                v_smem(stage),
+                BN,
+                v_src,
+                p.v_strides[1],
+                n0,
+                p.seqlen_k,
+                tid,
+            );
         }
+    };
 
-        let (inv, lse) = finish(&state);
-        if D == 64 {
-            let mut o64 = [0f32; 32];
-            o64.copy_from_slice(&o[..32]);
-            tile.store_rows::<E, 32>(p, &o64, rows, t, inv, lse);
-        } else {
-            tile.store_rows::<E, 64>(p, &o, rows, t, inv, lse);
+    // Prologue: Q with KV tile 0 in one cp.async group, tile 1 in the next (groups may be empty).
+    let q_src = p.q + elem_offset(&p.q_strides, tile.batch, 0, tile.head, 0);
+    unsafe { load_tile::<D>(q_smem, BM, q_src, p.q_strides[1], tile.m0, p.seqlen_q, tid) };
+    for i in 0..2 {
+        if i < blocks {
+            load_kv(i);
         }
+        cp_async_commit();
+    }
+
+    let mut o = [0f32; 64];
+    let mut state = RowState::new();
+    for i in 0..blocks {
+        let stage = (i % WG_STAGES as i32) as usize;
+        cp_async_wait::<1>(); // all but the newest group: tile i (and Q) have landed
+        fence_proxy_async_shared();
+        // Publishes tile i, and every thread is past iteration i - 1, so its stage is free.
+        sync_threads();
+        if i + 2 < blocks {
+            load_kv(i + 2);
+        }
+        cp_async_commit();
+
+        // S = Q K^T: 64 rows of this warpgroup x 128 keys, D / 16 k-steps.
+        let mut s = [0f32; 64];
+        fence_accumulators_64(&mut s);
+        wgmma_fence();
+        for kk in 0..D / 16 {
+            let (block, within) = ((kk / 4) as u32, (kk % 4) as u32 * 32);
+            let a = descriptor(
+                q_smem + block * (BM * 128) as u32 + (wg * 64 * 128) as u32 + within,
+                16,
+                1024,
+            );
+            let b = descriptor(k_smem(stage) + block * (BN * 128) as u32 + within, 16, 1024);
+            E::mma_ss_m64n128k16(&mut s, a, b, (kk > 0) as u32);
+        }
+        wgmma_commit();
+        wgmma_wait_all();
+        fence_accumulators_64(&mut s);
+
+        let n0 = n_block(i) * BN as i32;
+        let full = tile
+            .mask
+            .block_fully_visible(tile.q_lo, tile.q_hi, n0, BN as i32);
+        scale_and_mask(&mut s, &tile.mask, full, q_pos, n0, t, p.scale_log2);
+        let alpha = online_softmax(&mut s, &mut state);
+        rescale(&mut o, alpha);
+
+        // O += P V: key tiles 2kk, 2kk+1 of S form the register A fragment of k-step kk; V is
+        // N-major (head dim contiguous): LBO steps between 64-column blocks, SBO between 8 keys.
+        let mut pa = [[0u32; 4]; BN / 16];
+        for (kk, a) in pa.iter_mut().enumerate() {
+            let j = 8 * kk;
+            *a = [
+                E::pack(s[j], s[j + 1]),
+                E::pack(s[j + 2], s[j + 3]),
+                E::pack(s[j + 4], s[j + 5]),
+                E::pack(s[j + 6], s[j + 7]),
+            ];
+        }
+        fence_accumulators_64(&mut o);
+        wgmma_fence();
+        for (kk, a) in pa.iter().enumerate() {
+            let b = descriptor(
+                v_smem(stage) + (kk * 16 * 128) as u32,
+                (BN * 128) as u32,
+                1024,
+            );
+            if D == 64 {
+                E::mma_rs_m64n64k16(&mut o, a, b);
+            } else {
+                E::mma_rs_m64n128k16(&mut o, a, b);
+            }
+        }
+        wgmma_commit();
+        wgmma_wait_all();
+        fence_accumulators_64(&mut o);
+    }
+    cp_async_wait::<0>();
+
+    let (inv, lse) = finish(&state);
+    let o_used: &[f32; 64] = &o;
+    if D == 64 {
+        let mut o64 = [0f32; 32];
+        o64.copy_from_slice(&o_used[..32]);
+        tile.store_rows::<E, 32>(p, &o64, rows, t, inv, lse);
+    } else {
+        tile.store_rows::<E, 64>(p, o_used, rows, t, inv, lse);
     }
 }
 

@@ -94,6 +94,17 @@ fn prefill_matches_reference_over_the_matrix() {
     );
 }
 
+/// The experimental warp-specialised kernel: it passes this matrix, but can deadlock under
+/// back-to-back full-grid launches, so it is not run by default (`--ignored` to run it).
+#[test]
+#[ignore = "experimental kernel with an intermittent deadlock"]
+fn warp_specialised_prefill_matches_reference_over_the_matrix() {
+    matrix_for(
+        PrefillKernel::WgmmaWarpSpecialized,
+        "warp_specialised_prefill_matches_reference_over_the_matrix",
+    );
+}
+
 #[test]
 fn mma_sync_prefill_matches_reference_over_the_matrix() {
     matrix_for(

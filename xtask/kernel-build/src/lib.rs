@@ -145,12 +145,13 @@ pub fn build_ptx(workspace: &Path, target_dir: &Path) -> Result<PathBuf, BuildEr
 /// shared memory) cannot be declared inside a function, which is all inline asm can reach.
 pub const MODULE_DECLARATIONS: &str = ".extern .shared .align 1024 .b8 duo_dyn_smem[];";
 
-/// Performance directives per kernel-entry prefix: rustc has no attribute for them. The Hopper
-/// kernel needs a register cap at entry (`.maxntid` with `.minnctapersm 1`) for `setmaxnreg`.
+/// Performance directives per kernel-entry prefix: rustc has no attribute for them. The
+/// warp-specialised Hopper kernel needs a register cap at entry (`.maxntid` with
+/// `.minnctapersm 1`) for `setmaxnreg`.
 pub fn entry_directives() -> Vec<(&'static str, String)> {
-    let threads = duo_attn_kernels::abi::WG_THREADS;
+    let threads = duo_attn_kernels::abi::WS_THREADS;
     vec![(
-        "duo_prefill_wgmma_",
+        "duo_prefill_wgmma_ws_",
         format!(".maxntid {threads}, 1, 1\n.minnctapersm 1"),
     )]
 }
@@ -293,12 +294,12 @@ pub fn parse_ptxas_report(text: &str) -> Vec<KernelResources> {
 /// A plain text table of the report.
 pub fn format_report(kernels: &[KernelResources]) -> String {
     let mut s = format!(
-        "{:<28} {:>9} {:>11} {:>11} {:>12} {:>11}\n",
+        "{:<32} {:>9} {:>11} {:>11} {:>12} {:>11}\n",
         "kernel", "registers", "smem bytes", "stack bytes", "spill stores", "spill loads"
     );
     for k in kernels {
         s += &format!(
-            "{:<28} {:>9} {:>11} {:>11} {:>12} {:>11}\n",
+            "{:<32} {:>9} {:>11} {:>11} {:>12} {:>11}\n",
             k.name,
             k.registers,
             k.shared_bytes,
@@ -317,11 +318,11 @@ mod tests {
     #[test]
     fn declarations_go_after_the_header_and_directives_before_bodies() {
         let ptx = ".version 8.0\n.address_size 64\n.visible .entry k(\n.param .b64 p\n)\n{\nret;\n}\n\
-.visible .entry duo_prefill_wgmma_bf16_d64(\n.param .b64 p\n)\n{\nret;\n}\n";
-        let threads = duo_attn_kernels::abi::WG_THREADS;
+.visible .entry duo_prefill_wgmma_ws_bf16_d64(\n.param .b64 p\n)\n{\nret;\n}\n";
+        let threads = duo_attn_kernels::abi::WS_THREADS;
         let want = format!(
             ".version 8.0\n.address_size 64\n{MODULE_DECLARATIONS}\n.visible .entry k(\n.param .b64 p\n)\n{{\nret;\n}}\n\
-.visible .entry duo_prefill_wgmma_bf16_d64(\n.param .b64 p\n)\n.maxntid {threads}, 1, 1\n.minnctapersm 1\n{{\nret;\n}}\n"
+.visible .entry duo_prefill_wgmma_ws_bf16_d64(\n.param .b64 p\n)\n.maxntid {threads}, 1, 1\n.minnctapersm 1\n{{\nret;\n}}\n"
         );
         assert_eq!(add_module_declarations(ptx), want);
     }

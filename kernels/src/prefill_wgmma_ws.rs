@@ -1,0 +1,285 @@
+//! EXPERIMENTAL warp-specialised Hopper prefill kernel (sm_90a). It is faster than the default
+//! (`prefill_wgmma`) but deadlocks intermittently under back-to-back launches of full grids
+//! (root cause not found; see docs/perf-log.md), so it is opt-in only.
+//!
+//! Warpgroup MMA: warpgroup MMA on 128-byte-swizzled shared-memory tiles.
+//!
+//! A block owns `WG_BLOCK_M = 128` query rows of one head and walks the KV blocks the head's
+//! mask reaches (sink and window blocks only for streaming heads). It is warp-specialised:
+//! warpgroup 0 is the producer (cp.async of Q once, then K/V tiles of 128 keys into a three-stage
+//! shared-memory ring; `setmaxnreg` down to 64 registers), warpgroups 1 and 2 are consumers
+//! (64 query rows each, `setmaxnreg` up to 208). Each stage has a "full" mbarrier (the producer's
+//! copies landed: `cp.async.mbarrier.arrive`) and an "empty" one (both consumers done reading).
+//! Named barriers alternate the consumers' GEMM issue (ping-pong), so one consumer's softmax
+//! overlaps the other's tensor-core work. S = Q K^T is a `wgmma m64n128k16` with both operands
+//! K-major in shared memory. P goes from the S accumulators
+//! straight into register A fragments for `O += P V`, with V read N-major (transposed by wgmma).
+//!
+//! Tile layout in shared memory (Q, K and V alike): the head dim is split into 64-element
+//! (128-byte) column blocks, one after another, each `rows x 128 B`. Inside a block, 16-byte
+//! chunk `c` of row `r` sits at chunk `c ^ (r % 8)`: the hardware's 128B swizzle, which needs
+//! 1024-byte-aligned blocks.
+use crate::abi::{
+    PrefillParams, WG_BLOCK_M, WG_BLOCK_N, WG_STAGES, WS_CONSUMER_REGISTERS, WS_PRODUCER_REGISTERS,
+    ws_barrier_offset,
+};
+use crate::device::*;
+use crate::mma::{Bf16, Element, F16};
+use crate::softmax::{RowState, finish};
+use crate::tile::{QueryTile, elem_offset};
+use crate::wgmma::{
+    WgmmaElement, fence_accumulators_64, wgmma_commit, wgmma_fence, wgmma_wait_all,
+};
+
+const BM: usize = WG_BLOCK_M;
+const BN: usize = WG_BLOCK_N;
+/// Threads of the producer warpgroup, and of the two consumer warpgroups.
+const PRODUCERS: usize = 128;
+const CONSUMERS: usize = 256;
+
+/// Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled tile of `rows` rows.
+#[inline(always)]
+fn swizzled(rows: usize, row: usize, chunk: usize) -> u32 {
+    ((chunk / 8) * rows * 128 + row * 128 + (((chunk % 8) ^ (row % 8)) * 16)) as u32
+}
+
+/// wgmma shared-memory descriptor, 128-byte swizzle. Offsets in bytes.
+#[inline(always)]
+fn descriptor(addr: u32, leading_byte_offset: u32, stride_byte_offset: u32) -> u64 {
+    ((addr as u64 >> 4) & 0x3fff)
+        | (((leading_byte_offset as u64 >> 4) & 0x3fff) << 16)
+        | (((stride_byte_offset as u64 >> 4) & 0x3fff) << 32)
+        | (1u64 << 62)
+}
+
+/// Starts async copies of rows `row0..row0 + rows` of a `[.., S, H, D]` operand (one head) into a
+/// swizzled tile; rows at or past `limit` are zero-filled. The `PRODUCERS` producer threads share
+/// the work: each keeps one 16-byte column chunk and walks rows `PRODUCERS / (D / 8)` apart, a
+/// multiple of 8, so its swizzle never changes and every address just steps (few registers).
+#[inline(always)]
+unsafe fn load_tile<const D: usize>(
+    dst: u32,
+    rows: usize,
+    src: u64,
+    seq_stride: i64,
+    row0: i32,
+    limit: i32,
+    tid: usize,
+) {
+    let chunks = D / 8;
+    let step_rows = PRODUCERS / chunks;
+    let (chunk, first_row) = (tid % chunks, tid / chunks);
+    let mut dst = dst + swizzled(rows, first_row, chunk);
+    let mut pos = row0 + first_row as i32;
+    let mut addr = src + ((pos as i64 * seq_stride + (chunk * 8) as i64) * 2) as u64;
+    let step_bytes = (step_rows as i64 * seq_stride * 2) as u64;
+    for _ in 0..rows / step_rows {
+        let valid = pos < limit;
+        unsafe {
+            cp_async_16(
+                dst,
+                if valid { addr } else { src },
+                if valid { 16 } else { 0 },
+            )
+        };
+        dst += (step_rows * 128) as u32;
+        pos += step_rows as i32;
+        addr = addr.wrapping_add(step_bytes);
+    }
+}
+
+/// The kernel body, one instantiation per (element, head dim).
+#[inline(always)]
+unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillParams) {
+    const { assert!(ws_barrier_offset(D) == BM * D * 2 + WG_STAGES * 2 * BN * D * 2 && BN == 128) };
+    // load_tile's fixed-swizzle walk needs whole rows per pass and a row step that is a multiple of 8.
+    const { assert!(PRODUCERS % (D / 8) == 0 && (PRODUCERS / (D / 8)) % 8 == 0) };
+    let smem = dynamic_shared_base();
+    let q_smem = smem;
+    let stage_bytes = (2 * BN * D * 2) as u32;
+    let k_smem = |stage: usize| smem + (BM * D * 2) as u32 + stage as u32 * stage_bytes;
+    let v_smem = |stage: usize| k_smem(stage) + (BN * D * 2) as u32;
+    // mbarriers: Q full, then per stage a full (producer copies landed) and an empty (consumers
+    // done) barrier. Phase k of a stage's barrier belongs to tile 3k + stage.
+    let barriers = smem + ws_barrier_offset(D) as u32;
+    let q_full = barriers;
+    let full = |stage: usize| barriers + 8 * (1 + stage) as u32;
+    let empty = |stage: usize| barriers + 8 * (1 + WG_STAGES + stage) as u32;
+    let parity = |tile: i32| ((tile / WG_STAGES as i32) & 1) as u32;
+    let stage_of = |tile: i32| (tile % WG_STAGES as i32) as usize;
+
+    let tid = thread_idx_x() as usize;
+    let tile = QueryTile::from_grid(p, BM as i32);
+    let [first, second] = tile.mask.block_ranges(tile.q_lo, tile.q_hi, BN as i32);
+    let blocks = first.len() + second.len();
+    let n_block = |i: i32| {
+        if i < first.len() {
+            first.start + i
+        } else {
+            second.start + i - first.len()
+        }
+    };
+
+    if tid == 0 {
+        unsafe {
+            mbarrier_init(q_full, PRODUCERS as u32);
+            for stage in 0..WG_STAGES {
+                mbarrier_init(full(stage), PRODUCERS as u32);
+                mbarrier_init(empty(stage), CONSUMERS as u32);
+            }
+        }
+    }
+    sync_threads();
+
+    if tid < PRODUCERS {
+        // Producer: Q once, then every KV tile, each into a stage the consumers have emptied.
+        setmaxnreg_dec::<WS_PRODUCER_REGISTERS>();
+        let q_src = p.q + elem_offset(&p.q_strides, tile.batch, 0, tile.head, 0);
+        let k_src = p.k + elem_offset(&p.k_strides, tile.batch, 0, tile.kv_head, 0);
+        let v_src = p.v + elem_offset(&p.v_strides, tile.batch, 0, tile.kv_head, 0);
+        unsafe {
+            load_tile::<D>(q_smem, BM, q_src, p.q_strides[1], tile.m0, p.seqlen_q, tid);
+            cp_async_mbarrier_arrive(q_full);
+        }
+        for i in 0..blocks {
+            let stage = stage_of(i);
+            let n0 = n_block(i) * BN as i32;
+            unsafe {
+                if i >= WG_STAGES as i32 {
+                    mbarrier_wait(empty(stage), parity(i - WG_STAGES as i32));
+                }
+                load_tile::<D>(
+                    k_smem(stage),
+                    BN,
+                    k_src,
+                    p.k_strides[1],
+                    n0,
+                    p.seqlen_k,
+                    tid,
+                );
+                load_tile::<D>(
+                    v_smem(stage),
+                    BN,
+                    v_src,
+                    p.v_strides[1],
+                    n0,
+                    p.seqlen_k,
+                    tid,
+                );
+                cp_async_mbarrier_arrive(full(stage));
+            }
+        }
+        cp_async_wait::<0>();
+    } else {
+        setmaxnreg_inc::<WS_CONSUMER_REGISTERS>();
+        let ctid = tid - PRODUCERS;
+        let (wg, wtid) = (ctid / 128, ctid % 128);
+        let lane = lane_id() as usize;
+        let t = lane % 4;
+        let row0 = tile.m0 + (64 * wg + 16 * (wtid / 32) + lane / 4) as i32;
+        let rows = [row0, row0 + 8];
+        let q_pos = [tile.offset + rows[0], tile.offset + rows[1]];
+
+        // Ping-pong: consumer w issues its GEMMs after passing named barrier 1 + w, which the other
+        // consumer arrives at once it has issued its own S GEMM. Consumer 1 lets 0 go first.
+        let (my_turn, their_turn) = (1 + wg as u32, 2 - wg as u32);
+        if wg == 1 {
+            named_barrier_arrive(their_turn, CONSUMERS as u32);
+        }
+        unsafe { mbarrier_wait(q_full, 0) };
+
+        let mut o = [0f32; 64];
+        let mut state = RowState::new();
+        for i in 0..blocks {
+            let stage = stage_of(i);
+            unsafe { mbarrier_wait(full(stage), parity(i)) };
+            fence_proxy_async_shared(); // cp.async (generic proxy) data -> wgmma (async proxy)
+
+            // S = Q K^T: 64 rows of this consumer x 128 keys, D / 16 k-steps.
+            named_barrier_sync(my_turn, CONSUMERS as u32);
+            let mut s = [0f32; 64];
+            fence_accumulators_64(&mut s);
+            wgmma_fence();
+            for kk in 0..D / 16 {
+                let (block, within) = ((kk / 4) as u32, (kk % 4) as u32 * 32);
+                let a = descriptor(
+                    q_smem + block * (BM * 128) as u32 + (wg * 64 * 128) as u32 + within,
+                    16,
+                    1024,
+                );
+                let b = descriptor(k_smem(stage) + block * (BN * 128) as u32 + within, 16, 1024);
+                E::mma_ss_m64n128k16(&mut s, a, b, (kk > 0) as u32);
+            }
+            wgmma_commit();
+            named_barrier_arrive(their_turn, CONSUMERS as u32);
+            wgmma_wait_all();
+            fence_accumulators_64(&mut s);
+
+            let n0 = n_block(i) * BN as i32;
+            tile.softmax_step(
+                &mut s,
+                &mut o,
+                &mut state,
+                n0,
+                BN as i32,
+                q_pos,
+                t,
+                p.scale_log2,
+            );
+
+            // O += P V: key tiles 2kk, 2kk+1 of S form the register A fragment of k-step kk; V is
+            // N-major (head dim contiguous): LBO steps between 64-column blocks, SBO between 8 keys.
+            let mut pa = [[0u32; 4]; BN / 16];
+            for (kk, a) in pa.iter_mut().enumerate() {
+                let j = 8 * kk;
+                *a = [
+                    E::pack(s[j], s[j + 1]),
+                    E::pack(s[j + 2], s[j + 3]),
+                    E::pack(s[j + 4], s[j + 5]),
+                    E::pack(s[j + 6], s[j + 7]),
+                ];
+            }
+            fence_accumulators_64(&mut o);
+            wgmma_fence();
+            for (kk, a) in pa.iter().enumerate() {
+                let b = descriptor(
+                    v_smem(stage) + (kk * 16 * 128) as u32,
+                    (BN * 128) as u32,
+                    1024,
+                );
+                if D == 64 {
+                    E::mma_rs_m64n64k16(&mut o, a, b);
+                } else {
+                    E::mma_rs_m64n128k16(&mut o, a, b);
+                }
+            }
+            wgmma_commit();
+            wgmma_wait_all();
+            fence_accumulators_64(&mut o);
+            unsafe { mbarrier_arrive(empty(stage)) };
+        }
+
+        let (inv, lse) = finish(&state);
+        if D == 64 {
+            let mut o64 = [0f32; 32];
+            o64.copy_from_slice(&o[..32]);
+            tile.store_rows::<E, 32>(p, &o64, rows, t, inv, lse);
+        } else {
+            tile.store_rows::<E, 64>(p, &o, rows, t, inv, lse);
+        }
+    }
+}
+
+macro_rules! wgmma_entry {
+    ($name:ident, $elem:ty, $d:literal) => {
+        #[unsafe(no_mangle)]
+        pub unsafe extern "ptx-kernel" fn $name(p: PrefillParams) {
+            unsafe { prefill_wgmma::<$elem, $d>(&p) }
+        }
+    };
+}
+
+wgmma_entry!(duo_prefill_wgmma_ws_bf16_d64, Bf16, 64);
+wgmma_entry!(duo_prefill_wgmma_ws_bf16_d128, Bf16, 128);
+wgmma_entry!(duo_prefill_wgmma_ws_f16_d64, F16, 64);
+wgmma_entry!(duo_prefill_wgmma_ws_f16_d128, F16, 128);
