@@ -192,70 +192,78 @@ fn check_limit(what: &'static str, value: usize, limit: usize) -> Result<()> {
     Ok(())
 }
 
-/// Validates a prefill call and builds its launch. Pure: no GPU needed, so every rule is unit-tested.
-///
-/// q/out `[B, Sq, Hq, D]`, k/v `[B, Sk, Hkv, D]`, lse `[B, Hq, Sq]` (contiguous f32).
-pub fn plan_prefill<T: AttnElement>(
+/// Checks q `[B, Sq, Hq, D]`, out (same shape), lse `[B, Hq, Sq]` and the scale: devices, shapes,
+/// head dim, limits, layout. Returns `[B, Sq, Hq, D]`.
+pub(crate) fn check_queries(
     q: &TensorDesc<4>,
-    k: &TensorDesc<4>,
-    v: &TensorDesc<4>,
     out: &TensorDesc<4>,
     lse: &TensorDesc<3>,
     cfg: &AttentionConfig,
     device: u32,
-) -> Result<PrefillPlan> {
-    let named4 = [(q, "q"), (k, "k"), (v, "v"), (out, "out")];
-    for (t, name) in named4 {
+) -> Result<[usize; 4]> {
+    for (t, name) in [(q, "q"), (out, "out")] {
         check_device(t, name, device)?;
     }
     check_device(lse, "lse", device)?;
-    for (t, name) in named4 {
+    for (t, name) in [(q, "q"), (out, "out")] {
         t.check_not_empty(name)?;
     }
     lse.check_not_empty("lse")?;
-
     let [batch, seqlen_q, heads_q, head_dim] = q.shape;
-    let [_, seqlen_k, heads_kv, _] = k.shape;
     if !SUPPORTED_HEAD_DIMS.contains(&head_dim) {
         return Err(Error::UnsupportedHeadDim(head_dim));
     }
-    check_shape(
-        k,
-        "k",
-        [batch, seqlen_k, heads_kv, head_dim],
-        "k is [B, Sk, Hkv, D] with q's B and D",
-    )?;
-    check_shape(v, "v", k.shape, "v must match k")?;
     check_shape(out, "out", q.shape, "out must match q")?;
     check_shape(lse, "lse", [batch, heads_q, seqlen_q], "lse is [B, Hq, Sq]")?;
-    if heads_q % heads_kv != 0 {
-        return Err(Error::HeadGroupMismatch { heads_q, heads_kv });
-    }
-    if cfg.head_kinds.len() != heads_kv {
-        return Err(Error::HeadKindsLength {
-            got: cfg.head_kinds.len(),
-            expected: heads_kv,
-        });
-    }
     check_limit("seqlen_q", seqlen_q, MAX_SEQLEN)?;
-    check_limit("seqlen_k", seqlen_k, MAX_SEQLEN)?;
     check_limit("the batch size", batch, MAX_GRID_YZ)?;
     check_limit("the number of query heads", heads_q, MAX_GRID_YZ)?;
-    check_limit("the number of KV heads", heads_kv, MAX_KV_HEADS)?;
     let scale = cfg.scale_for(head_dim);
     if !(scale.is_finite() && scale > 0.0) {
         return Err(Error::InvalidScale(scale));
     }
-
-    for (t, name) in named4 {
+    for (t, name) in [(q, "q"), (out, "out")] {
         check_bshd(t, name)?;
     }
     lse.check_contiguous("lse")?;
     lse.check_in_bounds("lse")?;
     out.check_non_overlapping("out")?;
+    Ok(q.shape)
+}
+
+/// Checks a K/V pair `[B, S, H, D]` against q's B and D; returns S.
+pub(crate) fn check_kv(
+    k: (&TensorDesc<4>, &'static str),
+    v: (&TensorDesc<4>, &'static str),
+    batch: usize,
+    heads: usize,
+    head_dim: usize,
+    device: u32,
+    why: &'static str,
+) -> Result<usize> {
+    for (t, name) in [k, v] {
+        check_device(t, name, device)?;
+        t.check_not_empty(name)?;
+    }
+    let seqlen = k.0.shape[1];
+    check_shape(k.0, k.1, [batch, seqlen, heads, head_dim], why)?;
+    check_shape(v.0, v.1, k.0.shape, "v must match k")?;
+    check_limit("seqlen_k", seqlen, MAX_SEQLEN)?;
+    for (t, name) in [k, v] {
+        check_bshd(t, name)?;
+    }
+    Ok(seqlen)
+}
+
+/// Outputs must not overlap any input, nor each other.
+pub(crate) fn check_no_aliasing(
+    out: &TensorDesc<4>,
+    lse: &TensorDesc<3>,
+    inputs: &[(&TensorDesc<4>, &'static str)],
+) -> Result<()> {
     let (out_start, out_end) = out.byte_range();
     let (lse_start, lse_end) = lse.byte_range();
-    for (t, name) in [(q, "q"), (k, "k"), (v, "v")] {
+    for &(t, name) in inputs {
         if t.overlaps(out_start, out_end) {
             return Err(Error::Aliasing {
                 output: "out",
@@ -275,43 +283,126 @@ pub fn plan_prefill<T: AttnElement>(
             input: "out",
         });
     }
+    Ok(())
+}
 
-    let mut streaming_heads = [0u32; HEAD_MASK_WORDS];
-    for (h, kind) in cfg.head_kinds.iter().enumerate() {
+/// Query heads must split evenly over the KV heads, with one kind per KV head.
+pub(crate) fn check_heads(heads_q: usize, heads_kv: usize, cfg: &AttentionConfig) -> Result<()> {
+    if heads_kv == 0 || heads_q % heads_kv != 0 {
+        return Err(Error::HeadGroupMismatch { heads_q, heads_kv });
+    }
+    if cfg.head_kinds.len() != heads_kv {
+        return Err(Error::HeadKindsLength {
+            got: cfg.head_kinds.len(),
+            expected: heads_kv,
+        });
+    }
+    check_limit("the number of KV heads", heads_kv, MAX_KV_HEADS)
+}
+
+/// The streaming-head bitmask of the launch parameters.
+pub(crate) fn streaming_mask(kinds: &[HeadKind]) -> [u32; HEAD_MASK_WORDS] {
+    let mut mask = [0u32; HEAD_MASK_WORDS];
+    for (h, kind) in kinds.iter().enumerate() {
         if *kind == HeadKind::Streaming {
-            streaming_heads[h / 32] |= 1 << (h % 32);
+            mask[h / 32] |= 1 << (h % 32);
         }
     }
-    let strides = |t: &TensorDesc<4>| {
-        [
-            t.strides[0] as i64,
-            t.strides[1] as i64,
-            t.strides[2] as i64,
-        ]
-    };
-    // Values past any sequence length act the same as MAX_SEQLEN and keep kernel arithmetic in i32.
-    let clamp = |x: u32| (x as usize).min(MAX_SEQLEN) as i32;
-    let params = PrefillParams {
+    mask
+}
+
+pub(crate) fn strides3(t: &TensorDesc<4>) -> [i64; 3] {
+    [
+        t.strides[0] as i64,
+        t.strides[1] as i64,
+        t.strides[2] as i64,
+    ]
+}
+
+/// Sink/window values past any sequence length act as `MAX_SEQLEN` and keep kernel arithmetic
+/// in i32.
+pub(crate) fn clamp_len(x: u32) -> i32 {
+    (x as usize).min(MAX_SEQLEN) as i32
+}
+
+/// Validates a prefill call and builds its launch. Pure: no GPU needed, so every rule is unit-tested.
+///
+/// q/out `[B, Sq, Hq, D]`, k/v `[B, Sk, Hkv, D]`, lse `[B, Hq, Sq]` (contiguous f32).
+pub fn plan_prefill<T: AttnElement>(
+    q: &TensorDesc<4>,
+    k: &TensorDesc<4>,
+    v: &TensorDesc<4>,
+    out: &TensorDesc<4>,
+    lse: &TensorDesc<3>,
+    cfg: &AttentionConfig,
+    device: u32,
+) -> Result<PrefillPlan> {
+    let [batch, _, heads_q, head_dim] = check_queries(q, out, lse, cfg, device)?;
+    let heads_kv = k.shape[2];
+    check_heads(heads_q, heads_kv, cfg)?;
+    let seqlen_k = check_kv(
+        (k, "k"),
+        (v, "v"),
+        batch,
+        heads_kv,
+        head_dim,
+        device,
+        "k is [B, Sk, Hkv, D] with q's B and D",
+    )?;
+    check_no_aliasing(out, lse, &[(q, "q"), (k, "k"), (v, "v")])?;
+    let params = prefill_params(q, out, lse, cfg, (k, v, seqlen_k), None);
+    Ok(prefill_launch::<T>(cfg.kernel, q.shape, params))
+}
+
+/// Launch parameters of a validated prefill: retrieval K/V (or all heads' K/V) and, for the
+/// DuoAttention cache, the streaming heads' own K/V.
+pub(crate) fn prefill_params(
+    q: &TensorDesc<4>,
+    out: &TensorDesc<4>,
+    lse: &TensorDesc<3>,
+    cfg: &AttentionConfig,
+    kv: (&TensorDesc<4>, &TensorDesc<4>, usize),
+    stream: Option<(&TensorDesc<4>, &TensorDesc<4>, usize)>,
+) -> PrefillParams {
+    let [_, seqlen_q, heads_q, head_dim] = q.shape;
+    let (k, v, seqlen_k) = kv;
+    let (sk, sv, seqlen_k_stream) = stream.unwrap_or(kv);
+    PrefillParams {
         q: q.ptr,
         k: k.ptr,
         v: v.ptr,
         o: out.ptr,
         lse: lse.ptr,
-        streaming_heads,
-        q_strides: strides(q),
-        k_strides: strides(k),
-        v_strides: strides(v),
-        o_strides: strides(out),
+        streaming_heads: streaming_mask(&cfg.head_kinds),
+        q_strides: strides3(q),
+        k_strides: strides3(k),
+        v_strides: strides3(v),
+        o_strides: strides3(out),
         seqlen_q: seqlen_q as i32,
         seqlen_k: seqlen_k as i32,
         heads_q: heads_q as i32,
-        heads_kv: heads_kv as i32,
-        sink: clamp(cfg.sink),
-        window: clamp(cfg.window),
+        heads_kv: cfg.head_kinds.len() as i32,
+        sink: clamp_len(cfg.sink),
+        window: clamp_len(cfg.window),
         causal: cfg.causal as i32,
-        scale_log2: scale * std::f32::consts::LOG2_E,
-    };
-    let (variant, block_m, block, shared_bytes) = match cfg.kernel {
+        scale_log2: cfg.scale_for(head_dim) * std::f32::consts::LOG2_E,
+        split_kv: stream.is_some() as i32,
+        seqlen_k_stream: seqlen_k_stream as i32,
+        stream_k: sk.ptr,
+        stream_v: sv.ptr,
+        stream_k_strides: strides3(sk),
+        stream_v_strides: strides3(sv),
+    }
+}
+
+/// Entry, grid, block and shared memory of a prefill with q of shape `[B, Sq, Hq, D]`.
+pub(crate) fn prefill_launch<T: AttnElement>(
+    kernel: PrefillKernel,
+    q_shape: [usize; 4],
+    params: PrefillParams,
+) -> PrefillPlan {
+    let [batch, seqlen_q, heads_q, head_dim] = q_shape;
+    let (variant, block_m, block, shared_bytes) = match kernel {
         PrefillKernel::MmaSync => ("", PREFILL_BLOCK_M, PREFILL_THREADS, 0),
         PrefillKernel::Auto | PrefillKernel::Wgmma => {
             ("wgmma_", WG_BLOCK_M, WG_THREADS, wg_smem_bytes(head_dim))
@@ -320,7 +411,7 @@ pub fn plan_prefill<T: AttnElement>(
             ("wgmma_ws_", WG_BLOCK_M, WS_THREADS, ws_smem_bytes(head_dim))
         }
     };
-    Ok(PrefillPlan {
+    PrefillPlan {
         entry: format!("duo_prefill_{variant}{}_d{}", T::KERNEL_NAME, head_dim),
         grid: (
             seqlen_q.div_ceil(block_m) as u32,
@@ -330,7 +421,7 @@ pub fn plan_prefill<T: AttnElement>(
         block: block as u32,
         shared_bytes: shared_bytes as u32,
         params,
-    })
+    }
 }
 
 impl Context {

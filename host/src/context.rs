@@ -6,9 +6,11 @@ use crate::tensor::DeviceTensor;
 use cust::context::{Context as CudaContext_, CurrentContext};
 use cust::device::{Device, DeviceAttribute};
 use cust::function::{BlockSize, GridSize};
+use cust::memory::DeviceBuffer;
 use cust::module::Module;
 use cust::stream::{Stream, StreamFlags};
 use std::ffi::c_void;
+use std::sync::Mutex;
 
 /// What the context's device is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,6 +31,9 @@ pub struct Context {
     stream: Stream,
     cuda: CudaContext_,
     info: DeviceInfo,
+    /// Scratch for split-KV partials, grown on demand. Every user is queued on `stream`, so reuse
+    /// is ordered; it is freed (a synchronising cuMemFree) only when it grows.
+    workspace: Mutex<Option<DeviceBuffer<f32>>>,
 }
 
 impl Context {
@@ -78,6 +83,7 @@ impl Context {
             stream,
             cuda,
             info,
+            workspace: Mutex::new(None),
         })
     }
 
@@ -132,6 +138,23 @@ impl Context {
     pub fn synchronize(&self) -> Result<()> {
         self.make_current()?;
         self.stream.synchronize().during("synchronizing the stream")
+    }
+
+    /// Device address of at least `len` f32 of scratch memory (see `workspace`).
+    pub(crate) fn workspace(&self, len: usize) -> Result<u64> {
+        self.make_current()?;
+        let mut guard = self
+            .workspace
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if guard.as_ref().is_none_or(|b| b.len() < len) {
+            *guard = None; // free the old buffer first
+            // SAFETY: f32 is Pod; kernels write every element they later read.
+            let buf = unsafe { DeviceBuffer::uninitialized(len.max(1)) }
+                .during("allocating decode workspace")?;
+            *guard = Some(buf);
+        }
+        Ok(guard.as_ref().map_or(0, |b| b.as_device_ptr().as_raw()))
     }
 
     /// Launches `entry` with `shared_bytes` of dynamic shared memory and one by-value `#[repr(C)]`

@@ -101,6 +101,25 @@ pub enum Error {
         value: usize,
         limit: usize,
     },
+    #[error("decode takes 1 to {max} query tokens per sequence, got {got}; use prefill for more")]
+    DecodeQueryBlock { got: usize, max: usize },
+    #[error("the KV cache holds at most {capacity} tokens; {len} cached + {adding} new do not fit")]
+    CacheFull {
+        capacity: usize,
+        len: usize,
+        adding: usize,
+    },
+    #[error("layer {layer} does not exist: the cache has {layers} layers")]
+    LayerOutOfRange { layer: usize, layers: usize },
+    #[error("invalid cache configuration: {0}")]
+    InvalidCacheConfig(String),
+    #[error("head pattern: {0}")]
+    Pattern(String),
+    #[error("reading head pattern file {path}: {source}")]
+    PatternIo {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(
         "`{tensor}` lives on device {tensor_device} but this context runs on device {context_device}"
     )]

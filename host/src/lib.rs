@@ -24,15 +24,21 @@
 //! ```
 
 pub mod attention;
+pub mod cache;
 pub mod context;
+pub mod decode;
 pub mod element;
 pub mod error;
 pub mod kernels;
+pub mod pattern;
 pub mod reference;
 pub mod tensor;
 
 pub use attention::{AttentionConfig, HeadKind, PrefillKernel, PrefillPlan, plan_prefill};
+pub use cache::{CacheConfig, CacheMemory, DuoCache, cache_memory, ring_slots};
 pub use context::{Context, DeviceInfo};
+pub use decode::{DecodePlan, MAX_DECODE_QUERIES};
 pub use element::{AttnElement, DType, DeviceScalar};
 pub use error::{Error, Result};
+pub use pattern::{Binarize, HeadPattern};
 pub use tensor::{DeviceTensor, TensorDesc, View, ViewMut};

@@ -80,6 +80,16 @@ pub struct PrefillParams {
     pub causal: i32,
     /// softmax_scale * log2(e): scores go through exp2.
     pub scale_log2: f32,
+    /// 0: KV head `h` reads head `h` of `k`/`v` (the plain attention API). 1 (the DuoAttention
+    /// cache): retrieval heads read `k`/`v` and streaming heads read `stream_k`/`stream_v`, each
+    /// at its rank among the KV heads of its kind, with that source's own length; query rows are
+    /// bottom-right aligned to each source.
+    pub split_kv: i32,
+    pub seqlen_k_stream: i32,
+    pub stream_k: u64,
+    pub stream_v: u64,
+    pub stream_k_strides: [i64; 3],
+    pub stream_v_strides: [i64; 3],
 }
 
 /// Prefill kernel entry names, by (element, head dim): the mma.sync kernel, the default wgmma
@@ -97,4 +107,128 @@ pub const PREFILL_ENTRIES: [(&str, &str, usize); 12] = [
     ("duo_prefill_wgmma_ws_bf16_d128", "bf16", 128),
     ("duo_prefill_wgmma_ws_f16_d64", "f16", 64),
     ("duo_prefill_wgmma_ws_f16_d128", "f16", 128),
+];
+
+/// Keys per KV tile of the decode kernel (4 warps x 16 keys).
+pub const DECODE_BLOCK_N: usize = 64;
+/// Query rows (query heads of one KV group x query tokens) per decode block.
+pub const DECODE_ROWS: usize = 16;
+/// Threads per decode block.
+pub const DECODE_THREADS: usize = 128;
+/// K/V stages of the decode kernel's cp.async ring.
+pub const DECODE_STAGES: usize = 3;
+/// Most KV splits of one decode call (the combine kernel reads them all).
+pub const DECODE_MAX_SPLITS: usize = 256;
+
+/// Row pitch (elements) of a decode K/V tile in shared memory: D + 8 keeps fragment reads and
+/// `ldmatrix` rows on distinct banks.
+pub const fn decode_pitch(d: usize) -> usize {
+    d + 8
+}
+
+/// Dynamic shared memory of the decode kernel for head dim `d` (K/V ring; the cross-warp
+/// reduction reuses it).
+pub const fn decode_smem_bytes(d: usize) -> usize {
+    DECODE_STAGES * 2 * DECODE_BLOCK_N * decode_pitch(d) * 2
+}
+
+/// A key/value source with its element strides of (batch, sequence, head).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct KvSource {
+    pub k: u64,
+    pub v: u64,
+    pub k_strides: [i64; 3],
+    pub v_strides: [i64; 3],
+}
+
+/// Parameters of the decode kernel (`duo_decode_*`): a block of `n_q` new query tokens per
+/// sequence against a KV cache whose length (new tokens included) is `seqlen`.
+///
+/// q `[B, n_q, Hq, D]` strided. With `ring == 0` every KV head `h` reads head `h` of `full`
+/// (`[B, >= seqlen, Hkv, D]`), and streaming heads visit only their sink and window blocks.
+/// With `ring == 1` (the DuoAttention cache) retrieval heads read `full` and streaming heads read
+/// `stream`, a ring of `sink + recent` slots (`[B, sink + recent, Hs, D]`), each at its rank
+/// among the heads of its kind. Outputs are per split: `o_partial` f32 `[splits, B, Hq, n_q, D]`
+/// (normalised within the split) and `lse_partial` f32 `[splits, B, Hq, n_q]` (natural log,
+/// -inf for a split that saw nothing); `duo_decode_combine` merges them.
+/// Grid: `(splits, Hkv * ceil(G * n_q / DECODE_ROWS), B)`, block `DECODE_THREADS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct DecodeParams {
+    pub q: u64,
+    pub q_strides: [i64; 3],
+    pub full: KvSource,
+    pub stream: KvSource,
+    pub o_partial: u64,
+    pub lse_partial: u64,
+    pub streaming_heads: [u32; HEAD_MASK_WORDS],
+    pub batch: i32,
+    pub n_q: i32,
+    pub heads_q: i32,
+    pub heads_kv: i32,
+    pub seqlen: i32,
+    pub sink: i32,
+    pub window: i32,
+    /// Streaming ring: recent slots (after the `sink` fixed ones).
+    pub recent: i32,
+    pub ring: i32,
+    pub causal: i32,
+    /// KV tiles each split walks (of the head's visited tiles, in order).
+    pub tiles_per_split: i32,
+    pub scale_log2: f32,
+}
+
+/// Parameters of `duo_decode_combine_*`: merges the splits of a decode into `o` `[B, n_q, Hq, D]`
+/// (strided, 16-bit) and `lse` `[B, Hq, n_q]` (contiguous f32).
+/// Grid: `(ceil(B * Hq * n_q / 4), 1, 1)`, block 128 (one warp per output row).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CombineParams {
+    pub o_partial: u64,
+    pub lse_partial: u64,
+    pub o: u64,
+    pub lse: u64,
+    pub o_strides: [i64; 3],
+    pub splits: i32,
+    pub batch: i32,
+    pub n_q: i32,
+    pub heads_q: i32,
+    pub head_dim: i32,
+}
+
+/// Parameters of the cache kernels, which move 16-byte chunks of K/V rows.
+///
+/// `duo_cache_append`: new rows `[B, n_new, Hkv, D]` (positions `start..start + n_new`) go to
+/// `full` at their position (retrieval heads, by rank) or to the ring (streaming heads, by rank):
+/// positions `< sink` to slot `pos`, later ones to slot `sink + (pos - sink) % recent`; a row
+/// that a later row of the same call would overwrite is skipped.
+///
+/// `duo_cache_gather_stream`: builds a streaming head's prefill context `[B, n_hist + n_new, Hs,
+/// D]` in `out`: the cached sink rows, the cached recent rows in position order, then the new rows.
+/// Grid: `(ceil(rows * Hkv * D / 8 / 256), B)`, block 256, rows = `n_new` (append) or
+/// `n_hist + n_new` (gather).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CacheParams {
+    pub new: KvSource,
+    pub full: KvSource,
+    pub stream: KvSource,
+    pub out: KvSource,
+    pub streaming_heads: [u32; HEAD_MASK_WORDS],
+    pub n_new: i32,
+    pub heads_kv: i32,
+    pub head_dim: i32,
+    /// Cached length before the new rows.
+    pub start: i32,
+    pub sink: i32,
+    pub recent: i32,
+}
+
+/// Decode, combine and cache kernel entry names, by (element, head dim).
+pub const DECODE_ENTRIES: [(&str, &str, usize); 4] = [
+    ("duo_decode_bf16_d64", "bf16", 64),
+    ("duo_decode_bf16_d128", "bf16", 128),
+    ("duo_decode_f16_d64", "f16", 64),
+    ("duo_decode_f16_d128", "f16", 128),
 ];

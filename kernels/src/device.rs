@@ -297,3 +297,55 @@ pub fn setmaxnreg_dec<const N: u32>() {
 pub fn setmaxnreg_inc<const N: u32>() {
     unsafe { asm!("setmaxnreg.inc.sync.aligned.u32 {n};", n = const N, options(nostack)) };
 }
+
+/// Four 8x8 16-bit matrices from shared memory, transposed: lanes 8i..8i+7 give the row addresses
+/// of matrix i, and each thread receives elements `[2t][g]`, `[2t+1][g]` of each (`g = lane / 4`,
+/// `t = lane % 4`), which is the mma B fragment of a row-major [k][n] tile.
+#[inline(always)]
+pub unsafe fn ldmatrix_x4_trans(addr: u32) -> [u32; 4] {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    unsafe {
+        asm!("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {{{a}, {b}, {c}, {d}}}, [{p}];",
+            a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d, p = in(reg32) addr,
+            options(readonly, nostack))
+    };
+    [a, b, c, d]
+}
+
+#[inline(always)]
+pub unsafe fn st_global_v4(addr: u64, v: [u32; 4]) {
+    unsafe {
+        asm!("st.global.v4.u32 [{p}], {{{a}, {b}, {c}, {d}}};",
+            p = in(reg64) addr, a = in(reg32) v[0], b = in(reg32) v[1], c = in(reg32) v[2], d = in(reg32) v[3],
+            options(nostack))
+    };
+}
+
+/// Plain (coherent) 4-byte f32 global load: for data an earlier kernel of the stream wrote.
+#[inline(always)]
+pub unsafe fn ld_global_f32(addr: u64) -> f32 {
+    let r: f32;
+    unsafe {
+        asm!("ld.global.f32 {r}, [{p}];", r = out(reg32) r, p = in(reg64) addr, options(readonly, nostack))
+    };
+    r
+}
+
+#[inline(always)]
+pub unsafe fn st_shared_f32(addr: u32, v: f32) {
+    unsafe {
+        asm!("st.shared.f32 [{p}], {v};", p = in(reg32) addr, v = in(reg32) v, options(nostack))
+    };
+}
+
+#[inline(always)]
+pub unsafe fn ld_shared_f32(addr: u32) -> f32 {
+    let r: f32;
+    unsafe {
+        asm!("ld.shared.f32 {r}, [{p}];", r = out(reg32) r, p = in(reg32) addr, options(readonly, nostack))
+    };
+    r
+}
+
+special_reg!(/// Block size (x).
+    block_dim_x, "%ntid.x");

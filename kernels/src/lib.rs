@@ -11,7 +11,12 @@
 
 pub mod abi;
 pub mod mask;
+pub mod ring;
 
+#[cfg(target_arch = "nvptx64")]
+pub mod cache;
+#[cfg(target_arch = "nvptx64")]
+pub mod decode;
 #[cfg(target_arch = "nvptx64")]
 pub mod device;
 #[cfg(target_arch = "nvptx64")]

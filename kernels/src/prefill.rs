@@ -84,7 +84,7 @@ unsafe fn prefill<
     let warp = tid / 32;
     let (g, t) = (lane / 4, lane % 4);
     let tile = QueryTile::from_grid(p, BM);
-    let (sk, batch, kv_head) = (p.seqlen_k, tile.batch, tile.kv_head);
+    let sk = tile.seqlen_k;
     let row0 = tile.m0 + (warp * 16 + g) as i32;
     let rows = [row0, row0 + 8];
     let q_pos = [tile.offset + rows[0], tile.offset + rows[1]];
@@ -93,7 +93,7 @@ unsafe fn prefill<
     let mut qa = [[0u32; 4]; KQ];
     for (r, &row) in rows.iter().enumerate() {
         if row < p.seqlen_q {
-            let base = p.q + elem_offset(&p.q_strides, batch, row, tile.head, 2 * t);
+            let base = p.q + elem_offset(&p.q_strides, tile.batch, row, tile.head, 2 * t);
             for (kk, frag) in qa.iter_mut().enumerate() {
                 frag[r] = unsafe { ld_global_nc_u32(base + (kk * 32) as u64) };
                 frag[r + 2] = unsafe { ld_global_nc_u32(base + (kk * 32 + 16) as u64) };
@@ -121,8 +121,14 @@ unsafe fn prefill<
             let (kc, vc) = if key < sk {
                 unsafe {
                     (
-                        ld_global_nc_v4(p.k + elem_offset(&p.k_strides, batch, key, kv_head, col)),
-                        ld_global_nc_v4(p.v + elem_offset(&p.v_strides, batch, key, kv_head, col)),
+                        ld_global_nc_v4(
+                            tile.k_base
+                                + ((key as i64 * tile.k_row_stride + col as i64) * 2) as u64,
+                        ),
+                        ld_global_nc_v4(
+                            tile.v_base
+                                + ((key as i64 * tile.v_row_stride + col as i64) * 2) as u64,
+                        ),
                     )
                 }
             } else {

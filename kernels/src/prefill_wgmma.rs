@@ -89,8 +89,8 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillPa
     let row0 = tile.m0 + (64 * wg + 16 * (wtid / 32) + g) as i32;
     let rows = [row0, row0 + 8];
     let q_pos = [tile.offset + rows[0], tile.offset + rows[1]];
-    let k_src = p.k + elem_offset(&p.k_strides, tile.batch, 0, tile.kv_head, 0);
-    let v_src = p.v + elem_offset(&p.v_strides, tile.batch, 0, tile.kv_head, 0);
+    let k_src = tile.k_base;
+    let v_src = tile.v_base;
 
     let [first, second] = tile.mask.block_ranges(tile.q_lo, tile.q_hi, BN as i32);
     let blocks = first.len() + second.len();
@@ -109,18 +109,18 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillPa
                 k_smem(stage),
                 BN,
                 k_src,
-                p.k_strides[1],
+                tile.k_row_stride,
                 n0,
-                p.seqlen_k,
+                tile.seqlen_k,
                 tid,
             );
             load_tile::<D>(
                 v_smem(stage),
                 BN,
                 v_src,
-                p.v_strides[1],
+                tile.v_row_stride,
                 n0,
-                p.seqlen_k,
+                tile.seqlen_k,
                 tid,
             );
         }

@@ -135,8 +135,8 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillPa
         // Producer: Q once, then every KV tile, each into a stage the consumers have emptied.
         setmaxnreg_dec::<WS_PRODUCER_REGISTERS>();
         let q_src = p.q + elem_offset(&p.q_strides, tile.batch, 0, tile.head, 0);
-        let k_src = p.k + elem_offset(&p.k_strides, tile.batch, 0, tile.kv_head, 0);
-        let v_src = p.v + elem_offset(&p.v_strides, tile.batch, 0, tile.kv_head, 0);
+        let k_src = tile.k_base;
+        let v_src = tile.v_base;
         unsafe {
             load_tile::<D>(q_smem, BM, q_src, p.q_strides[1], tile.m0, p.seqlen_q, tid);
             cp_async_mbarrier_arrive(q_full);
@@ -152,18 +152,18 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillPa
                     k_smem(stage),
                     BN,
                     k_src,
-                    p.k_strides[1],
+                    tile.k_row_stride,
                     n0,
-                    p.seqlen_k,
+                    tile.seqlen_k,
                     tid,
                 );
                 load_tile::<D>(
                     v_smem(stage),
                     BN,
                     v_src,
-                    p.v_strides[1],
+                    tile.v_row_stride,
                     n0,
-                    p.seqlen_k,
+                    tile.seqlen_k,
                     tid,
                 );
                 cp_async_mbarrier_arrive(full(stage));

@@ -22,17 +22,26 @@ pub fn min_i32(a: i32, b: i32) -> i32 {
     if a < b { a } else { b }
 }
 
-/// Bit `head` of the streaming-head mask, selected with constant indices so the parameter array
-/// is never copied to local memory.
+/// Is KV head `head` a streaming head, and its rank among the KV heads of its kind. The mask words
+/// are read with constant indices so the parameter array is never copied to local memory.
 #[inline(always)]
-fn is_streaming(mask: &[u32; HEAD_MASK_WORDS], head: usize) -> bool {
-    let mut word = 0;
+pub fn kind_and_rank(mask: &[u32; HEAD_MASK_WORDS], head: usize) -> (bool, i32) {
+    let mut streaming = false;
+    let mut streaming_below = 0u32;
     for (w, &bits) in mask.iter().enumerate() {
-        if w == head / 32 {
-            word = bits;
+        if w < head / 32 {
+            streaming_below += bits.count_ones();
+        } else if w == head / 32 {
+            streaming = (bits >> (head % 32)) & 1 != 0;
+            streaming_below += (bits & ((1u32 << (head % 32)) - 1)).count_ones();
         }
     }
-    (word >> (head % 32)) & 1 != 0
+    let rank = if streaming {
+        streaming_below
+    } else {
+        head as u32 - streaming_below
+    };
+    (streaming, rank as i32)
 }
 
 /// Byte offset of element `(batch, pos, head, col)` of a 16-bit tensor with element strides.
@@ -48,9 +57,16 @@ pub struct QueryTile {
     pub head: i32,
     pub kv_head: i32,
     pub mask: HeadMask,
+    /// Byte addresses of this tile's K and V at position 0 (batch and head applied), their
+    /// sequence strides in elements, and their length (the source depends on the head's kind).
+    pub k_base: u64,
+    pub v_base: u64,
+    pub k_row_stride: i64,
+    pub v_row_stride: i64,
+    pub seqlen_k: i32,
     /// First query row of the tile.
     pub m0: i32,
-    /// `seqlen_k - seqlen_q`: query row `i` sits at position `offset + i`.
+    /// `seqlen_k - seqlen_q` of the tile's source: query row `i` sits at position `offset + i`.
     pub offset: i32,
     /// Positions of the tile's first and last valid query rows.
     pub q_lo: i32,
@@ -65,20 +81,44 @@ impl QueryTile {
         let head = block_idx_y() as i32;
         let batch = block_idx_z() as i64;
         let kv_head = div_or_zero(head, div_or_zero(p.heads_q, p.heads_kv));
+        let (streaming, rank) = kind_and_rank(&p.streaming_heads, kv_head as usize);
+        let from_stream = streaming && p.split_kv != 0;
+        let kv_index = if p.split_kv != 0 { rank } else { kv_head };
+        // Scalar selects (not references into the parameter block), so the parameters stay in
+        // the constant bank instead of being copied to the stack.
+        let pick = |stream: i64, plain: i64| if from_stream { stream } else { plain };
+        let k_strides = [
+            pick(p.stream_k_strides[0], p.k_strides[0]),
+            pick(p.stream_k_strides[1], p.k_strides[1]),
+            pick(p.stream_k_strides[2], p.k_strides[2]),
+        ];
+        let v_strides = [
+            pick(p.stream_v_strides[0], p.v_strides[0]),
+            pick(p.stream_v_strides[1], p.v_strides[1]),
+            pick(p.stream_v_strides[2], p.v_strides[2]),
+        ];
+        let k = pick(p.stream_k as i64, p.k as i64) as u64;
+        let v = pick(p.stream_v as i64, p.v as i64) as u64;
+        let seqlen_k = pick(p.seqlen_k_stream as i64, p.seqlen_k as i64) as i32;
         let mask = HeadMask {
-            streaming: is_streaming(&p.streaming_heads, kv_head as usize),
+            streaming,
             causal: p.causal != 0,
             sink: p.sink,
             window: p.window,
-            seqlen_k: p.seqlen_k,
+            seqlen_k,
         };
         let m0 = m_block * block_m;
-        let offset = p.seqlen_k - p.seqlen_q;
+        let offset = seqlen_k - p.seqlen_q;
         QueryTile {
             batch,
             head,
             kv_head,
             mask,
+            k_base: k + elem_offset(&k_strides, batch, 0, kv_index, 0),
+            v_base: v + elem_offset(&v_strides, batch, 0, kv_index, 0),
+            k_row_stride: k_strides[1],
+            v_row_stride: v_strides[1],
+            seqlen_k,
             m0,
             offset,
             q_lo: offset + m0,

@@ -1,0 +1,263 @@
+//! Decode attention: 1..16 new query tokens per sequence against a long KV cache, split across
+//! SMs and merged by LSE. Over plain K/V tensors ([`Context::decode_attention`]) or, inside
+//! [`crate::DuoCache`], over the retrieval (full) and streaming (ring) caches of a layer.
+use crate::attention::{
+    AttentionConfig, HeadKind, check_heads, check_kv, check_no_aliasing, check_queries, clamp_len,
+    streaming_mask, strides3,
+};
+use crate::context::Context;
+use crate::element::AttnElement;
+use crate::error::{Error, Result};
+use crate::tensor::{TensorDesc, View, ViewMut};
+use duo_attn_kernels::abi::{
+    CombineParams, DECODE_BLOCK_N, DECODE_MAX_SPLITS, DECODE_ROWS, DECODE_THREADS, DecodeParams,
+    KvSource, decode_smem_bytes,
+};
+
+/// Most new query tokens per sequence of one decode call.
+pub const MAX_DECODE_QUERIES: usize = 16;
+
+/// Resident decode blocks aimed for per SM when choosing the split count.
+const BLOCKS_PER_SM: usize = 4;
+
+/// A validated decode: the split kernel and the combine kernel.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecodePlan {
+    pub entry: String,
+    pub grid: (u32, u32, u32),
+    pub block: u32,
+    pub shared_bytes: u32,
+    /// `o_partial`/`lse_partial` are filled in at launch from the context's workspace.
+    pub params: DecodeParams,
+    pub combine_entry: String,
+    pub combine_grid: u32,
+    pub combine: CombineParams,
+    pub splits: usize,
+}
+
+impl DecodePlan {
+    /// f32 elements of workspace the splits need (partial O, then partial LSE).
+    pub fn workspace_len(&self) -> usize {
+        let rows =
+            self.params.batch as usize * self.params.heads_q as usize * self.params.n_q as usize;
+        let d = self.combine.head_dim as usize;
+        self.splits * rows * (d + 1)
+    }
+}
+
+pub(crate) fn kv_source(k: &TensorDesc<4>, v: &TensorDesc<4>) -> KvSource {
+    KvSource {
+        k: k.ptr,
+        v: v.ptr,
+        k_strides: strides3(k),
+        v_strides: strides3(v),
+    }
+}
+
+/// Where the decode reads K/V.
+pub(crate) enum DecodeKv<'a> {
+    /// Every KV head `h` reads head `h` of `[B, Sk, Hkv, D]` tensors.
+    Plain {
+        k: &'a TensorDesc<4>,
+        v: &'a TensorDesc<4>,
+    },
+    /// The DuoAttention cache of one layer (validated by the cache).
+    Cache {
+        full: KvSource,
+        stream: KvSource,
+        seqlen: usize,
+        recent: usize,
+    },
+}
+
+/// Splits so that the grid fills the GPU a few times over, each split a whole number of tiles.
+fn choose_splits(blocks: usize, max_tiles: usize, multiprocessors: usize) -> (usize, usize) {
+    let max_tiles = max_tiles.max(1);
+    let target = (BLOCKS_PER_SM * multiprocessors.max(1)).div_ceil(blocks.max(1));
+    let splits = target.clamp(1, max_tiles.min(DECODE_MAX_SPLITS));
+    let per_split = max_tiles.div_ceil(splits);
+    (max_tiles.div_ceil(per_split), per_split)
+}
+
+/// Validates a decode and builds its launches. Pure (no GPU).
+pub(crate) fn plan_decode<T: AttnElement>(
+    q: &TensorDesc<4>,
+    kv: DecodeKv<'_>,
+    out: &TensorDesc<4>,
+    lse: &TensorDesc<3>,
+    cfg: &AttentionConfig,
+    device: u32,
+    multiprocessors: usize,
+) -> Result<DecodePlan> {
+    let [batch, n_q, heads_q, head_dim] = check_queries(q, out, lse, cfg, device)?;
+    if n_q > MAX_DECODE_QUERIES {
+        return Err(Error::DecodeQueryBlock {
+            got: n_q,
+            max: MAX_DECODE_QUERIES,
+        });
+    }
+    let heads_kv = cfg.head_kinds.len();
+    let (full, stream, seqlen, recent, ring) = match kv {
+        DecodeKv::Plain { k, v } => {
+            check_heads(heads_q, k.shape[2], cfg)?;
+            let sk = check_kv(
+                (k, "k"),
+                (v, "v"),
+                batch,
+                k.shape[2],
+                head_dim,
+                device,
+                "k is [B, Sk, Hkv, D] with q's B and D",
+            )?;
+            check_no_aliasing(out, lse, &[(q, "q"), (k, "k"), (v, "v")])?;
+            let src = kv_source(k, v);
+            (src, src, sk, 0, false)
+        }
+        DecodeKv::Cache {
+            full,
+            stream,
+            seqlen,
+            recent,
+        } => {
+            check_heads(heads_q, heads_kv, cfg)?;
+            (full, stream, seqlen, recent, true)
+        }
+    };
+
+    // The most KV tiles any head walks: the whole cache for retrieval heads; the sink and window
+    // blocks (or the ring) for streaming heads.
+    let has = |kind| cfg.head_kinds.contains(&kind);
+    let bn = DECODE_BLOCK_N;
+    let window_tiles = if ring {
+        (cfg.sink as usize + recent).div_ceil(bn)
+    } else {
+        (cfg.sink as usize).min(seqlen).div_ceil(bn)
+            + (cfg.window as usize + n_q).min(seqlen).div_ceil(bn)
+            + 1
+    };
+    let max_tiles = if has(HeadKind::Retrieval) {
+        seqlen.div_ceil(bn)
+    } else {
+        window_tiles.min(seqlen.div_ceil(bn))
+    };
+    let group = heads_q / heads_kv;
+    let row_chunks = (group * n_q).div_ceil(DECODE_ROWS);
+    let (splits, tiles_per_split) =
+        choose_splits(batch * heads_kv * row_chunks, max_tiles, multiprocessors);
+
+    let params = DecodeParams {
+        q: q.ptr,
+        q_strides: strides3(q),
+        full,
+        stream,
+        o_partial: 0,
+        lse_partial: 0,
+        streaming_heads: streaming_mask(&cfg.head_kinds),
+        batch: batch as i32,
+        n_q: n_q as i32,
+        heads_q: heads_q as i32,
+        heads_kv: heads_kv as i32,
+        seqlen: seqlen as i32,
+        sink: clamp_len(cfg.sink),
+        window: clamp_len(cfg.window),
+        recent: recent as i32,
+        ring: ring as i32,
+        causal: cfg.causal as i32,
+        tiles_per_split: tiles_per_split as i32,
+        scale_log2: cfg.scale_for(head_dim) * std::f32::consts::LOG2_E,
+    };
+    let combine = CombineParams {
+        o_partial: 0,
+        lse_partial: 0,
+        o: out.ptr,
+        lse: lse.ptr,
+        o_strides: strides3(out),
+        splits: splits as i32,
+        batch: batch as i32,
+        n_q: n_q as i32,
+        heads_q: heads_q as i32,
+        head_dim: head_dim as i32,
+    };
+    Ok(DecodePlan {
+        entry: format!("duo_decode_{}_d{}", T::KERNEL_NAME, head_dim),
+        grid: (splits as u32, (heads_kv * row_chunks) as u32, batch as u32),
+        block: DECODE_THREADS as u32,
+        shared_bytes: decode_smem_bytes(head_dim) as u32,
+        params,
+        combine_entry: format!("duo_decode_combine_{}", T::KERNEL_NAME),
+        combine_grid: (batch * heads_q * n_q).div_ceil(4) as u32,
+        combine,
+        splits,
+    })
+}
+
+impl Context {
+    /// Decode attention over plain K/V tensors: q `[B, n, Hq, D]` with 1 <= n <= 16 new tokens
+    /// (the last `n` positions of the `Sk` keys), k/v `[B, Sk, Hkv, D]`, out like q, lse
+    /// `[B, Hq, n]`. GQA groups share one pass over K/V, and long caches are split across SMs.
+    /// Streaming heads read only their sink and window blocks.
+    pub fn decode_attention<T: AttnElement>(
+        &self,
+        q: &View<'_, T, 4>,
+        k: &View<'_, T, 4>,
+        v: &View<'_, T, 4>,
+        out: &mut ViewMut<'_, T, 4>,
+        lse: &mut ViewMut<'_, f32, 3>,
+        cfg: &AttentionConfig,
+    ) -> Result<()> {
+        let plan = plan_decode::<T>(
+            q.desc(),
+            DecodeKv::Plain {
+                k: k.desc(),
+                v: v.desc(),
+            },
+            out.desc(),
+            lse.desc(),
+            cfg,
+            self.ordinal(),
+            self.info().multiprocessors as usize,
+        )?;
+        self.launch_decode(plan)
+    }
+
+    /// Runs a decode plan: the split kernel into the workspace, then the combine.
+    pub(crate) fn launch_decode(&self, mut plan: DecodePlan) -> Result<()> {
+        let rows = plan.params.batch as u64 * plan.params.heads_q as u64 * plan.params.n_q as u64;
+        let workspace = self.workspace(plan.workspace_len())?;
+        let lse_partial = workspace + 4 * plan.splits as u64 * rows * plan.combine.head_dim as u64;
+        plan.params.o_partial = workspace;
+        plan.params.lse_partial = lse_partial;
+        plan.combine.o_partial = workspace;
+        plan.combine.lse_partial = lse_partial;
+        self.launch(
+            &plan.entry,
+            plan.grid,
+            plan.block,
+            plan.shared_bytes,
+            &plan.params,
+        )?;
+        self.launch(
+            &plan.combine_entry,
+            (plan.combine_grid, 1, 1),
+            128,
+            0,
+            &plan.combine,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_cover_all_tiles() {
+        for blocks in [1, 8, 64, 512, 4096] {
+            for tiles in [1, 2, 7, 64, 500, 2048] {
+                let (splits, per) = choose_splits(blocks, tiles, 132);
+                assert!(splits >= 1 && splits <= DECODE_MAX_SPLITS);
+                assert!(splits * per >= tiles && (splits - 1) * per < tiles);
+            }
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! DuoAttention KV cache maintenance: append new K/V rows to the retrieval (full) and streaming
+//! (ring) caches, and gather a streaming head's cached context for a prefill chunk. Plain 16-byte
+//! copies, one per thread; the element type does not matter.
+use crate::abi::{CacheParams, KvSource};
+use crate::device::{block_idx_x, block_idx_y, ld_global_nc_v4, st_global_v4, thread_idx_x};
+use crate::ring::{history, slot_of};
+use crate::tile::{div_or_zero, kind_and_rank};
+
+/// Threads per block of the cache kernels.
+pub const CACHE_THREADS: u32 = 256;
+
+/// Byte address of 16-byte chunk `chunk` of row `(batch, pos, head)`.
+#[inline(always)]
+fn chunk_addr(base: u64, strides: &[i64; 3], batch: i64, pos: i32, head: i32, chunk: i32) -> u64 {
+    base + ((batch * strides[0]
+        + pos as i64 * strides[1]
+        + head as i64 * strides[2]
+        + 8 * chunk as i64)
+        * 2) as u64
+}
+
+/// Copies chunk `(row, head, chunk)` of K and V from `src` to `dst`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn copy_kv(
+    src: &KvSource,
+    src_pos: i32,
+    src_head: i32,
+    dst: &KvSource,
+    dst_pos: i32,
+    dst_head: i32,
+    batch: i64,
+    chunk: i32,
+) {
+    unsafe {
+        let k = ld_global_nc_v4(chunk_addr(
+            src.k,
+            &src.k_strides,
+            batch,
+            src_pos,
+            src_head,
+            chunk,
+        ));
+        let v = ld_global_nc_v4(chunk_addr(
+            src.v,
+            &src.v_strides,
+            batch,
+            src_pos,
+            src_head,
+            chunk,
+        ));
+        st_global_v4(
+            chunk_addr(dst.k, &dst.k_strides, batch, dst_pos, dst_head, chunk),
+            k,
+        );
+        st_global_v4(
+            chunk_addr(dst.v, &dst.v_strides, batch, dst_pos, dst_head, chunk),
+            v,
+        );
+    }
+}
+
+/// This thread's `(row, kv head, chunk)` of a `rows x heads x D/8` grid, or None past the end.
+#[inline(always)]
+fn thread_item(rows: i32, p: &CacheParams) -> Option<(i32, i32, i32)> {
+    let chunks = p.head_dim / 8;
+    let lin = (block_idx_x() * CACHE_THREADS + thread_idx_x()) as i32;
+    let per_row = p.heads_kv * chunks;
+    let row = div_or_zero(lin, per_row);
+    if row >= rows {
+        return None;
+    }
+    let in_row = lin - row * per_row;
+    let head = div_or_zero(in_row, chunks);
+    Some((row, head, in_row - head * chunks))
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn duo_cache_append(p: CacheParams) {
+    let Some((row, head, chunk)) = thread_item(p.n_new, &p) else {
+        return;
+    };
+    let batch = block_idx_y() as i64;
+    let (streaming, rank) = kind_and_rank(&p.streaming_heads, head as usize);
+    let pos = p.start + row;
+    if !streaming {
+        unsafe { copy_kv(&p.new, row, head, &p.full, pos, rank, batch, chunk) };
+        return;
+    }
+    // A recent position survives this call only if no later new row maps to its slot.
+    let end = p.start + p.n_new;
+    if pos >= p.sink && pos < end - p.recent {
+        return;
+    }
+    let slot = slot_of(pos, p.sink, p.recent);
+    unsafe { copy_kv(&p.new, row, head, &p.stream, slot, rank, batch, chunk) };
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn duo_cache_gather_stream(p: CacheParams) {
+    let (sink_rows, recent_rows, lo) = history(p.start, p.sink, p.recent);
+    let n_hist = sink_rows + recent_rows;
+    let Some((row, head, chunk)) = thread_item(n_hist + p.n_new, &p) else {
+        return;
+    };
+    let batch = block_idx_y() as i64;
+    let (streaming, rank) = kind_and_rank(&p.streaming_heads, head as usize);
+    if !streaming {
+        return;
+    }
+    unsafe {
+        if row >= n_hist {
+            copy_kv(&p.new, row - n_hist, head, &p.out, row, rank, batch, chunk);
+        } else {
+            let pos = if row < sink_rows {
+                row
+            } else {
+                lo + row - sink_rows
+            };
+            let slot = slot_of(pos, p.sink, p.recent);
+            copy_kv(&p.stream, slot, rank, &p.out, row, rank, batch, chunk);
+        }
+    }
+}

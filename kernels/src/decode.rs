@@ -1,0 +1,429 @@
+//! Decode attention: a few new query tokens per sequence against a long KV cache, memory-bound.
+//!
+//! One block serves one (batch, KV head, split) and up to 16 query rows: every query head of the
+//! KV head's group times every new token (GQA packing, so K/V are read once per group). Four warps
+//! split each 64-key tile (16 keys each) and keep their own online softmax; a cp.async ring of
+//! three K/V stages keeps loads in flight; the warps merge through shared memory at the end.
+//! Long caches are split across blocks (`tiles_per_split`), and `duo_decode_combine_*` merges the
+//! splits by their LSE. Streaming heads read only their sink and window blocks, or, in a
+//! DuoAttention cache, their `sink + recent` ring slots, mapped back to true positions.
+use crate::abi::{
+    CombineParams, DECODE_BLOCK_N, DECODE_ROWS, DECODE_STAGES, DECODE_THREADS, DecodeParams,
+    decode_pitch, decode_smem_bytes,
+};
+use crate::device::*;
+use crate::mask::{BlockRange, HeadMask};
+use crate::mma::{Bf16, Element, F16};
+use crate::ring::position_of;
+use crate::softmax::{RowState, online_softmax, rescale, scale_and_mask};
+use crate::tile::{div_or_zero, kind_and_rank, min_i32};
+
+const BN: usize = DECODE_BLOCK_N;
+const THREADS: usize = DECODE_THREADS;
+const LN_2: f32 = core::f32::consts::LN_2;
+const LOG2_E: f32 = core::f32::consts::LOG2_E;
+
+/// Queues the cp.async loads of one `BN x D` tile (rows `n0..`, zero past `rows`) into a padded
+/// shared-memory tile.
+#[inline(always)]
+unsafe fn load_tile<const D: usize>(
+    dst: u32,
+    base: u64,
+    row_stride: i64,
+    n0: i32,
+    rows: i32,
+    tid: usize,
+) {
+    for c in 0..BN * D / 8 / THREADS {
+        let chunk = tid + c * THREADS;
+        let (row, col) = (chunk / (D / 8), chunk % (D / 8) * 8);
+        let key = n0 + row as i32;
+        let valid = key < rows;
+        let src = if valid {
+            base + ((key as i64 * row_stride + col as i64) * 2) as u64
+        } else {
+            base
+        };
+        let addr = dst + ((row * decode_pitch(D) + col) * 2) as u32;
+        unsafe { cp_async_16(addr, src, if valid { 16 } else { 0 }) };
+    }
+}
+
+#[inline(always)]
+fn quad<const N: usize>(a: &[f32; N], j: usize) -> [f32; 4] {
+    [a[4 * j], a[4 * j + 1], a[4 * j + 2], a[4 * j + 3]]
+}
+
+#[inline(always)]
+fn set_quad<const N: usize>(a: &mut [f32; N], j: usize, v: [f32; 4]) {
+    a[4 * j..4 * j + 4].copy_from_slice(&v);
+}
+
+/// The decode body, per (element, head dim): `KQ = D / 16` k-steps, `ON = D / 2` accumulators.
+#[inline(always)]
+unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p: &DecodeParams) {
+    const {
+        assert!(
+            KQ * 16 == D
+                && ON * 2 == D
+                && DECODE_ROWS == 16
+                && THREADS == 128
+                && 512 + 4 * 16 * D * 4 <= decode_smem_bytes(D)
+        )
+    };
+    let pitch = decode_pitch(D);
+    let smem = dynamic_shared_base();
+    let tile_bytes = (BN * pitch * 2) as u32;
+    let k_smem = |stage: usize| smem + stage as u32 * 2 * tile_bytes;
+    let v_smem = |stage: usize| k_smem(stage) + tile_bytes;
+
+    let tid = thread_idx_x() as usize;
+    let lane = lane_id() as usize;
+    let warp = tid / 32;
+    let (g, t) = (lane / 4, lane % 4);
+
+    let split = block_idx_x() as i32;
+    let group = div_or_zero(p.heads_q, p.heads_kv);
+    let rows_per_head = group * p.n_q;
+    let row_chunks = div_or_zero(rows_per_head + DECODE_ROWS as i32 - 1, DECODE_ROWS as i32);
+    let by = block_idx_y() as i32;
+    let kv_head = div_or_zero(by, row_chunks);
+    let row_base = (by - kv_head * row_chunks) * DECODE_ROWS as i32;
+    let batch = block_idx_z() as i64;
+
+    // The head's K/V source, by scalar selects so the parameters stay in the constant bank.
+    let (streaming, rank) = kind_and_rank(&p.streaming_heads, kv_head as usize);
+    let use_ring = streaming && p.ring != 0;
+    let index = if p.ring != 0 { rank } else { kv_head } as i64;
+    let pick = |ring: i64, full: i64| if use_ring { ring } else { full };
+    let ks = [
+        pick(p.stream.k_strides[0], p.full.k_strides[0]),
+        pick(p.stream.k_strides[1], p.full.k_strides[1]),
+        pick(p.stream.k_strides[2], p.full.k_strides[2]),
+    ];
+    let vs = [
+        pick(p.stream.v_strides[0], p.full.v_strides[0]),
+        pick(p.stream.v_strides[1], p.full.v_strides[1]),
+        pick(p.stream.v_strides[2], p.full.v_strides[2]),
+    ];
+    let k_base = pick(p.stream.k as i64, p.full.k as i64) as u64
+        + ((batch * ks[0] + index * ks[2]) * 2) as u64;
+    let v_base = pick(p.stream.v as i64, p.full.v as i64) as u64
+        + ((batch * vs[0] + index * vs[2]) * 2) as u64;
+    let n_keys = if use_ring {
+        p.sink + p.recent
+    } else {
+        p.seqlen
+    };
+
+    // This thread's two query rows: (query head in the group, token) packed as head * n_q + token.
+    let mut q_pos = [-1i32; 2];
+    let mut q_head = [0i32; 2];
+    let mut token = [0i32; 2];
+    let mut valid = [false; 2];
+    for r in 0..2 {
+        let row = row_base + (g + 8 * r) as i32;
+        let gi = div_or_zero(row, p.n_q);
+        token[r] = row - gi * p.n_q;
+        q_head[r] = kv_head * group + gi;
+        valid[r] = row < rows_per_head;
+        if valid[r] {
+            q_pos[r] = p.seqlen - p.n_q + token[r];
+        }
+    }
+    let (q_lo, q_hi) = (p.seqlen - p.n_q, p.seqlen - 1);
+    let mask = HeadMask {
+        streaming,
+        causal: p.causal != 0,
+        sink: p.sink,
+        window: p.window,
+        seqlen_k: p.seqlen,
+    };
+
+    let mut qa = [[0u32; 4]; KQ];
+    for r in 0..2 {
+        if valid[r] {
+            let off = batch * p.q_strides[0]
+                + token[r] as i64 * p.q_strides[1]
+                + q_head[r] as i64 * p.q_strides[2]
+                + 2 * t as i64;
+            let base = p.q + (off * 2) as u64;
+            for (kk, frag) in qa.iter_mut().enumerate() {
+                frag[r] = unsafe { ld_global_nc_u32(base + (kk * 32) as u64) };
+                frag[r + 2] = unsafe { ld_global_nc_u32(base + (kk * 32 + 16) as u64) };
+            }
+        }
+    }
+
+    // The tiles this head visits (ring: all slots; else the mask's ranges), and this split's share.
+    let [first, second] = if use_ring {
+        [
+            BlockRange {
+                start: 0,
+                end: div_or_zero(n_keys + BN as i32 - 1, BN as i32),
+            },
+            BlockRange::EMPTY,
+        ]
+    } else {
+        mask.block_ranges(q_lo, q_hi, BN as i32)
+    };
+    let total = first.len() + second.len();
+    let t0 = split * p.tiles_per_split;
+    let count = min_i32(t0 + p.tiles_per_split, total) - t0;
+    let n_block = |i: i32| {
+        let i = t0 + i;
+        if i < first.len() {
+            first.start + i
+        } else {
+            second.start + i - first.len()
+        }
+    };
+    let load = |i: i32| {
+        let stage = (i % DECODE_STAGES as i32) as usize;
+        let n0 = n_block(i) * BN as i32;
+        unsafe {
+            load_tile::<D>(k_smem(stage), k_base, ks[1], n0, n_keys, tid);
+            load_tile::<D>(v_smem(stage), v_base, vs[1], n0, n_keys, tid);
+        }
+    };
+
+    for i in 0..DECODE_STAGES as i32 - 1 {
+        if i < count {
+            load(i);
+        }
+        cp_async_commit();
+    }
+
+    let mut acc = [0f32; ON];
+    let mut state = RowState::new();
+    let kw = 16 * warp;
+    for i in 0..count {
+        cp_async_wait::<{ DECODE_STAGES as u32 - 2 }>();
+        sync_threads(); // tile i landed for all threads; tile i - 1's stage is free
+        let next = i + DECODE_STAGES as i32 - 1;
+        if next < count {
+            load(next);
+        }
+        cp_async_commit();
+        let stage = (i % DECODE_STAGES as i32) as usize;
+        let n0 = n_block(i) * BN as i32;
+
+        // S = Q K^T for 16 rows x this warp's 16 keys.
+        let mut s = [0f32; 8];
+        for j in 0..2 {
+            let k_row = k_smem(stage) + (((kw + 8 * j + g) * pitch + 2 * t) * 2) as u32;
+            let mut c = [0f32; 4];
+            for (kk, frag) in qa.iter().enumerate() {
+                let addr = k_row + (kk * 32) as u32;
+                let b = unsafe { [ld_shared_u32(addr), ld_shared_u32(addr + 16)] };
+                E::mma(&mut c, frag, b);
+            }
+            set_quad(&mut s, j, c);
+        }
+
+        let key0 = n0 + kw as i32;
+        if use_ring {
+            for (e, v) in s.iter_mut().enumerate() {
+                let slot = key0 + (8 * (e / 4) + 2 * t + (e & 1)) as i32;
+                let pos = if slot < n_keys {
+                    position_of(slot, p.seqlen, p.sink, p.recent)
+                } else {
+                    -1
+                };
+                *v = if pos >= 0 && mask.visible(q_pos[(e % 4) / 2], pos) {
+                    *v * p.scale_log2
+                } else {
+                    f32::NEG_INFINITY
+                };
+            }
+        } else {
+            let full = mask.block_fully_visible(q_lo, q_hi, n0, BN as i32);
+            scale_and_mask(&mut s, &mask, full, q_pos, key0, t, p.scale_log2);
+        }
+        let alpha = online_softmax(&mut s, &mut state);
+        rescale(&mut acc, alpha);
+
+        // O += P V: P is the A fragment of one 16-key step; V fragments come transposed.
+        let pa = [
+            E::pack(s[0], s[1]),
+            E::pack(s[2], s[3]),
+            E::pack(s[4], s[5]),
+            E::pack(s[6], s[7]),
+        ];
+        let v_row = kw + lane % 8 + 8 * ((lane / 8) % 2);
+        for jd in 0..D / 16 {
+            let addr = v_smem(stage) + ((v_row * pitch + 16 * jd + 8 * (lane / 16)) * 2) as u32;
+            let b = unsafe { ldmatrix_x4_trans(addr) };
+            let mut c = quad(&acc, 2 * jd);
+            E::mma(&mut c, &pa, [b[0], b[1]]);
+            set_quad(&mut acc, 2 * jd, c);
+            let mut c = quad(&acc, 2 * jd + 1);
+            E::mma(&mut c, &pa, [b[2], b[3]]);
+            set_quad(&mut acc, 2 * jd + 1, c);
+        }
+    }
+    cp_async_wait::<0>();
+    sync_threads(); // every stage consumed: the ring's memory becomes the reduction buffer
+
+    // Merge the four warps: stats [warp][row] = (max, sum), then O [warp][row][D] unnormalised.
+    let stats = smem;
+    let o_buf = smem + 512;
+    let mut sum = state.sum;
+    for v in sum.iter_mut() {
+        *v += shfl_xor_f32(*v, 1);
+        *v += shfl_xor_f32(*v, 2);
+    }
+    for r in 0..2 {
+        let row = warp * 16 + g + 8 * r;
+        if t == 0 {
+            unsafe {
+                st_shared_f32(stats + (row * 8) as u32, state.max[r]);
+                st_shared_f32(stats + (row * 8 + 4) as u32, sum[r]);
+            }
+        }
+    }
+    for (e, &v) in acc.iter().enumerate() {
+        let row = warp * 16 + g + 8 * ((e % 4) / 2);
+        let col = 8 * (e / 4) + 2 * t + (e & 1);
+        unsafe { st_shared_f32(o_buf + ((row * D + col) * 4) as u32, v) };
+    }
+    sync_threads();
+
+    for idx in (tid..16 * D).step_by(THREADS) {
+        let (row, col) = (idx / D, idx % D);
+        let global_row = row_base + row as i32;
+        if global_row >= rows_per_head {
+            continue;
+        }
+        let mut m = f32::NEG_INFINITY;
+        for w in 0..4 {
+            m = max_f32(m, unsafe {
+                ld_shared_f32(stats + ((w * 16 + row) * 8) as u32)
+            });
+        }
+        let (mut l, mut o) = (0f32, 0f32);
+        if m != f32::NEG_INFINITY {
+            for w in 0..4 {
+                let wr = w * 16 + row;
+                let mw = unsafe { ld_shared_f32(stats + (wr * 8) as u32) };
+                let f = exp2_approx(mw - m);
+                l += f * unsafe { ld_shared_f32(stats + (wr * 8 + 4) as u32) };
+                o += f * unsafe { ld_shared_f32(o_buf + ((wr * D + col) * 4) as u32) };
+            }
+        }
+        let gi = div_or_zero(global_row, p.n_q);
+        let tok = global_row - gi * p.n_q;
+        let head = kv_head * group + gi;
+        let out_row = ((split as i64 * p.batch as i64 + batch) * p.heads_q as i64 + head as i64)
+            * p.n_q as i64
+            + tok as i64;
+        let (o, lse) = if l > 0.0 {
+            (o / l, (m + log2_approx(l)) * LN_2)
+        } else {
+            (0.0, f32::NEG_INFINITY)
+        };
+        unsafe {
+            st_global_f32(
+                p.o_partial + ((out_row * D as i64 + col as i64) * 4) as u64,
+                o,
+            );
+            if col == 0 {
+                st_global_f32(p.lse_partial + (out_row * 4) as u64, lse);
+            }
+        }
+    }
+}
+
+/// Merges the splits of one output row per warp by their LSE.
+#[inline(always)]
+unsafe fn combine<E: Element>(p: &CombineParams) {
+    let lane = lane_id() as i32;
+    let row = (block_idx_x() * 4 + thread_idx_x() / 32) as i64;
+    let rows = p.batch as i64 * p.heads_q as i64 * p.n_q as i64;
+    if row >= rows {
+        return;
+    }
+    let lse_at =
+        |s: i32| unsafe { ld_global_f32(p.lse_partial + ((s as i64 * rows + row) * 4) as u64) };
+    let mut m = f32::NEG_INFINITY;
+    let mut s = lane;
+    while s < p.splits {
+        m = max_f32(m, lse_at(s));
+        s += 32;
+    }
+    for x in [16, 8, 4, 2, 1] {
+        m = max_f32(m, shfl_xor_f32(m, x));
+    }
+    let mut total = 0f32;
+    if m != f32::NEG_INFINITY {
+        let mut s = lane;
+        while s < p.splits {
+            total += exp2_approx((lse_at(s) - m) * LOG2_E);
+            s += 32;
+        }
+    }
+    for x in [16, 8, 4, 2, 1] {
+        total += shfl_xor_f32(total, x);
+    }
+    let lse = if total > 0.0 {
+        m + log2_approx(total) * LN_2
+    } else {
+        f32::NEG_INFINITY
+    };
+
+    // row = (b * Hq + h) * n_q + token
+    let bh = div_or_zero(row as i32, p.n_q);
+    let token = row as i32 - bh * p.n_q;
+    let b = div_or_zero(bh, p.heads_q);
+    let h = bh - b * p.heads_q;
+    let b = b as i64;
+    let o_row = p.o
+        + ((b * p.o_strides[0] + token as i64 * p.o_strides[1] + h as i64 * p.o_strides[2]) * 2)
+            as u64;
+    let mut col = 2 * lane;
+    while col < p.head_dim {
+        let (mut a, mut c) = (0f32, 0f32);
+        if total > 0.0 {
+            for s in 0..p.splits {
+                let w = exp2_approx((lse_at(s) - lse) * LOG2_E);
+                if w > 0.0 {
+                    let at = p.o_partial
+                        + (((s as i64 * rows + row) * p.head_dim as i64 + col as i64) * 4) as u64;
+                    unsafe {
+                        a += w * ld_global_f32(at);
+                        c += w * ld_global_f32(at + 4);
+                    }
+                }
+            }
+        }
+        unsafe { st_global_u32(o_row + (col * 2) as u64, E::pack(a, c)) };
+        col += 64;
+    }
+    if lane == 0 {
+        unsafe { st_global_f32(p.lse + (row * 4) as u64, lse) };
+    }
+}
+
+macro_rules! decode_entry {
+    ($name:ident, $elem:ty, $d:literal) => {
+        #[unsafe(no_mangle)]
+        pub unsafe extern "ptx-kernel" fn $name(p: DecodeParams) {
+            unsafe { decode::<$elem, $d, { $d / 16 }, { $d / 2 }>(&p) }
+        }
+    };
+}
+
+decode_entry!(duo_decode_bf16_d64, Bf16, 64);
+decode_entry!(duo_decode_bf16_d128, Bf16, 128);
+decode_entry!(duo_decode_f16_d64, F16, 64);
+decode_entry!(duo_decode_f16_d128, F16, 128);
+
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn duo_decode_combine_bf16(p: CombineParams) {
+    unsafe { combine::<Bf16>(&p) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn duo_decode_combine_f16(p: CombineParams) {
+    unsafe { combine::<F16>(&p) }
+}

@@ -1,0 +1,427 @@
+//! GPU tests of decode (plain K/V and the DuoAttention cache), the cache append, and chunked
+//! prefill through the cache, against the float64 reference over the whole sequence so far.
+//! Without a Hopper GPU each test prints a SKIPPED notice and passes.
+use duo_attn::reference::Shape;
+use duo_attn::{
+    AttentionConfig, AttnElement, CacheConfig, Context, DeviceScalar, DuoCache, Error, HeadKind,
+    PrefillKernel,
+};
+use duo_attn_tests::{Comparison, compare, gpu_or_skip, notice, random_tensor, rng};
+use half::{bf16, f16};
+use rand::{Rng, rngs::StdRng};
+
+const R: HeadKind = HeadKind::Retrieval;
+const S: HeadKind = HeadKind::Streaming;
+
+fn to_f32<T: DeviceScalar>(x: &[T]) -> Vec<f32> {
+    x.iter().map(|v| v.to_f32()).collect()
+}
+
+/// One plain decode (`Context::decode_attention`) on fresh inputs, outputs poisoned first.
+fn plain_case<T: AttnElement>(
+    ctx: &Context,
+    shape: &Shape,
+    cfg: &AttentionConfig,
+    rng: &mut StdRng,
+) -> Result<Comparison, Error> {
+    let (q, q32) = random_tensor::<T>(rng, shape.q_len());
+    let (k, k32) = random_tensor::<T>(rng, shape.kv_len());
+    let (v, v32) = random_tensor::<T>(rng, shape.kv_len());
+    let dq = ctx.upload(&q, shape.q_shape())?;
+    let dk = ctx.upload(&k, shape.kv_shape())?;
+    let dv = ctx.upload(&v, shape.kv_shape())?;
+    let mut out = ctx.alloc::<T, 4>(shape.q_shape())?;
+    let mut lse = ctx.alloc::<f32, 3>(shape.lse_shape())?;
+    out.fill(T::nan())?;
+    lse.fill(f32::NAN)?;
+    ctx.decode_attention(
+        &dq.view(),
+        &dk.view(),
+        &dv.view(),
+        &mut out.view_mut(),
+        &mut lse.view_mut(),
+        cfg,
+    )?;
+    ctx.synchronize()?;
+    let rows: Vec<_> = (0..shape.batch)
+        .flat_map(|b| {
+            (0..shape.heads_q).flat_map(move |h| (0..shape.seqlen_q).map(move |i| (b, h, i)))
+        })
+        .collect();
+    Ok(compare(
+        shape,
+        cfg,
+        &q32,
+        &k32,
+        &v32,
+        &to_f32(&out.to_host()?),
+        &lse.to_host()?,
+        &rows,
+    ))
+}
+
+#[test]
+fn decode_plain_matrix() {
+    let Some(ctx) = gpu_or_skip("decode_plain_matrix") else {
+        return;
+    };
+    let mut rng = rng("decode_plain_matrix");
+    let mut failures = Vec::new();
+    let mut cases = 0;
+    for (b, hq, hkv) in [(1, 8, 2), (3, 4, 4), (2, 8, 1)] {
+        for sk in [1, 17, 64, 1000, 5000] {
+            for nq in [1, 4, 16] {
+                for d in [64, 128] {
+                    if nq > sk {
+                        continue;
+                    }
+                    let shape = Shape {
+                        batch: b,
+                        seqlen_q: nq,
+                        seqlen_k: sk,
+                        heads_q: hq,
+                        heads_kv: hkv,
+                        head_dim: d,
+                    };
+                    let kinds: Vec<_> = (0..hkv).map(|h| if h % 2 == 1 { S } else { R }).collect();
+                    let cfg = AttentionConfig::new(kinds)
+                        .sink(4)
+                        .window(rng.random_range(1..300));
+                    let cmp = if (sk + nq + d) % 2 == 0 {
+                        plain_case::<bf16>(&ctx, &shape, &cfg, &mut rng)
+                    } else {
+                        plain_case::<f16>(&ctx, &shape, &cfg, &mut rng)
+                    }
+                    .unwrap();
+                    cases += 1;
+                    if !cmp.passed() {
+                        failures.push(format!("{shape:?} window {}: {cmp:?}", cfg.window));
+                    }
+                }
+            }
+        }
+    }
+    notice(&format!(
+        "decode_plain_matrix: {cases} cases, {} failed",
+        failures.len()
+    ));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Host copy of every token's K/V of one layer, to run the reference on the whole sequence.
+struct History {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    len: usize,
+}
+
+/// Rows of positions `0..len` of a `[B, T, H, D]` history as a dense `[B, len, H, D]` array.
+fn prefix(x: &[f32], b: usize, total: usize, len: usize, hd: usize) -> Vec<f32> {
+    (0..b)
+        .flat_map(|bi| x[bi * total * hd..][..len * hd].iter().copied())
+        .collect()
+}
+
+/// Runs a schedule of (tokens per call) through `DuoCache::forward` on `layers` layers and
+/// compares every call's output with the reference over the sequence so far.
+#[allow(clippy::too_many_arguments)]
+fn cache_schedule<T: AttnElement>(
+    ctx: &Context,
+    rng: &mut StdRng,
+    kinds: Vec<Vec<HeadKind>>,
+    cfg: CacheConfig,
+    schedule: &[usize],
+    label: &str,
+) -> Vec<String> {
+    let total: usize = schedule.iter().sum();
+    let (b, hq, hkv, d) = (cfg.batch, cfg.heads_q, cfg.heads_kv, cfg.head_dim);
+    let mut cache = DuoCache::<T>::new(ctx, cfg.clone(), kinds.clone()).unwrap();
+    let layers = kinds.len();
+    let mut hist: Vec<History> = (0..layers)
+        .map(|_| History {
+            k: vec![0.0; b * total * hkv * d],
+            v: vec![0.0; b * total * hkv * d],
+            len: 0,
+        })
+        .collect();
+    let mut failures = Vec::new();
+    for (step, &n) in schedule.iter().enumerate() {
+        for (layer, h) in hist.iter_mut().enumerate() {
+            let (q, q32) = random_tensor::<T>(rng, b * n * hq * d);
+            let (k, k32) = random_tensor::<T>(rng, b * n * hkv * d);
+            let (v, v32) = random_tensor::<T>(rng, b * n * hkv * d);
+            for bi in 0..b {
+                let dst = (bi * total + h.len) * hkv * d;
+                let src = bi * n * hkv * d;
+                h.k[dst..dst + n * hkv * d].copy_from_slice(&k32[src..src + n * hkv * d]);
+                h.v[dst..dst + n * hkv * d].copy_from_slice(&v32[src..src + n * hkv * d]);
+            }
+            h.len += n;
+            let dq = ctx.upload(&q, [b, n, hq, d]).unwrap();
+            let dk = ctx.upload(&k, [b, n, hkv, d]).unwrap();
+            let dv = ctx.upload(&v, [b, n, hkv, d]).unwrap();
+            let mut out = ctx.alloc::<T, 4>([b, n, hq, d]).unwrap();
+            let mut lse = ctx.alloc::<f32, 3>([b, hq, n]).unwrap();
+            out.fill(T::nan()).unwrap();
+            lse.fill(f32::NAN).unwrap();
+            cache
+                .forward(
+                    ctx,
+                    layer,
+                    &dq.view(),
+                    &dk.view(),
+                    &dv.view(),
+                    &mut out.view_mut(),
+                    &mut lse.view_mut(),
+                )
+                .unwrap();
+            ctx.synchronize().unwrap();
+            assert_eq!(cache.len(layer).unwrap(), h.len);
+            let shape = Shape {
+                batch: b,
+                seqlen_q: n,
+                seqlen_k: h.len,
+                heads_q: hq,
+                heads_kv: hkv,
+                head_dim: d,
+            };
+            let kk = prefix(&h.k, b, total, h.len, hkv * d);
+            let vv = prefix(&h.v, b, total, h.len, hkv * d);
+            let rows: Vec<_> = (0..b)
+                .flat_map(|bi| (0..hq).flat_map(move |hh| (0..n).map(move |i| (bi, hh, i))))
+                .filter(|_| n <= 64 || rng.random_bool(0.25))
+                .collect();
+            let attn = cache.attention_config(layer).unwrap();
+            let cmp = compare(
+                &shape,
+                attn,
+                &q32,
+                &kk,
+                &vv,
+                &to_f32(&out.to_host().unwrap()),
+                &lse.to_host().unwrap(),
+                &rows,
+            );
+            if !cmp.passed() {
+                failures.push(format!(
+                    "{label}: step {step} (n {n}, len {}) layer {layer}: {cmp:?}",
+                    h.len
+                ));
+            }
+        }
+    }
+    failures
+}
+
+#[test]
+fn cache_chunked_prefill_then_decode_matches_reference() {
+    let Some(ctx) = gpu_or_skip("cache_chunked_prefill_then_decode_matches_reference") else {
+        return;
+    };
+    let mut rng = rng("cache_chunked_prefill_then_decode_matches_reference");
+    let mut failures = Vec::new();
+    // Small windows so the rings wrap many times; chunks larger and smaller than the ring.
+    let schedule = [100, 1, 150, 37, 300, 1, 1, 3, 16, 7, 1, 1, 2, 16, 16, 1];
+    for (d, kernel) in [(128, PrefillKernel::Auto), (64, PrefillKernel::MmaSync)] {
+        let cfg = CacheConfig {
+            batch: 2,
+            max_len: 700,
+            heads_q: 8,
+            heads_kv: 4,
+            head_dim: d,
+            sink: 4,
+            window: 40,
+            softmax_scale: None,
+            prefill_kernel: kernel,
+        };
+        let kinds = vec![vec![R, S, S, R], vec![S, S, S, S], vec![R, R, R, R]];
+        let label = format!("bf16 d{d} {kernel:?}");
+        failures.extend(cache_schedule::<bf16>(
+            &ctx, &mut rng, kinds, cfg, &schedule, &label,
+        ));
+    }
+    // fp16, MQA, a sink larger than the window, one decode-only start after a 1-token prefill.
+    let cfg = CacheConfig {
+        batch: 1,
+        max_len: 400,
+        heads_q: 6,
+        heads_kv: 1,
+        head_dim: 128,
+        sink: 70,
+        window: 9,
+        softmax_scale: Some(0.05),
+        prefill_kernel: PrefillKernel::Auto,
+    };
+    let schedule = [1, 1, 5, 200, 16, 1, 64, 1];
+    failures.extend(cache_schedule::<f16>(
+        &ctx,
+        &mut rng,
+        vec![vec![S], vec![R]],
+        cfg,
+        &schedule,
+        "f16 MQA",
+    ));
+    notice(&format!(
+        "cache_chunked_prefill_then_decode_matches_reference: {} failures",
+        failures.len()
+    ));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn cache_append_places_rows_by_kind() {
+    let Some(ctx) = gpu_or_skip("cache_append_places_rows_by_kind") else {
+        return;
+    };
+    let (b, hkv, d) = (2, 3, 64);
+    let cfg = CacheConfig {
+        batch: b,
+        max_len: 64,
+        heads_q: 3,
+        heads_kv: hkv,
+        head_dim: d,
+        sink: 2,
+        window: 3, // ring: 2 sink + 3 + 15 = 18 recent slots
+        softmax_scale: None,
+        prefill_kernel: PrefillKernel::Auto,
+    };
+    let mut cache = DuoCache::<bf16>::new(&ctx, cfg, vec![vec![R, S, R]]).unwrap();
+    let (sink, recent) = cache.ring_shape();
+    // Value encodes (batch, position, head, column) exactly in bf16 (integers < 256).
+    let value =
+        |bi: usize, pos: usize, h: usize, c: usize| ((bi * 7 + pos * 3 + h * 5 + c) % 251) as f32;
+    let mut len = 0;
+    for n in [5, 1, 30, 2, 9] {
+        let mut k = vec![bf16::ZERO; b * n * hkv * d];
+        for bi in 0..b {
+            for i in 0..n {
+                for h in 0..hkv {
+                    for c in 0..d {
+                        k[((bi * n + i) * hkv + h) * d + c] =
+                            bf16::from_f32(value(bi, len + i, h, c));
+                    }
+                }
+            }
+        }
+        let neg: Vec<bf16> = k.iter().map(|x| -*x).collect();
+        let dk = ctx.upload(&k, [b, n, hkv, d]).unwrap();
+        let dv = ctx.upload(&neg, [b, n, hkv, d]).unwrap();
+        cache.append(&ctx, 0, &dk.view(), &dv.view()).unwrap();
+        len += n;
+    }
+    ctx.synchronize().unwrap();
+    let (full, ring) = cache.download(0).unwrap();
+    let (fk, fv) = full.unwrap();
+    let (rk, rv) = ring.unwrap();
+    for bi in 0..b {
+        for pos in 0..len {
+            for (rank, h) in [(0, 0), (1, 2)] {
+                let at = ((bi * 64 + pos) * 2 + rank) * d + 5;
+                assert_eq!(
+                    fk[at].to_f32(),
+                    value(bi, pos, h, 5),
+                    "full k b{bi} pos {pos} head {h}"
+                );
+                assert_eq!(fv[at].to_f32(), -value(bi, pos, h, 5));
+            }
+        }
+        let slots = sink + recent;
+        for slot in 0..slots {
+            let pos = duo_attn_kernels::ring::position_of(
+                slot as i32,
+                len as i32,
+                sink as i32,
+                recent as i32,
+            );
+            assert!(pos >= 0, "slot {slot} empty after {len} tokens");
+            let at = (bi * slots + slot) * d + 9;
+            assert_eq!(
+                rk[at].to_f32(),
+                value(bi, pos as usize, 1, 9),
+                "ring slot {slot}"
+            );
+            assert_eq!(rv[at].to_f32(), -value(bi, pos as usize, 1, 9));
+        }
+    }
+}
+
+#[test]
+fn cache_errors() {
+    let Some(ctx) = gpu_or_skip("cache_errors") else {
+        return;
+    };
+    let cfg = CacheConfig {
+        batch: 1,
+        max_len: 32,
+        heads_q: 2,
+        heads_kv: 2,
+        head_dim: 64,
+        sink: 4,
+        window: 8,
+        softmax_scale: None,
+        prefill_kernel: PrefillKernel::Auto,
+    };
+    let mut cache = DuoCache::<bf16>::new(&ctx, cfg, vec![vec![R, S]]).unwrap();
+    let x = |n: usize| {
+        ctx.upload(&vec![bf16::ONE; n * 2 * 64], [1, n, 2, 64])
+            .unwrap()
+    };
+    let (q, k, v) = (x(20), x(20), x(20));
+    let mut out = ctx.alloc::<bf16, 4>([1, 20, 2, 64]).unwrap();
+    let mut lse = ctx.alloc::<f32, 3>([1, 2, 20]).unwrap();
+    let mut run = |cache: &mut DuoCache<bf16>, layer: usize| {
+        cache.forward(
+            &ctx,
+            layer,
+            &q.view(),
+            &k.view(),
+            &v.view(),
+            &mut out.view_mut(),
+            &mut lse.view_mut(),
+        )
+    };
+    assert!(matches!(
+        run(&mut cache, 1),
+        Err(Error::LayerOutOfRange {
+            layer: 1,
+            layers: 1
+        })
+    ));
+    run(&mut cache, 0).unwrap();
+    assert!(matches!(
+        run(&mut cache, 0),
+        Err(Error::CacheFull {
+            capacity: 32,
+            len: 20,
+            adding: 20
+        })
+    ));
+    let err = cache.decode(
+        &ctx,
+        0,
+        &q.view(),
+        &k.view(),
+        &v.view(),
+        &mut out.view_mut(),
+        &mut lse.view_mut(),
+    );
+    assert!(matches!(
+        err,
+        Err(Error::CacheFull { .. }) | Err(Error::DecodeQueryBlock { .. })
+    ));
+    cache.reset();
+    let err = cache.decode(
+        &ctx,
+        0,
+        &q.view(),
+        &k.view(),
+        &v.view(),
+        &mut out.view_mut(),
+        &mut lse.view_mut(),
+    );
+    assert!(
+        matches!(err, Err(Error::DecodeQueryBlock { got: 20, max: 16 })),
+        "{err:?}"
+    );
+    ctx.synchronize().unwrap();
+}
