@@ -288,7 +288,7 @@ pub(crate) fn check_no_aliasing(
 
 /// Query heads must split evenly over the KV heads, with one kind per KV head.
 pub(crate) fn check_heads(heads_q: usize, heads_kv: usize, cfg: &AttentionConfig) -> Result<()> {
-    if heads_kv == 0 || heads_q % heads_kv != 0 {
+    if heads_kv == 0 || !heads_q.is_multiple_of(heads_kv) {
         return Err(Error::HeadGroupMismatch { heads_q, heads_kv });
     }
     if cfg.head_kinds.len() != heads_kv {

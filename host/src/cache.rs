@@ -136,7 +136,7 @@ impl<T: AttnElement> DuoCache<T> {
         if ![64, 128].contains(&cfg.head_dim) {
             return Err(Error::UnsupportedHeadDim(cfg.head_dim));
         }
-        if cfg.heads_q % cfg.heads_kv != 0 {
+        if !cfg.heads_q.is_multiple_of(cfg.heads_kv) {
             return Err(Error::HeadGroupMismatch {
                 heads_q: cfg.heads_q,
                 heads_kv: cfg.heads_kv,

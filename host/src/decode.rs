@@ -255,7 +255,7 @@ mod tests {
         for blocks in [1, 8, 64, 512, 4096] {
             for tiles in [1, 2, 7, 64, 500, 2048] {
                 let (splits, per) = choose_splits(blocks, tiles, 132);
-                assert!(splits >= 1 && splits <= DECODE_MAX_SPLITS);
+                assert!((1..=DECODE_MAX_SPLITS).contains(&splits));
                 assert!(splits * per >= tiles && (splits - 1) * per < tiles);
             }
         }

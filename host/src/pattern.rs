@@ -5,10 +5,12 @@
 //! KV head, and `config.json` with `sink_size` and `recent_size`. Gates are binarised either by
 //! a sparsity quantile over all layers together (the fraction of heads made streaming, as
 //! DuoAttention's `sparsify_attention_heads`) or by a threshold; a head whose gate is at or above
-//! the cut is a retrieval head. Published files hold trained gates with tiny excursions past the
+//! the cut is a retrieval head. Published files hold many gates clipped to exactly 0; upstream
+//! breaks those ties with random noise, we break them deterministically: under `Sparsity(s)` the
+//! `ceil(s * (N - 1))` lowest gates (what numpy's quantile cut gives on distinct values) become
+//! streaming, ties ordered by layer then head. Published files hold trained gates with tiny excursions past the
 //! range (e.g. -9.3e-5); like upstream we clip those, within [`CLIP_TOLERANCE`], and reject
-//! anything further out. Unlike upstream we do not add noise to break ties, so the result
-//! is deterministic: tied gates fall on the same side.
+//! anything further out.
 use crate::attention::HeadKind;
 use crate::error::{Error, Result};
 use std::path::Path;
@@ -164,7 +166,7 @@ impl HeadPattern {
     /// Head kinds of every layer.
     pub fn head_kinds(&self, how: Binarize) -> Result<Vec<Vec<HeadKind>>> {
         let cut = self.threshold(how)?;
-        Ok(self
+        let mut kinds: Vec<Vec<HeadKind>> = self
             .gates
             .iter()
             .map(|row| {
@@ -178,7 +180,29 @@ impl HeadPattern {
                     })
                     .collect()
             })
-            .collect())
+            .collect();
+        if let Binarize::Sparsity(s) = how
+            && s > 0.0
+            && s < 1.0
+        {
+            // Rank-based, so ties (many gates are exactly 0) still give the asked-for sparsity.
+            let mut order: Vec<(f64, usize, usize)> = self
+                .gates
+                .iter()
+                .enumerate()
+                .flat_map(|(l, row)| row.iter().enumerate().map(move |(h, &g)| (g, l, h)))
+                .collect();
+            order.sort_by(|a, b| a.0.total_cmp(&b.0).then((a.1, a.2).cmp(&(b.1, b.2))));
+            let streaming = (s * (order.len() - 1) as f64).ceil() as usize;
+            for (i, &(_, l, h)) in order.iter().enumerate() {
+                kinds[l][h] = if i < streaming {
+                    HeadKind::Streaming
+                } else {
+                    HeadKind::Retrieval
+                };
+            }
+        }
+        Ok(kinds)
     }
 }
 
