@@ -1,7 +1,7 @@
 //! The DuoAttention KV cache and the per-layer dispatcher.
 //!
-//! Per layer, retrieval KV heads keep a full cache `[B, max_len, H_retrieval, D]`; streaming KV
-//! heads keep a ring of `sink + recent` slots `[B, sink + recent, H_streaming, D]` whose size does
+//! Per layer, retrieval KV heads keep a full cache `[B, H_retrieval, max_len, D]`; streaming KV
+//! heads keep a ring of `sink + recent` slots `[B, H_streaming, sink + recent, D]` whose size does
 //! not depend on the context length: sink slots are fixed, recent slots rotate (see
 //! `duo_attn_kernels::ring`). `recent = window + 15`, so a 16-token decode block, appended before
 //! it attends, still finds every key of its earliest query's window.
@@ -117,10 +117,16 @@ pub struct DuoCache<T: AttnElement> {
     scratch: Option<(DeviceTensor<T, 2>, DeviceTensor<T, 2>)>,
 }
 
+/// A cache tensor, stored head-major `[B, H, slots, D]` (each head's rows contiguous, so decode
+/// streams long runs of memory), seen as the `[B, len, H, D]` the kernels index.
 fn cache_desc<T: AttnElement>(t: &DeviceTensor<T, 4>, len: usize) -> TensorDesc<4> {
-    let mut desc = *t.view().desc();
-    desc.shape[1] = len;
-    desc
+    let stored = *t.view().desc();
+    let [b, h, slots, d] = stored.shape;
+    TensorDesc {
+        shape: [b, len, h, d],
+        strides: [h * slots * d, d, slots * d, 1],
+        ..stored
+    }
 }
 
 impl<T: AttnElement> DuoCache<T> {
@@ -177,7 +183,7 @@ impl<T: AttnElement> DuoCache<T> {
                 if heads == 0 {
                     return Ok(None);
                 }
-                let shape = [cfg.batch, len, heads, cfg.head_dim];
+                let shape = [cfg.batch, heads, len, cfg.head_dim]; // head-major, see cache_desc
                 Ok(Some((ctx.alloc::<T, 4>(shape)?, ctx.alloc::<T, 4>(shape)?)))
             };
             let attention = AttentionConfig::new(row)
@@ -260,7 +266,7 @@ impl<T: AttnElement> DuoCache<T> {
     }
 
     /// Copies a layer's caches to the host (for tests and inspection): full K, full V
-    /// `[B, max_len, H_retrieval, D]`, ring K, ring V `[B, sink + recent, H_streaming, D]`; `None`
+    /// `[B, H_retrieval, max_len, D]`, ring K, ring V `[B, H_streaming, sink + recent, D]`; `None`
     /// where the layer has no head of that kind. Synchronous.
     #[allow(clippy::type_complexity)]
     pub fn download(
@@ -334,7 +340,8 @@ impl<T: AttnElement> DuoCache<T> {
         let l = &self.layers[layer];
         let src = |t: &Option<(DeviceTensor<T, 4>, DeviceTensor<T, 4>)>| {
             t.as_ref().map_or(KvSource::default(), |(k, v)| {
-                kv_source(k.view().desc(), v.view().desc())
+                let len = k.shape()[2];
+                kv_source(&cache_desc(k, len), &cache_desc(v, len))
             })
         };
         (src(&l.full), src(&l.ring))
@@ -570,7 +577,7 @@ impl<T: AttnElement> DuoCache<T> {
             lse.desc(),
             &l.cfg,
             self.device,
-            ctx.info().multiprocessors as usize,
+            ctx.decode_resident_blocks::<T>(self.cfg.head_dim)?,
         )?;
         ctx.launch_decode(plan)
     }

@@ -9,6 +9,7 @@ use cust::function::{BlockSize, GridSize};
 use cust::memory::DeviceBuffer;
 use cust::module::Module;
 use cust::stream::{Stream, StreamFlags};
+use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::Mutex;
 
@@ -34,6 +35,8 @@ pub struct Context {
     /// Scratch for split-KV partials, grown on demand. Every user is queued on `stream`, so reuse
     /// is ordered; it is freed (a synchronising cuMemFree) only when it grows.
     workspace: Mutex<Option<DeviceBuffer<f32>>>,
+    /// Resident blocks per SM, by kernel entry (occupancy queries are cached).
+    occupancy: Mutex<HashMap<String, u32>>,
 }
 
 impl Context {
@@ -84,6 +87,7 @@ impl Context {
             cuda,
             info,
             workspace: Mutex::new(None),
+            occupancy: Mutex::new(HashMap::new()),
         })
     }
 
@@ -140,6 +144,12 @@ impl Context {
         self.stream.synchronize().during("synchronizing the stream")
     }
 
+    /// Free and total device memory in bytes (`cuMemGetInfo`).
+    pub fn memory_info(&self) -> Result<(usize, usize)> {
+        self.make_current()?;
+        cust::memory::mem_get_info().during("reading free device memory")
+    }
+
     /// Device address of at least `len` f32 of scratch memory (see `workspace`).
     pub(crate) fn workspace(&self, len: usize) -> Result<u64> {
         self.make_current()?;
@@ -157,17 +167,8 @@ impl Context {
         Ok(guard.as_ref().map_or(0, |b| b.as_device_ptr().as_raw()))
     }
 
-    /// Launches `entry` with `shared_bytes` of dynamic shared memory and one by-value `#[repr(C)]`
-    /// parameter struct.
-    pub(crate) fn launch<P: Copy>(
-        &self,
-        entry: &str,
-        grid: (u32, u32, u32),
-        block: u32,
-        shared_bytes: u32,
-        params: &P,
-    ) -> Result<()> {
-        self.make_current()?;
+    /// Looks up `entry`, raising its dynamic shared memory limit to `shared_bytes` if needed.
+    fn function(&self, entry: &str, shared_bytes: u32) -> Result<cust::function::Function<'_>> {
         let function = self
             .module
             .get_function(entry)
@@ -184,6 +185,45 @@ impl Context {
             }
             .during_raw("raising a kernel's dynamic shared memory limit")?;
         }
+        Ok(function)
+    }
+
+    /// Blocks of `entry` that fit on one SM at once with this block size and shared memory.
+    pub(crate) fn resident_blocks_per_sm(
+        &self,
+        entry: &str,
+        block: u32,
+        shared_bytes: u32,
+    ) -> Result<u32> {
+        self.make_current()?;
+        let mut cache = self
+            .occupancy
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(&n) = cache.get(entry) {
+            return Ok(n);
+        }
+        let function = self.function(entry, shared_bytes)?;
+        let n = function
+            .max_active_blocks_per_multiprocessor(BlockSize::x(block), shared_bytes as usize)
+            .during("querying occupancy")?
+            .max(1);
+        cache.insert(entry.to_string(), n);
+        Ok(n)
+    }
+
+    /// Launches `entry` with `shared_bytes` of dynamic shared memory and one by-value `#[repr(C)]`
+    /// parameter struct.
+    pub(crate) fn launch<P: Copy>(
+        &self,
+        entry: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        shared_bytes: u32,
+        params: &P,
+    ) -> Result<()> {
+        self.make_current()?;
+        let function = self.function(entry, shared_bytes)?;
         let mut params = *params;
         let args = [&mut params as *mut P as *mut c_void];
         // SAFETY: `P` is the `#[repr(C)]` struct the entry takes by value (shared ABI crate), and the

@@ -214,3 +214,48 @@ pub fn run_prefill_case<T: AttnElement>(
     let rows = rows_to_check(shape, rng);
     Ok(compare(shape, cfg, &q32, &k32, &v32, &out32, &lse, &rows))
 }
+
+/// Runs one decode (`Context::decode_attention`, plain K/V) on fresh random inputs, outputs
+/// poisoned first, and compares every row with the reference.
+pub fn run_decode_case<T: AttnElement>(
+    ctx: &Context,
+    shape: &Shape,
+    cfg: &AttentionConfig,
+    rng: &mut StdRng,
+) -> Result<Comparison, Error> {
+    let (q, q32) = random_tensor::<T>(rng, shape.q_len());
+    let (k, k32) = random_tensor::<T>(rng, shape.kv_len());
+    let (v, v32) = random_tensor::<T>(rng, shape.kv_len());
+    let dq = ctx.upload(&q, shape.q_shape())?;
+    let dk = ctx.upload(&k, shape.kv_shape())?;
+    let dv = ctx.upload(&v, shape.kv_shape())?;
+    let mut out = ctx.alloc::<T, 4>(shape.q_shape())?;
+    let mut lse = ctx.alloc::<f32, 3>(shape.lse_shape())?;
+    out.fill(T::nan())?;
+    lse.fill(f32::NAN)?;
+    ctx.decode_attention(
+        &dq.view(),
+        &dk.view(),
+        &dv.view(),
+        &mut out.view_mut(),
+        &mut lse.view_mut(),
+        cfg,
+    )?;
+    ctx.synchronize()?;
+    let rows: Vec<_> = (0..shape.batch)
+        .flat_map(|b| {
+            (0..shape.heads_q).flat_map(move |h| (0..shape.seqlen_q).map(move |i| (b, h, i)))
+        })
+        .collect();
+    let out32: Vec<f32> = out.to_host()?.iter().map(|x| x.to_f32()).collect();
+    Ok(compare(
+        shape,
+        cfg,
+        &q32,
+        &k32,
+        &v32,
+        &out32,
+        &lse.to_host()?,
+        &rows,
+    ))
+}

@@ -19,15 +19,25 @@ fn shipped_pattern_loads_and_binarises() {
     let p = HeadPattern::load(shipped_pattern()).unwrap();
     assert_eq!((p.layers(), p.heads()), (8, 8));
     assert_eq!((p.sink, p.recent), (Some(64), Some(256)));
-    assert!(p.gates.iter().flatten().all(|g| (0.0..=1.0).contains(g)), "clipped into [0, 1]");
+    assert!(
+        p.gates.iter().flatten().all(|g| (0.0..=1.0).contains(g)),
+        "clipped into [0, 1]"
+    );
     p.check_model(8, 8).unwrap();
 
-    assert!(p.gates.iter().flatten().filter(|&&g| g == 0.0).count() > 16, "ties at 0");
+    assert!(
+        p.gates.iter().flatten().filter(|&&g| g == 0.0).count() > 16,
+        "ties at 0"
+    );
     for sparsity in [0.25, 0.5, 0.75] {
         let kinds = p.head_kinds(Binarize::Sparsity(sparsity)).unwrap();
         let streaming = kinds.iter().flatten().filter(|&&k| k == S).count();
         // ceil(s * (N - 1)) heads, even though over a quarter of the gates tie at 0.
-        assert_eq!(streaming, (sparsity * 63.0f64).ceil() as usize, "sparsity {sparsity}");
+        assert_eq!(
+            streaming,
+            (sparsity * 63.0f64).ceil() as usize,
+            "sparsity {sparsity}"
+        );
         let cut = p.threshold(Binarize::Sparsity(sparsity)).unwrap();
         for (row, kinds) in p.gates.iter().zip(&kinds) {
             for (g, k) in row.iter().zip(kinds) {
@@ -57,10 +67,21 @@ fn pattern_errors_are_clear() {
     assert!(err("0.5\tabc\n").contains("not a number"));
     assert!(err("\n\n").contains("empty"));
     let p = HeadPattern::parse_tsv("0.1\t0.9\n0.2\t0.8\n").unwrap();
-    assert!(p.check_model(3, 2).unwrap_err().to_string().contains("2 layers x 2 KV heads"));
+    assert!(
+        p.check_model(3, 2)
+            .unwrap_err()
+            .to_string()
+            .contains("2 layers x 2 KV heads")
+    );
     assert!(p.check_model(2, 4).is_err());
-    assert!(matches!(p.head_kinds(Binarize::Sparsity(1.5)), Err(Error::Pattern(_))));
-    assert!(matches!(p.head_kinds(Binarize::Threshold(f64::NAN)), Err(Error::Pattern(_))));
+    assert!(matches!(
+        p.head_kinds(Binarize::Sparsity(1.5)),
+        Err(Error::Pattern(_))
+    ));
+    assert!(matches!(
+        p.head_kinds(Binarize::Threshold(f64::NAN)),
+        Err(Error::Pattern(_))
+    ));
     assert!(matches!(
         HeadPattern::load("/nonexistent/duo-pattern"),
         Err(Error::PatternIo { .. })
@@ -105,10 +126,28 @@ fn cache_config_errors() {
     };
     let ok = || vec![vec![R, S, R, S]];
     check(|_| {}, ok()).unwrap();
-    assert!(matches!(check(|c| c.head_dim = 96, ok()), Err(Error::UnsupportedHeadDim(96))));
-    assert!(matches!(check(|c| c.heads_q = 6, ok()), Err(Error::HeadGroupMismatch { .. })));
-    assert!(matches!(check(|c| c.window = 0, ok()), Err(Error::InvalidCacheConfig(_))));
-    assert!(matches!(check(|c| c.batch = 0, ok()), Err(Error::InvalidCacheConfig(_))));
-    assert!(matches!(check(|_| {}, vec![vec![R, S]]), Err(Error::InvalidCacheConfig(_))));
-    assert!(matches!(check(|_| {}, vec![]), Err(Error::InvalidCacheConfig(_))));
+    assert!(matches!(
+        check(|c| c.head_dim = 96, ok()),
+        Err(Error::UnsupportedHeadDim(96))
+    ));
+    assert!(matches!(
+        check(|c| c.heads_q = 6, ok()),
+        Err(Error::HeadGroupMismatch { .. })
+    ));
+    assert!(matches!(
+        check(|c| c.window = 0, ok()),
+        Err(Error::InvalidCacheConfig(_))
+    ));
+    assert!(matches!(
+        check(|c| c.batch = 0, ok()),
+        Err(Error::InvalidCacheConfig(_))
+    ));
+    assert!(matches!(
+        check(|_| {}, vec![vec![R, S]]),
+        Err(Error::InvalidCacheConfig(_))
+    ));
+    assert!(matches!(
+        check(|_| {}, vec![]),
+        Err(Error::InvalidCacheConfig(_))
+    ));
 }

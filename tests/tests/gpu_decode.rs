@@ -6,7 +6,7 @@ use duo_attn::{
     AttentionConfig, AttnElement, CacheConfig, Context, DeviceScalar, DuoCache, Error, HeadKind,
     PrefillKernel,
 };
-use duo_attn_tests::{Comparison, compare, gpu_or_skip, notice, random_tensor, rng};
+use duo_attn_tests::{compare, gpu_or_skip, notice, random_tensor, rng, run_decode_case};
 use half::{bf16, f16};
 use rand::{Rng, rngs::StdRng};
 
@@ -15,49 +15,6 @@ const S: HeadKind = HeadKind::Streaming;
 
 fn to_f32<T: DeviceScalar>(x: &[T]) -> Vec<f32> {
     x.iter().map(|v| v.to_f32()).collect()
-}
-
-/// One plain decode (`Context::decode_attention`) on fresh inputs, outputs poisoned first.
-fn plain_case<T: AttnElement>(
-    ctx: &Context,
-    shape: &Shape,
-    cfg: &AttentionConfig,
-    rng: &mut StdRng,
-) -> Result<Comparison, Error> {
-    let (q, q32) = random_tensor::<T>(rng, shape.q_len());
-    let (k, k32) = random_tensor::<T>(rng, shape.kv_len());
-    let (v, v32) = random_tensor::<T>(rng, shape.kv_len());
-    let dq = ctx.upload(&q, shape.q_shape())?;
-    let dk = ctx.upload(&k, shape.kv_shape())?;
-    let dv = ctx.upload(&v, shape.kv_shape())?;
-    let mut out = ctx.alloc::<T, 4>(shape.q_shape())?;
-    let mut lse = ctx.alloc::<f32, 3>(shape.lse_shape())?;
-    out.fill(T::nan())?;
-    lse.fill(f32::NAN)?;
-    ctx.decode_attention(
-        &dq.view(),
-        &dk.view(),
-        &dv.view(),
-        &mut out.view_mut(),
-        &mut lse.view_mut(),
-        cfg,
-    )?;
-    ctx.synchronize()?;
-    let rows: Vec<_> = (0..shape.batch)
-        .flat_map(|b| {
-            (0..shape.heads_q).flat_map(move |h| (0..shape.seqlen_q).map(move |i| (b, h, i)))
-        })
-        .collect();
-    Ok(compare(
-        shape,
-        cfg,
-        &q32,
-        &k32,
-        &v32,
-        &to_f32(&out.to_host()?),
-        &lse.to_host()?,
-        &rows,
-    ))
 }
 
 #[test]
@@ -88,9 +45,9 @@ fn decode_plain_matrix() {
                         .sink(4)
                         .window(rng.random_range(1..300));
                     let cmp = if (sk + nq + d) % 2 == 0 {
-                        plain_case::<bf16>(&ctx, &shape, &cfg, &mut rng)
+                        run_decode_case::<bf16>(&ctx, &shape, &cfg, &mut rng)
                     } else {
-                        plain_case::<f16>(&ctx, &shape, &cfg, &mut rng)
+                        run_decode_case::<f16>(&ctx, &shape, &cfg, &mut rng)
                     }
                     .unwrap();
                     cases += 1;
@@ -316,7 +273,7 @@ fn cache_append_places_rows_by_kind() {
     for bi in 0..b {
         for pos in 0..len {
             for (rank, h) in [(0, 0), (1, 2)] {
-                let at = ((bi * 64 + pos) * 2 + rank) * d + 5;
+                let at = ((bi * 2 + rank) * 64 + pos) * d + 5; // [B, H_retrieval, max_len, D]
                 assert_eq!(
                     fk[at].to_f32(),
                     value(bi, pos, h, 5),
@@ -334,7 +291,7 @@ fn cache_append_places_rows_by_kind() {
                 recent as i32,
             );
             assert!(pos >= 0, "slot {slot} empty after {len} tokens");
-            let at = (bi * slots + slot) * d + 9;
+            let at = (bi * slots + slot) * d + 9; // [B, 1 streaming head, slots, D]
             assert_eq!(
                 rk[at].to_f32(),
                 value(bi, pos as usize, 1, 9),
@@ -424,4 +381,34 @@ fn cache_errors() {
         "{err:?}"
     );
     ctx.synchronize().unwrap();
+}
+
+/// A small schedule that exercises every decode-side kernel (gather, append, split-KV prefill,
+/// decode, combine) quickly enough for compute-sanitizer (`run.sh sanitize`).
+#[test]
+fn sanitizer_small_cache_schedule() {
+    let Some(ctx) = gpu_or_skip("sanitizer_small_cache_schedule") else {
+        return;
+    };
+    let mut rng = rng("sanitizer_small_cache_schedule");
+    let cfg = CacheConfig {
+        batch: 1,
+        max_len: 160,
+        heads_q: 4,
+        heads_kv: 2,
+        head_dim: 64,
+        sink: 3,
+        window: 10,
+        softmax_scale: None,
+        prefill_kernel: PrefillKernel::Auto,
+    };
+    let failures = cache_schedule::<bf16>(
+        &ctx,
+        &mut rng,
+        vec![vec![R, S]],
+        cfg,
+        &[20, 1, 3, 70, 1, 16],
+        "small",
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -101,6 +101,26 @@ def main():
             del q, k, v
             torch.cuda.empty_cache()
 
+    # Decode with half the KV heads streaming: SDPA on the retrieval half over the whole cache plus
+    # SDPA on the streaming half over its sink + window rows (sliced beforehand, as a cache holds them).
+    mixed_lens = [4096, 32768] if args.quick else [32768, 131072]
+    for s in mixed_lens:
+        b = 8
+        q = torch.randn(b, hq, 1, d, device=dev, dtype=torch.bfloat16)
+        k, v = (torch.randn(b, hkv, s, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
+        qr, qs = q[:, : hq // 2].contiguous(), q[:, hq // 2 :].contiguous()
+        kr, vr = k[:, : hkv // 2].contiguous(), v[:, : hkv // 2].contiguous()
+        keep = lambda t: torch.cat([t[:, hkv // 2 :, :SINK], t[:, hkv // 2 :, max(SINK, s - WINDOW) :]], dim=2)
+        ks, vs = keep(k).contiguous(), keep(v).contiguous()
+
+        def mixed_decode(qr=qr, kr=kr, vr=vr, qs=qs, ks=ks, vs=vs):
+            F.scaled_dot_product_attention(qr, kr, vr, enable_gqa=True)
+            F.scaled_dot_product_attention(qs, ks, vs, enable_gqa=True)
+
+        record("decode-mixed", b, 1, s, hq, hkv, "sdpa-split", mixed_decode)
+        del q, k, v, qr, qs, kr, vr, ks, vs
+        torch.cuda.empty_cache()
+
     out = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, records=records)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)

@@ -152,7 +152,8 @@ fn bench(quick: bool) -> Result<()> {
 
 const RUN_SH: &str = r#"#!/usr/bin/env bash
 # Runs duo-attn's test binaries and demo on a GPU host (no Rust needed).
-#   ./run.sh              all tests (GPU tests included), then the demo
+#   ./run.sh              all tests (GPU tests included), then the demo and the serve example
+#   ./run.sh serve [ARGS] the serve example only (e.g. --prompt 32768 --steps 128)
 #   ./run.sh sass         HGMMA/HMMA instruction counts per kernel (cuobjdump)
 #   ./run.sh sanitize     compute-sanitizer memcheck, racecheck and synccheck on a small GPU test
 #   ./run.sh bench [--quick]  peers (PyTorch) then duo-bench: merged table, $BENCH_OUT/bench.{json,svg}
@@ -167,6 +168,10 @@ if [ "${1:-}" = "bench" ]; then
   python3 peers.py --out "$out/peers.json" "$@" || exit 1
   exec bin/duo-bench --peers "$out/peers.json" --out-dir "$out" "$@"
 fi
+if [ "${1:-}" = "serve" ]; then
+  shift
+  exec bin/serve "$@"
+fi
 if [ "${1:-}" = "sass" ]; then
   # Instruction mix per kernel: the Hopper kernels must show HGMMA.
   cuobjdump -sass kernels/*.cubin | awk '/Function :/ {f=$3} /HGMMA|HMMA/ {split($0,a," "); for(i in a) if (a[i] ~ /^H(G)?MMA/) c[f" "a[i]]++} END {for (k in c) print k, c[k]}' | sort
@@ -176,6 +181,8 @@ if [ "${1:-}" = "sanitize" ]; then
   for tool in memcheck racecheck synccheck; do
     echo "=== compute-sanitizer --tool $tool ==="
     compute-sanitizer --tool "$tool" --error-exitcode 99 bin/gpu_prefill strided_packed_qkv_and_padded_output --test-threads=1 || status=1
+    compute-sanitizer --tool "$tool" --error-exitcode 99 bin/gpu_decode sanitizer_small_cache_schedule --test-threads=1 || status=1
+    compute-sanitizer --tool "$tool" --error-exitcode 99 bin/gpu_decode cache_append_places_rows_by_kind --test-threads=1 || status=1
   done
   exit $status
 fi
@@ -185,6 +192,8 @@ for t in bin/test-*; do
 done
 echo "=== demo ==="
 bin/demo || status=1
+echo "=== serve ==="
+bin/serve || status=1
 echo "bundle run finished: status $status"
 exit $status
 "#;
@@ -197,9 +206,9 @@ fn gpu_bundle(out: &Path) -> Result<()> {
     std::fs::create_dir_all(&bin)?;
     let tests = cargo_executables(&["test", "--release", "--workspace", "--no-run"], true)?;
     for (name, exe) in &tests {
-        // gpu_prefill also keeps its plain name for run.sh's sanitizer mode.
+        // The GPU tests also keep their plain names for run.sh's sanitizer mode.
         std::fs::copy(exe, bin.join(format!("test-{name}")))?;
-        if name == "gpu_prefill" {
+        if name == "gpu_prefill" || name == "gpu_decode" {
             std::fs::copy(exe, bin.join(name))?;
         }
     }
@@ -216,6 +225,19 @@ fn gpu_bundle(out: &Path) -> Result<()> {
     )?;
     let (_, demo_exe) = demo.first().ok_or("the demo example was not built")?;
     std::fs::copy(demo_exe, bin.join("demo"))?;
+    let serve = cargo_executables(
+        &[
+            "build",
+            "--release",
+            "-p",
+            "duo-attn-tests",
+            "--example",
+            "serve",
+        ],
+        false,
+    )?;
+    let (_, serve_exe) = serve.first().ok_or("the serve example was not built")?;
+    std::fs::copy(serve_exe, bin.join("serve"))?;
     let bench = cargo_executables(&["build", "--release", "-p", "duo-attn-bench"], false)?;
     let (_, bench_exe) = bench.first().ok_or("duo-bench was not built")?;
     std::fs::copy(bench_exe, bin.join("duo-bench"))?;

@@ -7,7 +7,19 @@ use serde::{Deserialize, Serialize};
 pub const SINK: u32 = 128;
 pub const WINDOW: u32 = 1024;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Every head retrieval, causal.
@@ -16,8 +28,11 @@ pub enum Mode {
     Streaming,
     /// Half the KV heads retrieval, half streaming, one launch.
     Mixed,
-    /// One query token per sequence against the whole context, GQA.
+    /// One query token per sequence against the whole context, GQA, every head retrieval.
     Decode,
+    /// Decode with half the KV heads streaming (they read only sink + window).
+    #[serde(rename = "decode-mixed")]
+    DecodeMixed,
 }
 
 impl Mode {
@@ -27,6 +42,7 @@ impl Mode {
             Mode::Streaming => "streaming",
             Mode::Mixed => "mixed 50/50",
             Mode::Decode => "decode",
+            Mode::DecodeMixed => "decode 50/50",
         }
     }
 }
@@ -59,8 +75,8 @@ impl Case {
             .map(|h| match self.mode {
                 Mode::Full | Mode::Decode => HeadKind::Retrieval,
                 Mode::Streaming => HeadKind::Streaming,
-                Mode::Mixed if h % 2 == 0 => HeadKind::Retrieval,
-                Mode::Mixed => HeadKind::Streaming,
+                Mode::Mixed | Mode::DecodeMixed if h < self.heads_kv / 2 => HeadKind::Retrieval,
+                Mode::Mixed | Mode::DecodeMixed => HeadKind::Streaming,
             })
             .collect();
         AttentionConfig::new(kinds).sink(SINK).window(WINDOW)
@@ -71,17 +87,32 @@ impl Case {
         4.0 * self.head_dim as f64 * attended_pairs(&self.shape(), &self.config()) as f64
     }
 
-    /// Fewest bytes moved: Q, K, V read once, O written once (bf16).
+    /// Fewest bytes moved (bf16): Q read and O written once, and the K/V rows some query needs,
+    /// once: all of them for retrieval heads, sink + window for streaming heads.
     pub fn bytes(&self) -> f64 {
         let s = self.shape();
-        2.0 * (2 * s.q_len() + 2 * s.kv_len()) as f64
+        let needed_rows: usize = self
+            .config()
+            .head_kinds
+            .iter()
+            .map(|k| match k {
+                HeadKind::Retrieval => s.seqlen_k,
+                HeadKind::Streaming => s.seqlen_k.min((SINK + WINDOW) as usize + s.seqlen_q),
+            })
+            .sum();
+        2.0 * (2 * s.q_len() + 2 * s.batch * needed_rows * s.head_dim) as f64
+    }
+
+    pub fn is_decode(&self) -> bool {
+        matches!(self.mode, Mode::Decode | Mode::DecodeMixed)
     }
 
     /// Decode is memory-bound (TB/s), prefill compute-bound (TFLOP/s).
     pub fn rate(&self, ms: f64) -> (f64, &'static str) {
-        match self.mode {
-            Mode::Decode => (self.bytes() / ms / 1e9, "TB/s"),
-            _ => (self.flops() / ms / 1e9, "TFLOP/s"),
+        if self.is_decode() {
+            (self.bytes() / ms / 1e9, "TB/s")
+        } else {
+            (self.flops() / ms / 1e9, "TFLOP/s")
         }
     }
 }
@@ -125,6 +156,22 @@ pub fn all_cases(quick: bool) -> Vec<Case> {
                 head_dim: 128,
             });
         }
+    }
+    let mixed_lens: &[usize] = if quick {
+        &[4096, 32768]
+    } else {
+        &[32768, 131072]
+    };
+    for &s in mixed_lens {
+        cases.push(Case {
+            mode: Mode::DecodeMixed,
+            batch: 8,
+            seqlen_q: 1,
+            seqlen_k: s,
+            heads_q: 32,
+            heads_kv: 8,
+            head_dim: 128,
+        });
     }
     cases
 }

@@ -9,7 +9,7 @@ mod timing;
 use cases::{Case, Mode, all_cases};
 use clap::Parser;
 use duo_attn::Context;
-use duo_attn_tests::{rng, run_prefill_case};
+use duo_attn_tests::{rng, run_decode_case, run_prefill_case};
 use half::bf16;
 use indicatif::{ProgressBar, ProgressStyle};
 use report::{OURS, PeersFile, Record, Report};
@@ -30,6 +30,9 @@ struct Args {
     /// Fewer, shorter shapes.
     #[arg(long)]
     quick: bool,
+    /// Only these modes (comma separated), e.g. `--only decode,decode-mixed`.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<Mode>,
     /// No GPU: re-print the table and re-draw the plot of an earlier run's bench.json.
     #[arg(long)]
     from_json: Option<PathBuf>,
@@ -81,8 +84,22 @@ fn main() -> ExitCode {
             heads_kv: 8,
             head_dim: 128,
         },
+        Case {
+            mode: Mode::DecodeMixed,
+            batch: 2,
+            seqlen_q: 1,
+            seqlen_k: 8192,
+            heads_q: 32,
+            heads_kv: 8,
+            head_dim: 128,
+        },
     ] {
-        match run_prefill_case::<bf16>(&ctx, &case.shape(), &case.config(), &mut rng) {
+        let check = if case.is_decode() {
+            run_decode_case::<bf16>(&ctx, &case.shape(), &case.config(), &mut rng)
+        } else {
+            run_prefill_case::<bf16>(&ctx, &case.shape(), &case.config(), &mut rng)
+        };
+        match check {
             Ok(cmp) if cmp.passed() => println!(
                 "check {:<12} S={:<6} rel err {:.2e}: ok",
                 case.mode.label(),
@@ -103,7 +120,10 @@ fn main() -> ExitCode {
         }
     }
 
-    let cases = all_cases(args.quick);
+    let cases: Vec<Case> = all_cases(args.quick)
+        .into_iter()
+        .filter(|c| args.only.is_empty() || args.only.contains(&c.mode))
+        .collect();
     let bar = ProgressBar::new(cases.len() as u64)
         .with_style(ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}").unwrap());
     let mut records = Vec::new();

@@ -104,15 +104,16 @@ pub fn plot(
     path: &std::path::Path,
     title: &str,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let root = SVGBackend::new(path, (1200, 900)).into_drawing_area();
+    let root = SVGBackend::new(path, (1650, 900)).into_drawing_area();
     root.fill(&WHITE)?;
     let root = root.titled(title, ("sans-serif", 20))?;
-    let panels = root.split_evenly((2, 2));
+    let panels = root.split_evenly((2, 3));
     let modes = [
         (Mode::Full, 1),
         (Mode::Streaming, 1),
         (Mode::Mixed, 1),
         (Mode::Decode, 8),
+        (Mode::DecodeMixed, 8),
     ];
     let mut impls: Vec<String> = vec![OURS.to_string()];
     impls.extend(peer_names(records));

@@ -28,26 +28,48 @@ pub fn time_case(ctx: &Context, case: &Case, rng: &mut StdRng) -> Result<Timing>
         .clamp(1, MAX_SETS);
     let (q, _) = random_tensor::<bf16>(rng, shape.q_len());
     let (kv, _) = random_tensor::<bf16>(rng, shape.kv_len());
+    // Decode reads K/V head-major ([B, Hkv, S, D], as a KV cache and the peers hold them), seen
+    // through strides as [B, S, Hkv, D]; prefill reads them [B, S, H, D] as stored.
+    let stored = if case.is_decode() {
+        [shape.batch, shape.heads_kv, shape.seqlen_k, shape.head_dim]
+    } else {
+        shape.kv_shape()
+    };
     let mut inputs: Vec<[DeviceTensor<bf16, 4>; 3]> = Vec::new();
     for _ in 0..sets {
         inputs.push([
             ctx.upload(&q, shape.q_shape())?,
-            ctx.upload(&kv, shape.kv_shape())?,
-            ctx.upload(&kv, shape.kv_shape())?,
+            ctx.upload(&kv, stored)?,
+            ctx.upload(&kv, stored)?,
         ]);
     }
     let mut out = ctx.alloc::<bf16, 4>(shape.q_shape())?;
     let mut lse = ctx.alloc::<f32, 3>(shape.lse_shape())?;
     let mut launch = |i: usize| {
         let [q, k, v] = &inputs[i % sets];
-        ctx.attention(
-            &q.view(),
-            &k.view(),
-            &v.view(),
-            &mut out.view_mut(),
-            &mut lse.view_mut(),
-            &cfg,
-        )
+        fn kv_view<'a>(
+            t: &'a DeviceTensor<bf16, 4>,
+            case: &Case,
+            shape: &duo_attn::reference::Shape,
+        ) -> Result<duo_attn::View<'a, bf16, 4>> {
+            if case.is_decode() {
+                let (s, h, d) = (shape.seqlen_k, shape.heads_kv, shape.head_dim);
+                t.strided_view(0, shape.kv_shape(), [h * s * d, d, s * d, 1])
+            } else {
+                Ok(t.view())
+            }
+        }
+        let (q, k, v) = (
+            q.view(),
+            kv_view(k, case, &shape)?,
+            kv_view(v, case, &shape)?,
+        );
+        let (o, l) = (&mut out.view_mut(), &mut lse.view_mut());
+        if case.is_decode() {
+            ctx.decode_attention(&q, &k, &v, o, l, &cfg)
+        } else {
+            ctx.attention(&q, &k, &v, o, l, &cfg)
+        }
     };
     let cuda = |e: cust::error::CudaError| duo_attn::Error::Cuda {
         during: "timing with events",
