@@ -45,7 +45,7 @@ unsafe fn load_tile<const D: usize>(
             base
         };
         let addr = dst + ((row * decode_pitch(D) + col) * 2) as u32;
-        unsafe { cp_async_16(addr, src, if valid { 16 } else { 0 }) };
+        unsafe { cp_async_16_prefetch(addr, src, if valid { 16 } else { 0 }) };
     }
 }
 

@@ -349,3 +349,13 @@ pub unsafe fn ld_shared_f32(addr: u32) -> f32 {
 
 special_reg!(/// Block size (x).
     block_dim_x, "%ntid.x");
+
+/// As [`cp_async_16`], with a 256-byte L2 prefetch hint: streaming reads of long contiguous rows
+/// (decode) get whole DRAM bursts.
+#[inline(always)]
+pub unsafe fn cp_async_16_prefetch(dst: u32, src: u64, src_bytes: u32) {
+    unsafe {
+        asm!("cp.async.cg.shared.global.L2::256B [{d}], [{s}], 16, {n};",
+            d = in(reg32) dst, s = in(reg64) src, n = in(reg32) src_bytes, options(nostack))
+    };
+}
