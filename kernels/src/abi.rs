@@ -232,3 +232,20 @@ pub const DECODE_ENTRIES: [(&str, &str, usize); 4] = [
     ("duo_decode_f16_d64", "f16", 64),
     ("duo_decode_f16_d128", "f16", 128),
 ];
+
+/// The remaining entries: split combines and cache maintenance.
+pub const SUPPORT_ENTRIES: [&str; 4] = [
+    "duo_decode_combine_bf16",
+    "duo_decode_combine_f16",
+    "duo_cache_append",
+    "duo_cache_gather_stream",
+];
+
+/// Every kernel entry of the module.
+pub fn all_entries() -> impl Iterator<Item = &'static str> {
+    PREFILL_ENTRIES
+        .iter()
+        .chain(DECODE_ENTRIES.iter())
+        .map(|e| e.0)
+        .chain(SUPPORT_ENTRIES)
+}

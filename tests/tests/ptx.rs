@@ -1,7 +1,7 @@
 //! The embedded kernel module: every entry is there for sm_90a, and (when ptxas is installed)
 //! assembles with no spills and no local-memory stack.
 use duo_attn::kernels::{CUBIN, PTX};
-use duo_attn_kernels::abi::PREFILL_ENTRIES;
+use duo_attn_kernels::abi::all_entries;
 use duo_attn_tests::notice;
 
 #[test]
@@ -10,7 +10,7 @@ fn ptx_targets_sm90a_and_holds_every_entry() {
         PTX.contains(".target sm_90a"),
         "PTX is not built for sm_90a"
     );
-    for (entry, _, _) in PREFILL_ENTRIES {
+    for entry in all_entries() {
         assert!(
             PTX.contains(&format!(".entry {entry}(")),
             "missing kernel entry {entry}"
@@ -37,7 +37,7 @@ fn ptx_assembles_without_spills() {
     std::fs::write(&ptx, PTX).unwrap();
     let report = duo_attn_kernel_build::assemble(&ptxas, &ptx, &cubin).expect("ptxas failed");
     notice(&duo_attn_kernel_build::format_report(&report));
-    assert_eq!(report.len(), PREFILL_ENTRIES.len());
+    assert_eq!(report.len(), all_entries().count());
     for k in &report {
         assert_eq!(
             (k.spill_store_bytes, k.spill_load_bytes),
