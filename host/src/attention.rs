@@ -2,7 +2,7 @@
 use crate::context::Context;
 use crate::element::AttnElement;
 use crate::error::{Error, Result};
-use crate::tensor::{TensorDesc, View, ViewMut};
+use crate::tensor::{DeviceTensor, TensorDesc, View, ViewMut};
 use duo_attn_kernels::abi::{
     HEAD_MASK_WORDS, MAX_KV_HEADS, MAX_SEQLEN, PREFILL_BLOCK_M, PREFILL_THREADS, PrefillParams,
     WG_BLOCK_M, WG_THREADS, WS_THREADS, wg_smem_bytes, ws_smem_bytes,
@@ -392,6 +392,22 @@ pub(crate) fn prefill_params(
         stream_v: sv.ptr,
         stream_k_strides: strides3(sk),
         stream_v_strides: strides3(sv),
+        cu_seqlens_q: 0,
+        cu_seqlens_k: 0,
+        lse_strides: [(heads_q * seqlen_q) as i64, seqlen_q as i64],
+    }
+}
+
+/// Entry infix, query rows per block, threads and dynamic shared memory of a kernel variant.
+fn kernel_shape(kernel: PrefillKernel, head_dim: usize) -> (&'static str, usize, usize, usize) {
+    match kernel {
+        PrefillKernel::MmaSync => ("", PREFILL_BLOCK_M, PREFILL_THREADS, 0),
+        PrefillKernel::Auto | PrefillKernel::Wgmma => {
+            ("wgmma_", WG_BLOCK_M, WG_THREADS, wg_smem_bytes(head_dim))
+        }
+        PrefillKernel::WgmmaWarpSpecialized => {
+            ("wgmma_ws_", WG_BLOCK_M, WS_THREADS, ws_smem_bytes(head_dim))
+        }
     }
 }
 
@@ -402,15 +418,7 @@ pub(crate) fn prefill_launch<T: AttnElement>(
     params: PrefillParams,
 ) -> PrefillPlan {
     let [batch, seqlen_q, heads_q, head_dim] = q_shape;
-    let (variant, block_m, block, shared_bytes) = match kernel {
-        PrefillKernel::MmaSync => ("", PREFILL_BLOCK_M, PREFILL_THREADS, 0),
-        PrefillKernel::Auto | PrefillKernel::Wgmma => {
-            ("wgmma_", WG_BLOCK_M, WG_THREADS, wg_smem_bytes(head_dim))
-        }
-        PrefillKernel::WgmmaWarpSpecialized => {
-            ("wgmma_ws_", WG_BLOCK_M, WS_THREADS, ws_smem_bytes(head_dim))
-        }
-    };
+    let (variant, block_m, block, shared_bytes) = kernel_shape(kernel, head_dim);
     PrefillPlan {
         entry: format!("duo_prefill_{variant}{}_d{}", T::KERNEL_NAME, head_dim),
         grid: (
@@ -424,7 +432,158 @@ pub(crate) fn prefill_launch<T: AttnElement>(
     }
 }
 
+/// Checks a `[B + 1]` prefix sum of sequence lengths over `total` packed rows; returns the
+/// longest sequence.
+fn check_cu_seqlens(which: &'static str, cu: &[i32], total: usize) -> Result<usize> {
+    let bad = |why: String| Err(Error::InvalidCuSeqlens { which, why });
+    if cu.len() < 2 {
+        return bad(format!(
+            "it has {} entries; a batch of B sequences needs B + 1 >= 2",
+            cu.len()
+        ));
+    }
+    if cu[0] != 0 {
+        return bad(format!("it starts at {}, not 0", cu[0]));
+    }
+    if let Some(i) = cu.windows(2).position(|w| w[1] < w[0]) {
+        return bad(format!(
+            "it decreases at index {}: {} -> {}",
+            i + 1,
+            cu[i],
+            cu[i + 1]
+        ));
+    }
+    let last = cu[cu.len() - 1];
+    if last as usize != total {
+        return bad(format!(
+            "it ends at {last} but the packed tensor has {total} rows"
+        ));
+    }
+    Ok(cu
+        .windows(2)
+        .map(|w| (w[1] - w[0]) as usize)
+        .max()
+        .unwrap_or(0))
+}
+
+/// A packed `[total, H, D]` tensor seen as a batch of one, `[1, total, H, D]`, so that the
+/// fixed-length checks apply to it unchanged.
+fn as_batch_of_one(t: &TensorDesc<3>) -> TensorDesc<4> {
+    TensorDesc {
+        ptr: t.ptr,
+        shape: [1, t.shape[0], t.shape[1], t.shape[2]],
+        strides: [0, t.strides[0], t.strides[1], t.strides[2]],
+        available: t.available,
+        elem_bytes: t.elem_bytes,
+        device: t.device,
+    }
+}
+
+/// Validates a varlen prefill call (FlashAttention's varlen layout) and builds its launch.
+///
+/// q/out `[total_q, Hq, D]`, k/v `[total_k, Hkv, D]`, lse `[Hq, total_q]` (contiguous f32);
+/// `cu_seqlens_q/k` are the host copies of the `[B + 1]` prefix sums whose device addresses are
+/// the second elements. Sequence `b` is query rows `cu_q[b]..cu_q[b+1]` against key rows
+/// `cu_k[b]..cu_k[b+1]`, bottom-right aligned like fixed-length batches.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_prefill_varlen<T: AttnElement>(
+    q: &TensorDesc<3>,
+    k: &TensorDesc<3>,
+    v: &TensorDesc<3>,
+    out: &TensorDesc<3>,
+    lse: &TensorDesc<2>,
+    cu_seqlens_q: (&[i32], u64),
+    cu_seqlens_k: (&[i32], u64),
+    cfg: &AttentionConfig,
+    device: u32,
+) -> Result<PrefillPlan> {
+    let lse3 = TensorDesc {
+        ptr: lse.ptr,
+        shape: [1, lse.shape[0], lse.shape[1]],
+        strides: [0, lse.strides[0], lse.strides[1]],
+        available: lse.available,
+        elem_bytes: lse.elem_bytes,
+        device: lse.device,
+    };
+    let mut plan = plan_prefill::<T>(
+        &as_batch_of_one(q),
+        &as_batch_of_one(k),
+        &as_batch_of_one(v),
+        &as_batch_of_one(out),
+        &lse3,
+        cfg,
+        device,
+    )?;
+    let (cu_q, cu_q_ptr) = cu_seqlens_q;
+    let (cu_k, cu_k_ptr) = cu_seqlens_k;
+    let max_q = check_cu_seqlens("cu_seqlens_q", cu_q, q.shape[0])?;
+    let max_k = check_cu_seqlens("cu_seqlens_k", cu_k, k.shape[0])?;
+    if cu_k.len() != cu_q.len() {
+        return Err(Error::InvalidCuSeqlens {
+            which: "cu_seqlens_k",
+            why: format!(
+                "it has {} entries but cu_seqlens_q has {}",
+                cu_k.len(),
+                cu_q.len()
+            ),
+        });
+    }
+    let batch = cu_q.len() - 1;
+    check_limit("the number of varlen sequences", batch, MAX_GRID_YZ)?;
+    let (_, rows_per_block, _, _) = kernel_shape(cfg.kernel, q.shape[2]);
+    plan.grid = (
+        max_q.div_ceil(rows_per_block).max(1) as u32,
+        plan.grid.1,
+        batch as u32,
+    );
+    plan.params.seqlen_q = max_q as i32;
+    plan.params.seqlen_k = max_k as i32;
+    plan.params.seqlen_k_stream = max_k as i32;
+    plan.params.cu_seqlens_q = cu_q_ptr;
+    plan.params.cu_seqlens_k = cu_k_ptr;
+    plan.params.lse_strides = [0, q.shape[0] as i64];
+    Ok(plan)
+}
+
 impl Context {
+    /// Varlen prefill (FlashAttention's varlen layout): q/out `[total_q, Hq, D]`, k/v
+    /// `[total_k, Hkv, D]`, lse `[Hq, total_q]`, and `[B + 1]` i32 prefix sums of the query and
+    /// key lengths. The prefix sums are copied to the host (a small synchronous copy) and checked,
+    /// so a bad one is an error, never an out-of-bounds access.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_varlen<T: AttnElement>(
+        &self,
+        q: &View<'_, T, 3>,
+        k: &View<'_, T, 3>,
+        v: &View<'_, T, 3>,
+        out: &mut ViewMut<'_, T, 3>,
+        lse: &mut ViewMut<'_, f32, 2>,
+        cu_seqlens_q: &DeviceTensor<i32, 1>,
+        cu_seqlens_k: &DeviceTensor<i32, 1>,
+        cfg: &AttentionConfig,
+    ) -> Result<()> {
+        let cu_q = cu_seqlens_q.to_host()?;
+        let cu_k = cu_seqlens_k.to_host()?;
+        let plan = plan_prefill_varlen::<T>(
+            q.desc(),
+            k.desc(),
+            v.desc(),
+            out.desc(),
+            lse.desc(),
+            (&cu_q, cu_seqlens_q.view().desc().ptr),
+            (&cu_k, cu_seqlens_k.view().desc().ptr),
+            cfg,
+            self.ordinal(),
+        )?;
+        self.launch(
+            &plan.entry,
+            plan.grid,
+            plan.block,
+            plan.shared_bytes,
+            &plan.params,
+        )
+    }
+
     /// Prefill attention over one layer: every query head attends per its KV head's kind, in one
     /// launch. Writes `out` and the natural-log `lse`; rows that see no key get 0 and `-inf`.
     /// Queued on the context's stream; call [`Context::synchronize`] to wait and see kernel errors.

@@ -8,6 +8,7 @@ pub enum DType {
     BF16,
     F16,
     F32,
+    I32,
 }
 
 /// A scalar stored in device memory. `Raw` is the bit-identical type cust copies (`half` 2's types
@@ -66,6 +67,21 @@ impl DeviceScalar for f32 {
     }
     fn nan() -> Self {
         f32::NAN
+    }
+}
+
+/// `i32` tensors hold varlen prefix sums (`cu_seqlens`); their "NaN" poison is `i32::MIN`.
+impl DeviceScalar for i32 {
+    type Raw = i32;
+    const DTYPE: DType = DType::I32;
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+    fn from_f32(v: f32) -> Self {
+        v as i32
+    }
+    fn nan() -> Self {
+        i32::MIN
     }
 }
 

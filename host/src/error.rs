@@ -93,6 +93,8 @@ pub enum Error {
         output: &'static str,
         input: &'static str,
     },
+    #[error("`{which}` is not a valid varlen prefix sum: {why}")]
+    InvalidCuSeqlens { which: &'static str, why: String },
     #[error("softmax_scale must be finite and > 0, got {0}")]
     InvalidScale(f32),
     #[error("{what} is {value}, over the supported maximum {limit}")]

@@ -34,7 +34,9 @@ pub mod pattern;
 pub mod reference;
 pub mod tensor;
 
-pub use attention::{AttentionConfig, HeadKind, PrefillKernel, PrefillPlan, plan_prefill};
+pub use attention::{
+    AttentionConfig, HeadKind, PrefillKernel, PrefillPlan, plan_prefill, plan_prefill_varlen,
+};
 pub use cache::{CacheConfig, CacheMemory, DuoCache, cache_memory, ring_slots};
 pub use context::{Context, DeviceInfo};
 pub use decode::{DecodePlan, MAX_DECODE_QUERIES};

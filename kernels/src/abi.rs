@@ -90,6 +90,15 @@ pub struct PrefillParams {
     pub stream_v: u64,
     pub stream_k_strides: [i64; 3],
     pub stream_v_strides: [i64; 3],
+    /// Varlen batches: device pointers to `[B + 1]` i32 prefix sums of the query and key lengths
+    /// (both 0 for fixed-length batches; never with `split_kv`). Sequence `b` is rows
+    /// `cu[b]..cu[b + 1]` of packed `[total, H, D]` tensors (batch strides 0); `seqlen_q/k` are
+    /// then the maxima.
+    pub cu_seqlens_q: u64,
+    pub cu_seqlens_k: u64,
+    /// LSE element strides of (batch, head): `[Hq * Sq, Sq]` for `[B, Hq, Sq]`, `[0, total_q]`
+    /// for varlen `[Hq, total_q]` (rows then offset by the sequence start).
+    pub lse_strides: [i64; 2],
 }
 
 /// Prefill kernel entry names, by (element, head dim): the mma.sync kernel, the default wgmma

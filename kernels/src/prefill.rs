@@ -10,7 +10,7 @@ use crate::abi::{PREFILL_BLOCK_M, PREFILL_BLOCK_N, PREFILL_THREADS, PrefillParam
 use crate::device::*;
 use crate::mma::{Bf16, Element, F16};
 use crate::softmax::{RowState, finish};
-use crate::tile::{QueryTile, elem_offset};
+use crate::tile::{QueryTile, row_offset};
 
 const BM: i32 = PREFILL_BLOCK_M as i32;
 
@@ -84,6 +84,9 @@ unsafe fn prefill<
     let warp = tid / 32;
     let (g, t) = (lane / 4, lane % 4);
     let tile = QueryTile::from_grid(p, BM);
+    if tile.is_empty() {
+        return; // the whole block, before any barrier: this varlen sequence has no rows here
+    }
     let sk = tile.seqlen_k;
     let row0 = tile.m0 + (warp * 16 + g) as i32;
     let rows = [row0, row0 + 8];
@@ -92,8 +95,8 @@ unsafe fn prefill<
     // Q fragments for the whole head dim stay in registers. Rows past the end read as zero.
     let mut qa = [[0u32; 4]; KQ];
     for (r, &row) in rows.iter().enumerate() {
-        if row < p.seqlen_q {
-            let base = p.q + elem_offset(&p.q_strides, tile.batch, row, tile.head, 2 * t);
+        if row < tile.seqlen_q {
+            let base = tile.q + row_offset(tile.q_stride, row, 2 * t);
             for (kk, frag) in qa.iter_mut().enumerate() {
                 frag[r] = unsafe { ld_global_nc_u32(base + (kk * 32) as u64) };
                 frag[r + 2] = unsafe { ld_global_nc_u32(base + (kk * 32 + 16) as u64) };
@@ -187,7 +190,7 @@ unsafe fn prefill<
 
     // Epilogue: normalise, write O and the natural-log LSE. Fully masked rows: O = 0, LSE = -inf.
     let (inv, lse) = finish(&state);
-    tile.store_rows::<E, ON>(p, &acc, rows, t, inv, lse);
+    tile.store_rows::<E, ON>(&acc, rows, t, inv, lse);
 }
 
 macro_rules! prefill_entry {

@@ -16,7 +16,7 @@ use crate::abi::{PrefillParams, WG_BLOCK_M, WG_BLOCK_N, WG_STAGES, WG_THREADS, w
 use crate::device::*;
 use crate::mma::{Bf16, Element, F16};
 use crate::softmax::{RowState, finish, online_softmax, rescale, scale_and_mask};
-use crate::tile::{QueryTile, elem_offset};
+use crate::tile::QueryTile;
 use crate::wgmma::{
     WgmmaElement, fence_accumulators_64, wgmma_commit, wgmma_fence, wgmma_wait_all,
 };
@@ -86,6 +86,9 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillPa
     let lane = lane_id() as usize;
     let (g, t) = (lane / 4, lane % 4);
     let tile = QueryTile::from_grid(p, BM as i32);
+    if tile.is_empty() {
+        return; // the whole block, before any barrier: this varlen sequence has no rows here
+    }
     let row0 = tile.m0 + (64 * wg + 16 * (wtid / 32) + g) as i32;
     let rows = [row0, row0 + 8];
     let q_pos = [tile.offset + rows[0], tile.offset + rows[1]];
@@ -127,8 +130,17 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillPa
     };
 
     // Prologue: Q with KV tile 0 in one cp.async group, tile 1 in the next (groups may be empty).
-    let q_src = p.q + elem_offset(&p.q_strides, tile.batch, 0, tile.head, 0);
-    unsafe { load_tile::<D>(q_smem, BM, q_src, p.q_strides[1], tile.m0, p.seqlen_q, tid) };
+    unsafe {
+        load_tile::<D>(
+            q_smem,
+            BM,
+            tile.q,
+            tile.q_stride,
+            tile.m0,
+            tile.seqlen_q,
+            tid,
+        )
+    };
     for i in 0..2 {
         if i < blocks {
             load_kv(i);
@@ -212,9 +224,9 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillPa
     if D == 64 {
         let mut o64 = [0f32; 32];
         o64.copy_from_slice(&o_used[..32]);
-        tile.store_rows::<E, 32>(p, &o64, rows, t, inv, lse);
+        tile.store_rows::<E, 32>(&o64, rows, t, inv, lse);
     } else {
-        tile.store_rows::<E, 64>(p, o_used, rows, t, inv, lse);
+        tile.store_rows::<E, 64>(o_used, rows, t, inv, lse);
     }
 }
 

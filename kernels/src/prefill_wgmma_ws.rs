@@ -26,7 +26,7 @@ use crate::abi::{
 use crate::device::*;
 use crate::mma::{Bf16, Element, F16};
 use crate::softmax::{RowState, finish};
-use crate::tile::{QueryTile, elem_offset};
+use crate::tile::QueryTile;
 use crate::wgmma::{
     WgmmaElement, fence_accumulators_64, wgmma_commit, wgmma_fence, wgmma_wait_all,
 };
@@ -110,6 +110,9 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillPa
 
     let tid = thread_idx_x() as usize;
     let tile = QueryTile::from_grid(p, BM as i32);
+    if tile.is_empty() {
+        return; // the whole block, before any barrier: this varlen sequence has no rows here
+    }
     let [first, second] = tile.mask.block_ranges(tile.q_lo, tile.q_hi, BN as i32);
     let blocks = first.len() + second.len();
     let n_block = |i: i32| {
@@ -134,11 +137,19 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillPa
     if tid < PRODUCERS {
         // Producer: Q once, then every KV tile, each into a stage the consumers have emptied.
         setmaxnreg_dec::<WS_PRODUCER_REGISTERS>();
-        let q_src = p.q + elem_offset(&p.q_strides, tile.batch, 0, tile.head, 0);
+        let q_src = tile.q;
         let k_src = tile.k_base;
         let v_src = tile.v_base;
         unsafe {
-            load_tile::<D>(q_smem, BM, q_src, p.q_strides[1], tile.m0, p.seqlen_q, tid);
+            load_tile::<D>(
+                q_smem,
+                BM,
+                q_src,
+                tile.q_stride,
+                tile.m0,
+                tile.seqlen_q,
+                tid,
+            );
             cp_async_mbarrier_arrive(q_full);
         }
         for i in 0..blocks {
@@ -263,9 +274,9 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillPa
         if D == 64 {
             let mut o64 = [0f32; 32];
             o64.copy_from_slice(&o[..32]);
-            tile.store_rows::<E, 32>(p, &o64, rows, t, inv, lse);
+            tile.store_rows::<E, 32>(&o64, rows, t, inv, lse);
         } else {
-            tile.store_rows::<E, 64>(p, &o, rows, t, inv, lse);
+            tile.store_rows::<E, 64>(&o, rows, t, inv, lse);
         }
     }
 }

@@ -2,7 +2,8 @@
 //! operand addresses, and the epilogue that writes O and LSE.
 use crate::abi::{HEAD_MASK_WORDS, PrefillParams};
 use crate::device::{
-    block_idx_x, block_idx_y, block_idx_z, grid_dim_x, st_global_f32, st_global_u32,
+    block_idx_x, block_idx_y, block_idx_z, grid_dim_x, ld_global_nc_u32, st_global_f32,
+    st_global_u32,
 };
 use crate::mask::HeadMask;
 use crate::mma::Element;
@@ -51,7 +52,14 @@ pub fn elem_offset(strides: &[i64; 3], batch: i64, pos: i32, head: i32, col: usi
         as u64
 }
 
-/// What one block of `block_m` query rows works on.
+/// Byte offset of `(row, col)` from a row-0 address, 16-bit elements.
+#[inline(always)]
+pub fn row_offset(stride: i64, row: i32, col: usize) -> u64 {
+    ((row as i64 * stride + col as i64) * 2) as u64
+}
+
+/// What one block of `block_m` query rows works on: its head, mask, rows, and the row-0
+/// addresses of its sequence (fixed-length batch entry or varlen sequence) and K/V source.
 pub struct QueryTile {
     pub batch: i64,
     pub head: i32,
@@ -64,6 +72,15 @@ pub struct QueryTile {
     pub k_row_stride: i64,
     pub v_row_stride: i64,
     pub seqlen_k: i32,
+    /// This sequence's query rows.
+    pub seqlen_q: i32,
+    /// Byte addresses of row 0 (column 0) of this sequence and head in Q and O, and of its LSE
+    /// row 0; rows step by the sequence strides (elements).
+    pub q: u64,
+    pub o: u64,
+    pub lse: u64,
+    pub q_stride: i64,
+    pub o_stride: i64,
     /// First query row of the tile.
     pub m0: i32,
     /// `seqlen_k - seqlen_q` of the tile's source: query row `i` sits at position `offset + i`.
@@ -100,6 +117,20 @@ impl QueryTile {
         let k = pick(p.stream_k as i64, p.k as i64) as u64;
         let v = pick(p.stream_v as i64, p.v as i64) as u64;
         let seqlen_k = pick(p.seqlen_k_stream as i64, p.seqlen_k as i64) as i32;
+        // Varlen: this sequence's rows and lengths from the prefix sums (the host never combines
+        // varlen with split_kv).
+        let (start_q, seqlen_q, start_k, seqlen_k) = if p.cu_seqlens_q != 0 {
+            let at = |cu: u64, i: i64| unsafe { ld_global_nc_u32(cu + 4 * i as u64) } as i32;
+            let (q0, k0) = (at(p.cu_seqlens_q, batch), at(p.cu_seqlens_k, batch));
+            (
+                q0,
+                at(p.cu_seqlens_q, batch + 1) - q0,
+                k0,
+                at(p.cu_seqlens_k, batch + 1) - k0,
+            )
+        } else {
+            (0, p.seqlen_q, 0, seqlen_k)
+        };
         let mask = HeadMask {
             streaming,
             causal: p.causal != 0,
@@ -108,22 +139,35 @@ impl QueryTile {
             seqlen_k,
         };
         let m0 = m_block * block_m;
-        let offset = seqlen_k - p.seqlen_q;
+        let offset = seqlen_k - seqlen_q;
+        let lse_row0 = batch * p.lse_strides[0] + head as i64 * p.lse_strides[1] + start_q as i64;
         QueryTile {
             batch,
             head,
             kv_head,
             mask,
-            k_base: k + elem_offset(&k_strides, batch, 0, kv_index, 0),
-            v_base: v + elem_offset(&v_strides, batch, 0, kv_index, 0),
+            k_base: k + elem_offset(&k_strides, batch, start_k, kv_index, 0),
+            v_base: v + elem_offset(&v_strides, batch, start_k, kv_index, 0),
             k_row_stride: k_strides[1],
             v_row_stride: v_strides[1],
             seqlen_k,
+            seqlen_q,
+            q: p.q + elem_offset(&p.q_strides, batch, start_q, head, 0),
+            o: p.o + elem_offset(&p.o_strides, batch, start_q, head, 0),
+            lse: p.lse + 4 * lse_row0 as u64,
+            q_stride: p.q_strides[1],
+            o_stride: p.o_strides[1],
             m0,
             offset,
             q_lo: offset + m0,
-            q_hi: offset + min_i32(m0 + block_m, p.seqlen_q) - 1,
+            q_hi: offset + min_i32(m0 + block_m, seqlen_q) - 1,
         }
+    }
+
+    /// No query row of this sequence falls in the tile (varlen: shorter than the longest).
+    #[inline(always)]
+    pub fn is_empty(&self) -> bool {
+        self.m0 >= self.seqlen_q
     }
 
     /// One KV block's softmax step for this thread's rows: scale and mask the scores of keys
@@ -155,7 +199,6 @@ impl QueryTile {
     #[inline(always)]
     pub fn store_rows<E: Element, const N: usize>(
         &self,
-        p: &PrefillParams,
         o: &[f32; N],
         rows: [i32; 2],
         t: usize,
@@ -164,18 +207,16 @@ impl QueryTile {
     ) {
         for r in 0..2 {
             let row = rows[r];
-            if row >= p.seqlen_q {
+            if row >= self.seqlen_q {
                 continue;
             }
-            let o_row = p.o + elem_offset(&p.o_strides, self.batch, row, self.head, 2 * t);
+            let o_row = self.o + row_offset(self.o_stride, row, 2 * t);
             for j in 0..N / 4 {
                 let packed = E::pack(o[4 * j + 2 * r] * inv[r], o[4 * j + 2 * r + 1] * inv[r]);
                 unsafe { st_global_u32(o_row + (j * 16) as u64, packed) };
             }
             if t == 0 {
-                let idx = (self.batch * p.heads_q as i64 + self.head as i64) * p.seqlen_q as i64
-                    + row as i64;
-                unsafe { st_global_f32(p.lse + 4 * idx as u64, lse[r]) };
+                unsafe { st_global_f32(self.lse + 4 * row as u64, lse[r]) };
             }
         }
     }

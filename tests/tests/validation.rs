@@ -280,3 +280,106 @@ fn aliasing() {
         }
     ));
 }
+
+mod varlen {
+    use super::*;
+    use duo_attn::plan_prefill_varlen;
+
+    const TOTAL_Q: usize = 300;
+    const TOTAL_K: usize = 700;
+
+    struct VarlenCall {
+        q: TensorDesc<3>,
+        k: TensorDesc<3>,
+        v: TensorDesc<3>,
+        out: TensorDesc<3>,
+        lse: TensorDesc<2>,
+        cu_q: Vec<i32>,
+        cu_k: Vec<i32>,
+    }
+
+    fn valid() -> VarlenCall {
+        let at = |i: u64| 0x7000_0000_0000 + i * 0x1_0000_0000;
+        VarlenCall {
+            q: TensorDesc::contiguous(at(0), [TOTAL_Q, HQ, D], 2, DEV),
+            k: TensorDesc::contiguous(at(1), [TOTAL_K, HKV, D], 2, DEV),
+            v: TensorDesc::contiguous(at(2), [TOTAL_K, HKV, D], 2, DEV),
+            out: TensorDesc::contiguous(at(3), [TOTAL_Q, HQ, D], 2, DEV),
+            lse: TensorDesc::contiguous(at(4), [HQ, TOTAL_Q], 4, DEV),
+            cu_q: vec![0, 100, 100, 300],
+            cu_k: vec![0, 250, 260, 700],
+        }
+    }
+
+    fn plan(c: &VarlenCall) -> Result<duo_attn::PrefillPlan, Error> {
+        let cfg = AttentionConfig::new(vec![HeadKind::Retrieval, HeadKind::Streaming]);
+        plan_prefill_varlen::<bf16>(
+            &c.q,
+            &c.k,
+            &c.v,
+            &c.out,
+            &c.lse,
+            (&c.cu_q, 0x100),
+            (&c.cu_k, 0x200),
+            &cfg,
+            DEV,
+        )
+    }
+
+    #[test]
+    fn valid_varlen_call_plans_one_block_column_per_sequence() {
+        let p = plan(&valid()).unwrap();
+        // Longest query sequence 200 rows: 2 tiles of 128; 3 sequences on grid z.
+        assert_eq!(p.grid, (2, HQ as u32, 3));
+        assert_eq!((p.params.seqlen_q, p.params.seqlen_k), (200, 440));
+        assert_eq!(
+            (p.params.cu_seqlens_q, p.params.cu_seqlens_k),
+            (0x100, 0x200)
+        );
+        assert_eq!(p.params.q_strides, [0, (HQ * D) as i64, D as i64]);
+        assert_eq!(p.params.lse_strides, [0, TOTAL_Q as i64]);
+    }
+
+    fn fails(edit: impl FnOnce(&mut VarlenCall)) -> Error {
+        let mut c = valid();
+        edit(&mut c);
+        let err = plan(&c).expect_err("the call should have been rejected");
+        eprintln!("rejected: {err}");
+        err
+    }
+
+    #[test]
+    fn invalid_cu_seqlens() {
+        let which = |e: Error| match e {
+            Error::InvalidCuSeqlens { which, .. } => which,
+            other => panic!("expected InvalidCuSeqlens, got {other}"),
+        };
+        assert_eq!(which(fails(|c| c.cu_q = vec![0])), "cu_seqlens_q");
+        assert_eq!(which(fails(|c| c.cu_q = vec![1, 100, 300])), "cu_seqlens_q");
+        assert_eq!(
+            which(fails(|c| c.cu_k = vec![0, 300, 260, 700])),
+            "cu_seqlens_k"
+        );
+        assert_eq!(which(fails(|c| c.cu_q = vec![0, 100, 299])), "cu_seqlens_q");
+        assert_eq!(which(fails(|c| c.cu_k = vec![0, 700])), "cu_seqlens_k");
+    }
+
+    #[test]
+    fn packed_tensors_get_the_fixed_length_checks() {
+        assert!(matches!(
+            fails(|c| c.v.shape[0] = TOTAL_K - 1),
+            Error::ShapeMismatch { tensor: "v", .. }
+        ));
+        assert!(matches!(
+            fails(|c| c.lse.shape = [TOTAL_Q, HQ]),
+            Error::ShapeMismatch { tensor: "lse", .. }
+        ));
+        assert!(matches!(
+            fails(|c| c.out.ptr = c.q.ptr),
+            Error::Aliasing {
+                output: "out",
+                input: "q"
+            }
+        ));
+    }
+}
