@@ -546,6 +546,17 @@ pub fn plan_prefill_varlen<T: AttnElement>(
 }
 
 impl Context {
+    /// Launches a validated prefill plan.
+    pub(crate) fn launch_prefill(&self, plan: &PrefillPlan) -> Result<()> {
+        self.launch(
+            &plan.entry,
+            plan.grid,
+            plan.block,
+            plan.shared_bytes,
+            &plan.params,
+        )
+    }
+
     /// Varlen prefill (FlashAttention's varlen layout): q/out `[total_q, Hq, D]`, k/v
     /// `[total_k, Hkv, D]`, lse `[Hq, total_q]`, and `[B + 1]` i32 prefix sums of the query and
     /// key lengths. The prefix sums are copied to the host (a small synchronous copy) and checked,
@@ -575,13 +586,7 @@ impl Context {
             cfg,
             self.ordinal(),
         )?;
-        self.launch(
-            &plan.entry,
-            plan.grid,
-            plan.block,
-            plan.shared_bytes,
-            &plan.params,
-        )
+        self.launch_prefill(&plan)
     }
 
     /// Prefill attention over one layer: every query head attends per its KV head's kind, in one
@@ -605,12 +610,6 @@ impl Context {
             cfg,
             self.ordinal(),
         )?;
-        self.launch(
-            &plan.entry,
-            plan.grid,
-            plan.block,
-            plan.shared_bytes,
-            &plan.params,
-        )
+        self.launch_prefill(&plan)
     }
 }

@@ -420,6 +420,36 @@ impl<T: AttnElement> DuoCache<T> {
         Ok(())
     }
 
+    /// Every check of a prefill or decode call (at most `max_new` new tokens); returns n.
+    #[allow(clippy::too_many_arguments)]
+    fn check_call(
+        &self,
+        ctx: &Context,
+        layer: usize,
+        q: &View<'_, T, 4>,
+        k: &View<'_, T, 4>,
+        v: &View<'_, T, 4>,
+        out: &ViewMut<'_, T, 4>,
+        lse: &ViewMut<'_, f32, 3>,
+        max_new: usize,
+    ) -> Result<usize> {
+        self.check_device(ctx)?;
+        let n = self.check_new(layer, k.desc(), v.desc())?;
+        if n > max_new {
+            return Err(Error::DecodeQueryBlock {
+                got: n,
+                max: max_new,
+            });
+        }
+        self.check_queries(layer, q.desc(), out.desc(), lse.desc(), n)?;
+        check_no_aliasing(
+            out.desc(),
+            lse.desc(),
+            &[(q.desc(), "q"), (k.desc(), "k"), (v.desc(), "v")],
+        )?;
+        Ok(n)
+    }
+
     /// The dispatcher: one layer's attention for `n` new tokens per sequence. q `[B, n, Hq, D]`,
     /// new k/v `[B, n, Hkv, D]`, out like q, lse `[B, Hq, n]`. Decodes when `n <= 16` and the
     /// layer already holds context, else runs a prefill chunk; either way the new K/V are
@@ -457,14 +487,7 @@ impl<T: AttnElement> DuoCache<T> {
         out: &mut ViewMut<'_, T, 4>,
         lse: &mut ViewMut<'_, f32, 3>,
     ) -> Result<()> {
-        self.check_device(ctx)?;
-        let n = self.check_new(layer, k.desc(), v.desc())?;
-        self.check_queries(layer, q.desc(), out.desc(), lse.desc(), n)?;
-        check_no_aliasing(
-            out.desc(),
-            lse.desc(),
-            &[(q.desc(), "q"), (k.desc(), "k"), (v.desc(), "v")],
-        )?;
+        let n = self.check_call(ctx, layer, q, k, v, out, lse, usize::MAX)?;
         let start = self.layers[layer].len;
         let (b, hs, d) = (
             self.cfg.batch,
@@ -525,14 +548,7 @@ impl<T: AttnElement> DuoCache<T> {
             (&fk, &fv, flen),
             Some((&sk, &sv, slen)),
         );
-        let plan = prefill_launch::<T>(l.cfg.kernel, q.shape(), params);
-        ctx.launch(
-            &plan.entry,
-            plan.grid,
-            plan.block,
-            plan.shared_bytes,
-            &plan.params,
-        )
+        ctx.launch_prefill(&prefill_launch::<T>(l.cfg.kernel, q.shape(), params))
     }
 
     /// Decode of 1..=16 new tokens per sequence: appends them, then attends over both caches
@@ -548,20 +564,7 @@ impl<T: AttnElement> DuoCache<T> {
         out: &mut ViewMut<'_, T, 4>,
         lse: &mut ViewMut<'_, f32, 3>,
     ) -> Result<()> {
-        self.check_device(ctx)?;
-        let n = self.check_new(layer, k.desc(), v.desc())?;
-        if n > MAX_DECODE_QUERIES {
-            return Err(Error::DecodeQueryBlock {
-                got: n,
-                max: MAX_DECODE_QUERIES,
-            });
-        }
-        self.check_queries(layer, q.desc(), out.desc(), lse.desc(), n)?;
-        check_no_aliasing(
-            out.desc(),
-            lse.desc(),
-            &[(q.desc(), "q"), (k.desc(), "k"), (v.desc(), "v")],
-        )?;
+        let n = self.check_call(ctx, layer, q, k, v, out, lse, MAX_DECODE_QUERIES)?;
         self.append_unchecked(ctx, layer, k.desc(), v.desc(), n)?;
         let (full, stream) = self.sources(layer);
         let l = &self.layers[layer];

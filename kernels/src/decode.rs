@@ -13,7 +13,7 @@ use crate::abi::{
 };
 use crate::device::*;
 use crate::mask::{BlockRange, HeadMask};
-use crate::mma::{Bf16, Element, F16};
+use crate::mma::{Bf16, Element, F16, quad, set_quad};
 use crate::ring::position_of;
 use crate::softmax::{RowState, online_softmax, rescale, scale_and_mask};
 use crate::tile::{div_or_zero, kind_and_rank, min_i32};
@@ -47,16 +47,6 @@ unsafe fn load_tile<const D: usize>(
         let addr = dst + ((row * decode_pitch(D) + col) * 2) as u32;
         unsafe { cp_async_16_prefetch(addr, src, if valid { 16 } else { 0 }) };
     }
-}
-
-#[inline(always)]
-fn quad<const N: usize>(a: &[f32; N], j: usize) -> [f32; 4] {
-    [a[4 * j], a[4 * j + 1], a[4 * j + 2], a[4 * j + 3]]
-}
-
-#[inline(always)]
-fn set_quad<const N: usize>(a: &mut [f32; N], j: usize, v: [f32; 4]) {
-    a[4 * j..4 * j + 4].copy_from_slice(&v);
 }
 
 /// The decode body, per (element, head dim): `KQ = D / 16` k-steps, `ON = D / 2` accumulators.

@@ -46,3 +46,14 @@ macro_rules! mma_element {
 
 mma_element!(Bf16, "bf16", pack_bf16x2);
 mma_element!(F16, "f16", pack_f16x2);
+
+/// The 4 accumulators of 8-column tile `j` of a flat accumulator array (m16n8 C layout).
+#[inline(always)]
+pub fn quad<const N: usize>(a: &[f32; N], j: usize) -> [f32; 4] {
+    [a[4 * j], a[4 * j + 1], a[4 * j + 2], a[4 * j + 3]]
+}
+
+#[inline(always)]
+pub fn set_quad<const N: usize>(a: &mut [f32; N], j: usize, v: [f32; 4]) {
+    a[4 * j..4 * j + 4].copy_from_slice(&v);
+}

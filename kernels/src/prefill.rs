@@ -8,7 +8,7 @@
 //! Correct and complete, not fast: the Hopper TMA/wgmma kernel replaces it on sm_90.
 use crate::abi::{PREFILL_BLOCK_M, PREFILL_BLOCK_N, PREFILL_THREADS, PrefillParams};
 use crate::device::*;
-use crate::mma::{Bf16, Element, F16};
+use crate::mma::{Bf16, Element, F16, quad, set_quad};
 use crate::softmax::{RowState, finish};
 use crate::tile::{QueryTile, row_offset};
 
@@ -41,15 +41,6 @@ pub const fn prefill_smem_bytes(d: usize) -> usize {
 }
 
 /// The 4 accumulators of 8-column tile `j` of a flat accumulator array.
-#[inline(always)]
-fn quad<const N: usize>(a: &[f32; N], j: usize) -> [f32; 4] {
-    [a[4 * j], a[4 * j + 1], a[4 * j + 2], a[4 * j + 3]]
-}
-
-#[inline(always)]
-fn set_quad<const N: usize>(a: &mut [f32; N], j: usize, v: [f32; 4]) {
-    a[4 * j..4 * j + 4].copy_from_slice(&v);
-}
 
 /// The kernel body, one instantiation per (element, head dim). `KQ = D / 16` k-steps of QK^T,
 /// `ON = D / 2` output accumulators, `BN` keys per KV tile with `SN = BN / 2` score accumulators.

@@ -179,6 +179,19 @@ pub fn run_prefill<T: AttnElement>(
     k: &[T],
     v: &[T],
 ) -> Result<(Vec<T>, Vec<f32>), Error> {
+    run_poisoned(ctx, shape, cfg, q, k, v, false)
+}
+
+/// One prefill (`decode == false`) or plain decode call on host inputs, outputs poisoned first.
+fn run_poisoned<T: AttnElement>(
+    ctx: &Context,
+    shape: &Shape,
+    cfg: &AttentionConfig,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    decode: bool,
+) -> Result<(Vec<T>, Vec<f32>), Error> {
     let dq = ctx.upload(q, shape.q_shape())?;
     let dk = ctx.upload(k, shape.kv_shape())?;
     let dv = ctx.upload(v, shape.kv_shape())?;
@@ -186,14 +199,13 @@ pub fn run_prefill<T: AttnElement>(
     let mut lse = ctx.alloc::<f32, 3>(shape.lse_shape())?;
     out.fill(T::nan())?;
     lse.fill(f32::NAN)?;
-    ctx.attention(
-        &dq.view(),
-        &dk.view(),
-        &dv.view(),
-        &mut out.view_mut(),
-        &mut lse.view_mut(),
-        cfg,
-    )?;
+    let (q, k, v) = (dq.view(), dk.view(), dv.view());
+    let (o, l) = (&mut out.view_mut(), &mut lse.view_mut());
+    if decode {
+        ctx.decode_attention(&q, &k, &v, o, l, cfg)?;
+    } else {
+        ctx.attention(&q, &k, &v, o, l, cfg)?;
+    }
     ctx.synchronize()?;
     Ok((out.to_host()?, lse.to_host()?))
 }
@@ -226,36 +238,12 @@ pub fn run_decode_case<T: AttnElement>(
     let (q, q32) = random_tensor::<T>(rng, shape.q_len());
     let (k, k32) = random_tensor::<T>(rng, shape.kv_len());
     let (v, v32) = random_tensor::<T>(rng, shape.kv_len());
-    let dq = ctx.upload(&q, shape.q_shape())?;
-    let dk = ctx.upload(&k, shape.kv_shape())?;
-    let dv = ctx.upload(&v, shape.kv_shape())?;
-    let mut out = ctx.alloc::<T, 4>(shape.q_shape())?;
-    let mut lse = ctx.alloc::<f32, 3>(shape.lse_shape())?;
-    out.fill(T::nan())?;
-    lse.fill(f32::NAN)?;
-    ctx.decode_attention(
-        &dq.view(),
-        &dk.view(),
-        &dv.view(),
-        &mut out.view_mut(),
-        &mut lse.view_mut(),
-        cfg,
-    )?;
-    ctx.synchronize()?;
+    let (out, lse) = run_poisoned(ctx, shape, cfg, &q, &k, &v, true)?;
     let rows: Vec<_> = (0..shape.batch)
         .flat_map(|b| {
             (0..shape.heads_q).flat_map(move |h| (0..shape.seqlen_q).map(move |i| (b, h, i)))
         })
         .collect();
-    let out32: Vec<f32> = out.to_host()?.iter().map(|x| x.to_f32()).collect();
-    Ok(compare(
-        shape,
-        cfg,
-        &q32,
-        &k32,
-        &v32,
-        &out32,
-        &lse.to_host()?,
-        &rows,
-    ))
+    let out32: Vec<f32> = out.iter().map(|x| x.to_f32()).collect();
+    Ok(compare(shape, cfg, &q32, &k32, &v32, &out32, &lse, &rows))
 }
