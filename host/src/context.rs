@@ -35,6 +35,9 @@ pub struct Context {
     /// Scratch for split-KV partials, grown on demand. Every user is queued on `stream`, so reuse
     /// is ordered; it is freed (a synchronising cuMemFree) only when it grows.
     workspace: Mutex<Option<DeviceBuffer<f32>>>,
+    /// Split counters of the decode kernel: zero between launches (each launch's last block
+    /// resets the ones it used), zeroed when (re)allocated.
+    counters: Mutex<Option<DeviceBuffer<u32>>>,
     /// Resident blocks per SM, by kernel entry (occupancy queries are cached).
     occupancy: Mutex<HashMap<String, u32>>,
 }
@@ -87,6 +90,7 @@ impl Context {
             cuda,
             info,
             workspace: Mutex::new(None),
+            counters: Mutex::new(None),
             occupancy: Mutex::new(HashMap::new()),
         })
     }
@@ -186,6 +190,21 @@ impl Context {
             .during_raw("raising a kernel's dynamic shared memory limit")?;
         }
         Ok(function)
+    }
+
+    /// Device address of at least `len` u32 counters, all zero when no kernel is running.
+    pub(crate) fn zeroed_counters(&self, len: usize) -> Result<u64> {
+        self.make_current()?;
+        let mut guard = self
+            .counters
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if guard.as_ref().is_none_or(|b| b.len() < len) {
+            *guard = None;
+            let buf = DeviceBuffer::zeroed(len.max(1)).during("allocating decode counters")?;
+            *guard = Some(buf);
+        }
+        Ok(guard.as_ref().map_or(0, |b| b.as_device_ptr().as_raw()))
     }
 
     /// Blocks of `entry` that fit on one SM at once with this block size and shared memory.

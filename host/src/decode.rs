@@ -10,26 +10,25 @@ use crate::element::AttnElement;
 use crate::error::{Error, Result};
 use crate::tensor::{TensorDesc, View, ViewMut};
 use duo_attn_kernels::abi::{
-    CombineParams, DECODE_BLOCK_N, DECODE_MAX_SPLITS, DECODE_ROWS, DECODE_THREADS, DecodeParams,
-    KvSource, decode_smem_bytes,
+    DECODE_BLOCK_N, DECODE_MAX_SPLITS, DECODE_ROWS, DECODE_THREADS, DecodeParams, KvSource,
+    decode_smem_bytes,
 };
 
 /// Most new query tokens per sequence of one decode call.
 pub const MAX_DECODE_QUERIES: usize = 16;
 
-/// A validated decode: the split kernel and the combine kernel.
+/// A validated decode launch (splits merge inside the kernel).
 #[derive(Clone, Debug, PartialEq)]
 pub struct DecodePlan {
     pub entry: String,
     pub grid: (u32, u32, u32),
     pub block: u32,
     pub shared_bytes: u32,
-    /// `o_partial`/`lse_partial` are filled in at launch from the context's workspace.
+    /// `o_partial`/`lse_partial`/`counters` are filled in at launch from the context's
+    /// workspace.
     pub params: DecodeParams,
-    pub combine_entry: String,
-    pub combine_grid: u32,
-    pub combine: CombineParams,
     pub splits: usize,
+    pub head_dim: usize,
 }
 
 impl DecodePlan {
@@ -37,7 +36,7 @@ impl DecodePlan {
     pub fn workspace_len(&self) -> usize {
         let rows =
             self.params.batch as usize * self.params.heads_q as usize * self.params.n_q as usize;
-        let d = self.combine.head_dim as usize;
+        let d = self.head_dim;
         self.splits * rows * (d + 1)
     }
 }
@@ -164,7 +163,12 @@ pub(crate) fn plan_decode<T: AttnElement>(
         stream,
         o_partial: 0,
         lse_partial: 0,
+        counters: 0,
+        o: out.ptr,
+        lse: lse.ptr,
+        o_strides: strides3(out),
         streaming_heads: streaming_mask(&cfg.head_kinds),
+        splits: splits as i32,
         batch: batch as i32,
         n_q: n_q as i32,
         heads_q: heads_q as i32,
@@ -178,28 +182,14 @@ pub(crate) fn plan_decode<T: AttnElement>(
         tiles_per_split: tiles_per_split as i32,
         scale_log2: cfg.scale_for(head_dim) * std::f32::consts::LOG2_E,
     };
-    let combine = CombineParams {
-        o_partial: 0,
-        lse_partial: 0,
-        o: out.ptr,
-        lse: lse.ptr,
-        o_strides: strides3(out),
-        splits: splits as i32,
-        batch: batch as i32,
-        n_q: n_q as i32,
-        heads_q: heads_q as i32,
-        head_dim: head_dim as i32,
-    };
     Ok(DecodePlan {
         entry: format!("duo_decode_{}_d{}", T::KERNEL_NAME, head_dim),
         grid: (splits as u32, (heads_kv * row_chunks) as u32, batch as u32),
         block: DECODE_THREADS as u32,
         shared_bytes: decode_smem_bytes(head_dim) as u32,
         params,
-        combine_entry: format!("duo_decode_combine_{}", T::KERNEL_NAME),
-        combine_grid: (batch * heads_q * n_q).div_ceil(4) as u32,
-        combine,
         splits,
+        head_dim,
     })
 }
 
@@ -247,28 +237,20 @@ impl Context {
         Ok(per_sm as usize * self.info().multiprocessors as usize)
     }
 
-    /// Runs a decode plan: the split kernel into the workspace, then the combine.
+    /// Runs a decode plan with its partials in the context's workspace.
     pub(crate) fn launch_decode(&self, mut plan: DecodePlan) -> Result<()> {
         let rows = plan.params.batch as u64 * plan.params.heads_q as u64 * plan.params.n_q as u64;
         let workspace = self.workspace(plan.workspace_len())?;
-        let lse_partial = workspace + 4 * plan.splits as u64 * rows * plan.combine.head_dim as u64;
         plan.params.o_partial = workspace;
-        plan.params.lse_partial = lse_partial;
-        plan.combine.o_partial = workspace;
-        plan.combine.lse_partial = lse_partial;
+        plan.params.lse_partial = workspace + 4 * plan.splits as u64 * rows * plan.head_dim as u64;
+        let groups = (plan.grid.1 * plan.grid.2) as usize;
+        plan.params.counters = self.zeroed_counters(groups)?;
         self.launch(
             &plan.entry,
             plan.grid,
             plan.block,
             plan.shared_bytes,
             &plan.params,
-        )?;
-        self.launch(
-            &plan.combine_entry,
-            (plan.combine_grid, 1, 1),
-            128,
-            0,
-            &plan.combine,
         )
     }
 }

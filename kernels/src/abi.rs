@@ -126,7 +126,7 @@ pub const DECODE_ROWS: usize = 16;
 pub const DECODE_THREADS: usize = 128;
 /// K/V stages of the decode kernel's cp.async ring.
 pub const DECODE_STAGES: usize = 3;
-/// Most KV splits of one decode call (the combine kernel reads them all).
+/// Most KV splits of one decode call (the merging block keeps a weight per split and row in shared memory).
 pub const DECODE_MAX_SPLITS: usize = 256;
 
 /// Row pitch (elements) of a decode K/V tile in shared memory: D + 8 keeps fragment reads and
@@ -171,7 +171,12 @@ pub struct DecodeParams {
     pub stream: KvSource,
     pub o_partial: u64,
     pub lse_partial: u64,
+    pub counters: u64,
+    pub o: u64,
+    pub lse: u64,
+    pub o_strides: [i64; 3],
     pub streaming_heads: [u32; HEAD_MASK_WORDS],
+    pub splits: i32,
     pub batch: i32,
     pub n_q: i32,
     pub heads_q: i32,
@@ -186,24 +191,6 @@ pub struct DecodeParams {
     /// KV tiles each split walks (of the head's visited tiles, in order).
     pub tiles_per_split: i32,
     pub scale_log2: f32,
-}
-
-/// Parameters of `duo_decode_combine_*`: merges the splits of a decode into `o` `[B, n_q, Hq, D]`
-/// (strided, 16-bit) and `lse` `[B, Hq, n_q]` (contiguous f32).
-/// Grid: `(ceil(B * Hq * n_q / 4), 1, 1)`, block 128 (one warp per output row).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct CombineParams {
-    pub o_partial: u64,
-    pub lse_partial: u64,
-    pub o: u64,
-    pub lse: u64,
-    pub o_strides: [i64; 3],
-    pub splits: i32,
-    pub batch: i32,
-    pub n_q: i32,
-    pub heads_q: i32,
-    pub head_dim: i32,
 }
 
 /// Parameters of the cache kernels, which move 16-byte chunks of K/V rows.
@@ -234,7 +221,7 @@ pub struct CacheParams {
     pub recent: i32,
 }
 
-/// Decode, combine and cache kernel entry names, by (element, head dim).
+/// Decode kernel entry names, by (element, head dim).
 pub const DECODE_ENTRIES: [(&str, &str, usize); 4] = [
     ("duo_decode_bf16_d64", "bf16", 64),
     ("duo_decode_bf16_d128", "bf16", 128),
@@ -242,13 +229,8 @@ pub const DECODE_ENTRIES: [(&str, &str, usize); 4] = [
     ("duo_decode_f16_d128", "f16", 128),
 ];
 
-/// The remaining entries: split combines and cache maintenance.
-pub const SUPPORT_ENTRIES: [&str; 4] = [
-    "duo_decode_combine_bf16",
-    "duo_decode_combine_f16",
-    "duo_cache_append",
-    "duo_cache_gather_stream",
-];
+/// The remaining entries: cache maintenance.
+pub const SUPPORT_ENTRIES: [&str; 2] = ["duo_cache_append", "duo_cache_gather_stream"];
 
 /// Every kernel entry of the module.
 pub fn all_entries() -> impl Iterator<Item = &'static str> {

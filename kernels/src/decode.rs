@@ -4,11 +4,11 @@
 //! KV head's group times every new token (GQA packing, so K/V are read once per group). Four warps
 //! split each 64-key tile (16 keys each) and keep their own online softmax; a cp.async ring of
 //! three K/V stages keeps loads in flight; the warps merge through shared memory at the end.
-//! Long caches are split across blocks (`tiles_per_split`), and `duo_decode_combine_*` merges the
-//! splits by their LSE. Streaming heads read only their sink and window blocks, or, in a
+//! Long caches are split across blocks (`tiles_per_split`); the last split block of each row group
+//! to finish merges the splits by their LSE (no second launch). Streaming heads read only their sink and window blocks, or, in a
 //! DuoAttention cache, their `sink + recent` ring slots, mapped back to true positions.
 use crate::abi::{
-    CombineParams, DECODE_BLOCK_N, DECODE_ROWS, DECODE_STAGES, DECODE_THREADS, DecodeParams,
+    DECODE_BLOCK_N, DECODE_MAX_SPLITS, DECODE_ROWS, DECODE_STAGES, DECODE_THREADS, DecodeParams,
     decode_pitch, decode_smem_bytes,
 };
 use crate::device::*;
@@ -54,7 +54,8 @@ unsafe fn load_tile<const D: usize>(
 unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p: &DecodeParams) {
     const {
         assert!(
-            KQ * 16 == D
+            1024 + DECODE_ROWS * DECODE_MAX_SPLITS * 4 <= decode_smem_bytes(D)
+                && KQ * 16 == D
                 && ON * 2 == D
                 && DECODE_ROWS == 16
                 && THREADS == 128
@@ -80,6 +81,16 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
     let kv_head = div_or_zero(by, row_chunks);
     let row_base = (by - kv_head * row_chunks) * DECODE_ROWS as i32;
     let batch = block_idx_z() as i64;
+    // Row r of a KV head's group: query head `kv_head * group + r / n_q`, token `r % n_q`.
+    let row_head_token = |row: i32| {
+        let gi = div_or_zero(row, p.n_q);
+        (kv_head * group + gi, row - gi * p.n_q)
+    };
+    // Index of (split, this batch entry, head, token) in the `[splits, B, Hq, n_q]` partials.
+    let partial_row = |s: i32, head: i32, tok: i32| {
+        ((s as i64 * p.batch as i64 + batch) * p.heads_q as i64 + head as i64) * p.n_q as i64
+            + tok as i64
+    };
 
     // The head's K/V source, by scalar selects so the parameters stay in the constant bank.
     let (streaming, rank) = kind_and_rank(&p.streaming_heads, kv_head as usize);
@@ -301,17 +312,13 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
                 o += f * unsafe { ld_shared_f32(o_buf + ((wr * D + col) * 4) as u32) };
             }
         }
-        let gi = div_or_zero(global_row, p.n_q);
-        let tok = global_row - gi * p.n_q;
-        let head = kv_head * group + gi;
-        let out_row = ((split as i64 * p.batch as i64 + batch) * p.heads_q as i64 + head as i64)
-            * p.n_q as i64
-            + tok as i64;
+        let (head, tok) = row_head_token(global_row);
         let (o, lse) = if l > 0.0 {
             (o / l, (m + log2_approx(l)) * LN_2)
         } else {
             (0.0, f32::NEG_INFINITY)
         };
+        let out_row = partial_row(split, head, tok);
         unsafe {
             st_global_f32(
                 p.o_partial + ((out_row * D as i64 + col as i64) * 4) as u64,
@@ -322,75 +329,91 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
             }
         }
     }
-}
 
-/// Merges the splits of one output row per warp by their LSE.
-#[inline(always)]
-unsafe fn combine<E: Element>(p: &CombineParams) {
-    let lane = lane_id() as i32;
-    let row = (block_idx_x() * 4 + thread_idx_x() / 32) as i64;
-    let rows = p.batch as i64 * p.heads_q as i64 * p.n_q as i64;
-    if row >= rows {
-        return;
-    }
-    let lse_at =
-        |s: i32| unsafe { ld_global_f32(p.lse_partial + ((s as i64 * rows + row) * 4) as u64) };
-    let mut m = f32::NEG_INFINITY;
-    let mut s = lane;
-    while s < p.splits {
-        m = max_f32(m, lse_at(s));
-        s += 32;
-    }
-    for x in [16, 8, 4, 2, 1] {
-        m = max_f32(m, shfl_xor_f32(m, x));
-    }
-    let mut total = 0f32;
-    if m != f32::NEG_INFINITY {
-        let mut s = lane;
-        while s < p.splits {
-            total += exp2_approx((lse_at(s) - m) * LOG2_E);
-            s += 32;
+    // The last split block of this row group to get here merges all splits: every thread fences
+    // its partial writes before the count, as in CUDA's threadfence reduction.
+    fence_acq_rel_gpu();
+    sync_threads(); // also: the shared stats and O buffer are no longer read
+    let flag = smem;
+    if tid == 0 {
+        let group_index = by as i64 + batch * p.heads_kv as i64 * row_chunks as i64;
+        let counter = p.counters + 4 * group_index as u64;
+        let last = unsafe { atom_add_u32(counter, 1) } == (p.splits - 1) as u32;
+        unsafe {
+            if last {
+                st_global_u32(counter, 0); // ready for the next launch: no other block uses it now
+            }
+            st_shared_u32(flag, last as u32);
         }
     }
-    for x in [16, 8, 4, 2, 1] {
-        total += shfl_xor_f32(total, x);
+    sync_threads();
+    if unsafe { ld_shared_u32(flag) } == 0 {
+        return;
     }
-    let lse = if total > 0.0 {
-        m + log2_approx(total) * LN_2
-    } else {
-        f32::NEG_INFINITY
-    };
-
-    // row = (b * Hq + h) * n_q + token
-    let bh = div_or_zero(row as i32, p.n_q);
-    let token = row as i32 - bh * p.n_q;
-    let b = div_or_zero(bh, p.heads_q);
-    let h = bh - b * p.heads_q;
-    let b = b as i64;
-    let o_row = p.o
-        + ((b * p.o_strides[0] + token as i64 * p.o_strides[1] + h as i64 * p.o_strides[2]) * 2)
-            as u64;
-    let mut col = 2 * lane;
-    while col < p.head_dim {
-        let (mut a, mut c) = (0f32, 0f32);
-        if total > 0.0 {
+    fence_acq_rel_gpu();
+    // Per row: the merged LSE, then each split's weight exp(lse_s - lse) into shared memory.
+    let weights = smem + 1024;
+    if tid < DECODE_ROWS {
+        let global_row = row_base + tid as i32;
+        if global_row < rows_per_head {
+            let (head, tok) = row_head_token(global_row);
+            let lse_at = |s: i32| unsafe {
+                ld_global_cg_f32(p.lse_partial + (partial_row(s, head, tok) * 4) as u64)
+            };
+            let mut m = f32::NEG_INFINITY;
             for s in 0..p.splits {
-                let w = exp2_approx((lse_at(s) - lse) * LOG2_E);
-                if w > 0.0 {
-                    let at = p.o_partial
-                        + (((s as i64 * rows + row) * p.head_dim as i64 + col as i64) * 4) as u64;
-                    unsafe {
-                        a += w * ld_global_f32(at);
-                        c += w * ld_global_f32(at + 4);
-                    }
+                m = max_f32(m, lse_at(s));
+            }
+            let mut total = 0f32;
+            if m != f32::NEG_INFINITY {
+                for s in 0..p.splits {
+                    total += exp2_approx((lse_at(s) - m) * LOG2_E);
+                }
+            }
+            let lse = if total > 0.0 {
+                m + log2_approx(total) * LN_2
+            } else {
+                f32::NEG_INFINITY
+            };
+            for s in 0..p.splits {
+                let w = if total > 0.0 {
+                    exp2_approx((lse_at(s) - lse) * LOG2_E)
+                } else {
+                    0.0
+                };
+                let at = weights + ((tid * DECODE_MAX_SPLITS) as u32 + s as u32) * 4;
+                unsafe { st_shared_f32(at, w) };
+            }
+            let idx = (batch * p.heads_q as i64 + head as i64) * p.n_q as i64 + tok as i64;
+            unsafe { st_global_f32(p.lse + (idx * 4) as u64, lse) };
+        }
+    }
+    sync_threads();
+    for idx in (tid..DECODE_ROWS * D / 2).step_by(THREADS) {
+        let (row, col) = (idx / (D / 2), 2 * (idx % (D / 2)));
+        let global_row = row_base + row as i32;
+        if global_row >= rows_per_head {
+            continue;
+        }
+        let (head, tok) = row_head_token(global_row);
+        let (mut a, mut c) = (0f32, 0f32);
+        for s in 0..p.splits {
+            let at = weights + ((row * DECODE_MAX_SPLITS) as u32 + s as u32) * 4;
+            let w = unsafe { ld_shared_f32(at) };
+            if w > 0.0 {
+                let row_at = partial_row(s, head, tok) * D as i64 + col as i64;
+                let src = p.o_partial + (row_at * 4) as u64;
+                unsafe {
+                    a += w * ld_global_cg_f32(src);
+                    c += w * ld_global_cg_f32(src + 4);
                 }
             }
         }
-        unsafe { st_global_u32(o_row + (col * 2) as u64, E::pack(a, c)) };
-        col += 64;
-    }
-    if lane == 0 {
-        unsafe { st_global_f32(p.lse + (row * 4) as u64, lse) };
+        let off = batch * p.o_strides[0]
+            + tok as i64 * p.o_strides[1]
+            + head as i64 * p.o_strides[2]
+            + col as i64;
+        unsafe { st_global_u32(p.o + (off * 2) as u64, E::pack(a, c)) };
     }
 }
 
@@ -407,13 +430,3 @@ decode_entry!(duo_decode_bf16_d64, Bf16, 64);
 decode_entry!(duo_decode_bf16_d128, Bf16, 128);
 decode_entry!(duo_decode_f16_d64, F16, 64);
 decode_entry!(duo_decode_f16_d128, F16, 128);
-
-#[unsafe(no_mangle)]
-pub unsafe extern "ptx-kernel" fn duo_decode_combine_bf16(p: CombineParams) {
-    unsafe { combine::<Bf16>(&p) }
-}
-
-#[unsafe(no_mangle)]
-pub unsafe extern "ptx-kernel" fn duo_decode_combine_f16(p: CombineParams) {
-    unsafe { combine::<F16>(&p) }
-}

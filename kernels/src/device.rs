@@ -359,3 +359,38 @@ pub unsafe fn cp_async_16_prefetch(dst: u32, src: u64, src_bytes: u32) {
             d = in(reg32) dst, s = in(reg64) src, n = in(reg32) src_bytes, options(nostack))
     };
 }
+
+/// Orders this thread's earlier memory accesses before its later ones for every thread of the GPU
+/// (`__threadfence()`).
+#[inline(always)]
+pub fn fence_acq_rel_gpu() {
+    unsafe { asm!("fence.acq_rel.gpu;", options(nostack)) };
+}
+
+/// Atomic add on a global u32; returns the old value.
+#[inline(always)]
+pub unsafe fn atom_add_u32(addr: u64, v: u32) -> u32 {
+    let r: u32;
+    unsafe {
+        asm!("atom.global.add.u32 {r}, [{p}], {v};", r = out(reg32) r, p = in(reg64) addr, v = in(reg32) v,
+            options(nostack))
+    };
+    r
+}
+
+/// f32 global load cached in L2 only: for data other blocks of the same kernel wrote.
+#[inline(always)]
+pub unsafe fn ld_global_cg_f32(addr: u64) -> f32 {
+    let r: f32;
+    unsafe {
+        asm!("ld.global.cg.f32 {r}, [{p}];", r = out(reg32) r, p = in(reg64) addr, options(readonly, nostack))
+    };
+    r
+}
+
+#[inline(always)]
+pub unsafe fn st_shared_u32(addr: u32, v: u32) {
+    unsafe {
+        asm!("st.shared.u32 [{p}], {v};", p = in(reg32) addr, v = in(reg32) v, options(nostack))
+    };
+}

@@ -384,7 +384,7 @@ fn cache_errors() {
 }
 
 /// A small schedule that exercises every decode-side kernel (gather, append, split-KV prefill,
-/// decode, combine) quickly enough for compute-sanitizer (`run.sh sanitize`).
+/// decode with its in-kernel split merge) quickly enough for compute-sanitizer (`run.sh sanitize`).
 #[test]
 fn sanitizer_small_cache_schedule() {
     let Some(ctx) = gpu_or_skip("sanitizer_small_cache_schedule") else {
