@@ -269,6 +269,14 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillPa
             fence_accumulators_64(&mut o);
             unsafe { mbarrier_arrive(empty(stage)) };
         }
+        // Balance the ping-pong: consumer 1 arrived at barrier 1 once more than consumer 0 synced
+        // there (its first arrival lets consumer 0 start). A CTA must not exit with a named
+        // barrier half arrived: a later CTA on the same SM could find the stale arrivals and pass
+        // barrier 1 out of turn, which deadlocks the pair (the intermittent hang seen in
+        // back-to-back launches).
+        if wg == 0 {
+            named_barrier_sync(my_turn, CONSUMERS as u32);
+        }
 
         let (inv, lse) = finish(&state);
         if D == 64 {

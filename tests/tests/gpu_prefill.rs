@@ -343,6 +343,59 @@ fn full_grid_repeated_launches() {
     }
 }
 
+/// The warp-specialised kernel under the launch pattern that hung it: 300 full-grid launches
+/// queued back to back (mixed head kinds, so CTAs of very different lengths share SMs), one
+/// synchronize at the end. Run it under `timeout`: a hang is the failure.
+#[test]
+#[ignore = "experimental kernel: run explicitly, under a timeout"]
+fn warp_specialised_back_to_back_stress() {
+    let Some(ctx) = gpu_or_skip("warp_specialised_back_to_back_stress") else {
+        return;
+    };
+    let mut rng = rng("ws stress");
+    let shape = Shape {
+        batch: 1,
+        seqlen_q: 4096,
+        seqlen_k: 4096,
+        heads_q: 32,
+        heads_kv: 32,
+        head_dim: 128,
+    };
+    let kinds = (0..32)
+        .map(|h| {
+            if h % 2 == 0 {
+                HeadKind::Retrieval
+            } else {
+                HeadKind::Streaming
+            }
+        })
+        .collect();
+    let cfg = AttentionConfig::new(kinds)
+        .sink(128)
+        .window(1024)
+        .kernel(PrefillKernel::WgmmaWarpSpecialized);
+    let (q, _) = random_tensor::<bf16>(&mut rng, shape.q_len());
+    let (k, _) = random_tensor::<bf16>(&mut rng, shape.kv_len());
+    let dq = ctx.upload(&q, shape.q_shape()).unwrap();
+    let dk = ctx.upload(&k, shape.kv_shape()).unwrap();
+    let mut out = ctx.alloc::<bf16, 4>(shape.q_shape()).unwrap();
+    let mut lse = ctx.alloc::<f32, 3>(shape.lse_shape()).unwrap();
+    for _ in 0..300 {
+        ctx.attention(
+            &dq.view(),
+            &dk.view(),
+            &dk.view(),
+            &mut out.view_mut(),
+            &mut lse.view_mut(),
+            &cfg,
+        )
+        .unwrap();
+    }
+    ctx.synchronize().unwrap();
+    let out = out.to_host().unwrap();
+    assert!(out.iter().all(|x| x.to_f32().is_finite()));
+}
+
 /// Varlen batches (packed `[total, H, D]`, `cu_seqlens`): sequences with Sq < Sk, Sq = Sk, an
 /// empty query sequence and an empty key sequence, mixed head kinds, against the reference run
 /// per sequence; both kernels.

@@ -8,7 +8,7 @@ mod timing;
 
 use cases::{Case, Mode, all_cases};
 use clap::Parser;
-use duo_attn::Context;
+use duo_attn::{Context, PrefillKernel};
 use duo_attn_tests::{rng, run_decode_case, run_prefill_case};
 use half::bf16;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -33,6 +33,10 @@ struct Args {
     /// Only these modes (comma separated), e.g. `--only decode,decode-mixed`.
     #[arg(long, value_delimiter = ',')]
     only: Vec<Mode>,
+    /// Prefill kernel to time: auto (default), wgmma, ws (the experimental warp-specialised
+    /// one) or mma.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "wgmma", "ws", "mma"])]
+    kernel: String,
     /// No GPU: re-print the table and re-draw the plot of an earlier run's bench.json.
     #[arg(long)]
     from_json: Option<PathBuf>,
@@ -134,7 +138,13 @@ fn main() -> ExitCode {
             case.batch,
             case.seqlen_k
         ));
-        match timing::time_case(&ctx, case, &mut rng) {
+        let kernel = match args.kernel.as_str() {
+            "wgmma" => PrefillKernel::Wgmma,
+            "ws" => PrefillKernel::WgmmaWarpSpecialized,
+            "mma" => PrefillKernel::MmaSync,
+            _ => PrefillKernel::Auto,
+        };
+        match timing::time_case(&ctx, case, kernel, &mut rng) {
             Ok(t) => {
                 bar.println(format!(
                     "{:<12} B={:<2} Sq={:<6} Sk={:<6} {:9.3} ms ({} reps)",

@@ -18,9 +18,14 @@ const MIN_REPS: usize = 5;
 const MAX_REPS: usize = 200;
 const MAX_SETS: usize = 8;
 
-pub fn time_case(ctx: &Context, case: &Case, rng: &mut StdRng) -> Result<Timing> {
+pub fn time_case(
+    ctx: &Context,
+    case: &Case,
+    kernel: duo_attn::PrefillKernel,
+    rng: &mut StdRng,
+) -> Result<Timing> {
     let shape = case.shape();
-    let cfg = case.config();
+    let cfg = case.config().kernel(kernel);
     let set_bytes = 2 * (shape.q_len() + 2 * shape.kv_len());
     // Enough distinct input sets that consecutive launches cannot hit in L2.
     let sets = (2 * ctx.info().l2_cache_bytes)
