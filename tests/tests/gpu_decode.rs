@@ -326,56 +326,39 @@ fn cache_errors() {
     let (q, k, v) = (x(20), x(20), x(20));
     let mut out = ctx.alloc::<bf16, 4>([1, 20, 2, 64]).unwrap();
     let mut lse = ctx.alloc::<f32, 3>([1, 2, 20]).unwrap();
-    let mut run = |cache: &mut DuoCache<bf16>, layer: usize| {
-        cache.forward(
-            &ctx,
-            layer,
-            &q.view(),
-            &k.view(),
-            &v.view(),
-            &mut out.view_mut(),
-            &mut lse.view_mut(),
-        )
+    // `forward` (the dispatcher) or `decode` directly.
+    let mut call = |cache: &mut DuoCache<bf16>, layer: usize, decode: bool| {
+        let (q, k, v) = (q.view(), k.view(), v.view());
+        let (o, l) = (&mut out.view_mut(), &mut lse.view_mut());
+        if decode {
+            cache.decode(&ctx, layer, &q, &k, &v, o, l)
+        } else {
+            cache.forward(&ctx, layer, &q, &k, &v, o, l)
+        }
     };
     assert!(matches!(
-        run(&mut cache, 1),
+        call(&mut cache, 1, false),
         Err(Error::LayerOutOfRange {
             layer: 1,
             layers: 1
         })
     ));
-    run(&mut cache, 0).unwrap();
+    call(&mut cache, 0, false).unwrap();
     assert!(matches!(
-        run(&mut cache, 0),
+        call(&mut cache, 0, false),
         Err(Error::CacheFull {
             capacity: 32,
             len: 20,
             adding: 20
         })
     ));
-    let err = cache.decode(
-        &ctx,
-        0,
-        &q.view(),
-        &k.view(),
-        &v.view(),
-        &mut out.view_mut(),
-        &mut lse.view_mut(),
-    );
+    let err = call(&mut cache, 0, true);
     assert!(matches!(
         err,
         Err(Error::CacheFull { .. }) | Err(Error::DecodeQueryBlock { .. })
     ));
     cache.reset();
-    let err = cache.decode(
-        &ctx,
-        0,
-        &q.view(),
-        &k.view(),
-        &v.view(),
-        &mut out.view_mut(),
-        &mut lse.view_mut(),
-    );
+    let err = call(&mut cache, 0, true);
     assert!(
         matches!(err, Err(Error::DecodeQueryBlock { got: 20, max: 16 })),
         "{err:?}"

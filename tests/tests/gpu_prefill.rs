@@ -320,20 +320,25 @@ fn host_and_device_errors() {
 
 /// A full grid (full causal, B1, 4k, 32 heads, D128: 1024 blocks) launched 20 times in a row:
 /// an earlier pipelining variant hung here under load while passing every single-shot test.
-#[test]
-fn full_grid_repeated_launches() {
-    let Some(ctx) = gpu_or_skip("full_grid_repeated_launches") else {
-        return;
-    };
-    let mut rng = rng("full grid repeated");
-    let shape = Shape {
+/// B=1, 4k x 4k, 32 heads, D=128: a full grid of 1024 blocks for the launch-pattern tests.
+fn full_grid_shape() -> Shape {
+    Shape {
         batch: 1,
         seqlen_q: 4096,
         seqlen_k: 4096,
         heads_q: 32,
         heads_kv: 32,
         head_dim: 128,
+    }
+}
+
+#[test]
+fn full_grid_repeated_launches() {
+    let Some(ctx) = gpu_or_skip("full_grid_repeated_launches") else {
+        return;
     };
+    let mut rng = rng("full grid repeated");
+    let shape = full_grid_shape();
     let cfg = AttentionConfig::all_retrieval(32);
     let (q, _) = random_tensor::<bf16>(&mut rng, shape.q_len());
     let (k, _) = random_tensor::<bf16>(&mut rng, shape.kv_len());
@@ -353,14 +358,7 @@ fn warp_specialised_back_to_back_stress() {
         return;
     };
     let mut rng = rng("ws stress");
-    let shape = Shape {
-        batch: 1,
-        seqlen_q: 4096,
-        seqlen_k: 4096,
-        heads_q: 32,
-        heads_kv: 32,
-        head_dim: 128,
-    };
+    let shape = full_grid_shape();
     let kinds = (0..32)
         .map(|h| {
             if h % 2 == 0 {
