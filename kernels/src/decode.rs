@@ -141,21 +141,6 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
         seqlen_k: p.seqlen,
     };
 
-    let mut qa = [[0u32; 4]; KQ];
-    for r in 0..2 {
-        if valid[r] {
-            let off = batch * p.q_strides[0]
-                + token[r] as i64 * p.q_strides[1]
-                + q_head[r] as i64 * p.q_strides[2]
-                + 2 * t as i64;
-            let base = p.q + (off * 2) as u64;
-            for (kk, frag) in qa.iter_mut().enumerate() {
-                frag[r] = unsafe { ld_global_nc_u32(base + (kk * 32) as u64) };
-                frag[r + 2] = unsafe { ld_global_nc_u32(base + (kk * 32 + 16) as u64) };
-            }
-        }
-    }
-
     // The tiles this head visits (ring: all slots; else the mask's ranges), and this split's share.
     let [first, second] = if use_ring {
         [
@@ -194,6 +179,23 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
         }
         cp_async_commit();
     }
+
+    // Q after the first K/V tiles are in flight: its latency hides under theirs.
+    let mut qa = [[0u32; 4]; KQ];
+    for r in 0..2 {
+        if valid[r] {
+            let off = batch * p.q_strides[0]
+                + token[r] as i64 * p.q_strides[1]
+                + q_head[r] as i64 * p.q_strides[2]
+                + 2 * t as i64;
+            let base = p.q + (off * 2) as u64;
+            for (kk, frag) in qa.iter_mut().enumerate() {
+                frag[r] = unsafe { ld_global_nc_u32(base + (kk * 32) as u64) };
+                frag[r + 2] = unsafe { ld_global_nc_u32(base + (kk * 32 + 16) as u64) };
+            }
+        }
+    }
+
 
     let mut acc = [0f32; ON];
     let mut state = RowState::new();
