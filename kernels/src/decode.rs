@@ -13,7 +13,7 @@ use crate::abi::{
 };
 use crate::device::*;
 use crate::mask::{BlockRange, HeadMask};
-use crate::mma::{Bf16, Element, F16, quad, set_quad};
+use crate::mma::{Bf16, Element, F16, qk_tile, quad, set_quad};
 use crate::ring::position_of;
 use crate::softmax::{RowState, online_softmax, rescale, scale_and_mask};
 use crate::tile::{div_or_zero, kind_and_rank, min_i32};
@@ -196,7 +196,6 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
         }
     }
 
-
     let mut acc = [0f32; ON];
     let mut state = RowState::new();
     let kw = 16 * warp;
@@ -215,13 +214,7 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
         let mut s = [0f32; 8];
         for j in 0..2 {
             let k_row = k_smem(stage) + (((kw + 8 * j + g) * pitch + 2 * t) * 2) as u32;
-            let mut c = [0f32; 4];
-            for (kk, frag) in qa.iter().enumerate() {
-                let addr = k_row + (kk * 32) as u32;
-                let b = unsafe { [ld_shared_u32(addr), ld_shared_u32(addr + 16)] };
-                E::mma(&mut c, frag, b);
-            }
-            set_quad(&mut s, j, c);
+            set_quad(&mut s, j, qk_tile::<E, KQ>(&qa, k_row));
         }
 
         let key0 = n0 + kw as i32;

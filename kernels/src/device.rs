@@ -321,16 +321,6 @@ pub unsafe fn st_global_v4(addr: u64, v: [u32; 4]) {
     };
 }
 
-/// Plain (coherent) 4-byte f32 global load: for data an earlier kernel of the stream wrote.
-#[inline(always)]
-pub unsafe fn ld_global_f32(addr: u64) -> f32 {
-    let r: f32;
-    unsafe {
-        asm!("ld.global.f32 {r}, [{p}];", r = out(reg32) r, p = in(reg64) addr, options(readonly, nostack))
-    };
-    r
-}
-
 #[inline(always)]
 pub unsafe fn st_shared_f32(addr: u32, v: f32) {
     unsafe {
@@ -346,9 +336,6 @@ pub unsafe fn ld_shared_f32(addr: u32) -> f32 {
     };
     r
 }
-
-special_reg!(/// Block size (x).
-    block_dim_x, "%ntid.x");
 
 /// As [`cp_async_16`], with a 256-byte L2 prefetch hint: streaming reads of long contiguous rows
 /// (decode) get whole DRAM bursts.

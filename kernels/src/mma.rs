@@ -4,7 +4,7 @@
 //! A (16x16, row-major): regs 0/1 hold rows g / g+8 at columns 2t..2t+1, regs 2/3 the same rows at
 //! columns 2t+8..2t+9. B (16x8, "col"): reg 0 holds k = 2t..2t+1 of column g, reg 1 k = 2t+8..2t+9.
 //! C (16x8 f32): c0,c1 row g columns 2t,2t+1; c2,c3 row g+8.
-use crate::device::{pack_bf16x2, pack_f16x2};
+use crate::device::{ld_shared_u32, pack_bf16x2, pack_f16x2};
 use core::arch::asm;
 
 /// A 16-bit element type the tensor cores take.
@@ -56,4 +56,19 @@ pub fn quad<const N: usize>(a: &[f32; N], j: usize) -> [f32; 4] {
 #[inline(always)]
 pub fn set_quad<const N: usize>(a: &mut [f32; N], j: usize, v: [f32; 4]) {
     a[4 * j..4 * j + 4].copy_from_slice(&v);
+}
+
+/// One m16n8 tile of `S = Q K^T`: the Q A-fragments (`KQ` k-steps of 16) against 8 keys of a
+/// row-major K tile in shared memory, where `k_row` is the address of this thread's key row
+/// (`g`) at column `2t`.
+#[inline(always)]
+pub fn qk_tile<E: Element, const KQ: usize>(qa: &[[u32; 4]; KQ], k_row: u32) -> [f32; 4] {
+    let mut c = [0f32; 4];
+    for (kk, frag) in qa.iter().enumerate() {
+        let addr = k_row + (kk * 32) as u32;
+        // SAFETY: the caller's K tile spans D = 16 * KQ columns from `k_row`.
+        let b = unsafe { [ld_shared_u32(addr), ld_shared_u32(addr + 16)] };
+        E::mma(&mut c, frag, b);
+    }
+    c
 }

@@ -8,7 +8,7 @@
 //! Correct and complete, not fast: the Hopper TMA/wgmma kernel replaces it on sm_90.
 use crate::abi::{PREFILL_BLOCK_M, PREFILL_BLOCK_N, PREFILL_THREADS, PrefillParams};
 use crate::device::*;
-use crate::mma::{Bf16, Element, F16, quad, set_quad};
+use crate::mma::{Bf16, Element, F16, qk_tile, quad, set_quad};
 use crate::softmax::{RowState, finish};
 use crate::tile::{QueryTile, row_offset};
 
@@ -140,13 +140,7 @@ unsafe fn prefill<
         let mut s = [0f32; SN];
         for j in 0..BN / 8 {
             let k_row = k_smem + (((8 * j + g) * k_pitch(D) + 2 * t) * 2) as u32;
-            let mut c = [0f32; 4];
-            for (kk, frag) in qa.iter().enumerate() {
-                let addr = k_row + (kk * 32) as u32;
-                let b = unsafe { [ld_shared_u32(addr), ld_shared_u32(addr + 16)] };
-                E::mma(&mut c, frag, b);
-            }
-            set_quad(&mut s, j, c);
+            set_quad(&mut s, j, qk_tile::<E, KQ>(&qa, k_row));
         }
 
         tile.softmax_step(

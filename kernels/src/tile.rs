@@ -61,9 +61,7 @@ pub fn row_offset(stride: i64, row: i32, col: usize) -> u64 {
 /// What one block of `block_m` query rows works on: its head, mask, rows, and the row-0
 /// addresses of its sequence (fixed-length batch entry or varlen sequence) and K/V source.
 pub struct QueryTile {
-    pub batch: i64,
     pub head: i32,
-    pub kv_head: i32,
     pub mask: HeadMask,
     /// Byte addresses of this tile's K and V at position 0 (batch and head applied), their
     /// sequence strides in elements, and their length (the source depends on the head's kind).
@@ -142,9 +140,7 @@ impl QueryTile {
         let offset = seqlen_k - seqlen_q;
         let lse_row0 = batch * p.lse_strides[0] + head as i64 * p.lse_strides[1] + start_q as i64;
         QueryTile {
-            batch,
             head,
-            kv_head,
             mask,
             k_base: k + elem_offset(&k_strides, batch, start_k, kv_index, 0),
             v_base: v + elem_offset(&v_strides, batch, start_k, kv_index, 0),

@@ -218,32 +218,33 @@ pub fn run_prefill_case<T: AttnElement>(
     cfg: &AttentionConfig,
     rng: &mut StdRng,
 ) -> Result<Comparison, Error> {
-    let (q, q32) = random_tensor::<T>(rng, shape.q_len());
-    let (k, k32) = random_tensor::<T>(rng, shape.kv_len());
-    let (v, v32) = random_tensor::<T>(rng, shape.kv_len());
-    let (out, lse) = run_prefill(ctx, shape, cfg, &q, &k, &v)?;
-    let out32: Vec<f32> = out.iter().map(|x| x.to_f32()).collect();
-    let rows = rows_to_check(shape, rng);
-    Ok(compare(shape, cfg, &q32, &k32, &v32, &out32, &lse, &rows))
+    run_random_case::<T>(ctx, shape, cfg, rng, false)
 }
 
 /// Runs one decode (`Context::decode_attention`, plain K/V) on fresh random inputs, outputs
-/// poisoned first, and compares every row with the reference.
+/// poisoned first, and compares it with the reference (every row: decode has at most 16 queries,
+/// so `rows_to_check` takes them all).
 pub fn run_decode_case<T: AttnElement>(
     ctx: &Context,
     shape: &Shape,
     cfg: &AttentionConfig,
     rng: &mut StdRng,
 ) -> Result<Comparison, Error> {
+    run_random_case::<T>(ctx, shape, cfg, rng, true)
+}
+
+fn run_random_case<T: AttnElement>(
+    ctx: &Context,
+    shape: &Shape,
+    cfg: &AttentionConfig,
+    rng: &mut StdRng,
+    decode: bool,
+) -> Result<Comparison, Error> {
     let (q, q32) = random_tensor::<T>(rng, shape.q_len());
     let (k, k32) = random_tensor::<T>(rng, shape.kv_len());
     let (v, v32) = random_tensor::<T>(rng, shape.kv_len());
-    let (out, lse) = run_poisoned(ctx, shape, cfg, &q, &k, &v, true)?;
-    let rows: Vec<_> = (0..shape.batch)
-        .flat_map(|b| {
-            (0..shape.heads_q).flat_map(move |h| (0..shape.seqlen_q).map(move |i| (b, h, i)))
-        })
-        .collect();
+    let (out, lse) = run_poisoned(ctx, shape, cfg, &q, &k, &v, decode)?;
     let out32: Vec<f32> = out.iter().map(|x| x.to_f32()).collect();
+    let rows = rows_to_check(shape, rng);
     Ok(compare(shape, cfg, &q32, &k32, &v32, &out32, &lse, &rows))
 }
