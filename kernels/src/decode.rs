@@ -15,7 +15,7 @@ use crate::device::*;
 use crate::mask::{BlockRange, HeadMask};
 use crate::mma::{Bf16, Element, F16, qk_tile, quad, set_quad};
 use crate::ring::position_of;
-use crate::softmax::{RowState, online_softmax, rescale, scale_and_mask};
+use crate::softmax::{RowState, mask_scores, online_softmax, rescale};
 use crate::tile::{div_or_zero, kind_and_rank, min_i32};
 
 const BN: usize = DECODE_BLOCK_N;
@@ -226,17 +226,15 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
                 } else {
                     -1
                 };
-                *v = if pos >= 0 && mask.visible(q_pos[(e % 4) / 2], pos) {
-                    *v * p.scale_log2
-                } else {
-                    f32::NEG_INFINITY
-                };
+                if pos < 0 || !mask.visible(q_pos[(e % 4) / 2], pos) {
+                    *v = f32::NEG_INFINITY;
+                }
             }
         } else {
             let full = mask.block_fully_visible(q_lo, q_hi, n0, BN as i32);
-            scale_and_mask(&mut s, &mask, full, q_pos, key0, t, p.scale_log2);
+            mask_scores(&mut s, &mask, full, q_pos, key0, t);
         }
-        let alpha = online_softmax(&mut s, &mut state);
+        let alpha = online_softmax(&mut s, &mut state, p.scale_log2);
         rescale(&mut acc, alpha);
 
         // O += P V: P is the A fragment of one 16-key step; V fragments come transposed.

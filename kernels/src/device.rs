@@ -73,6 +73,16 @@ pub fn exp2_approx(x: f32) -> f32 {
     r
 }
 
+/// `a * b + c` with one rounding (`fma.rn.f32`).
+#[inline(always)]
+pub fn fma_f32(a: f32, b: f32, c: f32) -> f32 {
+    let r: f32;
+    unsafe {
+        asm!("fma.rn.f32 {r}, {a}, {b}, {c};", r = out(reg32) r, a = in(reg32) a, b = in(reg32) b, c = in(reg32) c, options(pure, nomem, nostack))
+    };
+    r
+}
+
 /// log2(x) with the SFU (`lg2.approx.ftz`).
 #[inline(always)]
 pub fn log2_approx(x: f32) -> f32 {

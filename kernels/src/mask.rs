@@ -17,6 +17,24 @@ pub struct HeadMask {
     pub seqlen_k: i32,
 }
 
+/// The keys one query row sees, as bounds that test branch-free: key `k` is visible when
+/// `k <= last` and `k` is outside the hidden gap `gap_start..=gap_end` (a streaming head's keys
+/// between its sink and its window; empty for retrieval heads).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowBounds {
+    pub last: i32,
+    pub gap_start: i32,
+    pub gap_end: i32,
+}
+
+impl RowBounds {
+    /// For keys `k >= 0`. Bitwise `&`/`|` so the compiler emits selects, not branches.
+    #[inline(always)]
+    pub fn visible(&self, k: i32) -> bool {
+        (k <= self.last) & ((k < self.gap_start) | (k > self.gap_end))
+    }
+}
+
 /// Half-open block index range `[start, end)`; empty when `start >= end`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BlockRange {
@@ -56,6 +74,31 @@ impl HeadMask {
             k <= q_pos && (k < self.sink || q_pos - k < self.window)
         } else {
             !self.causal || k <= q_pos
+        }
+    }
+
+    /// The bounds of the query at position `q_pos`: `row_bounds(q).visible(k) == visible(q, k)`
+    /// for every key `k >= 0`.
+    #[inline(always)]
+    pub fn row_bounds(&self, q_pos: i32) -> RowBounds {
+        let last_key = self.seqlen_k - 1;
+        if self.streaming {
+            // Hidden: sink <= k <= q_pos - window (k > q_pos - window is inside the window).
+            RowBounds {
+                last: min(last_key, q_pos),
+                gap_start: self.sink,
+                gap_end: q_pos - self.window,
+            }
+        } else {
+            RowBounds {
+                last: if self.causal {
+                    min(last_key, q_pos)
+                } else {
+                    last_key
+                },
+                gap_start: i32::MAX,
+                gap_end: i32::MIN,
+            }
         }
     }
 
@@ -166,6 +209,16 @@ mod tests {
                                     let any = (q_lo..=q_hi).any(|q| m.visible(q, k));
                                     if any {
                                         assert!(visited(k / bn), "{m:?} q {q_lo}..={q_hi} key {k}");
+                                    }
+                                }
+                                for q in q_lo..=q_hi {
+                                    let bounds = m.row_bounds(q);
+                                    for k in 0..sk + 3 {
+                                        assert_eq!(
+                                            bounds.visible(k),
+                                            m.visible(q, k),
+                                            "{m:?} {q} {k}"
+                                        );
                                     }
                                 }
                                 for b in 0..(sk + bn - 1) / bn {

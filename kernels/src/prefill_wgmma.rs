@@ -15,7 +15,7 @@
 use crate::abi::{PrefillParams, WG_BLOCK_M, WG_BLOCK_N, WG_STAGES, WG_THREADS, wg_smem_bytes};
 use crate::device::*;
 use crate::mma::{Bf16, Element, F16};
-use crate::softmax::{RowState, finish, online_softmax, rescale, scale_and_mask};
+use crate::softmax::{RowState, finish};
 use crate::tile::QueryTile;
 use crate::wgmma::{
     WgmmaElement, fence_accumulators_64, wgmma_commit, wgmma_fence, wgmma_wait_all,
@@ -180,12 +180,16 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillPa
         fence_accumulators_64(&mut s);
 
         let n0 = n_block(i) * BN as i32;
-        let full = tile
-            .mask
-            .block_fully_visible(tile.q_lo, tile.q_hi, n0, BN as i32);
-        scale_and_mask(&mut s, &tile.mask, full, q_pos, n0, t, p.scale_log2);
-        let alpha = online_softmax(&mut s, &mut state);
-        rescale(&mut o, alpha);
+        tile.softmax_step(
+            &mut s,
+            &mut o,
+            &mut state,
+            n0,
+            BN as i32,
+            q_pos,
+            t,
+            p.scale_log2,
+        );
 
         // O += P V: key tiles 2kk, 2kk+1 of S form the register A fragment of k-step kk; V is
         // N-major (head dim contiguous): LBO steps between 64-column blocks, SBO between 8 keys.

@@ -3,7 +3,7 @@
 //! A thread holds two query rows (`rows[0]`, `rows[1]` = row + 8) of a 16-row slab; score element
 //! `4j + e` belongs to row `e / 2` and key `n0 + 8j + 2t + e % 2` (`t = lane % 4`). The four
 //! threads of a quad hold the rest of each row, so row reductions shuffle over lanes ^1 and ^2.
-use crate::device::{exp2_approx, log2_approx, max_f32, shfl_xor_f32};
+use crate::device::{exp2_approx, fma_f32, log2_approx, max_f32, shfl_xor_f32};
 use crate::mask::HeadMask;
 
 const LN_2: f32 = core::f32::consts::LN_2;
@@ -31,36 +31,44 @@ impl Default for RowState {
     }
 }
 
-/// Scales scores into the log2 domain; keys the mask hides become -inf. `full` blocks (every
-/// key visible to every row of the tile) skip the per-element test.
+/// Hides the keys the mask hides (raw score -> -inf). `full` blocks (every key visible to every
+/// row of the tile) skip it; the others test each key against per-row bounds with selects, no
+/// branches (this loop runs once per score per tile).
 #[inline(always)]
-pub fn scale_and_mask<const N: usize>(
+pub fn mask_scores<const N: usize>(
     s: &mut [f32; N],
     mask: &HeadMask,
     full: bool,
     q_pos: [i32; 2],
     n0: i32,
     t: usize,
-    scale_log2: f32,
 ) {
+    if full {
+        return;
+    }
+    let bounds = [mask.row_bounds(q_pos[0]), mask.row_bounds(q_pos[1])];
     for (i, v) in s.iter_mut().enumerate() {
         let (j, e) = (i / 4, i % 4);
         let key = n0 + (8 * j + 2 * t + (e & 1)) as i32;
-        *v = if full || mask.visible(q_pos[e / 2], key) {
-            *v * scale_log2
-        } else {
-            f32::NEG_INFINITY
-        };
+        if !bounds[e / 2].visible(key) {
+            *v = f32::NEG_INFINITY;
+        }
     }
 }
 
-/// Folds a block of scores into the running state: `s` becomes the unnormalised probabilities,
-/// and the returned per-row factors rescale the output accumulator.
+/// Folds a block of raw (unscaled, masked) scores into the running state: `s` becomes the
+/// unnormalised probabilities `exp2(s * scale_log2 - max)` (one FFMA and one EX2 per score; the
+/// max is taken on raw scores, valid as the scale is > 0), and the returned per-row factors
+/// rescale the output accumulator.
 #[inline(always)]
-pub fn online_softmax<const N: usize>(s: &mut [f32; N], state: &mut RowState) -> [f32; 2] {
+pub fn online_softmax<const N: usize>(
+    s: &mut [f32; N],
+    state: &mut RowState,
+    scale_log2: f32,
+) -> [f32; 2] {
     let mut alpha = [0f32; 2];
     for r in 0..2 {
-        let mut m = state.max[r];
+        let mut m = f32::NEG_INFINITY;
         for (i, &v) in s.iter().enumerate() {
             if (i % 4) / 2 == r {
                 m = max_f32(m, v);
@@ -68,6 +76,7 @@ pub fn online_softmax<const N: usize>(s: &mut [f32; N], state: &mut RowState) ->
         }
         m = max_f32(m, shfl_xor_f32(m, 1));
         m = max_f32(m, shfl_xor_f32(m, 2));
+        let m = max_f32(state.max[r], m * scale_log2);
         // A row with nothing visible yet keeps m = -inf; subtract 0 then so exp2 gives 0, not NaN.
         let m_sub = if m == f32::NEG_INFINITY { 0.0 } else { m };
         alpha[r] = exp2_approx(state.max[r] - m_sub);
@@ -75,7 +84,7 @@ pub fn online_softmax<const N: usize>(s: &mut [f32; N], state: &mut RowState) ->
         let mut sum = 0f32;
         for (i, v) in s.iter_mut().enumerate() {
             if (i % 4) / 2 == r {
-                *v = exp2_approx(*v - m_sub);
+                *v = exp2_approx(fma_f32(*v, scale_log2, -m_sub));
                 sum += *v;
             }
         }

@@ -7,7 +7,7 @@ use crate::device::{
 };
 use crate::mask::HeadMask;
 use crate::mma::Element;
-use crate::softmax::{RowState, online_softmax, rescale, scale_and_mask};
+use crate::softmax::{RowState, mask_scores, online_softmax, rescale};
 
 /// `a / b` without a panic path (the host guarantees `b > 0`; 0 keeps the kernel total).
 #[inline(always)]
@@ -185,8 +185,8 @@ impl QueryTile {
         let full = self
             .mask
             .block_fully_visible(self.q_lo, self.q_hi, n0, block_n);
-        scale_and_mask(s, &self.mask, full, q_pos, n0, t, scale_log2);
-        let alpha = online_softmax(s, state);
+        mask_scores(s, &self.mask, full, q_pos, n0, t);
+        let alpha = online_softmax(s, state, scale_log2);
         rescale(o, alpha);
     }
 
