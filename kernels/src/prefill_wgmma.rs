@@ -17,9 +17,7 @@ use crate::device::*;
 use crate::mma::{Bf16, Element, F16};
 use crate::softmax::{RowState, finish};
 use crate::tile::QueryTile;
-use crate::wgmma::{
-    WgmmaElement, fence_accumulators_64, wgmma_commit, wgmma_fence, wgmma_wait_all,
-};
+use crate::wgmma::{WgmmaElement, fence_accumulators_64, wgmma_commit, wgmma_fence, wgmma_wait};
 
 const BM: usize = WG_BLOCK_M;
 const BN: usize = WG_BLOCK_N;
@@ -176,7 +174,7 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillPa
             E::mma_ss_m64n128k16(&mut s, a, b, (kk > 0) as u32);
         }
         wgmma_commit();
-        wgmma_wait_all();
+        wgmma_wait::<0>();
         fence_accumulators_64(&mut s);
 
         let n0 = n_block(i) * BN as i32;
@@ -218,7 +216,7 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillPa
             }
         }
         wgmma_commit();
-        wgmma_wait_all();
+        wgmma_wait::<0>();
         fence_accumulators_64(&mut o);
     }
     cp_async_wait::<0>();

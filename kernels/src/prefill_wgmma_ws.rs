@@ -25,11 +25,9 @@ use crate::abi::{
 };
 use crate::device::*;
 use crate::mma::{Bf16, Element, F16};
-use crate::softmax::{RowState, finish};
+use crate::softmax::{RowState, finish, mask_scores, online_softmax, rescale};
 use crate::tile::QueryTile;
-use crate::wgmma::{
-    WgmmaElement, fence_accumulators_64, wgmma_commit, wgmma_fence, wgmma_wait_all,
-};
+use crate::wgmma::{WgmmaElement, fence_accumulators_64, wgmma_commit, wgmma_fence, wgmma_wait};
 
 const BM: usize = WG_BLOCK_M;
 const BN: usize = WG_BLOCK_N;
@@ -85,6 +83,25 @@ unsafe fn load_tile<const D: usize>(
         dst += (step_rows * 128) as u32;
         pos += step_rows as i32;
         addr = addr.wrapping_add(step_bytes);
+    }
+}
+
+/// Issues `O += P V` for one KV tile: P as register A fragments (k-step kk = keys 16kk..16kk+15),
+/// V N-major in shared memory (head dim contiguous): LBO steps between 64-column blocks, SBO
+/// between groups of 8 keys.
+#[inline(always)]
+fn mma_pv<E: WgmmaElement, const D: usize>(
+    o: &mut [f32; 64],
+    pa: &[[u32; 4]; BN / 16],
+    v_tile: u32,
+) {
+    for (kk, a) in pa.iter().enumerate() {
+        let b = descriptor(v_tile + (kk * 16 * 128) as u32, (BN * 128) as u32, 1024);
+        if D == 64 {
+            E::mma_rs_m64n64k16(o, a, b);
+        } else {
+            E::mma_rs_m64n128k16(o, a, b);
+        }
     }
 }
 
@@ -199,8 +216,12 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillPa
         }
         unsafe { mbarrier_wait(q_full, 0) };
 
+        // FA3-style lag: iteration i issues S_i together with O += P_{i-1} V_{i-1}, then runs
+        // softmax_i while that PV is on the tensor cores. With O~_i = alpha_i (O~_{i-1} +
+        // P_{i-1} V_{i-1}), the final O is O~_last + P_last V_last, issued after the loop.
         let mut o = [0f32; 64];
         let mut state = RowState::new();
+        let mut pa = [[0u32; 4]; BN / 16];
         for i in 0..blocks {
             let stage = stage_of(i);
             unsafe { mbarrier_wait(full(stage), parity(i)) };
@@ -210,6 +231,7 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillPa
             named_barrier_sync(my_turn, CONSUMERS as u32);
             let mut s = [0f32; 64];
             fence_accumulators_64(&mut s);
+            fence_accumulators_64(&mut o);
             wgmma_fence();
             for kk in 0..D / 16 {
                 let (block, within) = ((kk / 4) as u32, (kk % 4) as u32 * 32);
@@ -222,25 +244,28 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillPa
                 E::mma_ss_m64n128k16(&mut s, a, b, (kk > 0) as u32);
             }
             wgmma_commit();
+            if i > 0 {
+                mma_pv::<E, D>(&mut o, &pa, v_smem(stage_of(i - 1)));
+            }
+            wgmma_commit();
             named_barrier_arrive(their_turn, CONSUMERS as u32);
-            wgmma_wait_all();
+            wgmma_wait::<1>(); // S_i is done; P_{i-1} V_{i-1} may still run
             fence_accumulators_64(&mut s);
 
             let n0 = n_block(i) * BN as i32;
-            tile.softmax_step(
-                &mut s,
-                &mut o,
-                &mut state,
-                n0,
-                BN as i32,
-                q_pos,
-                t,
-                p.scale_log2,
-            );
+            let full_block = tile
+                .mask
+                .block_fully_visible(tile.q_lo, tile.q_hi, n0, BN as i32);
+            mask_scores(&mut s, &tile.mask, full_block, q_pos, n0, t);
+            let alpha = online_softmax(&mut s, &mut state, p.scale_log2);
 
-            // O += P V: key tiles 2kk, 2kk+1 of S form the register A fragment of k-step kk; V is
-            // N-major (head dim contiguous): LBO steps between 64-column blocks, SBO between 8 keys.
-            let mut pa = [[0u32; 4]; BN / 16];
+            wgmma_wait::<0>();
+            fence_accumulators_64(&mut o);
+            if i > 0 {
+                unsafe { mbarrier_arrive(empty(stage_of(i - 1))) }; // K_{i-1} and V_{i-1} are read
+            }
+            rescale(&mut o, alpha);
+            // Key tiles 2kk, 2kk+1 of S form the register A fragment of PV k-step kk.
             for (kk, a) in pa.iter_mut().enumerate() {
                 let j = 8 * kk;
                 *a = [
@@ -250,24 +275,15 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillPa
                     E::pack(s[j + 6], s[j + 7]),
                 ];
             }
+        }
+        if blocks > 0 {
             fence_accumulators_64(&mut o);
             wgmma_fence();
-            for (kk, a) in pa.iter().enumerate() {
-                let b = descriptor(
-                    v_smem(stage) + (kk * 16 * 128) as u32,
-                    (BN * 128) as u32,
-                    1024,
-                );
-                if D == 64 {
-                    E::mma_rs_m64n64k16(&mut o, a, b);
-                } else {
-                    E::mma_rs_m64n128k16(&mut o, a, b);
-                }
-            }
+            mma_pv::<E, D>(&mut o, &pa, v_smem(stage_of(blocks - 1)));
             wgmma_commit();
-            wgmma_wait_all();
+            wgmma_wait::<0>();
             fence_accumulators_64(&mut o);
-            unsafe { mbarrier_arrive(empty(stage)) };
+            unsafe { mbarrier_arrive(empty(stage_of(blocks - 1))) };
         }
         // Balance the ping-pong: consumer 1 arrived at barrier 1 once more than consumer 0 synced
         // there (its first arrival lets consumer 0 start). A CTA must not exit with a named

@@ -661,8 +661,8 @@ pub fn wgmma_commit() {
     unsafe { asm!("wgmma.commit_group.sync.aligned;", options(nostack)) };
 }
 
-/// Waits until every committed wgmma batch has completed.
+/// Waits until at most `N` committed wgmma batches are still running (they complete in order).
 #[inline(always)]
-pub fn wgmma_wait_all() {
-    unsafe { asm!("wgmma.wait_group.sync.aligned 0;", options(nostack)) };
+pub fn wgmma_wait<const N: u32>() {
+    unsafe { asm!("wgmma.wait_group.sync.aligned {n};", n = const N, options(nostack)) };
 }
