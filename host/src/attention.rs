@@ -17,20 +17,20 @@ pub enum HeadKind {
     Streaming,
 }
 
-/// Which prefill kernel runs. Both compute the same function; `Auto` picks the fastest.
+/// Which prefill kernel runs. All compute the same function; `Auto` picks the fastest.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum PrefillKernel {
-    /// The Hopper kernel.
+    /// The fastest Hopper kernel: today `WgmmaWarpSpecialized`.
     #[default]
     Auto,
     /// Warp-level `mma.sync` kernel (the first kernel; kept as a cross-check).
     MmaSync,
-    /// Hopper warpgroup-MMA kernel: `wgmma` on 128-byte swizzled tiles, a 3-stage cp.async ring,
-    /// one block barrier per 128-key tile.
+    /// Hopper warpgroup-MMA kernel without warp specialisation: `wgmma` on 128-byte swizzled
+    /// tiles, a 3-stage cp.async ring, one block barrier per 128-key tile. Simpler, slower.
     Wgmma,
-    /// EXPERIMENTAL warp-specialised Hopper kernel (producer warpgroup, mbarrier ring,
-    /// `setmaxnreg`, ping-pong consumers): faster, but it deadlocks intermittently under
-    /// back-to-back launches of full grids. Not for production until that is fixed.
+    /// Warp-specialised Hopper kernel: a producer warpgroup fills an mbarrier-tracked ring
+    /// (`setmaxnreg`), two consumer warpgroups ping-pong their GEMMs and overlap each softmax with
+    /// the previous tile's PV GEMM (FA3-style).
     WgmmaWarpSpecialized,
 }
 
@@ -402,10 +402,8 @@ pub(crate) fn prefill_params(
 fn kernel_shape(kernel: PrefillKernel, head_dim: usize) -> (&'static str, usize, usize, usize) {
     match kernel {
         PrefillKernel::MmaSync => ("", PREFILL_BLOCK_M, PREFILL_THREADS, 0),
-        PrefillKernel::Auto | PrefillKernel::Wgmma => {
-            ("wgmma_", WG_BLOCK_M, WG_THREADS, wg_smem_bytes(head_dim))
-        }
-        PrefillKernel::WgmmaWarpSpecialized => {
+        PrefillKernel::Wgmma => ("wgmma_", WG_BLOCK_M, WG_THREADS, wg_smem_bytes(head_dim)),
+        PrefillKernel::Auto | PrefillKernel::WgmmaWarpSpecialized => {
             ("wgmma_ws_", WG_BLOCK_M, WS_THREADS, ws_smem_bytes(head_dim))
         }
     }

@@ -1,8 +1,6 @@
-//! EXPERIMENTAL warp-specialised Hopper prefill kernel (sm_90a). It is faster than the default
-//! (`prefill_wgmma`) but deadlocks intermittently under back-to-back launches of full grids
-//! (root cause not found; see docs/perf-log.md), so it is opt-in only.
-//!
-//! Warpgroup MMA: warpgroup MMA on 128-byte-swizzled shared-memory tiles.
+//! Warp-specialised Hopper prefill kernel (sm_90a), the default (`PrefillKernel::Auto`).
+//! An intermittent deadlock under back-to-back launches was traced to the ping-pong leaving named
+//! barrier 1 half-arrived at CTA exit (see docs/perf-log.md); both named barriers are balanced now.
 //!
 //! A block owns `WG_BLOCK_M = 128` query rows of one head and walks the KV blocks the head's
 //! mask reaches (sink and window blocks only for streaming heads). It is warp-specialised:
@@ -11,8 +9,9 @@
 //! (64 query rows each, `setmaxnreg` up to 208). Each stage has a "full" mbarrier (the producer's
 //! copies landed: `cp.async.mbarrier.arrive`) and an "empty" one (both consumers done reading).
 //! Named barriers alternate the consumers' GEMM issue (ping-pong), so one consumer's softmax
-//! overlaps the other's tensor-core work. S = Q K^T is a `wgmma m64n128k16` with both operands
-//! K-major in shared memory. P goes from the S accumulators
+//! overlaps the other's tensor-core work, and each consumer issues S_i together with the previous
+//! tile's O += P V, so its softmax also overlaps its own PV GEMM (FA3). S = Q K^T is a
+//! `wgmma m64n128k16` with both operands K-major in shared memory. P goes from the S accumulators
 //! straight into register A fragments for `O += P V`, with V read N-major (transposed by wgmma).
 //!
 //! Tile layout in shared memory (Q, K and V alike): the head dim is split into 64-element

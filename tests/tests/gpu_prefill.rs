@@ -94,10 +94,8 @@ fn prefill_matches_reference_over_the_matrix() {
     );
 }
 
-/// The experimental warp-specialised kernel: it passes this matrix, but can deadlock under
-/// back-to-back full-grid launches, so it is not run by default (`--ignored` to run it).
+/// The warp-specialised kernel (what `Auto` runs).
 #[test]
-#[ignore = "experimental kernel with an intermittent deadlock"]
 fn warp_specialised_prefill_matches_reference_over_the_matrix() {
     matrix_for(
         PrefillKernel::WgmmaWarpSpecialized,
@@ -348,11 +346,11 @@ fn full_grid_repeated_launches() {
     }
 }
 
-/// The warp-specialised kernel under the launch pattern that hung it: 300 full-grid launches
-/// queued back to back (mixed head kinds, so CTAs of very different lengths share SMs), one
-/// synchronize at the end. Run it under `timeout`: a hang is the failure.
+/// The warp-specialised kernel under the launch pattern that once hung it (named barrier left
+/// half-arrived at CTA exit, fixed): 300 full-grid launches queued back to back (mixed head kinds,
+/// so CTAs of very different lengths share SMs), one synchronize at the end. A watchdog turns a
+/// hang into a failed run instead of a stuck one.
 #[test]
-#[ignore = "experimental kernel: run explicitly, under a timeout"]
 fn warp_specialised_back_to_back_stress() {
     let Some(ctx) = gpu_or_skip("warp_specialised_back_to_back_stress") else {
         return;
@@ -378,6 +376,15 @@ fn warp_specialised_back_to_back_stress() {
     let dk = ctx.upload(&k, shape.kv_shape()).unwrap();
     let mut out = ctx.alloc::<bf16, 4>(shape.q_shape()).unwrap();
     let mut lse = ctx.alloc::<f32, 3>(shape.lse_shape()).unwrap();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watch = done.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(120));
+        if !watch.load(std::sync::atomic::Ordering::SeqCst) {
+            eprintln!("warp_specialised_back_to_back_stress: no progress in 120 s: DEADLOCK");
+            std::process::exit(101);
+        }
+    });
     for _ in 0..300 {
         ctx.attention(
             &dq.view(),
@@ -390,13 +397,14 @@ fn warp_specialised_back_to_back_stress() {
         .unwrap();
     }
     ctx.synchronize().unwrap();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
     let out = out.to_host().unwrap();
     assert!(out.iter().all(|x| x.to_f32().is_finite()));
 }
 
 /// Varlen batches (packed `[total, H, D]`, `cu_seqlens`): sequences with Sq < Sk, Sq = Sk, an
 /// empty query sequence and an empty key sequence, mixed head kinds, against the reference run
-/// per sequence; both kernels.
+/// per sequence; every kernel.
 #[test]
 fn varlen_matches_reference_per_sequence() {
     let Some(ctx) = gpu_or_skip("varlen_matches_reference_per_sequence") else {
@@ -426,7 +434,11 @@ fn varlen_matches_reference_per_sequence() {
     let dv = ctx.upload(&v, [total_k, hkv, d]).unwrap();
     let dcu_q = ctx.upload(&cu_q, [cu_q.len()]).unwrap();
     let dcu_k = ctx.upload(&cu_k, [cu_k.len()]).unwrap();
-    for kernel in [PrefillKernel::Wgmma, PrefillKernel::MmaSync] {
+    for kernel in [
+        PrefillKernel::WgmmaWarpSpecialized,
+        PrefillKernel::Wgmma,
+        PrefillKernel::MmaSync,
+    ] {
         let cfg = AttentionConfig::new(vec![HeadKind::Streaming, HeadKind::Retrieval])
             .sink(8)
             .window(64)

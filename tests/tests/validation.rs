@@ -64,27 +64,28 @@ fn valid_call_plans_a_launch() {
 }
 
 #[test]
-fn auto_picks_the_hopper_kernel() {
+fn auto_picks_the_warp_specialised_kernel() {
     let p = plan(&valid()).unwrap();
-    assert_eq!(p.entry, "duo_prefill_wgmma_bf16_d64");
+    assert_eq!(p.entry, "duo_prefill_wgmma_ws_bf16_d64");
     assert_eq!(p.grid, (1, HQ as u32, B as u32));
-    // Two warpgroups; Q (128 x 64) plus three stages of K and V (128 x 64 each), bf16.
+    // Producer + 2 consumer warpgroups; Q (128 x 64) plus three stages of K and V (128 x 64
+    // each), bf16, then 7 mbarriers.
     assert_eq!(
         (p.block, p.shared_bytes),
-        (256, (128 * 64 + 3 * 2 * 128 * 64) * 2)
+        (384, (128 * 64 + 3 * 2 * 128 * 64) * 2 + 7 * 8)
     );
 }
 
 #[test]
-fn warp_specialised_kernel_is_opt_in() {
+fn wgmma_kernel_without_warp_specialisation_on_request() {
     let mut c = valid();
-    c.cfg = c.cfg.kernel(PrefillKernel::WgmmaWarpSpecialized);
+    c.cfg = c.cfg.kernel(PrefillKernel::Wgmma);
     let p = plan(&c).unwrap();
-    assert_eq!(p.entry, "duo_prefill_wgmma_ws_bf16_d64");
-    // Producer + 2 consumer warpgroups; the same tiles, then 7 mbarriers.
+    assert_eq!(p.entry, "duo_prefill_wgmma_bf16_d64");
+    // Two warpgroups; the same tiles, no mbarriers.
     assert_eq!(
         (p.block, p.shared_bytes),
-        (384, (128 * 64 + 3 * 2 * 128 * 64) * 2 + 7 * 8)
+        (256, (128 * 64 + 3 * 2 * 128 * 64) * 2)
     );
 }
 

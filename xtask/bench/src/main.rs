@@ -33,8 +33,8 @@ struct Args {
     /// Only these modes (comma separated), e.g. `--only decode,decode-mixed`.
     #[arg(long, value_delimiter = ',')]
     only: Vec<Mode>,
-    /// Prefill kernel to time: auto (default), wgmma, ws (the experimental warp-specialised
-    /// one) or mma.
+    /// Prefill kernel to time: auto (default: the warp-specialised one), ws, wgmma (without warp
+    /// specialisation) or mma.
     #[arg(long, default_value = "auto", value_parser = ["auto", "wgmma", "ws", "mma"])]
     kernel: String,
     /// No GPU: re-print the table and re-draw the plot of an earlier run's bench.json.
