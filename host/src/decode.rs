@@ -150,18 +150,10 @@ pub(crate) fn plan_decode<T: AttnElement>(
         0 => heads_kv,
         n => n,
     };
-    // In a mixed layer, each streaming head's few tiles take one block slot of the wave too
-    // (its later splits are empty and exit at once): leave those slots to them, so that every
-    // retrieval block starts in the first wave.
-    let short_blocks = if longest_heads < heads_kv {
-        batch * (heads_kv - longest_heads) * row_chunks
-    } else {
-        0
-    };
     let (splits, tiles_per_split) = choose_splits(
         batch * longest_heads * row_chunks,
         max_tiles,
-        resident_blocks.saturating_sub(short_blocks),
+        resident_blocks,
     );
 
     let params = DecodeParams {

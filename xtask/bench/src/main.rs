@@ -33,6 +33,12 @@ struct Args {
     /// Only these modes (comma separated), e.g. `--only decode,decode-mixed`.
     #[arg(long, value_delimiter = ',')]
     only: Vec<Mode>,
+    /// Only these key lengths (comma separated), e.g. `--seqlens 32768,131072`.
+    #[arg(long, value_delimiter = ',')]
+    seqlens: Vec<usize>,
+    /// Only these batch sizes (comma separated).
+    #[arg(long, value_delimiter = ',')]
+    batches: Vec<usize>,
     /// Prefill kernel to time: auto (default: the warp-specialised one), ws, wgmma (without warp
     /// specialisation) or mma.
     #[arg(long, default_value = "auto", value_parser = ["auto", "wgmma", "ws", "mma"])]
@@ -127,6 +133,8 @@ fn main() -> ExitCode {
     let cases: Vec<Case> = all_cases(args.quick)
         .into_iter()
         .filter(|c| args.only.is_empty() || args.only.contains(&c.mode))
+        .filter(|c| args.seqlens.is_empty() || args.seqlens.contains(&c.seqlen_k))
+        .filter(|c| args.batches.is_empty() || args.batches.contains(&c.batch))
         .collect();
     let bar = ProgressBar::new(cases.len() as u64)
         .with_style(ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}").unwrap());
