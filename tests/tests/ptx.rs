@@ -1,5 +1,5 @@
 //! The embedded kernel module: every entry is there for sm_90a, and (when ptxas is installed)
-//! assembles with no spills and no local-memory stack.
+//! assembles with no spills, no local-memory stack and no serialized wgmma.
 use duo_attn::kernels::{CUBIN, PTX};
 use duo_attn_kernels::abi::all_entries;
 use duo_attn_tests::notice;
@@ -46,6 +46,11 @@ fn ptx_assembles_without_spills() {
             k.name
         );
         assert_eq!(k.stack_bytes, 0, "{} uses a local-memory stack", k.name);
+        assert!(
+            !k.wgmma_serialized,
+            "{}: ptxas serialized its wgmma (C7520): a divergent path touches the accumulators",
+            k.name
+        );
     }
     assert!(
         !CUBIN.is_empty(),

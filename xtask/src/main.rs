@@ -16,7 +16,7 @@ enum Cmd {
     /// Build the kernels to PTX (sm_90a), assemble with ptxas when found, print registers,
     /// shared memory, stack and spills per kernel. Outputs go to target/kernels/.
     BuildKernels {
-        /// Fail when a kernel spills or uses a local-memory stack.
+        /// Fail when a kernel spills, uses a local-memory stack or has its wgmma serialized.
         #[arg(long)]
         deny_spills: bool,
     },
@@ -81,6 +81,21 @@ fn build_kernels(deny_spills: bool) -> Result<()> {
         .collect();
     if !bad.is_empty() {
         let msg = format!("kernels with spills or stack: {}", bad.join(", "));
+        if deny_spills {
+            return Err(msg.into());
+        }
+        println!("\nwarning: {msg}");
+    }
+    let serialized: Vec<&str> = report
+        .iter()
+        .filter(|k| k.wgmma_serialized)
+        .map(|k| k.name.as_str())
+        .collect();
+    if !serialized.is_empty() {
+        let msg = format!(
+            "ptxas serialized the wgmma of: {} (C7520: a divergent path touches the accumulators)",
+            serialized.join(", ")
+        );
         if deny_spills {
             return Err(msg.into());
         }
