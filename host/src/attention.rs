@@ -107,10 +107,14 @@ impl AttentionConfig {
 #[derive(Clone, Debug, PartialEq)]
 pub struct PrefillPlan {
     pub entry: String,
+    /// `(query tiles, Hq, B)`: one block per work tile, or, for a persistent kernel, the work
+    /// space its blocks walk (the launch then has one block per resident slot).
     pub grid: (u32, u32, u32),
     pub block: u32,
     pub shared_bytes: u32,
     pub params: PrefillParams,
+    /// The kernel walks work tiles in a loop (`QueryTile::from_work`).
+    pub persistent: bool,
 }
 
 const SUPPORTED_HEAD_DIMS: [usize; 2] = [64, 128];
@@ -395,17 +399,34 @@ pub(crate) fn prefill_params(
         cu_seqlens_q: 0,
         cu_seqlens_k: 0,
         lse_strides: [(heads_q * seqlen_q) as i64, seqlen_q as i64],
+        m_blocks: 0, // set with the grid
+        batch: 0,
+        work_counter: 0, // set at launch
     }
 }
 
-/// Entry infix, query rows per block, threads and dynamic shared memory of a kernel variant.
-fn kernel_shape(kernel: PrefillKernel, head_dim: usize) -> (&'static str, usize, usize, usize) {
+/// Entry infix, query rows per work tile, threads, dynamic shared memory and persistence of a
+/// kernel variant.
+fn kernel_shape(
+    kernel: PrefillKernel,
+    head_dim: usize,
+) -> (&'static str, usize, usize, usize, bool) {
     match kernel {
-        PrefillKernel::MmaSync => ("", PREFILL_BLOCK_M, PREFILL_THREADS, 0),
-        PrefillKernel::Wgmma => ("wgmma_", WG_BLOCK_M, WG_THREADS, wg_smem_bytes(head_dim)),
-        PrefillKernel::Auto | PrefillKernel::WgmmaWarpSpecialized => {
-            ("wgmma_ws_", WG_BLOCK_M, WS_THREADS, ws_smem_bytes(head_dim))
-        }
+        PrefillKernel::MmaSync => ("", PREFILL_BLOCK_M, PREFILL_THREADS, 0, false),
+        PrefillKernel::Wgmma => (
+            "wgmma_",
+            WG_BLOCK_M,
+            WG_THREADS,
+            wg_smem_bytes(head_dim),
+            false,
+        ),
+        PrefillKernel::Auto | PrefillKernel::WgmmaWarpSpecialized => (
+            "wgmma_ws_",
+            WG_BLOCK_M,
+            WS_THREADS,
+            ws_smem_bytes(head_dim),
+            true,
+        ),
     }
 }
 
@@ -416,7 +437,10 @@ pub(crate) fn prefill_launch<T: AttnElement>(
     params: PrefillParams,
 ) -> PrefillPlan {
     let [batch, seqlen_q, heads_q, head_dim] = q_shape;
-    let (variant, block_m, block, shared_bytes) = kernel_shape(kernel, head_dim);
+    let (variant, block_m, block, shared_bytes, persistent) = kernel_shape(kernel, head_dim);
+    let mut params = params;
+    params.m_blocks = seqlen_q.div_ceil(block_m) as i32;
+    params.batch = batch as i32;
     PrefillPlan {
         entry: format!("duo_prefill_{variant}{}_d{}", T::KERNEL_NAME, head_dim),
         grid: (
@@ -427,6 +451,7 @@ pub(crate) fn prefill_launch<T: AttnElement>(
         block: block as u32,
         shared_bytes: shared_bytes as u32,
         params,
+        persistent,
     }
 }
 
@@ -528,12 +553,14 @@ pub fn plan_prefill_varlen<T: AttnElement>(
     }
     let batch = cu_q.len() - 1;
     check_limit("the number of varlen sequences", batch, MAX_GRID_YZ)?;
-    let (_, rows_per_block, _, _) = kernel_shape(cfg.kernel, q.shape[2]);
+    let (_, rows_per_block, ..) = kernel_shape(cfg.kernel, q.shape[2]);
     plan.grid = (
         max_q.div_ceil(rows_per_block).max(1) as u32,
         plan.grid.1,
         batch as u32,
     );
+    plan.params.m_blocks = plan.grid.0 as i32;
+    plan.params.batch = batch as i32;
     plan.params.seqlen_q = max_q as i32;
     plan.params.seqlen_k = max_k as i32;
     plan.params.seqlen_k_stream = max_k as i32;
@@ -546,12 +573,28 @@ pub fn plan_prefill_varlen<T: AttnElement>(
 impl Context {
     /// Launches a validated prefill plan.
     pub(crate) fn launch_prefill(&self, plan: &PrefillPlan) -> Result<()> {
+        if !plan.persistent {
+            return self.launch(
+                &plan.entry,
+                plan.grid,
+                plan.block,
+                plan.shared_bytes,
+                &plan.params,
+            );
+        }
+        let (m_blocks, heads, batch) = plan.grid;
+        let work = m_blocks as usize * heads as usize * batch as usize;
+        check_limit("the number of prefill work tiles", work, i32::MAX as usize)?;
+        let slots = self.info().multiprocessors as usize
+            * self.resident_blocks_per_sm(&plan.entry, plan.block, plan.shared_bytes)? as usize;
+        let mut params = plan.params;
+        params.work_counter = self.zeroed_counters(2)?;
         self.launch(
             &plan.entry,
-            plan.grid,
+            (work.min(slots).max(1) as u32, 1, 1),
             plan.block,
             plan.shared_bytes,
-            &plan.params,
+            &params,
         )
     }
 

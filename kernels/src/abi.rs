@@ -27,8 +27,9 @@ pub const fn wg_smem_bytes(d: usize) -> usize {
 /// (loads) and two consumer warpgroups (math).
 pub const WS_THREADS: usize = 384;
 /// Registers per thread after `setmaxnreg`: the producer gives its registers to the consumers.
-pub const WS_PRODUCER_REGISTERS: u32 = 64;
-pub const WS_CONSUMER_REGISTERS: u32 = 208;
+/// 168 at entry x 384 threads = 72 x 128 + 216 x 256: the pool balances exactly.
+pub const WS_PRODUCER_REGISTERS: u32 = 72;
+pub const WS_CONSUMER_REGISTERS: u32 = 216;
 
 /// Byte offset of the warp-specialised kernel's mbarriers (after Q and the K/V ring).
 pub const fn ws_barrier_offset(d: usize) -> usize {
@@ -36,9 +37,9 @@ pub const fn ws_barrier_offset(d: usize) -> usize {
 }
 
 /// Dynamic shared memory of the warp-specialised kernel: as the default one, then mbarriers
-/// (Q full; full and empty per stage).
+/// (Q full and Q empty; full and empty per stage), then four u32 work slots.
 pub const fn ws_smem_bytes(d: usize) -> usize {
-    ws_barrier_offset(d) + (1 + 2 * WG_STAGES) * 8
+    ws_barrier_offset(d) + (2 + 2 * WG_STAGES) * 8 + 4 * 4
 }
 
 /// Most KV heads per layer: head kinds travel in the launch parameters as a bitmask.
@@ -99,6 +100,13 @@ pub struct PrefillParams {
     /// LSE element strides of (batch, head): `[Hq * Sq, Sq]` for `[B, Hq, Sq]`, `[0, total_q]`
     /// for varlen `[Hq, total_q]` (rows then offset by the sequence start).
     pub lse_strides: [i64; 2],
+    /// Query tiles per (sequence, head) and sequences: the persistent kernel's work space
+    /// (`m_blocks * heads_q * batch` tiles; set at launch).
+    pub m_blocks: i32,
+    pub batch: i32,
+    /// Persistent kernel: two u32 counters (work tiles claimed, blocks done), zero at launch and
+    /// left zero by the kernel's last block.
+    pub work_counter: u64,
 }
 
 /// Prefill kernel entry names, by (element, head dim): the mma.sync kernel, the default wgmma

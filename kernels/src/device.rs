@@ -63,6 +63,18 @@ pub fn shfl_xor_f32(v: f32, lane_mask: u32) -> f32 {
     r
 }
 
+/// Lane 0's `v`, broadcast to the warp (`shfl.sync.idx`). Branching on the result tells ptxas the
+/// condition is warp-uniform (how CUTLASS picks warpgroup roles).
+#[inline(always)]
+pub fn warp_broadcast_u32(v: u32) -> u32 {
+    let r: u32;
+    unsafe {
+        asm!("shfl.sync.idx.b32 {r}, {v}, 0, 0x1f, 0xffffffff;",
+            r = out(reg32) r, v = in(reg32) v, options(nomem, nostack))
+    };
+    r
+}
+
 /// 2^x with the SFU (`ex2.approx.ftz`); exact for `-inf` (gives 0).
 #[inline(always)]
 pub fn exp2_approx(x: f32) -> f32 {
@@ -158,6 +170,33 @@ pub unsafe fn ld_global_nc_u32(addr: u64) -> u32 {
 pub unsafe fn st_global_u32(addr: u64, v: u32) {
     unsafe {
         asm!("st.global.u32 [{p}], {v};", p = in(reg64) addr, v = in(reg32) v, options(nostack))
+    };
+}
+
+/// `st.global.u32` under a predicate, without a branch: callers between warpgroup MMAs use it so
+/// that ptxas sees no divergent path touching the accumulators (which would serialize wgmma).
+#[inline(always)]
+pub unsafe fn st_global_u32_if(pred: bool, addr: u64, v: u32) {
+    unsafe {
+        asm!(
+            "{{ .reg .pred p;",
+            "setp.ne.u32 p, {c}, 0;",
+            "@p st.global.u32 [{p}], {v}; }}",
+            c = in(reg32) pred as u32, p = in(reg64) addr, v = in(reg32) v, options(nostack),
+        )
+    };
+}
+
+/// `st.global.f32` under a predicate, without a branch (see `st_global_u32_if`).
+#[inline(always)]
+pub unsafe fn st_global_f32_if(pred: bool, addr: u64, v: f32) {
+    unsafe {
+        asm!(
+            "{{ .reg .pred p;",
+            "setp.ne.u32 p, {c}, 0;",
+            "@p st.global.f32 [{p}], {v}; }}",
+            c = in(reg32) pred as u32, p = in(reg64) addr, v = in(reg32) v, options(nostack),
+        )
     };
 }
 

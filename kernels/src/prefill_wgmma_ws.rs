@@ -2,11 +2,12 @@
 //! An intermittent deadlock under back-to-back launches was traced to the ping-pong leaving named
 //! barrier 1 half-arrived at CTA exit (see docs/perf-log.md); both named barriers are balanced now.
 //!
-//! A block owns `WG_BLOCK_M = 128` query rows of one head and walks the KV blocks the head's
-//! mask reaches (sink and window blocks only for streaming heads). It is warp-specialised:
+//! A work tile is `WG_BLOCK_M = 128` query rows of one head; it walks the KV blocks the head's
+//! mask reaches (sink and window blocks only for streaming heads). The kernel is warp-specialised:
 //! warpgroup 0 is the producer (cp.async of Q once, then K/V tiles of 128 keys into a three-stage
-//! shared-memory ring; `setmaxnreg` down to 64 registers), warpgroups 1 and 2 are consumers
-//! (64 query rows each, `setmaxnreg` up to 208). Each stage has a "full" mbarrier (the producer's
+//! shared-memory ring; `setmaxnreg` down to 72 registers), warpgroups 1 and 2 are consumers
+//! (64 query rows each, `setmaxnreg` up to 216). The kernel is persistent (one block per SM,
+//! work tiles in head-major order); see `prefill_wgmma`. Each stage has a "full" mbarrier (the producer's
 //! copies landed: `cp.async.mbarrier.arrive`) and an "empty" one (both consumers done reading).
 //! Named barriers alternate the consumers' GEMM issue (ping-pong), so one consumer's softmax
 //! overlaps the other's tensor-core work, and each consumer issues S_i together with the previous
@@ -104,7 +105,27 @@ fn mma_pv<E: WgmmaElement, const D: usize>(
     }
 }
 
-/// The kernel body, one instantiation per (element, head dim).
+/// The (at most two) KV block ranges of a work tile, as one index space; none for a tile with no
+/// query rows (a varlen sequence shorter than the longest). A select, not a branch: ptxas must
+/// see no divergent path between warpgroup MMAs, and these values come from memory (varlen).
+#[inline(always)]
+fn visited_blocks(tile: &QueryTile) -> (i32, impl Fn(i32) -> i32) {
+    let [first, second] = tile.mask.block_ranges(tile.q_lo, tile.q_hi, BN as i32);
+    let n_block = move |i: i32| {
+        if i < first.len() {
+            first.start + i
+        } else {
+            second.start + i - first.len()
+        }
+    };
+    let blocks = first.len() + second.len();
+    (if tile.is_empty() { 0 } else { blocks }, n_block)
+}
+
+/// The kernel body, one instantiation per (element, head dim). Persistent: each block claims work
+/// tiles (`QueryTile::from_work`) from a global counter until none is left; the K/V ring, its
+/// mbarrier phases and the consumers' ping-pong run on across work tiles, so the producer fills
+/// the next tile's Q and K/V while the consumers finish the current one.
 #[inline(always)]
 unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillParams) {
     const { assert!(ws_barrier_offset(D) == BM * D * 2 + WG_STAGES * 2 * BN * D * 2 && BN == 128) };
@@ -115,33 +136,31 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillPa
     let stage_bytes = (2 * BN * D * 2) as u32;
     let k_smem = |stage: usize| smem + (BM * D * 2) as u32 + stage as u32 * stage_bytes;
     let v_smem = |stage: usize| k_smem(stage) + (BN * D * 2) as u32;
-    // mbarriers: Q full, then per stage a full (producer copies landed) and an empty (consumers
-    // done) barrier. Phase k of a stage's barrier belongs to tile 3k + stage.
+    // mbarriers: Q full and Q empty (phase n: the block's n-th work tile), then per stage a full
+    // (producer copies landed) and an empty (consumers done) barrier. Phase k of a stage's
+    // barriers belongs to the block's K/V tile 3k + stage, counted across work tiles.
     let barriers = smem + ws_barrier_offset(D) as u32;
     let q_full = barriers;
-    let full = |stage: usize| barriers + 8 * (1 + stage) as u32;
-    let empty = |stage: usize| barriers + 8 * (1 + WG_STAGES + stage) as u32;
+    let q_empty = barriers + 8;
+    let full = |stage: usize| barriers + 8 * (2 + stage) as u32;
+    let empty = |stage: usize| barriers + 8 * (2 + WG_STAGES + stage) as u32;
     let parity = |tile: i32| ((tile / WG_STAGES as i32) & 1) as u32;
     let stage_of = |tile: i32| (tile % WG_STAGES as i32) as usize;
 
+    // Work slots (u32, after the barriers): the work index of the block's n-th tile for the
+    // consumers at slot n % 2, and the producer warpgroup's broadcast of its next claim at
+    // slot 2 + n % 2.
+    let work_slot = |n: i32| barriers + (8 * (2 + 2 * WG_STAGES)) as u32 + 4 * (n & 1) as u32;
+    let claim_slot = |n: i32| work_slot(n) + 8;
+
     let tid = thread_idx_x() as usize;
-    let tile = QueryTile::from_grid(p, BM as i32);
-    if tile.is_empty() {
-        return; // the whole block, before any barrier: this varlen sequence has no rows here
-    }
-    let [first, second] = tile.mask.block_ranges(tile.q_lo, tile.q_hi, BN as i32);
-    let blocks = first.len() + second.len();
-    let n_block = |i: i32| {
-        if i < first.len() {
-            first.start + i
-        } else {
-            second.start + i - first.len()
-        }
-    };
+    let work_tiles = p.m_blocks * p.heads_q * p.batch; // <= i32::MAX, checked by the host
 
     if tid == 0 {
         unsafe {
-            mbarrier_init(q_full, PRODUCERS as u32);
+            // Q full: the producers' cp.async arrivals plus thread 0's, which publishes the slot.
+            mbarrier_init(q_full, PRODUCERS as u32 + 1);
+            mbarrier_init(q_empty, CONSUMERS as u32);
             for stage in 0..WG_STAGES {
                 mbarrier_init(full(stage), PRODUCERS as u32);
                 mbarrier_init(empty(stage), CONSUMERS as u32);
@@ -150,156 +169,219 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillPa
     }
     sync_threads();
 
-    if tid < PRODUCERS {
-        // Producer: Q once, then every KV tile, each into a stage the consumers have emptied.
+    // The warpgroup's role, broadcast from lane 0 so ptxas knows it is warp-uniform (a branch it
+    // cannot prove uniform around the consumers' loop makes it serialize every wgmma: C7520).
+    let warpgroup = warp_broadcast_u32((tid / 128) as u32) as usize;
+    if warpgroup == 0 {
+        // Producer: claims work tiles from the global counter (the first is the block index), in
+        // `from_work`'s order, so the blocks running at once work on neighbouring tiles (L2) and
+        // a block that finishes early takes the next tile (balance). Per tile: Q once the
+        // consumers are done with the previous Q, then every KV tile into an emptied stage.
         setmaxnreg_dec::<WS_PRODUCER_REGISTERS>();
-        let q_src = tile.q;
-        let k_src = tile.k_base;
-        let v_src = tile.v_base;
-        unsafe {
-            load_tile::<D>(
-                q_smem,
-                BM,
-                q_src,
-                tile.q_stride,
-                tile.m0,
-                tile.seqlen_q,
-                tid,
-            );
-            cp_async_mbarrier_arrive(q_full);
-        }
-        for i in 0..blocks {
-            let stage = stage_of(i);
-            let n0 = n_block(i) * BN as i32;
+        let (mut kv_tiles, mut q_tiles) = (0i32, 0i32);
+        let mut work = block_idx_x() as i32;
+        loop {
             unsafe {
-                if i >= WG_STAGES as i32 {
-                    mbarrier_wait(empty(stage), parity(i - WG_STAGES as i32));
+                if q_tiles > 0 {
+                    mbarrier_wait(q_empty, ((q_tiles - 1) & 1) as u32);
                 }
-                load_tile::<D>(
-                    k_smem(stage),
-                    BN,
-                    k_src,
-                    tile.k_row_stride,
-                    n0,
-                    tile.seqlen_k,
-                    tid,
-                );
-                load_tile::<D>(
-                    v_smem(stage),
-                    BN,
-                    v_src,
-                    tile.v_row_stride,
-                    n0,
-                    tile.seqlen_k,
-                    tid,
-                );
-                cp_async_mbarrier_arrive(full(stage));
+                if tid == 0 {
+                    st_shared_u32(work_slot(q_tiles), work as u32);
+                    mbarrier_arrive(q_full); // release: the slot is visible with the phase
+                }
             }
+            if work >= work_tiles {
+                unsafe { mbarrier_arrive(q_full) }; // no Q: complete the phase, consumers stop
+                break;
+            }
+            let tile = QueryTile::from_work(p, BM as i32, work);
+            let (blocks, n_block) = visited_blocks(&tile);
+            unsafe {
+                load_tile::<D>(
+                    q_smem,
+                    BM,
+                    tile.q,
+                    tile.q_stride,
+                    tile.m0,
+                    tile.seqlen_q,
+                    tid,
+                );
+                cp_async_mbarrier_arrive(q_full);
+            }
+            for i in 0..blocks {
+                let g = kv_tiles + i;
+                let stage = stage_of(g);
+                let n0 = n_block(i) * BN as i32;
+                unsafe {
+                    if g >= WG_STAGES as i32 {
+                        mbarrier_wait(empty(stage), parity(g - WG_STAGES as i32));
+                    }
+                    load_tile::<D>(
+                        k_smem(stage),
+                        BN,
+                        tile.k_base,
+                        tile.k_row_stride,
+                        n0,
+                        tile.seqlen_k,
+                        tid,
+                    );
+                    load_tile::<D>(
+                        v_smem(stage),
+                        BN,
+                        tile.v_base,
+                        tile.v_row_stride,
+                        n0,
+                        tile.seqlen_k,
+                        tid,
+                    );
+                    cp_async_mbarrier_arrive(full(stage));
+                }
+            }
+            kv_tiles += blocks;
+            // Claim the next tile; two broadcast slots, so a fast thread 0 never overwrites the
+            // claim others still read.
+            if tid == 0 {
+                let claimed = unsafe { atom_add_u32(p.work_counter, 1) };
+                unsafe { st_shared_u32(claim_slot(q_tiles), claimed + grid_dim_x()) };
+            }
+            named_barrier_sync(3, PRODUCERS as u32);
+            work = unsafe { ld_shared_u32(claim_slot(q_tiles)) } as i32;
+            q_tiles += 1;
         }
         cp_async_wait::<0>();
+        // The last block to stop claiming resets the counters for the next launch (every other
+        // block has made its final claim before counting itself done).
+        if tid == 0 {
+            fence_acq_rel_gpu();
+            let done = unsafe { atom_add_u32(p.work_counter + 4, 1) };
+            if done == grid_dim_x() - 1 {
+                fence_acq_rel_gpu();
+                unsafe {
+                    st_global_u32(p.work_counter, 0);
+                    st_global_u32(p.work_counter + 4, 0);
+                }
+            }
+        }
     } else {
         setmaxnreg_inc::<WS_CONSUMER_REGISTERS>();
-        let ctid = tid - PRODUCERS;
-        let (wg, wtid) = (ctid / 128, ctid % 128);
+        let (wg, wtid) = (warpgroup - 1, tid % 128);
         let lane = lane_id() as usize;
         let t = lane % 4;
-        let row0 = tile.m0 + (64 * wg + 16 * (wtid / 32) + lane / 4) as i32;
-        let rows = [row0, row0 + 8];
-        let q_pos = [tile.offset + rows[0], tile.offset + rows[1]];
 
         // Ping-pong: consumer w issues its GEMMs after passing named barrier 1 + w, which the other
-        // consumer arrives at once it has issued its own S GEMM. Consumer 1 lets 0 go first.
+        // consumer arrives at once it has issued its own S GEMM. Consumer 1 lets 0 go first. Both
+        // consumers walk the same KV tiles, so the alternation runs on across work tiles.
         let (my_turn, their_turn) = (1 + wg as u32, 2 - wg as u32);
         if wg == 1 {
             named_barrier_arrive(their_turn, CONSUMERS as u32);
         }
-        unsafe { mbarrier_wait(q_full, 0) };
 
-        // FA3-style lag: iteration i issues S_i together with O += P_{i-1} V_{i-1}, then runs
-        // softmax_i while that PV is on the tensor cores. With O~_i = alpha_i (O~_{i-1} +
-        // P_{i-1} V_{i-1}), the final O is O~_last + P_last V_last, issued after the loop.
-        let mut o = [0f32; 64];
-        let mut state = RowState::new();
-        let mut pa = [[0u32; 4]; BN / 16];
-        for i in 0..blocks {
-            let stage = stage_of(i);
-            unsafe { mbarrier_wait(full(stage), parity(i)) };
-            fence_proxy_async_shared(); // cp.async (generic proxy) data -> wgmma (async proxy)
+        let (mut kv_tiles, mut q_tiles) = (0i32, 0i32);
+        loop {
+            unsafe { mbarrier_wait(q_full, (q_tiles & 1) as u32) };
+            // Broadcast so ptxas sees a warp-uniform loop exit.
+            let work = warp_broadcast_u32(unsafe { ld_shared_u32(work_slot(q_tiles)) }) as i32;
+            if work >= work_tiles {
+                break;
+            }
+            let tile = QueryTile::from_work(p, BM as i32, work);
+            let (blocks, n_block) = visited_blocks(&tile);
+            let row0 = tile.m0 + (64 * wg + 16 * (wtid / 32) + lane / 4) as i32;
+            let rows = [row0, row0 + 8];
+            let q_pos = [tile.offset + rows[0], tile.offset + rows[1]];
 
-            // S = Q K^T: 64 rows of this consumer x 128 keys, D / 16 k-steps.
-            named_barrier_sync(my_turn, CONSUMERS as u32);
-            let mut s = [0f32; 64];
-            fence_accumulators_64(&mut s);
-            fence_accumulators_64(&mut o);
-            wgmma_fence();
-            for kk in 0..D / 16 {
-                let (block, within) = ((kk / 4) as u32, (kk % 4) as u32 * 32);
-                let a = descriptor(
-                    q_smem + block * (BM * 128) as u32 + (wg * 64 * 128) as u32 + within,
-                    16,
-                    1024,
-                );
-                let b = descriptor(k_smem(stage) + block * (BN * 128) as u32 + within, 16, 1024);
-                E::mma_ss_m64n128k16(&mut s, a, b, (kk > 0) as u32);
-            }
-            wgmma_commit();
-            if i > 0 {
-                mma_pv::<E, D>(&mut o, &pa, v_smem(stage_of(i - 1)));
-            }
-            wgmma_commit();
-            named_barrier_arrive(their_turn, CONSUMERS as u32);
-            wgmma_wait::<1>(); // S_i is done; P_{i-1} V_{i-1} may still run
-            fence_accumulators_64(&mut s);
+            // FA3-style lag: iteration i issues S_i together with O += P_{i-1} V_{i-1}, then runs
+            // softmax_i while that PV is on the tensor cores. With O~_i = alpha_i (O~_{i-1} +
+            // P_{i-1} V_{i-1}), the final O is O~_last + P_last V_last, issued after the loop.
+            let mut o = [0f32; 64];
+            let mut state = RowState::new();
+            let mut pa = [[0u32; 4]; BN / 16];
+            for i in 0..blocks {
+                let g = kv_tiles + i;
+                let stage = stage_of(g);
+                unsafe { mbarrier_wait(full(stage), parity(g)) };
+                fence_proxy_async_shared(); // cp.async (generic proxy) data -> wgmma (async proxy)
 
-            let n0 = n_block(i) * BN as i32;
-            let full_block = tile
-                .mask
-                .block_fully_visible(tile.q_lo, tile.q_hi, n0, BN as i32);
-            mask_scores(&mut s, &tile.mask, full_block, q_pos, n0, t);
-            let alpha = online_softmax(&mut s, &mut state, p.scale_log2);
+                // S = Q K^T: 64 rows of this consumer x 128 keys, D / 16 k-steps.
+                named_barrier_sync(my_turn, CONSUMERS as u32);
+                let mut s = [0f32; 64];
+                fence_accumulators_64(&mut s);
+                fence_accumulators_64(&mut o);
+                wgmma_fence();
+                for kk in 0..D / 16 {
+                    let (block, within) = ((kk / 4) as u32, (kk % 4) as u32 * 32);
+                    let a = descriptor(
+                        q_smem + block * (BM * 128) as u32 + (wg * 64 * 128) as u32 + within,
+                        16,
+                        1024,
+                    );
+                    let b =
+                        descriptor(k_smem(stage) + block * (BN * 128) as u32 + within, 16, 1024);
+                    E::mma_ss_m64n128k16(&mut s, a, b, (kk > 0) as u32);
+                }
+                wgmma_commit();
+                if i > 0 {
+                    mma_pv::<E, D>(&mut o, &pa, v_smem(stage_of(g - 1)));
+                }
+                wgmma_commit();
+                named_barrier_arrive(their_turn, CONSUMERS as u32);
+                wgmma_wait::<1>(); // S_i is done; P_{i-1} V_{i-1} may still run
+                fence_accumulators_64(&mut s);
 
-            wgmma_wait::<0>();
-            fence_accumulators_64(&mut o);
-            if i > 0 {
-                unsafe { mbarrier_arrive(empty(stage_of(i - 1))) }; // K_{i-1} and V_{i-1} are read
+                let n0 = n_block(i) * BN as i32;
+                let full_block = tile
+                    .mask
+                    .block_fully_visible(tile.q_lo, tile.q_hi, n0, BN as i32);
+                mask_scores(&mut s, &tile.mask, full_block, q_pos, n0, t);
+                let alpha = online_softmax(&mut s, &mut state, p.scale_log2);
+
+                wgmma_wait::<0>();
+                fence_accumulators_64(&mut o);
+                if i > 0 {
+                    unsafe { mbarrier_arrive(empty(stage_of(g - 1))) }; // K and V of g - 1 are read
+                }
+                rescale(&mut o, alpha);
+                // Key tiles 2kk, 2kk+1 of S form the register A fragment of PV k-step kk.
+                for (kk, a) in pa.iter_mut().enumerate() {
+                    let j = 8 * kk;
+                    *a = [
+                        E::pack(s[j], s[j + 1]),
+                        E::pack(s[j + 2], s[j + 3]),
+                        E::pack(s[j + 4], s[j + 5]),
+                        E::pack(s[j + 6], s[j + 7]),
+                    ];
+                }
             }
-            rescale(&mut o, alpha);
-            // Key tiles 2kk, 2kk+1 of S form the register A fragment of PV k-step kk.
-            for (kk, a) in pa.iter_mut().enumerate() {
-                let j = 8 * kk;
-                *a = [
-                    E::pack(s[j], s[j + 1]),
-                    E::pack(s[j + 2], s[j + 3]),
-                    E::pack(s[j + 4], s[j + 5]),
-                    E::pack(s[j + 6], s[j + 7]),
-                ];
+            if blocks > 0 {
+                let last = stage_of(kv_tiles + blocks - 1);
+                fence_accumulators_64(&mut o);
+                wgmma_fence();
+                mma_pv::<E, D>(&mut o, &pa, v_smem(last));
+                wgmma_commit();
+                wgmma_wait::<0>();
+                fence_accumulators_64(&mut o);
+                unsafe { mbarrier_arrive(empty(last)) };
             }
-        }
-        if blocks > 0 {
-            fence_accumulators_64(&mut o);
-            wgmma_fence();
-            mma_pv::<E, D>(&mut o, &pa, v_smem(stage_of(blocks - 1)));
-            wgmma_commit();
-            wgmma_wait::<0>();
-            fence_accumulators_64(&mut o);
-            unsafe { mbarrier_arrive(empty(stage_of(blocks - 1))) };
+            unsafe { mbarrier_arrive(q_empty) }; // every S GEMM of this tile has completed
+            kv_tiles += blocks;
+            q_tiles += 1;
+
+            let (inv, lse) = finish(&state);
+            if D == 64 {
+                let mut o64 = [0f32; 32];
+                o64.copy_from_slice(&o[..32]);
+                tile.store_rows::<E, 32>(&o64, rows, t, inv, lse);
+            } else {
+                tile.store_rows::<E, 64>(&o, rows, t, inv, lse);
+            }
         }
         // Balance the ping-pong: consumer 1 arrived at barrier 1 once more than consumer 0 synced
         // there (its first arrival lets consumer 0 start). A CTA must not exit with a named
         // barrier half arrived: a later CTA on the same SM could find the stale arrivals and pass
         // barrier 1 out of turn, which deadlocks the pair (the intermittent hang seen in
-        // back-to-back launches).
+        // back-to-back launches before this sync existed).
         if wg == 0 {
             named_barrier_sync(my_turn, CONSUMERS as u32);
-        }
-
-        let (inv, lse) = finish(&state);
-        if D == 64 {
-            let mut o64 = [0f32; 32];
-            o64.copy_from_slice(&o[..32]);
-            tile.store_rows::<E, 32>(&o64, rows, t, inv, lse);
-        } else {
-            tile.store_rows::<E, 64>(&o, rows, t, inv, lse);
         }
     }
 }

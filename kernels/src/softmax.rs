@@ -3,7 +3,7 @@
 //! A thread holds two query rows (`rows[0]`, `rows[1]` = row + 8) of a 16-row slab; score element
 //! `4j + e` belongs to row `e / 2` and key `n0 + 8j + 2t + e % 2` (`t = lane % 4`). The four
 //! threads of a quad hold the rest of each row, so row reductions shuffle over lanes ^1 and ^2.
-use crate::device::{exp2_approx, fma_f32, log2_approx, max_f32, shfl_xor_f32};
+use crate::device::{exp2_approx, fma_f32, log2_approx, max_f32, rcp_approx, shfl_xor_f32};
 use crate::mask::HeadMask;
 
 const LN_2: f32 = core::f32::consts::LN_2;
@@ -102,7 +102,9 @@ pub fn rescale<const N: usize>(o: &mut [f32; N], alpha: [f32; 2]) {
 }
 
 /// Final per-row normaliser (1 / sum, 0 for rows that saw nothing) and natural-log LSE
-/// (-inf for rows that saw nothing). Shuffles: call with the whole warp.
+/// (-inf for rows that saw nothing). Shuffles: call with the whole warp. Straight-line code
+/// (SFU reciprocal and log, then selects): the persistent kernel runs it between warpgroup MMAs,
+/// where a divergent branch would make ptxas serialize every wgmma.
 #[inline(always)]
 pub fn finish(state: &RowState) -> ([f32; 2], [f32; 2]) {
     let mut inv = [0f32; 2];
@@ -111,10 +113,11 @@ pub fn finish(state: &RowState) -> ([f32; 2], [f32; 2]) {
         let mut sum = state.sum[r];
         sum += shfl_xor_f32(sum, 1);
         sum += shfl_xor_f32(sum, 2);
-        if sum > 0.0 {
-            inv[r] = 1.0 / sum;
-            lse[r] = (state.max[r] + log2_approx(sum)) * LN_2;
-        }
+        let reciprocal = rcp_approx(sum);
+        let log = (state.max[r] + log2_approx(sum)) * LN_2;
+        let seen = sum > 0.0;
+        inv[r] = if seen { reciprocal } else { 0.0 };
+        lse[r] = if seen { log } else { f32::NEG_INFINITY };
     }
     (inv, lse)
 }

@@ -67,12 +67,15 @@ fn valid_call_plans_a_launch() {
 fn auto_picks_the_warp_specialised_kernel() {
     let p = plan(&valid()).unwrap();
     assert_eq!(p.entry, "duo_prefill_wgmma_ws_bf16_d64");
+    // Persistent: the grid is the work space (query tiles, Hq, B), also in the parameters.
+    assert!(p.persistent);
     assert_eq!(p.grid, (1, HQ as u32, B as u32));
+    assert_eq!((p.params.m_blocks, p.params.batch), (1, B as i32));
     // Producer + 2 consumer warpgroups; Q (128 x 64) plus three stages of K and V (128 x 64
-    // each), bf16, then 7 mbarriers.
+    // each), bf16, then 8 mbarriers and 4 work slots.
     assert_eq!(
         (p.block, p.shared_bytes),
-        (384, (128 * 64 + 3 * 2 * 128 * 64) * 2 + 7 * 8)
+        (384, (128 * 64 + 3 * 2 * 128 * 64) * 2 + 8 * 8 + 16)
     );
 }
 
