@@ -187,17 +187,10 @@ pub unsafe fn st_global_u32_if(pred: bool, addr: u64, v: u32) {
     };
 }
 
-/// `st.global.f32` under a predicate, without a branch (see `st_global_u32_if`).
+/// `st.global` of an f32 under a predicate, without a branch (see `st_global_u32_if`).
 #[inline(always)]
 pub unsafe fn st_global_f32_if(pred: bool, addr: u64, v: f32) {
-    unsafe {
-        asm!(
-            "{{ .reg .pred p;",
-            "setp.ne.u32 p, {c}, 0;",
-            "@p st.global.f32 [{p}], {v}; }}",
-            c = in(reg32) pred as u32, p = in(reg64) addr, v = in(reg32) v, options(nostack),
-        )
-    };
+    unsafe { st_global_u32_if(pred, addr, v.to_bits()) }
 }
 
 #[inline(always)]
