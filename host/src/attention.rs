@@ -355,7 +355,7 @@ pub fn plan_prefill<T: AttnElement>(
     )?;
     check_no_aliasing(out, lse, &[(q, "q"), (k, "k"), (v, "v")])?;
     let params = prefill_params(q, out, lse, cfg, (k, v, seqlen_k), None);
-    Ok(prefill_launch::<T>(cfg.kernel, q.shape, params))
+    prefill_launch::<T>(cfg.kernel, q.shape, params)
 }
 
 /// Launch parameters of a validated prefill: retrieval K/V (or all heads' K/V) and, for the
@@ -430,18 +430,34 @@ fn kernel_shape(
     }
 }
 
+/// The persistent kernel indexes its work tiles (query tiles x heads x sequences) in i32, and
+/// its blocks' last claims run past the last tile (by up to one per block), so half the i32
+/// range is the limit. The other kernels index by grid coordinates.
+fn check_work_tiles(plan: &PrefillPlan) -> Result<()> {
+    if !plan.persistent {
+        return Ok(());
+    }
+    let (m_blocks, heads, batch) = plan.grid;
+    let work = m_blocks as usize * heads as usize * batch as usize;
+    check_limit(
+        "the number of prefill work tiles (query tiles x heads x sequences)",
+        work,
+        i32::MAX as usize / 2,
+    )
+}
+
 /// Entry, grid, block and shared memory of a prefill with q of shape `[B, Sq, Hq, D]`.
 pub(crate) fn prefill_launch<T: AttnElement>(
     kernel: PrefillKernel,
     q_shape: [usize; 4],
     params: PrefillParams,
-) -> PrefillPlan {
+) -> Result<PrefillPlan> {
     let [batch, seqlen_q, heads_q, head_dim] = q_shape;
     let (variant, block_m, block, shared_bytes, persistent) = kernel_shape(kernel, head_dim);
     let mut params = params;
     params.m_blocks = seqlen_q.div_ceil(block_m) as i32;
     params.batch = batch as i32;
-    PrefillPlan {
+    let plan = PrefillPlan {
         entry: format!("duo_prefill_{variant}{}_d{}", T::KERNEL_NAME, head_dim),
         grid: (
             seqlen_q.div_ceil(block_m) as u32,
@@ -452,7 +468,9 @@ pub(crate) fn prefill_launch<T: AttnElement>(
         shared_bytes: shared_bytes as u32,
         params,
         persistent,
-    }
+    };
+    check_work_tiles(&plan)?;
+    Ok(plan)
 }
 
 /// Checks a `[B + 1]` prefix sum of sequence lengths over `total` packed rows; returns the
@@ -559,6 +577,7 @@ pub fn plan_prefill_varlen<T: AttnElement>(
         plan.grid.1,
         batch as u32,
     );
+    check_work_tiles(&plan)?;
     plan.params.m_blocks = plan.grid.0 as i32;
     plan.params.batch = batch as i32;
     plan.params.seqlen_q = max_q as i32;
@@ -583,8 +602,7 @@ impl Context {
             );
         }
         let (m_blocks, heads, batch) = plan.grid;
-        let work = m_blocks as usize * heads as usize * batch as usize;
-        check_limit("the number of prefill work tiles", work, i32::MAX as usize)?;
+        let work = m_blocks as usize * heads as usize * batch as usize; // checked by the plan
         let slots = self.info().multiprocessors as usize
             * self.resident_blocks_per_sm(&plan.entry, plan.block, plan.shared_bytes)? as usize;
         let mut params = plan.params;

@@ -548,7 +548,7 @@ impl<T: AttnElement> DuoCache<T> {
             (&fk, &fv, flen),
             Some((&sk, &sv, slen)),
         );
-        ctx.launch_prefill(&prefill_launch::<T>(l.cfg.kernel, q.shape(), params))
+        ctx.launch_prefill(&prefill_launch::<T>(l.cfg.kernel, q.shape(), params)?)
     }
 
     /// Decode of 1..=16 new tokens per sequence: appends them, then attends over both caches

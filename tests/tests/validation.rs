@@ -387,3 +387,33 @@ mod varlen {
         ));
     }
 }
+
+/// The persistent kernel numbers its work tiles (query tiles x heads x sequences) in i32 (with
+/// headroom for the blocks' final claims): a call with more is an error, not a wrapped index.
+/// 65535 sequences x 64 heads x 513 query tiles.
+#[test]
+fn too_many_work_tiles() {
+    let (b, sq, hq, hkv, d) = (65535, 512 * 128 + 1, 64, 2, 64);
+    let at = |i: u64| (i + 1) * 0x4000_0000_0000;
+    let c = Call {
+        q: TensorDesc::contiguous(at(0), [b, sq, hq, d], 2, DEV),
+        k: TensorDesc::contiguous(at(1), [b, sq, hkv, d], 2, DEV),
+        v: TensorDesc::contiguous(at(2), [b, sq, hkv, d], 2, DEV),
+        out: TensorDesc::contiguous(at(3), [b, sq, hq, d], 2, DEV),
+        lse: TensorDesc::contiguous(at(4), [b, hq, sq], 4, DEV),
+        cfg: AttentionConfig::new(vec![HeadKind::Retrieval, HeadKind::Streaming]),
+    };
+    let err = plan(&c).expect_err("the call should have been rejected");
+    eprintln!("rejected: {err}");
+    assert!(matches!(
+        err,
+        Error::TooLarge {
+            what: "the number of prefill work tiles (query tiles x heads x sequences)",
+            ..
+        }
+    ));
+    // The non-persistent kernels index by grid coordinates and take it.
+    let mut c = c;
+    c.cfg = c.cfg.kernel(PrefillKernel::Wgmma);
+    assert!(plan(&c).is_ok());
+}
