@@ -21,13 +21,19 @@ struct Call {
 
 /// A valid call: each tensor in its own (fake, aligned) allocation.
 fn valid() -> Call {
-    let at = |i: u64| 0x7000_0000_0000 + i * 0x1_0000_0000;
+    call_of([B, SQ, SK, HQ, HKV, D], 0x1_0000_0000)
+}
+
+/// Contiguous q/k/v/out/lse of `[batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim]`, one
+/// retrieval and one streaming KV head kind, allocations `spacing` bytes apart.
+fn call_of([b, sq, sk, hq, hkv, d]: [usize; 6], spacing: u64) -> Call {
+    let at = |i: u64| 0x7000_0000_0000 + i * spacing;
     Call {
-        q: TensorDesc::contiguous(at(0), [B, SQ, HQ, D], 2, DEV),
-        k: TensorDesc::contiguous(at(1), [B, SK, HKV, D], 2, DEV),
-        v: TensorDesc::contiguous(at(2), [B, SK, HKV, D], 2, DEV),
-        out: TensorDesc::contiguous(at(3), [B, SQ, HQ, D], 2, DEV),
-        lse: TensorDesc::contiguous(at(4), [B, HQ, SQ], 4, DEV),
+        q: TensorDesc::contiguous(at(0), [b, sq, hq, d], 2, DEV),
+        k: TensorDesc::contiguous(at(1), [b, sk, hkv, d], 2, DEV),
+        v: TensorDesc::contiguous(at(2), [b, sk, hkv, d], 2, DEV),
+        out: TensorDesc::contiguous(at(3), [b, sq, hq, d], 2, DEV),
+        lse: TensorDesc::contiguous(at(4), [b, hq, sq], 4, DEV),
         cfg: AttentionConfig::new(vec![HeadKind::Retrieval, HeadKind::Streaming]),
     }
 }
@@ -393,16 +399,8 @@ mod varlen {
 /// 65535 sequences x 64 heads x 513 query tiles.
 #[test]
 fn too_many_work_tiles() {
-    let (b, sq, hq, hkv, d) = (65535, 512 * 128 + 1, 64, 2, 64);
-    let at = |i: u64| (i + 1) * 0x4000_0000_0000;
-    let c = Call {
-        q: TensorDesc::contiguous(at(0), [b, sq, hq, d], 2, DEV),
-        k: TensorDesc::contiguous(at(1), [b, sq, hkv, d], 2, DEV),
-        v: TensorDesc::contiguous(at(2), [b, sq, hkv, d], 2, DEV),
-        out: TensorDesc::contiguous(at(3), [b, sq, hq, d], 2, DEV),
-        lse: TensorDesc::contiguous(at(4), [b, hq, sq], 4, DEV),
-        cfg: AttentionConfig::new(vec![HeadKind::Retrieval, HeadKind::Streaming]),
-    };
+    let sq = 512 * 128 + 1;
+    let c = call_of([65535, sq, sq, 64, 2, 64], 0x4000_0000_0000);
     let err = plan(&c).expect_err("the call should have been rejected");
     eprintln!("rejected: {err}");
     assert!(matches!(
