@@ -199,6 +199,7 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
 
     let mut acc = [0f32; ON];
     let mut state = RowState::new();
+    let kw = 16 * warp;
     for i in 0..count {
         cp_async_wait::<{ DECODE_STAGES as u32 - 2 }>();
         sync_threads(); // tile i landed for all threads; tile i - 1's stage is free
@@ -210,54 +211,50 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
         let stage = (i % DECODE_STAGES as i32) as usize;
         let n0 = n_block(i) * BN as i32;
 
-        let full = mask.block_fully_visible(q_lo, q_hi, n0, BN as i32);
-        // Each warp takes 16 keys of every 64-key slice of the tile.
-        for slice in 0..BN / 64 {
-            let kw = 64 * slice + 16 * warp;
-            // S = Q K^T for 16 rows x this warp's 16 keys.
-            let mut s = [0f32; 8];
-            for j in 0..2 {
-                let k_row = k_smem(stage) + (((kw + 8 * j + g) * pitch + 2 * t) * 2) as u32;
-                set_quad(&mut s, j, qk_tile::<E, KQ>(&qa, k_row));
-            }
+        // S = Q K^T for 16 rows x this warp's 16 keys.
+        let mut s = [0f32; 8];
+        for j in 0..2 {
+            let k_row = k_smem(stage) + (((kw + 8 * j + g) * pitch + 2 * t) * 2) as u32;
+            set_quad(&mut s, j, qk_tile::<E, KQ>(&qa, k_row));
+        }
 
-            let key0 = n0 + kw as i32;
-            if use_ring {
-                for (e, v) in s.iter_mut().enumerate() {
-                    let slot = key0 + (8 * (e / 4) + 2 * t + (e & 1)) as i32;
-                    let pos = if slot < n_keys {
-                        position_of(slot, p.seqlen, p.sink, p.recent)
-                    } else {
-                        -1
-                    };
-                    if pos < 0 || !mask.visible(q_pos[(e % 4) / 2], pos) {
-                        *v = f32::NEG_INFINITY;
-                    }
+        let key0 = n0 + kw as i32;
+        if use_ring {
+            for (e, v) in s.iter_mut().enumerate() {
+                let slot = key0 + (8 * (e / 4) + 2 * t + (e & 1)) as i32;
+                let pos = if slot < n_keys {
+                    position_of(slot, p.seqlen, p.sink, p.recent)
+                } else {
+                    -1
+                };
+                if pos < 0 || !mask.visible(q_pos[(e % 4) / 2], pos) {
+                    *v = f32::NEG_INFINITY;
                 }
-            } else {
-                mask_scores(&mut s, &mask, full, q_pos, key0, t);
             }
-            let alpha = online_softmax(&mut s, &mut state, p.scale_log2);
-            rescale(&mut acc, alpha);
+        } else {
+            let full = mask.block_fully_visible(q_lo, q_hi, n0, BN as i32);
+            mask_scores(&mut s, &mask, full, q_pos, key0, t);
+        }
+        let alpha = online_softmax(&mut s, &mut state, p.scale_log2);
+        rescale(&mut acc, alpha);
 
-            // O += P V: P is the A fragment of one 16-key step; V fragments come transposed.
-            let pa = [
-                E::pack(s[0], s[1]),
-                E::pack(s[2], s[3]),
-                E::pack(s[4], s[5]),
-                E::pack(s[6], s[7]),
-            ];
-            let v_row = kw + lane % 8 + 8 * ((lane / 8) % 2);
-            for jd in 0..D / 16 {
-                let addr = v_smem(stage) + ((v_row * pitch + 16 * jd + 8 * (lane / 16)) * 2) as u32;
-                let b = unsafe { ldmatrix_x4_trans(addr) };
-                let mut c = quad(&acc, 2 * jd);
-                E::mma(&mut c, &pa, [b[0], b[1]]);
-                set_quad(&mut acc, 2 * jd, c);
-                let mut c = quad(&acc, 2 * jd + 1);
-                E::mma(&mut c, &pa, [b[2], b[3]]);
-                set_quad(&mut acc, 2 * jd + 1, c);
-            }
+        // O += P V: P is the A fragment of one 16-key step; V fragments come transposed.
+        let pa = [
+            E::pack(s[0], s[1]),
+            E::pack(s[2], s[3]),
+            E::pack(s[4], s[5]),
+            E::pack(s[6], s[7]),
+        ];
+        let v_row = kw + lane % 8 + 8 * ((lane / 8) % 2);
+        for jd in 0..D / 16 {
+            let addr = v_smem(stage) + ((v_row * pitch + 16 * jd + 8 * (lane / 16)) * 2) as u32;
+            let b = unsafe { ldmatrix_x4_trans(addr) };
+            let mut c = quad(&acc, 2 * jd);
+            E::mma(&mut c, &pa, [b[0], b[1]]);
+            set_quad(&mut acc, 2 * jd, c);
+            let mut c = quad(&acc, 2 * jd + 1);
+            E::mma(&mut c, &pa, [b[2], b[3]]);
+            set_quad(&mut acc, 2 * jd + 1, c);
         }
     }
     cp_async_wait::<0>();
