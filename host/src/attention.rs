@@ -117,6 +117,32 @@ pub struct PrefillPlan {
     pub persistent: bool,
 }
 
+impl PrefillPlan {
+    /// Work tiles of the grid: query tiles x heads x sequences.
+    fn work_tiles(&self) -> usize {
+        let (m_blocks, heads, batch) = self.grid;
+        m_blocks as usize * heads as usize * batch as usize
+    }
+
+    /// Sets the grid (query tiles, heads, sequences) and the persistent kernel's copy of it.
+    /// The persistent kernel indexes its work tiles in i32, and its blocks' last claims run past
+    /// the last tile (by up to one per block), so half the i32 range is the limit; the other
+    /// kernels index by grid coordinates.
+    fn set_grid(&mut self, grid: (u32, u32, u32)) -> Result<()> {
+        self.grid = grid;
+        self.params.m_blocks = grid.0 as i32;
+        self.params.batch = grid.2 as i32;
+        if self.persistent {
+            check_limit(
+                "the number of prefill work tiles (query tiles x heads x sequences)",
+                self.work_tiles(),
+                i32::MAX as usize / 2,
+            )?;
+        }
+        Ok(())
+    }
+}
+
 const SUPPORTED_HEAD_DIMS: [usize; 2] = [64, 128];
 /// Vector loads are 16 bytes wide (and TMA needs 16-byte strides).
 const ALIGN: u64 = 16;
@@ -399,7 +425,7 @@ pub(crate) fn prefill_params(
         cu_seqlens_q: 0,
         cu_seqlens_k: 0,
         lse_strides: [(heads_q * seqlen_q) as i64, seqlen_q as i64],
-        m_blocks: 0, // set with the grid
+        m_blocks: 0, // set with the grid (PrefillPlan::set_grid)
         batch: 0,
         work_counter: 0, // set at launch
     }
@@ -430,22 +456,6 @@ fn kernel_shape(
     }
 }
 
-/// The persistent kernel indexes its work tiles (query tiles x heads x sequences) in i32, and
-/// its blocks' last claims run past the last tile (by up to one per block), so half the i32
-/// range is the limit. The other kernels index by grid coordinates.
-fn check_work_tiles(plan: &PrefillPlan) -> Result<()> {
-    if !plan.persistent {
-        return Ok(());
-    }
-    let (m_blocks, heads, batch) = plan.grid;
-    let work = m_blocks as usize * heads as usize * batch as usize;
-    check_limit(
-        "the number of prefill work tiles (query tiles x heads x sequences)",
-        work,
-        i32::MAX as usize / 2,
-    )
-}
-
 /// Entry, grid, block and shared memory of a prefill with q of shape `[B, Sq, Hq, D]`.
 pub(crate) fn prefill_launch<T: AttnElement>(
     kernel: PrefillKernel,
@@ -454,22 +464,19 @@ pub(crate) fn prefill_launch<T: AttnElement>(
 ) -> Result<PrefillPlan> {
     let [batch, seqlen_q, heads_q, head_dim] = q_shape;
     let (variant, block_m, block, shared_bytes, persistent) = kernel_shape(kernel, head_dim);
-    let mut params = params;
-    params.m_blocks = seqlen_q.div_ceil(block_m) as i32;
-    params.batch = batch as i32;
-    let plan = PrefillPlan {
+    let mut plan = PrefillPlan {
         entry: format!("duo_prefill_{variant}{}_d{}", T::KERNEL_NAME, head_dim),
-        grid: (
-            seqlen_q.div_ceil(block_m) as u32,
-            heads_q as u32,
-            batch as u32,
-        ),
+        grid: (0, 0, 0),
         block: block as u32,
         shared_bytes: shared_bytes as u32,
         params,
         persistent,
     };
-    check_work_tiles(&plan)?;
+    plan.set_grid((
+        seqlen_q.div_ceil(block_m) as u32,
+        heads_q as u32,
+        batch as u32,
+    ))?;
     Ok(plan)
 }
 
@@ -572,14 +579,11 @@ pub fn plan_prefill_varlen<T: AttnElement>(
     let batch = cu_q.len() - 1;
     check_limit("the number of varlen sequences", batch, MAX_GRID_YZ)?;
     let (_, rows_per_block, ..) = kernel_shape(cfg.kernel, q.shape[2]);
-    plan.grid = (
+    plan.set_grid((
         max_q.div_ceil(rows_per_block).max(1) as u32,
         plan.grid.1,
         batch as u32,
-    );
-    check_work_tiles(&plan)?;
-    plan.params.m_blocks = plan.grid.0 as i32;
-    plan.params.batch = batch as i32;
+    ))?;
     plan.params.seqlen_q = max_q as i32;
     plan.params.seqlen_k = max_k as i32;
     plan.params.seqlen_k_stream = max_k as i32;
@@ -601,15 +605,13 @@ impl Context {
                 &plan.params,
             );
         }
-        let (m_blocks, heads, batch) = plan.grid;
-        let work = m_blocks as usize * heads as usize * batch as usize; // checked by the plan
         let slots = self.info().multiprocessors as usize
             * self.resident_blocks_per_sm(&plan.entry, plan.block, plan.shared_bytes)? as usize;
         let mut params = plan.params;
         params.work_counter = self.zeroed_counters(2)?;
         self.launch(
             &plan.entry,
-            (work.min(slots).max(1) as u32, 1, 1),
+            (plan.work_tiles().min(slots).max(1) as u32, 1, 1),
             plan.block,
             plan.shared_bytes,
             &params,

@@ -6,9 +6,10 @@
 //! mask reaches (sink and window blocks only for streaming heads). The kernel is warp-specialised:
 //! warpgroup 0 is the producer (cp.async of Q once, then K/V tiles of 128 keys into a three-stage
 //! shared-memory ring; `setmaxnreg` down to 72 registers), warpgroups 1 and 2 are consumers
-//! (64 query rows each, `setmaxnreg` up to 216). The kernel is persistent (one block per SM,
-//! work tiles in head-major order); see `prefill_wgmma`. Each stage has a "full" mbarrier (the producer's
-//! copies landed: `cp.async.mbarrier.arrive`) and an "empty" one (both consumers done reading).
+//! (64 query rows each, `setmaxnreg` up to 216). The kernel is persistent: one block per SM
+//! claims work tiles from a global counter (see the body's doc). Each stage has a "full" mbarrier
+//! (the producer's copies landed: `cp.async.mbarrier.arrive`) and an "empty" one (both consumers
+//! done reading).
 //! Named barriers alternate the consumers' GEMM issue (ping-pong), so one consumer's softmax
 //! overlaps the other's tensor-core work, and each consumer issues S_i together with the previous
 //! tile's O += P V, so its softmax also overlaps its own PV GEMM (FA3). S = Q K^T is a
