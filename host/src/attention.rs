@@ -3,9 +3,11 @@ use crate::context::Context;
 use crate::element::AttnElement;
 use crate::error::{Error, Result};
 use crate::tensor::{DeviceTensor, TensorDesc, View, ViewMut};
+use crate::tma::{TmaTensor, prefill_tensors, unsupported as tma_unsupported};
 use duo_attn_kernels::abi::{
     HEAD_MASK_WORDS, MAX_KV_HEADS, MAX_SEQLEN, PREFILL_BLOCK_M, PREFILL_THREADS, PrefillParams,
-    WG_BLOCK_M, WG_THREADS, WS_THREADS, wg_smem_bytes, ws_smem_bytes,
+    TMA_MAPS, TensorMap, TmaPrefillParams, WG_BLOCK_M, WG_THREADS, WS_THREADS, wg_smem_bytes,
+    ws_smem_bytes,
 };
 
 /// How a KV head (and every query head of its group) attends.
@@ -20,7 +22,9 @@ pub enum HeadKind {
 /// Which prefill kernel runs. All compute the same function; `Auto` picks the fastest.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum PrefillKernel {
-    /// The fastest Hopper kernel: today `WgmmaWarpSpecialized`.
+    /// The fastest Hopper kernel: `WgmmaTma` where TMA can address every operand (16-byte
+    /// aligned, nonzero strides: any tensor the validation accepts, bar broadcast views), else
+    /// `WgmmaWarpSpecialized`.
     #[default]
     Auto,
     /// Warp-level `mma.sync` kernel (the first kernel; kept as a cross-check).
@@ -30,8 +34,12 @@ pub enum PrefillKernel {
     Wgmma,
     /// Warp-specialised Hopper kernel: a producer warpgroup fills an mbarrier-tracked ring
     /// (`setmaxnreg`), two consumer warpgroups ping-pong their GEMMs and overlap each softmax with
-    /// the previous tile's PV GEMM (FA3-style).
+    /// the previous tile's PV GEMM (FA3-style). Loads with cp.async from 128 producer threads.
     WgmmaWarpSpecialized,
+    /// `WgmmaWarpSpecialized` with TMA loads: one producer thread issues bulk tensor copies
+    /// through tensor maps (`cuTensorMapEncodeTiled` at launch). An error where TMA cannot
+    /// address an operand.
+    WgmmaTma,
 }
 
 /// What one attention call computes, besides the tensors.
@@ -115,6 +123,8 @@ pub struct PrefillPlan {
     pub params: PrefillParams,
     /// The kernel walks work tiles in a loop (`QueryTile::from_work`).
     pub persistent: bool,
+    /// The TMA kernel's operands (`TMA_Q..TMA_STREAM_V`), encoded into tensor maps at launch.
+    pub tma: Option<[TmaTensor; TMA_MAPS]>,
 }
 
 impl PrefillPlan {
@@ -380,8 +390,15 @@ pub fn plan_prefill<T: AttnElement>(
         "k is [B, Sk, Hkv, D] with q's B and D",
     )?;
     check_no_aliasing(out, lse, &[(q, "q"), (k, "k"), (v, "v")])?;
-    let params = prefill_params(q, out, lse, cfg, (k, v, seqlen_k), None);
-    prefill_launch::<T>(cfg.kernel, q.shape, params)
+    let args = prefill_params(q, out, lse, cfg, (k, v, seqlen_k), None);
+    prefill_launch::<T>(cfg.kernel, q.shape, args)
+}
+
+/// A prefill's launch parameters, and the tensor maps of its operands or why TMA cannot address
+/// one of them.
+pub(crate) struct PrefillArgs {
+    pub params: PrefillParams,
+    pub tma: std::result::Result<[TmaTensor; TMA_MAPS], (&'static str, String)>,
 }
 
 /// Launch parameters of a validated prefill: retrieval K/V (or all heads' K/V) and, for the
@@ -393,11 +410,12 @@ pub(crate) fn prefill_params(
     cfg: &AttentionConfig,
     kv: (&TensorDesc<4>, &TensorDesc<4>, usize),
     stream: Option<(&TensorDesc<4>, &TensorDesc<4>, usize)>,
-) -> PrefillParams {
+) -> PrefillArgs {
     let [_, seqlen_q, heads_q, head_dim] = q.shape;
     let (k, v, seqlen_k) = kv;
     let (sk, sv, seqlen_k_stream) = stream.unwrap_or(kv);
-    PrefillParams {
+    let tma = prefill_tensors(q, kv, stream.unwrap_or(kv));
+    let params = PrefillParams {
         q: q.ptr,
         k: k.ptr,
         v: v.ptr,
@@ -428,7 +446,8 @@ pub(crate) fn prefill_params(
         m_blocks: 0, // set with the grid (PrefillPlan::set_grid)
         batch: 0,
         work_counter: 0, // set at launch
-    }
+    };
+    PrefillArgs { params, tma }
 }
 
 /// Entry infix, query rows per work tile, threads, dynamic shared memory and persistence of a
@@ -446,6 +465,13 @@ fn kernel_shape(
             wg_smem_bytes(head_dim),
             false,
         ),
+        PrefillKernel::WgmmaTma => (
+            "wgmma_tma_",
+            WG_BLOCK_M,
+            WS_THREADS,
+            ws_smem_bytes(head_dim),
+            true,
+        ),
         PrefillKernel::Auto | PrefillKernel::WgmmaWarpSpecialized => (
             "wgmma_ws_",
             WG_BLOCK_M,
@@ -460,17 +486,25 @@ fn kernel_shape(
 pub(crate) fn prefill_launch<T: AttnElement>(
     kernel: PrefillKernel,
     q_shape: [usize; 4],
-    params: PrefillParams,
+    args: PrefillArgs,
 ) -> Result<PrefillPlan> {
     let [batch, seqlen_q, heads_q, head_dim] = q_shape;
+    // Auto takes TMA loads wherever the tensor maps can address the operands.
+    let (kernel, tma) = match (kernel, args.tma) {
+        (PrefillKernel::Auto, Ok(tma)) => (PrefillKernel::WgmmaTma, Some(tma)),
+        (PrefillKernel::Auto, Err(_)) => (PrefillKernel::WgmmaWarpSpecialized, None),
+        (PrefillKernel::WgmmaTma, tma) => (kernel, Some(tma.map_err(tma_unsupported)?)),
+        (kernel, _) => (kernel, None),
+    };
     let (variant, block_m, block, shared_bytes, persistent) = kernel_shape(kernel, head_dim);
     let mut plan = PrefillPlan {
         entry: format!("duo_prefill_{variant}{}_d{}", T::KERNEL_NAME, head_dim),
         grid: (0, 0, 0),
         block: block as u32,
         shared_bytes: shared_bytes as u32,
-        params,
+        params: args.params,
         persistent,
+        tma,
     };
     plan.set_grid((
         seqlen_q.div_ceil(block_m) as u32,
@@ -609,13 +643,19 @@ impl Context {
             * self.resident_blocks_per_sm(&plan.entry, plan.block, plan.shared_bytes)? as usize;
         let mut params = plan.params;
         params.work_counter = self.zeroed_counters(2)?;
-        self.launch(
-            &plan.entry,
-            (plan.work_tiles().min(slots).max(1) as u32, 1, 1),
-            plan.block,
-            plan.shared_bytes,
-            &params,
-        )
+        let grid = (plan.work_tiles().min(slots).max(1) as u32, 1, 1);
+        let Some(tensors) = &plan.tma else {
+            return self.launch(&plan.entry, grid, plan.block, plan.shared_bytes, &params);
+        };
+        let mut maps = [TensorMap::default(); TMA_MAPS];
+        for (map, tensor) in maps.iter_mut().zip(tensors) {
+            *map = tensor.encode()?;
+        }
+        let params = TmaPrefillParams {
+            maps,
+            prefill: params,
+        };
+        self.launch(&plan.entry, grid, plan.block, plan.shared_bytes, &params)
     }
 
     /// Varlen prefill (FlashAttention's varlen layout): q/out `[total_q, Hq, D]`, k/v

@@ -540,7 +540,7 @@ impl<T: AttnElement> DuoCache<T> {
             (None, Some((sk, sv))) => (sk, sv, stream_len, sk, sv, stream_len),
             (None, None) => return Err(Error::InvalidCacheConfig("a layer without heads".into())),
         };
-        let params = prefill_params(
+        let args = prefill_params(
             q.desc(),
             out.desc(),
             lse.desc(),
@@ -548,7 +548,7 @@ impl<T: AttnElement> DuoCache<T> {
             (&fk, &fv, flen),
             Some((&sk, &sv, slen)),
         );
-        ctx.launch_prefill(&prefill_launch::<T>(l.cfg.kernel, q.shape(), params)?)
+        ctx.launch_prefill(&prefill_launch::<T>(l.cfg.kernel, q.shape(), args)?)
     }
 
     /// Decode of 1..=16 new tokens per sequence: appends them, then attends over both caches

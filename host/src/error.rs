@@ -103,6 +103,10 @@ pub enum Error {
         value: usize,
         limit: usize,
     },
+    #[error(
+        "the TMA prefill kernel cannot address `{tensor}`: {why}; use PrefillKernel::Auto, which falls back to cp.async loads"
+    )]
+    TmaLayout { tensor: &'static str, why: String },
     #[error("decode takes 1 to {max} query tokens per sequence, got {got}; use prefill for more")]
     DecodeQueryBlock { got: usize, max: usize },
     #[error("the KV cache holds at most {capacity} tokens; {len} cached + {adding} new do not fit")]

@@ -33,6 +33,7 @@ pub mod kernels;
 pub mod pattern;
 pub mod reference;
 pub mod tensor;
+pub mod tma;
 
 pub use attention::{
     AttentionConfig, HeadKind, PrefillKernel, PrefillPlan, plan_prefill, plan_prefill_varlen,

@@ -109,9 +109,48 @@ pub struct PrefillParams {
     pub work_counter: u64,
 }
 
-/// Prefill kernel entry names, by (element, head dim): the mma.sync kernel, the default wgmma
-/// kernel, the warp-specialised wgmma kernel.
-pub const PREFILL_ENTRIES: [(&str, &str, usize); 12] = [
+/// An encoded TMA tensor map (`CUtensorMap`, opaque to us): what `cuTensorMapEncodeTiled` writes,
+/// 128 bytes. TMA wants it 64-byte aligned; rustc's NVPTX kernel ABI takes by-value parameters
+/// aligned to at most 16, so the kernel build raises the TMA entries' parameter to `.align 64`
+/// (`duo-attn-kernel-build`), and the host encodes into a 64-byte aligned buffer and copies.
+#[repr(C, align(16))]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TensorMap(pub [u64; 16]);
+
+impl Default for TensorMap {
+    fn default() -> Self {
+        TensorMap([0; 16])
+    }
+}
+
+/// Tensor maps of the TMA prefill kernel, in [`TmaPrefillParams::maps`] order.
+pub const TMA_Q: usize = 0;
+pub const TMA_K: usize = 1;
+pub const TMA_V: usize = 2;
+pub const TMA_STREAM_K: usize = 3;
+pub const TMA_STREAM_V: usize = 4;
+pub const TMA_MAPS: usize = 5;
+
+/// Parameters of the TMA prefill kernels (`duo_prefill_wgmma_tma_*`): the tensor maps of Q, K,
+/// V and the streaming heads' K and V, each `[B, S, H, D]` as a rank-4 map (innermost first:
+/// D, S, H, B; varlen tensors as one sequence of `total` rows), with a box of 64 columns (128 B,
+/// the 128-byte swizzle span) by 128 rows, then the plain prefill parameters. The kernel reads the
+/// maps where they are, in parameter space (`cvta.param`), so they come first (offsets multiples
+/// of 128 from the 64-byte aligned parameter).
+#[repr(C, align(16))]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct TmaPrefillParams {
+    pub maps: [TensorMap; TMA_MAPS],
+    pub prefill: PrefillParams,
+}
+
+/// Columns and rows of a TMA box (one 128-byte-swizzled column block of a Q or K/V tile).
+pub const TMA_BOX_COLS: usize = 64;
+pub const TMA_BOX_ROWS: usize = WG_BLOCK_M;
+
+/// Prefill kernel entry names, by (element, head dim): the mma.sync kernel, the plain wgmma
+/// kernel, the warp-specialised wgmma kernel with cp.async loads and with TMA loads.
+pub const PREFILL_ENTRIES: [(&str, &str, usize); 16] = [
     ("duo_prefill_bf16_d64", "bf16", 64),
     ("duo_prefill_bf16_d128", "bf16", 128),
     ("duo_prefill_f16_d64", "f16", 64),
@@ -124,6 +163,10 @@ pub const PREFILL_ENTRIES: [(&str, &str, usize); 12] = [
     ("duo_prefill_wgmma_ws_bf16_d128", "bf16", 128),
     ("duo_prefill_wgmma_ws_f16_d64", "f16", 64),
     ("duo_prefill_wgmma_ws_f16_d128", "f16", 128),
+    ("duo_prefill_wgmma_tma_bf16_d64", "bf16", 64),
+    ("duo_prefill_wgmma_tma_bf16_d128", "bf16", 128),
+    ("duo_prefill_wgmma_tma_f16_d64", "f16", 64),
+    ("duo_prefill_wgmma_tma_f16_d128", "f16", 128),
 ];
 
 /// Keys per KV tile of the decode kernel (4 warps x 16 keys).

@@ -293,6 +293,38 @@ pub unsafe fn cp_async_mbarrier_arrive(addr: u32) {
     };
 }
 
+/// One arrival on an mbarrier that also expects `bytes` more bytes of bulk (TMA) copies to land in
+/// the current phase.
+#[inline(always)]
+pub unsafe fn mbarrier_arrive_expect_tx(addr: u32, bytes: u32) {
+    unsafe {
+        asm!("mbarrier.arrive.expect_tx.shared::cta.b64 _, [{a}], {b};", a = in(reg32) addr,
+            b = in(reg32) bytes, options(nostack))
+    };
+}
+
+/// TMA load of one box of a rank-4 tensor map (`map`: generic address of the 64-byte aligned
+/// map in parameter, constant or global space) at coordinates `c` (innermost first) into shared
+/// memory at `dst`; completes `mbar`'s transaction count by the box's bytes. Coordinates past the
+/// tensor's extent read zeros.
+#[inline(always)]
+pub unsafe fn tma_load_4d(dst: u32, map: u64, mbar: u32, c: [i32; 4]) {
+    unsafe {
+        asm!(
+            "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [{d}], [{m}, {{{c0}, {c1}, {c2}, {c3}}}], [{b}];",
+            d = in(reg32) dst, m = in(reg64) map, b = in(reg32) mbar,
+            c0 = in(reg32) c[0], c1 = in(reg32) c[1], c2 = in(reg32) c[2], c3 = in(reg32) c[3],
+            options(nostack)
+        )
+    };
+}
+
+/// Starts fetching a tensor map into the TMA unit's descriptor cache.
+#[inline(always)]
+pub unsafe fn prefetch_tensormap(map: u64) {
+    unsafe { asm!("prefetch.tensormap [{m}];", m = in(reg64) map, options(nostack)) };
+}
+
 /// Blocks until the mbarrier's phase with the given parity has completed.
 #[inline(always)]
 pub unsafe fn mbarrier_wait(addr: u32, parity: u32) {

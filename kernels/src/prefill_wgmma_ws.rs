@@ -21,14 +21,16 @@
 //! chunk `c` of row `r` sits at chunk `c ^ (r % 8)`: the hardware's 128B swizzle, which needs
 //! 1024-byte-aligned blocks.
 use crate::abi::{
-    PrefillParams, WG_BLOCK_M, WG_BLOCK_N, WG_STAGES, WS_CONSUMER_REGISTERS, WS_PRODUCER_REGISTERS,
-    ws_barrier_offset,
+    PrefillParams, TMA_BOX_COLS, TMA_BOX_ROWS, TMA_K, TMA_MAPS, TMA_Q, TMA_STREAM_K, TMA_STREAM_V,
+    TMA_V, TensorMap, TmaPrefillParams, WG_BLOCK_M, WG_BLOCK_N, WG_STAGES, WS_CONSUMER_REGISTERS,
+    WS_PRODUCER_REGISTERS, ws_barrier_offset,
 };
 use crate::device::*;
 use crate::mma::{Bf16, Element, F16};
 use crate::softmax::{RowState, finish, mask_scores, online_softmax, rescale};
 use crate::tile::QueryTile;
 use crate::wgmma::{WgmmaElement, fence_accumulators_64, wgmma_commit, wgmma_fence, wgmma_wait};
+use core::arch::asm;
 
 const BM: usize = WG_BLOCK_M;
 const BN: usize = WG_BLOCK_N;
@@ -87,6 +89,23 @@ unsafe fn load_tile<const D: usize>(
     }
 }
 
+/// Starts the TMA loads of one Q or K/V tile (`TMA_BOX_ROWS` rows from `row`, all `D` columns,
+/// one box per 64-column block) into a swizzled tile; they complete on `mbar`.
+#[inline(always)]
+unsafe fn tma_tile<const D: usize>(dst: u32, map: u64, mbar: u32, row: i32, head: i32, batch: i32) {
+    for block in 0..D / TMA_BOX_COLS {
+        let dst = dst + (block * TMA_BOX_ROWS * 128) as u32;
+        unsafe {
+            tma_load_4d(
+                dst,
+                map,
+                mbar,
+                [(block * TMA_BOX_COLS) as i32, row, head, batch],
+            )
+        };
+    }
+}
+
 /// Issues `O += P V` for one KV tile: P as register A fragments (k-step kk = keys 16kk..16kk+15),
 /// V N-major in shared memory (head dim contiguous): LBO steps between 64-column blocks, SBO
 /// between groups of 8 keys.
@@ -123,13 +142,21 @@ fn visited_blocks(tile: &QueryTile) -> (i32, impl Fn(i32) -> i32) {
     (if tile.is_empty() { 0 } else { blocks }, n_block)
 }
 
-/// The kernel body, one instantiation per (element, head dim). Persistent: each block claims work
+/// The kernel body, one instantiation per (element, head dim, loads). With `TMA`, one producer
+/// thread loads every tile with bulk tensor copies through the tensor maps at `maps` (generic
+/// address of `TMA_MAPS` maps, see `TmaPrefillParams`) and the other producer warps leave; else the
+/// producer warpgroup's 128 threads copy 16-byte chunks with cp.async. Persistent: each block claims work
 /// tiles (`QueryTile::from_work`) from a global counter until none is left; the K/V ring, its
 /// mbarrier phases and the consumers' ping-pong run on across work tiles, so the producer fills
 /// the next tile's Q and K/V while the consumers finish the current one.
 #[inline(always)]
-unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillParams) {
+unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize, const TMA: bool>(
+    p: &PrefillParams,
+    maps: u64,
+) {
     const { assert!(ws_barrier_offset(D) == BM * D * 2 + WG_STAGES * 2 * BN * D * 2 && BN == 128) };
+    const { assert!(TMA_BOX_ROWS == BM && TMA_BOX_ROWS == BN && D % TMA_BOX_COLS == 0) };
+    let map = |i: usize| maps + (i * core::mem::size_of::<TensorMap>()) as u64;
     // load_tile's fixed-swizzle walk needs whole rows per pass and a row step that is a multiple of 8.
     const { assert!(PRODUCERS % (D / 8) == 0 && (PRODUCERS / (D / 8)) % 8 == 0) };
     let smem = dynamic_shared_base();
@@ -159,12 +186,20 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillPa
 
     if tid == 0 {
         unsafe {
-            // Q full: the producers' cp.async arrivals plus thread 0's, which publishes the slot.
-            mbarrier_init(q_full, PRODUCERS as u32 + 1);
+            // Full barriers: with TMA, the loading thread's arrival (with the expected bytes);
+            // else every producer's cp.async arrival, and for Q thread 0's, which publishes the
+            // work slot.
+            let loaders = if TMA { 0 } else { PRODUCERS as u32 };
+            mbarrier_init(q_full, loaders + 1);
             mbarrier_init(q_empty, CONSUMERS as u32);
             for stage in 0..WG_STAGES {
-                mbarrier_init(full(stage), PRODUCERS as u32);
+                mbarrier_init(full(stage), loaders.max(1));
                 mbarrier_init(empty(stage), CONSUMERS as u32);
+            }
+            if TMA {
+                for i in 0..TMA_MAPS {
+                    prefetch_tensormap(map(i));
+                }
             }
         }
     }
@@ -173,93 +208,144 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillPa
     // The warpgroup's role, broadcast from lane 0 so ptxas knows it is warp-uniform (a branch it
     // cannot prove uniform around the consumers' loop makes it serialize every wgmma: C7520).
     let warpgroup = warp_broadcast_u32((tid / 128) as u32) as usize;
+    // With TMA one thread of the producer warpgroup's first warp loads; the warp runs the loop
+    // (uniform control flow) and its other three warps leave after giving up their registers.
     if warpgroup == 0 {
-        // Producer: claims work tiles from the global counter (the first is the block index), in
-        // `from_work`'s order, so the blocks running at once work on neighbouring tiles (L2) and
-        // a block that finishes early takes the next tile (balance). Per tile: Q once the
-        // consumers are done with the previous Q, then every KV tile into an emptied stage.
         setmaxnreg_dec::<WS_PRODUCER_REGISTERS>();
-        let (mut kv_tiles, mut q_tiles) = (0i32, 0i32);
-        let mut work = block_idx_x() as i32;
-        loop {
-            unsafe {
-                if q_tiles > 0 {
-                    mbarrier_wait(q_empty, ((q_tiles - 1) & 1) as u32);
-                }
-                if tid == 0 {
-                    st_shared_u32(work_slot(q_tiles), work as u32);
-                    mbarrier_arrive(q_full); // release: the slot is visible with the phase
-                }
-            }
-            if work >= work_tiles {
-                unsafe { mbarrier_arrive(q_full) }; // no Q: complete the phase, consumers stop
-                break;
-            }
-            let tile = QueryTile::from_work(p, BM as i32, work);
-            let (blocks, n_block) = visited_blocks(&tile);
-            unsafe {
-                load_tile::<D>(
-                    q_smem,
-                    BM,
-                    tile.q,
-                    tile.q_stride,
-                    tile.m0,
-                    tile.seqlen_q,
-                    tid,
-                );
-                cp_async_mbarrier_arrive(q_full);
-            }
-            for i in 0..blocks {
-                let g = kv_tiles + i;
-                let stage = stage_of(g);
-                let n0 = n_block(i) * BN as i32;
+        if !TMA || tid < 32 {
+            // Producer: claims work tiles from the global counter (the first is the block index), in
+            // `from_work`'s order, so the blocks running at once work on neighbouring tiles (L2) and
+            // a block that finishes early takes the next tile (balance). Per tile: Q once the
+            // consumers are done with the previous Q, then every KV tile into an emptied stage.
+            let (mut kv_tiles, mut q_tiles) = (0i32, 0i32);
+            let mut work = block_idx_x() as i32;
+            loop {
                 unsafe {
-                    if g >= WG_STAGES as i32 {
-                        mbarrier_wait(empty(stage), parity(g - WG_STAGES as i32));
+                    if q_tiles > 0 {
+                        mbarrier_wait(q_empty, ((q_tiles - 1) & 1) as u32);
                     }
-                    load_tile::<D>(
-                        k_smem(stage),
-                        BN,
-                        tile.k_base,
-                        tile.k_row_stride,
-                        n0,
-                        tile.seqlen_k,
-                        tid,
-                    );
-                    load_tile::<D>(
-                        v_smem(stage),
-                        BN,
-                        tile.v_base,
-                        tile.v_row_stride,
-                        n0,
-                        tile.seqlen_k,
-                        tid,
-                    );
-                    cp_async_mbarrier_arrive(full(stage));
+                    if tid == 0 {
+                        // Release: the slot is visible with the phase (which the Q bytes complete).
+                        st_shared_u32(work_slot(q_tiles), work as u32);
+                        if TMA && work < work_tiles {
+                            mbarrier_arrive_expect_tx(q_full, (BM * D * 2) as u32);
+                        } else {
+                            mbarrier_arrive(q_full);
+                        }
+                    }
                 }
-            }
-            kv_tiles += blocks;
-            // Claim the next tile; two broadcast slots, so a fast thread 0 never overwrites the
-            // claim others still read.
-            if tid == 0 {
-                let claimed = unsafe { atom_add_u32(p.work_counter, 1) };
-                unsafe { st_shared_u32(claim_slot(q_tiles), claimed + grid_dim_x()) };
-            }
-            named_barrier_sync(3, PRODUCERS as u32);
-            work = unsafe { ld_shared_u32(claim_slot(q_tiles)) } as i32;
-            q_tiles += 1;
-        }
-        cp_async_wait::<0>();
-        // The last block to stop claiming resets the counters for the next launch (every other
-        // block has made its final claim before counting itself done).
-        if tid == 0 {
-            fence_acq_rel_gpu();
-            let done = unsafe { atom_add_u32(p.work_counter + 4, 1) };
-            if done == grid_dim_x() - 1 {
-                fence_acq_rel_gpu();
+                if work >= work_tiles {
+                    if !TMA {
+                        unsafe { mbarrier_arrive(q_full) }; // no Q: complete the phase, consumers stop
+                    }
+                    break;
+                }
+                let tile = QueryTile::from_work(p, BM as i32, work);
+                let (blocks, n_block) = visited_blocks(&tile);
+                let (k_map, v_map) = if tile.from_stream {
+                    (map(TMA_STREAM_K), map(TMA_STREAM_V))
+                } else {
+                    (map(TMA_K), map(TMA_V))
+                };
                 unsafe {
-                    st_global_u32(p.work_counter, 0);
-                    st_global_u32(p.work_counter + 4, 0);
+                    if TMA {
+                        if tid == 0 {
+                            let row = tile.q_row0 + tile.m0;
+                            tma_tile::<D>(
+                                q_smem,
+                                map(TMA_Q),
+                                q_full,
+                                row,
+                                tile.head,
+                                tile.batch_coord,
+                            );
+                        }
+                    } else {
+                        load_tile::<D>(
+                            q_smem,
+                            BM,
+                            tile.q,
+                            tile.q_stride,
+                            tile.m0,
+                            tile.seqlen_q,
+                            tid,
+                        );
+                        cp_async_mbarrier_arrive(q_full);
+                    }
+                }
+                for i in 0..blocks {
+                    let g = kv_tiles + i;
+                    let stage = stage_of(g);
+                    let n0 = n_block(i) * BN as i32;
+                    unsafe {
+                        if g >= WG_STAGES as i32 {
+                            mbarrier_wait(empty(stage), parity(g - WG_STAGES as i32));
+                        }
+                        if TMA {
+                            if tid == 0 {
+                                mbarrier_arrive_expect_tx(full(stage), (2 * BN * D * 2) as u32);
+                                let (row, head) = (tile.k_row0 + n0, tile.kv_index);
+                                let batch = tile.batch_coord;
+                                tma_tile::<D>(k_smem(stage), k_map, full(stage), row, head, batch);
+                                tma_tile::<D>(v_smem(stage), v_map, full(stage), row, head, batch);
+                            }
+                        } else {
+                            let (k_base, v_base) = (tile.k_base, tile.v_base);
+                            let (k_stride, v_stride) = (tile.k_row_stride, tile.v_row_stride);
+                            load_tile::<D>(
+                                k_smem(stage),
+                                BN,
+                                k_base,
+                                k_stride,
+                                n0,
+                                tile.seqlen_k,
+                                tid,
+                            );
+                            load_tile::<D>(
+                                v_smem(stage),
+                                BN,
+                                v_base,
+                                v_stride,
+                                n0,
+                                tile.seqlen_k,
+                                tid,
+                            );
+                            cp_async_mbarrier_arrive(full(stage));
+                        }
+                    }
+                }
+                kv_tiles += blocks;
+                // Claim the next tile; two broadcast slots, so a fast thread 0 never overwrites the
+                // claim others still read.
+                let mut claimed = 0;
+                if tid == 0 {
+                    claimed = unsafe { atom_add_u32(p.work_counter, 1) } + grid_dim_x();
+                }
+                if TMA {
+                    work = warp_broadcast_u32(claimed) as i32;
+                } else {
+                    if tid == 0 {
+                        unsafe { st_shared_u32(claim_slot(q_tiles), claimed) };
+                    }
+                    named_barrier_sync(3, PRODUCERS as u32);
+                    work = unsafe { ld_shared_u32(claim_slot(q_tiles)) } as i32;
+                }
+                q_tiles += 1;
+            }
+            if !TMA {
+                cp_async_wait::<0>();
+            }
+            // The last block to stop claiming resets the counters for the next launch (every other
+            // block has made its final claim before counting itself done).
+            if tid == 0 {
+                fence_acq_rel_gpu();
+                let done = unsafe { atom_add_u32(p.work_counter + 4, 1) };
+                if done == grid_dim_x() - 1 {
+                    fence_acq_rel_gpu();
+                    unsafe {
+                        st_global_u32(p.work_counter, 0);
+                        st_global_u32(p.work_counter + 4, 0);
+                    }
                 }
             }
         }
@@ -301,7 +387,9 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillPa
                 let g = kv_tiles + i;
                 let stage = stage_of(g);
                 unsafe { mbarrier_wait(full(stage), parity(g)) };
-                fence_proxy_async_shared(); // cp.async (generic proxy) data -> wgmma (async proxy)
+                if !TMA {
+                    fence_proxy_async_shared(); // cp.async (generic proxy) data -> wgmma (async proxy)
+                }
 
                 // S = Q K^T: 64 rows of this consumer x 128 keys, D / 16 k-steps.
                 named_barrier_sync(my_turn, CONSUMERS as u32);
@@ -391,7 +479,27 @@ macro_rules! wgmma_entry {
     ($name:ident, $elem:ty, $d:literal) => {
         #[unsafe(no_mangle)]
         pub unsafe extern "ptx-kernel" fn $name(p: PrefillParams) {
-            unsafe { prefill_wgmma::<$elem, $d>(&p) }
+            unsafe { prefill_wgmma::<$elem, $d, false>(&p, 0) }
+        }
+    };
+}
+
+/// TMA entries: the tensor maps stay in parameter space, where TMA reads them; the entry names its
+/// own parameter in PTX (`<entry>_param_0`) to take their address.
+macro_rules! tma_entry {
+    ($name:ident, $elem:ty, $d:literal) => {
+        #[unsafe(no_mangle)]
+        pub unsafe extern "ptx-kernel" fn $name(p: TmaPrefillParams) {
+            let maps: u64;
+            unsafe {
+                asm!(
+                    concat!("mov.b64 {m}, ", stringify!($name), "_param_0;"),
+                    "cvta.param.u64 {m}, {m};",
+                    m = out(reg64) maps,
+                    options(pure, nomem, nostack)
+                )
+            };
+            unsafe { prefill_wgmma::<$elem, $d, true>(&p.prefill, maps) }
         }
     };
 }
@@ -400,3 +508,7 @@ wgmma_entry!(duo_prefill_wgmma_ws_bf16_d64, Bf16, 64);
 wgmma_entry!(duo_prefill_wgmma_ws_bf16_d128, Bf16, 128);
 wgmma_entry!(duo_prefill_wgmma_ws_f16_d64, F16, 64);
 wgmma_entry!(duo_prefill_wgmma_ws_f16_d128, F16, 128);
+tma_entry!(duo_prefill_wgmma_tma_bf16_d64, Bf16, 64);
+tma_entry!(duo_prefill_wgmma_tma_bf16_d128, Bf16, 128);
+tma_entry!(duo_prefill_wgmma_tma_f16_d64, F16, 64);
+tma_entry!(duo_prefill_wgmma_tma_f16_d128, F16, 128);

@@ -86,6 +86,14 @@ pub struct QueryTile {
     /// Positions of the tile's first and last valid query rows.
     pub q_lo: i32,
     pub q_hi: i32,
+    /// TMA coordinates: the sequence's first row in Q/O and in its K/V source (varlen sequences
+    /// start inside packed tensors), the K/V head index in that source, and the batch index
+    /// (0 for varlen, whose maps hold one packed sequence); K/V come from the streaming maps.
+    pub q_row0: i32,
+    pub k_row0: i32,
+    pub kv_index: i32,
+    pub batch_coord: i32,
+    pub from_stream: bool,
 }
 
 impl QueryTile {
@@ -179,6 +187,11 @@ impl QueryTile {
             offset,
             q_lo: offset + m0,
             q_hi: offset + min_i32(m0 + block_m, seqlen_q) - 1,
+            q_row0: start_q,
+            k_row0: start_k,
+            kv_index,
+            batch_coord: if p.cu_seqlens_q != 0 { 0 } else { batch as i32 },
+            from_stream,
         }
     }
 

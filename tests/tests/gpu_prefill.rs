@@ -94,7 +94,16 @@ fn prefill_matches_reference_over_the_matrix() {
     );
 }
 
-/// The warp-specialised kernel (what `Auto` runs).
+/// The warp-specialised kernel with TMA loads (what `Auto` runs).
+#[test]
+fn tma_prefill_matches_reference_over_the_matrix() {
+    matrix_for(
+        PrefillKernel::WgmmaTma,
+        "tma_prefill_matches_reference_over_the_matrix",
+    );
+}
+
+/// The warp-specialised kernel with cp.async loads (`Auto`'s fallback).
 #[test]
 fn warp_specialised_prefill_matches_reference_over_the_matrix() {
     matrix_for(
@@ -366,10 +375,7 @@ fn warp_specialised_back_to_back_stress() {
             }
         })
         .collect();
-    let cfg = AttentionConfig::new(kinds)
-        .sink(128)
-        .window(1024)
-        .kernel(PrefillKernel::WgmmaWarpSpecialized);
+    let cfg = AttentionConfig::new(kinds).sink(128).window(1024);
     let (q, _) = random_tensor::<bf16>(&mut rng, shape.q_len());
     let (k, _) = random_tensor::<bf16>(&mut rng, shape.kv_len());
     let dq = ctx.upload(&q, shape.q_shape()).unwrap();
@@ -385,16 +391,20 @@ fn warp_specialised_back_to_back_stress() {
             std::process::exit(101);
         }
     });
-    for _ in 0..300 {
-        ctx.attention(
-            &dq.view(),
-            &dk.view(),
-            &dk.view(),
-            &mut out.view_mut(),
-            &mut lse.view_mut(),
-            &cfg,
-        )
-        .unwrap();
+    // Both load paths of the warp-specialised kernel (TMA, cp.async), 300 launches each.
+    for kernel in [PrefillKernel::WgmmaTma, PrefillKernel::WgmmaWarpSpecialized] {
+        let cfg = cfg.clone().kernel(kernel);
+        for _ in 0..300 {
+            ctx.attention(
+                &dq.view(),
+                &dk.view(),
+                &dk.view(),
+                &mut out.view_mut(),
+                &mut lse.view_mut(),
+                &cfg,
+            )
+            .unwrap();
+        }
     }
     ctx.synchronize().unwrap();
     done.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -435,6 +445,7 @@ fn varlen_matches_reference_per_sequence() {
     let dcu_q = ctx.upload(&cu_q, [cu_q.len()]).unwrap();
     let dcu_k = ctx.upload(&cu_k, [cu_k.len()]).unwrap();
     for kernel in [
+        PrefillKernel::WgmmaTma,
         PrefillKernel::WgmmaWarpSpecialized,
         PrefillKernel::Wgmma,
         PrefillKernel::MmaSync,

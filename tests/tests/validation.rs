@@ -70,9 +70,47 @@ fn valid_call_plans_a_launch() {
 }
 
 #[test]
-fn auto_picks_the_warp_specialised_kernel() {
+fn auto_picks_the_tma_kernel() {
     let p = plan(&valid()).unwrap();
+    assert_eq!(p.entry, "duo_prefill_wgmma_tma_bf16_d64");
+    // One map per operand (q, k, v, and k/v again for the streaming slots of a plain call):
+    // innermost first (D, rows, heads, batch), byte strides.
+    let tma = p.tma.expect("tensor maps");
+    assert_eq!(tma[0].dims, [D as u64, SQ as u64, HQ as u64, B as u64]);
+    assert_eq!(tma[1].dims, [D as u64, SK as u64, HKV as u64, B as u64]);
+    assert_eq!(
+        tma[1].strides,
+        [
+            (HKV * D * 2) as u64,
+            (D * 2) as u64,
+            (SK * HKV * D * 2) as u64
+        ]
+    );
+    assert_eq!((tma[3], tma[4]), (tma[1], tma[2]));
+    assert!(p.persistent);
+}
+
+/// TMA cannot address a view with a zero stride over several heads (a broadcast K): Auto falls
+/// back to cp.async loads, an explicit TMA request is a typed error.
+#[test]
+fn broadcast_operands_fall_back_to_cp_async_loads() {
+    let mut c = valid();
+    c.k.strides[2] = 0;
+    c.v.strides[2] = 0;
+    assert_eq!(plan(&c).unwrap().entry, "duo_prefill_wgmma_ws_bf16_d64");
+    assert_eq!(plan(&c).unwrap().tma, None);
+    c.cfg = c.cfg.kernel(PrefillKernel::WgmmaTma);
+    let err = plan(&c).expect_err("TMA cannot address a broadcast K");
+    assert!(matches!(err, Error::TmaLayout { tensor: "k", .. }), "{err}");
+}
+
+#[test]
+fn warp_specialised_cp_async_kernel_on_request() {
+    let mut c = valid();
+    c.cfg = c.cfg.kernel(PrefillKernel::WgmmaWarpSpecialized);
+    let p = plan(&c).unwrap();
     assert_eq!(p.entry, "duo_prefill_wgmma_ws_bf16_d64");
+    assert_eq!(p.tma, None);
     // Persistent: the grid is the work space (query tiles, Hq, B), also in the parameters.
     assert!(p.persistent);
     assert_eq!(p.grid, (1, HQ as u32, B as u32));

@@ -39,9 +39,9 @@ struct Args {
     /// Only these batch sizes (comma separated).
     #[arg(long, value_delimiter = ',')]
     batches: Vec<usize>,
-    /// Prefill kernel to time: auto (default: the warp-specialised one), ws, wgmma (without warp
-    /// specialisation) or mma.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "wgmma", "ws", "mma"])]
+    /// Prefill kernel to time: auto (default: the warp-specialised one with TMA loads), tma, ws
+    /// (warp-specialised with cp.async loads), wgmma (without warp specialisation) or mma.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "tma", "wgmma", "ws", "mma"])]
     kernel: String,
     /// No GPU: re-print the table and re-draw the plot of an earlier run's bench.json.
     #[arg(long)]
@@ -148,6 +148,7 @@ fn main() -> ExitCode {
         ));
         let kernel = match args.kernel.as_str() {
             "wgmma" => PrefillKernel::Wgmma,
+            "tma" => PrefillKernel::WgmmaTma,
             "ws" => PrefillKernel::WgmmaWarpSpecialized,
             "mma" => PrefillKernel::MmaSync,
             _ => PrefillKernel::Auto,

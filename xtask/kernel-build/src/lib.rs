@@ -150,24 +150,39 @@ pub const MODULE_DECLARATIONS: &str = ".extern .shared .align 1024 .b8 duo_dyn_s
 /// `.minnctapersm 1`) for `setmaxnreg`.
 pub fn entry_directives() -> Vec<(&'static str, String)> {
     let threads = duo_attn_kernels::abi::WS_THREADS;
-    vec![(
-        "duo_prefill_wgmma_ws_",
-        format!(".maxntid {threads}, 1, 1\n.minnctapersm 1"),
-    )]
+    let ws = format!(".maxntid {threads}, 1, 1\n.minnctapersm 1");
+    vec![
+        ("duo_prefill_wgmma_ws_", ws.clone()),
+        ("duo_prefill_wgmma_tma_", ws),
+    ]
 }
 
+/// Entries whose by-value parameter holds TMA tensor maps, which must be 64-byte aligned in
+/// parameter space; rustc's NVPTX ABI declares by-value parameters `.align 16` at most.
+pub const TENSOR_MAP_ENTRY_PREFIX: &str = "duo_prefill_wgmma_tma_";
+
 /// Inserts [`MODULE_DECLARATIONS`] after the PTX header (`.address_size`) and each entry's
-/// [`entry_directives`] between its parameter list and its body.
+/// [`entry_directives`] between its parameter list and its body, and raises the parameter
+/// alignment of the [`TENSOR_MAP_ENTRY_PREFIX`] entries to 64.
 pub fn add_module_declarations(ptx: &str) -> String {
     let directives = entry_directives();
     let mut out = String::with_capacity(ptx.len() + 4096);
     let mut inserted = false;
     let mut pending: Option<&str> = None; // directives of the entry whose parameters are being read
+    let mut tensor_map_params = false; // reading the parameter list of a tensor-map entry
     for line in ptx.lines() {
         let trimmed = line.trim_start();
         if pending.is_some() && trimmed == "{" {
             out.push_str(pending.take().unwrap());
             out.push('\n');
+        }
+        if tensor_map_params && trimmed.starts_with(".param .align 16 .b8 ") {
+            out.push_str(&line.replacen(".param .align 16 ", ".param .align 64 ", 1));
+            out.push('\n');
+            continue;
+        }
+        if trimmed == "{" || trimmed.starts_with(".maxntid") {
+            tensor_map_params = false;
         }
         out.push_str(line);
         out.push('\n');
@@ -177,6 +192,7 @@ pub fn add_module_declarations(ptx: &str) -> String {
             inserted = true;
         }
         if let Some(name) = trimmed.strip_prefix(".visible .entry ") {
+            tensor_map_params = name.starts_with(TENSOR_MAP_ENTRY_PREFIX);
             pending = directives
                 .iter()
                 .find(|(prefix, _)| name.starts_with(prefix))
@@ -348,6 +364,15 @@ mod tests {
 .visible .entry duo_prefill_wgmma_ws_bf16_d64(\n.param .b64 p\n)\n.maxntid {threads}, 1, 1\n.minnctapersm 1\n{{\nret;\n}}\n"
         );
         assert_eq!(add_module_declarations(ptx), want);
+    }
+
+    #[test]
+    fn tensor_map_entries_get_64_byte_aligned_parameters() {
+        let ptx = ".visible .entry duo_prefill_wgmma_tma_bf16_d64(\n\t.param .align 16 .b8 p[960]\n)\n{\nret;\n}\n\
+.visible .entry other(\n\t.param .align 16 .b8 q[16]\n)\n{\nret;\n}\n";
+        let out = add_module_declarations(ptx);
+        assert!(out.contains("\t.param .align 64 .b8 p[960]"), "{out}");
+        assert!(out.contains("\t.param .align 16 .b8 q[16]"), "{out}");
     }
 
     #[test]
