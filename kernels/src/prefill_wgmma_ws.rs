@@ -4,12 +4,14 @@
 //!
 //! A work tile is `WG_BLOCK_M = 128` query rows of one head; it walks the KV blocks the head's
 //! mask reaches (sink and window blocks only for streaming heads). The kernel is warp-specialised:
-//! warpgroup 0 is the producer (cp.async of Q once, then K/V tiles of 128 keys into a three-stage
-//! shared-memory ring; `setmaxnreg` down to 72 registers), warpgroups 1 and 2 are consumers
-//! (64 query rows each, `setmaxnreg` up to 216). The kernel is persistent: one block per SM
-//! claims work tiles from a global counter (see the body's doc). Each stage has a "full" mbarrier
-//! (the producer's copies landed: `cp.async.mbarrier.arrive`) and an "empty" one (both consumers
-//! done reading).
+//! warpgroup 0 is the producer, warpgroups 1 and 2 are consumers (64 query rows each,
+//! `setmaxnreg` up to 216 registers while the producer drops to 72). The producer loads Q once per
+//! work tile, then K/V tiles of 128 keys into a three-stage shared-memory ring, in one of two ways:
+//! with TMA (`TMA = true`, the default) one thread issues bulk tensor copies through tensor maps
+//! and the other producer warps leave; else all 128 producer threads copy 16-byte chunks with
+//! cp.async (the fallback for operands TMA cannot address). The kernel is persistent: one block
+//! per SM claims work tiles from a global counter (see `producer`). Each stage has a "full"
+//! mbarrier (the producer's copies landed) and an "empty" one (both consumers done reading).
 //! Named barriers alternate the consumers' GEMM issue (ping-pong), so one consumer's softmax
 //! overlaps the other's tensor-core work, and each consumer issues S_i together with the previous
 //! tile's O += P V, so its softmax also overlaps its own PV GEMM (FA3). S = Q K^T is a
@@ -18,8 +20,8 @@
 //!
 //! Tile layout in shared memory (Q, K and V alike): the head dim is split into 64-element
 //! (128-byte) column blocks, one after another, each `rows x 128 B`. Inside a block, 16-byte
-//! chunk `c` of row `r` sits at chunk `c ^ (r % 8)`: the hardware's 128B swizzle, which needs
-//! 1024-byte-aligned blocks.
+//! chunk `c` of row `r` sits at chunk `c ^ (r % 8)`: the hardware's 128B swizzle (TMA's
+//! `CU_TENSOR_MAP_SWIZZLE_128B`), which needs 1024-byte-aligned blocks.
 use crate::abi::{
     PrefillParams, TMA_BOX_COLS, TMA_BOX_ROWS, TMA_K, TMA_MAPS, TMA_Q, TMA_STREAM_K, TMA_STREAM_V,
     TMA_V, TensorMap, TmaPrefillParams, WG_BLOCK_M, WG_BLOCK_N, WG_STAGES, WS_CONSUMER_REGISTERS,
@@ -142,13 +144,63 @@ fn visited_blocks(tile: &QueryTile) -> (i32, impl Fn(i32) -> i32) {
     (if tile.is_empty() { 0 } else { blocks }, n_block)
 }
 
-/// The kernel body, one instantiation per (element, head dim, loads). With `TMA`, one producer
-/// thread loads every tile with bulk tensor copies through the tensor maps at `maps` (generic
-/// address of `TMA_MAPS` maps, see `TmaPrefillParams`) and the other producer warps leave; else the
-/// producer warpgroup's 128 threads copy 16-byte chunks with cp.async. Persistent: each block claims work
-/// tiles (`QueryTile::from_work`) from a global counter until none is left; the K/V ring, its
-/// mbarrier phases and the consumers' ping-pong run on across work tiles, so the producer fills
-/// the next tile's Q and K/V while the consumers finish the current one.
+/// Shared-memory layout of one block: Q, the K/V ring, then the mbarriers and work slots.
+#[derive(Clone, Copy)]
+struct Smem<const D: usize> {
+    base: u32,
+}
+
+impl<const D: usize> Smem<D> {
+    const STAGE_BYTES: u32 = (2 * BN * D * 2) as u32;
+
+    fn q(self) -> u32 {
+        self.base
+    }
+    fn k(self, stage: usize) -> u32 {
+        self.base + (BM * D * 2) as u32 + stage as u32 * Self::STAGE_BYTES
+    }
+    fn v(self, stage: usize) -> u32 {
+        self.k(stage) + (BN * D * 2) as u32
+    }
+    // mbarriers: Q full and Q empty (phase n: the block's n-th work tile), then per stage a full
+    // (producer copies landed) and an empty (consumers done) barrier. Phase k of a stage's
+    // barriers belongs to the block's K/V tile 3k + stage, counted across work tiles.
+    fn barriers(self) -> u32 {
+        self.base + ws_barrier_offset(D) as u32
+    }
+    fn q_full(self) -> u32 {
+        self.barriers()
+    }
+    fn q_empty(self) -> u32 {
+        self.barriers() + 8
+    }
+    fn full(self, stage: usize) -> u32 {
+        self.barriers() + 8 * (2 + stage) as u32
+    }
+    fn empty(self, stage: usize) -> u32 {
+        self.barriers() + 8 * (2 + WG_STAGES + stage) as u32
+    }
+    /// Work slots (u32, after the barriers): the work index of the block's n-th tile for the
+    /// consumers at slot n % 2, and the cp.async producers' broadcast of the next claim at
+    /// slot 2 + n % 2.
+    fn work_slot(self, n: i32) -> u32 {
+        self.barriers() + (8 * (2 + 2 * WG_STAGES)) as u32 + 4 * (n & 1) as u32
+    }
+    fn claim_slot(self, n: i32) -> u32 {
+        self.work_slot(n) + 8
+    }
+}
+
+/// Ring stage and full/empty phase parity of the block's K/V tile `g` (counted across work tiles).
+fn stage_of(g: i32) -> usize {
+    (g % WG_STAGES as i32) as usize
+}
+fn parity(g: i32) -> u32 {
+    ((g / WG_STAGES as i32) & 1) as u32
+}
+
+/// The kernel body, one instantiation per (element, head dim, loads); `maps` is the generic
+/// address of the `TMA_MAPS` tensor maps (`TmaPrefillParams`) when `TMA`.
 #[inline(always)]
 unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize, const TMA: bool>(
     p: &PrefillParams,
@@ -156,49 +208,26 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize, const TMA: bo
 ) {
     const { assert!(ws_barrier_offset(D) == BM * D * 2 + WG_STAGES * 2 * BN * D * 2 && BN == 128) };
     const { assert!(TMA_BOX_ROWS == BM && TMA_BOX_ROWS == BN && D % TMA_BOX_COLS == 0) };
-    let map = |i: usize| maps + (i * core::mem::size_of::<TensorMap>()) as u64;
-    // load_tile's fixed-swizzle walk needs whole rows per pass and a row step that is a multiple of 8.
-    const { assert!(PRODUCERS % (D / 8) == 0 && (PRODUCERS / (D / 8)) % 8 == 0) };
-    let smem = dynamic_shared_base();
-    let q_smem = smem;
-    let stage_bytes = (2 * BN * D * 2) as u32;
-    let k_smem = |stage: usize| smem + (BM * D * 2) as u32 + stage as u32 * stage_bytes;
-    let v_smem = |stage: usize| k_smem(stage) + (BN * D * 2) as u32;
-    // mbarriers: Q full and Q empty (phase n: the block's n-th work tile), then per stage a full
-    // (producer copies landed) and an empty (consumers done) barrier. Phase k of a stage's
-    // barriers belongs to the block's K/V tile 3k + stage, counted across work tiles.
-    let barriers = smem + ws_barrier_offset(D) as u32;
-    let q_full = barriers;
-    let q_empty = barriers + 8;
-    let full = |stage: usize| barriers + 8 * (2 + stage) as u32;
-    let empty = |stage: usize| barriers + 8 * (2 + WG_STAGES + stage) as u32;
-    let parity = |tile: i32| ((tile / WG_STAGES as i32) & 1) as u32;
-    let stage_of = |tile: i32| (tile % WG_STAGES as i32) as usize;
-
-    // Work slots (u32, after the barriers): the work index of the block's n-th tile for the
-    // consumers at slot n % 2, and the producer warpgroup's broadcast of its next claim at
-    // slot 2 + n % 2.
-    let work_slot = |n: i32| barriers + (8 * (2 + 2 * WG_STAGES)) as u32 + 4 * (n & 1) as u32;
-    let claim_slot = |n: i32| work_slot(n) + 8;
-
+    let smem = Smem::<D> {
+        base: dynamic_shared_base(),
+    };
     let tid = thread_idx_x() as usize;
     let work_tiles = p.m_blocks * p.heads_q * p.batch; // <= i32::MAX, checked by the host
-
     if tid == 0 {
         unsafe {
             // Full barriers: with TMA, the loading thread's arrival (with the expected bytes);
             // else every producer's cp.async arrival, and for Q thread 0's, which publishes the
             // work slot.
             let loaders = if TMA { 0 } else { PRODUCERS as u32 };
-            mbarrier_init(q_full, loaders + 1);
-            mbarrier_init(q_empty, CONSUMERS as u32);
+            mbarrier_init(smem.q_full(), loaders + 1);
+            mbarrier_init(smem.q_empty(), CONSUMERS as u32);
             for stage in 0..WG_STAGES {
-                mbarrier_init(full(stage), loaders.max(1));
-                mbarrier_init(empty(stage), CONSUMERS as u32);
+                mbarrier_init(smem.full(stage), loaders.max(1));
+                mbarrier_init(smem.empty(stage), CONSUMERS as u32);
             }
             if TMA {
                 for i in 0..TMA_MAPS {
-                    prefetch_tensormap(map(i));
+                    prefetch_tensormap(maps + (i * size_of::<TensorMap>()) as u64);
                 }
             }
         }
@@ -208,270 +237,270 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize, const TMA: bo
     // The warpgroup's role, broadcast from lane 0 so ptxas knows it is warp-uniform (a branch it
     // cannot prove uniform around the consumers' loop makes it serialize every wgmma: C7520).
     let warpgroup = warp_broadcast_u32((tid / 128) as u32) as usize;
-    // With TMA one thread of the producer warpgroup's first warp loads; the warp runs the loop
-    // (uniform control flow) and its other three warps leave after giving up their registers.
     if warpgroup == 0 {
         setmaxnreg_dec::<WS_PRODUCER_REGISTERS>();
+        // With TMA, the first warp runs the loop (one thread issues) and the others leave.
         if !TMA || tid < 32 {
-            // Producer: claims work tiles from the global counter (the first is the block index), in
-            // `from_work`'s order, so the blocks running at once work on neighbouring tiles (L2) and
-            // a block that finishes early takes the next tile (balance). Per tile: Q once the
-            // consumers are done with the previous Q, then every KV tile into an emptied stage.
-            let (mut kv_tiles, mut q_tiles) = (0i32, 0i32);
-            let mut work = block_idx_x() as i32;
-            loop {
-                unsafe {
-                    if q_tiles > 0 {
-                        mbarrier_wait(q_empty, ((q_tiles - 1) & 1) as u32);
-                    }
-                    if tid == 0 {
-                        // Release: the slot is visible with the phase (which the Q bytes complete).
-                        st_shared_u32(work_slot(q_tiles), work as u32);
-                        if TMA && work < work_tiles {
-                            mbarrier_arrive_expect_tx(q_full, (BM * D * 2) as u32);
-                        } else {
-                            mbarrier_arrive(q_full);
-                        }
-                    }
-                }
-                if work >= work_tiles {
-                    if !TMA {
-                        unsafe { mbarrier_arrive(q_full) }; // no Q: complete the phase, consumers stop
-                    }
-                    break;
-                }
-                let tile = QueryTile::from_work(p, BM as i32, work);
-                let (blocks, n_block) = visited_blocks(&tile);
-                let (k_map, v_map) = if tile.from_stream {
-                    (map(TMA_STREAM_K), map(TMA_STREAM_V))
-                } else {
-                    (map(TMA_K), map(TMA_V))
-                };
-                unsafe {
-                    if TMA {
-                        if tid == 0 {
-                            let row = tile.q_row0 + tile.m0;
-                            tma_tile::<D>(
-                                q_smem,
-                                map(TMA_Q),
-                                q_full,
-                                row,
-                                tile.head,
-                                tile.batch_coord,
-                            );
-                        }
-                    } else {
-                        load_tile::<D>(
-                            q_smem,
-                            BM,
-                            tile.q,
-                            tile.q_stride,
-                            tile.m0,
-                            tile.seqlen_q,
-                            tid,
-                        );
-                        cp_async_mbarrier_arrive(q_full);
-                    }
-                }
-                for i in 0..blocks {
-                    let g = kv_tiles + i;
-                    let stage = stage_of(g);
-                    let n0 = n_block(i) * BN as i32;
-                    unsafe {
-                        if g >= WG_STAGES as i32 {
-                            mbarrier_wait(empty(stage), parity(g - WG_STAGES as i32));
-                        }
-                        if TMA {
-                            if tid == 0 {
-                                mbarrier_arrive_expect_tx(full(stage), (2 * BN * D * 2) as u32);
-                                let (row, head) = (tile.k_row0 + n0, tile.kv_index);
-                                let batch = tile.batch_coord;
-                                tma_tile::<D>(k_smem(stage), k_map, full(stage), row, head, batch);
-                                tma_tile::<D>(v_smem(stage), v_map, full(stage), row, head, batch);
-                            }
-                        } else {
-                            let (k_base, v_base) = (tile.k_base, tile.v_base);
-                            let (k_stride, v_stride) = (tile.k_row_stride, tile.v_row_stride);
-                            load_tile::<D>(
-                                k_smem(stage),
-                                BN,
-                                k_base,
-                                k_stride,
-                                n0,
-                                tile.seqlen_k,
-                                tid,
-                            );
-                            load_tile::<D>(
-                                v_smem(stage),
-                                BN,
-                                v_base,
-                                v_stride,
-                                n0,
-                                tile.seqlen_k,
-                                tid,
-                            );
-                            cp_async_mbarrier_arrive(full(stage));
-                        }
-                    }
-                }
-                kv_tiles += blocks;
-                // Claim the next tile; two broadcast slots, so a fast thread 0 never overwrites the
-                // claim others still read.
-                let mut claimed = 0;
-                if tid == 0 {
-                    claimed = unsafe { atom_add_u32(p.work_counter, 1) } + grid_dim_x();
-                }
-                if TMA {
-                    work = warp_broadcast_u32(claimed) as i32;
-                } else {
-                    if tid == 0 {
-                        unsafe { st_shared_u32(claim_slot(q_tiles), claimed) };
-                    }
-                    named_barrier_sync(3, PRODUCERS as u32);
-                    work = unsafe { ld_shared_u32(claim_slot(q_tiles)) } as i32;
-                }
-                q_tiles += 1;
-            }
-            if !TMA {
-                cp_async_wait::<0>();
-            }
-            // The last block to stop claiming resets the counters for the next launch (every other
-            // block has made its final claim before counting itself done).
-            if tid == 0 {
-                fence_acq_rel_gpu();
-                let done = unsafe { atom_add_u32(p.work_counter + 4, 1) };
-                if done == grid_dim_x() - 1 {
-                    fence_acq_rel_gpu();
-                    unsafe {
-                        st_global_u32(p.work_counter, 0);
-                        st_global_u32(p.work_counter + 4, 0);
-                    }
-                }
-            }
+            unsafe { producer::<D, TMA>(p, smem, maps, tid, work_tiles) };
         }
     } else {
         setmaxnreg_inc::<WS_CONSUMER_REGISTERS>();
-        let (wg, wtid) = (warpgroup - 1, tid % 128);
-        let lane = lane_id() as usize;
-        let t = lane % 4;
+        unsafe { consumer::<E, D, TMA>(p, smem, warpgroup - 1, tid % 128, work_tiles) };
+    }
+}
 
-        // Ping-pong: consumer w issues its GEMMs after passing named barrier 1 + w, which the other
-        // consumer arrives at once it has issued its own S GEMM. Consumer 1 lets 0 go first. Both
-        // consumers walk the same KV tiles, so the alternation runs on across work tiles.
-        let (my_turn, their_turn) = (1 + wg as u32, 2 - wg as u32);
-        if wg == 1 {
-            named_barrier_arrive(their_turn, CONSUMERS as u32);
-        }
-
-        let (mut kv_tiles, mut q_tiles) = (0i32, 0i32);
-        loop {
-            unsafe { mbarrier_wait(q_full, (q_tiles & 1) as u32) };
-            // Broadcast so ptxas sees a warp-uniform loop exit.
-            let work = warp_broadcast_u32(unsafe { ld_shared_u32(work_slot(q_tiles)) }) as i32;
-            if work >= work_tiles {
-                break;
+/// The producer: claims work tiles from the global counter (the first is the block index), in
+/// `from_work`'s order, so the blocks running at once work on neighbouring tiles (L2) and a block
+/// that finishes early takes the next tile (balance). Per tile: Q once the consumers are done with
+/// the previous Q, then every KV tile into an emptied stage. Run by the 128 producer threads
+/// (cp.async) or by the first producer warp, whose thread 0 issues every copy (TMA).
+#[inline(always)]
+unsafe fn producer<const D: usize, const TMA: bool>(
+    p: &PrefillParams,
+    smem: Smem<D>,
+    maps: u64,
+    tid: usize,
+    work_tiles: i32,
+) {
+    let map = |i: usize| maps + (i * size_of::<TensorMap>()) as u64;
+    // load_tile's fixed-swizzle walk needs whole rows per pass and a row step that is a multiple
+    // of 8.
+    const { assert!(PRODUCERS % (D / 8) == 0 && (PRODUCERS / (D / 8)) % 8 == 0) };
+    let (mut kv_tiles, mut q_tiles) = (0i32, 0i32);
+    let mut work = block_idx_x() as i32;
+    loop {
+        unsafe {
+            if q_tiles > 0 {
+                mbarrier_wait(smem.q_empty(), ((q_tiles - 1) & 1) as u32);
             }
-            let tile = QueryTile::from_work(p, BM as i32, work);
-            let (blocks, n_block) = visited_blocks(&tile);
-            let row0 = tile.m0 + (64 * wg + 16 * (wtid / 32) + lane / 4) as i32;
-            let rows = [row0, row0 + 8];
-            let q_pos = [tile.offset + rows[0], tile.offset + rows[1]];
-
-            // FA3-style lag: iteration i issues S_i together with O += P_{i-1} V_{i-1}, then runs
-            // softmax_i while that PV is on the tensor cores. With O~_i = alpha_i (O~_{i-1} +
-            // P_{i-1} V_{i-1}), the final O is O~_last + P_last V_last, issued after the loop.
-            let mut o = [0f32; 64];
-            let mut state = RowState::new();
-            let mut pa = [[0u32; 4]; BN / 16];
-            for i in 0..blocks {
-                let g = kv_tiles + i;
-                let stage = stage_of(g);
-                unsafe { mbarrier_wait(full(stage), parity(g)) };
+            if tid == 0 {
+                // Release: the slot is visible with the phase (which the Q bytes complete).
+                st_shared_u32(smem.work_slot(q_tiles), work as u32);
+                if TMA && work < work_tiles {
+                    mbarrier_arrive_expect_tx(smem.q_full(), (BM * D * 2) as u32);
+                } else {
+                    mbarrier_arrive(smem.q_full());
+                }
+            }
+        }
+        if work >= work_tiles {
+            if !TMA {
+                unsafe { mbarrier_arrive(smem.q_full()) }; // no Q: the consumers stop
+            }
+            break;
+        }
+        let tile = QueryTile::from_work(p, BM as i32, work);
+        let (blocks, n_block) = visited_blocks(&tile);
+        let (k_map, v_map) = if tile.from_stream {
+            (map(TMA_STREAM_K), map(TMA_STREAM_V))
+        } else {
+            (map(TMA_K), map(TMA_V))
+        };
+        let batch = tile.batch_coord;
+        unsafe {
+            if !TMA {
+                let (q, stride) = (tile.q, tile.q_stride);
+                load_tile::<D>(smem.q(), BM, q, stride, tile.m0, tile.seqlen_q, tid);
+                cp_async_mbarrier_arrive(smem.q_full());
+            } else if tid == 0 {
+                let row = tile.q_row0 + tile.m0;
+                tma_tile::<D>(smem.q(), map(TMA_Q), smem.q_full(), row, tile.head, batch);
+            }
+        }
+        for i in 0..blocks {
+            let g = kv_tiles + i;
+            let stage = stage_of(g);
+            let n0 = n_block(i) * BN as i32;
+            let (k, v, full) = (smem.k(stage), smem.v(stage), smem.full(stage));
+            unsafe {
+                if g >= WG_STAGES as i32 {
+                    mbarrier_wait(smem.empty(stage), parity(g - WG_STAGES as i32));
+                }
                 if !TMA {
-                    fence_proxy_async_shared(); // cp.async (generic proxy) data -> wgmma (async proxy)
+                    let (len, k_stride, v_stride) =
+                        (tile.seqlen_k, tile.k_row_stride, tile.v_row_stride);
+                    load_tile::<D>(k, BN, tile.k_base, k_stride, n0, len, tid);
+                    load_tile::<D>(v, BN, tile.v_base, v_stride, n0, len, tid);
+                    cp_async_mbarrier_arrive(full);
+                } else if tid == 0 {
+                    mbarrier_arrive_expect_tx(full, (2 * BN * D * 2) as u32);
+                    let (row, head) = (tile.k_row0 + n0, tile.kv_index);
+                    tma_tile::<D>(k, k_map, full, row, head, batch);
+                    tma_tile::<D>(v, v_map, full, row, head, batch);
                 }
-
-                // S = Q K^T: 64 rows of this consumer x 128 keys, D / 16 k-steps.
-                named_barrier_sync(my_turn, CONSUMERS as u32);
-                let mut s = [0f32; 64];
-                fence_accumulators_64(&mut s);
-                fence_accumulators_64(&mut o);
-                wgmma_fence();
-                for kk in 0..D / 16 {
-                    let (block, within) = ((kk / 4) as u32, (kk % 4) as u32 * 32);
-                    let a = descriptor(
-                        q_smem + block * (BM * 128) as u32 + (wg * 64 * 128) as u32 + within,
-                        16,
-                        1024,
-                    );
-                    let b =
-                        descriptor(k_smem(stage) + block * (BN * 128) as u32 + within, 16, 1024);
-                    E::mma_ss_m64n128k16(&mut s, a, b, (kk > 0) as u32);
-                }
-                wgmma_commit();
-                if i > 0 {
-                    mma_pv::<E, D>(&mut o, &pa, v_smem(stage_of(g - 1)));
-                }
-                wgmma_commit();
-                named_barrier_arrive(their_turn, CONSUMERS as u32);
-                wgmma_wait::<1>(); // S_i is done; P_{i-1} V_{i-1} may still run
-                fence_accumulators_64(&mut s);
-
-                let n0 = n_block(i) * BN as i32;
-                let full_block = tile
-                    .mask
-                    .block_fully_visible(tile.q_lo, tile.q_hi, n0, BN as i32);
-                mask_scores(&mut s, &tile.mask, full_block, q_pos, n0, t);
-                let alpha = online_softmax(&mut s, &mut state, p.scale_log2);
-
-                wgmma_wait::<0>();
-                fence_accumulators_64(&mut o);
-                if i > 0 {
-                    unsafe { mbarrier_arrive(empty(stage_of(g - 1))) }; // K and V of g - 1 are read
-                }
-                rescale(&mut o, alpha);
-                // Key tiles 2kk, 2kk+1 of S form the register A fragment of PV k-step kk.
-                for (kk, a) in pa.iter_mut().enumerate() {
-                    let j = 8 * kk;
-                    *a = [
-                        E::pack(s[j], s[j + 1]),
-                        E::pack(s[j + 2], s[j + 3]),
-                        E::pack(s[j + 4], s[j + 5]),
-                        E::pack(s[j + 6], s[j + 7]),
-                    ];
-                }
-            }
-            if blocks > 0 {
-                let last = stage_of(kv_tiles + blocks - 1);
-                fence_accumulators_64(&mut o);
-                wgmma_fence();
-                mma_pv::<E, D>(&mut o, &pa, v_smem(last));
-                wgmma_commit();
-                wgmma_wait::<0>();
-                fence_accumulators_64(&mut o);
-                unsafe { mbarrier_arrive(empty(last)) };
-            }
-            unsafe { mbarrier_arrive(q_empty) }; // every S GEMM of this tile has completed
-            kv_tiles += blocks;
-            q_tiles += 1;
-
-            let (inv, lse) = finish(&state);
-            if D == 64 {
-                let mut o64 = [0f32; 32];
-                o64.copy_from_slice(&o[..32]);
-                tile.store_rows::<E, 32>(&o64, rows, t, inv, lse);
-            } else {
-                tile.store_rows::<E, 64>(&o, rows, t, inv, lse);
             }
         }
-        // Balance the ping-pong: consumer 1 arrived at barrier 1 once more than consumer 0 synced
-        // there (its first arrival lets consumer 0 start). A CTA must not exit with a named
-        // barrier half arrived: a later CTA on the same SM could find the stale arrivals and pass
-        // barrier 1 out of turn, which deadlocks the pair (the intermittent hang seen in
-        // back-to-back launches before this sync existed).
-        if wg == 0 {
+        kv_tiles += blocks;
+        // Claim the next tile and broadcast it: a shuffle within the TMA warp; for the cp.async
+        // warpgroup two shared slots, so a fast thread 0 never overwrites the claim others still
+        // read.
+        let mut claimed = 0;
+        if tid == 0 {
+            claimed = unsafe { atom_add_u32(p.work_counter, 1) } + grid_dim_x();
+        }
+        if TMA {
+            work = warp_broadcast_u32(claimed) as i32;
+        } else {
+            if tid == 0 {
+                unsafe { st_shared_u32(smem.claim_slot(q_tiles), claimed) };
+            }
+            named_barrier_sync(3, PRODUCERS as u32);
+            work = unsafe { ld_shared_u32(smem.claim_slot(q_tiles)) } as i32;
+        }
+        q_tiles += 1;
+    }
+    if !TMA {
+        cp_async_wait::<0>();
+    }
+    // The last block to stop claiming resets the counters for the next launch (every other block
+    // has made its final claim before counting itself done).
+    if tid == 0 {
+        fence_acq_rel_gpu();
+        let done = unsafe { atom_add_u32(p.work_counter + 4, 1) };
+        if done == grid_dim_x() - 1 {
+            fence_acq_rel_gpu();
+            unsafe {
+                st_global_u32(p.work_counter, 0);
+                st_global_u32(p.work_counter + 4, 0);
+            }
+        }
+    }
+}
+
+/// Consumer warpgroup `wg` (0 or 1; `wtid` its thread): 64 query rows of each work tile the
+/// producer publishes, until it publishes none.
+#[inline(always)]
+unsafe fn consumer<E: Element + WgmmaElement, const D: usize, const TMA: bool>(
+    p: &PrefillParams,
+    smem: Smem<D>,
+    wg: usize,
+    wtid: usize,
+    work_tiles: i32,
+) {
+    let lane = lane_id() as usize;
+    let t = lane % 4;
+
+    // Ping-pong: consumer w issues its GEMMs after passing named barrier 1 + w, which the other
+    // consumer arrives at once it has issued its own S GEMM. Consumer 1 lets 0 go first. Both
+    // consumers walk the same KV tiles, so the alternation runs on across work tiles.
+    let (my_turn, their_turn) = (1 + wg as u32, 2 - wg as u32);
+    if wg == 1 {
+        named_barrier_arrive(their_turn, CONSUMERS as u32);
+    }
+
+    let (mut kv_tiles, mut q_tiles) = (0i32, 0i32);
+    loop {
+        unsafe { mbarrier_wait(smem.q_full(), (q_tiles & 1) as u32) };
+        // Broadcast so ptxas sees a warp-uniform loop exit.
+        let work = warp_broadcast_u32(unsafe { ld_shared_u32(smem.work_slot(q_tiles)) }) as i32;
+        if work >= work_tiles {
+            break;
+        }
+        let tile = QueryTile::from_work(p, BM as i32, work);
+        let (blocks, n_block) = visited_blocks(&tile);
+        let row0 = tile.m0 + (64 * wg + 16 * (wtid / 32) + lane / 4) as i32;
+        let rows = [row0, row0 + 8];
+        let q_pos = [tile.offset + rows[0], tile.offset + rows[1]];
+
+        // FA3-style lag: iteration i issues S_i together with O += P_{i-1} V_{i-1}, then runs
+        // softmax_i while that PV is on the tensor cores. With O~_i = alpha_i (O~_{i-1} +
+        // P_{i-1} V_{i-1}), the final O is O~_last + P_last V_last, issued after the loop.
+        let mut o = [0f32; 64];
+        let mut state = RowState::new();
+        let mut pa = [[0u32; 4]; BN / 16];
+        for i in 0..blocks {
+            let g = kv_tiles + i;
+            let stage = stage_of(g);
+            unsafe { mbarrier_wait(smem.full(stage), parity(g)) };
+            if !TMA {
+                fence_proxy_async_shared(); // cp.async (generic proxy) data -> wgmma (async proxy)
+            }
+
+            // S = Q K^T: 64 rows of this consumer x 128 keys, D / 16 k-steps.
             named_barrier_sync(my_turn, CONSUMERS as u32);
+            let mut s = [0f32; 64];
+            fence_accumulators_64(&mut s);
+            fence_accumulators_64(&mut o);
+            wgmma_fence();
+            for kk in 0..D / 16 {
+                let (block, within) = ((kk / 4) as u32, (kk % 4) as u32 * 32);
+                let a = descriptor(
+                    smem.q() + block * (BM * 128) as u32 + (wg * 64 * 128) as u32 + within,
+                    16,
+                    1024,
+                );
+                let b = descriptor(smem.k(stage) + block * (BN * 128) as u32 + within, 16, 1024);
+                E::mma_ss_m64n128k16(&mut s, a, b, (kk > 0) as u32);
+            }
+            wgmma_commit();
+            if i > 0 {
+                mma_pv::<E, D>(&mut o, &pa, smem.v(stage_of(g - 1)));
+            }
+            wgmma_commit();
+            named_barrier_arrive(their_turn, CONSUMERS as u32);
+            wgmma_wait::<1>(); // S_i is done; P_{i-1} V_{i-1} may still run
+            fence_accumulators_64(&mut s);
+            if i == blocks - 1 {
+                // The tile's last S GEMM is done: Q may be overwritten. Releasing it here rather
+                // than after the last PV and the epilogue hides the next Q load behind them.
+                unsafe { mbarrier_arrive(smem.q_empty()) };
+            }
+
+            let n0 = n_block(i) * BN as i32;
+            let full_block = tile
+                .mask
+                .block_fully_visible(tile.q_lo, tile.q_hi, n0, BN as i32);
+            mask_scores(&mut s, &tile.mask, full_block, q_pos, n0, t);
+            let alpha = online_softmax(&mut s, &mut state, p.scale_log2);
+
+            wgmma_wait::<0>();
+            fence_accumulators_64(&mut o);
+            if i > 0 {
+                unsafe { mbarrier_arrive(smem.empty(stage_of(g - 1))) }; // K and V of g - 1 are read
+            }
+            rescale(&mut o, alpha);
+            // Key tiles 2kk, 2kk+1 of S form the register A fragment of PV k-step kk.
+            for (kk, a) in pa.iter_mut().enumerate() {
+                let j = 8 * kk;
+                *a = [
+                    E::pack(s[j], s[j + 1]),
+                    E::pack(s[j + 2], s[j + 3]),
+                    E::pack(s[j + 4], s[j + 5]),
+                    E::pack(s[j + 6], s[j + 7]),
+                ];
+            }
         }
+        if blocks > 0 {
+            let last = stage_of(kv_tiles + blocks - 1);
+            fence_accumulators_64(&mut o);
+            wgmma_fence();
+            mma_pv::<E, D>(&mut o, &pa, smem.v(last));
+            wgmma_commit();
+            wgmma_wait::<0>();
+            fence_accumulators_64(&mut o);
+            unsafe { mbarrier_arrive(smem.empty(last)) };
+        } else {
+            unsafe { mbarrier_arrive(smem.q_empty()) }; // a tile without KV blocks never read Q
+        }
+        kv_tiles += blocks;
+        q_tiles += 1;
+
+        let (inv, lse) = finish(&state);
+        if D == 64 {
+            let mut o64 = [0f32; 32];
+            o64.copy_from_slice(&o[..32]);
+            tile.store_rows::<E, 32>(&o64, rows, t, inv, lse);
+        } else {
+            tile.store_rows::<E, 64>(&o, rows, t, inv, lse);
+        }
+    }
+    // Balance the ping-pong: consumer 1 arrived at barrier 1 once more than consumer 0 synced
+    // there (its first arrival lets consumer 0 start). A CTA must not exit with a named barrier
+    // half arrived: a later CTA on the same SM could find the stale arrivals and pass barrier 1
+    // out of turn, which deadlocks the pair (the intermittent hang seen in back-to-back launches
+    // before this sync existed).
+    if wg == 0 {
+        named_barrier_sync(my_turn, CONSUMERS as u32);
     }
 }
 
