@@ -17,7 +17,9 @@ use crate::device::*;
 use crate::mma::{Bf16, Element, F16};
 use crate::softmax::{RowState, finish};
 use crate::tile::QueryTile;
-use crate::wgmma::{WgmmaElement, fence_accumulators_64, wgmma_commit, wgmma_fence, wgmma_wait};
+use crate::wgmma::{
+    WgmmaElement, fence_accumulators_64, p_fragments, wgmma_commit, wgmma_fence, wgmma_wait,
+};
 
 const BM: usize = WG_BLOCK_M;
 const BN: usize = WG_BLOCK_N;
@@ -189,18 +191,9 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillPa
             p.scale_log2,
         );
 
-        // O += P V: key tiles 2kk, 2kk+1 of S form the register A fragment of k-step kk; V is
-        // N-major (head dim contiguous): LBO steps between 64-column blocks, SBO between 8 keys.
-        let mut pa = [[0u32; 4]; BN / 16];
-        for (kk, a) in pa.iter_mut().enumerate() {
-            let j = 8 * kk;
-            *a = [
-                E::pack(s[j], s[j + 1]),
-                E::pack(s[j + 2], s[j + 3]),
-                E::pack(s[j + 4], s[j + 5]),
-                E::pack(s[j + 6], s[j + 7]),
-            ];
-        }
+        // O += P V with P as register A fragments; V is N-major (head dim contiguous): LBO steps
+        // between 64-column blocks, SBO between 8 keys.
+        let pa = p_fragments::<E>(&s);
         fence_accumulators_64(&mut o);
         wgmma_fence();
         for (kk, a) in pa.iter().enumerate() {

@@ -31,7 +31,9 @@ use crate::device::*;
 use crate::mma::{Bf16, Element, F16};
 use crate::softmax::{RowState, finish, mask_scores, online_softmax, rescale};
 use crate::tile::QueryTile;
-use crate::wgmma::{WgmmaElement, fence_accumulators_64, wgmma_commit, wgmma_fence, wgmma_wait};
+use crate::wgmma::{
+    WgmmaElement, fence_accumulators_64, p_fragments, wgmma_commit, wgmma_fence, wgmma_wait,
+};
 use core::arch::asm;
 
 const BM: usize = WG_BLOCK_M;
@@ -459,16 +461,7 @@ unsafe fn consumer<E: Element + WgmmaElement, const D: usize, const TMA: bool>(
                 unsafe { mbarrier_arrive(smem.empty(stage_of(g - 1))) }; // K and V of g - 1 are read
             }
             rescale(&mut o, alpha);
-            // Key tiles 2kk, 2kk+1 of S form the register A fragment of PV k-step kk.
-            for (kk, a) in pa.iter_mut().enumerate() {
-                let j = 8 * kk;
-                *a = [
-                    E::pack(s[j], s[j + 1]),
-                    E::pack(s[j + 2], s[j + 3]),
-                    E::pack(s[j + 4], s[j + 5]),
-                    E::pack(s[j + 6], s[j + 7]),
-                ];
-            }
+            pa = p_fragments::<E>(&s);
         }
         if blocks > 0 {
             let last = stage_of(kv_tiles + blocks - 1);
