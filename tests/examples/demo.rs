@@ -4,8 +4,8 @@
 //!
 //! `cargo run --release -p duo-attn-tests --example demo`
 use duo_attn::reference::{Shape, attended_pairs, attention_row};
-use duo_attn::{AttentionConfig, Context, HeadKind};
-use duo_attn_tests::{compare, random_tensor, rng, rows_to_check};
+use duo_attn::{AttentionConfig, Context};
+use duo_attn_tests::{alternating_kinds, compare, random_tensor, rng, rows_to_check};
 use half::bf16;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -19,16 +19,9 @@ fn main() -> ExitCode {
         heads_kv: 8,
         head_dim: 128,
     };
-    let kinds = (0..shape.heads_kv)
-        .map(|h| {
-            if h % 2 == 0 {
-                HeadKind::Retrieval
-            } else {
-                HeadKind::Streaming
-            }
-        })
-        .collect();
-    let cfg = AttentionConfig::new(kinds).sink(64).window(256);
+    let cfg = AttentionConfig::new(alternating_kinds(shape.heads_kv))
+        .sink(64)
+        .window(256);
     println!(
         "duo-attn demo: B={} Sq=Sk={} Hq={} Hkv={} D={} bf16, KV heads {:?}, sink {} window {}",
         shape.batch,

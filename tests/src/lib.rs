@@ -1,7 +1,7 @@
 //! Shared helpers of the integration tests and the demo: random inputs, GPU detection with a loud
 //! skip notice, and comparison of kernel outputs with the float64 reference.
 use duo_attn::reference::{Shape, attention_row};
-use duo_attn::{AttentionConfig, AttnElement, Context, DeviceScalar, Error};
+use duo_attn::{AttentionConfig, AttnElement, Context, DeviceScalar, Error, HeadKind};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use rand_distr::StandardNormal;
 use rayon::prelude::*;
@@ -29,6 +29,20 @@ pub fn gpu_or_skip(test: &str) -> Option<Context> {
 }
 
 /// A seeded RNG; the seed comes from `DUO_ATTN_SEED` or the clock (printed so failures replay).
+/// KV head kinds alternating retrieval, streaming, retrieval, ...: the mixed layer of the demo
+/// and the tests.
+pub fn alternating_kinds(heads_kv: usize) -> Vec<HeadKind> {
+    (0..heads_kv)
+        .map(|h| {
+            if h % 2 == 0 {
+                HeadKind::Retrieval
+            } else {
+                HeadKind::Streaming
+            }
+        })
+        .collect()
+}
+
 pub fn rng(test: &str) -> StdRng {
     let seed = std::env::var("DUO_ATTN_SEED")
         .ok()

@@ -3,7 +3,7 @@
 use approx::assert_relative_eq;
 use duo_attn::reference::{Shape, attention, key_visible, visible_keys};
 use duo_attn::{AttentionConfig, HeadKind};
-use duo_attn_tests::random_tensor;
+use duo_attn_tests::{alternating_kinds, random_tensor};
 use half::bf16;
 use rand::{SeedableRng, rngs::StdRng};
 
@@ -107,25 +107,13 @@ fn shape(batch: usize, sq: usize, sk: usize, hq: usize, hkv: usize, d: usize) ->
     }
 }
 
-fn mixed(hkv: usize) -> Vec<HeadKind> {
-    (0..hkv)
-        .map(|h| {
-            if h % 2 == 0 {
-                HeadKind::Retrieval
-            } else {
-                HeadKind::Streaming
-            }
-        })
-        .collect()
-}
-
 #[test]
 fn matches_naive_on_small_mixed_cases() {
     let mut seed = 1;
     for &(sq, sk) in &[(1, 1), (1, 9), (7, 7), (5, 12), (12, 5), (16, 16)] {
         for &(hq, hkv) in &[(2, 2), (4, 2), (3, 1)] {
             for &causal in &[true, false] {
-                let cfg = AttentionConfig::new(mixed(hkv))
+                let cfg = AttentionConfig::new(alternating_kinds(hkv))
                     .causal(causal)
                     .sink(2)
                     .window(3);

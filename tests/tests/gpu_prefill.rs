@@ -3,8 +3,8 @@
 use duo_attn::reference::Shape;
 use duo_attn::{AttentionConfig, Context, DType, Error, HeadKind, PrefillKernel};
 use duo_attn_tests::{
-    Comparison, compare, gpu_or_skip, notice, random_tensor, rng, rows_to_check, run_prefill,
-    run_prefill_case,
+    Comparison, alternating_kinds, compare, gpu_or_skip, notice, random_tensor, rng, rows_to_check,
+    run_prefill, run_prefill_case,
 };
 use half::{bf16, f16};
 use rand::{Rng, rngs::StdRng};
@@ -366,16 +366,9 @@ fn warp_specialised_back_to_back_stress() {
     };
     let mut rng = rng("ws stress");
     let shape = full_grid_shape();
-    let kinds = (0..32)
-        .map(|h| {
-            if h % 2 == 0 {
-                HeadKind::Retrieval
-            } else {
-                HeadKind::Streaming
-            }
-        })
-        .collect();
-    let cfg = AttentionConfig::new(kinds).sink(128).window(1024);
+    let cfg = AttentionConfig::new(alternating_kinds(32))
+        .sink(128)
+        .window(1024);
     let (q, _) = random_tensor::<bf16>(&mut rng, shape.q_len());
     let (k, _) = random_tensor::<bf16>(&mut rng, shape.kv_len());
     let dq = ctx.upload(&q, shape.q_shape()).unwrap();
