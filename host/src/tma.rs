@@ -32,12 +32,12 @@ impl TmaTensor {
     pub fn new(t: &TensorDesc<4>, rows: usize) -> std::result::Result<Self, String> {
         let [batch, _, heads, head_dim] = t.shape;
         let elem = t.elem_bytes as u64;
-        if head_dim % TMA_BOX_COLS != 0 {
+        if !head_dim.is_multiple_of(TMA_BOX_COLS) {
             return Err(format!(
                 "head dim {head_dim} is not a multiple of the {TMA_BOX_COLS}-column box"
             ));
         }
-        if t.ptr % TMA_ALIGN != 0 {
+        if !t.ptr.is_multiple_of(TMA_ALIGN) {
             return Err(format!(
                 "base address {:#x} is not {TMA_ALIGN}-byte aligned",
                 t.ptr
@@ -69,7 +69,7 @@ impl TmaTensor {
                 raw[i]
             };
             let s = strides[i];
-            if s == 0 || s % TMA_ALIGN != 0 || s >= MAX_STRIDE_BYTES {
+            if s == 0 || !s.is_multiple_of(TMA_ALIGN) || s >= MAX_STRIDE_BYTES {
                 return Err(format!(
                     "byte stride {s} is not a nonzero multiple of {TMA_ALIGN} under 2^40"
                 ));
@@ -191,7 +191,7 @@ mod tests {
         let m = TmaTensor::new(&t, 300).unwrap();
         assert_eq!(m.dims, [64, 300, 4, 1]);
         assert_eq!(m.strides[..2], [4 * 64 * 2, 64 * 2]);
-        assert!(m.strides[2] >= 300 * 4 * 64 * 2 && m.strides[2] % 16 == 0);
+        assert!(m.strides[2] >= 300 * 4 * 64 * 2 && m.strides[2].is_multiple_of(16));
     }
 
     #[test]

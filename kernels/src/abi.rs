@@ -114,14 +114,8 @@ pub struct PrefillParams {
 /// aligned to at most 16, so the kernel build raises the TMA entries' parameter to `.align 64`
 /// (`duo-attn-kernel-build`), and the host encodes into a 64-byte aligned buffer and copies.
 #[repr(C, align(16))]
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct TensorMap(pub [u64; 16]);
-
-impl Default for TensorMap {
-    fn default() -> Self {
-        TensorMap([0; 16])
-    }
-}
 
 /// Tensor maps of the TMA prefill kernel, in [`TmaPrefillParams::maps`] order.
 pub const TMA_Q: usize = 0;
