@@ -3,7 +3,7 @@ use crate::context::Context;
 use crate::element::AttnElement;
 use crate::error::{Error, Result};
 use crate::tensor::{DeviceTensor, TensorDesc, View, ViewMut};
-use crate::tma::{TmaTensor, prefill_tensors, unsupported as tma_unsupported};
+use crate::tma::{TmaTensor, prefill_tensors};
 use duo_attn_kernels::abi::{
     HEAD_MASK_WORDS, MAX_KV_HEADS, MAX_SEQLEN, PREFILL_BLOCK_M, PREFILL_THREADS, PrefillParams,
     TMA_MAPS, TensorMap, TmaPrefillParams, WG_BLOCK_M, WG_THREADS, WS_THREADS, wg_smem_bytes,
@@ -414,7 +414,7 @@ pub(crate) fn prefill_params(
     let [_, seqlen_q, heads_q, head_dim] = q.shape;
     let (k, v, seqlen_k) = kv;
     let (sk, sv, seqlen_k_stream) = stream.unwrap_or(kv);
-    let tma = prefill_tensors(q, kv, stream.unwrap_or(kv));
+    let tma = prefill_tensors(q, kv, (sk, sv, seqlen_k_stream));
     let params = PrefillParams {
         q: q.ptr,
         k: k.ptr,
@@ -493,7 +493,10 @@ pub(crate) fn prefill_launch<T: AttnElement>(
     let (kernel, tma) = match (kernel, args.tma) {
         (PrefillKernel::Auto, Ok(tma)) => (PrefillKernel::WgmmaTma, Some(tma)),
         (PrefillKernel::Auto, Err(_)) => (PrefillKernel::WgmmaWarpSpecialized, None),
-        (PrefillKernel::WgmmaTma, tma) => (kernel, Some(tma.map_err(tma_unsupported)?)),
+        (PrefillKernel::WgmmaTma, Ok(tma)) => (kernel, Some(tma)),
+        (PrefillKernel::WgmmaTma, Err((tensor, why))) => {
+            return Err(Error::TmaLayout { tensor, why });
+        }
         (kernel, _) => (kernel, None),
     };
     let (variant, block_m, block, shared_bytes, persistent) = kernel_shape(kernel, head_dim);
@@ -647,9 +650,13 @@ impl Context {
         let Some(tensors) = &plan.tma else {
             return self.launch(&plan.entry, grid, plan.block, plan.shared_bytes, &params);
         };
+        // A plain call's streaming slots repeat K and V: encode each distinct operand once.
         let mut maps = [TensorMap::default(); TMA_MAPS];
-        for (map, tensor) in maps.iter_mut().zip(tensors) {
-            *map = tensor.encode()?;
+        for (i, tensor) in tensors.iter().enumerate() {
+            maps[i] = match tensors[..i].iter().position(|t| t == tensor) {
+                Some(j) => maps[j],
+                None => tensor.encode()?,
+            };
         }
         let params = TmaPrefillParams {
             maps,

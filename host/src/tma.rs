@@ -5,7 +5,7 @@
 //! Every operand is a rank-4 map, innermost first `(D, rows, heads, batch)`, with a box of 64
 //! columns (128 bytes, the 128-byte swizzle span the kernel's shared-memory tiles use) by 128
 //! rows. Rows past `rows` read as zeros, as the cp.async loads' zero-fill.
-use crate::error::{Error, RawCudaStatus, Result};
+use crate::error::{RawCudaStatus, Result};
 use crate::tensor::TensorDesc;
 use duo_attn_kernels::abi::{TMA_BOX_COLS, TMA_BOX_ROWS, TensorMap};
 use std::ffi::c_void;
@@ -129,11 +129,6 @@ pub(crate) fn prefill_tensors(
         map(stream.0, stream.2, "streaming k")?,
         map(stream.1, stream.2, "streaming v")?,
     ])
-}
-
-/// Error for an explicit TMA kernel request on operands TMA cannot address.
-pub(crate) fn unsupported((tensor, why): (&'static str, String)) -> Error {
-    Error::TmaLayout { tensor, why }
 }
 
 // Driver enums (cuda.h, CUDA 12.0+).

@@ -193,6 +193,11 @@ impl<const D: usize> Smem<D> {
     }
 }
 
+/// Generic address of tensor map `i` (`TMA_Q..TMA_STREAM_V`) of the maps at `maps`.
+fn tensor_map(maps: u64, i: usize) -> u64 {
+    maps + (i * size_of::<TensorMap>()) as u64
+}
+
 /// Ring stage and full/empty phase parity of the block's K/V tile `g` (counted across work tiles).
 fn stage_of(g: i32) -> usize {
     (g % WG_STAGES as i32) as usize
@@ -229,7 +234,7 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize, const TMA: bo
             }
             if TMA {
                 for i in 0..TMA_MAPS {
-                    prefetch_tensormap(maps + (i * size_of::<TensorMap>()) as u64);
+                    prefetch_tensormap(tensor_map(maps, i));
                 }
             }
         }
@@ -264,7 +269,7 @@ unsafe fn producer<const D: usize, const TMA: bool>(
     tid: usize,
     work_tiles: i32,
 ) {
-    let map = |i: usize| maps + (i * size_of::<TensorMap>()) as u64;
+    let map = |i: usize| tensor_map(maps, i);
     // load_tile's fixed-swizzle walk needs whole rows per pass and a row step that is a multiple
     // of 8.
     const { assert!(PRODUCERS % (D / 8) == 0 && (PRODUCERS / (D / 8)) % 8 == 0) };

@@ -153,7 +153,7 @@ pub fn entry_directives() -> Vec<(&'static str, String)> {
     let ws = format!(".maxntid {threads}, 1, 1\n.minnctapersm 1");
     vec![
         ("duo_prefill_wgmma_ws_", ws.clone()),
-        ("duo_prefill_wgmma_tma_", ws),
+        (TENSOR_MAP_ENTRY_PREFIX, ws),
     ]
 }
 
@@ -181,7 +181,7 @@ pub fn add_module_declarations(ptx: &str) -> String {
             out.push('\n');
             continue;
         }
-        if trimmed == "{" || trimmed.starts_with(".maxntid") {
+        if trimmed == "{" {
             tensor_map_params = false;
         }
         out.push_str(line);
