@@ -1,9 +1,9 @@
 //! Decode attention: a few new query tokens per sequence against a long KV cache, memory-bound.
 //!
 //! One block serves one (batch, KV head, split) and up to 16 query rows: every query head of the
-//! KV head's group times every new token (GQA packing, so K/V are read once per group). Four warps
-//! split each 64-key tile (16 keys each) and keep their own online softmax; a cp.async ring of
-//! five K/V stages (one block per SM) keeps loads in flight; the warps merge through shared
+//! KV head's group times every new token (GQA packing, so K/V are read once per group). Eight warps
+//! split each 128-key tile (16 keys each) and keep their own online softmax; a cp.async ring of
+//! three K/V stages (one block per SM) keeps loads in flight; the warps merge through shared
 //! memory at the end. Long caches are split across blocks (`tiles_per_split`); the last split
 //! block of each row group to finish merges the splits by their LSE (no second launch).
 //! Streaming heads read only their sink and window blocks, or, in a DuoAttention cache, their
@@ -21,6 +21,10 @@ use crate::tile::{div_or_zero, kind_and_rank, min_i32};
 
 const BN: usize = DECODE_BLOCK_N;
 const THREADS: usize = DECODE_THREADS;
+/// Warps per block: each takes 16 keys of a tile.
+const WARPS: usize = THREADS / 32;
+/// Bytes of the merge's per-warp row statistics (max, sum) at the start of shared memory.
+const STATS_BYTES: usize = WARPS * DECODE_ROWS * 8;
 const LN_2: f32 = core::f32::consts::LN_2;
 const LOG2_E: f32 = core::f32::consts::LOG2_E;
 
@@ -59,8 +63,8 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
                 && KQ * 16 == D
                 && ON * 2 == D
                 && DECODE_ROWS == 16
-                && THREADS == 128
-                && 512 + 4 * 16 * D * 4 <= decode_smem_bytes(D)
+                && BN == 16 * WARPS
+                && STATS_BYTES + WARPS * DECODE_ROWS * D * 4 <= decode_smem_bytes(D)
         )
     };
     let pitch = decode_pitch(D);
@@ -260,9 +264,9 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
     cp_async_wait::<0>();
     sync_threads(); // every stage consumed: the ring's memory becomes the reduction buffer
 
-    // Merge the four warps: stats [warp][row] = (max, sum), then O [warp][row][D] unnormalised.
+    // Merge the warps: stats [warp][row] = (max, sum), then O [warp][row][D] unnormalised.
     let stats = smem;
-    let o_buf = smem + 512;
+    let o_buf = smem + STATS_BYTES as u32;
     let mut sum = state.sum;
     for v in sum.iter_mut() {
         *v += shfl_xor_f32(*v, 1);
@@ -291,14 +295,14 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
             continue;
         }
         let mut m = f32::NEG_INFINITY;
-        for w in 0..4 {
+        for w in 0..WARPS {
             m = max_f32(m, unsafe {
                 ld_shared_f32(stats + ((w * 16 + row) * 8) as u32)
             });
         }
         let (mut l, mut o) = (0f32, 0f32);
         if m != f32::NEG_INFINITY {
-            for w in 0..4 {
+            for w in 0..WARPS {
                 let wr = w * 16 + row;
                 let mw = unsafe { ld_shared_f32(stats + (wr * 8) as u32) };
                 let f = exp2_approx(mw - m);
