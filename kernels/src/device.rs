@@ -63,6 +63,17 @@ pub fn shfl_xor_f32(v: f32, lane_mask: u32) -> f32 {
     r
 }
 
+/// `v`, hidden from LLVM (a register move in asm): a loop counted by it keeps one copy of its
+/// body, where a known small trip count gets fully unrolled. No memory, unlike `black_box`.
+#[inline(always)]
+pub fn opaque_i32(v: i32) -> i32 {
+    let out: i32;
+    unsafe {
+        asm!("mov.b32 {o}, {i};", o = out(reg32) out, i = in(reg32) v, options(pure, nomem, nostack))
+    };
+    out
+}
+
 /// Lane 0's `v`, broadcast to the warp (`shfl.sync.idx`). Branching on the result tells ptxas the
 /// condition is warp-uniform (how CUTLASS picks warpgroup roles).
 #[inline(always)]

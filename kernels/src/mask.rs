@@ -151,6 +151,45 @@ impl HeadMask {
         ]
     }
 
+    /// The part of each of `block_ranges`' two ranges whose blocks every query at `q_lo..=q_hi`
+    /// sees whole (`block_fully_visible`), so a kernel can run them in a loop without element-mask
+    /// code. Conservative where exactness would split a range: the last sink block is counted
+    /// partial when it reaches past the sink, even if the window covers it.
+    #[inline(always)]
+    pub fn full_block_ranges(&self, q_lo: i32, q_hi: i32, block_n: i32) -> [BlockRange; 2] {
+        let ranges = self.block_ranges(q_lo, q_hi, block_n);
+        // The last key every row sees, and the blocks that end at or before it.
+        let common_last = if self.streaming || self.causal {
+            min(q_lo, self.seqlen_k - 1)
+        } else {
+            self.seqlen_k - 1
+        };
+        let common_end = if common_last < 0 {
+            0
+        } else {
+            (common_last + 1) / block_n
+        };
+        let clip = |r: BlockRange, start: i32, end: i32| BlockRange {
+            start: max(r.start, start),
+            end: min(r.end, end),
+        };
+        if !self.streaming {
+            return [clip(ranges[0], 0, common_end), BlockRange::EMPTY];
+        }
+        // Sink blocks also lie wholly inside the sink; window blocks start inside the window of
+        // the tile's last row (key >= q_hi - window + 1).
+        let window_first = q_hi - self.window + 1;
+        let window_start = if window_first <= 0 {
+            0
+        } else {
+            ceil_div(window_first, block_n)
+        };
+        [
+            clip(ranges[0], 0, min(common_end, self.sink / block_n)),
+            clip(ranges[1], window_start, common_end),
+        ]
+    }
+
     /// Are all keys of block `[n0, n0 + block_n)` visible to every query at `q_lo..=q_hi`?
     /// Such blocks skip the element mask.
     #[inline(always)]
@@ -233,6 +272,28 @@ mod tests {
                                         }
                                     }
                                 }
+                                // Full ranges: inside the visited ranges, every block fully
+                                // visible, and at most one fully visible block left out (the
+                                // last sink block under the window).
+                                let full = m.full_block_ranges(q_lo, q_hi, bn);
+                                let mut missed = 0;
+                                for (f, r) in full.iter().zip(ranges.iter()) {
+                                    for b in f.start..f.end {
+                                        assert!(r.start <= b && b < r.end, "{m:?} {f:?} {r:?}");
+                                        assert!(m.block_fully_visible(q_lo, q_hi, b * bn, bn));
+                                    }
+                                    for b in r.start..r.end {
+                                        let in_full = f.start <= b && b < f.end;
+                                        if !in_full && m.block_fully_visible(q_lo, q_hi, b * bn, bn)
+                                        {
+                                            missed += 1;
+                                        }
+                                    }
+                                }
+                                assert!(
+                                    missed <= 1,
+                                    "{m:?} q {q_lo}..={q_hi}: {full:?} {ranges:?}"
+                                );
                                 // Streaming tiles visit no block that holds no visible key.
                                 if streaming {
                                     for r in ranges {

@@ -2,8 +2,8 @@
 //! operand addresses, and the epilogue that writes O and LSE.
 use crate::abi::{HEAD_MASK_WORDS, PrefillParams};
 use crate::device::{
-    block_idx_x, block_idx_y, block_idx_z, grid_dim_x, ld_global_nc_u32, st_global_f32_if,
-    st_global_u32_if,
+    block_idx_x, block_idx_y, block_idx_z, grid_dim_x, ld_global_nc_u32, opaque_i32,
+    st_global_f32_if, st_global_u32_if,
 };
 use crate::mask::HeadMask;
 use crate::mma::Element;
@@ -116,8 +116,11 @@ impl QueryTile {
     /// streams from DRAM); within a head the last, longest causal tiles come first.
     #[inline(always)]
     pub fn from_work(p: &PrefillParams, block_m: i32, work: i32) -> Self {
-        let pair = div_or_zero(work, p.m_blocks);
-        let m_block = p.m_blocks - 1 - (work - pair * p.m_blocks);
+        // Opaque, so LLVM computes the division's zero test in each warp role rather than once
+        // before the role split, where the persistent kernel's cp.async build spilled it.
+        let m_blocks = opaque_i32(p.m_blocks);
+        let pair = div_or_zero(work, m_blocks);
+        let m_block = m_blocks - 1 - (work - pair * m_blocks);
         let batch = div_or_zero(pair, p.heads_q);
         let head = pair - batch * p.heads_q;
         Self::new(p, block_m, m_block, head, batch as i64)
