@@ -63,6 +63,29 @@ pub fn shfl_xor_f32(v: f32, lane_mask: u32) -> f32 {
     r
 }
 
+/// `if c { a } else { b }` as one `selp`: never a branch, which LLVM makes of selects between
+/// arrays, and which diverges when `c` differs between lanes.
+#[inline(always)]
+pub fn select_u32(c: bool, a: u32, b: u32) -> u32 {
+    let r: u32;
+    unsafe {
+        asm!(
+            "{{ .reg .pred p;",
+            "setp.ne.u32 p, {c}, 0;",
+            "selp.b32 {r}, {a}, {b}, p; }}",
+            r = out(reg32) r, c = in(reg32) c as u32, a = in(reg32) a, b = in(reg32) b,
+            options(pure, nomem, nostack),
+        )
+    };
+    r
+}
+
+/// Butterfly shuffle of a 32-bit word across the full warp.
+#[inline(always)]
+pub fn shfl_xor_u32(v: u32, lane_mask: u32) -> u32 {
+    shfl_xor_f32(f32::from_bits(v), lane_mask).to_bits()
+}
+
 /// `v`, hidden from LLVM (a register move in asm): a loop counted by it keeps one copy of its
 /// body, where a known small trip count gets fully unrolled. No memory, unlike `black_box`.
 #[inline(always)]
@@ -194,6 +217,22 @@ pub unsafe fn st_global_u32_if(pred: bool, addr: u64, v: u32) {
             "setp.ne.u32 p, {c}, 0;",
             "@p st.global.u32 [{p}], {v}; }}",
             c = in(reg32) pred as u32, p = in(reg64) addr, v = in(reg32) v, options(nostack),
+        )
+    };
+}
+
+/// 16-byte `st.global.v4` under a predicate, without a branch (see `st_global_u32_if`); `addr`
+/// must be 16-byte aligned.
+#[inline(always)]
+pub unsafe fn st_global_v4_u32_if(pred: bool, addr: u64, v: [u32; 4]) {
+    unsafe {
+        asm!(
+            "{{ .reg .pred p;",
+            "setp.ne.u32 p, {c}, 0;",
+            "@p st.global.v4.u32 [{p}], {{{a}, {b}, {d}, {e}}}; }}",
+            c = in(reg32) pred as u32, p = in(reg64) addr,
+            a = in(reg32) v[0], b = in(reg32) v[1], d = in(reg32) v[2], e = in(reg32) v[3],
+            options(nostack),
         )
     };
 }

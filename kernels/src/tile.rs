@@ -2,8 +2,8 @@
 //! operand addresses, and the epilogue that writes O and LSE.
 use crate::abi::{HEAD_MASK_WORDS, PrefillParams};
 use crate::device::{
-    block_idx_x, block_idx_y, block_idx_z, grid_dim_x, ld_global_nc_u32, opaque_i32,
-    st_global_f32_if, st_global_u32_if,
+    block_idx_x, block_idx_y, block_idx_z, grid_dim_x, ld_global_nc_u32, opaque_i32, select_u32,
+    shfl_xor_u32, st_global_f32_if, st_global_v4_u32_if,
 };
 use crate::mask::HeadMask;
 use crate::mma::Element;
@@ -230,8 +230,10 @@ impl QueryTile {
 
     /// Normalises this thread's two rows of O (accumulator layout: element `4j + e` is row
     /// `rows[e / 2]`, column `8j + 2t + e % 2`) and writes them, plus the LSE from the quad leader.
-    /// Rows past the sequence are not written; the stores are predicated, not branched over, so
-    /// the persistent kernel's accumulators are never read on a divergent path.
+    /// The quad trades words first (`quad_transpose`), so each thread writes 16 contiguous bytes
+    /// per store: a quarter of the store instructions, full 32-byte sectors. Rows past the
+    /// sequence are not written; the stores are predicated, not branched over, so the persistent
+    /// kernel's accumulators are never read on a divergent path.
     #[inline(always)]
     pub fn store_rows<E: Element, const N: usize>(
         &self,
@@ -241,15 +243,47 @@ impl QueryTile {
         inv: [f32; 2],
         lse: [f32; 2],
     ) {
+        const { assert!(N % 16 == 0) };
         for r in 0..2 {
             let row = rows[r];
             let valid = row < self.seqlen_q;
-            let o_row = self.o + row_offset(self.o_stride, min_i32(row, self.seqlen_q), 2 * t);
-            for j in 0..N / 4 {
-                let packed = E::pack(o[4 * j + 2 * r] * inv[r], o[4 * j + 2 * r + 1] * inv[r]);
-                unsafe { st_global_u32_if(valid, o_row + (j * 16) as u64, packed) };
+            let o_row = self.o + row_offset(self.o_stride, min_i32(row, self.seqlen_q), 0);
+            for group in 0..N / 16 {
+                // This thread's words of columns 8j + 2t (+1) for j = 4 group + u.
+                let words: [u32; 4] = core::array::from_fn(|u| {
+                    let i = 4 * (4 * group + u) + 2 * r;
+                    E::pack(o[i] * inv[r], o[i + 1] * inv[r])
+                });
+                // Columns 8j .. 8j + 7 for j = 4 group + t: 16 bytes.
+                let chunk = quad_transpose(words, t);
+                let addr = o_row + ((4 * group + t) * 16) as u64;
+                unsafe { st_global_v4_u32_if(valid, addr, chunk) };
             }
             unsafe { st_global_f32_if(valid & (t == 0), self.lse + 4 * row as u64, lse[r]) };
         }
     }
+}
+
+/// `out[k] = a[k ^ x]` for a runtime `x` in 0..4, with selects (no branch, no local memory).
+#[inline(always)]
+fn xor_permute(a: [u32; 4], x: usize) -> [u32; 4] {
+    let (odd, high) = (x & 1 != 0, x & 2 != 0);
+    let b: [u32; 4] = core::array::from_fn(|k| select_u32(odd, a[k ^ 1], a[k]));
+    core::array::from_fn(|k| select_u32(high, b[k ^ 2], b[k]))
+}
+
+/// Transposes a 4 x 4 matrix of words held by the four threads of a quad: thread `t` passes in
+/// row `t` (`m[t][0..4]`) and gets column `t` (`m[0..4][t]`). Three butterfly shuffles: round `k`
+/// sends `m[t][t ^ k]` to thread `t ^ k`, which receives the `m[t ^ k][t]` it needs.
+#[inline(always)]
+fn quad_transpose(row: [u32; 4], t: usize) -> [u32; 4] {
+    let send = xor_permute(row, t); // send[k] = m[t][t ^ k]
+    let got: [u32; 4] = core::array::from_fn(|k| {
+        if k == 0 {
+            send[0]
+        } else {
+            shfl_xor_u32(send[k], k as u32)
+        }
+    }); // got[k] = m[t ^ k][t]
+    xor_permute(got, t) // column t in row order: m[s][t] = got[s ^ t]
 }
