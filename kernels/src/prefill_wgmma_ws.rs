@@ -31,8 +31,8 @@ use crate::abi::{
 use crate::device::*;
 use crate::mask::BlockRange;
 use crate::mma::{Bf16, Element, F16};
-use crate::softmax::{RowState, finish, mask_scores, online_softmax, rescale};
-use crate::tile::QueryTile;
+use crate::softmax::{RowState, finish, rescale};
+use crate::tile::{MASK_KEYS, MASK_NONE, MASK_TEST, QueryTile};
 use crate::wgmma::{
     WgmmaElement, fence_accumulators_64, p_fragments, wgmma_commit, wgmma_fence, wgmma_wait,
 };
@@ -432,8 +432,8 @@ fn mma_qk<E: WgmmaElement, const D: usize>(
     }
 }
 
-/// The softmax of one KV block for a consumer thread's two rows: masks (element masks only on
-/// blocks not fully visible to the whole tile) and folds the scores into the running state.
+/// What a consumer thread's softmax of one KV block needs besides the scores (the tile, its two
+/// rows, its place in the quad, the scale).
 struct SoftmaxStep<'a> {
     tile: &'a QueryTile,
     q_pos: [i32; 2],
@@ -443,8 +443,7 @@ struct SoftmaxStep<'a> {
 
 impl SoftmaxStep<'_> {
     /// `s` (raw scores of KV block `n_block`) becomes P; returns the rows' rescale factors.
-    /// `MASK`: 0 for a block known to be fully visible (no mask code), 1 for element masks, 2 to
-    /// test the block first.
+    /// `MASK` as in `QueryTile::softmax_scores`.
     #[inline(always)]
     fn run<const MASK: u32>(
         &self,
@@ -452,15 +451,16 @@ impl SoftmaxStep<'_> {
         state: &mut RowState,
         n_block: i32,
     ) -> [f32; 2] {
-        let (tile, n0) = (self.tile, n_block * BN as i32);
-        if MASK != 0 {
-            let full_block = MASK == 2
-                && tile
-                    .mask
-                    .block_fully_visible(tile.q_lo, tile.q_hi, n0, BN as i32);
-            mask_scores(s, &tile.mask, full_block, self.q_pos, n0, self.t);
-        }
-        online_softmax(s, state, self.scale_log2)
+        let n0 = n_block * BN as i32;
+        self.tile.softmax_scores::<MASK, 64>(
+            s,
+            state,
+            n0,
+            BN as i32,
+            self.q_pos,
+            self.t,
+            self.scale_log2,
+        )
     }
 }
 
@@ -478,7 +478,7 @@ struct TileLoop<'a, const D: usize> {
 
 impl<const D: usize> TileLoop<'_, D> {
     /// KV block `i >= 1` of the tile: S_i with O += P_{i-1} V_{i-1} in one ping-pong turn, softmax_i
-    /// while that PV runs, then the rescale. `MASK` as in `SoftmaxStep::run` (0 or 1 here).
+    /// while that PV runs, then the rescale. `MASK` as in `QueryTile::softmax_scores`.
     #[inline(always)]
     unsafe fn block<E: Element + WgmmaElement, const TMA: bool, const MASK: u32>(
         &self,
@@ -584,7 +584,7 @@ unsafe fn consumer<E: Element + WgmmaElement, const D: usize, const TMA: bool>(
             if blocks == 1 {
                 unsafe { mbarrier_arrive(smem.q_empty()) }; // see TileLoop::block
             }
-            step.run::<2>(&mut s, &mut state, n_block(0)); // O is still 0: no rescale
+            step.run::<MASK_TEST>(&mut s, &mut state, n_block(0)); // O is still 0: no rescale
             pa = p_fragments::<E>(&s);
         }
         // Blocks 1.. in runs: partially visible blocks (element masks) and fully visible ones
@@ -609,11 +609,15 @@ unsafe fn consumer<E: Element + WgmmaElement, const D: usize, const TMA: bool>(
                 _ => (blocks, blocks),
             };
             for i in next..full_start {
-                unsafe { tile_loop.block::<E, TMA, 1>(i, n_block(i), &mut o, &mut state, &mut pa) };
+                unsafe {
+                    tile_loop.block::<E, TMA, MASK_KEYS>(i, n_block(i), &mut o, &mut state, &mut pa)
+                };
             }
             let from = if full_start > next { full_start } else { next };
             for i in from..full_end {
-                unsafe { tile_loop.block::<E, TMA, 0>(i, n_block(i), &mut o, &mut state, &mut pa) };
+                unsafe {
+                    tile_loop.block::<E, TMA, MASK_NONE>(i, n_block(i), &mut o, &mut state, &mut pa)
+                };
             }
             if full_end > next {
                 next = full_end;

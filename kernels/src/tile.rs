@@ -58,6 +58,11 @@ pub fn row_offset(stride: i64, row: i32, col: usize) -> u64 {
     ((row as i64 * stride + col as i64) * 2) as u64
 }
 
+/// `QueryTile::softmax_scores` masking modes.
+pub const MASK_NONE: u32 = 0;
+pub const MASK_KEYS: u32 = 1;
+pub const MASK_TEST: u32 = 2;
+
 /// What one block of `block_m` query rows works on: its head, mask, rows, and the row-0
 /// addresses of its sequence (fixed-length batch entry or varlen sequence) and K/V source.
 pub struct QueryTile {
@@ -204,9 +209,8 @@ impl QueryTile {
         self.m0 >= self.seqlen_q
     }
 
-    /// One KV block's softmax step for this thread's rows: scale and mask the scores of keys
-    /// `n0..n0 + block_n` (element masks only on blocks not fully visible to the whole tile), fold
-    /// them into the running state (`s` becomes P), and rescale the output accumulator.
+    /// One KV block's softmax step for this thread's rows: `softmax_scores` with the block test,
+    /// then the output accumulator rescaled.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     pub fn softmax_step<const SN: usize, const ON: usize>(
@@ -220,12 +224,35 @@ impl QueryTile {
         t: usize,
         scale_log2: f32,
     ) {
-        let full = self
-            .mask
-            .block_fully_visible(self.q_lo, self.q_hi, n0, block_n);
-        mask_scores(s, &self.mask, full, q_pos, n0, t);
-        let alpha = online_softmax(s, state, scale_log2);
+        let alpha =
+            self.softmax_scores::<MASK_TEST, SN>(s, state, n0, block_n, q_pos, t, scale_log2);
         rescale(o, alpha);
+    }
+
+    /// Masks the scores of keys `n0..n0 + block_n` as `MASK` says (`MASK_NONE`: the caller knows
+    /// every row sees the whole block, no mask code; `MASK_KEYS`: element masks; `MASK_TEST`:
+    /// element masks unless the block is fully visible to the whole tile), folds them into the
+    /// running state (`s` becomes P) and returns the rows' rescale factors.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    pub fn softmax_scores<const MASK: u32, const SN: usize>(
+        &self,
+        s: &mut [f32; SN],
+        state: &mut RowState,
+        n0: i32,
+        block_n: i32,
+        q_pos: [i32; 2],
+        t: usize,
+        scale_log2: f32,
+    ) -> [f32; 2] {
+        if MASK != MASK_NONE {
+            let full = MASK == MASK_TEST
+                && self
+                    .mask
+                    .block_fully_visible(self.q_lo, self.q_hi, n0, block_n);
+            mask_scores(s, &self.mask, full, q_pos, n0, t);
+        }
+        online_softmax(s, state, scale_log2)
     }
 
     /// Normalises this thread's two rows of O (accumulator layout: element `4j + e` is row
