@@ -7,6 +7,18 @@ use serde::{Deserialize, Serialize};
 pub const SINK: u32 = 128;
 pub const WINDOW: u32 = 1024;
 
+/// The streaming window the cases use: `WINDOW` unless a timing probe set another (`--window`).
+static WINDOW_OVERRIDE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// Sets the streaming window of every case (once, before any case is built).
+pub fn set_window(window: u32) {
+    let _ = WINDOW_OVERRIDE.set(window);
+}
+
+fn window() -> u32 {
+    WINDOW_OVERRIDE.get().copied().unwrap_or(WINDOW)
+}
+
 #[derive(
     Clone,
     Copy,
@@ -79,7 +91,7 @@ impl Case {
                 Mode::Mixed | Mode::DecodeMixed => HeadKind::Streaming,
             })
             .collect();
-        AttentionConfig::new(kinds).sink(SINK).window(WINDOW)
+        AttentionConfig::new(kinds).sink(SINK).window(window())
     }
 
     /// `4 * D` per attended (query, key) pair.
@@ -97,7 +109,7 @@ impl Case {
             .iter()
             .map(|k| match k {
                 HeadKind::Retrieval => s.seqlen_k,
-                HeadKind::Streaming => s.seqlen_k.min((SINK + WINDOW) as usize + s.seqlen_q),
+                HeadKind::Streaming => s.seqlen_k.min((SINK + window()) as usize + s.seqlen_q),
             })
             .sum();
         2.0 * (2 * s.q_len() + 2 * s.batch * needed_rows * s.head_dim) as f64
@@ -118,7 +130,8 @@ impl Case {
 }
 
 /// The prefill issue's shapes (B=1, Hq=Hkv=32, D=128) and decode shapes (GQA 32/8, D=128).
-pub fn all_cases(quick: bool) -> Vec<Case> {
+/// The shapes; prefill cases with head dim `prefill_head_dim` (the is 128).
+pub fn all_cases(quick: bool, prefill_head_dim: usize) -> Vec<Case> {
     let prefill_lens: &[usize] = if quick {
         &[4096, 8192]
     } else {
@@ -140,7 +153,7 @@ pub fn all_cases(quick: bool) -> Vec<Case> {
                 seqlen_k: s,
                 heads_q: 32,
                 heads_kv: 32,
-                head_dim: 128,
+                head_dim: prefill_head_dim,
             });
         }
     }

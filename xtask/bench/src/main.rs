@@ -50,6 +50,23 @@ struct Args {
     /// removed): skip the correctness gate. Figures from such runs are never reported as results.
     #[arg(long, hide = true)]
     probe_skip_check: bool,
+    /// Head dim of the prefill cases (the prefill issue's is 128; 64 and 256 run too, without
+    /// peers unless peers.py measured the same shapes).
+    #[arg(long, default_value_t = 128, value_parser = parse_head_dim)]
+    prefill_head_dim: usize,
+    /// Timing probes: streaming heads use this window instead of the 1024 (to separate a
+    /// work tile's fixed cost from its per-block cost). Not the shapes.
+    #[arg(long, hide = true)]
+    window: Option<u32>,
+}
+
+fn parse_head_dim(s: &str) -> Result<usize, String> {
+    match s.parse() {
+        Ok(d @ (64 | 128 | 256)) => Ok(d),
+        _ => Err(format!(
+            "`{s}`: the prefill kernels take head dims 64, 128 and 256"
+        )),
+    }
 }
 
 /// The correctness gate: one shape per kernel path, checked against the float64 reference.
@@ -85,6 +102,10 @@ const GATE: [Case; 3] = [
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(window) = args.window {
+        println!("*** probe: streaming window {window}, not the issue's shapes ***");
+        cases::set_window(window);
+    }
     if let Some(path) = &args.from_json {
         let report = match std::fs::read_to_string(path)
             .map_err(|e| e.to_string())
@@ -143,7 +164,7 @@ fn main() -> ExitCode {
         }
     }
 
-    let cases: Vec<Case> = all_cases(args.quick)
+    let cases: Vec<Case> = all_cases(args.quick, args.prefill_head_dim)
         .into_iter()
         .filter(|c| args.only.is_empty() || args.only.contains(&c.mode))
         .filter(|c| args.seqlens.is_empty() || args.seqlens.contains(&c.seqlen_k))
