@@ -6,8 +6,8 @@ use crate::tensor::{DeviceTensor, TensorDesc, View, ViewMut};
 use crate::tma::{TmaTensor, prefill_tensors};
 use duo_attn_kernels::abi::{
     HEAD_MASK_WORDS, MAX_KV_HEADS, MAX_SEQLEN, PREFILL_BLOCK_M, PREFILL_THREADS, PrefillParams,
-    TMA_MAPS, TensorMap, TmaPrefillParams, WG_BLOCK_M, WG_THREADS, WS_THREADS, wg_smem_bytes,
-    ws_smem_bytes,
+    TMA_MAPS, TensorMap, TmaPrefillParams, WG_BLOCK_M, WG_THREADS, WS_HEAD_DIMS, WS_THREADS,
+    wg_smem_bytes, ws_smem_bytes,
 };
 
 /// How a KV head (and every query head of its group) attends.
@@ -153,7 +153,6 @@ impl PrefillPlan {
     }
 }
 
-const SUPPORTED_HEAD_DIMS: [usize; 2] = [64, 128];
 /// Vector loads are 16 bytes wide (and TMA needs 16-byte strides).
 const ALIGN: u64 = 16;
 /// CUDA grid y/z limit (heads and batch ride on them).
@@ -250,8 +249,12 @@ pub(crate) fn check_queries(
     }
     lse.check_not_empty("lse")?;
     let [batch, seqlen_q, heads_q, head_dim] = q.shape;
-    if !SUPPORTED_HEAD_DIMS.contains(&head_dim) {
-        return Err(Error::UnsupportedHeadDim(head_dim));
+    if !WS_HEAD_DIMS.contains(&head_dim) {
+        return Err(Error::UnsupportedHeadDim {
+            head_dim,
+            by: "the prefill kernels",
+            supported: "64, 128 or 256 (256: the TMA kernel only)",
+        });
     }
     check_shape(out, "out", q.shape, "out must match q")?;
     check_shape(lse, "lse", [batch, heads_q, seqlen_q], "lse is [B, Hq, Sq]")?;
@@ -490,6 +493,25 @@ pub(crate) fn prefill_launch<T: AttnElement>(
 ) -> Result<PrefillPlan> {
     let [batch, seqlen_q, heads_q, head_dim] = q_shape;
     // Auto takes TMA loads wherever the tensor maps can address the operands.
+    // D = 256 has only the TMA build: a consumer's accumulators leave the 128 cp.async producer
+    // threads too few registers.
+    if head_dim > 128 {
+        if let (PrefillKernel::Auto | PrefillKernel::WgmmaTma, Err((tensor, why))) =
+            (kernel, &args.tma)
+        {
+            return Err(Error::WideHeadDimLayout {
+                tensor,
+                why: why.clone(),
+            });
+        }
+        if kernel != PrefillKernel::Auto && kernel != PrefillKernel::WgmmaTma {
+            return Err(Error::UnsupportedHeadDim {
+                head_dim,
+                by: "the mma.sync, plain wgmma and cp.async prefill kernels",
+                supported: "64 or 128 (256 runs on the TMA kernel: `Auto` or `WgmmaTma`)",
+            });
+        }
+    }
     let (kernel, tma) = match (kernel, args.tma) {
         (PrefillKernel::Auto, Ok(tma)) => (PrefillKernel::WgmmaTma, Some(tma)),
         (PrefillKernel::Auto, Err(_)) => (PrefillKernel::WgmmaWarpSpecialized, None),

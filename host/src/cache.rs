@@ -140,7 +140,11 @@ impl<T: AttnElement> DuoCache<T> {
             ));
         }
         if ![64, 128].contains(&cfg.head_dim) {
-            return Err(Error::UnsupportedHeadDim(cfg.head_dim));
+            return Err(Error::UnsupportedHeadDim {
+                head_dim: cfg.head_dim,
+                by: "the decode kernel",
+                supported: "64 or 128",
+            });
         }
         if !cfg.heads_q.is_multiple_of(cfg.heads_kv) {
             return Err(Error::HeadGroupMismatch {

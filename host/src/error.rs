@@ -46,8 +46,12 @@ pub enum Error {
         expected: Vec<usize>,
         why: &'static str,
     },
-    #[error("head dim {0} is not supported by the prefill kernel: use 64 or 128")]
-    UnsupportedHeadDim(usize),
+    #[error("head dim {head_dim} is not supported by {by}: use {supported}")]
+    UnsupportedHeadDim {
+        head_dim: usize,
+        by: &'static str,
+        supported: &'static str,
+    },
     #[error("query heads ({heads_q}) must be a multiple of KV heads ({heads_kv}) for GQA/MQA")]
     HeadGroupMismatch { heads_q: usize, heads_kv: usize },
     #[error("head_kinds lists {got} KV heads but the K/V tensors have {expected}")]
@@ -107,6 +111,10 @@ pub enum Error {
         "the TMA prefill kernel cannot address `{tensor}`: {why}; use PrefillKernel::Auto, which falls back to cp.async loads"
     )]
     TmaLayout { tensor: &'static str, why: String },
+    #[error(
+        "head dim 256 runs only with TMA loads, and TMA cannot address `{tensor}`: {why}; make the operand 16-byte aligned with nonzero strides (e.g. contiguous)"
+    )]
+    WideHeadDimLayout { tensor: &'static str, why: String },
     #[error("decode takes 1 to {max} query tokens per sequence, got {got}; use prefill for more")]
     DecodeQueryBlock { got: usize, max: usize },
     #[error("the KV cache holds at most {capacity} tokens; {len} cached + {adding} new do not fit")]

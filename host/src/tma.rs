@@ -3,11 +3,12 @@
 //! (`cuTensorMapEncodeTiled`, which cust 0.3 does not bind).
 //!
 //! Every operand is a rank-4 map, innermost first `(D, rows, heads, batch)`, with a box of 64
-//! columns (128 bytes, the 128-byte swizzle span the kernel's shared-memory tiles use) by 128
-//! rows. Rows past `rows` read as zeros, as the cp.async loads' zero-fill.
+//! columns (128 bytes, the 128-byte swizzle span the kernel's shared-memory tiles use) by a tile's
+//! rows (`WG_BLOCK_M` for Q, `ws_block_n(D)` for K and V). Rows past `rows` read as zeros, as the
+//! cp.async loads' zero-fill.
 use crate::error::{RawCudaStatus, Result};
 use crate::tensor::TensorDesc;
-use duo_attn_kernels::abi::{TMA_BOX_COLS, TMA_BOX_ROWS, TensorMap};
+use duo_attn_kernels::abi::{TMA_BOX_COLS, TensorMap, WG_BLOCK_M, ws_block_n};
 use std::ffi::c_void;
 
 /// Largest byte stride and extent a tensor map takes.
@@ -24,12 +25,19 @@ pub struct TmaTensor {
     pub dims: [u64; 4],
     /// Byte strides of rows, heads and batch.
     pub strides: [u64; 3],
+    /// Rows of the box (one tile).
+    pub box_rows: u32,
 }
 
 impl TmaTensor {
     /// The map of a validated `[B, S, H, D]` operand (head dim contiguous) of which the first
-    /// `rows` rows are read, or why TMA cannot address it (the cp.async kernel then runs).
-    pub fn new(t: &TensorDesc<4>, rows: usize) -> std::result::Result<Self, String> {
+    /// `rows` rows are read in boxes of `box_rows`, or why TMA cannot address it (the cp.async
+    /// kernel then runs).
+    pub fn new(
+        t: &TensorDesc<4>,
+        rows: usize,
+        box_rows: usize,
+    ) -> std::result::Result<Self, String> {
         let [batch, _, heads, head_dim] = t.shape;
         let elem = t.elem_bytes as u64;
         if !head_dim.is_multiple_of(TMA_BOX_COLS) {
@@ -79,6 +87,7 @@ impl TmaTensor {
             base: t.ptr,
             dims,
             strides,
+            box_rows: box_rows as u32,
         })
     }
 
@@ -88,7 +97,7 @@ impl TmaTensor {
         #[repr(C, align(64))]
         struct Aligned(TensorMap);
         let mut map = Aligned(TensorMap::default());
-        let box_dim = [TMA_BOX_COLS as u32, TMA_BOX_ROWS as u32, 1, 1];
+        let box_dim = [TMA_BOX_COLS as u32, self.box_rows, 1, 1];
         let element_strides = [1u32; 4];
         // SAFETY: every pointer is to a live local of the length the rank (4) implies; the driver
         // only reads them and writes the 128-byte map.
@@ -119,15 +128,16 @@ pub(crate) fn prefill_tensors(
     kv: (&TensorDesc<4>, &TensorDesc<4>, usize),
     stream: (&TensorDesc<4>, &TensorDesc<4>, usize),
 ) -> std::result::Result<[TmaTensor; 5], (&'static str, String)> {
-    let map = |t: &TensorDesc<4>, rows: usize, name: &'static str| {
-        TmaTensor::new(t, rows).map_err(|why| (name, why))
+    let kv_box = ws_block_n(q.shape[3]);
+    let map = |t: &TensorDesc<4>, rows: usize, box_rows: usize, name: &'static str| {
+        TmaTensor::new(t, rows, box_rows).map_err(|why| (name, why))
     };
     Ok([
-        map(q, q.shape[1], "q")?,
-        map(kv.0, kv.2, "k")?,
-        map(kv.1, kv.2, "v")?,
-        map(stream.0, stream.2, "streaming k")?,
-        map(stream.1, stream.2, "streaming v")?,
+        map(q, q.shape[1], WG_BLOCK_M, "q")?,
+        map(kv.0, kv.2, kv_box, "k")?,
+        map(kv.1, kv.2, kv_box, "v")?,
+        map(stream.0, stream.2, kv_box, "streaming k")?,
+        map(stream.1, stream.2, kv_box, "streaming v")?,
     ])
 }
 
@@ -174,7 +184,7 @@ mod tests {
     #[test]
     fn packed_tensor_maps_directly() {
         let t = desc([2, 100, 8, 128], [100 * 8 * 128, 8 * 128, 128, 1], 0x1000);
-        let m = TmaTensor::new(&t, 100).unwrap();
+        let m = TmaTensor::new(&t, 100, 128).unwrap();
         assert_eq!(m.dims, [128, 100, 8, 2]);
         assert_eq!(m.strides, [8 * 128 * 2, 128 * 2, 100 * 8 * 128 * 2]);
     }
@@ -183,7 +193,7 @@ mod tests {
     fn unit_extents_get_a_legal_stride() {
         // A varlen tensor seen as a batch of one has batch stride 0.
         let t = desc([1, 300, 4, 64], [0, 4 * 64, 64, 1], 0x1000);
-        let m = TmaTensor::new(&t, 300).unwrap();
+        let m = TmaTensor::new(&t, 300, 128).unwrap();
         assert_eq!(m.dims, [64, 300, 4, 1]);
         assert_eq!(m.strides[..2], [4 * 64 * 2, 64 * 2]);
         assert!(m.strides[2] >= 300 * 4 * 64 * 2 && m.strides[2].is_multiple_of(16));
@@ -192,20 +202,24 @@ mod tests {
     #[test]
     fn rows_beyond_the_read_rows_are_not_in_the_map() {
         let t = desc([1, 4096, 2, 128], [4096 * 256, 256, 128, 1], 0x1000);
-        assert_eq!(TmaTensor::new(&t, 777).unwrap().dims[1], 777);
+        assert_eq!(TmaTensor::new(&t, 777, 128).unwrap().dims[1], 777);
     }
 
     #[test]
     fn broadcast_and_misaligned_operands_are_refused() {
         let broadcast = desc([1, 64, 4, 128], [0, 128, 0, 1], 0x1000);
         assert!(
-            TmaTensor::new(&broadcast, 64)
+            TmaTensor::new(&broadcast, 64, 128)
                 .unwrap_err()
                 .contains("stride 0")
         );
         let odd = desc([1, 64, 1, 128], [0, 136, 128, 1], 0x1008);
-        assert!(TmaTensor::new(&odd, 64).unwrap_err().contains("aligned"));
+        assert!(
+            TmaTensor::new(&odd, 64, 128)
+                .unwrap_err()
+                .contains("aligned")
+        );
         let odd_head_dim = desc([1, 64, 1, 96], [0, 96, 96, 1], 0x1000);
-        assert!(TmaTensor::new(&odd_head_dim, 64).is_err());
+        assert!(TmaTensor::new(&odd_head_dim, 64, 128).is_err());
     }
 }

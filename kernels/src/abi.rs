@@ -30,16 +30,39 @@ pub const WS_THREADS: usize = 384;
 /// 168 at entry x 384 threads = 72 x 128 + 216 x 256: the pool balances exactly.
 pub const WS_PRODUCER_REGISTERS: u32 = 72;
 pub const WS_CONSUMER_REGISTERS: u32 = 216;
+/// D = 256 (O alone is 128 registers): 24 x 128 + 240 x 256, the same pool. D = 256 has only the
+/// TMA build, whose producer (one warp, one issuing thread) fits in 24.
+pub const WS_WIDE_PRODUCER_REGISTERS: u32 = 24;
+pub const WS_WIDE_CONSUMER_REGISTERS: u32 = 240;
+const _: () = assert!(
+    WS_PRODUCER_REGISTERS * 128 + WS_CONSUMER_REGISTERS * 256 == 168 * 384
+        && WS_WIDE_PRODUCER_REGISTERS * 128 + WS_WIDE_CONSUMER_REGISTERS * 256 == 168 * 384
+);
+
+/// Head dims of the warp-specialised TMA kernel (the other prefill kernels: 64 and 128).
+pub const WS_HEAD_DIMS: [usize; 3] = [64, 128, 256];
+
+/// Keys per KV block of the warp-specialised kernel for head dim `d`: 128, or 64 at D = 256,
+/// where a consumer's O accumulator alone is 128 registers and Q takes 64 KiB.
+pub const fn ws_block_n(d: usize) -> usize {
+    if d > 128 { 64 } else { WG_BLOCK_N }
+}
+
+/// K/V stages of the warp-specialised kernel's ring: 3, or 2 at D = 256 (what fits beside Q).
+pub const fn ws_stages(d: usize) -> usize {
+    if d > 128 { 2 } else { WG_STAGES }
+}
 
 /// Byte offset of the warp-specialised kernel's mbarriers (after Q and the K/V ring).
 pub const fn ws_barrier_offset(d: usize) -> usize {
-    wg_smem_bytes(d)
+    WG_BLOCK_M * d * 2 + ws_stages(d) * 2 * ws_block_n(d) * d * 2
 }
 
-/// Dynamic shared memory of the warp-specialised kernel: as the default one, then mbarriers
-/// (Q full and Q empty; full and empty per stage), then four u32 work slots.
+/// Dynamic shared memory of the warp-specialised kernel: Q, the K/V ring, then mbarriers (Q full
+/// and Q empty; full and empty per stage), then four u32 work slots. D = 128: 224 KiB of the
+/// 227 KiB a block may have; D = 256: 192 KiB.
 pub const fn ws_smem_bytes(d: usize) -> usize {
-    ws_barrier_offset(d) + (2 + 2 * WG_STAGES) * 8 + 4 * 4
+    ws_barrier_offset(d) + (2 + 2 * ws_stages(d)) * 8 + 4 * 4
 }
 
 /// Most KV heads per layer: head kinds travel in the launch parameters as a bitmask.
@@ -138,13 +161,13 @@ pub struct TmaPrefillParams {
     pub prefill: PrefillParams,
 }
 
-/// Columns and rows of a TMA box (one 128-byte-swizzled column block of a Q or K/V tile).
+/// Columns of a TMA box (one 128-byte-swizzled column block of a Q or K/V tile); its rows are a
+/// tile's: `WG_BLOCK_M` for Q, `ws_block_n(D)` for K and V.
 pub const TMA_BOX_COLS: usize = 64;
-pub const TMA_BOX_ROWS: usize = WG_BLOCK_M;
 
 /// Prefill kernel entry names, by (element, head dim): the mma.sync kernel, the plain wgmma
 /// kernel, the warp-specialised wgmma kernel with cp.async loads and with TMA loads.
-pub const PREFILL_ENTRIES: [(&str, &str, usize); 16] = [
+pub const PREFILL_ENTRIES: [(&str, &str, usize); 18] = [
     ("duo_prefill_bf16_d64", "bf16", 64),
     ("duo_prefill_bf16_d128", "bf16", 128),
     ("duo_prefill_f16_d64", "f16", 64),
@@ -161,6 +184,8 @@ pub const PREFILL_ENTRIES: [(&str, &str, usize); 16] = [
     ("duo_prefill_wgmma_tma_bf16_d128", "bf16", 128),
     ("duo_prefill_wgmma_tma_f16_d64", "f16", 64),
     ("duo_prefill_wgmma_tma_f16_d128", "f16", 128),
+    ("duo_prefill_wgmma_tma_bf16_d256", "bf16", 256),
+    ("duo_prefill_wgmma_tma_f16_d256", "f16", 256),
 ];
 
 /// Keys per KV tile of the decode kernel (8 warps x 16 keys).

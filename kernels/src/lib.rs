@@ -33,6 +33,8 @@ pub mod softmax;
 pub mod tile;
 #[cfg(target_arch = "nvptx64")]
 pub mod wgmma;
+#[cfg(target_arch = "nvptx64")]
+pub mod ws_shape;
 
 #[cfg(target_arch = "nvptx64")]
 #[panic_handler]

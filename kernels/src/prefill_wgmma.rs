@@ -193,7 +193,7 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize>(p: &PrefillPa
 
         // O += P V with P as register A fragments; V is N-major (head dim contiguous): LBO steps
         // between 64-column blocks, SBO between 8 keys.
-        let pa = p_fragments::<E>(&s);
+        let pa = p_fragments::<E, 64, 8>(&s);
         fence_accumulators_64(&mut o);
         wgmma_fence();
         for (kk, a) in pa.iter().enumerate() {

@@ -5,8 +5,9 @@
 //! A work tile is `WG_BLOCK_M = 128` query rows of one head; it walks the KV blocks the head's
 //! mask reaches (sink and window blocks only for streaming heads). The kernel is warp-specialised:
 //! warpgroup 0 is the producer, warpgroups 1 and 2 are consumers (64 query rows each,
-//! `setmaxnreg` up to 216 registers while the producer drops to 72). The producer loads Q once per
-//! work tile, then K/V tiles of 128 keys into a three-stage shared-memory ring, in one of two ways:
+//! `setmaxnreg` up to 216 registers while the producer drops to 72; 240 and 24 at D = 256). The
+//! producer loads Q once per work tile, then K/V tiles of `BN` keys into a shared-memory ring
+//! (128 keys and three stages; 64 and two at D = 256, see `ws_shape`), in one of two ways:
 //! with TMA (`TMA = true`, the default) one thread issues bulk tensor copies through tensor maps
 //! and the other producer warps leave; else all 128 producer threads copy 16-byte chunks with
 //! cp.async (the fallback for operands TMA cannot address). The kernel is persistent: one block
@@ -16,7 +17,7 @@
 //! overlaps the other's tensor-core work, and each consumer issues S_i together with the previous
 //! tile's O += P V, so its softmax also overlaps its own PV GEMM (FA3). The KV blocks every row
 //! of a tile sees whole run in loops without mask code; only the others test keys. S = Q K^T is a
-//! `wgmma m64n128k16` with both operands K-major in shared memory. P goes from the S accumulators
+//! `wgmma m64nBNk16` with both operands K-major in shared memory. P goes from the S accumulators
 //! straight into register A fragments for `O += P V`, with V read N-major (transposed by wgmma).
 //!
 //! Tile layout in shared memory (Q, K and V alike): the head dim is split into 64-element
@@ -24,22 +25,20 @@
 //! chunk `c` of row `r` sits at chunk `c ^ (r % 8)`: the hardware's 128B swizzle (TMA's
 //! `CU_TENSOR_MAP_SWIZZLE_128B`), which needs 1024-byte-aligned blocks.
 use crate::abi::{
-    PrefillParams, TMA_BOX_COLS, TMA_BOX_ROWS, TMA_K, TMA_MAPS, TMA_Q, TMA_STREAM_K, TMA_STREAM_V,
-    TMA_V, TensorMap, TmaPrefillParams, WG_BLOCK_M, WG_BLOCK_N, WG_STAGES, WS_CONSUMER_REGISTERS,
-    WS_PRODUCER_REGISTERS, ws_barrier_offset,
+    PrefillParams, TMA_BOX_COLS, TMA_K, TMA_MAPS, TMA_Q, TMA_STREAM_K, TMA_STREAM_V, TMA_V,
+    TensorMap, TmaPrefillParams, WG_BLOCK_M, WS_CONSUMER_REGISTERS, WS_PRODUCER_REGISTERS,
+    WS_WIDE_CONSUMER_REGISTERS, WS_WIDE_PRODUCER_REGISTERS, ws_barrier_offset,
 };
 use crate::device::*;
 use crate::mask::BlockRange;
 use crate::mma::{Bf16, Element, F16};
-use crate::softmax::{RowState, finish, rescale};
+use crate::softmax::{RowState, finish};
 use crate::tile::{MASK_KEYS, MASK_NONE, MASK_TEST, QueryTile};
-use crate::wgmma::{
-    WgmmaElement, fence_accumulators_64, p_fragments, wgmma_commit, wgmma_fence, wgmma_wait,
-};
+use crate::wgmma::{WgmmaElement, wgmma_commit, wgmma_fence, wgmma_wait};
+use crate::ws_shape::{HeadDim, WsShape};
 use core::arch::asm;
 
 const BM: usize = WG_BLOCK_M;
-const BN: usize = WG_BLOCK_N;
 /// Threads of the producer warpgroup, and of the two consumer warpgroups.
 const PRODUCERS: usize = 128;
 const CONSUMERS: usize = 256;
@@ -62,9 +61,10 @@ fn descriptor(addr: u32, leading_byte_offset: u32, stride_byte_offset: u32) -> u
 /// Starts async copies of rows `row0..row0 + rows` of a `[.., S, H, D]` operand (one head) into a
 /// swizzled tile; rows at or past `limit` are zero-filled. The `PRODUCERS` producer threads share
 /// the work: each keeps one 16-byte column chunk and walks rows `PRODUCERS / (D / 8)` apart, a
-/// multiple of 8, so its swizzle never changes and every address just steps (few registers).
+/// multiple of 8 (D <= 128), so its swizzle never changes and every address just steps (few
+/// registers).
 #[inline(always)]
-unsafe fn load_tile<const D: usize>(
+unsafe fn load_tile<H: WsShape>(
     dst: u32,
     rows: usize,
     src: u64,
@@ -73,7 +73,7 @@ unsafe fn load_tile<const D: usize>(
     limit: i32,
     tid: usize,
 ) {
-    let chunks = D / 8;
+    let chunks = H::D / 8;
     let step_rows = PRODUCERS / chunks;
     let (chunk, first_row) = (tid % chunks, tid / chunks);
     let mut dst = dst + swizzled(rows, first_row, chunk);
@@ -95,12 +95,18 @@ unsafe fn load_tile<const D: usize>(
     }
 }
 
-/// Starts the TMA loads of one Q or K/V tile (`TMA_BOX_ROWS` rows from `row`, all `D` columns,
-/// one box per 64-column block) into a swizzled tile; they complete on `mbar`.
+/// Starts the TMA loads of one Q or K/V tile (`rows` rows from `row`, the map's box rows; all
+/// `D` columns, one box per 64-column block) into a swizzled tile; they complete on `mbar`.
 #[inline(always)]
-unsafe fn tma_tile<const D: usize>(dst: u32, map: u64, mbar: u32, row: i32, head: i32, batch: i32) {
-    for block in 0..D / TMA_BOX_COLS {
-        let dst = dst + (block * TMA_BOX_ROWS * 128) as u32;
+unsafe fn tma_tile<H: WsShape>(
+    dst: u32,
+    rows: usize,
+    map: u64,
+    mbar: u32,
+    [row, head, batch]: [i32; 3],
+) {
+    for block in 0..H::D / TMA_BOX_COLS {
+        let dst = dst + (block * rows * 128) as u32;
         unsafe {
             tma_load_4d(
                 dst,
@@ -114,20 +120,15 @@ unsafe fn tma_tile<const D: usize>(dst: u32, map: u64, mbar: u32, row: i32, head
 
 /// Issues `O += P V` for one KV tile: P as register A fragments (k-step kk = keys 16kk..16kk+15),
 /// V N-major in shared memory (head dim contiguous): LBO steps between 64-column blocks, SBO
-/// between groups of 8 keys.
+/// between groups of 8 keys; a 128-column half of V starts two column blocks on.
 #[inline(always)]
-fn mma_pv<E: WgmmaElement, const D: usize>(
-    o: &mut [f32; 64],
-    pa: &[[u32; 4]; BN / 16],
-    v_tile: u32,
-) {
-    for (kk, a) in pa.iter().enumerate() {
-        let b = descriptor(v_tile + (kk * 16 * 128) as u32, (BN * 128) as u32, 1024);
-        if D == 64 {
-            E::mma_rs_m64n64k16(o, a, b);
-        } else {
-            E::mma_rs_m64n128k16(o, a, b);
-        }
+fn mma_pv<E: WgmmaElement, H: WsShape>(o: &mut H::O, pa: &H::P, v_tile: u32) {
+    for (kk, a) in pa.as_ref().iter().enumerate() {
+        let v = |half: usize| {
+            let at = v_tile + ((2 * half * H::BN + kk * 16) * 128) as u32;
+            descriptor(at, (H::BN * 128) as u32, 1024)
+        };
+        H::mma_pv_step::<E>(o, a, v);
     }
 }
 
@@ -135,8 +136,8 @@ fn mma_pv<E: WgmmaElement, const D: usize>(
 /// query rows (a varlen sequence shorter than the longest). A select, not a branch: ptxas must
 /// see no divergent path between warpgroup MMAs, and these values come from memory (varlen).
 #[inline(always)]
-fn visited_blocks(tile: &QueryTile) -> (i32, impl Fn(i32) -> i32) {
-    let [first, second] = tile.mask.block_ranges(tile.q_lo, tile.q_hi, BN as i32);
+fn visited_blocks(tile: &QueryTile, bn: usize) -> (i32, impl Fn(i32) -> i32) {
+    let [first, second] = tile.mask.block_ranges(tile.q_lo, tile.q_hi, bn as i32);
     let n_block = move |i: i32| {
         if i < first.len() {
             first.start + i
@@ -151,9 +152,9 @@ fn visited_blocks(tile: &QueryTile) -> (i32, impl Fn(i32) -> i32) {
 /// The two index ranges (in `visited_blocks`' index space, ascending, within `0..blocks`) of the
 /// blocks every row of the tile sees whole: the consumers run them without element-mask code.
 #[inline(always)]
-fn full_segments(tile: &QueryTile, blocks: i32) -> [(i32, i32); 2] {
-    let [first, second] = tile.mask.block_ranges(tile.q_lo, tile.q_hi, BN as i32);
-    let [full_first, full_second] = tile.mask.full_block_ranges(tile.q_lo, tile.q_hi, BN as i32);
+fn full_segments(tile: &QueryTile, blocks: i32, bn: usize) -> [(i32, i32); 2] {
+    let [first, second] = tile.mask.block_ranges(tile.q_lo, tile.q_hi, bn as i32);
+    let [full_first, full_second] = tile.mask.full_block_ranges(tile.q_lo, tile.q_hi, bn as i32);
     let clamp = |i: i32| if i < blocks { i } else { blocks };
     // An empty full range sits at the end of its range, so the masked run before it covers the
     // whole range.
@@ -172,28 +173,41 @@ fn full_segments(tile: &QueryTile, blocks: i32) -> [(i32, i32); 2] {
 }
 
 /// Shared-memory layout of one block: Q, the K/V ring, then the mbarriers and work slots.
-#[derive(Clone, Copy)]
-struct Smem<const D: usize> {
+struct Smem<H> {
     base: u32,
+    shape: core::marker::PhantomData<H>,
 }
 
-impl<const D: usize> Smem<D> {
-    const STAGE_BYTES: u32 = (2 * BN * D * 2) as u32;
+impl<H> Clone for Smem<H> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<H> Copy for Smem<H> {}
 
+impl<H: WsShape> Smem<H> {
+    const STAGE_BYTES: u32 = (2 * H::BN * H::D * 2) as u32;
+
+    fn new() -> Self {
+        Smem {
+            base: dynamic_shared_base(),
+            shape: core::marker::PhantomData,
+        }
+    }
     fn q(self) -> u32 {
         self.base
     }
     fn k(self, stage: usize) -> u32 {
-        self.base + (BM * D * 2) as u32 + stage as u32 * Self::STAGE_BYTES
+        self.base + (BM * H::D * 2) as u32 + stage as u32 * Self::STAGE_BYTES
     }
     fn v(self, stage: usize) -> u32 {
-        self.k(stage) + (BN * D * 2) as u32
+        self.k(stage) + (H::BN * H::D * 2) as u32
     }
     // mbarriers: Q full and Q empty (phase n: the block's n-th work tile), then per stage a full
     // (producer copies landed) and an empty (consumers done) barrier. Phase k of a stage's
-    // barriers belongs to the block's K/V tile 3k + stage, counted across work tiles.
+    // barriers belongs to the block's K/V tile STAGES k + stage, counted across work tiles.
     fn barriers(self) -> u32 {
-        self.base + ws_barrier_offset(D) as u32
+        self.base + ws_barrier_offset(H::D) as u32
     }
     fn q_full(self) -> u32 {
         self.barriers()
@@ -205,13 +219,13 @@ impl<const D: usize> Smem<D> {
         self.barriers() + 8 * (2 + stage) as u32
     }
     fn empty(self, stage: usize) -> u32 {
-        self.barriers() + 8 * (2 + WG_STAGES + stage) as u32
+        self.barriers() + 8 * (2 + H::STAGES + stage) as u32
     }
     /// Work slots (u32, after the barriers): the work index of the block's n-th tile for the
     /// consumers at slot n % 2, and the cp.async producers' broadcast of the next claim at
     /// slot 2 + n % 2.
     fn work_slot(self, n: i32) -> u32 {
-        self.barriers() + (8 * (2 + 2 * WG_STAGES)) as u32 + 4 * (n & 1) as u32
+        self.barriers() + (8 * (2 + 2 * H::STAGES)) as u32 + 4 * (n & 1) as u32
     }
     fn claim_slot(self, n: i32) -> u32 {
         self.work_slot(n) + 8
@@ -224,25 +238,25 @@ fn tensor_map(maps: u64, i: usize) -> u64 {
 }
 
 /// Ring stage and full/empty phase parity of the block's K/V tile `g` (counted across work tiles).
-fn stage_of(g: i32) -> usize {
-    (g % WG_STAGES as i32) as usize
+fn stage_of<H: WsShape>(g: i32) -> usize {
+    (g % H::STAGES as i32) as usize
 }
-fn parity(g: i32) -> u32 {
-    ((g / WG_STAGES as i32) & 1) as u32
+fn parity<H: WsShape>(g: i32) -> u32 {
+    ((g / H::STAGES as i32) & 1) as u32
 }
 
 /// The kernel body, one instantiation per (element, head dim, loads); `maps` is the generic
 /// address of the `TMA_MAPS` tensor maps (`TmaPrefillParams`) when `TMA`.
 #[inline(always)]
-unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize, const TMA: bool>(
+unsafe fn prefill_wgmma<E: Element + WgmmaElement, H: WsShape, const TMA: bool>(
     p: &PrefillParams,
     maps: u64,
 ) {
-    const { assert!(ws_barrier_offset(D) == BM * D * 2 + WG_STAGES * 2 * BN * D * 2 && BN == 128) };
-    const { assert!(TMA_BOX_ROWS == BM && TMA_BOX_ROWS == BN && D % TMA_BOX_COLS == 0) };
-    let smem = Smem::<D> {
-        base: dynamic_shared_base(),
+    const {
+        assert!(ws_barrier_offset(H::D) == BM * H::D * 2 + H::STAGES * 2 * H::BN * H::D * 2);
+        assert!(H::D % TMA_BOX_COLS == 0 && H::BN.is_multiple_of(64) && H::BN <= 128);
     };
+    let smem = Smem::<H>::new();
     let tid = thread_idx_x() as usize;
     let work_tiles = p.m_blocks * p.heads_q * p.batch; // <= i32::MAX, checked by the host
     if tid == 0 {
@@ -253,7 +267,7 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize, const TMA: bo
             let loaders = if TMA { 0 } else { PRODUCERS as u32 };
             mbarrier_init(smem.q_full(), loaders + 1);
             mbarrier_init(smem.q_empty(), CONSUMERS as u32);
-            for stage in 0..WG_STAGES {
+            for stage in 0..H::STAGES {
                 mbarrier_init(smem.full(stage), loaders.max(1));
                 mbarrier_init(smem.empty(stage), CONSUMERS as u32);
             }
@@ -270,14 +284,22 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize, const TMA: bo
     // cannot prove uniform around the consumers' loop makes it serialize every wgmma: C7520).
     let warpgroup = warp_broadcast_u32((tid / 128) as u32) as usize;
     if warpgroup == 0 {
-        setmaxnreg_dec::<WS_PRODUCER_REGISTERS>();
+        if H::D > 128 {
+            setmaxnreg_dec::<WS_WIDE_PRODUCER_REGISTERS>();
+        } else {
+            setmaxnreg_dec::<WS_PRODUCER_REGISTERS>();
+        }
         // With TMA, the first warp runs the loop (one thread issues) and the others leave.
         if !TMA || tid < 32 {
-            unsafe { producer::<D, TMA>(p, smem, maps, tid, work_tiles) };
+            unsafe { producer::<H, TMA>(p, smem, maps, tid, work_tiles) };
         }
     } else {
-        setmaxnreg_inc::<WS_CONSUMER_REGISTERS>();
-        unsafe { consumer::<E, D, TMA>(p, smem, warpgroup - 1, tid % 128) };
+        if H::D > 128 {
+            setmaxnreg_inc::<WS_WIDE_CONSUMER_REGISTERS>();
+        } else {
+            setmaxnreg_inc::<WS_CONSUMER_REGISTERS>();
+        }
+        unsafe { consumer::<E, H, TMA>(p, smem, warpgroup - 1, tid % 128) };
     }
 }
 
@@ -287,17 +309,17 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, const D: usize, const TMA: bo
 /// the previous Q, then every KV tile into an emptied stage. Run by the 128 producer threads
 /// (cp.async) or by the first producer warp, whose thread 0 issues every copy (TMA).
 #[inline(always)]
-unsafe fn producer<const D: usize, const TMA: bool>(
+unsafe fn producer<H: WsShape, const TMA: bool>(
     p: &PrefillParams,
-    smem: Smem<D>,
+    smem: Smem<H>,
     maps: u64,
     tid: usize,
     work_tiles: i32,
 ) {
     let map = |i: usize| tensor_map(maps, i);
     // load_tile's fixed-swizzle walk needs whole rows per pass and a row step that is a multiple
-    // of 8.
-    const { assert!(PRODUCERS % (D / 8) == 0 && (PRODUCERS / (D / 8)) % 8 == 0) };
+    // of 8 (D <= 128: D = 256 has only the TMA build).
+    const { assert!(TMA || (PRODUCERS % (H::D / 8) == 0 && (PRODUCERS / (H::D / 8)) % 8 == 0)) };
     let (mut kv_tiles, mut q_tiles) = (0i32, 0i32);
     let mut work = block_idx_x() as i32;
     loop {
@@ -312,7 +334,7 @@ unsafe fn producer<const D: usize, const TMA: bool>(
                 let published = if work < work_tiles { work } else { -1 };
                 st_shared_u32(smem.work_slot(q_tiles), published as u32);
                 if TMA && work < work_tiles {
-                    mbarrier_arrive_expect_tx(smem.q_full(), (BM * D * 2) as u32);
+                    mbarrier_arrive_expect_tx(smem.q_full(), (BM * H::D * 2) as u32);
                 } else {
                     mbarrier_arrive(smem.q_full());
                 }
@@ -325,7 +347,7 @@ unsafe fn producer<const D: usize, const TMA: bool>(
             break;
         }
         let tile = QueryTile::from_work(p, BM as i32, work);
-        let (blocks, n_block) = visited_blocks(&tile);
+        let (blocks, n_block) = visited_blocks(&tile, H::BN);
         let (k_map, v_map) = if tile.from_stream {
             (map(TMA_STREAM_K), map(TMA_STREAM_V))
         } else {
@@ -335,33 +357,34 @@ unsafe fn producer<const D: usize, const TMA: bool>(
         unsafe {
             if !TMA {
                 let (q, stride) = (tile.q, tile.q_stride);
-                load_tile::<D>(smem.q(), BM, q, stride, tile.m0, tile.seqlen_q, tid);
+                load_tile::<H>(smem.q(), BM, q, stride, tile.m0, tile.seqlen_q, tid);
                 cp_async_mbarrier_arrive(smem.q_full());
             } else if tid == 0 {
                 let row = tile.q_row0 + tile.m0;
-                tma_tile::<D>(smem.q(), map(TMA_Q), smem.q_full(), row, tile.head, batch);
+                let at = [row, tile.head, batch];
+                tma_tile::<H>(smem.q(), BM, map(TMA_Q), smem.q_full(), at);
             }
         }
         for i in 0..blocks {
             let g = kv_tiles + i;
-            let stage = stage_of(g);
-            let n0 = n_block(i) * BN as i32;
+            let stage = stage_of::<H>(g);
+            let n0 = n_block(i) * H::BN as i32;
             let (k, v, full) = (smem.k(stage), smem.v(stage), smem.full(stage));
             unsafe {
-                if g >= WG_STAGES as i32 {
-                    mbarrier_wait(smem.empty(stage), parity(g - WG_STAGES as i32));
+                if g >= H::STAGES as i32 {
+                    mbarrier_wait(smem.empty(stage), parity::<H>(g - H::STAGES as i32));
                 }
                 if !TMA {
                     let (len, k_stride, v_stride) =
                         (tile.seqlen_k, tile.k_row_stride, tile.v_row_stride);
-                    load_tile::<D>(k, BN, tile.k_base, k_stride, n0, len, tid);
-                    load_tile::<D>(v, BN, tile.v_base, v_stride, n0, len, tid);
+                    load_tile::<H>(k, H::BN, tile.k_base, k_stride, n0, len, tid);
+                    load_tile::<H>(v, H::BN, tile.v_base, v_stride, n0, len, tid);
                     cp_async_mbarrier_arrive(full);
                 } else if tid == 0 {
-                    mbarrier_arrive_expect_tx(full, (2 * BN * D * 2) as u32);
-                    let (row, head) = (tile.k_row0 + n0, tile.kv_index);
-                    tma_tile::<D>(k, k_map, full, row, head, batch);
-                    tma_tile::<D>(v, v_map, full, row, head, batch);
+                    mbarrier_arrive_expect_tx(full, Smem::<H>::STAGE_BYTES);
+                    let at = [tile.k_row0 + n0, tile.kv_index, batch];
+                    tma_tile::<H>(k, H::BN, k_map, full, at);
+                    tma_tile::<H>(v, H::BN, v_map, full, at);
                 }
             }
         }
@@ -411,24 +434,23 @@ unsafe fn wait_kv<const TMA: bool>(full: u32, parity: u32) {
     }
 }
 
-/// Issues S = Q K^T for consumer `wg`'s 64 query rows and the 128 keys of `stage`: D / 16
+/// Issues S = Q K^T for consumer `wg`'s 64 query rows and the BN keys of `stage`: D / 16
 /// k-steps, both operands K-major in shared memory.
 #[inline(always)]
-fn mma_qk<E: WgmmaElement, const D: usize>(
-    s: &mut [f32; 64],
-    smem: Smem<D>,
-    wg: usize,
-    stage: usize,
-) {
-    for kk in 0..D / 16 {
+fn mma_qk<E: WgmmaElement, H: WsShape>(s: &mut H::S, smem: Smem<H>, wg: usize, stage: usize) {
+    for kk in 0..H::D / 16 {
         let (block, within) = ((kk / 4) as u32, (kk % 4) as u32 * 32);
         let a = descriptor(
             smem.q() + block * (BM * 128) as u32 + (wg * 64 * 128) as u32 + within,
             16,
             1024,
         );
-        let b = descriptor(smem.k(stage) + block * (BN * 128) as u32 + within, 16, 1024);
-        E::mma_ss_m64n128k16(s, a, b, (kk > 0) as u32);
+        let b = descriptor(
+            smem.k(stage) + block * (H::BN * 128) as u32 + within,
+            16,
+            1024,
+        );
+        H::mma_qk_step::<E>(s, a, b, (kk > 0) as u32);
     }
 }
 
@@ -445,28 +467,20 @@ impl SoftmaxStep<'_> {
     /// `s` (raw scores of KV block `n_block`) becomes P; returns the rows' rescale factors.
     /// `MASK` as in `QueryTile::softmax_scores`.
     #[inline(always)]
-    fn run<const MASK: u32>(
+    fn run<H: WsShape, const MASK: u32>(
         &self,
-        s: &mut [f32; 64],
+        s: &mut H::S,
         state: &mut RowState,
         n_block: i32,
     ) -> [f32; 2] {
-        let n0 = n_block * BN as i32;
-        self.tile.softmax_scores::<MASK, 64>(
-            s,
-            state,
-            n0,
-            BN as i32,
-            self.q_pos,
-            self.t,
-            self.scale_log2,
-        )
+        let n0 = n_block * H::BN as i32;
+        H::softmax::<MASK>(self.tile, s, state, n0, self.q_pos, self.t, self.scale_log2)
     }
 }
 
 /// What one consumer carries through a work tile's KV blocks.
-struct TileLoop<'a, const D: usize> {
-    smem: Smem<D>,
+struct TileLoop<'a, H> {
+    smem: Smem<H>,
     wg: usize,
     my_turn: u32,
     their_turn: u32,
@@ -476,7 +490,7 @@ struct TileLoop<'a, const D: usize> {
     step: SoftmaxStep<'a>,
 }
 
-impl<const D: usize> TileLoop<'_, D> {
+impl<H: WsShape> TileLoop<'_, H> {
     /// KV block `i >= 1` of the tile: S_i with O += P_{i-1} V_{i-1} in one ping-pong turn, softmax_i
     /// while that PV runs, then the rescale. `MASK` as in `QueryTile::softmax_scores`.
     #[inline(always)]
@@ -484,47 +498,47 @@ impl<const D: usize> TileLoop<'_, D> {
         &self,
         i: i32,
         n_block: i32,
-        o: &mut [f32; 64],
+        o: &mut H::O,
         state: &mut RowState,
-        pa: &mut [[u32; 4]; BN / 16],
+        pa: &mut H::P,
     ) {
         let (smem, g) = (self.smem, self.kv_tiles + i);
-        let stage = stage_of(g);
-        unsafe { wait_kv::<TMA>(smem.full(stage), parity(g)) };
+        let stage = stage_of::<H>(g);
+        unsafe { wait_kv::<TMA>(smem.full(stage), parity::<H>(g)) };
 
         named_barrier_sync(self.my_turn, CONSUMERS as u32);
-        let mut s = [0f32; 64];
-        fence_accumulators_64(&mut s);
-        fence_accumulators_64(o);
+        let mut s = H::zero_s();
+        H::fence_s(&mut s);
+        H::fence_o(o);
         wgmma_fence();
-        mma_qk::<E, D>(&mut s, smem, self.wg, stage);
+        mma_qk::<E, H>(&mut s, smem, self.wg, stage);
         wgmma_commit();
-        mma_pv::<E, D>(o, pa, smem.v(stage_of(g - 1)));
+        mma_pv::<E, H>(o, pa, smem.v(stage_of::<H>(g - 1)));
         wgmma_commit();
         named_barrier_arrive(self.their_turn, CONSUMERS as u32);
         wgmma_wait::<1>(); // S_i is done; P_{i-1} V_{i-1} may still run
-        fence_accumulators_64(&mut s);
+        H::fence_s(&mut s);
         if i == self.blocks - 1 {
             // The tile's last S GEMM is done: Q may be overwritten. Releasing it here rather
             // than after the last PV and the epilogue hides the next Q load behind them.
             unsafe { mbarrier_arrive(smem.q_empty()) };
         }
-        let alpha = self.step.run::<MASK>(&mut s, state, n_block);
+        let alpha = self.step.run::<H, MASK>(&mut s, state, n_block);
 
         wgmma_wait::<0>();
-        fence_accumulators_64(o);
-        unsafe { mbarrier_arrive(smem.empty(stage_of(g - 1))) }; // K and V of g - 1 are read
-        rescale(o, alpha);
-        *pa = p_fragments::<E>(&s);
+        H::fence_o(o);
+        unsafe { mbarrier_arrive(smem.empty(stage_of::<H>(g - 1))) }; // K and V of g - 1 are read
+        H::rescale(o, alpha);
+        *pa = H::p_fragments::<E>(&s);
     }
 }
 
 /// Consumer warpgroup `wg` (0 or 1; `wtid` its thread): 64 query rows of each work tile the
 /// producer publishes, until it publishes none.
 #[inline(always)]
-unsafe fn consumer<E: Element + WgmmaElement, const D: usize, const TMA: bool>(
+unsafe fn consumer<E: Element + WgmmaElement, H: WsShape, const TMA: bool>(
     p: &PrefillParams,
-    smem: Smem<D>,
+    smem: Smem<H>,
     wg: usize,
     wtid: usize,
 ) {
@@ -548,7 +562,7 @@ unsafe fn consumer<E: Element + WgmmaElement, const D: usize, const TMA: bool>(
             break;
         }
         let tile = QueryTile::from_work(p, BM as i32, work);
-        let (blocks, n_block) = visited_blocks(&tile);
+        let (blocks, n_block) = visited_blocks(&tile, H::BN);
         let row0 = tile.m0 + (64 * wg + 16 * (wtid / 32) + lane / 4) as i32;
         let rows = [row0, row0 + 8];
         let q_pos = [tile.offset + rows[0], tile.offset + rows[1]];
@@ -560,9 +574,9 @@ unsafe fn consumer<E: Element + WgmmaElement, const D: usize, const TMA: bool>(
         // closes the second batch with a dummy HGMMA on every iteration, and the wait for S_i
         // then waited for P_{i-1} V_{i-1} too, losing the overlap (seen in the SASS and in ncu's
         // stall sampling: the dummy and that wait held 16% of all stall samples).
-        let mut o = [0f32; 64];
+        let mut o = H::zero_o();
         let mut state = RowState::new();
-        let mut pa = [[0u32; 4]; BN / 16];
+        let mut pa = H::zero_p();
         let step = SoftmaxStep {
             tile: &tile,
             q_pos,
@@ -570,26 +584,26 @@ unsafe fn consumer<E: Element + WgmmaElement, const D: usize, const TMA: bool>(
             scale_log2: p.scale_log2,
         };
         if blocks > 0 {
-            let stage = stage_of(kv_tiles);
-            unsafe { wait_kv::<TMA>(smem.full(stage), parity(kv_tiles)) };
+            let stage = stage_of::<H>(kv_tiles);
+            unsafe { wait_kv::<TMA>(smem.full(stage), parity::<H>(kv_tiles)) };
             named_barrier_sync(my_turn, CONSUMERS as u32);
-            let mut s = [0f32; 64];
-            fence_accumulators_64(&mut s);
+            let mut s = H::zero_s();
+            H::fence_s(&mut s);
             wgmma_fence();
-            mma_qk::<E, D>(&mut s, smem, wg, stage);
+            mma_qk::<E, H>(&mut s, smem, wg, stage);
             wgmma_commit();
             named_barrier_arrive(their_turn, CONSUMERS as u32);
             wgmma_wait::<0>();
-            fence_accumulators_64(&mut s);
+            H::fence_s(&mut s);
             if blocks == 1 {
                 unsafe { mbarrier_arrive(smem.q_empty()) }; // see TileLoop::block
             }
-            step.run::<MASK_TEST>(&mut s, &mut state, n_block(0)); // O is still 0: no rescale
-            pa = p_fragments::<E>(&s);
+            step.run::<H, MASK_TEST>(&mut s, &mut state, n_block(0)); // O is 0: no rescale
+            pa = H::p_fragments::<E>(&s);
         }
         // Blocks 1.. in runs: partially visible blocks (element masks) and fully visible ones
         // (no mask code at all: a mask test in the loop cost 5-6% of full causal attention).
-        let tile_loop = TileLoop::<D> {
+        let tile_loop = TileLoop::<H> {
             smem,
             wg,
             my_turn,
@@ -598,7 +612,7 @@ unsafe fn consumer<E: Element + WgmmaElement, const D: usize, const TMA: bool>(
             blocks,
             step,
         };
-        let full = full_segments(&tile, blocks);
+        let full = full_segments(&tile, blocks, H::BN);
         let mut next = 1;
         // Three runs of (masked, full) blocks, the last full run empty. The count is opaque to
         // LLVM so that it keeps one copy of each loop body instead of unrolling five.
@@ -624,13 +638,13 @@ unsafe fn consumer<E: Element + WgmmaElement, const D: usize, const TMA: bool>(
             }
         }
         if blocks > 0 {
-            let last = stage_of(kv_tiles + blocks - 1);
-            fence_accumulators_64(&mut o);
+            let last = stage_of::<H>(kv_tiles + blocks - 1);
+            H::fence_o(&mut o);
             wgmma_fence();
-            mma_pv::<E, D>(&mut o, &pa, smem.v(last));
+            mma_pv::<E, H>(&mut o, &pa, smem.v(last));
             wgmma_commit();
             wgmma_wait::<0>();
-            fence_accumulators_64(&mut o);
+            H::fence_o(&mut o);
             unsafe { mbarrier_arrive(smem.empty(last)) };
         } else {
             unsafe { mbarrier_arrive(smem.q_empty()) }; // a tile without KV blocks never read Q
@@ -639,12 +653,16 @@ unsafe fn consumer<E: Element + WgmmaElement, const D: usize, const TMA: bool>(
         q_tiles += 1;
 
         let (inv, lse) = finish(&state);
-        if D == 64 {
-            let mut o64 = [0f32; 32];
-            o64.copy_from_slice(&o[..32]);
-            tile.store_rows::<E, 32>(&o64, rows, t, inv, lse);
+        // The output addresses are recomputed rather than carried through the KV loop: at
+        // D = 256 (O alone 128 registers) the consumer otherwise spills.
+        if H::D > 128 {
+            // The work index again from its slot (the producer rewrites it only after this
+            // consumer releases the next tile's Q).
+            let work = unsafe { ld_shared_u32(smem.work_slot(q_tiles - 1)) } as i32;
+            let out = QueryTile::from_work(p, BM as i32, warp_broadcast_u32(work as u32) as i32);
+            H::store::<E>(&out, &o, rows, t, inv, lse);
         } else {
-            tile.store_rows::<E, 64>(&o, rows, t, inv, lse);
+            H::store::<E>(&tile, &o, rows, t, inv, lse);
         }
     }
     // Balance the ping-pong: consumer 1 arrived at barrier 1 once more than consumer 0 synced
@@ -661,7 +679,7 @@ macro_rules! wgmma_entry {
     ($name:ident, $elem:ty, $d:literal) => {
         #[unsafe(no_mangle)]
         pub unsafe extern "ptx-kernel" fn $name(p: PrefillParams) {
-            unsafe { prefill_wgmma::<$elem, $d, false>(&p, 0) }
+            unsafe { prefill_wgmma::<$elem, HeadDim<$d>, false>(&p, 0) }
         }
     };
 }
@@ -681,7 +699,7 @@ macro_rules! tma_entry {
                     options(pure, nomem, nostack)
                 )
             };
-            unsafe { prefill_wgmma::<$elem, $d, true>(&p.prefill, maps) }
+            unsafe { prefill_wgmma::<$elem, HeadDim<$d>, true>(&p.prefill, maps) }
         }
     };
 }
@@ -694,3 +712,5 @@ tma_entry!(duo_prefill_wgmma_tma_bf16_d64, Bf16, 64);
 tma_entry!(duo_prefill_wgmma_tma_bf16_d128, Bf16, 128);
 tma_entry!(duo_prefill_wgmma_tma_f16_d64, F16, 64);
 tma_entry!(duo_prefill_wgmma_tma_f16_d128, F16, 128);
+tma_entry!(duo_prefill_wgmma_tma_bf16_d256, Bf16, 256);
+tma_entry!(duo_prefill_wgmma_tma_f16_d256, F16, 256);

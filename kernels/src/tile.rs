@@ -2,8 +2,8 @@
 //! operand addresses, and the epilogue that writes O and LSE.
 use crate::abi::{HEAD_MASK_WORDS, PrefillParams};
 use crate::device::{
-    block_idx_x, block_idx_y, block_idx_z, grid_dim_x, ld_global_nc_u32, opaque_i32, select_u32,
-    shfl_xor_u32, st_global_f32_if, st_global_v4_u32_if,
+    block_idx_x, block_idx_y, block_idx_z, div_u32_nonzero, grid_dim_x, ld_global_nc_u32,
+    opaque_i32, select_u32, shfl_xor_u32, st_global_f32_if, st_global_v4_u32_if,
 };
 use crate::mask::HeadMask;
 use crate::mma::Element;
@@ -121,12 +121,14 @@ impl QueryTile {
     /// streams from DRAM); within a head the last, longest causal tiles come first.
     #[inline(always)]
     pub fn from_work(p: &PrefillParams, block_m: i32, work: i32) -> Self {
-        // Opaque, so LLVM computes the division's zero test in each warp role rather than once
-        // before the role split, where the persistent kernel's cp.async build spilled it.
+        // Divisions without zero tests (the host checks these counts are > 0): a test common to
+        // both warp roles is hoisted by ptxas before the role split, where a value live across
+        // `setmaxnreg` is spilled.
+        let div = |a: i32, b: i32| div_u32_nonzero(a as u32, b as u32) as i32;
         let m_blocks = opaque_i32(p.m_blocks);
-        let pair = div_or_zero(work, m_blocks);
+        let pair = div(work, m_blocks);
         let m_block = m_blocks - 1 - (work - pair * m_blocks);
-        let batch = div_or_zero(pair, p.heads_q);
+        let batch = div(pair, p.heads_q);
         let head = pair - batch * p.heads_q;
         Self::new(p, block_m, m_block, head, batch as i64)
     }
@@ -270,11 +272,26 @@ impl QueryTile {
         inv: [f32; 2],
         lse: [f32; 2],
     ) {
+        self.store_cols::<E, N>(o, rows, t, inv, 0);
+        self.store_lse(rows, t, lse);
+    }
+
+    /// `store_rows` without the LSE, for an accumulator that holds columns `col0..col0 + N / 2`
+    /// of O (a head dim split over several accumulators).
+    #[inline(always)]
+    pub fn store_cols<E: Element, const N: usize>(
+        &self,
+        o: &[f32; N],
+        rows: [i32; 2],
+        t: usize,
+        inv: [f32; 2],
+        col0: usize,
+    ) {
         const { assert!(N % 16 == 0) };
         for r in 0..2 {
             let row = rows[r];
             let valid = row < self.seqlen_q;
-            let o_row = self.o + row_offset(self.o_stride, min_i32(row, self.seqlen_q), 0);
+            let o_row = self.o + row_offset(self.o_stride, min_i32(row, self.seqlen_q), col0);
             for group in 0..N / 16 {
                 // This thread's words of columns 8j + 2t (+1) for j = 4 group + u.
                 let words: [u32; 4] = core::array::from_fn(|u| {
@@ -286,7 +303,17 @@ impl QueryTile {
                 let addr = o_row + ((4 * group + t) * 16) as u64;
                 unsafe { st_global_v4_u32_if(valid, addr, chunk) };
             }
-            unsafe { st_global_f32_if(valid & (t == 0), self.lse + 4 * row as u64, lse[r]) };
+        }
+    }
+
+    /// The LSE of this thread's two rows, written by the quad leader (rows past the sequence are
+    /// not written).
+    #[inline(always)]
+    pub fn store_lse(&self, rows: [i32; 2], t: usize, lse: [f32; 2]) {
+        for r in 0..2 {
+            let valid = rows[r] < self.seqlen_q;
+            let addr = self.lse + 4 * rows[r] as u64;
+            unsafe { st_global_f32_if(valid & (t == 0), addr, lse[r]) };
         }
     }
 }

@@ -667,10 +667,12 @@ pub fn wgmma_wait<const N: u32>() {
     unsafe { asm!("wgmma.wait_group.sync.aligned {n};", n = const N, options(nostack)) };
 }
 
-/// P (the softmax'd scores of a 64 x 128 S accumulator) as the register A fragments of the PV
-/// GEMM's eight k-steps: key tiles 2kk and 2kk+1 of S form the fragment of k-step kk.
+/// P (the softmax'd scores of a 64 x BN S accumulator, `N = BN / 2` per thread) as the register
+/// A fragments of the PV GEMM's `K = BN / 16` k-steps: key tiles 2kk and 2kk+1 of S form the
+/// fragment of k-step kk.
 #[inline(always)]
-pub fn p_fragments<E: Element>(s: &[f32; 64]) -> [[u32; 4]; 8] {
+pub fn p_fragments<E: Element, const N: usize, const K: usize>(s: &[f32; N]) -> [[u32; 4]; K] {
+    const { assert!(N == 8 * K) };
     core::array::from_fn(|kk| {
         let j = 8 * kk;
         [

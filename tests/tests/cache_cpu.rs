@@ -134,7 +134,7 @@ fn cache_config_errors() {
     check(|_| {}, ok()).unwrap();
     assert!(matches!(
         check(|c| c.head_dim = 96, ok()),
-        Err(Error::UnsupportedHeadDim(96))
+        Err(Error::UnsupportedHeadDim { head_dim: 96, .. })
     ));
     assert!(matches!(
         check(|c| c.heads_q = 6, ok()),

@@ -14,6 +14,13 @@ const HEADS: [(usize, usize); 3] = [(8, 8), (32, 8), (8, 1)];
 const HEAD_DIMS: [usize; 2] = [64, 128];
 const SINKS: [u32; 3] = [0, 4, 128];
 const WINDOWS: [u32; 4] = [0, 1, 256, 5000];
+/// Every prefill kernel, the TMA one (what `Auto` runs) first.
+const ALL_KERNELS: [PrefillKernel; 4] = [
+    PrefillKernel::WgmmaTma,
+    PrefillKernel::WgmmaWarpSpecialized,
+    PrefillKernel::Wgmma,
+    PrefillKernel::MmaSync,
+];
 
 /// Mixed head kinds with at least one of each when there are two or more KV heads.
 fn mixed_kinds(rng: &mut StdRng, heads_kv: usize, case: usize) -> Vec<HeadKind> {
@@ -47,11 +54,15 @@ struct Case {
 /// Every (Sq, Sk) pair x head layout x head dim; batch, sink, window, dtype and causality rotate
 /// so that every sink x window x batch combination appears (period 24) across the 150 cases.
 fn matrix(rng: &mut StdRng) -> Vec<Case> {
+    matrix_of(rng, &HEAD_DIMS)
+}
+
+fn matrix_of(rng: &mut StdRng, head_dims: &[usize]) -> Vec<Case> {
     let mut cases = Vec::new();
     for &sq in &SEQLENS {
         for &sk in &SEQLENS {
             for &(hq, hkv) in &HEADS {
-                for &d in &HEAD_DIMS {
+                for &d in head_dims {
                     let n = cases.len();
                     let shape = Shape {
                         batch: 1 + n % 2,
@@ -103,6 +114,14 @@ fn tma_prefill_matches_reference_over_the_matrix() {
     );
 }
 
+/// Head dim 256 (the TMA kernel only: 64-key blocks, two stages, O in two n128 halves): the
+/// same (Sq, Sk) x heads grid with its own rotation of sinks, windows, dtypes and causality.
+#[test]
+fn tma_prefill_head_dim_256_matches_reference() {
+    let test = "tma_prefill_head_dim_256_matches_reference";
+    run_matrix(PrefillKernel::WgmmaTma, test, |rng| matrix_of(rng, &[256]));
+}
+
 /// The warp-specialised kernel with cp.async loads (`Auto`'s fallback).
 #[test]
 fn warp_specialised_prefill_matches_reference_over_the_matrix() {
@@ -121,11 +140,15 @@ fn mma_sync_prefill_matches_reference_over_the_matrix() {
 }
 
 fn matrix_for(kernel: PrefillKernel, test: &str) {
+    run_matrix(kernel, test, matrix);
+}
+
+fn run_matrix(kernel: PrefillKernel, test: &str, cases_of: impl Fn(&mut StdRng) -> Vec<Case>) {
     let Some(ctx) = gpu_or_skip(test) else {
         return;
     };
     let mut rng = rng(test);
-    let mut cases = matrix(&mut rng);
+    let mut cases = cases_of(&mut rng);
     for case in &mut cases {
         case.cfg.kernel = kernel;
     }
@@ -407,105 +430,103 @@ fn warp_specialised_back_to_back_stress() {
 
 /// Varlen batches (packed `[total, H, D]`, `cu_seqlens`): sequences with Sq < Sk, Sq = Sk, an
 /// empty query sequence and an empty key sequence, mixed head kinds, against the reference run
-/// per sequence; every kernel.
+/// per sequence; every kernel at D = 128, the TMA kernel at D = 256.
 #[test]
 fn varlen_matches_reference_per_sequence() {
     let Some(ctx) = gpu_or_skip("varlen_matches_reference_per_sequence") else {
         return;
     };
     let mut rng = rng("varlen");
-    let (hq, hkv, d) = (8, 2, 128);
-    let lens: [(usize, usize); 5] = [(100, 300), (517, 517), (0, 50), (37, 0), (1, 1000)];
-    let prefix = |f: fn(&(usize, usize)) -> usize| -> Vec<i32> {
-        std::iter::once(0)
-            .chain(lens.iter().scan(0, |acc, l| {
-                *acc += f(l) as i32;
-                Some(*acc)
-            }))
-            .collect()
-    };
-    let (cu_q, cu_k) = (prefix(|l| l.0), prefix(|l| l.1));
-    let (total_q, total_k) = (
-        *cu_q.last().unwrap() as usize,
-        *cu_k.last().unwrap() as usize,
-    );
-    let (q, q32) = random_tensor::<bf16>(&mut rng, total_q * hq * d);
-    let (k, k32) = random_tensor::<bf16>(&mut rng, total_k * hkv * d);
-    let (v, v32) = random_tensor::<bf16>(&mut rng, total_k * hkv * d);
-    let dq = ctx.upload(&q, [total_q, hq, d]).unwrap();
-    let dk = ctx.upload(&k, [total_k, hkv, d]).unwrap();
-    let dv = ctx.upload(&v, [total_k, hkv, d]).unwrap();
-    let dcu_q = ctx.upload(&cu_q, [cu_q.len()]).unwrap();
-    let dcu_k = ctx.upload(&cu_k, [cu_k.len()]).unwrap();
-    for kernel in [
-        PrefillKernel::WgmmaTma,
-        PrefillKernel::WgmmaWarpSpecialized,
-        PrefillKernel::Wgmma,
-        PrefillKernel::MmaSync,
-    ] {
-        let cfg = AttentionConfig::new(vec![HeadKind::Streaming, HeadKind::Retrieval])
-            .sink(8)
-            .window(64)
-            .kernel(kernel);
-        let mut out = ctx.alloc::<bf16, 3>([total_q, hq, d]).unwrap();
-        let mut lse = ctx.alloc::<f32, 2>([hq, total_q]).unwrap();
-        out.fill(bf16::NAN).unwrap();
-        lse.fill(f32::NAN).unwrap();
-        ctx.attention_varlen(
-            &dq.view(),
-            &dk.view(),
-            &dv.view(),
-            &mut out.view_mut(),
-            &mut lse.view_mut(),
-            &dcu_q,
-            &dcu_k,
-            &cfg,
-        )
-        .unwrap();
-        ctx.synchronize().unwrap();
-        let out32: Vec<f32> = out.to_host().unwrap().iter().map(|x| x.to_f32()).collect();
-        let lse_all = lse.to_host().unwrap();
-        for (b, &(sq, sk)) in lens.iter().enumerate() {
-            let (q0, k0) = (cu_q[b] as usize, cu_k[b] as usize);
-            let shape = Shape {
-                batch: 1,
-                seqlen_q: sq,
-                seqlen_k: sk,
-                heads_q: hq,
-                heads_kv: hkv,
-                head_dim: d,
-            };
-            let rows_of = |x: &[f32], start: usize, n: usize, h: usize| {
-                x[start * h * d..(start + n) * h * d].to_vec()
-            };
-            let seq_lse: Vec<f32> = (0..hq)
-                .flat_map(|h| lse_all[h * total_q + q0..h * total_q + q0 + sq].to_vec())
-                .collect();
-            let rows: Vec<(usize, usize, usize)> = (0..hq)
-                .flat_map(|h| (0..sq).map(move |i| (0, h, i)))
-                .collect();
-            let cmp = compare(
-                &shape,
+    // Head dim 256 runs on the TMA kernel only.
+    for (d, kernels) in [(128, &ALL_KERNELS[..]), (256, &ALL_KERNELS[..1])] {
+        let (hq, hkv) = (8, 2);
+        let lens: [(usize, usize); 5] = [(100, 300), (517, 517), (0, 50), (37, 0), (1, 1000)];
+        let prefix = |f: fn(&(usize, usize)) -> usize| -> Vec<i32> {
+            std::iter::once(0)
+                .chain(lens.iter().scan(0, |acc, l| {
+                    *acc += f(l) as i32;
+                    Some(*acc)
+                }))
+                .collect()
+        };
+        let (cu_q, cu_k) = (prefix(|l| l.0), prefix(|l| l.1));
+        let (total_q, total_k) = (
+            *cu_q.last().unwrap() as usize,
+            *cu_k.last().unwrap() as usize,
+        );
+        let (q, q32) = random_tensor::<bf16>(&mut rng, total_q * hq * d);
+        let (k, k32) = random_tensor::<bf16>(&mut rng, total_k * hkv * d);
+        let (v, v32) = random_tensor::<bf16>(&mut rng, total_k * hkv * d);
+        let dq = ctx.upload(&q, [total_q, hq, d]).unwrap();
+        let dk = ctx.upload(&k, [total_k, hkv, d]).unwrap();
+        let dv = ctx.upload(&v, [total_k, hkv, d]).unwrap();
+        let dcu_q = ctx.upload(&cu_q, [cu_q.len()]).unwrap();
+        let dcu_k = ctx.upload(&cu_k, [cu_k.len()]).unwrap();
+        for &kernel in kernels {
+            let cfg = AttentionConfig::new(vec![HeadKind::Streaming, HeadKind::Retrieval])
+                .sink(8)
+                .window(64)
+                .kernel(kernel);
+            let mut out = ctx.alloc::<bf16, 3>([total_q, hq, d]).unwrap();
+            let mut lse = ctx.alloc::<f32, 2>([hq, total_q]).unwrap();
+            out.fill(bf16::NAN).unwrap();
+            lse.fill(f32::NAN).unwrap();
+            ctx.attention_varlen(
+                &dq.view(),
+                &dk.view(),
+                &dv.view(),
+                &mut out.view_mut(),
+                &mut lse.view_mut(),
+                &dcu_q,
+                &dcu_k,
                 &cfg,
-                &rows_of(&q32, q0, sq, hq),
-                &rows_of(&k32, k0, sk, hkv),
-                &rows_of(&v32, k0, sk, hkv),
-                &rows_of(&out32, q0, sq, hq),
-                &seq_lse,
-                &rows,
+            )
+            .unwrap();
+            ctx.synchronize().unwrap();
+            let out32: Vec<f32> = out.to_host().unwrap().iter().map(|x| x.to_f32()).collect();
+            let lse_all = lse.to_host().unwrap();
+            for (b, &(sq, sk)) in lens.iter().enumerate() {
+                let (q0, k0) = (cu_q[b] as usize, cu_k[b] as usize);
+                let shape = Shape {
+                    batch: 1,
+                    seqlen_q: sq,
+                    seqlen_k: sk,
+                    heads_q: hq,
+                    heads_kv: hkv,
+                    head_dim: d,
+                };
+                let rows_of = |x: &[f32], start: usize, n: usize, h: usize| {
+                    x[start * h * d..(start + n) * h * d].to_vec()
+                };
+                let seq_lse: Vec<f32> = (0..hq)
+                    .flat_map(|h| lse_all[h * total_q + q0..h * total_q + q0 + sq].to_vec())
+                    .collect();
+                let rows: Vec<(usize, usize, usize)> = (0..hq)
+                    .flat_map(|h| (0..sq).map(move |i| (0, h, i)))
+                    .collect();
+                let cmp = compare(
+                    &shape,
+                    &cfg,
+                    &rows_of(&q32, q0, sq, hq),
+                    &rows_of(&k32, k0, sk, hkv),
+                    &rows_of(&v32, k0, sk, hkv),
+                    &rows_of(&out32, q0, sq, hq),
+                    &seq_lse,
+                    &rows,
+                );
+                notice(&format!(
+                    "varlen {kernel:?} D={d} seq {b} (Sq {sq}, Sk {sk}): {cmp:?}"
+                ));
+                assert!(cmp.passed() || sq == 0, "{kernel:?} sequence {b}: {cmp:?}");
+            }
+            assert!(
+                out32.iter().all(|x| x.is_finite()),
+                "{kernel:?}: unwritten output rows"
             );
-            notice(&format!(
-                "varlen {kernel:?} seq {b} (Sq {sq}, Sk {sk}): {cmp:?}"
-            ));
-            assert!(cmp.passed() || sq == 0, "{kernel:?} sequence {b}: {cmp:?}");
+            assert!(
+                lse_all.iter().all(|x| !x.is_nan()),
+                "{kernel:?}: unwritten LSE entries"
+            );
         }
-        assert!(
-            out32.iter().all(|x| x.is_finite()),
-            "{kernel:?}: unwritten output rows"
-        );
-        assert!(
-            lse_all.iter().all(|x| !x.is_nan()),
-            "{kernel:?}: unwritten LSE entries"
-        );
     }
 }

@@ -104,6 +104,46 @@ fn broadcast_operands_fall_back_to_cp_async_loads() {
     assert!(matches!(err, Error::TmaLayout { tensor: "k", .. }), "{err}");
 }
 
+/// Head dim 256 runs on the TMA kernel only: 64-key K/V boxes and two stages (Q 64 KiB + 2 x
+/// 64 KiB), every other kernel a typed error, and so is an operand TMA cannot address.
+#[test]
+fn head_dim_256_takes_the_tma_kernel() {
+    let wide = || call_of([B, SQ, SK, HQ, HKV, 256], 0x1_0000_0000);
+    let p = plan(&wide()).unwrap();
+    assert_eq!(p.entry, "duo_prefill_wgmma_tma_bf16_d256");
+    assert_eq!(
+        (p.block, p.shared_bytes),
+        (384, (128 * 256 + 2 * 2 * 64 * 256) * 2 + 6 * 8 + 16)
+    );
+    let tma = p.tma.expect("tensor maps");
+    assert_eq!(
+        tma.map(|m| m.box_rows),
+        [128, 64, 64, 64, 64],
+        "Q boxes are a query tile, K/V boxes a KV block"
+    );
+    for kernel in [
+        PrefillKernel::MmaSync,
+        PrefillKernel::Wgmma,
+        PrefillKernel::WgmmaWarpSpecialized,
+    ] {
+        let mut c = wide();
+        c.cfg = c.cfg.kernel(kernel);
+        let err = plan(&c).expect_err("only the TMA kernel takes D = 256");
+        assert!(
+            matches!(err, Error::UnsupportedHeadDim { head_dim: 256, .. }),
+            "{kernel:?}: {err}"
+        );
+    }
+    let mut c = wide();
+    c.k.strides[2] = 0;
+    c.v.strides[2] = 0;
+    let err = plan(&c).expect_err("no cp.async fallback at D = 256");
+    assert!(
+        matches!(err, Error::WideHeadDimLayout { tensor: "k", .. }),
+        "{err}"
+    );
+}
+
 #[test]
 fn warp_specialised_cp_async_kernel_on_request() {
     let mut c = valid();
@@ -171,7 +211,10 @@ fn unsupported_head_dim() {
             t.shape[3] = 96;
         }
     });
-    assert!(matches!(err, Error::UnsupportedHeadDim(96)));
+    assert!(matches!(
+        err,
+        Error::UnsupportedHeadDim { head_dim: 96, .. }
+    ));
 }
 
 #[test]

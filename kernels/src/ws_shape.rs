@@ -1,0 +1,230 @@
+//! Per-head-dim shapes of the warp-specialised prefill kernel: the KV block size, the ring depth,
+//! and a consumer's register tiles (scores S, output O, P as A fragments) with the wgmma
+//! instructions that fill them.
+//!
+//! D = 64 and 128 walk 128-key blocks through three stages. D = 256 walks 64-key blocks through
+//! two: a consumer's O is then 64 x 256 (128 registers, two n128 accumulators, since wgmma's
+//! widest N is 256 and a 128-register operand list is past what ptxas takes well), S is 64 x 64,
+//! and Q alone takes 64 KiB of shared memory.
+use crate::abi::{ws_block_n, ws_stages};
+use crate::mma::Element;
+use crate::softmax::{RowState, rescale};
+use crate::tile::QueryTile;
+use crate::wgmma::{WgmmaElement, fence_accumulators_32, fence_accumulators_64, p_fragments};
+
+/// Head dim `D` of the warp-specialised kernel.
+pub struct HeadDim<const D: usize>;
+
+/// What the kernel body needs to know about its head dim.
+pub trait WsShape {
+    const D: usize;
+    /// Keys per KV block.
+    const BN: usize = ws_block_n(Self::D);
+    /// K/V stages of the shared-memory ring.
+    const STAGES: usize = ws_stages(Self::D);
+    /// A consumer's scores of one KV block (64 x BN, f32).
+    type S: Copy;
+    /// A consumer's output accumulator (64 x D, f32).
+    type O: Copy;
+    /// P as the register A fragments of the PV GEMM, one per 16-key k-step.
+    type P: Copy + AsRef<[[u32; 4]]>;
+
+    fn zero_s() -> Self::S;
+    fn zero_o() -> Self::O;
+    fn zero_p() -> Self::P;
+    /// Register fences around asynchronous wgmma accumulators.
+    fn fence_s(s: &mut Self::S);
+    fn fence_o(o: &mut Self::O);
+    /// One 16-deep k-step of S (+)= Q K^T, both operands shared-memory descriptors.
+    fn mma_qk_step<E: WgmmaElement>(s: &mut Self::S, a: u64, b: u64, accumulate: u32);
+    /// One 16-key k-step of O += P V with A fragment `a`; `v(half)` is the V descriptor of
+    /// columns `128 half ..` (D = 256 has two halves).
+    fn mma_pv_step<E: WgmmaElement>(o: &mut Self::O, a: &[u32; 4], v: impl Fn(usize) -> u64);
+    /// `QueryTile::softmax_scores` on this shape's scores.
+    #[allow(clippy::too_many_arguments)]
+    fn softmax<const MASK: u32>(
+        tile: &QueryTile,
+        s: &mut Self::S,
+        state: &mut RowState,
+        n0: i32,
+        q_pos: [i32; 2],
+        t: usize,
+        scale_log2: f32,
+    ) -> [f32; 2];
+    fn rescale(o: &mut Self::O, alpha: [f32; 2]);
+    fn p_fragments<E: Element>(s: &Self::S) -> Self::P;
+    /// The epilogue: normalised O rows and the LSE.
+    fn store<E: Element>(
+        tile: &QueryTile,
+        o: &Self::O,
+        rows: [i32; 2],
+        t: usize,
+        inv: [f32; 2],
+        lse: [f32; 2],
+    );
+}
+
+/// D = 64 and 128: 128-key blocks, S and O one 64-register accumulator each (D = 64 uses the
+/// first 32 registers of O, with n64 PV GEMMs).
+macro_rules! narrow_shape {
+    ($d:literal) => {
+        impl WsShape for HeadDim<$d> {
+            const D: usize = $d;
+            type S = [f32; 64];
+            type O = [f32; 64];
+            type P = [[u32; 4]; 8];
+
+            #[inline(always)]
+            fn zero_s() -> Self::S {
+                [0.0; 64]
+            }
+            #[inline(always)]
+            fn zero_o() -> Self::O {
+                [0.0; 64]
+            }
+            #[inline(always)]
+            fn zero_p() -> Self::P {
+                [[0; 4]; 8]
+            }
+            #[inline(always)]
+            fn fence_s(s: &mut Self::S) {
+                fence_accumulators_64(s);
+            }
+            #[inline(always)]
+            fn fence_o(o: &mut Self::O) {
+                fence_accumulators_64(o);
+            }
+            #[inline(always)]
+            fn mma_qk_step<E: WgmmaElement>(s: &mut Self::S, a: u64, b: u64, accumulate: u32) {
+                E::mma_ss_m64n128k16(s, a, b, accumulate);
+            }
+            #[inline(always)]
+            fn mma_pv_step<E: WgmmaElement>(
+                o: &mut Self::O,
+                a: &[u32; 4],
+                v: impl Fn(usize) -> u64,
+            ) {
+                if $d == 64 {
+                    E::mma_rs_m64n64k16(o, a, v(0));
+                } else {
+                    E::mma_rs_m64n128k16(o, a, v(0));
+                }
+            }
+            #[inline(always)]
+            fn softmax<const MASK: u32>(
+                tile: &QueryTile,
+                s: &mut Self::S,
+                state: &mut RowState,
+                n0: i32,
+                q_pos: [i32; 2],
+                t: usize,
+                scale_log2: f32,
+            ) -> [f32; 2] {
+                let bn = Self::BN as i32;
+                tile.softmax_scores::<MASK, 64>(s, state, n0, bn, q_pos, t, scale_log2)
+            }
+            #[inline(always)]
+            fn rescale(o: &mut Self::O, alpha: [f32; 2]) {
+                rescale(o, alpha);
+            }
+            #[inline(always)]
+            fn p_fragments<E: Element>(s: &Self::S) -> Self::P {
+                p_fragments::<E, 64, 8>(s)
+            }
+            #[inline(always)]
+            fn store<E: Element>(
+                tile: &QueryTile,
+                o: &Self::O,
+                rows: [i32; 2],
+                t: usize,
+                inv: [f32; 2],
+                lse: [f32; 2],
+            ) {
+                if $d == 64 {
+                    let mut used = [0f32; 32];
+                    used.copy_from_slice(&o[..32]);
+                    tile.store_rows::<E, 32>(&used, rows, t, inv, lse);
+                } else {
+                    tile.store_rows::<E, 64>(o, rows, t, inv, lse);
+                }
+            }
+        }
+    };
+}
+
+narrow_shape!(64);
+narrow_shape!(128);
+
+/// D = 256: 64-key blocks (S 32 registers, four k-steps of P), O as two 64 x 128 halves.
+impl WsShape for HeadDim<256> {
+    const D: usize = 256;
+    type S = [f32; 32];
+    type O = [[f32; 64]; 2];
+    type P = [[u32; 4]; 4];
+
+    #[inline(always)]
+    fn zero_s() -> Self::S {
+        [0.0; 32]
+    }
+    #[inline(always)]
+    fn zero_o() -> Self::O {
+        [[0.0; 64]; 2]
+    }
+    #[inline(always)]
+    fn zero_p() -> Self::P {
+        [[0; 4]; 4]
+    }
+    #[inline(always)]
+    fn fence_s(s: &mut Self::S) {
+        fence_accumulators_32(s);
+    }
+    #[inline(always)]
+    fn fence_o(o: &mut Self::O) {
+        fence_accumulators_64(&mut o[0]);
+        fence_accumulators_64(&mut o[1]);
+    }
+    #[inline(always)]
+    fn mma_qk_step<E: WgmmaElement>(s: &mut Self::S, a: u64, b: u64, accumulate: u32) {
+        E::mma_ss_m64n64k16(s, a, b, accumulate);
+    }
+    #[inline(always)]
+    fn mma_pv_step<E: WgmmaElement>(o: &mut Self::O, a: &[u32; 4], v: impl Fn(usize) -> u64) {
+        E::mma_rs_m64n128k16(&mut o[0], a, v(0));
+        E::mma_rs_m64n128k16(&mut o[1], a, v(1));
+    }
+    #[inline(always)]
+    fn softmax<const MASK: u32>(
+        tile: &QueryTile,
+        s: &mut Self::S,
+        state: &mut RowState,
+        n0: i32,
+        q_pos: [i32; 2],
+        t: usize,
+        scale_log2: f32,
+    ) -> [f32; 2] {
+        let bn = Self::BN as i32;
+        tile.softmax_scores::<MASK, 32>(s, state, n0, bn, q_pos, t, scale_log2)
+    }
+    #[inline(always)]
+    fn rescale(o: &mut Self::O, alpha: [f32; 2]) {
+        rescale(&mut o[0], alpha);
+        rescale(&mut o[1], alpha);
+    }
+    #[inline(always)]
+    fn p_fragments<E: Element>(s: &Self::S) -> Self::P {
+        p_fragments::<E, 32, 4>(s)
+    }
+    #[inline(always)]
+    fn store<E: Element>(
+        tile: &QueryTile,
+        o: &Self::O,
+        rows: [i32; 2],
+        t: usize,
+        inv: [f32; 2],
+        lse: [f32; 2],
+    ) {
+        tile.store_cols::<E, 64>(&o[0], rows, t, inv, 0);
+        tile.store_cols::<E, 64>(&o[1], rows, t, inv, 128);
+        tile.store_lse(rows, t, lse);
+    }
+}
