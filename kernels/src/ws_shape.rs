@@ -64,39 +64,65 @@ pub trait WsShape {
     );
 }
 
+/// The score-side items of a shape: S of `$sn` registers per thread (BN = 2 $sn keys) filled by
+/// `$qk`, fenced by `$fence`, P of `$pk` k-steps.
+macro_rules! score_tiles {
+    ($sn:literal, $pk:literal, $qk:ident, $fence:ident) => {
+        type S = [f32; $sn];
+        type P = [[u32; 4]; $pk];
+
+        #[inline(always)]
+        fn zero_s() -> Self::S {
+            [0.0; $sn]
+        }
+        #[inline(always)]
+        fn zero_p() -> Self::P {
+            [[0; 4]; $pk]
+        }
+        #[inline(always)]
+        fn fence_s(s: &mut Self::S) {
+            $fence(s);
+        }
+        #[inline(always)]
+        fn mma_qk_step<E: WgmmaElement>(s: &mut Self::S, a: u64, b: u64, accumulate: u32) {
+            E::$qk(s, a, b, accumulate);
+        }
+        #[inline(always)]
+        fn softmax<const MASK: u32>(
+            tile: &QueryTile,
+            s: &mut Self::S,
+            state: &mut RowState,
+            n0: i32,
+            q_pos: [i32; 2],
+            t: usize,
+            scale_log2: f32,
+        ) -> [f32; 2] {
+            let bn = Self::BN as i32;
+            tile.softmax_scores::<MASK, $sn>(s, state, n0, bn, q_pos, t, scale_log2)
+        }
+        #[inline(always)]
+        fn p_fragments<E: Element>(s: &Self::S) -> Self::P {
+            p_fragments::<E, $sn, $pk>(s)
+        }
+    };
+}
+
 /// D = 64 and 128: 128-key blocks, S and O one 64-register accumulator each (D = 64 uses the
 /// first 32 registers of O, with n64 PV GEMMs).
 macro_rules! narrow_shape {
     ($d:literal) => {
         impl WsShape for HeadDim<$d> {
             const D: usize = $d;
-            type S = [f32; 64];
             type O = [f32; 64];
-            type P = [[u32; 4]; 8];
+            score_tiles!(64, 8, mma_ss_m64n128k16, fence_accumulators_64);
 
-            #[inline(always)]
-            fn zero_s() -> Self::S {
-                [0.0; 64]
-            }
             #[inline(always)]
             fn zero_o() -> Self::O {
                 [0.0; 64]
             }
             #[inline(always)]
-            fn zero_p() -> Self::P {
-                [[0; 4]; 8]
-            }
-            #[inline(always)]
-            fn fence_s(s: &mut Self::S) {
-                fence_accumulators_64(s);
-            }
-            #[inline(always)]
             fn fence_o(o: &mut Self::O) {
                 fence_accumulators_64(o);
-            }
-            #[inline(always)]
-            fn mma_qk_step<E: WgmmaElement>(s: &mut Self::S, a: u64, b: u64, accumulate: u32) {
-                E::mma_ss_m64n128k16(s, a, b, accumulate);
             }
             #[inline(always)]
             fn mma_pv_step<E: WgmmaElement>(
@@ -111,25 +137,8 @@ macro_rules! narrow_shape {
                 }
             }
             #[inline(always)]
-            fn softmax<const MASK: u32>(
-                tile: &QueryTile,
-                s: &mut Self::S,
-                state: &mut RowState,
-                n0: i32,
-                q_pos: [i32; 2],
-                t: usize,
-                scale_log2: f32,
-            ) -> [f32; 2] {
-                let bn = Self::BN as i32;
-                tile.softmax_scores::<MASK, 64>(s, state, n0, bn, q_pos, t, scale_log2)
-            }
-            #[inline(always)]
             fn rescale(o: &mut Self::O, alpha: [f32; 2]) {
                 rescale(o, alpha);
-            }
-            #[inline(always)]
-            fn p_fragments<E: Element>(s: &Self::S) -> Self::P {
-                p_fragments::<E, 64, 8>(s)
             }
             #[inline(always)]
             fn store<E: Element>(
@@ -158,25 +167,12 @@ narrow_shape!(128);
 /// D = 256: 64-key blocks (S 32 registers, four k-steps of P), O as two 64 x 128 halves.
 impl WsShape for HeadDim<256> {
     const D: usize = 256;
-    type S = [f32; 32];
     type O = [[f32; 64]; 2];
-    type P = [[u32; 4]; 4];
+    score_tiles!(32, 4, mma_ss_m64n64k16, fence_accumulators_32);
 
-    #[inline(always)]
-    fn zero_s() -> Self::S {
-        [0.0; 32]
-    }
     #[inline(always)]
     fn zero_o() -> Self::O {
         [[0.0; 64]; 2]
-    }
-    #[inline(always)]
-    fn zero_p() -> Self::P {
-        [[0; 4]; 4]
-    }
-    #[inline(always)]
-    fn fence_s(s: &mut Self::S) {
-        fence_accumulators_32(s);
     }
     #[inline(always)]
     fn fence_o(o: &mut Self::O) {
@@ -184,35 +180,14 @@ impl WsShape for HeadDim<256> {
         fence_accumulators_64(&mut o[1]);
     }
     #[inline(always)]
-    fn mma_qk_step<E: WgmmaElement>(s: &mut Self::S, a: u64, b: u64, accumulate: u32) {
-        E::mma_ss_m64n64k16(s, a, b, accumulate);
-    }
-    #[inline(always)]
     fn mma_pv_step<E: WgmmaElement>(o: &mut Self::O, a: &[u32; 4], v: impl Fn(usize) -> u64) {
         E::mma_rs_m64n128k16(&mut o[0], a, v(0));
         E::mma_rs_m64n128k16(&mut o[1], a, v(1));
     }
     #[inline(always)]
-    fn softmax<const MASK: u32>(
-        tile: &QueryTile,
-        s: &mut Self::S,
-        state: &mut RowState,
-        n0: i32,
-        q_pos: [i32; 2],
-        t: usize,
-        scale_log2: f32,
-    ) -> [f32; 2] {
-        let bn = Self::BN as i32;
-        tile.softmax_scores::<MASK, 32>(s, state, n0, bn, q_pos, t, scale_log2)
-    }
-    #[inline(always)]
     fn rescale(o: &mut Self::O, alpha: [f32; 2]) {
         rescale(&mut o[0], alpha);
         rescale(&mut o[1], alpha);
-    }
-    #[inline(always)]
-    fn p_fragments<E: Element>(s: &Self::S) -> Self::P {
-        p_fragments::<E, 32, 4>(s)
     }
     #[inline(always)]
     fn store<E: Element>(
