@@ -15,11 +15,9 @@
 use crate::abi::{PrefillParams, WG_BLOCK_M, WG_BLOCK_N, WG_STAGES, WG_THREADS, wg_smem_bytes};
 use crate::device::*;
 use crate::mma::{Bf16, Element, F16};
-use crate::softmax::{RowState, finish};
+use crate::softmax::{RowState, finish, p_fragments};
 use crate::tile::QueryTile;
-use crate::wgmma::{
-    WgmmaElement, fence_accumulators_64, p_fragments, wgmma_commit, wgmma_fence, wgmma_wait,
-};
+use crate::wgmma::{WgmmaElement, fence_accumulators_64, wgmma_commit, wgmma_fence, wgmma_wait};
 
 const BM: usize = WG_BLOCK_M;
 const BN: usize = WG_BLOCK_N;

@@ -5,6 +5,7 @@
 //! threads of a quad hold the rest of each row, so row reductions shuffle over lanes ^1 and ^2.
 use crate::device::{exp2_approx, fma_f32, log2_approx, max_f32, rcp_approx, shfl_xor_f32};
 use crate::mask::HeadMask;
+use crate::mma::Element;
 
 const LN_2: f32 = core::f32::consts::LN_2;
 
@@ -120,4 +121,21 @@ pub fn finish(state: &RowState) -> ([f32; 2], [f32; 2]) {
         lse[r] = if seen { log } else { f32::NEG_INFINITY };
     }
     (inv, lse)
+}
+
+/// P (the softmax'd scores of a 64 x BN S accumulator, `N = BN / 2` per thread) as the register
+/// A fragments of the PV GEMM's `K = BN / 16` k-steps: key tiles 2kk and 2kk+1 of S form the
+/// fragment of k-step kk.
+#[inline(always)]
+pub fn p_fragments<E: Element, const N: usize, const K: usize>(s: &[f32; N]) -> [[u32; 4]; K] {
+    const { assert!(N == 8 * K) };
+    core::array::from_fn(|kk| {
+        let j = 8 * kk;
+        [
+            E::pack(s[j], s[j + 1]),
+            E::pack(s[j + 2], s[j + 3]),
+            E::pack(s[j + 4], s[j + 5]),
+            E::pack(s[j + 6], s[j + 7]),
+        ]
+    })
 }

@@ -6,7 +6,7 @@
 //! `g = lane / 4`, `t = lane % 4`, element `4j + e` is row `16w + g + 8 * (e / 2)`, column
 //! `8j + 2t + (e % 2)`. Register A (m64k16) has the `mma.sync` m16n8k16 A layout per warp.
 #![allow(clippy::too_many_arguments)]
-use crate::mma::{Bf16, Element, F16};
+use crate::mma::{Bf16, F16};
 use core::arch::asm;
 
 /// Element types wgmma takes, with the shapes the kernels use.
@@ -665,21 +665,4 @@ pub fn wgmma_commit() {
 #[inline(always)]
 pub fn wgmma_wait<const N: u32>() {
     unsafe { asm!("wgmma.wait_group.sync.aligned {n};", n = const N, options(nostack)) };
-}
-
-/// P (the softmax'd scores of a 64 x BN S accumulator, `N = BN / 2` per thread) as the register
-/// A fragments of the PV GEMM's `K = BN / 16` k-steps: key tiles 2kk and 2kk+1 of S form the
-/// fragment of k-step kk.
-#[inline(always)]
-pub fn p_fragments<E: Element, const N: usize, const K: usize>(s: &[f32; N]) -> [[u32; 4]; K] {
-    const { assert!(N == 8 * K) };
-    core::array::from_fn(|kk| {
-        let j = 8 * kk;
-        [
-            E::pack(s[j], s[j + 1]),
-            E::pack(s[j + 2], s[j + 3]),
-            E::pack(s[j + 4], s[j + 5]),
-            E::pack(s[j + 6], s[j + 7]),
-        ]
-    })
 }

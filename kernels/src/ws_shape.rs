@@ -8,9 +8,9 @@
 //! and Q alone takes 64 KiB of shared memory.
 use crate::abi::{ws_block_n, ws_stages};
 use crate::mma::Element;
-use crate::softmax::{RowState, rescale};
+use crate::softmax::{RowState, p_fragments, rescale};
 use crate::tile::QueryTile;
-use crate::wgmma::{WgmmaElement, fence_accumulators_32, fence_accumulators_64, p_fragments};
+use crate::wgmma::{WgmmaElement, fence_accumulators_32, fence_accumulators_64};
 
 /// Head dim `D` of the warp-specialised kernel.
 pub struct HeadDim<const D: usize>;
