@@ -38,6 +38,9 @@ for n in SHAPES_SS:
 for n in SHAPES_RS:
     w(f"    /// `acc += A * B`, m64n{n}k16; A from registers, B N-major in shared memory.")
     w(f"    fn mma_rs_m64n{n}k16(acc: &mut [f32; 64], a: &[u32; 4], desc_b: u64);")
+w("    /// `acc += A * B^T`, m64n128k16; A from registers, B K-major in shared memory (S = Q K^T")
+w("    /// with Q held in registers).")
+w("    fn mma_rs_kmajor_m64n128k16(acc: &mut [f32; 64], a: &[u32; 4], desc_b: u64);")
 w("}")
 w("")
 for ty, ptx in TYPES:
@@ -60,13 +63,13 @@ for ty, ptx in TYPES:
         w("            )")
         w("        }")
         w("    }")
-    for n in SHAPES_RS:
+    for n, name, trans_b in [(n, f"mma_rs_m64n{n}k16", 1) for n in SHAPES_RS] + [(128, "mma_rs_kmajor_m64n128k16", 0)]:
         m = n // 2
         w("    #[inline(always)]")
-        w(f"    fn mma_rs_m64n{n}k16(acc: &mut [f32; 64], a: &[u32; 4], desc_b: u64) {{")
+        w(f"    fn {name}(acc: &mut [f32; 64], a: &[u32; 4], desc_b: u64) {{")
         w("        unsafe {")
         w("            asm!(")
-        w(f'                "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx}.{ptx} {{{{{regs("d", m)}}}}}, {{{{{{a0}}, {{a1}}, {{a2}}, {{a3}}}}}}, {{db}}, 1, 1, 1, 1;",')
+        w(f'                "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx}.{ptx} {{{{{regs("d", m)}}}}}, {{{{{{a0}}, {{a1}}, {{a2}}, {{a3}}}}}}, {{db}}, 1, 1, 1, {trans_b};",')
         w(acc_operands(m, "                "))
         w("                a0 = in(reg32) a[0],")
         w("                a1 = in(reg32) a[1],")

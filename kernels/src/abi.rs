@@ -26,17 +26,18 @@ pub const fn wg_smem_bytes(d: usize) -> usize {
 /// Threads per block of the warp-specialised Hopper kernel (the default): a producer warpgroup
 /// (loads) and two consumer warpgroups (math).
 pub const WS_THREADS: usize = 384;
-/// Registers per thread after `setmaxnreg`: the producer gives its registers to the consumers.
-/// 168 at entry x 384 threads = 72 x 128 + 216 x 256: the pool balances exactly.
+/// Registers per thread after `setmaxnreg`, cp.async build: the producer gives its registers to
+/// the consumers. 168 at entry x 384 threads = 72 x 128 + 216 x 256: the pool balances exactly.
 pub const WS_PRODUCER_REGISTERS: u32 = 72;
 pub const WS_CONSUMER_REGISTERS: u32 = 216;
-/// D = 256 (O alone is 128 registers): 24 x 128 + 240 x 256, the same pool. D = 256 has only the
-/// TMA build, whose producer (one warp, one issuing thread) fits in 24.
-pub const WS_WIDE_PRODUCER_REGISTERS: u32 = 24;
-pub const WS_WIDE_CONSUMER_REGISTERS: u32 = 240;
+/// The TMA build (its producer is one warp with one issuing thread, which fits in 24): 24 x 128 +
+/// 240 x 256, the same pool. D = 256 needs it (O alone is 128 registers), D <= 128 holds Q in
+/// registers with it.
+pub const WS_TMA_PRODUCER_REGISTERS: u32 = 24;
+pub const WS_TMA_CONSUMER_REGISTERS: u32 = 240;
 const _: () = assert!(
     WS_PRODUCER_REGISTERS * 128 + WS_CONSUMER_REGISTERS * 256 == 168 * 384
-        && WS_WIDE_PRODUCER_REGISTERS * 128 + WS_WIDE_CONSUMER_REGISTERS * 256 == 168 * 384
+        && WS_TMA_PRODUCER_REGISTERS * 128 + WS_TMA_CONSUMER_REGISTERS * 256 == 168 * 384
 );
 
 /// Head dims of the warp-specialised TMA kernel (the other prefill kernels: 64 and 128).

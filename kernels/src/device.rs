@@ -448,6 +448,19 @@ pub unsafe fn ldmatrix_x4_trans(addr: u32) -> [u32; 4] {
     [a, b, c, d]
 }
 
+/// Four 8x8 b16 matrices from shared memory (lanes 8i..8i+7 give the row addresses of matrix i):
+/// the `mma` m16n8k16 A fragment when the matrices are (rows 0-7 | 8-15) x (k 0-7 | 8-15).
+#[inline(always)]
+pub unsafe fn ldmatrix_x4(addr: u32) -> [u32; 4] {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    unsafe {
+        asm!("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{a}, {b}, {c}, {d}}}, [{p}];",
+            a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d, p = in(reg32) addr,
+            options(readonly, nostack))
+    };
+    [a, b, c, d]
+}
+
 #[inline(always)]
 pub unsafe fn st_global_v4(addr: u64, v: [u32; 4]) {
     unsafe {

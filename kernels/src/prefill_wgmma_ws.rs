@@ -5,7 +5,8 @@
 //! A work tile is `WG_BLOCK_M = 128` query rows of one head; it walks the KV blocks the head's
 //! mask reaches (sink and window blocks only for streaming heads). The kernel is warp-specialised:
 //! warpgroup 0 is the producer, warpgroups 1 and 2 are consumers (64 query rows each,
-//! `setmaxnreg` up to 216 registers while the producer drops to 72; 240 and 24 at D = 256). The
+//! `setmaxnreg` up to 240 registers while the producer drops to 24 in the TMA build; 216 and 72
+//! with cp.async, whose 128 producer threads need more). The
 //! producer loads Q once per work tile, then K/V tiles of `BN` keys into a shared-memory ring
 //! (128 keys and three stages; 64 and two at D = 256, see `ws_shape`), in one of two ways:
 //! with TMA (`TMA = true`, the default) one thread issues bulk tensor copies through tensor maps
@@ -17,8 +18,11 @@
 //! overlaps the other's tensor-core work, and each consumer issues S_i together with the previous
 //! tile's O += P V, so its softmax also overlaps its own PV GEMM (FA3). The KV blocks every row
 //! of a tile sees whole run in loops without mask code; only the others test keys. S = Q K^T is a
-//! `wgmma m64nBNk16` with both operands K-major in shared memory. P goes from the S accumulators
-//! straight into register A fragments for `O += P V`, with V read N-major (transposed by wgmma).
+//! `wgmma m64nBNk16` with K K-major in shared memory. In the TMA build at D <= 128 each consumer
+//! loads its Q rows into registers (A fragments) when a tile starts and releases Q's buffer at
+//! once, so the next tile's Q loads while this one runs; otherwise Q is read K-major from shared
+//! memory and released after the tile's last S GEMM. P goes from the S accumulators straight into
+//! register A fragments for `O += P V`, with V read N-major (transposed by wgmma).
 //!
 //! Tile layout in shared memory (Q, K and V alike): the head dim is split into 64-element
 //! (128-byte) column blocks, one after another, each `rows x 128 B`. Inside a block, 16-byte
@@ -27,7 +31,7 @@
 use crate::abi::{
     PrefillParams, TMA_BOX_COLS, TMA_K, TMA_MAPS, TMA_Q, TMA_STREAM_K, TMA_STREAM_V, TMA_V,
     TensorMap, TmaPrefillParams, WG_BLOCK_M, WS_CONSUMER_REGISTERS, WS_PRODUCER_REGISTERS,
-    WS_WIDE_CONSUMER_REGISTERS, WS_WIDE_PRODUCER_REGISTERS, ws_barrier_offset,
+    WS_TMA_CONSUMER_REGISTERS, WS_TMA_PRODUCER_REGISTERS, ws_barrier_offset,
 };
 use crate::device::*;
 use crate::mask::BlockRange;
@@ -284,8 +288,8 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, H: WsShape, const TMA: bool>(
     // cannot prove uniform around the consumers' loop makes it serialize every wgmma: C7520).
     let warpgroup = warp_broadcast_u32((tid / 128) as u32) as usize;
     if warpgroup == 0 {
-        if H::D > 128 {
-            setmaxnreg_dec::<WS_WIDE_PRODUCER_REGISTERS>();
+        if TMA {
+            setmaxnreg_dec::<WS_TMA_PRODUCER_REGISTERS>();
         } else {
             setmaxnreg_dec::<WS_PRODUCER_REGISTERS>();
         }
@@ -294,12 +298,17 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, H: WsShape, const TMA: bool>(
             unsafe { producer::<H, TMA>(p, smem, maps, tid, work_tiles) };
         }
     } else {
-        if H::D > 128 {
-            setmaxnreg_inc::<WS_WIDE_CONSUMER_REGISTERS>();
+        if TMA {
+            setmaxnreg_inc::<WS_TMA_CONSUMER_REGISTERS>();
         } else {
             setmaxnreg_inc::<WS_CONSUMER_REGISTERS>();
         }
-        unsafe { consumer::<E, H, TMA>(p, smem, warpgroup - 1, tid % 128) };
+        let (wg, wtid) = (warpgroup - 1, tid % 128);
+        if TMA && H::Q_IN_REGISTERS {
+            unsafe { consumer::<E, H, TMA, true>(p, smem, wg, wtid) };
+        } else {
+            unsafe { consumer::<E, H, TMA, false>(p, smem, wg, wtid) };
+        }
     }
 }
 
@@ -434,23 +443,52 @@ unsafe fn wait_kv<const TMA: bool>(full: u32, parity: u32) {
     }
 }
 
-/// Issues S = Q K^T for consumer `wg`'s 64 query rows and the BN keys of `stage`: D / 16
-/// k-steps, both operands K-major in shared memory.
+/// Q (consumer `wg`'s 64 rows) as the register A fragments of the S GEMM's `D / 16` k-steps,
+/// read with ldmatrix from the swizzled tile: lanes 8i..8i+7 address matrix i, rows 0-7 | 8-15
+/// of the warp's 16 by key-dim columns 0-7 | 8-15 of the k-step.
 #[inline(always)]
-fn mma_qk<E: WgmmaElement, H: WsShape>(s: &mut H::S, smem: Smem<H>, wg: usize, stage: usize) {
+unsafe fn q_fragments<H: WsShape>(smem: Smem<H>, wg: usize, wtid: usize) -> [[u32; 4]; 8] {
+    let lane = wtid % 32;
+    let row = 64 * wg + 16 * (wtid / 32) + lane % 8 + 8 * ((lane / 8) % 2);
+    core::array::from_fn(|kk| {
+        if kk < H::D / 16 {
+            let chunk = 2 * kk + lane / 16;
+            unsafe { ldmatrix_x4(smem.q() + swizzled(BM, row, chunk)) }
+        } else {
+            [0; 4]
+        }
+    })
+}
+
+/// Issues S = Q K^T for consumer `wg`'s 64 query rows and the BN keys of `stage`: D / 16
+/// k-steps, K K-major in shared memory; Q from the registers `q` when `QREG`, else K-major in
+/// shared memory too.
+#[inline(always)]
+fn mma_qk<E: WgmmaElement, H: WsShape, const QREG: bool>(
+    s: &mut H::S,
+    smem: Smem<H>,
+    wg: usize,
+    stage: usize,
+    q: &[[u32; 4]; 8],
+) {
     for kk in 0..H::D / 16 {
         let (block, within) = ((kk / 4) as u32, (kk % 4) as u32 * 32);
-        let a = descriptor(
-            smem.q() + block * (BM * 128) as u32 + (wg * 64 * 128) as u32 + within,
-            16,
-            1024,
-        );
         let b = descriptor(
             smem.k(stage) + block * (H::BN * 128) as u32 + within,
             16,
             1024,
         );
-        H::mma_qk_step::<E>(s, a, b, (kk > 0) as u32);
+        if QREG {
+            // S was zeroed by the caller: every k-step accumulates.
+            H::mma_qk_rs_step::<E>(s, &q[kk], b);
+        } else {
+            let a = descriptor(
+                smem.q() + block * (BM * 128) as u32 + (wg * 64 * 128) as u32 + within,
+                16,
+                1024,
+            );
+            H::mma_qk_step::<E>(s, a, b, (kk > 0) as u32);
+        }
     }
 }
 
@@ -488,13 +526,20 @@ struct TileLoop<'a, H> {
     kv_tiles: i32,
     blocks: i32,
     step: SoftmaxStep<'a>,
+    /// Q's A fragments when the consumer holds Q in registers.
+    q: &'a [[u32; 4]; 8],
 }
 
 impl<H: WsShape> TileLoop<'_, H> {
     /// KV block `i >= 1` of the tile: S_i with O += P_{i-1} V_{i-1} in one ping-pong turn, softmax_i
     /// while that PV runs, then the rescale. `MASK` as in `QueryTile::softmax_scores`.
     #[inline(always)]
-    unsafe fn block<E: Element + WgmmaElement, const TMA: bool, const MASK: u32>(
+    unsafe fn block<
+        E: Element + WgmmaElement,
+        const TMA: bool,
+        const MASK: u32,
+        const QREG: bool,
+    >(
         &self,
         i: i32,
         n_block: i32,
@@ -511,14 +556,14 @@ impl<H: WsShape> TileLoop<'_, H> {
         H::fence_s(&mut s);
         H::fence_o(o);
         wgmma_fence();
-        mma_qk::<E, H>(&mut s, smem, self.wg, stage);
+        mma_qk::<E, H, QREG>(&mut s, smem, self.wg, stage, self.q);
         wgmma_commit();
         mma_pv::<E, H>(o, pa, smem.v(stage_of::<H>(g - 1)));
         wgmma_commit();
         named_barrier_arrive(self.their_turn, CONSUMERS as u32);
         wgmma_wait::<1>(); // S_i is done; P_{i-1} V_{i-1} may still run
         H::fence_s(&mut s);
-        if i == self.blocks - 1 {
+        if i == self.blocks - 1 && !QREG {
             // The tile's last S GEMM is done: Q may be overwritten. Releasing it here rather
             // than after the last PV and the epilogue hides the next Q load behind them.
             unsafe { mbarrier_arrive(smem.q_empty()) };
@@ -536,7 +581,7 @@ impl<H: WsShape> TileLoop<'_, H> {
 /// Consumer warpgroup `wg` (0 or 1; `wtid` its thread): 64 query rows of each work tile the
 /// producer publishes, until it publishes none.
 #[inline(always)]
-unsafe fn consumer<E: Element + WgmmaElement, H: WsShape, const TMA: bool>(
+unsafe fn consumer<E: Element + WgmmaElement, H: WsShape, const TMA: bool, const QREG: bool>(
     p: &PrefillParams,
     smem: Smem<H>,
     wg: usize,
@@ -563,6 +608,17 @@ unsafe fn consumer<E: Element + WgmmaElement, H: WsShape, const TMA: bool>(
         }
         let tile = QueryTile::from_work(p, BM as i32, work);
         let (blocks, n_block) = visited_blocks(&tile, H::BN);
+        // With Q in registers its buffer is released at once: the producer loads the next
+        // tile's Q while this one runs (else consumers waited for it at each tile switch: 6% of
+        // a streaming layer's consumer time, ncu).
+        let q_regs = if QREG {
+            let q = unsafe { q_fragments::<H>(smem, wg, wtid) };
+            fence_proxy_async_shared(); // these reads before the TMA rewrite of the buffer
+            unsafe { mbarrier_arrive(smem.q_empty()) };
+            q
+        } else {
+            [[0; 4]; 8]
+        };
         let row0 = tile.m0 + (64 * wg + 16 * (wtid / 32) + lane / 4) as i32;
         let rows = [row0, row0 + 8];
         let q_pos = [tile.offset + rows[0], tile.offset + rows[1]];
@@ -590,12 +646,12 @@ unsafe fn consumer<E: Element + WgmmaElement, H: WsShape, const TMA: bool>(
             let mut s = H::zero_s();
             H::fence_s(&mut s);
             wgmma_fence();
-            mma_qk::<E, H>(&mut s, smem, wg, stage);
+            mma_qk::<E, H, QREG>(&mut s, smem, wg, stage, &q_regs);
             wgmma_commit();
             named_barrier_arrive(their_turn, CONSUMERS as u32);
             wgmma_wait::<0>();
             H::fence_s(&mut s);
-            if blocks == 1 {
+            if blocks == 1 && !QREG {
                 unsafe { mbarrier_arrive(smem.q_empty()) }; // see TileLoop::block
             }
             step.run::<H, MASK_TEST>(&mut s, &mut state, n_block(0)); // O is 0: no rescale
@@ -611,6 +667,7 @@ unsafe fn consumer<E: Element + WgmmaElement, H: WsShape, const TMA: bool>(
             kv_tiles,
             blocks,
             step,
+            q: &q_regs,
         };
         let full = full_segments(&tile, blocks, H::BN);
         let mut next = 1;
@@ -624,13 +681,25 @@ unsafe fn consumer<E: Element + WgmmaElement, H: WsShape, const TMA: bool>(
             };
             for i in next..full_start {
                 unsafe {
-                    tile_loop.block::<E, TMA, MASK_KEYS>(i, n_block(i), &mut o, &mut state, &mut pa)
+                    tile_loop.block::<E, TMA, MASK_KEYS, QREG>(
+                        i,
+                        n_block(i),
+                        &mut o,
+                        &mut state,
+                        &mut pa,
+                    )
                 };
             }
             let from = if full_start > next { full_start } else { next };
             for i in from..full_end {
                 unsafe {
-                    tile_loop.block::<E, TMA, MASK_NONE>(i, n_block(i), &mut o, &mut state, &mut pa)
+                    tile_loop.block::<E, TMA, MASK_NONE, QREG>(
+                        i,
+                        n_block(i),
+                        &mut o,
+                        &mut state,
+                        &mut pa,
+                    )
                 };
             }
             if full_end > next {
@@ -646,7 +715,7 @@ unsafe fn consumer<E: Element + WgmmaElement, H: WsShape, const TMA: bool>(
             wgmma_wait::<0>();
             H::fence_o(&mut o);
             unsafe { mbarrier_arrive(smem.empty(last)) };
-        } else {
+        } else if !QREG {
             unsafe { mbarrier_arrive(smem.q_empty()) }; // a tile without KV blocks never read Q
         }
         kv_tiles += blocks;

@@ -37,6 +37,13 @@ pub trait WsShape {
     fn fence_o(o: &mut Self::O);
     /// One 16-deep k-step of S (+)= Q K^T, both operands shared-memory descriptors.
     fn mma_qk_step<E: WgmmaElement>(s: &mut Self::S, a: u64, b: u64, accumulate: u32);
+    /// Whether the TMA build holds a consumer's Q in registers (A fragments) for the whole work
+    /// tile, so that Q's buffer is free for the next tile's Q right after the tile starts. D <= 128
+    /// only: at D = 256 they would be 64 more registers.
+    const Q_IN_REGISTERS: bool = false;
+    /// One 16-deep k-step of S += Q K^T with Q's A fragment `a` in registers and K K-major in
+    /// shared memory (only called when `Q_IN_REGISTERS`).
+    fn mma_qk_rs_step<E: WgmmaElement>(_s: &mut Self::S, _a: &[u32; 4], _b: u64) {}
     /// One 16-key k-step of O += P V with A fragment `a`; `v(half)` is the V descriptor of
     /// columns `128 half ..` (D = 256 has two halves).
     fn mma_pv_step<E: WgmmaElement>(o: &mut Self::O, a: &[u32; 4], v: impl Fn(usize) -> u64);
@@ -113,8 +120,14 @@ macro_rules! narrow_shape {
     ($d:literal) => {
         impl WsShape for HeadDim<$d> {
             const D: usize = $d;
+            const Q_IN_REGISTERS: bool = true;
             type O = [f32; 64];
             score_tiles!(64, 8, mma_ss_m64n128k16, fence_accumulators_64);
+
+            #[inline(always)]
+            fn mma_qk_rs_step<E: WgmmaElement>(s: &mut Self::S, a: &[u32; 4], b: u64) {
+                E::mma_rs_kmajor_m64n128k16(s, a, b);
+            }
 
             #[inline(always)]
             fn zero_o() -> Self::O {
