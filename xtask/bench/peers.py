@@ -4,7 +4,10 @@ FlexAttention (causal mask; sink+window block mask), a mixed layer as cuDNN SDPA
 heads plus FlexAttention on the streaming heads, and decode with SDPA. Writes JSON that duo-bench
 merges (same case keys; times are medians from triton.testing.do_bench).
 
-    python3 peers.py --out peers.json [--quick]
+    python3 peers.py --out peers.json [--quick] [--prefill-head-dim 256]
+
+Other flags (duo-bench's, which run.sh passes to both) are ignored. With a prefill head dim other
+than 128 only the prefill peers run (the decode shapes are D=128).
 """
 import argparse
 import json
@@ -35,7 +38,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="peers.json")
     ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--prefill-head-dim", type=int, default=128, choices=[64, 128, 256])
+    args, _ = ap.parse_known_args()
     torch._dynamo.config.cache_size_limit = 256
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = 256
@@ -43,18 +47,18 @@ def main():
     dev = "cuda"
     records = []
 
-    def record(mode, batch, sq, sk, hq, hkv, impl, fn):
+    def record(mode, batch, sq, sk, hq, hkv, impl, fn, head_dim=128):
         try:
             ms = median_ms(fn)
         except Exception as e:  # a peer that cannot run a shape is left out, loudly
             print(f"  {impl} {mode} B={batch} S={sk}: failed: {e}", file=sys.stderr)
             return
         records.append(dict(mode=mode, batch=batch, seqlen_q=sq, seqlen_k=sk, heads_q=hq, heads_kv=hkv,
-                            head_dim=128, impl=impl, ms=ms))
+                            head_dim=head_dim, impl=impl, ms=ms))
         print(f"  {mode:10} B={batch:2} Sq={sq:6} Sk={sk:6} {impl:16} {ms:9.3f} ms", flush=True)
 
     prefill_lens = [4096, 8192] if args.quick else [4096, 8192, 16384, 32768]
-    h, d = 32, 128
+    h, d = 32, args.prefill_head_dim
     for s in prefill_lens:
         q, k, v = (torch.randn(1, h, s, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
         bm_causal = create_block_mask(causal, None, None, s, s, device=dev)
@@ -66,10 +70,10 @@ def main():
                     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
             return run
 
-        record("full", 1, s, s, h, h, "cudnn-sdpa", sdpa(SDPBackend.CUDNN_ATTENTION))
-        record("full", 1, s, s, h, h, "flash-sdpa", sdpa(SDPBackend.FLASH_ATTENTION))
-        record("full", 1, s, s, h, h, "flex", lambda: flex(q, k, v, block_mask=bm_causal))
-        record("streaming", 1, s, s, h, h, "flex", lambda: flex(q, k, v, block_mask=bm_stream))
+        record("full", 1, s, s, h, h, "cudnn-sdpa", sdpa(SDPBackend.CUDNN_ATTENTION), d)
+        record("full", 1, s, s, h, h, "flash-sdpa", sdpa(SDPBackend.FLASH_ATTENTION), d)
+        record("full", 1, s, s, h, h, "flex", lambda: flex(q, k, v, block_mask=bm_causal), d)
+        record("streaming", 1, s, s, h, h, "flex", lambda: flex(q, k, v, block_mask=bm_stream), d)
         half = h // 2
         qr, kr, vr = (t[:, :half].contiguous() for t in (q, k, v))
         qs, ks, vs = (t[:, half:].contiguous() for t in (q, k, v))
@@ -79,11 +83,12 @@ def main():
                 F.scaled_dot_product_attention(qr, kr, vr, is_causal=True)
             flex(qs, ks, vs, block_mask=bm_stream)
 
-        record("mixed", 1, s, s, h, h, "cudnn+flex", mixed)
+        record("mixed", 1, s, s, h, h, "cudnn+flex", mixed, d)
         del q, k, v, qr, kr, vr, qs, ks, vs
         torch.cuda.empty_cache()
 
-    decode_batches = [1, 8] if args.quick else [1, 8, 32]
+    d = 128  # the decode shapes
+    decode_batches = [] if args.prefill_head_dim != 128 else [1, 8] if args.quick else [1, 8, 32]
     decode_lens = [4096, 32768] if args.quick else [4096, 16384, 32768, 131072]
     hq, hkv = 32, 8
     for b in decode_batches:
@@ -103,7 +108,7 @@ def main():
 
     # Decode with half the KV heads streaming: SDPA on the retrieval half over the whole cache plus
     # SDPA on the streaming half over its sink + window rows (sliced beforehand, as a cache holds them).
-    mixed_lens = [4096, 32768] if args.quick else [32768, 131072]
+    mixed_lens = [] if args.prefill_head_dim != 128 else [4096, 32768] if args.quick else [32768, 131072]
     for s in mixed_lens:
         b = 8
         q = torch.randn(b, hq, 1, d, device=dev, dtype=torch.bfloat16)

@@ -26,6 +26,9 @@ enum Cmd {
         /// Fewer, shorter shapes.
         #[arg(long)]
         quick: bool,
+        /// Head dim of the prefill shapes, ours and the peers' (the prefill issue's is 128).
+        #[arg(long, default_value_t = 128)]
+        prefill_head_dim: usize,
     },
     /// Build release test binaries, the demo and the bench with the kernels embedded into one folder, plus
     /// run.sh, for a GPU host with no Rust toolchain.
@@ -45,7 +48,10 @@ fn workspace_root() -> PathBuf {
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Cmd::BuildKernels { deny_spills } => build_kernels(deny_spills),
-        Cmd::Bench { quick } => bench(quick),
+        Cmd::Bench {
+            quick,
+            prefill_head_dim,
+        } => bench(quick, prefill_head_dim),
         Cmd::GpuBundle { out } => gpu_bundle(&workspace_root().join(out)),
     };
     match result {
@@ -134,17 +140,23 @@ fn cargo_executables(args: &[&str], only_tests: bool) -> Result<Vec<(String, Pat
     Ok(exes)
 }
 
-fn bench(quick: bool) -> Result<()> {
+fn bench(quick: bool, prefill_head_dim: usize) -> Result<()> {
     let root = workspace_root();
     let out = root.join("bench-out");
     std::fs::create_dir_all(&out)?;
     let peers = out.join("peers.json");
-    let quick_flag: &[&str] = if quick { &["--quick"] } else { &[] };
+    let mut shape_flags = vec![
+        "--prefill-head-dim".to_string(),
+        prefill_head_dim.to_string(),
+    ];
+    if quick {
+        shape_flags.push("--quick".into());
+    }
     let status = Command::new("python3")
         .arg(root.join("xtask/bench/peers.py"))
         .arg("--out")
         .arg(&peers)
-        .args(quick_flag)
+        .args(&shape_flags)
         .status()?;
     if !status.success() {
         return Err("peers.py failed (it needs PyTorch with CUDA and Triton)".into());
@@ -157,7 +169,7 @@ fn bench(quick: bool) -> Result<()> {
         .arg(&peers)
         .arg("--out-dir")
         .arg(&out)
-        .args(quick_flag)
+        .args(&shape_flags)
         .status()?;
     if !status.success() {
         return Err("duo-bench failed".into());
@@ -171,7 +183,8 @@ const RUN_SH: &str = r#"#!/usr/bin/env bash
 #   ./run.sh serve [ARGS] the serve example only (e.g. --prompt 32768 --steps 128)
 #   ./run.sh sass         HGMMA/HMMA instruction counts per kernel (cuobjdump)
 #   ./run.sh sanitize     compute-sanitizer memcheck, racecheck and synccheck on a small GPU test
-#   ./run.sh bench [--quick]  peers (PyTorch) then duo-bench: merged table, $BENCH_OUT/bench.{json,svg}
+#   ./run.sh bench [--quick] [--prefill-head-dim 64|256]  peers (PyTorch) then duo-bench: merged
+#                         table, $BENCH_OUT/bench.{json,svg}
 set -uo pipefail
 cd "$(dirname "$0")"
 export RUST_BACKTRACE=1
