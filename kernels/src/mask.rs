@@ -221,9 +221,15 @@ mod tests {
     use super::*;
 
     /// Every visible (query, key) pair lies in a visited block, and "fully visible" blocks really are.
+    /// Block sizes 8 and 10 (a block size need not be a power of two).
     #[test]
     fn block_ranges_cover_exactly_the_visible_keys() {
-        let bn = 8;
+        for bn in [8, 10] {
+            block_ranges_cover_exactly_the_visible_keys_for(bn);
+        }
+    }
+
+    fn block_ranges_cover_exactly_the_visible_keys_for(bn: i32) {
         for &(sq, sk) in &[(1, 1), (5, 17), (17, 5), (33, 33), (40, 70), (70, 40)] {
             for &streaming in &[false, true] {
                 for &causal in &[false, true] {
