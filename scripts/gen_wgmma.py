@@ -3,7 +3,7 @@
 use. Every accumulator is its own asm operand (rustc's asm! has no array operands), which is too
 long to write by hand. Run: python3 scripts/gen_wgmma.py > kernels/src/wgmma.rs"""
 
-SHAPES_SS = [64, 128]   # m64nNk16, A and B from shared memory (K-major both): S = Q K^T
+SHAPES_SS = [48, 64, 128]   # m64nNk16, A and B from shared memory (K-major both): S = Q K^T
 SHAPES_RS = [64, 128]   # m64nNk16, A from registers, B from shared memory N-major: O += P V
 TYPES = [("Bf16", "bf16"), ("F16", "f16")]
 
@@ -83,7 +83,7 @@ for ty, ptx in TYPES:
     w("}")
     w("")
 
-for n in [32, 64]:
+for n in [24, 32, 64]:
     w(f"/// Pins all {n} accumulators at this point: the compiler may not move reads or writes of them")
     w("/// across it (used around wgmma issue and wait, like CUTLASS's `warpgroup_fence_operand`).")
     w("#[inline(always)]")

@@ -43,15 +43,16 @@ const _: () = assert!(
 /// Head dims of the warp-specialised TMA kernel (the other prefill kernels: 64 and 128).
 pub const WS_HEAD_DIMS: [usize; 3] = [64, 128, 256];
 
-/// Keys per KV block of the warp-specialised kernel for head dim `d`: 128, or 64 at D = 256,
-/// where a consumer's O accumulator alone is 128 registers and Q takes 64 KiB.
+/// Keys per KV block of the warp-specialised kernel for head dim `d`: 128, or 48 at D = 256,
+/// where a consumer's O accumulator alone is 128 registers and Q takes 64 KiB: three stages of 48
+/// keys fit beside Q (two stages of 64 left the consumers waiting for K/V 39% of the time).
 pub const fn ws_block_n(d: usize) -> usize {
-    if d > 128 { 64 } else { WG_BLOCK_N }
+    if d > 128 { 48 } else { WG_BLOCK_N }
 }
 
-/// K/V stages of the warp-specialised kernel's ring: 3, or 2 at D = 256 (what fits beside Q).
-pub const fn ws_stages(d: usize) -> usize {
-    if d > 128 { 2 } else { WG_STAGES }
+/// K/V stages of the warp-specialised kernel's ring.
+pub const fn ws_stages(_d: usize) -> usize {
+    WG_STAGES
 }
 
 /// Byte offset of the warp-specialised kernel's mbarriers (after Q and the K/V ring).
@@ -61,7 +62,7 @@ pub const fn ws_barrier_offset(d: usize) -> usize {
 
 /// Dynamic shared memory of the warp-specialised kernel: Q, the K/V ring, then mbarriers (Q full
 /// and Q empty; full and empty per stage), then four u32 work slots. D = 128: 224 KiB of the
-/// 227 KiB a block may have; D = 256: 192 KiB.
+/// 227 KiB a block may have; D = 256: 208 KiB.
 pub const fn ws_smem_bytes(d: usize) -> usize {
     ws_barrier_offset(d) + (2 + 2 * ws_stages(d)) * 8 + 4 * 4
 }

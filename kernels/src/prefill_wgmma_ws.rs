@@ -8,7 +8,7 @@
 //! `setmaxnreg` up to 240 registers while the producer drops to 24 in the TMA build; 216 and 72
 //! with cp.async, whose 128 producer threads need more). The
 //! producer loads Q once per work tile, then K/V tiles of `BN` keys into a shared-memory ring
-//! (128 keys and three stages; 64 and two at D = 256, see `ws_shape`), in one of two ways:
+//! (three stages of 128 keys; of 48 at D = 256, see `ws_shape`), in one of two ways:
 //! with TMA (`TMA = true`, the default) one thread issues bulk tensor copies through tensor maps
 //! and the other producer warps leave; else all 128 producer threads copy 16-byte chunks with
 //! cp.async (the fallback for operands TMA cannot address). The kernel is persistent: one block
@@ -258,7 +258,8 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, H: WsShape, const TMA: bool>(
 ) {
     const {
         assert!(ws_barrier_offset(H::D) == BM * H::D * 2 + H::STAGES * 2 * H::BN * H::D * 2);
-        assert!(H::D % TMA_BOX_COLS == 0 && H::BN.is_multiple_of(64) && H::BN <= 128);
+        // KV blocks of whole PV k-steps (16 keys) and swizzle atoms (8 rows); at most 128 keys.
+        assert!(H::D % TMA_BOX_COLS == 0 && H::BN.is_multiple_of(16) && H::BN <= 128);
     };
     let smem = Smem::<H>::new();
     let tid = thread_idx_x() as usize;

@@ -11,6 +11,9 @@ use core::arch::asm;
 
 /// Element types wgmma takes, with the shapes the kernels use.
 pub trait WgmmaElement {
+    /// `acc (+)= A * B^T`, m64n48k16; A and B K-major in shared memory (descriptors);
+    /// `accumulate == 0` overwrites `acc`.
+    fn mma_ss_m64n48k16(acc: &mut [f32; 24], desc_a: u64, desc_b: u64, accumulate: u32);
     /// `acc (+)= A * B^T`, m64n64k16; A and B K-major in shared memory (descriptors);
     /// `accumulate == 0` overwrites `acc`.
     fn mma_ss_m64n64k16(acc: &mut [f32; 32], desc_a: u64, desc_b: u64, accumulate: u32);
@@ -27,6 +30,45 @@ pub trait WgmmaElement {
 }
 
 impl WgmmaElement for Bf16 {
+    #[inline(always)]
+    fn mma_ss_m64n48k16(acc: &mut [f32; 24], desc_a: u64, desc_b: u64, accumulate: u32) {
+        unsafe {
+            asm!(
+                "{{ .reg .pred p;",
+                "setp.ne.b32 p, {sd}, 0;",
+                "wgmma.mma_async.sync.aligned.m64n48k16.f32.bf16.bf16 {{{d0}, {d1}, {d2}, {d3}, {d4}, {d5}, {d6}, {d7}, {d8}, {d9}, {d10}, {d11}, {d12}, {d13}, {d14}, {d15}, {d16}, {d17}, {d18}, {d19}, {d20}, {d21}, {d22}, {d23}}}, {da}, {db}, p, 1, 1, 0, 0;",
+                "}}",
+                d0 = inout(reg32) acc[0],
+                d1 = inout(reg32) acc[1],
+                d2 = inout(reg32) acc[2],
+                d3 = inout(reg32) acc[3],
+                d4 = inout(reg32) acc[4],
+                d5 = inout(reg32) acc[5],
+                d6 = inout(reg32) acc[6],
+                d7 = inout(reg32) acc[7],
+                d8 = inout(reg32) acc[8],
+                d9 = inout(reg32) acc[9],
+                d10 = inout(reg32) acc[10],
+                d11 = inout(reg32) acc[11],
+                d12 = inout(reg32) acc[12],
+                d13 = inout(reg32) acc[13],
+                d14 = inout(reg32) acc[14],
+                d15 = inout(reg32) acc[15],
+                d16 = inout(reg32) acc[16],
+                d17 = inout(reg32) acc[17],
+                d18 = inout(reg32) acc[18],
+                d19 = inout(reg32) acc[19],
+                d20 = inout(reg32) acc[20],
+                d21 = inout(reg32) acc[21],
+                d22 = inout(reg32) acc[22],
+                d23 = inout(reg32) acc[23],
+                da = in(reg64) desc_a,
+                db = in(reg64) desc_b,
+                sd = in(reg32) accumulate,
+                options(nostack),
+            )
+        }
+    }
     #[inline(always)]
     fn mma_ss_m64n64k16(acc: &mut [f32; 32], desc_a: u64, desc_b: u64, accumulate: u32) {
         unsafe {
@@ -359,6 +401,45 @@ impl WgmmaElement for Bf16 {
 
 impl WgmmaElement for F16 {
     #[inline(always)]
+    fn mma_ss_m64n48k16(acc: &mut [f32; 24], desc_a: u64, desc_b: u64, accumulate: u32) {
+        unsafe {
+            asm!(
+                "{{ .reg .pred p;",
+                "setp.ne.b32 p, {sd}, 0;",
+                "wgmma.mma_async.sync.aligned.m64n48k16.f32.f16.f16 {{{d0}, {d1}, {d2}, {d3}, {d4}, {d5}, {d6}, {d7}, {d8}, {d9}, {d10}, {d11}, {d12}, {d13}, {d14}, {d15}, {d16}, {d17}, {d18}, {d19}, {d20}, {d21}, {d22}, {d23}}}, {da}, {db}, p, 1, 1, 0, 0;",
+                "}}",
+                d0 = inout(reg32) acc[0],
+                d1 = inout(reg32) acc[1],
+                d2 = inout(reg32) acc[2],
+                d3 = inout(reg32) acc[3],
+                d4 = inout(reg32) acc[4],
+                d5 = inout(reg32) acc[5],
+                d6 = inout(reg32) acc[6],
+                d7 = inout(reg32) acc[7],
+                d8 = inout(reg32) acc[8],
+                d9 = inout(reg32) acc[9],
+                d10 = inout(reg32) acc[10],
+                d11 = inout(reg32) acc[11],
+                d12 = inout(reg32) acc[12],
+                d13 = inout(reg32) acc[13],
+                d14 = inout(reg32) acc[14],
+                d15 = inout(reg32) acc[15],
+                d16 = inout(reg32) acc[16],
+                d17 = inout(reg32) acc[17],
+                d18 = inout(reg32) acc[18],
+                d19 = inout(reg32) acc[19],
+                d20 = inout(reg32) acc[20],
+                d21 = inout(reg32) acc[21],
+                d22 = inout(reg32) acc[22],
+                d23 = inout(reg32) acc[23],
+                da = in(reg64) desc_a,
+                db = in(reg64) desc_b,
+                sd = in(reg32) accumulate,
+                options(nostack),
+            )
+        }
+    }
+    #[inline(always)]
     fn mma_ss_m64n64k16(acc: &mut [f32; 32], desc_a: u64, desc_b: u64, accumulate: u32) {
         unsafe {
             asm!(
@@ -685,6 +766,42 @@ impl WgmmaElement for F16 {
                 options(nostack),
             )
         }
+    }
+}
+
+/// Pins all 24 accumulators at this point: the compiler may not move reads or writes of them
+/// across it (used around wgmma issue and wait, like CUTLASS's `warpgroup_fence_operand`).
+#[inline(always)]
+pub fn fence_accumulators_24(acc: &mut [f32; 24]) {
+    unsafe {
+        asm!(
+            "// accumulators pinned: {d0}, {d1}, {d2}, {d3}, {d4}, {d5}, {d6}, {d7}, {d8}, {d9}, {d10}, {d11}, {d12}, {d13}, {d14}, {d15}, {d16}, {d17}, {d18}, {d19}, {d20}, {d21}, {d22}, {d23}",
+            d0 = inout(reg32) acc[0],
+            d1 = inout(reg32) acc[1],
+            d2 = inout(reg32) acc[2],
+            d3 = inout(reg32) acc[3],
+            d4 = inout(reg32) acc[4],
+            d5 = inout(reg32) acc[5],
+            d6 = inout(reg32) acc[6],
+            d7 = inout(reg32) acc[7],
+            d8 = inout(reg32) acc[8],
+            d9 = inout(reg32) acc[9],
+            d10 = inout(reg32) acc[10],
+            d11 = inout(reg32) acc[11],
+            d12 = inout(reg32) acc[12],
+            d13 = inout(reg32) acc[13],
+            d14 = inout(reg32) acc[14],
+            d15 = inout(reg32) acc[15],
+            d16 = inout(reg32) acc[16],
+            d17 = inout(reg32) acc[17],
+            d18 = inout(reg32) acc[18],
+            d19 = inout(reg32) acc[19],
+            d20 = inout(reg32) acc[20],
+            d21 = inout(reg32) acc[21],
+            d22 = inout(reg32) acc[22],
+            d23 = inout(reg32) acc[23],
+            options(nostack, nomem, preserves_flags),
+        )
     }
 }
 

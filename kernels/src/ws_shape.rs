@@ -2,15 +2,15 @@
 //! and a consumer's register tiles (scores S, output O, P as A fragments) with the wgmma
 //! instructions that fill them.
 //!
-//! D = 64 and 128 walk 128-key blocks through three stages. D = 256 walks 64-key blocks through
-//! two: a consumer's O is then 64 x 256 (128 registers, two n128 accumulators, since wgmma's
-//! widest N is 256 and a 128-register operand list is past what ptxas takes well), S is 64 x 64,
-//! and Q alone takes 64 KiB of shared memory.
+//! All walk their KV blocks through three stages: 128-key blocks at D = 64 and 128, 48-key blocks
+//! at D = 256, where Q alone takes 64 KiB of shared memory and a consumer's O is 64 x 256 (128
+//! registers, as two n128 accumulators: a 128-register operand list is past what ptxas takes
+//! well). S is then 64 x 48.
 use crate::abi::{ws_block_n, ws_stages};
 use crate::mma::Element;
 use crate::softmax::{RowState, p_fragments, rescale};
 use crate::tile::QueryTile;
-use crate::wgmma::{WgmmaElement, fence_accumulators_32, fence_accumulators_64};
+use crate::wgmma::{WgmmaElement, fence_accumulators_24, fence_accumulators_64};
 
 /// Head dim `D` of the warp-specialised kernel.
 pub struct HeadDim<const D: usize>;
@@ -177,11 +177,11 @@ macro_rules! narrow_shape {
 narrow_shape!(64);
 narrow_shape!(128);
 
-/// D = 256: 64-key blocks (S 32 registers, four k-steps of P), O as two 64 x 128 halves.
+/// D = 256: 48-key blocks (S 24 registers, three k-steps of P), O as two 64 x 128 halves.
 impl WsShape for HeadDim<256> {
     const D: usize = 256;
     type O = [[f32; 64]; 2];
-    score_tiles!(32, 4, mma_ss_m64n64k16, fence_accumulators_32);
+    score_tiles!(24, 3, mma_ss_m64n48k16, fence_accumulators_24);
 
     #[inline(always)]
     fn zero_o() -> Self::O {

@@ -104,8 +104,8 @@ fn broadcast_operands_fall_back_to_cp_async_loads() {
     assert!(matches!(err, Error::TmaLayout { tensor: "k", .. }), "{err}");
 }
 
-/// Head dim 256 runs on the TMA kernel only: 64-key K/V boxes and two stages (Q 64 KiB + 2 x
-/// 64 KiB), every other kernel a typed error, and so is an operand TMA cannot address.
+/// Head dim 256 runs on the TMA kernel only: 48-key K/V boxes and three stages (Q 64 KiB + 3 x
+/// 48 KiB), every other kernel a typed error, and so is an operand TMA cannot address.
 #[test]
 fn head_dim_256_takes_the_tma_kernel() {
     let wide = || call_of([B, SQ, SK, HQ, HKV, 256], 0x1_0000_0000);
@@ -113,12 +113,12 @@ fn head_dim_256_takes_the_tma_kernel() {
     assert_eq!(p.entry, "duo_prefill_wgmma_tma_bf16_d256");
     assert_eq!(
         (p.block, p.shared_bytes),
-        (384, (128 * 256 + 2 * 2 * 64 * 256) * 2 + 6 * 8 + 16)
+        (384, (128 * 256 + 3 * 2 * 48 * 256) * 2 + 8 * 8 + 16)
     );
     let tma = p.tma.expect("tensor maps");
     assert_eq!(
         tma.map(|m| m.box_rows),
-        [128, 64, 64, 64, 64],
+        [128, 48, 48, 48, 48],
         "Q boxes are a query tile, K/V boxes a KV block"
     );
     for kernel in [
