@@ -434,32 +434,35 @@ pub fn setmaxnreg_inc<const N: u32>() {
     unsafe { asm!("setmaxnreg.inc.sync.aligned.u32 {n};", n = const N, options(nostack)) };
 }
 
-/// Four 8x8 16-bit matrices from shared memory, transposed: lanes 8i..8i+7 give the row addresses
-/// of matrix i, and each thread receives elements `[2t][g]`, `[2t+1][g]` of each (`g = lane / 4`,
-/// `t = lane % 4`), which is the mma B fragment of a row-major [k][n] tile.
-#[inline(always)]
-pub unsafe fn ldmatrix_x4_trans(addr: u32) -> [u32; 4] {
-    let (a, b, c, d): (u32, u32, u32, u32);
-    unsafe {
-        asm!("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {{{a}, {b}, {c}, {d}}}, [{p}];",
-            a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d, p = in(reg32) addr,
-            options(readonly, nostack))
+/// `ldmatrix ... .x4` variants: four 8x8 16-bit matrices from shared memory, lanes 8i..8i+7
+/// giving the row addresses of matrix i.
+macro_rules! ldmatrix_x4 {
+    ($(#[$doc:meta])* $name:ident, $op:literal) => {
+        $(#[$doc])*
+        #[inline(always)]
+        pub unsafe fn $name(addr: u32) -> [u32; 4] {
+            let (a, b, c, d): (u32, u32, u32, u32);
+            unsafe {
+                asm!(concat!($op, " {{{a}, {b}, {c}, {d}}}, [{p}];"),
+                    a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d,
+                    p = in(reg32) addr, options(readonly, nostack))
+            };
+            [a, b, c, d]
+        }
     };
-    [a, b, c, d]
 }
 
-/// Four 8x8 b16 matrices from shared memory (lanes 8i..8i+7 give the row addresses of matrix i):
-/// the `mma` m16n8k16 A fragment when the matrices are (rows 0-7 | 8-15) x (k 0-7 | 8-15).
-#[inline(always)]
-pub unsafe fn ldmatrix_x4(addr: u32) -> [u32; 4] {
-    let (a, b, c, d): (u32, u32, u32, u32);
-    unsafe {
-        asm!("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{a}, {b}, {c}, {d}}}, [{p}];",
-            a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d, p = in(reg32) addr,
-            options(readonly, nostack))
-    };
-    [a, b, c, d]
-}
+ldmatrix_x4!(
+    /// Transposed: each thread receives elements `[2t][g]`, `[2t+1][g]` of each matrix
+    /// (`g = lane / 4`, `t = lane % 4`), which is the mma B fragment of a row-major [k][n] tile.
+    ldmatrix_x4_trans,
+    "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16"
+);
+ldmatrix_x4!(
+    /// The `mma` m16n8k16 A fragment when the matrices are (rows 0-7 | 8-15) x (k 0-7 | 8-15).
+    ldmatrix_x4,
+    "ldmatrix.sync.aligned.m8n8.x4.shared.b16"
+);
 
 #[inline(always)]
 pub unsafe fn st_global_v4(addr: u64, v: [u32; 4]) {
