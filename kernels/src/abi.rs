@@ -50,21 +50,16 @@ pub const fn ws_block_n(d: usize) -> usize {
     if d > 128 { 48 } else { WG_BLOCK_N }
 }
 
-/// K/V stages of the warp-specialised kernel's ring.
-pub const fn ws_stages(_d: usize) -> usize {
-    WG_STAGES
-}
-
 /// Byte offset of the warp-specialised kernel's mbarriers (after Q and the K/V ring).
 pub const fn ws_barrier_offset(d: usize) -> usize {
-    WG_BLOCK_M * d * 2 + ws_stages(d) * 2 * ws_block_n(d) * d * 2
+    WG_BLOCK_M * d * 2 + WG_STAGES * 2 * ws_block_n(d) * d * 2
 }
 
 /// Dynamic shared memory of the warp-specialised kernel: Q, the K/V ring, then mbarriers (Q full
 /// and Q empty; full and empty per stage), then four u32 work slots. D = 128: 224 KiB of the
 /// 227 KiB a block may have; D = 256: 208 KiB.
 pub const fn ws_smem_bytes(d: usize) -> usize {
-    ws_barrier_offset(d) + (2 + 2 * ws_stages(d)) * 8 + 4 * 4
+    ws_barrier_offset(d) + (2 + 2 * WG_STAGES) * 8 + 4 * 4
 }
 
 /// Most KV heads per layer: head kinds travel in the launch parameters as a bitmask.

@@ -6,7 +6,7 @@
 //! at D = 256, where Q alone takes 64 KiB of shared memory and a consumer's O is 64 x 256 (128
 //! registers, as two n128 accumulators: a 128-register operand list is past what ptxas takes
 //! well). S is then 64 x 48.
-use crate::abi::{ws_block_n, ws_stages};
+use crate::abi::{WG_STAGES, ws_block_n};
 use crate::mma::Element;
 use crate::softmax::{RowState, p_fragments, rescale};
 use crate::tile::QueryTile;
@@ -21,7 +21,7 @@ pub trait WsShape {
     /// Keys per KV block.
     const BN: usize = ws_block_n(Self::D);
     /// K/V stages of the shared-memory ring.
-    const STAGES: usize = ws_stages(Self::D);
+    const STAGES: usize = WG_STAGES;
     /// A consumer's scores of one KV block (64 x BN, f32).
     type S: Copy;
     /// A consumer's output accumulator (64 x D, f32).
