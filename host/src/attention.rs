@@ -492,7 +492,6 @@ pub(crate) fn prefill_launch<T: AttnElement>(
     args: PrefillArgs,
 ) -> Result<PrefillPlan> {
     let [batch, seqlen_q, heads_q, head_dim] = q_shape;
-    // Auto takes TMA loads wherever the tensor maps can address the operands.
     // D = 256 has only the TMA build: a consumer's accumulators leave the 128 cp.async producer
     // threads too few registers.
     if head_dim > 128 {
@@ -512,6 +511,7 @@ pub(crate) fn prefill_launch<T: AttnElement>(
             });
         }
     }
+    // Auto takes TMA loads wherever the tensor maps can address the operands.
     let (kernel, tma) = match (kernel, args.tma) {
         (PrefillKernel::Auto, Ok(tma)) => (PrefillKernel::WgmmaTma, Some(tma)),
         (PrefillKernel::Auto, Err(_)) => (PrefillKernel::WgmmaWarpSpecialized, None),
