@@ -688,7 +688,7 @@ impl ConsumerThread {
     /// barrier 1 out of turn, which deadlocks the pair (the intermittent hang seen in
     /// back-to-back launches before this sync existed).
     #[inline(always)]
-    fn finish(self) {
+    fn balance_ping_pong(self) {
         if self.wg == 0 {
             named_barrier_sync(self.my_turn, CONSUMERS as u32);
         }
@@ -918,7 +918,7 @@ unsafe fn consumer<E: Element + WgmmaElement, H: WsShape, const TMA: bool, const
         kv_tiles += blocks;
         q_tiles += 1;
     }
-    me.finish();
+    me.balance_ping_pong();
 }
 
 /// The consumer without `OVERLAP_TILES` (D = 256): each work tile ends with its own last PV and
@@ -965,7 +965,7 @@ unsafe fn consumer_serial<
         let work = warp_broadcast_u32(unsafe { ld_shared_u32(smem.work_slot(q_tiles - 1)) });
         unsafe { store_tile::<E, H>(p, work as i32, &o, &state, me.row_in_tile, me.t) };
     }
-    me.finish();
+    me.balance_ping_pong();
 }
 
 macro_rules! wgmma_entry {
