@@ -56,10 +56,10 @@ pub const fn ws_barrier_offset(d: usize) -> usize {
 }
 
 /// Dynamic shared memory of the warp-specialised kernel: Q, the K/V ring, then mbarriers (Q full
-/// and Q empty; full and empty per stage), then four u32 work slots. D = 128: 224 KiB of the
+/// and Q empty; full and empty per stage), then six u32 work slots. D = 128: 224 KiB of the
 /// 227 KiB a block may have; D = 256: 208 KiB.
 pub const fn ws_smem_bytes(d: usize) -> usize {
-    ws_barrier_offset(d) + (2 + 2 * WG_STAGES) * 8 + 4 * 4
+    ws_barrier_offset(d) + (2 + 2 * WG_STAGES) * 8 + 6 * 4
 }
 
 /// Most KV heads per layer: head kinds travel in the launch parameters as a bitmask.

@@ -22,7 +22,10 @@
 //! loads its Q rows into registers (A fragments) when a tile starts and releases Q's buffer at
 //! once, so the next tile's Q loads while this one runs; otherwise Q is read K-major from shared
 //! memory and released after the tile's last S GEMM. P goes from the S accumulators straight into
-//! register A fragments for `O += P V`, with V read N-major (transposed by wgmma).
+//! register A fragments for `O += P V`, with V read N-major (transposed by wgmma). At D <= 128
+//! work tiles overlap where they meet (`consumer`): the last PV of a tile and the first S GEMM of
+//! the next go in one ping-pong turn, and the finished tile's epilogue runs beside that S GEMM;
+//! D = 256 ends each tile before the next (`consumer_serial`: registers).
 //!
 //! Tile layout in shared memory (Q, K and V alike): the head dim is split into 64-element
 //! (128-byte) column blocks, one after another, each `rows x 128 B`. Inside a block, 16-byte
@@ -226,13 +229,16 @@ impl<H: WsShape> Smem<H> {
         self.barriers() + 8 * (2 + H::STAGES + stage) as u32
     }
     /// Work slots (u32, after the barriers): the work index of the block's n-th tile for the
-    /// consumers at slot n % 2, and the cp.async producers' broadcast of the next claim at
-    /// slot 2 + n % 2.
+    /// consumers at slot n % 2, the cp.async producers' broadcast of the next claim at
+    /// slot 2 + n % 2, and the tile's KV block count at slot 4 + n % 2.
     fn work_slot(self, n: i32) -> u32 {
         self.barriers() + (8 * (2 + 2 * H::STAGES)) as u32 + 4 * (n & 1) as u32
     }
     fn claim_slot(self, n: i32) -> u32 {
         self.work_slot(n) + 8
+    }
+    fn blocks_slot(self, n: i32) -> u32 {
+        self.work_slot(n) + 16
     }
 }
 
@@ -305,10 +311,11 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, H: WsShape, const TMA: bool>(
             setmaxnreg_inc::<WS_CONSUMER_REGISTERS>();
         }
         let (wg, wtid) = (warpgroup - 1, tid % 128);
-        if TMA && H::Q_IN_REGISTERS {
-            unsafe { consumer::<E, H, TMA, true>(p, smem, wg, wtid) };
-        } else {
-            unsafe { consumer::<E, H, TMA, false>(p, smem, wg, wtid) };
+        match (TMA && H::Q_IN_REGISTERS, H::OVERLAP_TILES) {
+            (true, true) => unsafe { consumer::<E, H, TMA, true>(p, smem, wg, wtid) },
+            (false, true) => unsafe { consumer::<E, H, TMA, false>(p, smem, wg, wtid) },
+            (true, false) => unsafe { consumer_serial::<E, H, TMA, true>(p, smem, wg, wtid) },
+            (false, false) => unsafe { consumer_serial::<E, H, TMA, false>(p, smem, wg, wtid) },
         }
     }
 }
@@ -337,27 +344,52 @@ unsafe fn producer<H: WsShape, const TMA: bool>(
             if q_tiles > 0 {
                 mbarrier_wait(smem.q_empty(), ((q_tiles - 1) & 1) as u32);
             }
-            if tid == 0 {
-                // Release: the slot is visible with the phase (which the Q bytes complete).
-                // -1 tells the consumers to stop (they need no tile count, which would live
-                // across `setmaxnreg` and was spilled in the cp.async build).
-                let published = if work < work_tiles { work } else { -1 };
-                st_shared_u32(smem.work_slot(q_tiles), published as u32);
-                if TMA && work < work_tiles {
-                    mbarrier_arrive_expect_tx(smem.q_full(), (BM * H::D * 2) as u32);
-                } else {
-                    mbarrier_arrive(smem.q_full());
-                }
-            }
         }
         if work >= work_tiles {
-            if !TMA {
-                unsafe { mbarrier_arrive(smem.q_full()) }; // no Q: the consumers stop
+            unsafe {
+                // -1 tells the consumers to stop (they need no tile count, which would live
+                // across `setmaxnreg` and was spilled in the cp.async build).
+                if tid == 0 {
+                    st_shared_u32(smem.work_slot(q_tiles), u32::MAX);
+                    if H::OVERLAP_TILES {
+                        st_shared_u32(smem.blocks_slot(q_tiles), 0);
+                    }
+                    mbarrier_arrive(smem.q_full());
+                }
+                if !TMA {
+                    mbarrier_arrive(smem.q_full()); // no Q: the consumers stop
+                }
             }
             break;
         }
+        // Release: the slots are visible with the phase (which the Q bytes complete). With
+        // `OVERLAP_TILES` the tile's KV block count goes with its work index, so that consumers
+        // start its first S GEMM before they have worked out the tile; else the index is
+        // published before the producer works out the tile, so it is not live across that (the
+        // producer has 24 registers, and D = 256 spilled).
+        let publish = |blocks: i32| {
+            if tid == 0 {
+                unsafe {
+                    st_shared_u32(smem.work_slot(q_tiles), work as u32);
+                    if H::OVERLAP_TILES {
+                        st_shared_u32(smem.blocks_slot(q_tiles), blocks as u32);
+                    }
+                    if TMA {
+                        mbarrier_arrive_expect_tx(smem.q_full(), (BM * H::D * 2) as u32);
+                    } else {
+                        mbarrier_arrive(smem.q_full());
+                    }
+                }
+            }
+        };
+        if !H::OVERLAP_TILES {
+            publish(0);
+        }
         let tile = QueryTile::from_work(p, BM as i32, work);
         let (blocks, n_block) = visited_blocks(&tile, H::BN);
+        if H::OVERLAP_TILES {
+            publish(blocks);
+        }
         let (k_map, v_map) = if tile.from_stream {
             (map(TMA_STREAM_K), map(TMA_STREAM_V))
         } else {
@@ -579,98 +611,195 @@ impl<H: WsShape> TileLoop<'_, H> {
     }
 }
 
-/// Consumer warpgroup `wg` (0 or 1; `wtid` its thread): 64 query rows of each work tile the
-/// producer publishes, until it publishes none.
+/// A work tile's last `O += P V` (on K/V stage `stage`), alone; then the stage is released.
 #[inline(always)]
-unsafe fn consumer<E: Element + WgmmaElement, H: WsShape, const TMA: bool, const QREG: bool>(
-    p: &PrefillParams,
+unsafe fn last_pv<E: WgmmaElement, H: WsShape>(
+    o: &mut H::O,
+    pa: &H::P,
     smem: Smem<H>,
+    stage: usize,
+) {
+    H::fence_o(o);
+    wgmma_fence();
+    mma_pv::<E, H>(o, pa, smem.v(stage));
+    wgmma_commit();
+    wgmma_wait::<0>();
+    H::fence_o(o);
+    unsafe { mbarrier_arrive(smem.empty(stage)) };
+}
+
+/// The epilogue of work tile `work` (none when negative: nothing is stored): this thread's rows
+/// of O, normalised, and their LSE. The output addresses are worked out again from the work index
+/// rather than carried through the KV loop: at D = 256 (O alone 128 registers) the consumer
+/// otherwise spills. Branch-free (`finish`, predicated stores): it may run while the next tile's
+/// first S GEMM is in flight.
+#[inline(always)]
+unsafe fn store_tile<E: Element, H: WsShape>(
+    p: &PrefillParams,
+    work: i32,
+    o: &H::O,
+    state: &RowState,
+    row_in_tile: i32,
+    t: usize,
+) {
+    let mut tile = QueryTile::from_work(p, BM as i32, if work < 0 { 0 } else { work });
+    tile.seqlen_q = select_u32(work < 0, 0, tile.seqlen_q as u32) as i32; // no rows
+    let row = tile.m0 + row_in_tile;
+    let (inv, lse) = finish(state);
+    H::store::<E>(&tile, o, [row, row + 8], t, inv, lse);
+}
+
+/// A consumer thread's place: its warpgroup, its thread in it, its quad position, its first row
+/// in a work tile (the second is 8 on) and its ping-pong barriers.
+#[derive(Clone, Copy)]
+struct ConsumerThread {
     wg: usize,
     wtid: usize,
-) {
-    let lane = lane_id() as usize;
-    let t = lane % 4;
+    t: usize,
+    row_in_tile: i32,
+    my_turn: u32,
+    their_turn: u32,
+}
 
-    // Ping-pong: consumer w issues its GEMMs after passing named barrier 1 + w, which the other
-    // consumer arrives at once it has issued its own S GEMM. Consumer 1 lets 0 go first. Both
-    // consumers walk the same KV tiles, so the alternation runs on across work tiles.
-    let (my_turn, their_turn) = (1 + wg as u32, 2 - wg as u32);
-    if wg == 1 {
-        named_barrier_arrive(their_turn, CONSUMERS as u32);
+impl ConsumerThread {
+    /// Ping-pong: consumer w issues its GEMMs after passing named barrier 1 + w, which the other
+    /// consumer arrives at once it has issued its own S GEMM. Consumer 1 lets 0 go first. Both
+    /// consumers walk the same KV tiles, so the alternation runs on across work tiles.
+    #[inline(always)]
+    fn new(wg: usize, wtid: usize) -> Self {
+        let lane = lane_id() as usize;
+        let me = ConsumerThread {
+            wg,
+            wtid,
+            t: lane % 4,
+            row_in_tile: (64 * wg + 16 * (wtid / 32) + lane / 4) as i32,
+            my_turn: 1 + wg as u32,
+            their_turn: 2 - wg as u32,
+        };
+        if wg == 1 {
+            named_barrier_arrive(me.their_turn, CONSUMERS as u32);
+        }
+        me
     }
 
-    let (mut kv_tiles, mut q_tiles) = (0i32, 0i32);
-    loop {
-        unsafe { mbarrier_wait(smem.q_full(), (q_tiles & 1) as u32) };
-        // Broadcast so ptxas sees a warp-uniform loop exit.
-        let work = warp_broadcast_u32(unsafe { ld_shared_u32(smem.work_slot(q_tiles)) }) as i32;
-        if work < 0 {
-            break;
+    /// Balances the ping-pong at exit: consumer 1 arrived at barrier 1 once more than consumer 0
+    /// synced there (its first arrival lets consumer 0 start). A CTA must not exit with a named
+    /// barrier half arrived: a later CTA on the same SM could find the stale arrivals and pass
+    /// barrier 1 out of turn, which deadlocks the pair (the intermittent hang seen in
+    /// back-to-back launches before this sync existed).
+    #[inline(always)]
+    fn balance_ping_pong(self) {
+        if self.wg == 0 {
+            named_barrier_sync(self.my_turn, CONSUMERS as u32);
         }
-        let tile = QueryTile::from_work(p, BM as i32, work);
-        let (blocks, n_block) = visited_blocks(&tile, H::BN);
-        // With Q in registers its buffer is released at once: the producer loads the next
-        // tile's Q while this one runs (else consumers waited for it at each tile switch: 6% of
-        // a streaming layer's consumer time, ncu).
-        let q_regs = if QREG {
-            let q = unsafe { q_fragments::<H>(smem, wg, wtid) };
+    }
+
+    /// With Q in registers (`QREG`), its A fragments, read at tile start; the buffer is released
+    /// at once (unless `release` is false: no tile), so the producer loads the next tile's Q
+    /// while this one runs (else consumers waited for it at each tile switch: 6% of a streaming
+    /// layer's consumer time, ncu).
+    #[inline(always)]
+    unsafe fn q_registers<H: WsShape, const QREG: bool>(
+        self,
+        smem: Smem<H>,
+        release: bool,
+    ) -> [[u32; 4]; 8] {
+        if QREG {
+            let q = unsafe { q_fragments::<H>(smem, self.wg, self.wtid) };
             fence_proxy_async_shared(); // these reads before the TMA rewrite of the buffer
-            unsafe { mbarrier_arrive(smem.q_empty()) };
+            if release {
+                unsafe { mbarrier_arrive(smem.q_empty()) };
+            }
             q
         } else {
             [[0; 4]; 8]
-        };
-        let row0 = tile.m0 + (64 * wg + 16 * (wtid / 32) + lane / 4) as i32;
-        let rows = [row0, row0 + 8];
-        let q_pos = [tile.offset + rows[0], tile.offset + rows[1]];
+        }
+    }
 
-        // FA3-style lag: iteration i issues S_i together with O += P_{i-1} V_{i-1}, then runs
-        // softmax_i while that PV is on the tensor cores. With O~_i = alpha_i (O~_{i-1} +
-        // P_{i-1} V_{i-1}), the final O is O~_last + P_last V_last, issued after the loop.
-        // Block 0 (S_0 alone) is peeled off the loop: with a PV issue under `if i > 0`, ptxas
-        // closes the second batch with a dummy HGMMA on every iteration, and the wait for S_i
-        // then waited for P_{i-1} V_{i-1} too, losing the overlap (seen in the SASS and in ncu's
-        // stall sampling: the dummy and that wait held 16% of all stall samples).
-        let mut o = H::zero_o();
+    /// Issues a tile's S_0 (block 0 on ring stage `stage` of the block's K/V tile `g`) in this
+    /// consumer's turn and waits for it.
+    #[inline(always)]
+    unsafe fn first_scores<E: WgmmaElement, H: WsShape, const TMA: bool, const QREG: bool>(
+        self,
+        smem: Smem<H>,
+        g: i32,
+        q: &[[u32; 4]; 8],
+    ) -> H::S {
+        let stage = stage_of::<H>(g);
+        unsafe { wait_kv::<TMA>(smem.full(stage), parity::<H>(g)) };
+        named_barrier_sync(self.my_turn, CONSUMERS as u32);
+        let mut s = H::zero_s();
+        H::fence_s(&mut s);
+        wgmma_fence();
+        mma_qk::<E, H, QREG>(&mut s, smem, self.wg, stage, q);
+        wgmma_commit();
+        named_barrier_arrive(self.their_turn, CONSUMERS as u32);
+        wgmma_wait::<0>();
+        s
+    }
+
+    /// A work tile's KV blocks from S_0 (done, in `s`) on: softmax_0, then blocks 1.. Returns O
+    /// without the last block's PV, that block's P and the row state.
+    ///
+    /// FA3-style lag: iteration i issues S_i together with O += P_{i-1} V_{i-1}, then runs
+    /// softmax_i while that PV is on the tensor cores. With O~_i = alpha_i (O~_{i-1} +
+    /// P_{i-1} V_{i-1}), the final O is O~_last + P_last V_last, issued by the caller. Block 0
+    /// (S_0 alone) is peeled off the loop: with a PV issue under `if i > 0`, ptxas closes the
+    /// second batch with a dummy HGMMA on every iteration, and the wait for S_i then waited for
+    /// P_{i-1} V_{i-1} too, losing the overlap (seen in the SASS and in ncu's stall sampling: the
+    /// dummy and that wait held 16% of all stall samples).
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn tile_blocks<
+        E: Element + WgmmaElement,
+        H: WsShape,
+        const TMA: bool,
+        const QREG: bool,
+    >(
+        self,
+        p: &PrefillParams,
+        smem: Smem<H>,
+        tile: &QueryTile,
+        blocks: i32,
+        mut s: H::S,
+        kv_tiles: i32,
+        q: &[[u32; 4]; 8],
+    ) -> (H::O, H::P, RowState) {
+        let (_, n_block) = visited_blocks(tile, H::BN);
+        let rows = [tile.m0 + self.row_in_tile, tile.m0 + self.row_in_tile + 8];
+        let q_pos = [tile.offset + rows[0], tile.offset + rows[1]];
         let mut state = RowState::new();
-        let mut pa = H::zero_p();
         let step = SoftmaxStep {
-            tile: &tile,
+            tile,
             q_pos,
-            t,
+            t: self.t,
             scale_log2: p.scale_log2,
         };
+        let mut o = H::zero_o();
+        let mut pa = H::zero_p();
         if blocks > 0 {
-            let stage = stage_of::<H>(kv_tiles);
-            unsafe { wait_kv::<TMA>(smem.full(stage), parity::<H>(kv_tiles)) };
-            named_barrier_sync(my_turn, CONSUMERS as u32);
-            let mut s = H::zero_s();
-            H::fence_s(&mut s);
-            wgmma_fence();
-            mma_qk::<E, H, QREG>(&mut s, smem, wg, stage, &q_regs);
-            wgmma_commit();
-            named_barrier_arrive(their_turn, CONSUMERS as u32);
-            wgmma_wait::<0>();
             H::fence_s(&mut s);
             if blocks == 1 && !QREG {
                 unsafe { mbarrier_arrive(smem.q_empty()) }; // see TileLoop::block
             }
             step.run::<H, MASK_TEST>(&mut s, &mut state, n_block(0)); // O is 0: no rescale
             pa = H::p_fragments::<E>(&s);
+        } else if !QREG {
+            unsafe { mbarrier_arrive(smem.q_empty()) }; // a tile without KV blocks never read Q
         }
         // Blocks 1.. in runs: partially visible blocks (element masks) and fully visible ones
         // (no mask code at all: a mask test in the loop cost 5-6% of full causal attention).
         let tile_loop = TileLoop::<H> {
             smem,
-            wg,
-            my_turn,
-            their_turn,
+            wg: self.wg,
+            my_turn: self.my_turn,
+            their_turn: self.their_turn,
             kv_tiles,
             blocks,
             step,
-            q: &q_regs,
+            q,
         };
-        let full = full_segments(&tile, blocks, H::BN);
+        let full = full_segments(tile, blocks, H::BN);
         let mut next = 1;
         // Three runs of (masked, full) blocks, the last full run empty. The count is opaque to
         // LLVM so that it keeps one copy of each loop body instead of unrolling five.
@@ -707,42 +836,136 @@ unsafe fn consumer<E: Element + WgmmaElement, H: WsShape, const TMA: bool, const
                 next = full_end;
             }
         }
-        if blocks > 0 {
-            let last = stage_of::<H>(kv_tiles + blocks - 1);
+        (o, pa, state)
+    }
+}
+
+/// Consumer warpgroup `wg` (0 or 1; `wtid` its thread): 64 query rows of each work tile the
+/// producer publishes, until it publishes none. Work tiles overlap where they meet
+/// (`WsShape::OVERLAP_TILES`): one ping-pong turn issues the last `O += P V` of a tile together
+/// with the first S GEMM of the next (the producer publishes each tile's KV block count beside
+/// its work index, so that GEMM starts before the consumer has worked out the tile), and the
+/// finished tile's epilogue runs while that S GEMM is on the tensor cores.
+#[inline(always)]
+unsafe fn consumer<E: Element + WgmmaElement, H: WsShape, const TMA: bool, const QREG: bool>(
+    p: &PrefillParams,
+    smem: Smem<H>,
+    wg: usize,
+    wtid: usize,
+) {
+    let me = ConsumerThread::new(wg, wtid);
+    let (mut kv_tiles, mut q_tiles) = (0i32, 0i32);
+    // The previous work tile (-1: none yet) and its KV block count; its O, the P of its last
+    // block and its row state stay live until its epilogue, at the start of the next tile.
+    let (mut prev_work, mut prev_blocks) = (-1i32, 0i32);
+    let mut o = H::zero_o();
+    let mut state = RowState::new();
+    let mut pa = H::zero_p();
+    loop {
+        unsafe { mbarrier_wait(smem.q_full(), (q_tiles & 1) as u32) };
+        // Broadcasts, so ptxas sees warp-uniform branches around the GEMMs and the loop exit.
+        let work = warp_broadcast_u32(unsafe { ld_shared_u32(smem.work_slot(q_tiles)) }) as i32;
+        let blocks = warp_broadcast_u32(unsafe { ld_shared_u32(smem.blocks_slot(q_tiles)) }) as i32;
+        let q = unsafe { me.q_registers::<H, QREG>(smem, work >= 0) };
+        let epilogue = |o: &H::O, state: &RowState| unsafe {
+            store_tile::<E, H>(p, prev_work, o, state, me.row_in_tile, me.t)
+        };
+        // The previous tile's last PV (on its last stage) and this tile's S_0 (on the next).
+        let last = stage_of::<H>(kv_tiles + H::STAGES as i32 - 1);
+        let overlapped = blocks > 0 && prev_blocks > 0;
+        let mut s = if overlapped {
+            // The usual case. Only here does a wgmma run on past a branch: ptxas serializes
+            // every wgmma of the kernel (C7520) where paths that meet differ in what is in
+            // flight, or where a branch touches accumulators while a wgmma runs (so `finish`
+            // and the stores are branch-free).
+            let first = stage_of::<H>(kv_tiles);
+            unsafe { wait_kv::<TMA>(smem.full(first), parity::<H>(kv_tiles)) };
+            named_barrier_sync(me.my_turn, CONSUMERS as u32);
+            let mut s = H::zero_s();
+            H::fence_s(&mut s);
             H::fence_o(&mut o);
             wgmma_fence();
             mma_pv::<E, H>(&mut o, &pa, smem.v(last));
             wgmma_commit();
-            wgmma_wait::<0>();
+            mma_qk::<E, H, QREG>(&mut s, smem, wg, first, &q);
+            wgmma_commit();
+            named_barrier_arrive(me.their_turn, CONSUMERS as u32);
+            wgmma_wait::<1>(); // the PV is done; S_0 may still run
             H::fence_o(&mut o);
             unsafe { mbarrier_arrive(smem.empty(last)) };
-        } else if !QREG {
-            unsafe { mbarrier_arrive(smem.q_empty()) }; // a tile without KV blocks never read Q
+            epilogue(&o, &state);
+            wgmma_wait::<0>();
+            s
+        } else {
+            // The first tile, a tile after one without KV blocks, the end: one after the other,
+            // S_0 below.
+            if prev_blocks > 0 {
+                unsafe { last_pv::<E, H>(&mut o, &pa, smem, last) };
+            }
+            epilogue(&o, &state);
+            H::zero_s()
+        };
+        if work < 0 {
+            break;
+        }
+        let tile = QueryTile::from_work(p, BM as i32, work);
+        if !overlapped && blocks > 0 {
+            s = unsafe { me.first_scores::<E, H, TMA, QREG>(smem, kv_tiles, &q) };
+        }
+        (o, pa, state) =
+            unsafe { me.tile_blocks::<E, H, TMA, QREG>(p, smem, &tile, blocks, s, kv_tiles, &q) };
+        (prev_work, prev_blocks) = (work, blocks);
+        kv_tiles += blocks;
+        q_tiles += 1;
+    }
+    me.balance_ping_pong();
+}
+
+/// The consumer without `OVERLAP_TILES` (D = 256): each work tile ends with its own last PV and
+/// epilogue before the next starts.
+#[inline(always)]
+unsafe fn consumer_serial<
+    E: Element + WgmmaElement,
+    H: WsShape,
+    const TMA: bool,
+    const QREG: bool,
+>(
+    p: &PrefillParams,
+    smem: Smem<H>,
+    wg: usize,
+    wtid: usize,
+) {
+    let me = ConsumerThread::new(wg, wtid);
+    let (mut kv_tiles, mut q_tiles) = (0i32, 0i32);
+    loop {
+        unsafe { mbarrier_wait(smem.q_full(), (q_tiles & 1) as u32) };
+        // Broadcast so ptxas sees a warp-uniform loop exit.
+        let work = warp_broadcast_u32(unsafe { ld_shared_u32(smem.work_slot(q_tiles)) }) as i32;
+        if work < 0 {
+            break;
+        }
+        let tile = QueryTile::from_work(p, BM as i32, work);
+        let (blocks, _) = visited_blocks(&tile, H::BN);
+        let q = unsafe { me.q_registers::<H, QREG>(smem, true) };
+        let mut s = H::zero_s();
+        if blocks > 0 {
+            s = unsafe { me.first_scores::<E, H, TMA, QREG>(smem, kv_tiles, &q) };
+        }
+        let (mut o, pa, state) =
+            unsafe { me.tile_blocks::<E, H, TMA, QREG>(p, smem, &tile, blocks, s, kv_tiles, &q) };
+        if blocks > 0 {
+            let last = stage_of::<H>(kv_tiles + blocks - 1);
+            unsafe { last_pv::<E, H>(&mut o, &pa, smem, last) };
         }
         kv_tiles += blocks;
         q_tiles += 1;
-
-        let (inv, lse) = finish(&state);
-        // The output addresses are recomputed rather than carried through the KV loop: at
-        // D = 256 (O alone 128 registers) the consumer otherwise spills.
-        if H::D > 128 {
-            // The work index again from its slot (the producer rewrites it only after this
-            // consumer releases the next tile's Q).
-            let work = unsafe { ld_shared_u32(smem.work_slot(q_tiles - 1)) } as i32;
-            let out = QueryTile::from_work(p, BM as i32, warp_broadcast_u32(work as u32) as i32);
-            H::store::<E>(&out, &o, rows, t, inv, lse);
-        } else {
-            H::store::<E>(&tile, &o, rows, t, inv, lse);
-        }
+        // The work index again from its slot (the producer rewrites it only after this
+        // consumer releases the next tile's Q): kept live through the KV loop, it made the
+        // D = 256 consumer spill.
+        let work = warp_broadcast_u32(unsafe { ld_shared_u32(smem.work_slot(q_tiles - 1)) });
+        unsafe { store_tile::<E, H>(p, work as i32, &o, &state, me.row_in_tile, me.t) };
     }
-    // Balance the ping-pong: consumer 1 arrived at barrier 1 once more than consumer 0 synced
-    // there (its first arrival lets consumer 0 start). A CTA must not exit with a named barrier
-    // half arrived: a later CTA on the same SM could find the stale arrivals and pass barrier 1
-    // out of turn, which deadlocks the pair (the intermittent hang seen in back-to-back launches
-    // before this sync existed).
-    if wg == 0 {
-        named_barrier_sync(my_turn, CONSUMERS as u32);
-    }
+    me.balance_ping_pong();
 }
 
 macro_rules! wgmma_entry {

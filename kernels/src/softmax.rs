@@ -3,7 +3,9 @@
 //! A thread holds two query rows (`rows[0]`, `rows[1]` = row + 8) of a 16-row slab; score element
 //! `4j + e` belongs to row `e / 2` and key `n0 + 8j + 2t + e % 2` (`t = lane % 4`). The four
 //! threads of a quad hold the rest of each row, so row reductions shuffle over lanes ^1 and ^2.
-use crate::device::{exp2_approx, fma_f32, log2_approx, max_f32, rcp_approx, shfl_xor_f32};
+use crate::device::{
+    exp2_approx, fma_f32, log2_approx, max_f32, rcp_approx, select_u32, shfl_xor_f32,
+};
 use crate::mask::HeadMask;
 use crate::mma::Element;
 
@@ -116,9 +118,13 @@ pub fn finish(state: &RowState) -> ([f32; 2], [f32; 2]) {
         sum += shfl_xor_f32(sum, 2);
         let reciprocal = rcp_approx(sum);
         let log = (state.max[r] + log2_approx(sum)) * LN_2;
+        // Selects, never branches: the warp-specialised consumer runs this while its next
+        // tile's first S GEMM is in flight, and ptxas serializes every wgmma of a kernel that
+        // diverges while one runs (C7515).
         let seen = sum > 0.0;
-        inv[r] = if seen { reciprocal } else { 0.0 };
-        lse[r] = if seen { log } else { f32::NEG_INFINITY };
+        let pick = |a: f32, b: f32| f32::from_bits(select_u32(seen, a.to_bits(), b.to_bits()));
+        inv[r] = pick(reciprocal, 0.0);
+        lse[r] = pick(log, f32::NEG_INFINITY);
     }
     (inv, lse)
 }

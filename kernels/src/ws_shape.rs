@@ -41,6 +41,10 @@ pub trait WsShape {
     /// tile, so that Q's buffer is free for the next tile's Q right after the tile starts. D <= 128
     /// only: at D = 256 they would be 64 more registers.
     const Q_IN_REGISTERS: bool = false;
+    /// Whether a consumer issues a work tile's first S GEMM together with the previous tile's
+    /// last PV GEMM and runs that tile's epilogue meanwhile (S, O and P live at once, as in the
+    /// KV loop, plus the epilogue's addresses: too many registers at D = 256).
+    const OVERLAP_TILES: bool = Self::D <= 128;
     /// One 16-deep k-step of S += Q K^T with Q's A fragment `a` in registers and K K-major in
     /// shared memory (only called when `Q_IN_REGISTERS`).
     fn mma_qk_rs_step<E: WgmmaElement>(_s: &mut Self::S, _a: &[u32; 4], _b: u64) {}

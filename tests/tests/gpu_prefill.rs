@@ -287,6 +287,34 @@ fn strided_packed_qkv_and_padded_output() {
     assert!(cmp.passed(), "{cmp:?}");
 }
 
+/// More work tiles than resident blocks, so each persistent block runs several tiles back to back
+/// (the tile-boundary overlap of the TMA kernel at D <= 128). Small enough for
+/// `compute-sanitizer` (`run.sh sanitize` runs it).
+#[test]
+fn persistent_blocks_take_many_tiles() {
+    let Some(ctx) = gpu_or_skip("persistent_blocks_take_many_tiles") else {
+        return;
+    };
+    let mut rng = rng("many tiles");
+    for d in [64, 128] {
+        let shape = Shape {
+            batch: 2,
+            seqlen_q: 512,
+            seqlen_k: 640,
+            heads_q: 32,
+            heads_kv: 8,
+            head_dim: d,
+        };
+        let cfg = AttentionConfig::new(alternating_kinds(8))
+            .sink(4)
+            .window(100)
+            .kernel(PrefillKernel::WgmmaTma);
+        let cmp = run_prefill_case::<bf16>(&ctx, &shape, &cfg, &mut rng).unwrap();
+        notice(&format!("many tiles per block, D={d}: {cmp:?}"));
+        assert!(cmp.passed(), "D={d}: {cmp:?}");
+    }
+}
+
 /// Same inputs twice give bit-identical outputs (a race would show as run-to-run differences).
 #[test]
 fn prefill_is_deterministic() {
