@@ -58,6 +58,11 @@ struct Args {
     /// work tile's fixed cost from its per-block cost). Not the shapes.
     #[arg(long, hide = true)]
     window: Option<u32>,
+    /// Timing probes: after each prefill case, write its LSE output (raw little-endian f32, the
+    /// last rep's) to `DIR/<mode>-<seqlen>.lse`; a trace variant of the kernel stores timestamps
+    /// there instead of LSE values.
+    #[arg(long, hide = true)]
+    dump_lse: Option<PathBuf>,
 }
 
 fn parse_head_dim(s: &str) -> Result<usize, String> {
@@ -187,7 +192,14 @@ fn main() -> ExitCode {
             "mma" => PrefillKernel::MmaSync,
             _ => PrefillKernel::Auto,
         };
-        match timing::time_case(&ctx, case, kernel, &mut rng) {
+        let dump = args.dump_lse.as_ref().map(|dir| {
+            dir.join(format!(
+                "{}-{}.lse",
+                case.mode.label().replace(' ', "_").replace('/', "-"),
+                case.seqlen_k
+            ))
+        });
+        match timing::time_case(&ctx, case, kernel, &mut rng, dump.as_deref()) {
             Ok(t) => {
                 bar.println(format!(
                     "{:<12} B={:<2} Sq={:<6} Sk={:<6} {:9.3} ms ({} reps)",

@@ -23,6 +23,7 @@ pub fn time_case(
     case: &Case,
     kernel: duo_attn::PrefillKernel,
     rng: &mut StdRng,
+    dump_lse: Option<&std::path::Path>,
 ) -> Result<Timing> {
     let shape = case.shape();
     let cfg = case.config().kernel(kernel);
@@ -104,6 +105,20 @@ pub fn time_case(
     let reps = ((BUDGET_MS / first.max(1e-3)) as usize).clamp(MIN_REPS, MAX_REPS);
     let mut times = run(reps, 0)?;
     times.sort_by(f64::total_cmp);
+    if let Some(path) = dump_lse {
+        let bytes: Vec<u8> = lse
+            .to_host()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        if let Err(e) = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(path, bytes))
+        {
+            eprintln!("writing {}: {e}", path.display());
+        }
+    }
     Ok(Timing {
         median_ms: times[reps / 2],
         min_ms: times[0],
