@@ -11,7 +11,9 @@ Slots per work tile (LSE rows m0 .. m0 + 127 of its head; SM cycles, low 32 bits
 (0, 1) at 40w + 0 next Q ready, + 1 boundary turn issued, + 2 epilogue done, + 3 S_0 done,
 + 4 softmax_0 done, + 4 + i turn of block i acquired; 79 the block index; the producer at 80 loop
 top, 81 after the Q-buffer wait, 82 tile decoded and published, 83 Q load issued, 84 + i KV
-block i issued.
+block i issued. Slots stop at 127, so consumer 0's block slots run into consumer 1's past 35
+blocks: read traces of layers whose tiles visit at most 35 KV blocks (streaming heads), not
+long causal ones.
 """
 import collections
 import sys
