@@ -114,7 +114,7 @@ fn tma_prefill_matches_reference_over_the_matrix() {
     );
 }
 
-/// Head dim 256 (the TMA kernel only: 64-key blocks, two stages, O in two n128 halves): the
+/// Head dim 256 (the TMA kernel only: 48-key blocks, three stages, O in two n128 halves): the
 /// same (Sq, Sk) x heads grid with its own rotation of sinks, windows, dtypes and causality.
 #[test]
 fn tma_prefill_head_dim_256_matches_reference() {

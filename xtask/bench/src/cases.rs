@@ -129,8 +129,8 @@ impl Case {
     }
 }
 
-/// The prefill issue's shapes (B=1, Hq=Hkv=32, D=128) and decode shapes (GQA 32/8, D=128).
-/// The shapes; prefill cases with head dim `prefill_head_dim` (the is 128).
+/// The prefill issue's shapes (B=1, Hq=Hkv=32) with head dim `prefill_head_dim` (the is
+/// 128), and the decode shapes (GQA 32/8, D=128).
 pub fn all_cases(quick: bool, prefill_head_dim: usize) -> Vec<Case> {
     let prefill_lens: &[usize] = if quick {
         &[4096, 8192]
