@@ -5,9 +5,9 @@ use crate::error::{Error, Result};
 use crate::tensor::{DeviceTensor, TensorDesc, View, ViewMut};
 use crate::tma::{TmaTensor, prefill_tensors};
 use duo_attn_kernels::abi::{
-    HEAD_MASK_WORDS, MAX_KV_HEADS, MAX_SEQLEN, PREFILL_BLOCK_M, PREFILL_THREADS, PrefillParams,
-    TMA_MAPS, TensorMap, TmaPrefillParams, WG_BLOCK_M, WG_THREADS, WS_HEAD_DIMS, WS_THREADS,
-    wg_smem_bytes, ws_smem_bytes,
+    FastDiv, HEAD_MASK_WORDS, MAX_KV_HEADS, MAX_SEQLEN, PREFILL_BLOCK_M, PREFILL_THREADS,
+    PrefillParams, TMA_MAPS, TensorMap, TmaPrefillParams, WG_BLOCK_M, WG_THREADS, WS_HEAD_DIMS,
+    WS_THREADS, wg_smem_bytes, ws_smem_bytes,
 };
 
 /// How a KV head (and every query head of its group) attends.
@@ -141,6 +141,7 @@ impl PrefillPlan {
     fn set_grid(&mut self, grid: (u32, u32, u32)) -> Result<()> {
         self.grid = grid;
         self.params.m_blocks = grid.0 as i32;
+        self.params.m_blocks_div = FastDiv::new(grid.0);
         self.params.batch = grid.2 as i32;
         if self.persistent {
             check_limit(
@@ -448,7 +449,10 @@ pub(crate) fn prefill_params(
         lse_strides: [(heads_q * seqlen_q) as i64, seqlen_q as i64],
         m_blocks: 0, // set with the grid (PrefillPlan::set_grid)
         batch: 0,
-        work_counter: 0, // set at launch
+        work_counter: 0,                  // set at launch
+        m_blocks_div: FastDiv::default(), // set with the grid
+        heads_q_div: FastDiv::new(heads_q as u32),
+        group_div: FastDiv::new((heads_q / cfg.head_kinds.len()) as u32),
     };
     PrefillArgs { params, tma }
 }

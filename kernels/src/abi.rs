@@ -127,6 +127,47 @@ pub struct PrefillParams {
     /// Persistent kernel: two u32 counters (work tiles claimed, blocks done), zero at launch and
     /// left zero by the kernel's last block.
     pub work_counter: u64,
+    /// Divisions by `m_blocks`, `heads_q` and the query heads per KV head, as a multiply and a
+    /// shift: a work tile's decode sits on the consumers' critical path at each tile switch, and
+    /// `div.u32` is a long dependent chain in SASS.
+    pub m_blocks_div: FastDiv,
+    pub heads_q_div: FastDiv,
+    pub group_div: FastDiv,
+}
+
+/// `n / d` for `n < 2^31` as one widening multiply and a shift (Granlund and Montgomery): with
+/// `l = ceil(log2 d)`, `multiplier = ceil(2^(31 + l) / d)` (below 2^32) and `shift = 31 + l`, the
+/// product's error stays below `n / 2^(31 + l) < 1 / d`, too little to reach the next integer.
+/// `d = 0` gives a zero quotient.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FastDiv {
+    pub multiplier: u32,
+    pub shift: u32,
+}
+
+impl FastDiv {
+    pub const fn new(d: u32) -> Self {
+        if d == 0 {
+            return FastDiv {
+                multiplier: 0,
+                shift: 0,
+            };
+        }
+        let l = u32::BITS - (d - 1).leading_zeros(); // ceil(log2 d); 0 for d = 1
+        let shift = 31 + l;
+        let multiplier = (1u64 << shift).div_ceil(d as u64);
+        FastDiv {
+            multiplier: multiplier as u32,
+            shift,
+        }
+    }
+
+    /// `n / d` for `n < 2^31`.
+    #[inline(always)]
+    pub fn quotient(self, n: u32) -> u32 {
+        ((n as u64 * self.multiplier as u64) >> self.shift) as u32
+    }
 }
 
 /// An encoded TMA tensor map (`CUtensorMap`, opaque to us): what `cuTensorMapEncodeTiled` writes,
@@ -308,4 +349,49 @@ pub fn all_entries() -> impl Iterator<Item = &'static str> {
         .chain(DECODE_ENTRIES.iter())
         .map(|e| e.0)
         .chain(SUPPORT_ENTRIES)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FastDiv;
+
+    fn check(d: u32, n: u32) {
+        assert_eq!(FastDiv::new(d).quotient(n), n / d, "{n} / {d}");
+    }
+
+    /// Every divisor up to 2^12 and a spread of larger ones (powers of two and their
+    /// neighbours, the worst cases for the rounding), against numerators at both ends of
+    /// `0..2^31`, around multiples of the divisor, and from a fixed pseudo-random walk.
+    #[test]
+    fn fast_division_matches_integer_division() {
+        let mut divisors: [u32; 4096 + 3 * 31] = [0; 4096 + 3 * 31];
+        for (i, d) in divisors.iter_mut().take(4096).enumerate() {
+            *d = i as u32 + 1;
+        }
+        for b in 1..32 {
+            let p = 1u32 << b;
+            divisors[4096 + 3 * (b - 1)..4096 + 3 * b].copy_from_slice(&[p - 1, p, p + 1]);
+        }
+        let mut x = 0x2545_f491u32;
+        for &d in &divisors {
+            for n in [0, 1, d - 1, d, d + 1, (1 << 31) - 1, (1 << 31) - 2] {
+                if n < 1 << 31 {
+                    check(d, n);
+                }
+            }
+            let top = ((1u64 << 31) - 1) / d as u64 * d as u64;
+            for n in [top.wrapping_sub(1), top, top + d as u64 - 1] {
+                if n < 1 << 31 {
+                    check(d, n as u32);
+                }
+            }
+            for _ in 0..64 {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                check(d, x >> 1);
+            }
+        }
+        assert_eq!(FastDiv::new(0).quotient(12345), 0);
+    }
 }

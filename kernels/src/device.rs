@@ -369,18 +369,6 @@ pub unsafe fn tma_load_4d(dst: u32, map: u64, mbar: u32, c: [i32; 4]) {
     };
 }
 
-/// `a / b` (unsigned) for a divisor the host has checked to be nonzero: PTX's own `div.u32`,
-/// with no zero test for ptxas to hoist (a zero divisor gives an unspecified quotient, no trap).
-#[inline(always)]
-pub fn div_u32_nonzero(a: u32, b: u32) -> u32 {
-    let q: u32;
-    unsafe {
-        asm!("div.u32 {q}, {a}, {b};", q = out(reg32) q, a = in(reg32) a, b = in(reg32) b,
-            options(pure, nomem, nostack))
-    };
-    q
-}
-
 /// Starts fetching a tensor map into the TMA unit's descriptor cache.
 #[inline(always)]
 pub unsafe fn prefetch_tensormap(map: u64) {

@@ -2,8 +2,8 @@
 //! operand addresses, and the epilogue that writes O and LSE.
 use crate::abi::{HEAD_MASK_WORDS, PrefillParams};
 use crate::device::{
-    block_idx_x, block_idx_y, block_idx_z, div_u32_nonzero, grid_dim_x, ld_global_nc_u32,
-    opaque_i32, select_u32, shfl_xor_u32, st_global_f32_if, st_global_v4_u32_if,
+    block_idx_x, block_idx_y, block_idx_z, grid_dim_x, ld_global_nc_u32, select_u32, shfl_xor_u32,
+    st_global_f32_if, st_global_v4_u32_if,
 };
 use crate::mask::HeadMask;
 use crate::mma::Element;
@@ -121,21 +121,18 @@ impl QueryTile {
     /// streams from DRAM); within a head the last, longest causal tiles come first.
     #[inline(always)]
     pub fn from_work(p: &PrefillParams, block_m: i32, work: i32) -> Self {
-        // Divisions without zero tests (the host checks these counts are > 0): a test common to
-        // both warp roles is hoisted by ptxas before the role split, where a value live across
-        // `setmaxnreg` is spilled.
-        let div = |a: i32, b: i32| div_u32_nonzero(a as u32, b as u32) as i32;
-        let m_blocks = opaque_i32(p.m_blocks);
-        let pair = div(work, m_blocks);
-        let m_block = m_blocks - 1 - (work - pair * m_blocks);
-        let batch = div(pair, p.heads_q);
+        // Host-computed multiply-and-shift divisions (`FastDiv`): no zero test for ptxas to hoist
+        // before the role split, and a short chain on the tile switch's critical path.
+        let pair = p.m_blocks_div.quotient(work as u32) as i32;
+        let m_block = p.m_blocks - 1 - (work - pair * p.m_blocks);
+        let batch = p.heads_q_div.quotient(pair as u32) as i32;
         let head = pair - batch * p.heads_q;
         Self::new(p, block_m, m_block, head, batch as i64)
     }
 
     #[inline(always)]
     fn new(p: &PrefillParams, block_m: i32, m_block: i32, head: i32, batch: i64) -> Self {
-        let kv_head = div_or_zero(head, div_or_zero(p.heads_q, p.heads_kv));
+        let kv_head = p.group_div.quotient(head as u32) as i32;
         let (streaming, rank) = kind_and_rank(&p.streaming_heads, kv_head as usize);
         let from_stream = streaming && p.split_kv != 0;
         let kv_index = if p.split_kv != 0 { rank } else { kv_head };
