@@ -452,7 +452,8 @@ pub(crate) fn prefill_params(
         work_counter: 0,                  // set at launch
         m_blocks_div: FastDiv::default(), // set with the grid
         heads_q_div: FastDiv::new(heads_q as u32),
-        group_div: FastDiv::new((heads_q / cfg.head_kinds.len()) as u32),
+        // Callers have checked the head counts (`check_heads`); no panic path if one did not.
+        group_div: FastDiv::new(heads_q.checked_div(cfg.head_kinds.len()).unwrap_or(0) as u32),
     };
     PrefillArgs { params, tma }
 }
