@@ -3,6 +3,7 @@
 //! writes `bench.json` and `bench.svg`. A broken kernel posts no time: each mode is checked against
 //! the float64 reference first.
 mod cases;
+mod clock;
 mod report;
 mod timing;
 
@@ -175,6 +176,7 @@ fn main() -> ExitCode {
         .filter(|c| args.seqlens.is_empty() || args.seqlens.contains(&c.seqlen_k))
         .filter(|c| args.batches.is_empty() || args.batches.contains(&c.batch))
         .collect();
+    let clock = clock::ClockSampler::new(ctx.info().ordinal);
     let bar = ProgressBar::new(cases.len() as u64)
         .with_style(ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}").unwrap());
     let mut records = Vec::new();
@@ -199,26 +201,43 @@ fn main() -> ExitCode {
                 case.seqlen_k
             ))
         });
-        match timing::time_case(&ctx, case, kernel, &mut rng, dump.as_deref()) {
+        match timing::time_case(&ctx, case, kernel, &mut rng, dump.as_deref(), &clock) {
             Ok(t) => {
-                bar.println(format!(
-                    "{:<12} B={:<2} Sq={:<6} Sk={:<6} {:9.3} ms ({} reps)",
-                    case.mode.label(),
-                    case.batch,
-                    case.seqlen_q,
-                    case.seqlen_k,
-                    t.median_ms,
-                    t.reps
-                ));
+                let clock_note = t.clock.as_ref().map_or(String::new(), |c| {
+                    let limits = if c.limits.is_empty() {
+                        "none"
+                    } else {
+                        &c.limits
+                    };
+                    format!(
+                        ", SM {:.0} MHz ({} samples; limits: {limits})",
+                        c.mean_mhz, c.samples
+                    )
+                });
+                // Through `suspend`, not `bar.println`: a hidden bar (output not a terminal, as
+                // on the GPU hosts) would drop the line.
+                bar.suspend(|| {
+                    println!(
+                        "{:<12} B={:<2} Sq={:<6} Sk={:<6} {:9.3} ms ({} reps{clock_note})",
+                        case.mode.label(),
+                        case.batch,
+                        case.seqlen_q,
+                        case.seqlen_k,
+                        t.median_ms,
+                        t.reps
+                    )
+                });
                 records.push(Record {
                     case: *case,
                     implementation: OURS.into(),
                     ms: t.median_ms,
                     min_ms: Some(t.min_ms),
                     reps: Some(t.reps),
+                    sm_mhz: t.clock.as_ref().map(|c| c.mean_mhz),
+                    clock_limits: t.clock.map(|c| c.limits),
                 });
             }
-            Err(e) => bar.println(format!("{case:?}: {e}")),
+            Err(e) => bar.suspend(|| eprintln!("{case:?}: {e}")),
         }
         bar.inc(1);
     }

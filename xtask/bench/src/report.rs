@@ -19,6 +19,12 @@ pub struct Record {
     pub min_ms: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reps: Option<usize>,
+    /// Mean SM clock while the timed reps ran (NVML samples; ours only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sm_mhz: Option<f64>,
+    /// Why the clock sat below its maximum meanwhile, as NVML says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_limits: Option<String>,
 }
 
 /// What the peers script writes.
@@ -55,15 +61,19 @@ fn peer_names(records: &[Record]) -> Vec<String> {
 pub fn table(records: &[Record]) -> String {
     let peers = peer_names(records);
     let mut by_case: BTreeMap<Case, BTreeMap<&str, f64>> = BTreeMap::new();
+    let mut clocks: BTreeMap<Case, f64> = BTreeMap::new();
     for r in records {
         by_case
             .entry(r.case)
             .or_default()
             .insert(&r.implementation, r.ms);
+        if let (OURS, Some(mhz)) = (r.implementation.as_str(), r.sm_mhz) {
+            clocks.insert(r.case, mhz);
+        }
     }
     let mut s = format!(
-        "{:<12} {:>3} {:>7} {:>7} {:>10} {:>12}",
-        "mode", "B", "Sq", "Sk", "ours ms", "ours rate"
+        "{:<12} {:>3} {:>7} {:>7} {:>10} {:>12} {:>7}",
+        "mode", "B", "Sq", "Sk", "ours ms", "ours rate", "SM MHz"
     );
     for p in &peers {
         s += &format!(" {:>22}", format!("{p} ms (x)"));
@@ -87,6 +97,10 @@ pub fn table(records: &[Record]) -> String {
                 format!("{rate:.1} {unit}")
             }
         );
+        match clocks.get(case) {
+            Some(mhz) => s += &format!(" {mhz:>7.0}"),
+            None => s += &format!(" {:>7}", "-"),
+        }
         for p in &peers {
             match times.get(p.as_str()) {
                 Some(&ms) => s += &format!(" {:>22}", format!("{ms:.3} ({:.2}x)", ms / ours)),

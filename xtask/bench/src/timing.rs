@@ -1,5 +1,6 @@
 //! Timing with CUDA events: warm-up, rotating input sets larger than L2, median of many reps.
 use crate::cases::Case;
+use crate::clock::{ClockSampler, ClockStats};
 use cust::event::{Event, EventFlags};
 use duo_attn::{Context, DeviceTensor, Result};
 use duo_attn_tests::random_tensor;
@@ -10,6 +11,8 @@ pub struct Timing {
     pub median_ms: f64,
     pub min_ms: f64,
     pub reps: usize,
+    /// The SM clock while the timed reps ran.
+    pub clock: Option<ClockStats>,
 }
 
 /// GPU time spent per case, about (more reps for fast cases, at least `MIN_REPS`).
@@ -24,6 +27,7 @@ pub fn time_case(
     kernel: duo_attn::PrefillKernel,
     rng: &mut StdRng,
     dump_lse: Option<&std::path::Path>,
+    clock: &ClockSampler,
 ) -> Result<Timing> {
     let shape = case.shape();
     let cfg = case.config().kernel(kernel);
@@ -103,7 +107,8 @@ pub fn time_case(
     run(3, 0)?; // warm-up
     let first = run(1, 0)?[0];
     let reps = ((BUDGET_MS / first.max(1e-3)) as usize).clamp(MIN_REPS, MAX_REPS);
-    let mut times = run(reps, 0)?;
+    let (times, clock) = clock.sample_while(|| run(reps, 0));
+    let mut times = times?;
     times.sort_by(f64::total_cmp);
     if let Some(path) = dump_lse {
         let bytes: Vec<u8> = lse
@@ -123,5 +128,6 @@ pub fn time_case(
         median_ms: times[reps / 2],
         min_ms: times[0],
         reps,
+        clock,
     })
 }
