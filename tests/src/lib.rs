@@ -247,6 +247,21 @@ pub fn run_decode_case<T: AttnElement>(
     run_random_case::<T>(ctx, shape, cfg, rng, true)
 }
 
+/// Like [`run_prefill_case`] (or [`run_decode_case`] with `decode`), with key `j`'s vector
+/// scaled by `1 + growth * j / seqlen_k`: scores grow along the keys, so a row's running max
+/// keeps moving up by more than the kernels' lazy-rescale threshold (with plain random inputs
+/// it settles after the first KV block, and the rescale path would go untested).
+pub fn run_growing_scores_case<T: AttnElement>(
+    ctx: &Context,
+    shape: &Shape,
+    cfg: &AttentionConfig,
+    rng: &mut StdRng,
+    decode: bool,
+    growth: f32,
+) -> Result<Comparison, Error> {
+    run_scaled_case::<T>(ctx, shape, cfg, rng, decode, growth)
+}
+
 fn run_random_case<T: AttnElement>(
     ctx: &Context,
     shape: &Shape,
@@ -254,8 +269,28 @@ fn run_random_case<T: AttnElement>(
     rng: &mut StdRng,
     decode: bool,
 ) -> Result<Comparison, Error> {
+    run_scaled_case::<T>(ctx, shape, cfg, rng, decode, 0.0)
+}
+
+fn run_scaled_case<T: AttnElement>(
+    ctx: &Context,
+    shape: &Shape,
+    cfg: &AttentionConfig,
+    rng: &mut StdRng,
+    decode: bool,
+    growth: f32,
+) -> Result<Comparison, Error> {
     let (q, q32) = random_tensor::<T>(rng, shape.q_len());
-    let (k, k32) = random_tensor::<T>(rng, shape.kv_len());
+    let (mut k, mut k32) = random_tensor::<T>(rng, shape.kv_len());
+    if growth != 0.0 {
+        // [B, Sk, Hkv, D]: one key position is Hkv * D consecutive values.
+        let per_key = shape.heads_kv * shape.head_dim;
+        for (i, (x, x32)) in k.iter_mut().zip(k32.iter_mut()).enumerate() {
+            let j = (i / per_key) % shape.seqlen_k;
+            *x = T::from_f32(*x32 * (1.0 + growth * j as f32 / shape.seqlen_k as f32));
+            *x32 = x.to_f32();
+        }
+    }
     let (v, v32) = random_tensor::<T>(rng, shape.kv_len());
     let (out, lse) = run_poisoned(ctx, shape, cfg, &q, &k, &v, decode)?;
     let out32: Vec<f32> = out.iter().map(|x| x.to_f32()).collect();

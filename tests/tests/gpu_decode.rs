@@ -6,7 +6,9 @@ use duo_attn::{
     AttentionConfig, AttnElement, CacheConfig, Context, DeviceScalar, DuoCache, Error, HeadKind,
     PrefillKernel,
 };
-use duo_attn_tests::{compare, gpu_or_skip, notice, random_tensor, rng, run_decode_case};
+use duo_attn_tests::{
+    compare, gpu_or_skip, notice, random_tensor, rng, run_decode_case, run_growing_scores_case,
+};
 use half::{bf16, f16};
 use rand::{Rng, rngs::StdRng};
 
@@ -62,6 +64,39 @@ fn decode_plain_matrix() {
         "decode_plain_matrix: {cases} cases, {} failed",
         failures.len()
     ));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Scores that grow along the keys (see `gpu_prefill`'s test of the same name): the running max
+/// of every split keeps moving, so the lazily skipped rescale runs.
+#[test]
+fn decode_growing_scores_rescale_the_output() {
+    let Some(ctx) = gpu_or_skip("decode_growing_scores_rescale_the_output") else {
+        return;
+    };
+    let mut rng = rng("decode growing scores");
+    let mut failures = Vec::new();
+    for d in [64, 128] {
+        for nq in [1, 16] {
+            let shape = Shape {
+                batch: 2,
+                seqlen_q: nq,
+                seqlen_k: 9000,
+                heads_q: 8,
+                heads_kv: 2,
+                head_dim: d,
+            };
+            let cfg = AttentionConfig::new(vec![R, S]).sink(16).window(2000);
+            let cmp =
+                run_growing_scores_case::<bf16>(&ctx, &shape, &cfg, &mut rng, true, 8.0).unwrap();
+            notice(&format!(
+                "decode growing scores D={d} queries={nq}: {cmp:?}"
+            ));
+            if !cmp.passed() {
+                failures.push(format!("D={d} queries={nq}: {cmp:?}"));
+            }
+        }
+    }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 

@@ -4,7 +4,7 @@ use duo_attn::reference::Shape;
 use duo_attn::{AttentionConfig, Context, DType, Error, HeadKind, PrefillKernel};
 use duo_attn_tests::{
     Comparison, alternating_kinds, compare, gpu_or_skip, notice, random_tensor, rng, rows_to_check,
-    run_prefill, run_prefill_case,
+    run_growing_scores_case, run_prefill, run_prefill_case,
 };
 use half::{bf16, f16};
 use rand::{Rng, rngs::StdRng};
@@ -202,6 +202,60 @@ fn run_matrix(kernel: PrefillKernel, test: &str, cases_of: impl Fn(&mut StdRng) 
         "failed cases:\n{}",
         failures.join("\n")
     );
+}
+
+/// Scores that grow along the keys (key j scaled by 1 + 8 j / Sk), so each row's running max
+/// moves up by more than the lazy-rescale threshold several times: the O rescale after the first
+/// KV block runs only then, and plain random inputs never reach it. Every kernel, D 64 and 128
+/// (and 256 on the TMA kernel), both dtypes, causal retrieval and streaming heads.
+#[test]
+fn growing_scores_rescale_the_output() {
+    let Some(ctx) = gpu_or_skip("growing_scores_rescale_the_output") else {
+        return;
+    };
+    let mut rng = rng("growing scores");
+    let mut failures = Vec::new();
+    let mut cases = 0;
+    for kernel in ALL_KERNELS {
+        let dims: &[usize] = if kernel == PrefillKernel::WgmmaTma {
+            &[64, 128, 256]
+        } else {
+            &[64, 128]
+        };
+        for &d in dims {
+            for (sq, sk) in [(3000, 3000), (700, 3000)] {
+                let shape = Shape {
+                    batch: 1,
+                    seqlen_q: sq,
+                    seqlen_k: sk,
+                    heads_q: 4,
+                    heads_kv: 2,
+                    head_dim: d,
+                };
+                let cfg = AttentionConfig::new(vec![HeadKind::Retrieval, HeadKind::Streaming])
+                    .sink(64)
+                    .window(1500)
+                    .kernel(kernel);
+                let cmp = if (d + sq) % 2 == 0 {
+                    run_growing_scores_case::<bf16>(&ctx, &shape, &cfg, &mut rng, false, 8.0)
+                } else {
+                    run_growing_scores_case::<f16>(&ctx, &shape, &cfg, &mut rng, false, 8.0)
+                }
+                .unwrap();
+                cases += 1;
+                let label = format!("{kernel:?} D={d} Sq={sq} Sk={sk}: {cmp:?}");
+                notice(&label);
+                if !cmp.passed() {
+                    failures.push(label);
+                }
+            }
+        }
+    }
+    notice(&format!(
+        "growing scores: {cases} cases, {} failed",
+        failures.len()
+    ));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 /// Q, K and V carved out of one packed `[B, S, Hq + 2 Hkv, D]` tensor; the output written into
