@@ -71,12 +71,21 @@ pub fn online_softmax<const N: usize>(
 ) -> [f32; 2] {
     let mut alpha = [0f32; 2];
     for r in 0..2 {
-        let mut m = f32::NEG_INFINITY;
+        // Four independent running maxima per row, then a tree: one chain of N / 2 dependent
+        // max.f32 (ptxas keeps the order of the asm) put about 32 ALU latencies on the
+        // critical path of every block's softmax.
+        let mut partial = [f32::NEG_INFINITY; 4];
+        let mut k = 0;
         for (i, &v) in s.iter().enumerate() {
             if (i % 4) / 2 == r {
-                m = max_f32(m, v);
+                partial[k % 4] = if k < 4 { v } else { max_f32(partial[k % 4], v) };
+                k += 1;
             }
         }
+        let mut m = max_f32(
+            max_f32(partial[0], partial[1]),
+            max_f32(partial[2], partial[3]),
+        );
         m = max_f32(m, shfl_xor_f32(m, 1));
         m = max_f32(m, shfl_xor_f32(m, 2));
         let m = max_f32(state.max[r], m * scale_log2);
