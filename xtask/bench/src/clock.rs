@@ -1,4 +1,4 @@
-//! The SM clock and board power, sampled through NVML while a case's timed reps run. The H100s here run anywhere
+//! The SM clock, sampled through NVML while a case's timed reps run. The H100s here run anywhere
 //! between 1.6 and 1.98 GHz under load (power and load decide), and a change to a kernel that
 //! moves its cycle count by 2% is lost in that spread unless the clock sits beside the time.
 use nvml_wrapper::Nvml;
@@ -12,8 +12,6 @@ const PERIOD: Duration = Duration::from_millis(5);
 /// What the samples saw while one case ran.
 pub struct ClockStats {
     pub mean_mhz: f64,
-    /// Mean board power (NVML averages its reading over about a second on Hopper).
-    pub mean_watts: Option<f64>,
     pub samples: usize,
     /// Why the clock sat below its maximum, as NVML says (empty: it did not).
     pub limits: String,
@@ -39,8 +37,8 @@ impl ClockSampler {
         }
     }
 
-    /// Runs `f`, sampling the SM clock and power every few milliseconds on another thread (at
-    /// least once) meanwhile.
+    /// Runs `f`, sampling the SM clock every few milliseconds on another thread meanwhile (at
+    /// least once).
     pub fn sample_while<T>(&self, f: impl FnOnce() -> T) -> (T, Option<ClockStats>) {
         let Some((nvml, bus_id)) = &self.nvml else {
             return (f(), None);
@@ -51,14 +49,10 @@ impl ClockSampler {
         let done = AtomicBool::new(false);
         std::thread::scope(|scope| {
             let sampler = scope.spawn(|| {
-                let (mut mhz, mut watts) = (Vec::new(), Vec::new());
-                let mut limits = ThrottleReasons::empty();
+                let (mut mhz, mut limits) = (Vec::new(), ThrottleReasons::empty());
                 loop {
                     if let Ok(clock) = device.clock_info(Clock::SM) {
                         mhz.push(clock as f64);
-                    }
-                    if let Ok(milliwatts) = device.power_usage() {
-                        watts.push(milliwatts as f64 / 1000.0);
                     }
                     if let Ok(reasons) = device.current_throttle_reasons() {
                         limits |= reasons;
@@ -68,17 +62,15 @@ impl ClockSampler {
                     }
                     std::thread::sleep(PERIOD);
                 }
-                (mhz, watts, limits)
+                (mhz, limits)
             });
             let out = f();
             done.store(true, Ordering::Relaxed);
-            let (mhz, watts, limits) = sampler
+            let (mhz, limits) = sampler
                 .join()
-                .unwrap_or_else(|_| (Vec::new(), Vec::new(), ThrottleReasons::empty()));
-            let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
-            let stats = mean(&mhz).map(|mean_mhz| ClockStats {
-                mean_mhz,
-                mean_watts: mean(&watts),
+                .unwrap_or_else(|_| (Vec::new(), ThrottleReasons::empty()));
+            let stats = (!mhz.is_empty()).then(|| ClockStats {
+                mean_mhz: mhz.iter().sum::<f64>() / mhz.len() as f64,
                 samples: mhz.len(),
                 limits: limit_names(limits),
             });

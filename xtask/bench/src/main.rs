@@ -209,11 +209,8 @@ fn main() -> ExitCode {
                     } else {
                         &c.limits
                     };
-                    let power = c
-                        .mean_watts
-                        .map_or(String::new(), |w| format!(", {w:.0} W"));
                     format!(
-                        ", SM {:.0} MHz{power} ({} samples; limits: {limits})",
+                        ", SM {:.0} MHz ({} samples; limits: {limits})",
                         c.mean_mhz, c.samples
                     )
                 });
@@ -237,7 +234,6 @@ fn main() -> ExitCode {
                     min_ms: Some(t.min_ms),
                     reps: Some(t.reps),
                     sm_mhz: t.clock.as_ref().map(|c| c.mean_mhz),
-                    watts: t.clock.as_ref().and_then(|c| c.mean_watts),
                     clock_limits: t.clock.map(|c| c.limits),
                 });
             }

@@ -22,9 +22,6 @@ pub struct Record {
     /// Mean SM clock while the timed reps ran (NVML samples; ours only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sm_mhz: Option<f64>,
-    /// Mean board power meanwhile (NVML; ours only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub watts: Option<f64>,
     /// Why the clock sat below its maximum meanwhile, as NVML says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clock_limits: Option<String>,
