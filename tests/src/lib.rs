@@ -232,7 +232,7 @@ pub fn run_prefill_case<T: AttnElement>(
     cfg: &AttentionConfig,
     rng: &mut StdRng,
 ) -> Result<Comparison, Error> {
-    run_growing_scores_case::<T>(ctx, shape, cfg, rng, false, 0.0)
+    run_scaled_keys_case::<T>(ctx, shape, cfg, rng, false, 0.0)
 }
 
 /// Runs one decode (`Context::decode_attention`, plain K/V) on fresh random inputs, outputs
@@ -244,14 +244,14 @@ pub fn run_decode_case<T: AttnElement>(
     cfg: &AttentionConfig,
     rng: &mut StdRng,
 ) -> Result<Comparison, Error> {
-    run_growing_scores_case::<T>(ctx, shape, cfg, rng, true, 0.0)
+    run_scaled_keys_case::<T>(ctx, shape, cfg, rng, true, 0.0)
 }
 
 /// Like [`run_prefill_case`] (or [`run_decode_case`] with `decode`), with key `j`'s vector
 /// scaled by `1 + growth * j / seqlen_k`: scores grow along the keys, so a row's running max
 /// keeps moving up block after block (with plain random inputs it settles in the first KV block,
 /// and the output rescale then multiplies by about 1).
-pub fn run_growing_scores_case<T: AttnElement>(
+pub fn run_scaled_keys_case<T: AttnElement>(
     ctx: &Context,
     shape: &Shape,
     cfg: &AttentionConfig,

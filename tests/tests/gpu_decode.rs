@@ -7,7 +7,7 @@ use duo_attn::{
     PrefillKernel,
 };
 use duo_attn_tests::{
-    compare, gpu_or_skip, notice, random_tensor, rng, run_decode_case, run_growing_scores_case,
+    compare, gpu_or_skip, notice, random_tensor, rng, run_decode_case, run_scaled_keys_case,
 };
 use half::{bf16, f16};
 use rand::{Rng, rngs::StdRng};
@@ -88,7 +88,7 @@ fn decode_growing_scores_rescale_the_output() {
             };
             let cfg = AttentionConfig::new(vec![R, S]).sink(16).window(2000);
             let cmp =
-                run_growing_scores_case::<bf16>(&ctx, &shape, &cfg, &mut rng, true, 8.0).unwrap();
+                run_scaled_keys_case::<bf16>(&ctx, &shape, &cfg, &mut rng, true, 8.0).unwrap();
             notice(&format!(
                 "decode growing scores D={d} queries={nq}: {cmp:?}"
             ));

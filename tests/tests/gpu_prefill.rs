@@ -4,7 +4,7 @@ use duo_attn::reference::Shape;
 use duo_attn::{AttentionConfig, Context, DType, Error, HeadKind, PrefillKernel};
 use duo_attn_tests::{
     Comparison, alternating_kinds, compare, gpu_or_skip, notice, random_tensor, rng, rows_to_check,
-    run_growing_scores_case, run_prefill, run_prefill_case,
+    run_prefill, run_prefill_case, run_scaled_keys_case,
 };
 use half::{bf16, f16};
 use rand::{Rng, rngs::StdRng};
@@ -237,9 +237,9 @@ fn growing_scores_rescale_the_output() {
                     .window(1500)
                     .kernel(kernel);
                 let cmp = if (d + sq) % 2 == 0 {
-                    run_growing_scores_case::<bf16>(&ctx, &shape, &cfg, &mut rng, false, 8.0)
+                    run_scaled_keys_case::<bf16>(&ctx, &shape, &cfg, &mut rng, false, 8.0)
                 } else {
-                    run_growing_scores_case::<f16>(&ctx, &shape, &cfg, &mut rng, false, 8.0)
+                    run_scaled_keys_case::<f16>(&ctx, &shape, &cfg, &mut rng, false, 8.0)
                 }
                 .unwrap();
                 cases += 1;
