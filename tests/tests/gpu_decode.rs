@@ -68,7 +68,7 @@ fn decode_plain_matrix() {
 }
 
 /// Scores that grow along the keys (see `gpu_prefill`'s test of the same name): the running max
-/// of every split keeps moving, so the lazily skipped rescale runs.
+/// of every split keeps moving, so the output rescale works with factors well below 1.
 #[test]
 fn decode_growing_scores_rescale_the_output() {
     let Some(ctx) = gpu_or_skip("decode_growing_scores_rescale_the_output") else {
