@@ -157,7 +157,18 @@ impl HeadMask {
     /// partial when it reaches past the sink, even if the window covers it.
     #[inline(always)]
     pub fn full_block_ranges(&self, q_lo: i32, q_hi: i32, block_n: i32) -> [BlockRange; 2] {
-        let ranges = self.block_ranges(q_lo, q_hi, block_n);
+        self.full_block_ranges_of(self.block_ranges(q_lo, q_hi, block_n), q_lo, q_hi, block_n)
+    }
+
+    /// `full_block_ranges` from `block_ranges(q_lo, q_hi, block_n)`, for a caller that has them.
+    #[inline(always)]
+    pub fn full_block_ranges_of(
+        &self,
+        ranges: [BlockRange; 2],
+        q_lo: i32,
+        q_hi: i32,
+        block_n: i32,
+    ) -> [BlockRange; 2] {
         // The last key every row sees, and the blocks that end at or before it.
         let common_last = if self.streaming || self.causal {
             min(q_lo, self.seqlen_k - 1)

@@ -139,44 +139,65 @@ fn mma_pv<E: WgmmaElement, H: WsShape>(o: &mut H::O, pa: &H::P, v_tile: u32) {
     }
 }
 
-/// The (at most two) KV block ranges of a work tile, as one index space; none for a tile with no
-/// query rows (a varlen sequence shorter than the longest). A select, not a branch: ptxas must
-/// see no divergent path between warpgroup MMAs, and these values come from memory (varlen).
-#[inline(always)]
-fn visited_blocks(tile: &QueryTile, bn: usize) -> (i32, impl Fn(i32) -> i32) {
-    let [first, second] = tile.mask.block_ranges(tile.q_lo, tile.q_hi, bn as i32);
-    let n_block = move |i: i32| {
+/// The KV blocks a work tile visits: `block_ranges`' (at most two) ranges as one index space.
+#[derive(Clone, Copy)]
+struct TileBlocks {
+    ranges: [BlockRange; 2],
+}
+
+impl TileBlocks {
+    #[inline(always)]
+    fn of(tile: &QueryTile, bn: usize) -> Self {
+        TileBlocks {
+            ranges: tile.mask.block_ranges(tile.q_lo, tile.q_hi, bn as i32),
+        }
+    }
+
+    /// How many; none for a tile with no query rows (a varlen sequence shorter than the longest).
+    /// A select, not a branch: ptxas must see no divergent path between warpgroup MMAs, and
+    /// these values come from memory (varlen).
+    #[inline(always)]
+    fn count(&self, tile: &QueryTile) -> i32 {
+        let [first, second] = self.ranges;
+        let blocks = first.len() + second.len();
+        if tile.is_empty() { 0 } else { blocks }
+    }
+
+    /// The KV block at index `i`.
+    #[inline(always)]
+    fn n_block(&self, i: i32) -> i32 {
+        let [first, second] = self.ranges;
         if i < first.len() {
             first.start + i
         } else {
             second.start + i - first.len()
         }
-    };
-    let blocks = first.len() + second.len();
-    (if tile.is_empty() { 0 } else { blocks }, n_block)
-}
+    }
 
-/// The two index ranges (in `visited_blocks`' index space, ascending, within `0..blocks`) of the
-/// blocks every row of the tile sees whole: the consumers run them without element-mask code.
-#[inline(always)]
-fn full_segments(tile: &QueryTile, blocks: i32, bn: usize) -> [(i32, i32); 2] {
-    let [first, second] = tile.mask.block_ranges(tile.q_lo, tile.q_hi, bn as i32);
-    let [full_first, full_second] = tile.mask.full_block_ranges(tile.q_lo, tile.q_hi, bn as i32);
-    let clamp = |i: i32| if i < blocks { i } else { blocks };
-    // An empty full range sits at the end of its range, so the masked run before it covers the
-    // whole range.
-    let segment = |full: BlockRange, range: BlockRange, base: i32| {
-        let (start, end) = if full.is_empty() {
-            (range.len(), range.len())
-        } else {
-            (full.start - range.start, full.end - range.start)
+    /// The two index ranges (ascending, within `0..blocks`, `blocks` the tile's count) of the
+    /// blocks every row of the tile sees whole: the consumers run them without element-mask code.
+    #[inline(always)]
+    fn full_segments(&self, tile: &QueryTile, blocks: i32, bn: usize) -> [(i32, i32); 2] {
+        let [first, second] = self.ranges;
+        let [full_first, full_second] =
+            tile.mask
+                .full_block_ranges_of(self.ranges, tile.q_lo, tile.q_hi, bn as i32);
+        let clamp = |i: i32| if i < blocks { i } else { blocks };
+        // An empty full range sits at the end of its range, so the masked run before it covers
+        // the whole range.
+        let segment = |full: BlockRange, range: BlockRange, base: i32| {
+            let (start, end) = if full.is_empty() {
+                (range.len(), range.len())
+            } else {
+                (full.start - range.start, full.end - range.start)
+            };
+            (clamp(base + start), clamp(base + end))
         };
-        (clamp(base + start), clamp(base + end))
-    };
-    [
-        segment(full_first, first, 0),
-        segment(full_second, second, first.len()),
-    ]
+        [
+            segment(full_first, first, 0),
+            segment(full_second, second, first.len()),
+        ]
+    }
 }
 
 /// Shared-memory layout of one block: Q, the K/V ring, then the mbarriers and work slots.
@@ -386,7 +407,8 @@ unsafe fn producer<H: WsShape, const TMA: bool>(
             publish(0);
         }
         let tile = QueryTile::from_work(p, BM as i32, work);
-        let (blocks, n_block) = visited_blocks(&tile, H::BN);
+        let visited = TileBlocks::of(&tile, H::BN);
+        let blocks = visited.count(&tile);
         if H::OVERLAP_TILES {
             publish(blocks);
         }
@@ -410,7 +432,7 @@ unsafe fn producer<H: WsShape, const TMA: bool>(
         for i in 0..blocks {
             let g = kv_tiles + i;
             let stage = stage_of::<H>(g);
-            let n0 = n_block(i) * H::BN as i32;
+            let n0 = visited.n_block(i) * H::BN as i32;
             let (k, v, full) = (smem.k(stage), smem.v(stage), smem.full(stage));
             unsafe {
                 if g >= H::STAGES as i32 {
@@ -765,7 +787,8 @@ impl ConsumerThread {
         kv_tiles: i32,
         q: &[[u32; 4]; 8],
     ) -> (H::O, H::P, RowState) {
-        let (_, n_block) = visited_blocks(tile, H::BN);
+        let visited = TileBlocks::of(tile, H::BN);
+        let n_block = |i: i32| visited.n_block(i);
         let rows = [tile.m0 + self.row_in_tile, tile.m0 + self.row_in_tile + 8];
         let q_pos = [tile.offset + rows[0], tile.offset + rows[1]];
         let mut state = RowState::new();
@@ -799,7 +822,7 @@ impl ConsumerThread {
             step,
             q,
         };
-        let full = full_segments(tile, blocks, H::BN);
+        let full = visited.full_segments(tile, blocks, H::BN);
         let mut next = 1;
         // Three runs of (masked, full) blocks, the last full run empty. The count is opaque to
         // LLVM so that it keeps one copy of each loop body instead of unrolling five.
@@ -945,7 +968,7 @@ unsafe fn consumer_serial<
             break;
         }
         let tile = QueryTile::from_work(p, BM as i32, work);
-        let (blocks, _) = visited_blocks(&tile, H::BN);
+        let blocks = TileBlocks::of(&tile, H::BN).count(&tile);
         let q = unsafe { me.q_registers::<H, QREG>(smem, true) };
         let mut s = H::zero_s();
         if blocks > 0 {
