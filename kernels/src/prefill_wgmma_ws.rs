@@ -863,6 +863,16 @@ impl ConsumerThread {
     }
 }
 
+/// The work index of the block's `q_tiles`-th tile (negative: stop), once the producer has
+/// published it with the tile's Q. Broadcast from lane 0, so ptxas sees a warp-uniform loop exit.
+#[inline(always)]
+unsafe fn next_work<H: WsShape>(smem: Smem<H>, q_tiles: i32) -> i32 {
+    unsafe {
+        mbarrier_wait(smem.q_full(), (q_tiles & 1) as u32);
+        warp_broadcast_u32(ld_shared_u32(smem.work_slot(q_tiles))) as i32
+    }
+}
+
 /// Consumer warpgroup `wg` (0 or 1; `wtid` its thread): 64 query rows of each work tile the
 /// producer publishes, until it publishes none. Work tiles overlap where they meet
 /// (`WsShape::OVERLAP_TILES`): one ping-pong turn issues the last `O += P V` of a tile together
@@ -885,9 +895,8 @@ unsafe fn consumer<E: Element + WgmmaElement, H: WsShape, const TMA: bool, const
     let mut state = RowState::new();
     let mut pa = H::zero_p();
     loop {
-        unsafe { mbarrier_wait(smem.q_full(), (q_tiles & 1) as u32) };
-        // Broadcasts, so ptxas sees warp-uniform branches around the GEMMs and the loop exit.
-        let work = warp_broadcast_u32(unsafe { ld_shared_u32(smem.work_slot(q_tiles)) }) as i32;
+        let work = unsafe { next_work(smem, q_tiles) };
+        // Broadcast, so ptxas sees warp-uniform branches around the GEMMs.
         let blocks = warp_broadcast_u32(unsafe { ld_shared_u32(smem.blocks_slot(q_tiles)) }) as i32;
         let q = unsafe { me.q_registers::<H, QREG>(smem, work >= 0) };
         let epilogue = |o: &H::O, state: &RowState| unsafe {
@@ -961,9 +970,7 @@ unsafe fn consumer_serial<
     let me = ConsumerThread::new(wg, wtid);
     let (mut kv_tiles, mut q_tiles) = (0i32, 0i32);
     loop {
-        unsafe { mbarrier_wait(smem.q_full(), (q_tiles & 1) as u32) };
-        // Broadcast so ptxas sees a warp-uniform loop exit.
-        let work = warp_broadcast_u32(unsafe { ld_shared_u32(smem.work_slot(q_tiles)) }) as i32;
+        let work = unsafe { next_work(smem, q_tiles) };
         if work < 0 {
             break;
         }
