@@ -477,12 +477,14 @@ pub unsafe fn ld_shared_f32(addr: u32) -> f32 {
     r
 }
 
-/// As [`cp_async_16`], with a 256-byte L2 prefetch hint: streaming reads of long contiguous rows
-/// (decode) get whole DRAM bursts.
+/// As [`cp_async_16`], with a 128-byte L2 prefetch hint, for streaming reads of long contiguous
+/// rows (decode). The 256-byte hint made the H200's L2 serve half the requests from prefetched
+/// sectors and decode read 1.5-4% slower (no hint was level with it); on an H100 all three are
+/// level (docs/perf-log.md, session 14).
 #[inline(always)]
 pub unsafe fn cp_async_16_prefetch(dst: u32, src: u64, src_bytes: u32) {
     unsafe {
-        asm!("cp.async.cg.shared.global.L2::256B [{d}], [{s}], 16, {n};",
+        asm!("cp.async.cg.shared.global.L2::128B [{d}], [{s}], 16, {n};",
             d = in(reg32) dst, s = in(reg64) src, n = in(reg32) src_bytes, options(nostack))
     };
 }
