@@ -61,10 +61,22 @@ pub fn rng(test: &str) -> StdRng {
 
 /// `n` standard-normal values rounded to `T`, and the same values as f32 (exact) for the reference.
 pub fn random_tensor<T: DeviceScalar>(rng: &mut impl Rng, n: usize) -> (Vec<T>, Vec<f32>) {
-    let data: Vec<T> = (0..n)
-        .map(|_| T::from_f32(rng.sample::<f32, _>(StandardNormal)))
-        .collect();
-    let f32s = data.iter().map(|x| x.to_f32()).collect();
+    // Chunks of 1 Mi values, each from its own generator seeded by `rng`, filled in parallel: a
+    // decode bench case holds billions of values (B = 32, 128k: 4.3 G per K/V tensor), which
+    // took most of a bench run's wall time on one thread. One sequence per `rng` state, so a
+    // seed still replays.
+    const CHUNK: usize = 1 << 20;
+    let seeds: Vec<u64> = (0..n.div_ceil(CHUNK)).map(|_| rng.random()).collect();
+    let mut data = vec![T::from_f32(0.0); n];
+    data.par_chunks_mut(CHUNK)
+        .zip(seeds)
+        .for_each(|(chunk, seed)| {
+            let mut chunk_rng = StdRng::seed_from_u64(seed);
+            for x in chunk {
+                *x = T::from_f32(chunk_rng.sample::<f32, _>(StandardNormal));
+            }
+        });
+    let f32s = data.par_iter().map(|x| x.to_f32()).collect();
     (data, f32s)
 }
 
