@@ -233,22 +233,26 @@ pub const DECODE_ROWS: usize = 16;
 /// Threads per decode block: 8 warps, one block per SM. Twice the warps of the 4-warp, 64-key
 /// version keep more loads issued per SM: B=8 32k 2.86 -> 2.91 TB/s, 128k 2.90 -> 3.00.
 pub const DECODE_THREADS: usize = 256;
-/// K/V stages of the decode kernel's cp.async ring (3 x 68 KiB at D = 128: one block per SM; two
+/// K/V stages of the decode kernel's cp.async ring (3 x 64 KiB at D = 128: one block per SM; two
 /// stages measured 1% slower on all-retrieval decode, 2-3% faster on half-streaming decode).
 pub const DECODE_STAGES: usize = 3;
 /// Most KV splits of one decode call (the merging block keeps a weight per split and row in shared memory).
 pub const DECODE_MAX_SPLITS: usize = 256;
 
-/// Row pitch (elements) of a decode K/V tile in shared memory: D + 8 keeps fragment reads and
-/// `ldmatrix` rows on distinct banks.
-pub const fn decode_pitch(d: usize) -> usize {
-    d + 8
+/// Byte offset of 16-byte chunk `chunk` of key row `row` in a decode K/V tile of head dim `d`.
+/// Rows are unpadded and chunks XOR-swizzled by the row's low three bits: the 16-byte cp.async
+/// writes of one warp land on distinct banks (so each 128-byte run of global memory travels as
+/// one L2 request), and so do the fragment reads of eight consecutive rows. A padded row (D + 8)
+/// had put the second row of every warp's write on the first row's banks; the split requests
+/// read 1.5x the sectors from L2 (ncu on an H200, docs/perf-log.md session 15).
+pub const fn decode_tile_offset(d: usize, row: usize, chunk: usize) -> usize {
+    row * d * 2 + ((chunk ^ (row & 7)) * 16)
 }
 
 /// Dynamic shared memory of the decode kernel for head dim `d` (K/V ring; the cross-warp
 /// reduction reuses it).
 pub const fn decode_smem_bytes(d: usize) -> usize {
-    DECODE_STAGES * 2 * DECODE_BLOCK_N * decode_pitch(d) * 2
+    DECODE_STAGES * 2 * DECODE_BLOCK_N * d * 2
 }
 
 /// A key/value source with its element strides of (batch, sequence, head).
@@ -393,5 +397,44 @@ mod tests {
             }
         }
         assert_eq!(FastDiv::new(0).quotient(12345), 0);
+    }
+
+    /// The decode tile's swizzle: each row's chunks stay in the row (a permutation); each
+    /// group of eight lanes of a cp.async (eight consecutive chunks of one row) writes 128
+    /// contiguous bytes, i.e. all 32 banks; and the eight row addresses of an `ldmatrix` matrix
+    /// (rows r..r+8 from a multiple of 8, one logical chunk) fall on distinct banks.
+    #[test]
+    fn decode_tile_swizzle_is_conflict_free() {
+        use super::{DECODE_BLOCK_N, decode_tile_offset};
+        for d in [64usize, 128] {
+            let chunks = d / 8;
+            for row in 0..DECODE_BLOCK_N {
+                let mut seen = [false; 16];
+                for c in 0..chunks {
+                    let off = decode_tile_offset(d, row, c);
+                    assert_eq!(off / (2 * d), row);
+                    let slot = off % (2 * d) / 16;
+                    assert!(!seen[slot], "d {d} row {row} chunk {c}");
+                    seen[slot] = true;
+                }
+                for first in (0..chunks).step_by(8) {
+                    let mut offs: [usize; 8] =
+                        core::array::from_fn(|i| decode_tile_offset(d, row, first + i));
+                    offs.sort_unstable();
+                    assert!(offs[0] % 128 == 0 && offs.windows(2).all(|w| w[1] == w[0] + 16));
+                }
+            }
+            for row0 in (0..DECODE_BLOCK_N).step_by(8) {
+                for c in 0..chunks {
+                    let mut banks: [usize; 8] =
+                        core::array::from_fn(|i| decode_tile_offset(d, row0 + i, c) % 128 / 16);
+                    banks.sort_unstable();
+                    assert!(
+                        banks.iter().enumerate().all(|(i, &b)| b == i),
+                        "d {d} chunk {c}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -10,11 +10,11 @@
 //! `sink + recent` ring slots, mapped back to true positions.
 use crate::abi::{
     DECODE_BLOCK_N, DECODE_MAX_SPLITS, DECODE_ROWS, DECODE_STAGES, DECODE_THREADS, DecodeParams,
-    decode_pitch, decode_smem_bytes,
+    decode_smem_bytes, decode_tile_offset,
 };
 use crate::device::*;
 use crate::mask::{BlockRange, HeadMask};
-use crate::mma::{Bf16, Element, F16, qk_tile, quad, set_quad};
+use crate::mma::{Bf16, Element, F16, quad, set_quad};
 use crate::ring::position_of;
 use crate::softmax::{RowState, mask_scores, online_softmax, rescale};
 use crate::tile::{div_or_zero, kind_and_rank, min_i32};
@@ -28,8 +28,8 @@ const STATS_BYTES: usize = WARPS * DECODE_ROWS * 8;
 const LN_2: f32 = core::f32::consts::LN_2;
 const LOG2_E: f32 = core::f32::consts::LOG2_E;
 
-/// Queues the cp.async loads of one `BN x D` tile (rows `n0..`, zero past `rows`) into a padded
-/// shared-memory tile.
+/// Queues the cp.async loads of one `BN x D` tile (rows `n0..`, zero past `rows`) into a
+/// swizzled shared-memory tile ([`decode_tile_offset`]).
 #[inline(always)]
 unsafe fn load_tile<const D: usize>(
     dst: u32,
@@ -41,7 +41,8 @@ unsafe fn load_tile<const D: usize>(
 ) {
     for c in 0..BN * D / 8 / THREADS {
         let chunk = tid + c * THREADS;
-        let (row, col) = (chunk / (D / 8), chunk % (D / 8) * 8);
+        let (row, part) = (chunk / (D / 8), chunk % (D / 8));
+        let col = part * 8;
         let key = n0 + row as i32;
         let valid = key < rows;
         let src = if valid {
@@ -49,7 +50,7 @@ unsafe fn load_tile<const D: usize>(
         } else {
             base
         };
-        let addr = dst + ((row * decode_pitch(D) + col) * 2) as u32;
+        let addr = dst + decode_tile_offset(D, row, part) as u32;
         unsafe { cp_async_16_prefetch(addr, src, if valid { 16 } else { 0 }) };
     }
 }
@@ -67,9 +68,8 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
                 && STATS_BYTES + WARPS * DECODE_ROWS * D * 4 <= decode_smem_bytes(D)
         )
     };
-    let pitch = decode_pitch(D);
     let smem = dynamic_shared_base();
-    let tile_bytes = (BN * pitch * 2) as u32;
+    let tile_bytes = (BN * D * 2) as u32;
     let k_smem = |stage: usize| smem + stage as u32 * 2 * tile_bytes;
     let v_smem = |stage: usize| k_smem(stage) + tile_bytes;
 
@@ -215,12 +215,21 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
         let stage = (i % DECODE_STAGES as i32) as usize;
         let n0 = n_block(i) * BN as i32;
 
-        // S = Q K^T for 16 rows x this warp's 16 keys.
+        // S = Q K^T for 16 rows x this warp's 16 keys. Per k-step one ldmatrix brings the B
+        // fragments of both 8-key halves: lanes 8i..8i+7 address key rows kw + 8(i / 2) + 0..7,
+        // column chunk 2kk + i % 2.
         let mut s = [0f32; 8];
-        for j in 0..2 {
-            let k_row = k_smem(stage) + (((kw + 8 * j + g) * pitch + 2 * t) * 2) as u32;
-            set_quad(&mut s, j, qk_tile::<E, KQ>(&qa, k_row));
+        let (mut s0, mut s1) = ([0f32; 4], [0f32; 4]);
+        let k_row = kw + lane % 8 + 8 * (lane / 16);
+        for (kk, frag) in qa.iter().enumerate() {
+            let chunk = 2 * kk + (lane / 8) % 2;
+            let b =
+                unsafe { ldmatrix_x4(k_smem(stage) + decode_tile_offset(D, k_row, chunk) as u32) };
+            E::mma(&mut s0, frag, [b[0], b[1]]);
+            E::mma(&mut s1, frag, [b[2], b[3]]);
         }
+        set_quad(&mut s, 0, s0);
+        set_quad(&mut s, 1, s1);
 
         let key0 = n0 + kw as i32;
         if use_ring {
@@ -251,7 +260,7 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
         ];
         let v_row = kw + lane % 8 + 8 * ((lane / 8) % 2);
         for jd in 0..D / 16 {
-            let addr = v_smem(stage) + ((v_row * pitch + 16 * jd + 8 * (lane / 16)) * 2) as u32;
+            let addr = v_smem(stage) + decode_tile_offset(D, v_row, 2 * jd + lane / 16) as u32;
             let b = unsafe { ldmatrix_x4_trans(addr) };
             let mut c = quad(&acc, 2 * jd);
             E::mma(&mut c, &pa, [b[0], b[1]]);
