@@ -25,6 +25,11 @@ const THREADS: usize = DECODE_THREADS;
 const WARPS: usize = THREADS / 32;
 /// Bytes of the merge's per-warp row statistics (max, sum) at the start of shared memory.
 const STATS_BYTES: usize = WARPS * DECODE_ROWS * 8;
+#[inline(always)]
+fn min_usize(a: usize, b: usize) -> usize {
+    if a < b { a } else { b }
+}
+
 const LN_2: f32 = core::f32::consts::LN_2;
 const LOG2_E: f32 = core::f32::consts::LOG2_E;
 
@@ -358,69 +363,103 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
         return;
     }
     fence_acq_rel_gpu();
-    // Per row: the merged LSE, then each split's weight exp(lse_s - lse) into shared memory.
+    // The merge is on the launch's critical path (the last block of each row group runs it
+    // alone), so it keeps many loads in flight: every split's LSE at once, then O by 16-byte
+    // loads of four splits at a time, with no branch between a load and its use.
+    // 1. Each (row, split) LSE into shared memory, one per thread.
     let weights = smem + 1024;
-    if tid < DECODE_ROWS {
-        let global_row = row_base + tid as i32;
+    let splits = (p.splits as usize).max(1);
+    let weight_at = |row: usize, s: usize| weights + ((row * DECODE_MAX_SPLITS + s) * 4) as u32;
+    for idx in (tid..DECODE_ROWS * splits).step_by(THREADS) {
+        let (row, s) = (idx / splits, idx % splits);
+        let global_row = row_base + row as i32;
         if global_row < rows_per_head {
             let (head, tok) = row_head_token(global_row);
-            let lse_at = |s: i32| unsafe {
-                ld_global_cg_f32(p.lse_partial + (partial_row(s, head, tok) * 4) as u64)
-            };
-            let mut m = f32::NEG_INFINITY;
-            for s in 0..p.splits {
-                m = max_f32(m, lse_at(s));
+            let at = p.lse_partial + (partial_row(s as i32, head, tok) * 4) as u64;
+            unsafe { st_shared_f32(weight_at(row, s), ld_global_cg_f32(at)) };
+        }
+    }
+    sync_threads();
+    // 2. Per row (one warp each, lanes over splits): the merged LSE, then each split's weight
+    // exp(lse_s - lse) in place of its LSE (0 for a split that saw no key).
+    for row in (warp..DECODE_ROWS).step_by(WARPS) {
+        let global_row = row_base + row as i32;
+        if global_row >= rows_per_head {
+            continue;
+        }
+        let mut m = f32::NEG_INFINITY;
+        for s in (lane..splits).step_by(32) {
+            m = max_f32(m, unsafe { ld_shared_f32(weight_at(row, s)) });
+        }
+        for mask in [16, 8, 4, 2, 1] {
+            m = max_f32(m, shfl_xor_f32(m, mask));
+        }
+        let mut total = 0f32;
+        if m != f32::NEG_INFINITY {
+            for s in (lane..splits).step_by(32) {
+                total += exp2_approx((unsafe { ld_shared_f32(weight_at(row, s)) } - m) * LOG2_E);
             }
-            let mut total = 0f32;
-            if m != f32::NEG_INFINITY {
-                for s in 0..p.splits {
-                    total += exp2_approx((lse_at(s) - m) * LOG2_E);
-                }
-            }
-            let lse = if total > 0.0 {
-                m + log2_approx(total) * LN_2
+        }
+        for mask in [16, 8, 4, 2, 1] {
+            total += shfl_xor_f32(total, mask);
+        }
+        let lse = if total > 0.0 {
+            m + log2_approx(total) * LN_2
+        } else {
+            f32::NEG_INFINITY
+        };
+        for s in (lane..splits).step_by(32) {
+            let w = if total > 0.0 {
+                exp2_approx((unsafe { ld_shared_f32(weight_at(row, s)) } - lse) * LOG2_E)
             } else {
-                f32::NEG_INFINITY
+                0.0
             };
-            for s in 0..p.splits {
-                let w = if total > 0.0 {
-                    exp2_approx((lse_at(s) - lse) * LOG2_E)
-                } else {
-                    0.0
-                };
-                let at = weights + ((tid * DECODE_MAX_SPLITS) as u32 + s as u32) * 4;
-                unsafe { st_shared_f32(at, w) };
-            }
+            unsafe { st_shared_f32(weight_at(row, s), w) };
+        }
+        if lane == 0 {
+            let (head, tok) = row_head_token(global_row);
             let idx = (batch * p.heads_q as i64 + head as i64) * p.n_q as i64 + tok as i64;
             unsafe { st_global_f32(p.lse + (idx * 4) as u64, lse) };
         }
     }
     sync_threads();
-    for idx in (tid..DECODE_ROWS * D / 2).step_by(THREADS) {
-        let (row, col) = (idx / (D / 2), 2 * (idx % (D / 2)));
+    // 3. O: four columns per item, four splits per step (a step past the last split repeats
+    // the last split's address with weight 0, so no load waits behind a branch).
+    for idx in (tid..DECODE_ROWS * D / 4).step_by(THREADS) {
+        let (row, col) = (idx / (D / 4), 4 * (idx % (D / 4)));
         let global_row = row_base + row as i32;
         if global_row >= rows_per_head {
             continue;
         }
         let (head, tok) = row_head_token(global_row);
-        let (mut a, mut c) = (0f32, 0f32);
-        for s in 0..p.splits {
-            let at = weights + ((row * DECODE_MAX_SPLITS) as u32 + s as u32) * 4;
-            let w = unsafe { ld_shared_f32(at) };
-            if w > 0.0 {
-                let row_at = partial_row(s, head, tok) * D as i64 + col as i64;
-                let src = p.o_partial + (row_at * 4) as u64;
-                unsafe {
-                    a += w * ld_global_cg_f32(src);
-                    c += w * ld_global_cg_f32(src + 4);
-                }
+        let src = |s: usize| {
+            let row_at = partial_row(s as i32, head, tok) * D as i64 + col as i64;
+            p.o_partial + (row_at * 4) as u64
+        };
+        let mut o = [0f32; 4];
+        let weight = |s: usize| {
+            if s < splits {
+                unsafe { ld_shared_f32(weight_at(row, s)) }
+            } else {
+                0.0
+            }
+        };
+        let load = |s: usize| unsafe { ld_global_cg_v4_f32(src(min_usize(s, splits - 1))) };
+        for s0 in (0..splits).step_by(4) {
+            let (x0, x1, x2, x3) = (load(s0), load(s0 + 1), load(s0 + 2), load(s0 + 3));
+            let (w0, w1, w2, w3) = (weight(s0), weight(s0 + 1), weight(s0 + 2), weight(s0 + 3));
+            for c in 0..4 {
+                o[c] += w0 * x0[c] + w1 * x1[c] + w2 * x2[c] + w3 * x3[c];
             }
         }
         let off = batch * p.o_strides[0]
             + tok as i64 * p.o_strides[1]
             + head as i64 * p.o_strides[2]
             + col as i64;
-        unsafe { st_global_u32(p.o + (off * 2) as u64, E::pack(a, c)) };
+        unsafe {
+            st_global_u32(p.o + (off * 2) as u64, E::pack(o[0], o[1]));
+            st_global_u32(p.o + (off * 2 + 4) as u64, E::pack(o[2], o[3]));
+        }
     }
 }
 

@@ -507,6 +507,19 @@ pub unsafe fn atom_add_u32(addr: u64, v: u32) -> u32 {
     r
 }
 
+/// Four f32 global loads cached in L2 only (address 16-byte aligned): for data other blocks of
+/// the same kernel wrote.
+#[inline(always)]
+pub unsafe fn ld_global_cg_v4_f32(addr: u64) -> [f32; 4] {
+    let (a, b, c, d): (f32, f32, f32, f32);
+    unsafe {
+        asm!("ld.global.cg.v4.f32 {{{a}, {b}, {c}, {d}}}, [{p}];",
+            a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d, p = in(reg64) addr,
+            options(readonly, nostack))
+    };
+    [a, b, c, d]
+}
+
 /// f32 global load cached in L2 only: for data other blocks of the same kernel wrote.
 #[inline(always)]
 pub unsafe fn ld_global_cg_f32(addr: u64) -> f32 {
