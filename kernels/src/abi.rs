@@ -421,7 +421,9 @@ mod tests {
                     let mut offs: [usize; 8] =
                         core::array::from_fn(|i| decode_tile_offset(d, row, first + i));
                     offs.sort_unstable();
-                    assert!(offs[0].is_multiple_of(128) && offs.windows(2).all(|w| w[1] == w[0] + 16));
+                    assert!(
+                        offs[0].is_multiple_of(128) && offs.windows(2).all(|w| w[1] == w[0] + 16)
+                    );
                 }
             }
             for row0 in (0..DECODE_BLOCK_N).step_by(8) {

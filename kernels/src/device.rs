@@ -178,17 +178,41 @@ pub fn pack_f16x2(lo: f32, hi: f32) -> u32 {
     r
 }
 
-/// 16-byte read-only global load (address must be 16-byte aligned).
-#[inline(always)]
-pub unsafe fn ld_global_nc_v4(addr: u64) -> [u32; 4] {
-    let (a, b, c, d): (u32, u32, u32, u32);
-    unsafe {
-        asm!("ld.global.nc.v4.u32 {{{a}, {b}, {c}, {d}}}, [{p}];",
-            a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d, p = in(reg64) addr,
-            options(readonly, nostack))
+/// Loads of four 32-bit values by one vector instruction `$op` from address `addr` (`$addr`
+/// in register class `$reg`): global vector loads and `ldmatrix ... .x4`.
+macro_rules! load_x4 {
+    ($(#[$doc:meta])* $name:ident, $addr:ty, $reg:ident, $ty:ty, $op:literal) => {
+        $(#[$doc])*
+        #[inline(always)]
+        pub unsafe fn $name(addr: $addr) -> [$ty; 4] {
+            let (a, b, c, d): ($ty, $ty, $ty, $ty);
+            unsafe {
+                asm!(concat!($op, " {{{a}, {b}, {c}, {d}}}, [{p}];"),
+                    a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d,
+                    p = in($reg) addr, options(readonly, nostack))
+            };
+            [a, b, c, d]
+        }
     };
-    [a, b, c, d]
 }
+
+// 16-byte global loads of four 32-bit values (address 16-byte aligned), one per cache operator.
+load_x4!(
+    /// Read-only (non-coherent cache) load: for inputs no block of the kernel writes.
+    ld_global_nc_v4,
+    u64,
+    reg64,
+    u32,
+    "ld.global.nc.v4.u32"
+);
+load_x4!(
+    /// Cached in L2 only: for data other blocks of the same kernel wrote.
+    ld_global_cg_v4_f32,
+    u64,
+    reg64,
+    f32,
+    "ld.global.cg.v4.f32"
+);
 
 /// 4-byte read-only global load (address must be 4-byte aligned).
 #[inline(always)]
@@ -422,33 +446,23 @@ pub fn setmaxnreg_inc<const N: u32>() {
     unsafe { asm!("setmaxnreg.inc.sync.aligned.u32 {n};", n = const N, options(nostack)) };
 }
 
-/// `ldmatrix ... .x4` variants: four 8x8 16-bit matrices from shared memory, lanes 8i..8i+7
-/// giving the row addresses of matrix i.
-macro_rules! ldmatrix_x4 {
-    ($(#[$doc:meta])* $name:ident, $op:literal) => {
-        $(#[$doc])*
-        #[inline(always)]
-        pub unsafe fn $name(addr: u32) -> [u32; 4] {
-            let (a, b, c, d): (u32, u32, u32, u32);
-            unsafe {
-                asm!(concat!($op, " {{{a}, {b}, {c}, {d}}}, [{p}];"),
-                    a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d,
-                    p = in(reg32) addr, options(readonly, nostack))
-            };
-            [a, b, c, d]
-        }
-    };
-}
-
-ldmatrix_x4!(
+// `ldmatrix ... .x4` variants: four 8x8 16-bit matrices from shared memory, lanes 8i..8i+7
+// giving the row addresses of matrix i.
+load_x4!(
     /// Transposed: each thread receives elements `[2t][g]`, `[2t+1][g]` of each matrix
     /// (`g = lane / 4`, `t = lane % 4`), which is the mma B fragment of a row-major [k][n] tile.
     ldmatrix_x4_trans,
+    u32,
+    reg32,
+    u32,
     "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16"
 );
-ldmatrix_x4!(
+load_x4!(
     /// The `mma` m16n8k16 A fragment when the matrices are (rows 0-7 | 8-15) x (k 0-7 | 8-15).
     ldmatrix_x4,
+    u32,
+    reg32,
+    u32,
     "ldmatrix.sync.aligned.m8n8.x4.shared.b16"
 );
 
@@ -505,19 +519,6 @@ pub unsafe fn atom_add_u32(addr: u64, v: u32) -> u32 {
             options(nostack))
     };
     r
-}
-
-/// Four f32 global loads cached in L2 only (address 16-byte aligned): for data other blocks of
-/// the same kernel wrote.
-#[inline(always)]
-pub unsafe fn ld_global_cg_v4_f32(addr: u64) -> [f32; 4] {
-    let (a, b, c, d): (f32, f32, f32, f32);
-    unsafe {
-        asm!("ld.global.cg.v4.f32 {{{a}, {b}, {c}, {d}}}, [{p}];",
-            a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d, p = in(reg64) addr,
-            options(readonly, nostack))
-    };
-    [a, b, c, d]
 }
 
 /// f32 global load cached in L2 only: for data other blocks of the same kernel wrote.
