@@ -15,7 +15,7 @@ use crate::abi::{
 use crate::device::*;
 use crate::mask::{BlockRange, HeadMask};
 use crate::mma::{Bf16, Element, F16, quad, set_quad};
-use crate::ring::position_of;
+use crate::ring::{filled_slots, position_of};
 use crate::softmax::{RowState, mask_scores, online_softmax, rescale};
 use crate::tile::{div_or_zero, kind_and_rank, min_i32};
 
@@ -121,8 +121,10 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
         + ((batch * ks[0] + index * ks[2]) * 2) as u64;
     let v_base = pick(p.stream.v as i64, p.full.v as i64) as u64
         + ((batch * vs[0] + index * vs[2]) * 2) as u64;
+    // A ring's unfilled slots hold memory never written (NaN bit patterns included): they are
+    // zero-filled like rows past the end, or a masked key's P = 0 would multiply a NaN V row.
     let n_keys = if use_ring {
-        p.sink + p.recent
+        filled_slots(p.seqlen, p.sink, p.recent)
     } else {
         p.seqlen
     };

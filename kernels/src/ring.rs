@@ -44,6 +44,18 @@ pub fn position_of(slot: i32, len: i32, sink: i32, recent: i32) -> i32 {
     if r < recent && pos < len { pos } else { -1 }
 }
 
+/// Slots holding a position once `len` positions were written: they fill in order (the sink
+/// slots, then the recent ones until the ring wraps), so the filled slots are `0..filled_slots`
+/// and a reader can zero the rest instead of reading memory never written.
+#[inline(always)]
+pub fn filled_slots(len: i32, sink: i32, recent: i32) -> i32 {
+    if len < sink + recent {
+        len
+    } else {
+        sink + recent
+    }
+}
+
 /// Rows of the cached history a streaming head's prefill chunk reads: `(sink_rows, recent_rows,
 /// recent_start)` after `len` cached positions. Rows `0..sink_rows` are positions `0..sink_rows`;
 /// the next `recent_rows` are positions `recent_start..len`.
@@ -73,6 +85,8 @@ mod tests {
                     }
                     for slot in 0..sink + recent {
                         assert_eq!(position_of(slot, len, sink, recent), ring[slot as usize]);
+                        let filled = slot < filled_slots(len, sink, recent);
+                        assert_eq!(filled, ring[slot as usize] >= 0, "len {len} slot {slot}");
                     }
                     let (s, r, lo) = history(len, sink, recent);
                     let mut kept: [i32; 16] = [-1; 16];
