@@ -19,7 +19,7 @@ use crate::element::AttnElement;
 use crate::error::{Error, Result};
 use crate::pattern::{Binarize, HeadPattern};
 use crate::tensor::{DeviceTensor, TensorDesc, View, ViewMut};
-use duo_attn_kernels::abi::{CacheParams, KvSource, MAX_KV_HEADS, MAX_SEQLEN};
+use duo_attn_kernels::abi::{CacheParams, DECODE_HEAD_DIMS, KvSource, MAX_KV_HEADS, MAX_SEQLEN};
 use duo_attn_kernels::ring;
 
 /// Threads per block of the cache kernels (`duo_attn_kernels::cache::CACHE_THREADS`).
@@ -139,11 +139,11 @@ impl<T: AttnElement> DuoCache<T> {
                 cfg.batch, cfg.max_len, cfg.heads_q, cfg.heads_kv
             ));
         }
-        if ![64, 128].contains(&cfg.head_dim) {
+        if !DECODE_HEAD_DIMS.contains(&cfg.head_dim) {
             return Err(Error::UnsupportedHeadDim {
                 head_dim: cfg.head_dim,
                 by: "the decode kernel",
-                supported: "64 or 128",
+                supported: "64, 128 or 256",
             });
         }
         if !cfg.heads_q.is_multiple_of(cfg.heads_kv) {

@@ -10,8 +10,8 @@ use crate::element::AttnElement;
 use crate::error::{Error, Result};
 use crate::tensor::{TensorDesc, View, ViewMut};
 use duo_attn_kernels::abi::{
-    DECODE_BLOCK_N, DECODE_MAX_SPLITS, DECODE_ROWS, DECODE_THREADS, DecodeParams, KvSource,
-    decode_smem_bytes,
+    DECODE_HEAD_DIMS, DECODE_MAX_SPLITS, DECODE_ROWS, DecodeParams, KvSource, decode_block_n,
+    decode_smem_bytes, decode_threads,
 };
 
 /// Most new query tokens per sequence of one decode call.
@@ -125,7 +125,7 @@ pub(crate) fn plan_decode<T: AttnElement>(
     // The most KV tiles any head walks: the whole cache for retrieval heads; the sink and window
     // blocks (or the ring) for streaming heads.
     let has = |kind| cfg.head_kinds.contains(&kind);
-    let bn = DECODE_BLOCK_N;
+    let bn = decode_block_n(head_dim);
     let window_tiles = if ring {
         (cfg.sink as usize + recent).div_ceil(bn)
     } else {
@@ -185,7 +185,7 @@ pub(crate) fn plan_decode<T: AttnElement>(
     Ok(DecodePlan {
         entry: format!("duo_decode_{}_d{}", T::KERNEL_NAME, head_dim),
         grid: (splits as u32, (heads_kv * row_chunks) as u32, batch as u32),
-        block: DECODE_THREADS as u32,
+        block: decode_threads(head_dim) as u32,
         shared_bytes: decode_smem_bytes(head_dim) as u32,
         params,
         splits,
@@ -225,13 +225,13 @@ impl Context {
     /// Decode blocks the whole GPU holds at once for head dim `d` (1 if `d` is unsupported; the
     /// plan rejects it).
     pub(crate) fn decode_resident_blocks<T: AttnElement>(&self, d: usize) -> Result<usize> {
-        if ![64, 128].contains(&d) {
+        if !DECODE_HEAD_DIMS.contains(&d) {
             return Ok(1);
         }
         let entry = format!("duo_decode_{}_d{d}", T::KERNEL_NAME);
         let per_sm = self.resident_blocks_per_sm(
             &entry,
-            DECODE_THREADS as u32,
+            decode_threads(d) as u32,
             decode_smem_bytes(d) as u32,
         )?;
         Ok(per_sm as usize * self.info().multiprocessors as usize)
@@ -267,6 +267,38 @@ mod tests {
                 assert!((1..=DECODE_MAX_SPLITS).contains(&splits));
                 assert!(splits * per >= tiles && (splits - 1) * per < tiles);
             }
+        }
+    }
+
+    /// Each head dim gets its entry and block shape: 8 warps on 128-key tiles up to D = 128,
+    /// 4 warps on 64-key tiles with Q in shared memory at D = 256 (whose tiles are then counted
+    /// in 64 keys).
+    #[test]
+    fn plans_take_the_block_shape_of_their_head_dim() {
+        use crate::attention::HeadKind;
+        use half::bf16;
+        let at = |i: u64| 0x7000_0000_0000 + i * 0x1_0000_0000;
+        for (d, threads, smem, tiles) in [
+            (64, 256, 3 * 2 * 128 * 64 * 2, 8),
+            (128, 256, 3 * 2 * 128 * 128 * 2, 8),
+            (256, 128, 3 * 2 * 64 * 256 * 2 + 16 * 256 * 2, 16),
+        ] {
+            let q = TensorDesc::contiguous(at(0), [1, 1, 8, d], 2, 0);
+            let k = TensorDesc::contiguous(at(1), [1, 1000, 2, d], 2, 0);
+            let v = TensorDesc::contiguous(at(2), [1, 1000, 2, d], 2, 0);
+            let out = TensorDesc::contiguous(at(3), [1, 1, 8, d], 2, 0);
+            let lse = TensorDesc::contiguous(at(4), [1, 8, 1], 4, 0);
+            let cfg = AttentionConfig::new(vec![HeadKind::Retrieval; 2]);
+            let plan =
+                plan_decode::<bf16>(&q, DecodeKv::Plain { k: &k, v: &v }, &out, &lse, &cfg, 0, 1)
+                    .unwrap();
+            assert_eq!(plan.entry, format!("duo_decode_bf16_d{d}"));
+            assert_eq!(
+                (plan.block as usize, plan.shared_bytes as usize),
+                (threads, smem)
+            );
+            // One resident block: a single split walks every tile of the 1000 keys.
+            assert_eq!((plan.splits, plan.params.tiles_per_split), (1, tiles));
         }
     }
 }

@@ -226,13 +226,29 @@ pub const PREFILL_ENTRIES: [(&str, &str, usize); 18] = [
     ("duo_prefill_wgmma_tma_f16_d256", "f16", 256),
 ];
 
-/// Keys per KV tile of the decode kernel (8 warps x 16 keys).
-pub const DECODE_BLOCK_N: usize = 128;
+/// Head dims the decode kernel (and so the DuoAttention cache) serves.
+pub const DECODE_HEAD_DIMS: [usize; 3] = [64, 128, 256];
+
+/// Keys per KV tile of the decode kernel for head dim `d` (16 per warp): 128 up to D = 128 (8
+/// warps, one block per SM: twice the warps of the 4-warp, 64-key version kept more loads issued
+/// per SM, B=8 32k 2.86 -> 2.91 TB/s, 128k 2.90 -> 3.00), 64 at D = 256 so that three stages fit.
+pub const fn decode_block_n(d: usize) -> usize {
+    if d > 128 { 64 } else { 128 }
+}
+
+/// Threads per decode block for head dim `d`: one warp per 16 keys of a tile.
+pub const fn decode_threads(d: usize) -> usize {
+    32 * decode_block_n(d) / 16
+}
+
+/// Whether the decode kernel keeps the query fragments in shared memory rather than registers:
+/// at D = 256 they would take 64 registers beside the 128 of the accumulators, and spill.
+pub const fn decode_q_in_shared(d: usize) -> bool {
+    d > 128
+}
+
 /// Query rows (query heads of one KV group x query tokens) per decode block.
 pub const DECODE_ROWS: usize = 16;
-/// Threads per decode block: 8 warps, one block per SM. Twice the warps of the 4-warp, 64-key
-/// version keep more loads issued per SM: B=8 32k 2.86 -> 2.91 TB/s, 128k 2.90 -> 3.00.
-pub const DECODE_THREADS: usize = 256;
 /// K/V stages of the decode kernel's cp.async ring (3 x 64 KiB at D = 128: one block per SM; two
 /// stages measured 1% slower on all-retrieval decode, 2-3% faster on half-streaming decode).
 pub const DECODE_STAGES: usize = 3;
@@ -249,10 +265,20 @@ pub const fn decode_tile_offset(d: usize, row: usize, chunk: usize) -> usize {
     row * d * 2 + ((chunk ^ (row & 7)) * 16)
 }
 
-/// Dynamic shared memory of the decode kernel for head dim `d` (K/V ring; the cross-warp
-/// reduction reuses it).
+/// Bytes of the decode kernel's K/V ring for head dim `d` (the cross-warp reduction reuses it).
+pub const fn decode_ring_bytes(d: usize) -> usize {
+    DECODE_STAGES * 2 * decode_block_n(d) * d * 2
+}
+
+/// Dynamic shared memory of the decode kernel for head dim `d`: the K/V ring, then the query
+/// tile where it lives in shared memory ([`decode_q_in_shared`]).
 pub const fn decode_smem_bytes(d: usize) -> usize {
-    DECODE_STAGES * 2 * DECODE_BLOCK_N * d * 2
+    decode_ring_bytes(d)
+        + if decode_q_in_shared(d) {
+            DECODE_ROWS * d * 2
+        } else {
+            0
+        }
 }
 
 /// A key/value source with its element strides of (batch, sequence, head).
@@ -275,7 +301,7 @@ pub struct KvSource {
 /// among the heads of its kind. Outputs are per split: `o_partial` f32 `[splits, B, Hq, n_q, D]`
 /// (normalised within the split) and `lse_partial` f32 `[splits, B, Hq, n_q]` (natural log,
 /// -inf for a split that saw nothing); `duo_decode_combine` merges them.
-/// Grid: `(splits, Hkv * ceil(G * n_q / DECODE_ROWS), B)`, block `DECODE_THREADS`.
+/// Grid: `(splits, Hkv * ceil(G * n_q / DECODE_ROWS), B)`, block `decode_threads(D)`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct DecodeParams {
@@ -336,11 +362,13 @@ pub struct CacheParams {
 }
 
 /// Decode kernel entry names, by (element, head dim).
-pub const DECODE_ENTRIES: [(&str, &str, usize); 4] = [
+pub const DECODE_ENTRIES: [(&str, &str, usize); 6] = [
     ("duo_decode_bf16_d64", "bf16", 64),
     ("duo_decode_bf16_d128", "bf16", 128),
+    ("duo_decode_bf16_d256", "bf16", 256),
     ("duo_decode_f16_d64", "f16", 64),
     ("duo_decode_f16_d128", "f16", 128),
+    ("duo_decode_f16_d256", "f16", 256),
 ];
 
 /// The remaining entries: cache maintenance.
@@ -405,11 +433,11 @@ mod tests {
     /// (rows r..r+8 from a multiple of 8, one logical chunk) fall on distinct banks.
     #[test]
     fn decode_tile_swizzle_is_conflict_free() {
-        use super::{DECODE_BLOCK_N, decode_tile_offset};
-        for d in [64usize, 128] {
+        use super::{DECODE_HEAD_DIMS, decode_block_n, decode_tile_offset};
+        for d in DECODE_HEAD_DIMS {
             let chunks = d / 8;
-            for row in 0..DECODE_BLOCK_N {
-                let mut seen = [false; 16];
+            for row in 0..decode_block_n(d) {
+                let mut seen = [false; 32];
                 for c in 0..chunks {
                     let off = decode_tile_offset(d, row, c);
                     assert_eq!(off / (2 * d), row);
@@ -426,7 +454,7 @@ mod tests {
                     );
                 }
             }
-            for row0 in (0..DECODE_BLOCK_N).step_by(8) {
+            for row0 in (0..decode_block_n(d)).step_by(8) {
                 for c in 0..chunks {
                     let mut banks: [usize; 8] =
                         core::array::from_fn(|i| decode_tile_offset(d, row0 + i, c) % 128 / 16);

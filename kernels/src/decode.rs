@@ -2,15 +2,15 @@
 //!
 //! One block serves one (batch, KV head, split) and up to 16 query rows: every query head of the
 //! KV head's group times every new token (GQA packing, so K/V are read once per group). Eight warps
-//! split each 128-key tile (16 keys each) and keep their own online softmax; a cp.async ring of
-//! three K/V stages (one block per SM) keeps loads in flight; the warps merge through shared
-//! memory at the end. Long caches are split across blocks (`tiles_per_split`); the last split
+//! split each 128-key tile (16 keys each; at D = 256 four warps and 64-key tiles, with Q in shared
+//! memory) and keep their own online softmax; a cp.async ring of three K/V stages (one block per
+//! SM) keeps loads in flight; the warps merge through shared memory at the end. Long caches are split across blocks (`tiles_per_split`); the last split
 //! block of each row group to finish merges the splits by their LSE (no second launch).
 //! Streaming heads read only their sink and window blocks, or, in a DuoAttention cache, their
 //! `sink + recent` ring slots, mapped back to true positions.
 use crate::abi::{
-    DECODE_BLOCK_N, DECODE_MAX_SPLITS, DECODE_ROWS, DECODE_STAGES, DECODE_THREADS, DecodeParams,
-    decode_smem_bytes, decode_tile_offset,
+    DECODE_MAX_SPLITS, DECODE_ROWS, DECODE_STAGES, DecodeParams, decode_block_n,
+    decode_q_in_shared, decode_ring_bytes, decode_smem_bytes, decode_threads, decode_tile_offset,
 };
 use crate::device::*;
 use crate::mask::{BlockRange, HeadMask};
@@ -19,12 +19,6 @@ use crate::ring::{filled_slots, position_of};
 use crate::softmax::{RowState, mask_scores, online_softmax, rescale};
 use crate::tile::{div_or_zero, kind_and_rank, min_i32};
 
-const BN: usize = DECODE_BLOCK_N;
-const THREADS: usize = DECODE_THREADS;
-/// Warps per block: each takes 16 keys of a tile.
-const WARPS: usize = THREADS / 32;
-/// Bytes of the merge's per-warp row statistics (max, sum) at the start of shared memory.
-const STATS_BYTES: usize = WARPS * DECODE_ROWS * 8;
 #[inline(always)]
 fn min_usize(a: usize, b: usize) -> usize {
     if a < b { a } else { b }
@@ -33,8 +27,8 @@ fn min_usize(a: usize, b: usize) -> usize {
 const LN_2: f32 = core::f32::consts::LN_2;
 const LOG2_E: f32 = core::f32::consts::LOG2_E;
 
-/// Queues the cp.async loads of one `BN x D` tile (rows `n0..`, zero past `rows`) into a
-/// swizzled shared-memory tile ([`decode_tile_offset`]).
+/// Queues the cp.async loads of one `decode_block_n(D) x D` tile (rows `n0..`, zero past `rows`)
+/// into a swizzled shared-memory tile ([`decode_tile_offset`]).
 #[inline(always)]
 unsafe fn load_tile<const D: usize>(
     dst: u32,
@@ -44,8 +38,9 @@ unsafe fn load_tile<const D: usize>(
     rows: i32,
     tid: usize,
 ) {
-    for c in 0..BN * D / 8 / THREADS {
-        let chunk = tid + c * THREADS;
+    let (bn, threads) = const { (decode_block_n(D), decode_threads(D)) };
+    for c in 0..bn * D / 8 / threads {
+        let chunk = tid + c * threads;
         let (row, part) = (chunk / (D / 8), chunk % (D / 8));
         let col = part * 8;
         let key = n0 + row as i32;
@@ -63,18 +58,27 @@ unsafe fn load_tile<const D: usize>(
 /// The decode body, per (element, head dim): `KQ = D / 16` k-steps, `ON = D / 2` accumulators.
 #[inline(always)]
 unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p: &DecodeParams) {
+    // Keys per tile, threads and warps (one per 16 keys), the merge's per-warp row statistics
+    // (max, sum) at the start of shared memory, and where Q lives.
+    let (bn, threads, q_shared) =
+        const { (decode_block_n(D), decode_threads(D), decode_q_in_shared(D)) };
+    let warps = threads / 32;
+    let stats_bytes = warps * DECODE_ROWS * 8;
     const {
+        let (bn, warps) = (decode_block_n(D), decode_threads(D) / 32);
         assert!(
-            1024 + DECODE_ROWS * DECODE_MAX_SPLITS * 4 <= decode_smem_bytes(D)
+            1024 + DECODE_ROWS * DECODE_MAX_SPLITS * 4 <= decode_ring_bytes(D)
                 && KQ * 16 == D
                 && ON * 2 == D
                 && DECODE_ROWS == 16
-                && BN == 16 * WARPS
-                && STATS_BYTES + WARPS * DECODE_ROWS * D * 4 <= decode_smem_bytes(D)
+                && bn == 16 * warps
+                && warps * DECODE_ROWS * 8 + warps * DECODE_ROWS * D * 4 <= decode_ring_bytes(D)
+                && decode_smem_bytes(D) <= 227 * 1024
         )
     };
     let smem = dynamic_shared_base();
-    let tile_bytes = (BN * D * 2) as u32;
+    let tile_bytes = (bn * D * 2) as u32;
+    let q_smem = smem + decode_ring_bytes(D) as u32;
     let k_smem = |stage: usize| smem + stage as u32 * 2 * tile_bytes;
     let v_smem = |stage: usize| k_smem(stage) + tile_bytes;
 
@@ -158,12 +162,12 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
         [
             BlockRange {
                 start: 0,
-                end: div_or_zero(n_keys + BN as i32 - 1, BN as i32),
+                end: div_or_zero(n_keys + bn as i32 - 1, bn as i32),
             },
             BlockRange::EMPTY,
         ]
     } else {
-        mask.block_ranges(q_lo, q_hi, BN as i32)
+        mask.block_ranges(q_lo, q_hi, bn as i32)
     };
     let total = first.len() + second.len();
     let t0 = split * p.tiles_per_split;
@@ -178,7 +182,7 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
     };
     let load = |i: i32| {
         let stage = (i % DECODE_STAGES as i32) as usize;
-        let n0 = n_block(i) * BN as i32;
+        let n0 = n_block(i) * bn as i32;
         unsafe {
             load_tile::<D>(k_smem(stage), k_base, ks[1], n0, n_keys, tid);
             load_tile::<D>(v_smem(stage), v_base, vs[1], n0, n_keys, tid);
@@ -192,10 +196,32 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
         cp_async_commit();
     }
 
-    // Q after the first K/V tiles are in flight: its latency hides under theirs.
+    // Q after the first K/V tiles are in flight: its latency hides under theirs. Up to D = 128
+    // each thread holds its A fragments (rows g and g + 8) in registers; at D = 256 the block
+    // stores the 16 x D query tile in shared memory, swizzled as the K/V tiles, and each k-step
+    // reads its fragments with ldmatrix (the first loop barrier orders the stores).
     let mut qa = [[0u32; 4]; KQ];
+    if q_shared {
+        for idx in (tid..DECODE_ROWS * D / 8).step_by(threads) {
+            let (row, chunk) = (idx / (D / 8), idx % (D / 8));
+            let global_row = row_base + row as i32;
+            let mut v = [0u32; 4];
+            if global_row < rows_per_head {
+                let (head, tok) = row_head_token(global_row);
+                let off = batch * p.q_strides[0]
+                    + tok as i64 * p.q_strides[1]
+                    + head as i64 * p.q_strides[2]
+                    + 8 * chunk as i64;
+                let base = p.q + (off * 2) as u64;
+                for (j, x) in v.iter_mut().enumerate() {
+                    *x = unsafe { ld_global_nc_u32(base + 4 * j as u64) };
+                }
+            }
+            unsafe { st_shared_v4(q_smem + decode_tile_offset(D, row, chunk) as u32, v) };
+        }
+    }
     for r in 0..2 {
-        if valid[r] {
+        if valid[r] && !q_shared {
             let off = batch * p.q_strides[0]
                 + token[r] as i64 * p.q_strides[1]
                 + q_head[r] as i64 * p.q_strides[2]
@@ -220,20 +246,29 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
         }
         cp_async_commit();
         let stage = (i % DECODE_STAGES as i32) as usize;
-        let n0 = n_block(i) * BN as i32;
+        let n0 = n_block(i) * bn as i32;
 
         // S = Q K^T for 16 rows x this warp's 16 keys. Per k-step one ldmatrix brings the B
         // fragments of both 8-key halves: lanes 8i..8i+7 address key rows kw + 8(i / 2) + 0..7,
         // column chunk 2kk + i % 2.
         let mut s = [0f32; 8];
         let (mut s0, mut s1) = ([0f32; 4], [0f32; 4]);
+        // Q from shared memory: lanes 8i..8i+7 address query rows 8(i % 2) + 0..7, chunk
+        // 2kk + i / 2 (the A fragment's order).
         let k_row = kw + lane % 8 + 8 * (lane / 16);
         for (kk, frag) in qa.iter().enumerate() {
+            let a = if q_shared {
+                let q_row = lane % 8 + 8 * ((lane / 8) % 2);
+                let q_at = q_smem + decode_tile_offset(D, q_row, 2 * kk + lane / 16) as u32;
+                unsafe { ldmatrix_x4(q_at) }
+            } else {
+                *frag
+            };
             let chunk = 2 * kk + (lane / 8) % 2;
             let b =
                 unsafe { ldmatrix_x4(k_smem(stage) + decode_tile_offset(D, k_row, chunk) as u32) };
-            E::mma(&mut s0, frag, [b[0], b[1]]);
-            E::mma(&mut s1, frag, [b[2], b[3]]);
+            E::mma(&mut s0, &a, [b[0], b[1]]);
+            E::mma(&mut s1, &a, [b[2], b[3]]);
         }
         set_quad(&mut s, 0, s0);
         set_quad(&mut s, 1, s1);
@@ -252,7 +287,7 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
                 }
             }
         } else {
-            let full = mask.block_fully_visible(q_lo, q_hi, n0, BN as i32);
+            let full = mask.block_fully_visible(q_lo, q_hi, n0, bn as i32);
             mask_scores(&mut s, &mask, full, q_pos, key0, t);
         }
         let alpha = online_softmax(&mut s, &mut state, p.scale_log2);
@@ -282,7 +317,7 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
 
     // Merge the warps: stats [warp][row] = (max, sum), then O [warp][row][D] unnormalised.
     let stats = smem;
-    let o_buf = smem + STATS_BYTES as u32;
+    let o_buf = smem + stats_bytes as u32;
     let mut sum = state.sum;
     for v in sum.iter_mut() {
         *v += shfl_xor_f32(*v, 1);
@@ -304,21 +339,21 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
     }
     sync_threads();
 
-    for idx in (tid..16 * D).step_by(THREADS) {
+    for idx in (tid..16 * D).step_by(threads) {
         let (row, col) = (idx / D, idx % D);
         let global_row = row_base + row as i32;
         if global_row >= rows_per_head {
             continue;
         }
         let mut m = f32::NEG_INFINITY;
-        for w in 0..WARPS {
+        for w in 0..warps {
             m = max_f32(m, unsafe {
                 ld_shared_f32(stats + ((w * 16 + row) * 8) as u32)
             });
         }
         let (mut l, mut o) = (0f32, 0f32);
         if m != f32::NEG_INFINITY {
-            for w in 0..WARPS {
+            for w in 0..warps {
                 let wr = w * 16 + row;
                 let mw = unsafe { ld_shared_f32(stats + (wr * 8) as u32) };
                 let f = exp2_approx(mw - m);
@@ -372,7 +407,7 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
     let weights = smem + 1024;
     let splits = (p.splits as usize).max(1);
     let weight_at = |row: usize, s: usize| weights + ((row * DECODE_MAX_SPLITS + s) * 4) as u32;
-    for idx in (tid..DECODE_ROWS * splits).step_by(THREADS) {
+    for idx in (tid..DECODE_ROWS * splits).step_by(threads) {
         let (row, s) = (idx / splits, idx % splits);
         let global_row = row_base + row as i32;
         if global_row < rows_per_head {
@@ -384,7 +419,7 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
     sync_threads();
     // 2. Per row (one warp each, lanes over splits): the merged LSE, then each split's weight
     // exp(lse_s - lse) in place of its LSE (0 for a split that saw no key).
-    for row in (warp..DECODE_ROWS).step_by(WARPS) {
+    for row in (warp..DECODE_ROWS).step_by(warps) {
         let global_row = row_base + row as i32;
         if global_row >= rows_per_head {
             continue;
@@ -427,7 +462,7 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
     sync_threads();
     // 3. O: four columns per item, four splits per step (a step past the last split repeats
     // the last split's address with weight 0, so no load waits behind a branch).
-    for idx in (tid..DECODE_ROWS * D / 4).step_by(THREADS) {
+    for idx in (tid..DECODE_ROWS * D / 4).step_by(threads) {
         let (row, col) = (idx / (D / 4), 4 * (idx % (D / 4)));
         let global_row = row_base + row as i32;
         if global_row >= rows_per_head {
@@ -476,5 +511,7 @@ macro_rules! decode_entry {
 
 decode_entry!(duo_decode_bf16_d64, Bf16, 64);
 decode_entry!(duo_decode_bf16_d128, Bf16, 128);
+decode_entry!(duo_decode_bf16_d256, Bf16, 256);
 decode_entry!(duo_decode_f16_d64, F16, 64);
 decode_entry!(duo_decode_f16_d128, F16, 128);
+decode_entry!(duo_decode_f16_d256, F16, 256);

@@ -30,7 +30,7 @@ fn decode_plain_matrix() {
     for (b, hq, hkv) in [(1, 8, 2), (3, 4, 4), (2, 8, 1)] {
         for sk in [1, 17, 64, 1000, 5000] {
             for nq in [1, 4, 16] {
-                for d in [64, 128] {
+                for d in [64, 128, 256] {
                     if nq > sk {
                         continue;
                     }
@@ -76,7 +76,7 @@ fn decode_growing_scores_rescale_the_output() {
     };
     let mut rng = rng("decode growing scores");
     let mut failures = Vec::new();
-    for d in [64, 128] {
+    for d in [64, 128, 256] {
         for nq in [1, 16] {
             let shape = Shape {
                 batch: 2,
@@ -214,7 +214,11 @@ fn cache_chunked_prefill_then_decode_matches_reference() {
     let mut failures = Vec::new();
     // Small windows so the rings wrap many times; chunks larger and smaller than the ring.
     let schedule = [100, 1, 150, 37, 300, 1, 1, 3, 16, 7, 1, 1, 2, 16, 16, 1];
-    for (d, kernel) in [(128, PrefillKernel::Auto), (64, PrefillKernel::MmaSync)] {
+    for (d, kernel) in [
+        (128, PrefillKernel::Auto),
+        (64, PrefillKernel::MmaSync),
+        (256, PrefillKernel::Auto),
+    ] {
         let cfg = CacheConfig {
             batch: 2,
             max_len: 700,
