@@ -4,10 +4,11 @@ FlexAttention (causal mask; sink+window block mask), a mixed layer as cuDNN SDPA
 heads plus FlexAttention on the streaming heads, and decode with SDPA. Writes JSON that duo-bench
 merges (same case keys; times are medians from triton.testing.do_bench).
 
-    python3 peers.py --out peers.json [--quick] [--prefill-head-dim 256]
+    python3 peers.py --out peers.json [--quick] [--prefill-head-dim 256] [--decode-head-dim 256]
+        [--only decode,decode-mixed]
 
-Other flags (duo-bench's, which run.sh passes to both) are ignored. With a prefill head dim other
-than 128 only the prefill peers run (the decode shapes are D=128).
+`--only` takes duo-bench's modes and skips the other peers. Other flags (duo-bench's, which run.sh
+passes to both) are ignored.
 """
 import argparse
 import json
@@ -39,7 +40,10 @@ def main():
     ap.add_argument("--out", default="peers.json")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--prefill-head-dim", type=int, default=128, choices=[64, 128, 256])
+    ap.add_argument("--decode-head-dim", type=int, default=128, choices=[64, 128, 256])
+    ap.add_argument("--only", default="", help="modes as duo-bench's --only (comma separated)")
     args, _ = ap.parse_known_args()
+    only = set(args.only.split(",")) if args.only else {"full", "streaming", "mixed", "decode", "decode-mixed"}
     torch._dynamo.config.cache_size_limit = 256
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = 256
@@ -58,6 +62,8 @@ def main():
         print(f"  {mode:10} B={batch:2} Sq={sq:6} Sk={sk:6} {impl:16} {ms:9.3f} ms", flush=True)
 
     prefill_lens = [4096, 8192] if args.quick else [4096, 8192, 16384, 32768]
+    if not only & {"full", "streaming", "mixed"}:
+        prefill_lens = []
     h, d = 32, args.prefill_head_dim
     for s in prefill_lens:
         q, k, v = (torch.randn(1, h, s, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
@@ -87,8 +93,8 @@ def main():
         del q, k, v, qr, kr, vr, qs, ks, vs
         torch.cuda.empty_cache()
 
-    d = 128  # the decode shapes
-    decode_batches = [] if args.prefill_head_dim != 128 else [1, 8] if args.quick else [1, 8, 32]
+    d = args.decode_head_dim
+    decode_batches = [] if "decode" not in only else [1, 8] if args.quick else [1, 8, 32]
     decode_lens = [4096, 32768] if args.quick else [4096, 16384, 32768, 131072]
     hq, hkv = 32, 8
     for b in decode_batches:
@@ -96,19 +102,19 @@ def main():
             q = torch.randn(b, hq, 1, d, device=dev, dtype=torch.bfloat16)
             k, v = (torch.randn(b, hkv, s, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
             record("decode", b, 1, s, hq, hkv, "sdpa",
-                   lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+                   lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), d)
 
             def flash_decode(q=q, k=k, v=v):
                 with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                     return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
-            record("decode", b, 1, s, hq, hkv, "flash-sdpa", flash_decode)
+            record("decode", b, 1, s, hq, hkv, "flash-sdpa", flash_decode, d)
             del q, k, v
             torch.cuda.empty_cache()
 
     # Decode with half the KV heads streaming: SDPA on the retrieval half over the whole cache plus
     # SDPA on the streaming half over its sink + window rows (sliced beforehand, as a cache holds them).
-    mixed_lens = [] if args.prefill_head_dim != 128 else [4096, 32768] if args.quick else [32768, 131072]
+    mixed_lens = [] if "decode-mixed" not in only else [4096, 32768] if args.quick else [32768, 131072]
     for s in mixed_lens:
         b = 8
         q = torch.randn(b, hq, 1, d, device=dev, dtype=torch.bfloat16)
@@ -122,7 +128,7 @@ def main():
             F.scaled_dot_product_attention(qr, kr, vr, enable_gqa=True)
             F.scaled_dot_product_attention(qs, ks, vs, enable_gqa=True)
 
-        record("decode-mixed", b, 1, s, hq, hkv, "sdpa-split", mixed_decode)
+        record("decode-mixed", b, 1, s, hq, hkv, "sdpa-split", mixed_decode, d)
         del q, k, v, qr, qs, kr, vr, ks, vs
         torch.cuda.empty_cache()
 

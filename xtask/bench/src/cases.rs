@@ -130,8 +130,8 @@ impl Case {
 }
 
 /// The prefill issue's shapes (B=1, Hq=Hkv=32) with head dim `prefill_head_dim` (the is
-/// 128), and the decode shapes (GQA 32/8, D=128).
-pub fn all_cases(quick: bool, prefill_head_dim: usize) -> Vec<Case> {
+/// 128), and the decode shapes (GQA 32/8) with head dim `decode_head_dim` (usually 128).
+pub fn all_cases(quick: bool, prefill_head_dim: usize, decode_head_dim: usize) -> Vec<Case> {
     let prefill_lens: &[usize] = if quick {
         &[4096, 8192]
     } else {
@@ -166,7 +166,7 @@ pub fn all_cases(quick: bool, prefill_head_dim: usize) -> Vec<Case> {
                 seqlen_k: s,
                 heads_q: 32,
                 heads_kv: 8,
-                head_dim: 128,
+                head_dim: decode_head_dim,
             });
         }
     }
@@ -183,7 +183,7 @@ pub fn all_cases(quick: bool, prefill_head_dim: usize) -> Vec<Case> {
             seqlen_k: s,
             heads_q: 32,
             heads_kv: 8,
-            head_dim: 128,
+            head_dim: decode_head_dim,
         });
     }
     cases

@@ -55,6 +55,10 @@ struct Args {
     /// peers unless peers.py measured the same shapes).
     #[arg(long, default_value_t = 128, value_parser = parse_head_dim)]
     prefill_head_dim: usize,
+    /// Head dim of the decode cases (128 by default; 64 and 256 run too, with peers when
+    /// peers.py got the same flag).
+    #[arg(long, default_value_t = 128, value_parser = parse_head_dim)]
+    decode_head_dim: usize,
     /// Timing probes: streaming heads use this window instead of the 1024 (to separate a
     /// work tile's fixed cost from its per-block cost). Not the shapes.
     #[arg(long, hide = true)]
@@ -170,7 +174,7 @@ fn main() -> ExitCode {
         }
     }
 
-    let cases: Vec<Case> = all_cases(args.quick, args.prefill_head_dim)
+    let cases: Vec<Case> = all_cases(args.quick, args.prefill_head_dim, args.decode_head_dim)
         .into_iter()
         .filter(|c| args.only.is_empty() || args.only.contains(&c.mode))
         .filter(|c| args.seqlens.is_empty() || args.seqlens.contains(&c.seqlen_k))
