@@ -4,8 +4,9 @@
 //! KV head's group times every new token (GQA packing, so K/V are read once per group). Eight warps
 //! split each 128-key tile (16 keys each; at D = 256 four warps and 64-key tiles, with Q in shared
 //! memory) and keep their own online softmax; a cp.async ring of three K/V stages (one block per
-//! SM) keeps loads in flight; the warps merge through shared memory at the end. Long caches are split across blocks (`tiles_per_split`); the last split
-//! block of each row group to finish merges the splits by their LSE (no second launch).
+//! SM) keeps loads in flight; the warps merge through shared memory at the end. Long caches are
+//! split across blocks (`tiles_per_split`); the last split block of each row group to finish
+//! merges the splits by their LSE (no second launch).
 //! Streaming heads read only their sink and window blocks, or, in a DuoAttention cache, their
 //! `sink + recent` ring slots, mapped back to true positions.
 use crate::abi::{
