@@ -20,11 +20,6 @@ use crate::ring::{filled_slots, position_of};
 use crate::softmax::{RowState, mask_scores, online_softmax, rescale};
 use crate::tile::{div_or_zero, kind_and_rank, min_i32};
 
-#[inline(always)]
-fn min_usize(a: usize, b: usize) -> usize {
-    if a < b { a } else { b }
-}
-
 const LN_2: f32 = core::f32::consts::LN_2;
 const LOG2_E: f32 = core::f32::consts::LOG2_E;
 
@@ -201,6 +196,14 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
     // each thread holds its A fragments (rows g and g + 8) in registers; at D = 256 the block
     // stores the 16 x D query tile in shared memory, swizzled as the K/V tiles, and each k-step
     // reads its fragments with ldmatrix (the first loop barrier orders the stores).
+    // Address of element `col` of query (head, token) in this batch entry.
+    let q_at = |head: i32, tok: i32, col: i64| {
+        let off = batch * p.q_strides[0]
+            + tok as i64 * p.q_strides[1]
+            + head as i64 * p.q_strides[2]
+            + col;
+        p.q + (off * 2) as u64
+    };
     let mut qa = [[0u32; 4]; KQ];
     if q_shared {
         for idx in (tid..DECODE_ROWS * D / 8).step_by(threads) {
@@ -209,11 +212,7 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
             let mut v = [0u32; 4];
             if global_row < rows_per_head {
                 let (head, tok) = row_head_token(global_row);
-                let off = batch * p.q_strides[0]
-                    + tok as i64 * p.q_strides[1]
-                    + head as i64 * p.q_strides[2]
-                    + 8 * chunk as i64;
-                let base = p.q + (off * 2) as u64;
+                let base = q_at(head, tok, 8 * chunk as i64);
                 for (j, x) in v.iter_mut().enumerate() {
                     *x = unsafe { ld_global_nc_u32(base + 4 * j as u64) };
                 }
@@ -223,11 +222,7 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
     }
     for r in 0..2 {
         if valid[r] && !q_shared {
-            let off = batch * p.q_strides[0]
-                + token[r] as i64 * p.q_strides[1]
-                + q_head[r] as i64 * p.q_strides[2]
-                + 2 * t as i64;
-            let base = p.q + (off * 2) as u64;
+            let base = q_at(q_head[r], token[r], 2 * t as i64);
             for (kk, frag) in qa.iter_mut().enumerate() {
                 frag[r] = unsafe { ld_global_nc_u32(base + (kk * 32) as u64) };
                 frag[r + 2] = unsafe { ld_global_nc_u32(base + (kk * 32 + 16) as u64) };
@@ -482,7 +477,7 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
                 0.0
             }
         };
-        let load = |s: usize| unsafe { ld_global_cg_v4_f32(src(min_usize(s, splits - 1))) };
+        let load = |s: usize| unsafe { ld_global_cg_v4_f32(src(s.min(splits - 1))) };
         for s0 in (0..splits).step_by(4) {
             let (x0, x1, x2, x3) = (load(s0), load(s0 + 1), load(s0 + 2), load(s0 + 3));
             let (w0, w1, w2, w3) = (weight(s0), weight(s0 + 1), weight(s0 + 2), weight(s0 + 3));
