@@ -5,6 +5,7 @@ long to write by hand. Run: python3 scripts/gen_wgmma.py > kernels/src/wgmma.rs"
 
 SHAPES_SS = [48, 64, 128]   # m64nNk16, A and B from shared memory (K-major both): S = Q K^T
 SHAPES_RS = [64, 128]   # m64nNk16, A from registers, B from shared memory N-major: O += P V
+SHAPES_RS_KMAJOR = [48, 128]   # m64nNk16, A from registers, B K-major: S = Q K^T, Q in registers
 TYPES = [("Bf16", "bf16"), ("F16", "f16")]
 
 
@@ -38,9 +39,10 @@ for n in SHAPES_SS:
 for n in SHAPES_RS:
     w(f"    /// `acc += A * B`, m64n{n}k16; A from registers, B N-major in shared memory.")
     w(f"    fn mma_rs_m64n{n}k16(acc: &mut [f32; 64], a: &[u32; 4], desc_b: u64);")
-w("    /// `acc += A * B^T`, m64n128k16; A from registers, B K-major in shared memory (S = Q K^T")
-w("    /// with Q held in registers).")
-w("    fn mma_rs_kmajor_m64n128k16(acc: &mut [f32; 64], a: &[u32; 4], desc_b: u64);")
+for n in SHAPES_RS_KMAJOR:
+    w(f"    /// `acc += A * B^T`, m64n{n}k16; A from registers, B K-major in shared memory (S = Q K^T")
+    w("    /// with Q held in registers).")
+    w(f"    fn mma_rs_kmajor_m64n{n}k16(acc: &mut [f32; {n // 2}], a: &[u32; 4], desc_b: u64);")
 w("}")
 w("")
 for ty, ptx in TYPES:
@@ -63,10 +65,13 @@ for ty, ptx in TYPES:
         w("            )")
         w("        }")
         w("    }")
-    for n, name, trans_b in [(n, f"mma_rs_m64n{n}k16", 1) for n in SHAPES_RS] + [(128, "mma_rs_kmajor_m64n128k16", 0)]:
+    # The N-major forms take a 64-register O (D = 64 uses its first 32); the K-major ones S.
+    for n, name, trans_b, acc_len in [(n, f"mma_rs_m64n{n}k16", 1, 64) for n in SHAPES_RS] + [
+        (n, f"mma_rs_kmajor_m64n{n}k16", 0, n // 2) for n in SHAPES_RS_KMAJOR
+    ]:
         m = n // 2
         w("    #[inline(always)]")
-        w(f"    fn {name}(acc: &mut [f32; 64], a: &[u32; 4], desc_b: u64) {{")
+        w(f"    fn {name}(acc: &mut [f32; {acc_len}], a: &[u32; 4], desc_b: u64) {{")
         w("        unsafe {")
         w("            asm!(")
         w(f'                "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx}.{ptx} {{{{{regs("d", m)}}}}}, {{{{{{a0}}, {{a1}}, {{a2}}, {{a3}}}}}}, {{db}}, 1, 1, 1, {trans_b};",')

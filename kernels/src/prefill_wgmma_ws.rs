@@ -20,12 +20,15 @@
 //! of a tile sees whole run in loops without mask code; only the others test keys. S = Q K^T is a
 //! `wgmma m64nBNk16` with K K-major in shared memory. In the TMA build at D <= 128 each consumer
 //! loads its Q rows into registers (A fragments) when a tile starts and releases Q's buffer at
-//! once, so the next tile's Q loads while this one runs; otherwise Q is read K-major from shared
-//! memory and released after the tile's last S GEMM. P goes from the S accumulators straight into
-//! register A fragments for `O += P V`, with V read N-major (transposed by wgmma). At D <= 128
-//! work tiles overlap where they meet (`consumer`): the last PV of a tile and the first S GEMM of
-//! the next go in one ping-pong turn, and the finished tile's epilogue runs beside that S GEMM;
-//! D = 256 ends each tile before the next (`consumer_serial`: registers).
+//! once, so the next tile's Q loads while this one runs. At D = 256 it holds the first half of
+//! its Q rows in registers (10 of its 16 k-steps already spill) and reads the rest from shared
+//! memory: with 48-key blocks, reading all of Q there for every block made shared memory, not the
+//! tensor cores, the bound. Q read from shared memory is released after the tile's last S GEMM.
+//! P goes from the S accumulators straight into register A fragments for `O += P V`, with V read
+//! N-major (transposed by wgmma). At D <= 128 work tiles overlap where they meet (`consumer`):
+//! the last PV of a tile and the first S GEMM of the next go in one ping-pong turn, and the
+//! finished tile's epilogue runs beside that S GEMM; D = 256 ends each tile before the next
+//! (`consumer_serial`: registers).
 //!
 //! Tile layout in shared memory (Q, K and V alike): the head dim is split into 64-element
 //! (128-byte) column blocks, one after another, each `rows x 128 B`. Inside a block, 16-byte
@@ -498,11 +501,27 @@ unsafe fn wait_kv<const TMA: bool>(full: u32, parity: u32) {
     }
 }
 
-/// Q (consumer `wg`'s 64 rows) as the register A fragments of the S GEMM's `D / 16` k-steps,
+/// K-steps of the S GEMM whose Q fragments a consumer holds in registers when `QREG`: all of them
+/// at D <= 128; the first 8 (head-dim columns 0..128) at D = 256, where all 16 would not fit
+/// beside O. The rest is read from shared memory.
+const Q_REGISTER_STEPS: usize = 8;
+
+/// A consumer's register copy of Q: one A fragment per k-step.
+type QFragments = [[u32; 4]; Q_REGISTER_STEPS];
+
+/// Whether a consumer holding Q in registers (`QREG`) holds all of it, so that Q's buffer is free
+/// as soon as the tile starts; else it is released after the tile's last S GEMM.
+#[inline(always)]
+const fn q_whole_in_registers<H: WsShape, const QREG: bool>() -> bool {
+    QREG && H::D / 16 <= Q_REGISTER_STEPS
+}
+
+/// Q (consumer `wg`'s 64 rows) as the register A fragments of the S GEMM's first
+/// `Q_REGISTER_STEPS` k-steps,
 /// read with ldmatrix from the swizzled tile: lanes 8i..8i+7 address matrix i, rows 0-7 | 8-15
 /// of the warp's 16 by key-dim columns 0-7 | 8-15 of the k-step.
 #[inline(always)]
-unsafe fn q_fragments<H: WsShape>(smem: Smem<H>, wg: usize, wtid: usize) -> [[u32; 4]; 8] {
+unsafe fn q_fragments<H: WsShape>(smem: Smem<H>, wg: usize, wtid: usize) -> QFragments {
     let lane = wtid % 32;
     let row = 64 * wg + 16 * (wtid / 32) + lane % 8 + 8 * ((lane / 8) % 2);
     core::array::from_fn(|kk| {
@@ -516,15 +535,15 @@ unsafe fn q_fragments<H: WsShape>(smem: Smem<H>, wg: usize, wtid: usize) -> [[u3
 }
 
 /// Issues S = Q K^T for consumer `wg`'s 64 query rows and the BN keys of `stage`: D / 16
-/// k-steps, K K-major in shared memory; Q from the registers `q` when `QREG`, else K-major in
-/// shared memory too.
+/// k-steps, K K-major in shared memory; Q from the registers `q` when `QREG` (its first
+/// `Q_REGISTER_STEPS` k-steps), else K-major in shared memory too.
 #[inline(always)]
 fn mma_qk<E: WgmmaElement, H: WsShape, const QREG: bool>(
     s: &mut H::S,
     smem: Smem<H>,
     wg: usize,
     stage: usize,
-    q: &[[u32; 4]; 8],
+    q: &QFragments,
 ) {
     for kk in 0..H::D / 16 {
         let (block, within) = ((kk / 4) as u32, (kk % 4) as u32 * 32);
@@ -533,7 +552,7 @@ fn mma_qk<E: WgmmaElement, H: WsShape, const QREG: bool>(
             16,
             1024,
         );
-        if QREG {
+        if QREG && kk < Q_REGISTER_STEPS {
             // S was zeroed by the caller: every k-step accumulates.
             H::mma_qk_rs_step::<E>(s, &q[kk], b);
         } else {
@@ -582,7 +601,7 @@ struct TileLoop<'a, H> {
     blocks: i32,
     step: SoftmaxStep<'a>,
     /// Q's A fragments when the consumer holds Q in registers.
-    q: &'a [[u32; 4]; 8],
+    q: &'a QFragments,
 }
 
 impl<H: WsShape> TileLoop<'_, H> {
@@ -618,7 +637,7 @@ impl<H: WsShape> TileLoop<'_, H> {
         named_barrier_arrive(self.their_turn, CONSUMERS as u32);
         wgmma_wait::<1>(); // S_i is done; P_{i-1} V_{i-1} may still run
         H::fence_s(&mut s);
-        if i == self.blocks - 1 && !QREG {
+        if i == self.blocks - 1 && !q_whole_in_registers::<H, QREG>() {
             // The tile's last S GEMM is done: Q may be overwritten. Releasing it here rather
             // than after the last PV and the epilogue hides the next Q load behind them.
             unsafe { mbarrier_arrive(smem.q_empty()) };
@@ -716,25 +735,25 @@ impl ConsumerThread {
         }
     }
 
-    /// With Q in registers (`QREG`), its A fragments, read at tile start; the buffer is released
-    /// at once (unless `release` is false: no tile), so the producer loads the next tile's Q
-    /// while this one runs (else consumers waited for it at each tile switch: 6% of a streaming
-    /// layer's consumer time, ncu).
+    /// With Q in registers (`QREG`), its A fragments, read at tile start. When they are all of Q
+    /// (D <= 128) the buffer is released at once (unless `release` is false: no tile), so the
+    /// producer loads the next tile's Q while this one runs (else consumers waited for it at each
+    /// tile switch: 6% of a streaming layer's consumer time, ncu).
     #[inline(always)]
     unsafe fn q_registers<H: WsShape, const QREG: bool>(
         self,
         smem: Smem<H>,
         release: bool,
-    ) -> [[u32; 4]; 8] {
+    ) -> QFragments {
         if QREG {
             let q = unsafe { q_fragments::<H>(smem, self.wg, self.wtid) };
             fence_proxy_async_shared(); // these reads before the TMA rewrite of the buffer
-            if release {
+            if q_whole_in_registers::<H, QREG>() && release {
                 unsafe { mbarrier_arrive(smem.q_empty()) };
             }
             q
         } else {
-            [[0; 4]; 8]
+            [[0; 4]; Q_REGISTER_STEPS]
         }
     }
 
@@ -745,7 +764,7 @@ impl ConsumerThread {
         self,
         smem: Smem<H>,
         g: i32,
-        q: &[[u32; 4]; 8],
+        q: &QFragments,
     ) -> H::S {
         let stage = stage_of::<H>(g);
         unsafe { wait_kv::<TMA>(smem.full(stage), parity::<H>(g)) };
@@ -785,7 +804,7 @@ impl ConsumerThread {
         blocks: i32,
         mut s: H::S,
         kv_tiles: i32,
-        q: &[[u32; 4]; 8],
+        q: &QFragments,
     ) -> (H::O, H::P, RowState) {
         let visited = TileBlocks::of(tile, H::BN);
         let n_block = |i: i32| visited.n_block(i);
@@ -802,12 +821,12 @@ impl ConsumerThread {
         let mut pa = H::zero_p();
         if blocks > 0 {
             H::fence_s(&mut s);
-            if blocks == 1 && !QREG {
+            if blocks == 1 && !q_whole_in_registers::<H, QREG>() {
                 unsafe { mbarrier_arrive(smem.q_empty()) }; // see TileLoop::block
             }
             step.run::<H, MASK_TEST>(&mut s, &mut state, n_block(0)); // O is 0: no rescale
             pa = H::p_fragments::<E>(&s);
-        } else if !QREG {
+        } else if !q_whole_in_registers::<H, QREG>() {
             unsafe { mbarrier_arrive(smem.q_empty()) }; // a tile without KV blocks never read Q
         }
         // Blocks 1.. in runs: partially visible blocks (element masks) and fully visible ones

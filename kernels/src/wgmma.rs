@@ -24,6 +24,9 @@ pub trait WgmmaElement {
     fn mma_rs_m64n64k16(acc: &mut [f32; 64], a: &[u32; 4], desc_b: u64);
     /// `acc += A * B`, m64n128k16; A from registers, B N-major in shared memory.
     fn mma_rs_m64n128k16(acc: &mut [f32; 64], a: &[u32; 4], desc_b: u64);
+    /// `acc += A * B^T`, m64n48k16; A from registers, B K-major in shared memory (S = Q K^T
+    /// with Q held in registers).
+    fn mma_rs_kmajor_m64n48k16(acc: &mut [f32; 24], a: &[u32; 4], desc_b: u64);
     /// `acc += A * B^T`, m64n128k16; A from registers, B K-major in shared memory (S = Q K^T
     /// with Q held in registers).
     fn mma_rs_kmajor_m64n128k16(acc: &mut [f32; 64], a: &[u32; 4], desc_b: u64);
@@ -310,6 +313,44 @@ impl WgmmaElement for Bf16 {
                 d61 = inout(reg32) acc[61],
                 d62 = inout(reg32) acc[62],
                 d63 = inout(reg32) acc[63],
+                a0 = in(reg32) a[0],
+                a1 = in(reg32) a[1],
+                a2 = in(reg32) a[2],
+                a3 = in(reg32) a[3],
+                db = in(reg64) desc_b,
+                options(nostack),
+            )
+        }
+    }
+    #[inline(always)]
+    fn mma_rs_kmajor_m64n48k16(acc: &mut [f32; 24], a: &[u32; 4], desc_b: u64) {
+        unsafe {
+            asm!(
+                "wgmma.mma_async.sync.aligned.m64n48k16.f32.bf16.bf16 {{{d0}, {d1}, {d2}, {d3}, {d4}, {d5}, {d6}, {d7}, {d8}, {d9}, {d10}, {d11}, {d12}, {d13}, {d14}, {d15}, {d16}, {d17}, {d18}, {d19}, {d20}, {d21}, {d22}, {d23}}}, {{{a0}, {a1}, {a2}, {a3}}}, {db}, 1, 1, 1, 0;",
+                d0 = inout(reg32) acc[0],
+                d1 = inout(reg32) acc[1],
+                d2 = inout(reg32) acc[2],
+                d3 = inout(reg32) acc[3],
+                d4 = inout(reg32) acc[4],
+                d5 = inout(reg32) acc[5],
+                d6 = inout(reg32) acc[6],
+                d7 = inout(reg32) acc[7],
+                d8 = inout(reg32) acc[8],
+                d9 = inout(reg32) acc[9],
+                d10 = inout(reg32) acc[10],
+                d11 = inout(reg32) acc[11],
+                d12 = inout(reg32) acc[12],
+                d13 = inout(reg32) acc[13],
+                d14 = inout(reg32) acc[14],
+                d15 = inout(reg32) acc[15],
+                d16 = inout(reg32) acc[16],
+                d17 = inout(reg32) acc[17],
+                d18 = inout(reg32) acc[18],
+                d19 = inout(reg32) acc[19],
+                d20 = inout(reg32) acc[20],
+                d21 = inout(reg32) acc[21],
+                d22 = inout(reg32) acc[22],
+                d23 = inout(reg32) acc[23],
                 a0 = in(reg32) a[0],
                 a1 = in(reg32) a[1],
                 a2 = in(reg32) a[2],
@@ -680,6 +721,44 @@ impl WgmmaElement for F16 {
                 d61 = inout(reg32) acc[61],
                 d62 = inout(reg32) acc[62],
                 d63 = inout(reg32) acc[63],
+                a0 = in(reg32) a[0],
+                a1 = in(reg32) a[1],
+                a2 = in(reg32) a[2],
+                a3 = in(reg32) a[3],
+                db = in(reg64) desc_b,
+                options(nostack),
+            )
+        }
+    }
+    #[inline(always)]
+    fn mma_rs_kmajor_m64n48k16(acc: &mut [f32; 24], a: &[u32; 4], desc_b: u64) {
+        unsafe {
+            asm!(
+                "wgmma.mma_async.sync.aligned.m64n48k16.f32.f16.f16 {{{d0}, {d1}, {d2}, {d3}, {d4}, {d5}, {d6}, {d7}, {d8}, {d9}, {d10}, {d11}, {d12}, {d13}, {d14}, {d15}, {d16}, {d17}, {d18}, {d19}, {d20}, {d21}, {d22}, {d23}}}, {{{a0}, {a1}, {a2}, {a3}}}, {db}, 1, 1, 1, 0;",
+                d0 = inout(reg32) acc[0],
+                d1 = inout(reg32) acc[1],
+                d2 = inout(reg32) acc[2],
+                d3 = inout(reg32) acc[3],
+                d4 = inout(reg32) acc[4],
+                d5 = inout(reg32) acc[5],
+                d6 = inout(reg32) acc[6],
+                d7 = inout(reg32) acc[7],
+                d8 = inout(reg32) acc[8],
+                d9 = inout(reg32) acc[9],
+                d10 = inout(reg32) acc[10],
+                d11 = inout(reg32) acc[11],
+                d12 = inout(reg32) acc[12],
+                d13 = inout(reg32) acc[13],
+                d14 = inout(reg32) acc[14],
+                d15 = inout(reg32) acc[15],
+                d16 = inout(reg32) acc[16],
+                d17 = inout(reg32) acc[17],
+                d18 = inout(reg32) acc[18],
+                d19 = inout(reg32) acc[19],
+                d20 = inout(reg32) acc[20],
+                d21 = inout(reg32) acc[21],
+                d22 = inout(reg32) acc[22],
+                d23 = inout(reg32) acc[23],
                 a0 = in(reg32) a[0],
                 a1 = in(reg32) a[1],
                 a2 = in(reg32) a[2],

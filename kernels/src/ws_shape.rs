@@ -38,8 +38,9 @@ pub trait WsShape {
     /// One 16-deep k-step of S (+)= Q K^T, both operands shared-memory descriptors.
     fn mma_qk_step<E: WgmmaElement>(s: &mut Self::S, a: u64, b: u64, accumulate: u32);
     /// Whether the TMA build holds a consumer's Q in registers (A fragments) for the whole work
-    /// tile, so that Q's buffer is free for the next tile's Q right after the tile starts. D <= 128
-    /// only: at D = 256 they would be 64 more registers.
+    /// tile: all of Q at D <= 128, so that Q's buffer is free for the next tile's Q right after
+    /// the tile starts; at D = 256 its first half (32 registers; all of it would be 64), which
+    /// halves the shared-memory reads of Q's S GEMMs.
     const Q_IN_REGISTERS: bool = false;
     /// Whether a consumer issues a work tile's first S GEMM together with the previous tile's
     /// last PV GEMM and runs that tile's epilogue meanwhile (S, O and P live at once, as in the
@@ -184,8 +185,14 @@ narrow_shape!(128);
 /// D = 256: 48-key blocks (S 24 registers, three k-steps of P), O as two 64 x 128 halves.
 impl WsShape for HeadDim<256> {
     const D: usize = 256;
+    const Q_IN_REGISTERS: bool = true;
     type O = [[f32; 64]; 2];
     score_tiles!(24, 3, mma_ss_m64n48k16, fence_accumulators_24);
+
+    #[inline(always)]
+    fn mma_qk_rs_step<E: WgmmaElement>(s: &mut Self::S, a: &[u32; 4], b: u64) {
+        E::mma_rs_kmajor_m64n48k16(s, a, b);
+    }
 
     #[inline(always)]
     fn zero_o() -> Self::O {
