@@ -286,7 +286,7 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
             let full = mask.block_fully_visible(q_lo, q_hi, n0, bn as i32);
             mask_scores(&mut s, &mask, full, q_pos, key0, t);
         }
-        let alpha = online_softmax(&mut s, &mut state, p.scale_log2);
+        let alpha = online_softmax::<false, _>(&mut s, &mut state, p.scale_log2);
         rescale(&mut acc, alpha);
 
         // O += P V: P is the A fragment of one 16-key step; V fragments come transposed.

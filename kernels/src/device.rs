@@ -109,6 +109,23 @@ pub fn warp_broadcast_u32(v: u32) -> u32 {
     r
 }
 
+/// Whether `c` holds in any lane of the warp (`vote.sync.any`). The result is warp-uniform, so a
+/// branch on it never diverges.
+#[inline(always)]
+pub fn warp_any(c: bool) -> bool {
+    let r: u32;
+    unsafe {
+        asm!(
+            "{{ .reg .pred p, q;",
+            "setp.ne.u32 p, {c}, 0;",
+            "vote.sync.any.pred q, p, 0xffffffff;",
+            "selp.u32 {r}, 1, 0, q; }}",
+            r = out(reg32) r, c = in(reg32) c as u32, options(nomem, nostack),
+        )
+    };
+    r != 0
+}
+
 /// 2^x with the SFU (`ex2.approx.ftz`); exact for `-inf` (gives 0).
 #[inline(always)]
 pub fn exp2_approx(x: f32) -> f32 {

@@ -42,7 +42,7 @@ use crate::abi::{
 use crate::device::*;
 use crate::mask::BlockRange;
 use crate::mma::{Bf16, Element, F16};
-use crate::softmax::{RowState, finish};
+use crate::softmax::{RowState, finish, needs_rescale};
 use crate::tile::{MASK_KEYS, MASK_NONE, MASK_TEST, QueryTile};
 use crate::wgmma::{WgmmaElement, wgmma_commit, wgmma_fence, wgmma_wait};
 use crate::ws_shape::{HeadDim, WsShape};
@@ -647,7 +647,10 @@ impl<H: WsShape> TileLoop<'_, H> {
         wgmma_wait::<0>();
         H::fence_o(o);
         unsafe { mbarrier_arrive(smem.empty(stage_of::<H>(g - 1))) }; // K and V of g - 1 are read
-        H::rescale(o, alpha);
+        // No wgmma runs here, so this warp-uniform branch costs ptxas nothing.
+        if !H::LAZY_RESCALE || needs_rescale(alpha) {
+            H::rescale(o, alpha);
+        }
         *pa = H::p_fragments::<E>(&s);
     }
 }

@@ -4,7 +4,7 @@
 //! `4j + e` belongs to row `e / 2` and key `n0 + 8j + 2t + e % 2` (`t = lane % 4`). The four
 //! threads of a quad hold the rest of each row, so row reductions shuffle over lanes ^1 and ^2.
 use crate::device::{
-    exp2_approx, fma_f32, log2_approx, max_f32, rcp_approx, select_u32, shfl_xor_f32,
+    exp2_approx, fma_f32, log2_approx, max_f32, rcp_approx, select_u32, shfl_xor_f32, warp_any,
 };
 use crate::mask::HeadMask;
 use crate::mma::Element;
@@ -59,12 +59,20 @@ pub fn mask_scores<const N: usize>(
     }
 }
 
+/// With lazy rescaling, how far (log2 domain) a row's block max may exceed its running max before
+/// the running max moves (FlashAttention-4). Below it the running max stays put, the rescale
+/// factor is exactly 1 and the caller may skip the output rescale; probabilities then reach at
+/// most 2^8, far inside f32, bf16 and f16 range, and O, the row sum and the LSE all refer to the
+/// same running max, so the result is the same.
+pub const LAZY_MAX_LOG2: f32 = 8.0;
+
 /// Folds a block of raw (unscaled, masked) scores into the running state: `s` becomes the
 /// unnormalised probabilities `exp2(s * scale_log2 - max)` (one FFMA and one EX2 per score; the
 /// max is taken on raw scores, valid as the scale is > 0), and the returned per-row factors
-/// rescale the output accumulator.
+/// rescale the output accumulator. `LAZY`: the running max moves only by more than
+/// [`LAZY_MAX_LOG2`], and a row whose max stayed gets a factor of exactly 1 ([`needs_rescale`]).
 #[inline(always)]
-pub fn online_softmax<const N: usize>(
+pub fn online_softmax<const LAZY: bool, const N: usize>(
     s: &mut [f32; N],
     state: &mut RowState,
     scale_log2: f32,
@@ -88,7 +96,18 @@ pub fn online_softmax<const N: usize>(
         );
         m = max_f32(m, shfl_xor_f32(m, 1));
         m = max_f32(m, shfl_xor_f32(m, 2));
-        let m = max_f32(state.max[r], m * scale_log2);
+        let block_max = m * scale_log2;
+        let m = if LAZY {
+            // -inf + 8 is -inf: a row's first visible scores always set its max.
+            let moves = block_max > state.max[r] + LAZY_MAX_LOG2;
+            f32::from_bits(select_u32(
+                moves,
+                max_f32(state.max[r], block_max).to_bits(),
+                state.max[r].to_bits(),
+            ))
+        } else {
+            max_f32(state.max[r], block_max)
+        };
         // A row with nothing visible yet keeps m = -inf; subtract 0 then so exp2 gives 0, not NaN.
         let m_sub = if m == f32::NEG_INFINITY { 0.0 } else { m };
         alpha[r] = exp2_approx(state.max[r] - m_sub);
@@ -111,6 +130,14 @@ pub fn rescale<const N: usize>(o: &mut [f32; N], alpha: [f32; 2]) {
     for (i, v) in o.iter_mut().enumerate() {
         *v *= alpha[(i % 4) / 2];
     }
+}
+
+/// Whether any row of the warp needs its output rescaled (a factor other than 1). Warp-uniform:
+/// with lazy rescaling a consumer branches on it to skip the rescale's FMULs (one per output
+/// element and block), which outnumber the block's exponentials at D = 256.
+#[inline(always)]
+pub fn needs_rescale(alpha: [f32; 2]) -> bool {
+    warp_any(alpha[0] != 1.0 || alpha[1] != 1.0)
 }
 
 /// Final per-row normaliser (1 / sum, 0 for rows that saw nothing) and natural-log LSE

@@ -223,18 +223,19 @@ impl QueryTile {
         t: usize,
         scale_log2: f32,
     ) {
-        let alpha =
-            self.softmax_scores::<MASK_TEST, SN>(s, state, n0, block_n, q_pos, t, scale_log2);
+        let alpha = self
+            .softmax_scores::<MASK_TEST, false, SN>(s, state, n0, block_n, q_pos, t, scale_log2);
         rescale(o, alpha);
     }
 
     /// Masks the scores of keys `n0..n0 + block_n` as `MASK` says (`MASK_NONE`: the caller knows
     /// every row sees the whole block, no mask code; `MASK_KEYS`: element masks; `MASK_TEST`:
     /// element masks unless the block is fully visible to the whole tile), folds them into the
-    /// running state (`s` becomes P) and returns the rows' rescale factors.
+    /// running state (`s` becomes P) and returns the rows' rescale factors (`LAZY` as in
+    /// `online_softmax`).
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    pub fn softmax_scores<const MASK: u32, const SN: usize>(
+    pub fn softmax_scores<const MASK: u32, const LAZY: bool, const SN: usize>(
         &self,
         s: &mut [f32; SN],
         state: &mut RowState,
@@ -251,7 +252,7 @@ impl QueryTile {
                     .block_fully_visible(self.q_lo, self.q_hi, n0, block_n);
             mask_scores(s, &self.mask, full, q_pos, n0, t);
         }
-        online_softmax(s, state, scale_log2)
+        online_softmax::<LAZY, SN>(s, state, scale_log2)
     }
 
     /// Normalises this thread's two rows of O (accumulator layout: element `4j + e` is row
