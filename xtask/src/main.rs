@@ -208,11 +208,11 @@ fi
 if [ "${1:-}" = "sanitize" ]; then
   for tool in memcheck racecheck synccheck; do
     echo "=== compute-sanitizer --tool $tool ==="
-    compute-sanitizer --tool "$tool" --error-exitcode 99 bin/gpu_prefill strided_packed_qkv_and_padded_output --test-threads=1 || status=1
-    compute-sanitizer --tool "$tool" --error-exitcode 99 bin/gpu_prefill persistent_blocks_take_many_tiles --test-threads=1 || status=1
-    compute-sanitizer --tool "$tool" --error-exitcode 99 bin/gpu_prefill varlen_matches_reference_per_sequence --test-threads=1 || status=1
-    compute-sanitizer --tool "$tool" --error-exitcode 99 bin/gpu_decode sanitizer_small_cache_schedule --test-threads=1 || status=1
-    compute-sanitizer --tool "$tool" --error-exitcode 99 bin/gpu_decode cache_append_places_rows_by_kind --test-threads=1 || status=1
+    compute-sanitizer --tool "$tool" --error-exitcode 99 bin/test-gpu_prefill strided_packed_qkv_and_padded_output --test-threads=1 || status=1
+    compute-sanitizer --tool "$tool" --error-exitcode 99 bin/test-gpu_prefill persistent_blocks_take_many_tiles --test-threads=1 || status=1
+    compute-sanitizer --tool "$tool" --error-exitcode 99 bin/test-gpu_prefill varlen_matches_reference_per_sequence --test-threads=1 || status=1
+    compute-sanitizer --tool "$tool" --error-exitcode 99 bin/test-gpu_decode sanitizer_small_cache_schedule --test-threads=1 || status=1
+    compute-sanitizer --tool "$tool" --error-exitcode 99 bin/test-gpu_decode cache_append_places_rows_by_kind --test-threads=1 || status=1
   done
   exit $status
 fi
@@ -236,11 +236,7 @@ fn gpu_bundle(out: &Path) -> Result<()> {
     std::fs::create_dir_all(&bin)?;
     let tests = cargo_executables(&["test", "--release", "--workspace", "--no-run"], true)?;
     for (name, exe) in &tests {
-        // The GPU tests also keep their plain names for run.sh's sanitizer mode.
         std::fs::copy(exe, bin.join(format!("test-{name}")))?;
-        if name == "gpu_prefill" || name == "gpu_decode" {
-            std::fs::copy(exe, bin.join(name))?;
-        }
     }
     let demo = cargo_executables(
         &[
