@@ -67,6 +67,35 @@ fn decode_plain_matrix() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// A long MQA cache at B = 1: one row group of blocks takes most of the GPU, so the in-kernel
+/// merge combines more than 32 splits (its lanes loop over splits; the matrix's caches are too
+/// short for that since short caches get splits of at least four tiles).
+#[test]
+fn decode_merges_many_splits() {
+    let Some(ctx) = gpu_or_skip("decode_merges_many_splits") else {
+        return;
+    };
+    let mut rng = rng("decode many splits");
+    let mut failures = Vec::new();
+    for nq in [1, 4] {
+        let shape = Shape {
+            batch: 1,
+            seqlen_q: nq,
+            seqlen_k: 40_000,
+            heads_q: 8,
+            heads_kv: 1,
+            head_dim: 128,
+        };
+        let cfg = AttentionConfig::new(vec![R]);
+        let cmp = run_decode_case::<bf16>(&ctx, &shape, &cfg, &mut rng).unwrap();
+        notice(&format!("decode many splits, queries={nq}: {cmp:?}"));
+        if !cmp.passed() {
+            failures.push(format!("queries={nq}: {cmp:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 /// Scores that grow along the keys (see `gpu_prefill`'s test of the same name): the running max
 /// of every split keeps moving, so the output rescale works with factors well below 1.
 #[test]
