@@ -60,6 +60,10 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
         const { (decode_block_n(D), decode_threads(D), decode_q_in_shared(D)) };
     let warps = threads / 32;
     let stats_bytes = warps * DECODE_ROWS * 8;
+    // Row stride (f32) of the warp merge's O buffer: 8 words of padding put the 8 rows a warp
+    // store touches in distinct bank groups (unpadded rows, 512 bytes apart at D = 128, made
+    // those stores 8-way bank conflicted: ncu).
+    let o_stride = D + 8;
     const {
         let (bn, warps) = (decode_block_n(D), decode_threads(D) / 32);
         assert!(
@@ -68,7 +72,8 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
                 && ON * 2 == D
                 && DECODE_ROWS == 16
                 && bn == 16 * warps
-                && warps * DECODE_ROWS * 8 + warps * DECODE_ROWS * D * 4 <= decode_ring_bytes(D)
+                && warps * DECODE_ROWS * 8 + warps * DECODE_ROWS * (D + 8) * 4
+                    <= decode_ring_bytes(D)
                 && decode_smem_bytes(D) <= 227 * 1024
         )
     };
@@ -328,10 +333,12 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
             }
         }
     }
-    for (e, &v) in acc.iter().enumerate() {
+    // Column pairs (2t, 2t + 1) as one 8-byte store: each half warp then hits 32 distinct banks.
+    for e in (0..ON).step_by(2) {
         let row = warp * 16 + g + 8 * ((e % 4) / 2);
-        let col = 8 * (e / 4) + 2 * t + (e & 1);
-        unsafe { st_shared_f32(o_buf + ((row * D + col) * 4) as u32, v) };
+        let col = 8 * (e / 4) + 2 * t;
+        let at = o_buf + ((row * o_stride + col) * 4) as u32;
+        unsafe { st_shared_v2_f32(at, [acc[e], acc[e + 1]]) };
     }
     sync_threads();
 
@@ -354,7 +361,7 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
                 let mw = unsafe { ld_shared_f32(stats + (wr * 8) as u32) };
                 let f = exp2_approx(mw - m);
                 l += f * unsafe { ld_shared_f32(stats + (wr * 8 + 4) as u32) };
-                o += f * unsafe { ld_shared_f32(o_buf + ((wr * D + col) * 4) as u32) };
+                o += f * unsafe { ld_shared_f32(o_buf + ((wr * o_stride + col) * 4) as u32) };
             }
         }
         let (head, tok) = row_head_token(global_row);

@@ -499,6 +499,15 @@ pub unsafe fn st_shared_f32(addr: u32, v: f32) {
     };
 }
 
+/// Two f32 to 8-byte-aligned shared memory in one access.
+#[inline(always)]
+pub unsafe fn st_shared_v2_f32(addr: u32, v: [f32; 2]) {
+    unsafe {
+        asm!("st.shared.v2.f32 [{p}], {{{a}, {b}}};",
+            p = in(reg32) addr, a = in(reg32) v[0], b = in(reg32) v[1], options(nostack))
+    };
+}
+
 #[inline(always)]
 pub unsafe fn ld_shared_f32(addr: u32) -> f32 {
     let r: f32;
