@@ -517,9 +517,9 @@ const fn q_whole_in_registers<H: WsShape, const QREG: bool>() -> bool {
 }
 
 /// Q (consumer `wg`'s 64 rows) as the register A fragments of the S GEMM's first
-/// `Q_REGISTER_STEPS` k-steps,
-/// read with ldmatrix from the swizzled tile: lanes 8i..8i+7 address matrix i, rows 0-7 | 8-15
-/// of the warp's 16 by key-dim columns 0-7 | 8-15 of the k-step.
+/// `Q_REGISTER_STEPS` k-steps (zero past D / 16), read with ldmatrix from the swizzled tile:
+/// lanes 8i..8i+7 address matrix i, rows 0-7 | 8-15 of the warp's 16 by key-dim columns 0-7 |
+/// 8-15 of the k-step.
 #[inline(always)]
 unsafe fn q_fragments<H: WsShape>(smem: Smem<H>, wg: usize, wtid: usize) -> QFragments {
     let lane = wtid % 32;
