@@ -102,7 +102,7 @@ pub fn online_softmax<const LAZY: bool, const N: usize>(
             let moves = block_max > state.max[r] + LAZY_MAX_LOG2;
             f32::from_bits(select_u32(
                 moves,
-                max_f32(state.max[r], block_max).to_bits(),
+                block_max.to_bits(),
                 state.max[r].to_bits(),
             ))
         } else {
