@@ -66,6 +66,11 @@ pub(crate) enum DecodeKv<'a> {
     },
 }
 
+/// The decode kernel entry for element `T` and head dim `d` (`DECODE_ENTRIES`).
+fn decode_entry<T: AttnElement>(d: usize) -> String {
+    format!("duo_decode_{}_d{d}", T::KERNEL_NAME)
+}
+
 /// Fewest K/V tiles a split walks when the cache has enough of them: a short cache split into
 /// one full wave leaves each block one or two tiles, too few for its load ring, and more partials
 /// to merge. Measured on an H100 (B = 1, GQA 32/8, 4k): 8 splits of 4 tiles 5% faster than 16 of
@@ -190,7 +195,7 @@ pub(crate) fn plan_decode<T: AttnElement>(
         scale_log2: cfg.scale_for(head_dim) * std::f32::consts::LOG2_E,
     };
     Ok(DecodePlan {
-        entry: format!("duo_decode_{}_d{}", T::KERNEL_NAME, head_dim),
+        entry: decode_entry::<T>(head_dim),
         grid: (splits as u32, (heads_kv * row_chunks) as u32, batch as u32),
         block: decode_threads(head_dim) as u32,
         shared_bytes: decode_smem_bytes(head_dim) as u32,
@@ -235,7 +240,7 @@ impl Context {
         if !DECODE_HEAD_DIMS.contains(&d) {
             return Ok(1);
         }
-        let entry = format!("duo_decode_{}_d{d}", T::KERNEL_NAME);
+        let entry = decode_entry::<T>(d);
         let per_sm = self.resident_blocks_per_sm(
             &entry,
             decode_threads(d) as u32,

@@ -20,6 +20,10 @@ use crate::ring::{filled_slots, position_of};
 use crate::softmax::{RowState, mask_scores, online_softmax, rescale};
 use crate::tile::{div_or_zero, kind_and_rank, min_i32};
 
+/// Padding (f32) of each row of the warp merge's O buffer: 8 words put the 8 rows a warp store
+/// touches in distinct bank groups (unpadded rows, 512 bytes apart at D = 128, made those stores
+/// 8-way bank conflicted: ncu).
+const MERGE_ROW_PAD: usize = 8;
 const LN_2: f32 = core::f32::consts::LN_2;
 const LOG2_E: f32 = core::f32::consts::LOG2_E;
 
@@ -60,10 +64,7 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
         const { (decode_block_n(D), decode_threads(D), decode_q_in_shared(D)) };
     let warps = threads / 32;
     let stats_bytes = warps * DECODE_ROWS * 8;
-    // Row stride (f32) of the warp merge's O buffer: 8 words of padding put the 8 rows a warp
-    // store touches in distinct bank groups (unpadded rows, 512 bytes apart at D = 128, made
-    // those stores 8-way bank conflicted: ncu).
-    let o_stride = D + 8;
+    let o_stride = D + MERGE_ROW_PAD; // row stride (f32) of the warp merge's O buffer
     const {
         let (bn, warps) = (decode_block_n(D), decode_threads(D) / 32);
         assert!(
@@ -72,7 +73,7 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
                 && ON * 2 == D
                 && DECODE_ROWS == 16
                 && bn == 16 * warps
-                && warps * DECODE_ROWS * 8 + warps * DECODE_ROWS * (D + 8) * 4
+                && warps * DECODE_ROWS * 8 + warps * DECODE_ROWS * (D + MERGE_ROW_PAD) * 4
                     <= decode_ring_bytes(D)
                 && decode_smem_bytes(D) <= 227 * 1024
         )
