@@ -5,9 +5,10 @@ use crate::error::{Error, Result};
 use crate::tensor::{DeviceTensor, TensorDesc, View, ViewMut};
 use crate::tma::{TmaTensor, prefill_tensors};
 use duo_attn_kernels::abi::{
-    FastDiv, HEAD_MASK_WORDS, MAX_KV_HEADS, MAX_SEQLEN, PREFILL_BLOCK_M, PREFILL_THREADS,
-    PrefillParams, TMA_MAPS, TensorMap, TmaPrefillParams, WG_BLOCK_M, WG_THREADS, WS_HEAD_DIMS,
-    WS_THREADS, wg_smem_bytes, ws_smem_bytes,
+    FastDiv, HEAD_MASK_WORDS, MAX_KV_HEADS, MAX_SEQLEN, PREFILL_BLOCK_M, PREFILL_MAX_SPLITS,
+    PREFILL_MERGE_ROWS, PREFILL_THREADS, PrefillMergeParams, PrefillParams, TMA_MAPS, TensorMap,
+    TmaPrefillParams, WG_BLOCK_M, WG_THREADS, WS_HEAD_DIMS, WS_THREADS, wg_smem_bytes, ws_block_n,
+    ws_smem_bytes,
 };
 
 /// How a KV head (and every query head of its group) attends.
@@ -57,6 +58,12 @@ pub struct AttentionConfig {
     pub softmax_scale: Option<f32>,
     /// Kernel choice (default: `Auto`).
     pub kernel: PrefillKernel,
+    /// Split-KV of the TMA kernel (FlashAttention's `num_splits`): `None` (default) splits a
+    /// launch whose query tiles are too few to fill the GPU (chunked prefill against a long
+    /// context), each tile's KV blocks into near-equal runs merged by their LSE; `Some(n)` asks
+    /// for `n` splits (1: never; capped at `PREFILL_MAX_SPLITS` and at one KV block per split).
+    /// Varlen launches, D = 256 and the other kernels never split.
+    pub kv_splits: Option<usize>,
 }
 
 impl AttentionConfig {
@@ -69,6 +76,7 @@ impl AttentionConfig {
             window: 256,
             softmax_scale: None,
             kernel: PrefillKernel::Auto,
+            kv_splits: None,
         }
     }
 
@@ -104,6 +112,11 @@ impl AttentionConfig {
         self.kernel = kernel;
         self
     }
+    /// See [`AttentionConfig::kv_splits`].
+    pub fn kv_splits(mut self, splits: Option<usize>) -> Self {
+        self.kv_splits = splits;
+        self
+    }
 
     /// The scale applied for head dim `d`.
     pub fn scale_for(&self, head_dim: usize) -> f32 {
@@ -125,6 +138,57 @@ pub struct PrefillPlan {
     pub persistent: bool,
     /// The TMA kernel's operands (`TMA_Q..TMA_STREAM_V`), encoded into tensor maps at launch.
     pub tma: Option<[TmaTensor; TMA_MAPS]>,
+    /// Where the launch may split its tiles' KV blocks (split-KV; chosen at launch, when the
+    /// GPU's size is known).
+    pub split: Option<SplitKv>,
+}
+
+/// A prefill launch's split-KV option: the entries and what the choice needs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SplitKv {
+    /// The split build of the kernel, and the merge.
+    pub entry: String,
+    pub merge_entry: String,
+    /// `AttentionConfig::kv_splits`.
+    pub requested: Option<usize>,
+    /// KV blocks of the longest query tile (the whole key length in blocks: an upper bound).
+    pub max_blocks: usize,
+    pub head_dim: usize,
+}
+
+/// Fewest KV blocks per split when the launch chooses: shorter runs pay a tile's fixed costs
+/// (its Q load, the f32 partial rows and their merge) for too little work.
+pub const MIN_BLOCKS_PER_SPLIT: usize = 8;
+
+/// KV splits of a launch of `tiles` query tiles of up to `max_blocks` KV blocks on `slots`
+/// resident blocks: 1 when the tiles fill at least 80% of the GPU's slots (as FlashAttention's
+/// heuristic); else the fewest splits whose waves are at least 95% as full as the best count's
+/// (FlashAttention takes 85%, but a split here costs little beside tiles this long), each split
+/// at least `MIN_BLOCKS_PER_SPLIT` blocks long. `requested` overrides, capped at one block per
+/// split.
+pub fn choose_kv_splits(
+    requested: Option<usize>,
+    tiles: usize,
+    max_blocks: usize,
+    slots: usize,
+) -> usize {
+    let cap = max_blocks.clamp(1, PREFILL_MAX_SPLITS);
+    if let Some(n) = requested {
+        return n.clamp(1, cap);
+    }
+    let (tiles, slots) = (tiles.max(1), slots.max(1));
+    if 5 * tiles >= 4 * slots {
+        return 1;
+    }
+    let most = (max_blocks / MIN_BLOCKS_PER_SPLIT).clamp(1, cap);
+    let efficiency = |s: usize| {
+        let items = tiles * s;
+        items as f64 / (items.div_ceil(slots) * slots) as f64
+    };
+    let best = (1..=most).map(efficiency).fold(0.0, f64::max);
+    (1..=most)
+        .find(|&s| efficiency(s) >= 0.95 * best)
+        .unwrap_or(1)
 }
 
 impl PrefillPlan {
@@ -402,6 +466,8 @@ pub fn plan_prefill<T: AttnElement>(
 /// one of them.
 pub(crate) struct PrefillArgs {
     pub params: PrefillParams,
+    /// `AttentionConfig::kv_splits`.
+    pub kv_splits: Option<usize>,
     pub tma: std::result::Result<[TmaTensor; TMA_MAPS], (&'static str, String)>,
 }
 
@@ -454,8 +520,16 @@ pub(crate) fn prefill_params(
         heads_q_div: FastDiv::new(heads_q as u32),
         // Callers have checked the head counts (`check_heads`); no panic path if one did not.
         group_div: FastDiv::new(heads_q.checked_div(cfg.head_kinds.len()).unwrap_or(0) as u32),
+        kv_splits: 1,
+        kv_splits_div: FastDiv::new(1),
+        partial_o: 0, // set at launch
+        partial_lse: 0,
     };
-    PrefillArgs { params, tma }
+    PrefillArgs {
+        params,
+        kv_splits: cfg.kv_splits,
+        tma,
+    }
 }
 
 /// Entry infix, query rows per work tile, threads, dynamic shared memory and persistence of a
@@ -527,6 +601,15 @@ pub(crate) fn prefill_launch<T: AttnElement>(
         (kernel, _) => (kernel, None),
     };
     let (variant, block_m, block, shared_bytes, persistent) = kernel_shape(kernel, head_dim);
+    // Split-KV: the TMA kernel at D <= 128 (no split build at D = 256: registers).
+    let split = (kernel == PrefillKernel::WgmmaTma && head_dim <= 128).then(|| SplitKv {
+        entry: format!("duo_prefill_wgmma_tma_split_{}_d{head_dim}", T::KERNEL_NAME),
+        merge_entry: format!("duo_prefill_merge_{}_d{head_dim}", T::KERNEL_NAME),
+        requested: args.kv_splits,
+        max_blocks: (args.params.seqlen_k.max(args.params.seqlen_k_stream) as usize)
+            .div_ceil(ws_block_n(head_dim)),
+        head_dim,
+    });
     let mut plan = PrefillPlan {
         entry: format!("duo_prefill_{variant}{}_d{}", T::KERNEL_NAME, head_dim),
         grid: (0, 0, 0),
@@ -535,6 +618,7 @@ pub(crate) fn prefill_launch<T: AttnElement>(
         params: args.params,
         persistent,
         tma,
+        split,
     };
     plan.set_grid((
         seqlen_q.div_ceil(block_m) as u32,
@@ -653,6 +737,7 @@ pub fn plan_prefill_varlen<T: AttnElement>(
     plan.params.seqlen_k_stream = max_k as i32;
     plan.params.cu_seqlens_q = cu_q_ptr;
     plan.params.cu_seqlens_k = cu_k_ptr;
+    plan.split = None; // the split build addresses fixed-length partial rows only
     plan.params.lse_strides = [0, q.shape[0] as i64];
     Ok(plan)
 }
@@ -673,9 +758,27 @@ impl Context {
             * self.resident_blocks_per_sm(&plan.entry, plan.block, plan.shared_bytes)? as usize;
         let mut params = plan.params;
         params.work_counter = self.zeroed_counters(2)?;
-        let grid = (plan.work_tiles().min(slots).max(1) as u32, 1, 1);
+        let splits = plan.split.as_ref().map_or(1, |s| {
+            choose_kv_splits(s.requested, plan.work_tiles(), s.max_blocks, slots)
+        });
+        let mut entry = plan.entry.as_str();
+        let mut merge = None;
+        if let (Some(split), true) = (&plan.split, splits > 1) {
+            // Partial rows `[splits, B, Hq, Sq]` (fixed-length launches only).
+            let rows = params.batch as usize * params.heads_q as usize * params.seqlen_q as usize;
+            check_limit("split-KV partial rows", splits * rows, i32::MAX as usize)?;
+            let workspace = self.workspace(splits * rows * (split.head_dim + 1))?;
+            params.kv_splits = splits as i32;
+            params.kv_splits_div = FastDiv::new(splits as u32);
+            params.partial_o = workspace;
+            params.partial_lse = workspace + 4 * (splits * rows * split.head_dim) as u64;
+            entry = &split.entry;
+            merge = Some((split, rows));
+        }
+        let work_items = (plan.work_tiles() * splits).min(slots).max(1);
+        let grid = (work_items as u32, 1, 1);
         let Some(tensors) = &plan.tma else {
-            return self.launch(&plan.entry, grid, plan.block, plan.shared_bytes, &params);
+            return self.launch(entry, grid, plan.block, plan.shared_bytes, &params);
         };
         // A plain call's streaming slots repeat K and V: encode each distinct operand once.
         let mut maps = [TensorMap::default(); TMA_MAPS];
@@ -685,11 +788,33 @@ impl Context {
                 None => tensor.encode()?,
             };
         }
-        let params = TmaPrefillParams {
+        let tma_params = TmaPrefillParams {
             maps,
             prefill: params,
         };
-        self.launch(&plan.entry, grid, plan.block, plan.shared_bytes, &params)
+        self.launch(entry, grid, plan.block, plan.shared_bytes, &tma_params)?;
+        let Some((split, rows)) = merge else {
+            return Ok(());
+        };
+        let merge_params = PrefillMergeParams {
+            partial_o: params.partial_o,
+            partial_lse: params.partial_lse,
+            o: params.o,
+            lse: params.lse,
+            o_strides: params.o_strides,
+            lse_strides: params.lse_strides,
+            batch: params.batch,
+            heads_q: params.heads_q,
+            seqlen_q: params.seqlen_q,
+            kv_splits: params.kv_splits,
+        };
+        self.launch(
+            &split.merge_entry,
+            (rows.div_ceil(PREFILL_MERGE_ROWS) as u32, 1, 1),
+            (32 * PREFILL_MERGE_ROWS) as u32,
+            0,
+            &merge_params,
+        )
     }
 
     /// Varlen prefill (FlashAttention's varlen layout): q/out `[total_q, Hq, D]`, k/v
@@ -746,5 +871,72 @@ impl Context {
             self.ordinal(),
         )?;
         self.launch_prefill(&plan)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use duo_attn_kernels::abi::split_range;
+
+    /// Splits cover a tile's blocks once, in order, and none is empty when the tile has at least
+    /// as many blocks as splits.
+    #[test]
+    fn split_ranges_cover_every_block_once() {
+        for splits in 1..=PREFILL_MAX_SPLITS as i32 {
+            let div = FastDiv::new(splits as u32);
+            for blocks in 0..300 {
+                let mut next = 0;
+                for s in 0..splits {
+                    let (lo, hi) = split_range(blocks, s, div);
+                    assert_eq!(lo, next, "blocks {blocks} splits {splits} split {s}");
+                    assert!(hi >= lo);
+                    if blocks >= splits {
+                        assert!(hi > lo, "blocks {blocks} splits {splits}: split {s} empty");
+                    }
+                    next = hi;
+                }
+                assert_eq!(next, blocks);
+            }
+        }
+    }
+
+    #[test]
+    fn launches_that_fill_the_gpu_do_not_split() {
+        // Full causal 32k (256 tiles x 32 heads) and 1k x 32 heads on 132 SMs.
+        assert_eq!(choose_kv_splits(None, 8192, 256, 132), 1);
+        assert_eq!(choose_kv_splits(None, 256, 8, 132), 1);
+        // 106 of 132 slots: within the 80% that FlashAttention's heuristic leaves alone.
+        assert_eq!(choose_kv_splits(None, 106, 1024, 132), 1);
+    }
+
+    #[test]
+    fn few_long_tiles_split_to_fill_the_gpu() {
+        // A 256-query chunk against 128k keys, 32 heads: 64 tiles of 1024 blocks -> 2 splits
+        // (128 of 132 slots).
+        assert_eq!(choose_kv_splits(None, 64, 1024, 132), 2);
+        // One 128-row tile x 8 heads against 32k keys: 16 splits (128 slots).
+        assert_eq!(choose_kv_splits(None, 8, 256, 132), 16);
+        // Short tiles split no finer than MIN_BLOCKS_PER_SPLIT blocks: 32 blocks -> at most 4.
+        assert_eq!(choose_kv_splits(None, 8, 32, 132), 4);
+        assert_eq!(choose_kv_splits(None, 8, 7, 132), 1);
+        // Never past PREFILL_MAX_SPLITS (31 of them fill within 95% of what 32 fill).
+        assert_eq!(choose_kv_splits(None, 1, 1 << 20, 132), 31);
+        assert_eq!(
+            choose_kv_splits(Some(64), 1, 1 << 20, 132),
+            PREFILL_MAX_SPLITS
+        );
+    }
+
+    #[test]
+    fn requested_splits_are_capped() {
+        assert_eq!(choose_kv_splits(Some(1), 8, 1024, 132), 1);
+        assert_eq!(choose_kv_splits(Some(0), 8, 1024, 132), 1);
+        assert_eq!(choose_kv_splits(Some(7), 8192, 1024, 132), 7);
+        assert_eq!(
+            choose_kv_splits(Some(1000), 8, 1024, 132),
+            PREFILL_MAX_SPLITS
+        );
+        assert_eq!(choose_kv_splits(Some(5), 8, 3, 132), 3); // one block per split at most
     }
 }

@@ -133,7 +133,49 @@ pub struct PrefillParams {
     pub m_blocks_div: FastDiv,
     pub heads_q_div: FastDiv,
     pub group_div: FastDiv,
+    /// Split-KV (the `_split` TMA entries only; 1 elsewhere): work tile `w` is split `w %
+    /// kv_splits` of query tile `w / kv_splits`, which walks that share of the tile's KV blocks
+    /// (`split_range`) and writes its O (normalised, f32) and LSE to `partial_o` / `partial_lse`
+    /// (`[kv_splits, B, Hq, Sq]` rows, O rows of D) for `duo_prefill_merge_*`. Few query tiles
+    /// against a long context (chunked prefill) then still fill every SM.
+    pub kv_splits: i32,
+    pub kv_splits_div: FastDiv,
+    pub partial_o: u64,
+    pub partial_lse: u64,
 }
+
+/// KV blocks `[lo, hi)` of split `split` of a tile that walks `blocks` of them in `splits`
+/// near-equal runs (`splits_div` divides by `splits`): every split of a tile with at least
+/// `splits` blocks gets one or more. Shared by the kernels and the host's tests.
+#[inline(always)]
+pub fn split_range(blocks: i32, split: i32, splits_div: FastDiv) -> (i32, i32) {
+    let at = |s: i32| splits_div.quotient((s * blocks) as u32) as i32;
+    (at(split), at(split + 1))
+}
+
+/// Most KV splits of a prefill (the merge holds one weight per split in registers).
+pub const PREFILL_MAX_SPLITS: usize = 32;
+
+/// Parameters of the split-KV merge (`duo_prefill_merge_*`): per query row of `[B, Hq, Sq]`, the
+/// LSE-weighted sum of its `kv_splits` partial rows (layouts as in `PrefillParams`), written to
+/// `o` (`[B, Sq, Hq, D]` element strides) and `lse` (strides of batch and head, rows contiguous).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PrefillMergeParams {
+    pub partial_o: u64,
+    pub partial_lse: u64,
+    pub o: u64,
+    pub lse: u64,
+    pub o_strides: [i64; 3],
+    pub lse_strides: [i64; 2],
+    pub batch: i32,
+    pub heads_q: i32,
+    pub seqlen_q: i32,
+    pub kv_splits: i32,
+}
+
+/// Query rows per block of the merge (one warp each).
+pub const PREFILL_MERGE_ROWS: usize = 8;
 
 /// `n / d` for `n < 2^31` as one widening multiply and a shift (Granlund and Montgomery): with
 /// `l = ceil(log2 d)`, `multiplier = ceil(2^(31 + l) / d)` (below 2^32) and `shift = 31 + l`, the
@@ -204,8 +246,9 @@ pub struct TmaPrefillParams {
 pub const TMA_BOX_COLS: usize = 64;
 
 /// Prefill kernel entry names, by (element, head dim): the mma.sync kernel, the plain wgmma
-/// kernel, the warp-specialised wgmma kernel with cp.async loads and with TMA loads.
-pub const PREFILL_ENTRIES: [(&str, &str, usize); 18] = [
+/// kernel, the warp-specialised wgmma kernel with cp.async loads and with TMA loads, its split-KV
+/// build (D <= 128) and the split-KV merge.
+pub const PREFILL_ENTRIES: [(&str, &str, usize); 26] = [
     ("duo_prefill_bf16_d64", "bf16", 64),
     ("duo_prefill_bf16_d128", "bf16", 128),
     ("duo_prefill_f16_d64", "f16", 64),
@@ -224,6 +267,14 @@ pub const PREFILL_ENTRIES: [(&str, &str, usize); 18] = [
     ("duo_prefill_wgmma_tma_f16_d128", "f16", 128),
     ("duo_prefill_wgmma_tma_bf16_d256", "bf16", 256),
     ("duo_prefill_wgmma_tma_f16_d256", "f16", 256),
+    ("duo_prefill_wgmma_tma_split_bf16_d64", "bf16", 64),
+    ("duo_prefill_wgmma_tma_split_bf16_d128", "bf16", 128),
+    ("duo_prefill_wgmma_tma_split_f16_d64", "f16", 64),
+    ("duo_prefill_wgmma_tma_split_f16_d128", "f16", 128),
+    ("duo_prefill_merge_bf16_d64", "bf16", 64),
+    ("duo_prefill_merge_bf16_d128", "bf16", 128),
+    ("duo_prefill_merge_f16_d64", "f16", 64),
+    ("duo_prefill_merge_f16_d128", "f16", 128),
 ];
 
 /// Head dims the decode kernel (and so the DuoAttention cache) serves.

@@ -63,6 +63,17 @@ pub fn shfl_xor_f32(v: f32, lane_mask: u32) -> f32 {
     r
 }
 
+/// Lane `src`'s `v`, for every lane.
+#[inline(always)]
+pub fn shfl_idx_f32(v: f32, src: u32) -> f32 {
+    let r: f32;
+    unsafe {
+        asm!("shfl.sync.idx.b32 {r}, {v}, {s}, 0x1f, 0xffffffff;",
+            r = out(reg32) r, v = in(reg32) v, s = in(reg32) src, options(nomem, nostack))
+    };
+    r
+}
+
 /// `if c { a } else { b }` as one `selp`: never a branch, which LLVM makes of selects between
 /// arrays, and which diverges when `c` differs between lanes.
 #[inline(always)]
@@ -273,6 +284,21 @@ pub unsafe fn st_global_v4_u32_if(pred: bool, addr: u64, v: [u32; 4]) {
             "@p st.global.v4.u32 [{p}], {{{a}, {b}, {d}, {e}}}; }}",
             c = in(reg32) pred as u32, p = in(reg64) addr,
             a = in(reg32) v[0], b = in(reg32) v[1], d = in(reg32) v[2], e = in(reg32) v[3],
+            options(nostack),
+        )
+    };
+}
+
+/// `st.global.v2.f32` under a predicate, without a branch (see `st_global_u32_if`).
+#[inline(always)]
+pub unsafe fn st_global_v2_f32_if(pred: bool, addr: u64, v: [f32; 2]) {
+    unsafe {
+        asm!(
+            "{{ .reg .pred p;",
+            "setp.ne.u32 p, {c}, 0;",
+            "@p st.global.v2.f32 [{p}], {{{a}, {b}}}; }}",
+            c = in(reg32) pred as u32, p = in(reg64) addr,
+            a = in(reg32) v[0], b = in(reg32) v[1],
             options(nostack),
         )
     };

@@ -24,6 +24,8 @@ pub mod mma;
 #[cfg(target_arch = "nvptx64")]
 pub mod prefill;
 #[cfg(target_arch = "nvptx64")]
+pub mod prefill_merge;
+#[cfg(target_arch = "nvptx64")]
 pub mod prefill_wgmma;
 #[cfg(target_arch = "nvptx64")]
 pub mod prefill_wgmma_ws;

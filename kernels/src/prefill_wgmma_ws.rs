@@ -149,10 +149,38 @@ struct TileBlocks {
 }
 
 impl TileBlocks {
+    /// With `SPLIT` (split-KV), only the tile's split's run of the query tile's blocks: the
+    /// ranges are cut to it, so the rest of the kernel walks them as it walks a whole tile.
     #[inline(always)]
-    fn of(tile: &QueryTile, bn: usize) -> Self {
+    fn of<const SPLIT: bool>(tile: &QueryTile, bn: usize) -> Self {
+        let ranges = tile.mask.block_ranges(tile.q_lo, tile.q_hi, bn as i32);
+        if !SPLIT {
+            return TileBlocks { ranges };
+        }
+        let [first, second] = ranges;
+        let (lo, hi) = tile.split_blocks(TileBlocks { ranges }.count(tile));
+        // Indices `lo..hi` of `first ++ second`, as two ranges (each start <= end).
+        let (f, n) = (first.len(), second.len());
+        let clamp = |i: i32, len: i32| {
+            if i < 0 {
+                0
+            } else if i > len {
+                len
+            } else {
+                i
+            }
+        };
         TileBlocks {
-            ranges: tile.mask.block_ranges(tile.q_lo, tile.q_hi, bn as i32),
+            ranges: [
+                BlockRange {
+                    start: first.start + clamp(lo, f),
+                    end: first.start + clamp(hi, f),
+                },
+                BlockRange {
+                    start: second.start + clamp(lo - f, n),
+                    end: second.start + clamp(hi - f, n),
+                },
+            ],
         }
     }
 
@@ -282,7 +310,12 @@ fn parity<H: WsShape>(g: i32) -> u32 {
 /// The kernel body, one instantiation per (element, head dim, loads); `maps` is the generic
 /// address of the `TMA_MAPS` tensor maps (`TmaPrefillParams`) when `TMA`.
 #[inline(always)]
-unsafe fn prefill_wgmma<E: Element + WgmmaElement, H: WsShape, const TMA: bool>(
+unsafe fn prefill_wgmma<
+    E: Element + WgmmaElement,
+    H: WsShape,
+    const TMA: bool,
+    const SPLIT: bool,
+>(
     p: &PrefillParams,
     maps: u64,
 ) {
@@ -293,7 +326,8 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, H: WsShape, const TMA: bool>(
     };
     let smem = Smem::<H>::new();
     let tid = thread_idx_x() as usize;
-    let work_tiles = p.m_blocks * p.heads_q * p.batch; // <= i32::MAX, checked by the host
+    // <= i32::MAX / 2, checked by the host.
+    let work_tiles = p.m_blocks * p.heads_q * p.batch * if SPLIT { p.kv_splits } else { 1 };
     if tid == 0 {
         unsafe {
             // Full barriers: with TMA, the loading thread's arrival (with the expected bytes);
@@ -326,7 +360,7 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, H: WsShape, const TMA: bool>(
         }
         // With TMA, the first warp runs the loop (one thread issues) and the others leave.
         if !TMA || tid < 32 {
-            unsafe { producer::<H, TMA>(p, smem, maps, tid, work_tiles) };
+            unsafe { producer::<H, TMA, SPLIT>(p, smem, maps, tid, work_tiles) };
         }
     } else {
         if TMA {
@@ -336,10 +370,14 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, H: WsShape, const TMA: bool>(
         }
         let (wg, wtid) = (warpgroup - 1, tid % 128);
         match (TMA && H::Q_IN_REGISTERS, H::OVERLAP_TILES) {
-            (true, true) => unsafe { consumer::<E, H, TMA, true>(p, smem, wg, wtid) },
-            (false, true) => unsafe { consumer::<E, H, TMA, false>(p, smem, wg, wtid) },
-            (true, false) => unsafe { consumer_serial::<E, H, TMA, true>(p, smem, wg, wtid) },
-            (false, false) => unsafe { consumer_serial::<E, H, TMA, false>(p, smem, wg, wtid) },
+            (true, true) => unsafe { consumer::<E, H, TMA, true, SPLIT>(p, smem, wg, wtid) },
+            (false, true) => unsafe { consumer::<E, H, TMA, false, SPLIT>(p, smem, wg, wtid) },
+            (true, false) => unsafe {
+                consumer_serial::<E, H, TMA, true, SPLIT>(p, smem, wg, wtid)
+            },
+            (false, false) => unsafe {
+                consumer_serial::<E, H, TMA, false, SPLIT>(p, smem, wg, wtid)
+            },
         }
     }
 }
@@ -350,7 +388,7 @@ unsafe fn prefill_wgmma<E: Element + WgmmaElement, H: WsShape, const TMA: bool>(
 /// the previous Q, then every KV tile into an emptied stage. Run by the 128 producer threads
 /// (cp.async) or by the first producer warp, whose thread 0 issues every copy (TMA).
 #[inline(always)]
-unsafe fn producer<H: WsShape, const TMA: bool>(
+unsafe fn producer<H: WsShape, const TMA: bool, const SPLIT: bool>(
     p: &PrefillParams,
     smem: Smem<H>,
     maps: u64,
@@ -409,9 +447,11 @@ unsafe fn producer<H: WsShape, const TMA: bool>(
         if !H::OVERLAP_TILES {
             publish(0);
         }
-        let tile = QueryTile::from_work(p, BM as i32, work);
-        let visited = TileBlocks::of(&tile, H::BN);
-        let blocks = visited.count(&tile);
+        let tile = QueryTile::from_work::<SPLIT>(p, BM as i32, H::D, work);
+        // Split-KV: the split's run `lo..hi` of the query tile's blocks.
+        let visited = TileBlocks::of::<false>(&tile, H::BN);
+        let (lo, hi) = tile.split_blocks(visited.count(&tile));
+        let blocks = hi - lo;
         if H::OVERLAP_TILES {
             publish(blocks);
         }
@@ -432,8 +472,8 @@ unsafe fn producer<H: WsShape, const TMA: bool>(
                 tma_tile::<H>(smem.q(), BM, map(TMA_Q), smem.q_full(), at);
             }
         }
-        for i in 0..blocks {
-            let g = kv_tiles + i;
+        for i in lo..hi {
+            let g = kv_tiles - lo + i;
             let stage = stage_of::<H>(g);
             let n0 = visited.n_block(i) * H::BN as i32;
             let (k, v, full) = (smem.k(stage), smem.v(stage), smem.full(stage));
@@ -678,7 +718,7 @@ unsafe fn last_pv<E: WgmmaElement, H: WsShape>(
 /// otherwise spills. Branch-free (`finish`, predicated stores): it may run while the next tile's
 /// first S GEMM is in flight.
 #[inline(always)]
-unsafe fn store_tile<E: Element, H: WsShape>(
+unsafe fn store_tile<E: Element, H: WsShape, const SPLIT: bool>(
     p: &PrefillParams,
     work: i32,
     o: &H::O,
@@ -686,11 +726,16 @@ unsafe fn store_tile<E: Element, H: WsShape>(
     row_in_tile: i32,
     t: usize,
 ) {
-    let mut tile = QueryTile::from_work(p, BM as i32, if work < 0 { 0 } else { work });
+    let any = if work < 0 { 0 } else { work };
+    let mut tile = QueryTile::from_work::<SPLIT>(p, BM as i32, H::D, any);
     tile.seqlen_q = select_u32(work < 0, 0, tile.seqlen_q as u32) as i32; // no rows
     let row = tile.m0 + row_in_tile;
     let (inv, lse) = finish(state);
-    H::store::<E>(&tile, o, [row, row + 8], t, inv, lse);
+    if SPLIT {
+        H::store_partial(&tile, o, [row, row + 8], t, inv, lse);
+    } else {
+        H::store::<E>(&tile, o, [row, row + 8], t, inv, lse);
+    }
 }
 
 /// A consumer thread's place: its warpgroup, its thread in it, its quad position, its first row
@@ -799,6 +844,7 @@ impl ConsumerThread {
         H: WsShape,
         const TMA: bool,
         const QREG: bool,
+        const SPLIT: bool,
     >(
         self,
         p: &PrefillParams,
@@ -809,7 +855,7 @@ impl ConsumerThread {
         kv_tiles: i32,
         q: &QFragments,
     ) -> (H::O, H::P, RowState) {
-        let visited = TileBlocks::of(tile, H::BN);
+        let visited = TileBlocks::of::<SPLIT>(tile, H::BN);
         let n_block = |i: i32| visited.n_block(i);
         let rows = [tile.m0 + self.row_in_tile, tile.m0 + self.row_in_tile + 8];
         let q_pos = [tile.offset + rows[0], tile.offset + rows[1]];
@@ -902,7 +948,13 @@ unsafe fn next_work<H: WsShape>(smem: Smem<H>, q_tiles: i32) -> i32 {
 /// its work index, so that GEMM starts before the consumer has worked out the tile), and the
 /// finished tile's epilogue runs while that S GEMM is on the tensor cores.
 #[inline(always)]
-unsafe fn consumer<E: Element + WgmmaElement, H: WsShape, const TMA: bool, const QREG: bool>(
+unsafe fn consumer<
+    E: Element + WgmmaElement,
+    H: WsShape,
+    const TMA: bool,
+    const QREG: bool,
+    const SPLIT: bool,
+>(
     p: &PrefillParams,
     smem: Smem<H>,
     wg: usize,
@@ -922,7 +974,7 @@ unsafe fn consumer<E: Element + WgmmaElement, H: WsShape, const TMA: bool, const
         let blocks = warp_broadcast_u32(unsafe { ld_shared_u32(smem.blocks_slot(q_tiles)) }) as i32;
         let q = unsafe { me.q_registers::<H, QREG>(smem, work >= 0) };
         let epilogue = |o: &H::O, state: &RowState| unsafe {
-            store_tile::<E, H>(p, prev_work, o, state, me.row_in_tile, me.t)
+            store_tile::<E, H, SPLIT>(p, prev_work, o, state, me.row_in_tile, me.t)
         };
         // The previous tile's last PV (on its last stage) and this tile's S_0 (on the next).
         let last = stage_of::<H>(kv_tiles + H::STAGES as i32 - 1);
@@ -962,12 +1014,13 @@ unsafe fn consumer<E: Element + WgmmaElement, H: WsShape, const TMA: bool, const
         if work < 0 {
             break;
         }
-        let tile = QueryTile::from_work(p, BM as i32, work);
+        let tile = QueryTile::from_work::<SPLIT>(p, BM as i32, H::D, work);
         if !overlapped && blocks > 0 {
             s = unsafe { me.first_scores::<E, H, TMA, QREG>(smem, kv_tiles, &q) };
         }
-        (o, pa, state) =
-            unsafe { me.tile_blocks::<E, H, TMA, QREG>(p, smem, &tile, blocks, s, kv_tiles, &q) };
+        (o, pa, state) = unsafe {
+            me.tile_blocks::<E, H, TMA, QREG, SPLIT>(p, smem, &tile, blocks, s, kv_tiles, &q)
+        };
         (prev_work, prev_blocks) = (work, blocks);
         kv_tiles += blocks;
         q_tiles += 1;
@@ -983,6 +1036,7 @@ unsafe fn consumer_serial<
     H: WsShape,
     const TMA: bool,
     const QREG: bool,
+    const SPLIT: bool,
 >(
     p: &PrefillParams,
     smem: Smem<H>,
@@ -996,15 +1050,16 @@ unsafe fn consumer_serial<
         if work < 0 {
             break;
         }
-        let tile = QueryTile::from_work(p, BM as i32, work);
-        let blocks = TileBlocks::of(&tile, H::BN).count(&tile);
+        let tile = QueryTile::from_work::<SPLIT>(p, BM as i32, H::D, work);
+        let blocks = TileBlocks::of::<SPLIT>(&tile, H::BN).count(&tile);
         let q = unsafe { me.q_registers::<H, QREG>(smem, true) };
         let mut s = H::zero_s();
         if blocks > 0 {
             s = unsafe { me.first_scores::<E, H, TMA, QREG>(smem, kv_tiles, &q) };
         }
-        let (mut o, pa, state) =
-            unsafe { me.tile_blocks::<E, H, TMA, QREG>(p, smem, &tile, blocks, s, kv_tiles, &q) };
+        let (mut o, pa, state) = unsafe {
+            me.tile_blocks::<E, H, TMA, QREG, SPLIT>(p, smem, &tile, blocks, s, kv_tiles, &q)
+        };
         if blocks > 0 {
             let last = stage_of::<H>(kv_tiles + blocks - 1);
             unsafe { last_pv::<E, H>(&mut o, &pa, smem, last) };
@@ -1015,7 +1070,7 @@ unsafe fn consumer_serial<
         // consumer releases the next tile's Q): kept live through the KV loop, it made the
         // D = 256 consumer spill.
         let work = warp_broadcast_u32(unsafe { ld_shared_u32(smem.work_slot(q_tiles - 1)) });
-        unsafe { store_tile::<E, H>(p, work as i32, &o, &state, me.row_in_tile, me.t) };
+        unsafe { store_tile::<E, H, SPLIT>(p, work as i32, &o, &state, me.row_in_tile, me.t) };
     }
     me.balance_ping_pong();
 }
@@ -1024,15 +1079,18 @@ macro_rules! wgmma_entry {
     ($name:ident, $elem:ty, $d:literal) => {
         #[unsafe(no_mangle)]
         pub unsafe extern "ptx-kernel" fn $name(p: PrefillParams) {
-            unsafe { prefill_wgmma::<$elem, HeadDim<$d>, false>(&p, 0) }
+            unsafe { prefill_wgmma::<$elem, HeadDim<$d>, false, false>(&p, 0) }
         }
     };
 }
 
 /// TMA entries: the tensor maps stay in parameter space, where TMA reads them; the entry names its
-/// own parameter in PTX (`<entry>_param_0`) to take their address.
+/// own parameter in PTX (`<entry>_param_0`) to take their address. `$split`: the split-KV build.
 macro_rules! tma_entry {
     ($name:ident, $elem:ty, $d:literal) => {
+        tma_entry!($name, $elem, $d, false);
+    };
+    ($name:ident, $elem:ty, $d:literal, $split:literal) => {
         #[unsafe(no_mangle)]
         pub unsafe extern "ptx-kernel" fn $name(p: TmaPrefillParams) {
             let maps: u64;
@@ -1044,7 +1102,7 @@ macro_rules! tma_entry {
                     options(pure, nomem, nostack)
                 )
             };
-            unsafe { prefill_wgmma::<$elem, HeadDim<$d>, true>(&p.prefill, maps) }
+            unsafe { prefill_wgmma::<$elem, HeadDim<$d>, true, $split>(&p.prefill, maps) }
         }
     };
 }
@@ -1059,3 +1117,9 @@ tma_entry!(duo_prefill_wgmma_tma_f16_d64, F16, 64);
 tma_entry!(duo_prefill_wgmma_tma_f16_d128, F16, 128);
 tma_entry!(duo_prefill_wgmma_tma_bf16_d256, Bf16, 256);
 tma_entry!(duo_prefill_wgmma_tma_f16_d256, F16, 256);
+tma_entry!(duo_prefill_wgmma_tma_split_bf16_d64, Bf16, 64, true);
+tma_entry!(duo_prefill_wgmma_tma_split_bf16_d128, Bf16, 128, true);
+tma_entry!(duo_prefill_wgmma_tma_split_f16_d64, F16, 64, true);
+tma_entry!(duo_prefill_wgmma_tma_split_f16_d128, F16, 128, true);
+// No split-KV build at D = 256: the split's decode leaves the 24-register producer short (12
+// bytes of spills with ptxas 13.0), so D = 256 launches never split.

@@ -1,9 +1,9 @@
 //! Per-tile bookkeeping shared by the prefill kernels: which head and rows a block owns, its mask,
 //! operand addresses, and the epilogue that writes O and LSE.
-use crate::abi::{HEAD_MASK_WORDS, PrefillParams};
+use crate::abi::{FastDiv, HEAD_MASK_WORDS, PrefillParams, split_range};
 use crate::device::{
     block_idx_x, block_idx_y, block_idx_z, grid_dim_x, ld_global_nc_u32, select_u32, shfl_xor_u32,
-    st_global_f32_if, st_global_v4_u32_if,
+    st_global_f32_if, st_global_v2_f32_if, st_global_v4_u32_if,
 };
 use crate::mask::HeadMask;
 use crate::mma::Element;
@@ -99,6 +99,12 @@ pub struct QueryTile {
     pub kv_index: i32,
     pub batch_coord: i32,
     pub from_stream: bool,
+    /// Split-KV: this work tile is split `kv_split` of `kv_splits` (0 of 1 without split-KV:
+    /// constants then, so the split arithmetic folds away) and `o` / `lse` point at its partial
+    /// rows (f32, `o_stride` D).
+    pub kv_split: i32,
+    pub kv_splits: i32,
+    pub kv_splits_div: FastDiv,
 }
 
 impl QueryTile {
@@ -119,15 +125,55 @@ impl QueryTile {
     /// `from_grid`, so the blocks running at any moment share one or a few heads' K/V in L2
     /// (a heaviest-first order across all heads measured 35% slower: each head's K/V then
     /// streams from DRAM); within a head the last, longest causal tiles come first.
+    ///
+    /// With `SPLIT` (split-KV), work tile `work` is split `work % kv_splits` of query tile
+    /// `work / kv_splits`: a tile's splits run side by side, sharing its Q in L2. Its `o` and
+    /// `lse` are then its partial rows (`head_dim` f32 apart).
     #[inline(always)]
-    pub fn from_work(p: &PrefillParams, block_m: i32, work: i32) -> Self {
+    pub fn from_work<const SPLIT: bool>(
+        p: &PrefillParams,
+        block_m: i32,
+        head_dim: usize,
+        work: i32,
+    ) -> Self {
         // Host-computed multiply-and-shift divisions (`FastDiv`): no zero test for ptxas to hoist
         // before the role split, and a short chain on the tile switch's critical path.
-        let pair = p.m_blocks_div.quotient(work as u32) as i32;
-        let m_block = p.m_blocks - 1 - (work - pair * p.m_blocks);
+        let (tile_work, split) = if SPLIT {
+            let tile_work = p.kv_splits_div.quotient(work as u32) as i32;
+            (tile_work, work - tile_work * p.kv_splits)
+        } else {
+            (work, 0)
+        };
+        let pair = p.m_blocks_div.quotient(tile_work as u32) as i32;
+        let m_block = p.m_blocks - 1 - (tile_work - pair * p.m_blocks);
         let batch = p.heads_q_div.quotient(pair as u32) as i32;
         let head = pair - batch * p.heads_q;
-        Self::new(p, block_m, m_block, head, batch as i64)
+        let mut tile = Self::new(p, block_m, m_block, head, batch as i64);
+        if SPLIT {
+            // Partial rows `[kv_splits, B, Hq, Sq]` (fixed-length batches only: the host never
+            // splits a varlen launch).
+            let row0 = ((split as i64 * p.batch as i64 + batch as i64) * p.heads_q as i64
+                + head as i64)
+                * p.seqlen_q as i64;
+            tile.kv_split = split;
+            tile.kv_splits = p.kv_splits;
+            tile.kv_splits_div = p.kv_splits_div;
+            tile.lse = p.partial_lse + 4 * row0 as u64;
+            tile.o = p.partial_o + 4 * (row0 * head_dim as i64) as u64;
+            tile.o_stride = head_dim as i64;
+        }
+        tile
+    }
+
+    /// KV blocks `[lo, hi)` of this work tile's split among the `blocks` its query tile visits
+    /// (all of them without split-KV).
+    #[inline(always)]
+    pub fn split_blocks(&self, blocks: i32) -> (i32, i32) {
+        if self.kv_splits == 1 {
+            (0, blocks)
+        } else {
+            split_range(blocks, self.kv_split, self.kv_splits_div)
+        }
     }
 
     #[inline(always)]
@@ -199,6 +245,9 @@ impl QueryTile {
             kv_index,
             batch_coord: if p.cu_seqlens_q != 0 { 0 } else { batch as i32 },
             from_stream,
+            kv_split: 0,
+            kv_splits: 1,
+            kv_splits_div: FastDiv::new(1),
         }
     }
 
@@ -300,6 +349,30 @@ impl QueryTile {
                 let chunk = quad_transpose(words, t);
                 let addr = o_row + ((4 * group + t) * 16) as u64;
                 unsafe { st_global_v4_u32_if(valid, addr, chunk) };
+            }
+        }
+    }
+
+    /// `store_cols` for split-KV partial rows: O normalised, as f32 pairs (8 bytes; a quad
+    /// writes 32 contiguous bytes), at `o` with row stride `o_stride` f32.
+    #[inline(always)]
+    pub fn store_cols_f32<const N: usize>(
+        &self,
+        o: &[f32; N],
+        rows: [i32; 2],
+        t: usize,
+        inv: [f32; 2],
+        col0: usize,
+    ) {
+        for r in 0..2 {
+            let row = rows[r];
+            let valid = row < self.seqlen_q;
+            let row_at = min_i32(row, self.seqlen_q) as i64 * self.o_stride + col0 as i64;
+            let o_row = self.o + 4 * row_at as u64;
+            for j in 0..N / 4 {
+                let i = 4 * j + 2 * r;
+                let addr = o_row + ((8 * j + 2 * t) * 4) as u64;
+                unsafe { st_global_v2_f32_if(valid, addr, [o[i] * inv[r], o[i + 1] * inv[r]]) };
             }
         }
     }

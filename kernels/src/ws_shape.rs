@@ -79,6 +79,15 @@ pub trait WsShape {
         inv: [f32; 2],
         lse: [f32; 2],
     );
+    /// The split-KV epilogue: normalised O rows as f32 and the LSE, into the tile's partial rows.
+    fn store_partial(
+        tile: &QueryTile,
+        o: &Self::O,
+        rows: [i32; 2],
+        t: usize,
+        inv: [f32; 2],
+        lse: [f32; 2],
+    );
 }
 
 /// The score-side items of a shape: S of `$sn` registers per thread (BN = 2 $sn keys) filled by
@@ -182,6 +191,24 @@ macro_rules! narrow_shape {
                     tile.store_rows::<E, 64>(o, rows, t, inv, lse);
                 }
             }
+            #[inline(always)]
+            fn store_partial(
+                tile: &QueryTile,
+                o: &Self::O,
+                rows: [i32; 2],
+                t: usize,
+                inv: [f32; 2],
+                lse: [f32; 2],
+            ) {
+                if $d == 64 {
+                    let mut used = [0f32; 32];
+                    used.copy_from_slice(&o[..32]);
+                    tile.store_cols_f32::<32>(&used, rows, t, inv, 0);
+                } else {
+                    tile.store_cols_f32::<64>(o, rows, t, inv, 0);
+                }
+                tile.store_lse(rows, t, lse);
+            }
         }
     };
 }
@@ -232,6 +259,19 @@ impl WsShape for HeadDim<256> {
     ) {
         tile.store_cols::<E, 64>(&o[0], rows, t, inv, 0);
         tile.store_cols::<E, 64>(&o[1], rows, t, inv, 128);
+        tile.store_lse(rows, t, lse);
+    }
+    #[inline(always)]
+    fn store_partial(
+        tile: &QueryTile,
+        o: &Self::O,
+        rows: [i32; 2],
+        t: usize,
+        inv: [f32; 2],
+        lse: [f32; 2],
+    ) {
+        tile.store_cols_f32::<64>(&o[0], rows, t, inv, 0);
+        tile.store_cols_f32::<64>(&o[1], rows, t, inv, 128);
         tile.store_lse(rows, t, lse);
     }
 }

@@ -122,6 +122,63 @@ fn tma_prefill_head_dim_256_matches_reference() {
     run_matrix(PrefillKernel::WgmmaTma, test, |rng| matrix_of(rng, &[256]));
 }
 
+/// Split-KV forced on the TMA kernel's matrix (D 64 and 128): 2, 3, 7 or 32 splits per query
+/// tile, merged by their LSE; a tile with fewer KV blocks than splits leaves some splits empty
+/// (their partial rows: O = 0, LSE = -inf). The plain matrix splits where few tiles meet long
+/// contexts (the launch's own choice).
+#[test]
+fn split_kv_prefill_matches_reference_over_the_matrix() {
+    let test = "split_kv_prefill_matches_reference_over_the_matrix";
+    run_matrix(PrefillKernel::WgmmaTma, test, |rng| {
+        let mut cases = matrix(rng);
+        for (n, case) in cases.iter_mut().enumerate() {
+            case.cfg.kv_splits = Some([2, 3, 7, 32][n % 4]);
+        }
+        cases
+    });
+}
+
+/// A small split-KV launch for compute-sanitizer (`run.sh sanitize`): a chunk of 100 queries
+/// against 3000 keys, mixed heads, GQA, three forced splits and the launch's own choice, D 64
+/// and 128, both dtypes.
+#[test]
+fn split_kv_small_launches() {
+    let Some(ctx) = gpu_or_skip("split_kv_small_launches") else {
+        return;
+    };
+    let mut rng = rng("split kv small");
+    let mut failures = Vec::new();
+    for (n, (d, splits)) in [(64, Some(3)), (128, Some(3)), (128, None), (64, None)]
+        .into_iter()
+        .enumerate()
+    {
+        let shape = Shape {
+            batch: 2,
+            seqlen_q: 100,
+            seqlen_k: 3000,
+            heads_q: 8,
+            heads_kv: 2,
+            head_dim: d,
+        };
+        let cfg = AttentionConfig::new(vec![HeadKind::Streaming, HeadKind::Retrieval])
+            .sink(16)
+            .window(700)
+            .kv_splits(splits);
+        let cmp = if n % 2 == 0 {
+            run_prefill_case::<bf16>(&ctx, &shape, &cfg, &mut rng)
+        } else {
+            run_prefill_case::<f16>(&ctx, &shape, &cfg, &mut rng)
+        }
+        .unwrap();
+        let label = format!("split-KV D={d} splits {splits:?}: {cmp:?}");
+        notice(&label);
+        if !cmp.passed() {
+            failures.push(label);
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 /// The warp-specialised kernel with cp.async loads (`Auto`'s fallback).
 #[test]
 fn warp_specialised_prefill_matches_reference_over_the_matrix() {
@@ -223,7 +280,18 @@ fn growing_scores_rescale_the_output() {
         } else {
             &[64, 128]
         };
-        for &d in dims {
+        // The TMA kernel also with five KV splits forced (D <= 128): the splits' LSEs then
+        // differ widely, which the merge must weigh right.
+        let splits: &[Option<usize>] = if kernel == PrefillKernel::WgmmaTma {
+            &[None, Some(5)]
+        } else {
+            &[None]
+        };
+        for (&d, &kv_splits) in dims
+            .iter()
+            .flat_map(|d| splits.iter().map(move |s| (d, s)))
+            .filter(|&(&d, s)| d <= 128 || s.is_none())
+        {
             for (sq, sk) in [(3000, 3000), (700, 3000)] {
                 let shape = Shape {
                     batch: 1,
@@ -236,7 +304,8 @@ fn growing_scores_rescale_the_output() {
                 let cfg = AttentionConfig::new(vec![HeadKind::Retrieval, HeadKind::Streaming])
                     .sink(64)
                     .window(1500)
-                    .kernel(kernel);
+                    .kernel(kernel)
+                    .kv_splits(kv_splits);
                 let cmp = if (d + sq) % 2 == 0 {
                     run_scaled_keys_case::<bf16>(&ctx, &shape, &cfg, &mut rng, false, 8.0)
                 } else {
@@ -244,7 +313,8 @@ fn growing_scores_rescale_the_output() {
                 }
                 .unwrap();
                 cases += 1;
-                let label = format!("{kernel:?} D={d} Sq={sq} Sk={sk}: {cmp:?}");
+                let label =
+                    format!("{kernel:?} D={d} Sq={sq} Sk={sk} splits {kv_splits:?}: {cmp:?}");
                 notice(&label);
                 if !cmp.passed() {
                     failures.push(label);

@@ -43,7 +43,8 @@ def main():
     ap.add_argument("--decode-head-dim", type=int, default=128, choices=[64, 128, 256])
     ap.add_argument("--only", default="", help="modes as duo-bench's --only (comma separated)")
     args, _ = ap.parse_known_args()
-    only = set(args.only.split(",")) if args.only else {"full", "streaming", "mixed", "decode", "decode-mixed"}
+    only = set(args.only.split(",")) if args.only else {
+        "full", "streaming", "mixed", "decode", "decode-mixed", "chunked", "chunked-mixed"}
     torch._dynamo.config.cache_size_limit = 256
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = 256
@@ -131,6 +132,55 @@ def main():
         record("decode-mixed", b, 1, s, hq, hkv, "sdpa-split", mixed_decode, d)
         del q, k, v, qr, qs, kr, vr, ks, vs
         torch.cuda.empty_cache()
+
+    # Chunked prefill: a chunk of sq new queries at the end of an sk-token context (bottom-right
+    # causal: query i sits at position sk - sq + i), GQA 32/8. SDPA takes the lower-right causal
+    # bias (PyTorch picks its backend, flash where it can); FlexAttention a lower-right mask. The
+    # mixed layer: SDPA on the retrieval half, FlexAttention's sink + window mask on the other.
+    chunks = [128, 2048] if args.quick else [128, 512, 2048]
+    contexts = [32768] if args.quick else [32768, 131072]
+    if not only & {"chunked", "chunked-mixed"}:
+        contexts = []
+    hq, hkv, d = 32, 8, args.prefill_head_dim
+    for sk in contexts:
+        for sq in chunks:
+            from torch.nn.attention.bias import causal_lower_right
+
+            off = sk - sq
+            q = torch.randn(1, hq, sq, d, device=dev, dtype=torch.bfloat16)
+            k, v = (torch.randn(1, hkv, sk, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
+
+            def lr_causal(b, h, qi, kv, off=off):
+                return kv <= qi + off
+
+            def lr_sink_window(b, h, qi, kv, off=off):
+                pos = qi + off
+                return (kv <= pos) & ((kv < SINK) | (pos - kv < WINDOW))
+
+            bias = causal_lower_right(sq, sk)
+            bm_causal = create_block_mask(lr_causal, None, None, sq, sk, device=dev)
+            bm_stream = create_block_mask(lr_sink_window, None, None, sq, sk, device=dev)
+
+            def sdpa_lr(q, k, v, bias=bias):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
+
+            if "chunked" in only:
+                record("chunked", 1, sq, sk, hq, hkv, "sdpa-lr", lambda: sdpa_lr(q, k, v), d)
+                record("chunked", 1, sq, sk, hq, hkv, "flex",
+                       lambda: flex(q, k, v, block_mask=bm_causal, enable_gqa=True), d)
+            if "chunked-mixed" in only:
+                qr, qs = q[:, : hq // 2].contiguous(), q[:, hq // 2 :].contiguous()
+                kr, vr = k[:, : hkv // 2].contiguous(), v[:, : hkv // 2].contiguous()
+                ks, vs = k[:, hkv // 2 :].contiguous(), v[:, hkv // 2 :].contiguous()
+
+                def chunked_mixed(qr=qr, kr=kr, vr=vr, qs=qs, ks=ks, vs=vs):
+                    sdpa_lr(qr, kr, vr)
+                    flex(qs, ks, vs, block_mask=bm_stream, enable_gqa=True)
+
+                record("chunked-mixed", 1, sq, sk, hq, hkv, "sdpa-lr+flex", chunked_mixed, d)
+                del qr, qs, kr, vr, ks, vs
+            del q, k, v
+            torch.cuda.empty_cache()
 
     out = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, records=records)
     with open(args.out, "w") as f:

@@ -45,6 +45,12 @@ pub enum Mode {
     /// Decode with half the KV heads streaming (they read only sink + window).
     #[serde(rename = "decode-mixed")]
     DecodeMixed,
+    /// Chunked prefill: a chunk of `Sq` new queries at the end of an `Sk`-token context
+    /// (bottom-right causal), GQA 32/8, every head retrieval.
+    Chunked,
+    /// Chunked prefill with half the KV heads streaming.
+    #[serde(rename = "chunked-mixed")]
+    ChunkedMixed,
 }
 
 impl Mode {
@@ -55,6 +61,8 @@ impl Mode {
             Mode::Mixed => "mixed 50/50",
             Mode::Decode => "decode",
             Mode::DecodeMixed => "decode 50/50",
+            Mode::Chunked => "chunked",
+            Mode::ChunkedMixed => "chunked 50/50",
         }
     }
 }
@@ -85,10 +93,12 @@ impl Case {
     pub fn config(&self) -> AttentionConfig {
         let kinds = (0..self.heads_kv)
             .map(|h| match self.mode {
-                Mode::Full | Mode::Decode => HeadKind::Retrieval,
+                Mode::Full | Mode::Decode | Mode::Chunked => HeadKind::Retrieval,
                 Mode::Streaming => HeadKind::Streaming,
-                Mode::Mixed | Mode::DecodeMixed if h < self.heads_kv / 2 => HeadKind::Retrieval,
-                Mode::Mixed | Mode::DecodeMixed => HeadKind::Streaming,
+                Mode::Mixed | Mode::DecodeMixed | Mode::ChunkedMixed if h < self.heads_kv / 2 => {
+                    HeadKind::Retrieval
+                }
+                Mode::Mixed | Mode::DecodeMixed | Mode::ChunkedMixed => HeadKind::Streaming,
             })
             .collect();
         AttentionConfig::new(kinds).sink(SINK).window(window())
@@ -185,6 +195,28 @@ pub fn all_cases(quick: bool, prefill_head_dim: usize, decode_head_dim: usize) -
             heads_kv: 8,
             head_dim: decode_head_dim,
         });
+    }
+    // Chunked prefill (DuoAttention's serving pattern): small chunks have too few query tiles
+    // to fill the GPU without split-KV.
+    let (chunks, contexts): (&[usize], &[usize]) = if quick {
+        (&[128, 2048], &[32768])
+    } else {
+        (&[128, 512, 2048], &[32768, 131072])
+    };
+    for mode in [Mode::Chunked, Mode::ChunkedMixed] {
+        for &sk in contexts {
+            for &sq in chunks {
+                cases.push(Case {
+                    mode,
+                    batch: 1,
+                    seqlen_q: sq,
+                    seqlen_k: sk,
+                    heads_q: 32,
+                    heads_kv: 8,
+                    head_dim: prefill_head_dim,
+                });
+            }
+        }
     }
     cases
 }

@@ -79,8 +79,9 @@ fn parse_head_dim(s: &str) -> Result<usize, String> {
     }
 }
 
-/// The correctness gate: one shape per kernel path, checked against the float64 reference.
-const GATE: [Case; 3] = [
+/// The correctness gate: one shape per kernel path, checked against the float64 reference
+/// (the chunked one splits its KV blocks).
+const GATE: [Case; 4] = [
     Case {
         mode: Mode::Mixed,
         batch: 1,
@@ -103,6 +104,15 @@ const GATE: [Case; 3] = [
         mode: Mode::DecodeMixed,
         batch: 2,
         seqlen_q: 1,
+        seqlen_k: 8192,
+        heads_q: 32,
+        heads_kv: 8,
+        head_dim: 128,
+    },
+    Case {
+        mode: Mode::ChunkedMixed,
+        batch: 1,
+        seqlen_q: 128,
         seqlen_k: 8192,
         heads_q: 32,
         heads_kv: 8,

@@ -72,7 +72,7 @@ pub fn table(records: &[Record]) -> String {
         }
     }
     let mut s = format!(
-        "{:<12} {:>3} {:>7} {:>7} {:>10} {:>12} {:>7}",
+        "{:<13} {:>3} {:>7} {:>7} {:>10} {:>12} {:>7}",
         "mode", "B", "Sq", "Sk", "ours ms", "ours rate", "SM MHz"
     );
     for p in &peers {
@@ -85,7 +85,7 @@ pub fn table(records: &[Record]) -> String {
         };
         let (rate, unit) = case.rate(ours);
         s += &format!(
-            "{:<12} {:>3} {:>7} {:>7} {:>10.3} {:>12}",
+            "{:<13} {:>3} {:>7} {:>7} {:>10.3} {:>12}",
             case.mode.label(),
             case.batch,
             case.seqlen_q,
@@ -112,7 +112,8 @@ pub fn table(records: &[Record]) -> String {
     s
 }
 
-/// Time against context length, one panel per mode (decode at B=8), ours against each peer.
+/// Time against context length, one panel per mode (decode at B=8, chunked prefill with 128-query
+/// chunks), ours against each peer.
 pub fn plot(
     records: &[Record],
     path: &std::path::Path,
@@ -123,18 +124,20 @@ pub fn plot(
     let root = root.titled(title, ("sans-serif", 20))?;
     let panels = root.split_evenly((2, 3));
     let modes = [
-        (Mode::Full, 1),
-        (Mode::Streaming, 1),
-        (Mode::Mixed, 1),
-        (Mode::Decode, 8),
-        (Mode::DecodeMixed, 8),
+        (Mode::Full, 1, None),
+        (Mode::Streaming, 1, None),
+        (Mode::Mixed, 1, None),
+        (Mode::Decode, 8, None),
+        (Mode::DecodeMixed, 8, None),
+        (Mode::Chunked, 1, Some(128)),
     ];
     let mut impls: Vec<String> = vec![OURS.to_string()];
     impls.extend(peer_names(records));
-    for (panel, (mode, batch)) in panels.iter().zip(modes) {
+    for (panel, (mode, batch, chunk)) in panels.iter().zip(modes) {
         let pts: Vec<&Record> = records
             .iter()
             .filter(|r| r.case.mode == mode && r.case.batch == batch)
+            .filter(|r| chunk.is_none_or(|sq| r.case.seqlen_q == sq))
             .collect();
         if pts.is_empty() {
             continue;
@@ -146,7 +149,13 @@ pub fn plot(
         let y_max = pts.iter().map(|r| r.ms).fold(0.0, f64::max) * 2.0;
         let y_min = pts.iter().map(|r| r.ms).fold(f64::MAX, f64::min) / 2.0;
         let mut chart = ChartBuilder::on(panel)
-            .caption(format!("{} (B={batch})", mode.label()), ("sans-serif", 16))
+            .caption(
+                match chunk {
+                    Some(sq) => format!("{} (B={batch}, Sq={sq})", mode.label()),
+                    None => format!("{} (B={batch})", mode.label()),
+                },
+                ("sans-serif", 16),
+            )
             .margin(10)
             .x_label_area_size(35)
             .y_label_area_size(55)
