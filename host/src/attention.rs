@@ -151,8 +151,12 @@ pub struct SplitKv {
     pub merge_entry: String,
     /// `AttentionConfig::kv_splits`.
     pub requested: Option<usize>,
-    /// KV blocks of the longest query tile (the whole key length in blocks: an upper bound).
+    /// KV blocks of the longest query tile (an upper bound: the whole key length in blocks, or
+    /// a streaming head's sink and window when every head streams).
     pub max_blocks: usize,
+    /// The launch's work in longest tiles per query tile: below 1 when streaming heads (short
+    /// tiles) share the launch with retrieval heads.
+    pub work_share: f64,
     pub head_dim: usize,
 }
 
@@ -160,7 +164,8 @@ pub struct SplitKv {
 /// (its Q load, the f32 partial rows and their merge) for too little work.
 pub const MIN_BLOCKS_PER_SPLIT: usize = 8;
 
-/// KV splits of a launch of `tiles` query tiles of up to `max_blocks` KV blocks on `slots`
+/// KV splits of a launch of `tiles` query tiles (longest-tile equivalents) of up to `max_blocks`
+/// KV blocks on `slots`
 /// resident blocks: 1 when the tiles fill at least 80% of the GPU's slots (as FlashAttention's
 /// heuristic); else the fewest splits whose waves are at least 95% as full as the best count's
 /// (FlashAttention takes 85%, but a split here costs little beside tiles this long), each split
@@ -602,13 +607,35 @@ pub(crate) fn prefill_launch<T: AttnElement>(
     };
     let (variant, block_m, block, shared_bytes, persistent) = kernel_shape(kernel, head_dim);
     // Split-KV: the TMA kernel at D <= 128 (no split build at D = 256: registers).
-    let split = (kernel == PrefillKernel::WgmmaTma && head_dim <= 128).then(|| SplitKv {
-        entry: format!("duo_prefill_wgmma_tma_split_{}_d{head_dim}", T::KERNEL_NAME),
-        merge_entry: format!("duo_prefill_merge_{}_d{head_dim}", T::KERNEL_NAME),
-        requested: args.kv_splits,
-        max_blocks: (args.params.seqlen_k.max(args.params.seqlen_k_stream) as usize)
-            .div_ceil(ws_block_n(head_dim)),
-        head_dim,
+    let split = (kernel == PrefillKernel::WgmmaTma && head_dim <= 128).then(|| {
+        let p = &args.params;
+        let bn = ws_block_n(head_dim);
+        let all_blocks = (p.seqlen_k.max(p.seqlen_k_stream) as usize).div_ceil(bn);
+        // A streaming tile's sink and window blocks (plus the diagonal's).
+        let reach = p.sink as usize + p.window as usize + WG_BLOCK_M;
+        let stream_blocks = (reach.div_ceil(bn) + 1).min(all_blocks);
+        let streaming = p
+            .streaming_heads
+            .iter()
+            .map(|w| w.count_ones() as usize)
+            .sum::<usize>();
+        let heads_kv = (p.heads_kv as usize).max(1);
+        let retrieval = heads_kv.saturating_sub(streaming);
+        let max_blocks = if retrieval > 0 {
+            all_blocks
+        } else {
+            stream_blocks
+        }
+        .max(1);
+        let work = retrieval * max_blocks + streaming.min(heads_kv) * stream_blocks;
+        SplitKv {
+            entry: format!("duo_prefill_wgmma_tma_split_{}_d{head_dim}", T::KERNEL_NAME),
+            merge_entry: format!("duo_prefill_merge_{}_d{head_dim}", T::KERNEL_NAME),
+            requested: args.kv_splits,
+            max_blocks,
+            work_share: (work as f64 / (heads_kv * max_blocks) as f64).min(1.0),
+            head_dim,
+        }
     });
     let mut plan = PrefillPlan {
         entry: format!("duo_prefill_{variant}{}_d{}", T::KERNEL_NAME, head_dim),
@@ -758,8 +785,11 @@ impl Context {
             * self.resident_blocks_per_sm(&plan.entry, plan.block, plan.shared_bytes)? as usize;
         let mut params = plan.params;
         params.work_counter = self.zeroed_counters(2)?;
+        // The split choice counts work in longest tiles: in a mixed layer the streaming heads'
+        // tiles are short, and only the retrieval heads' tiles need to fill the GPU.
         let splits = plan.split.as_ref().map_or(1, |s| {
-            choose_kv_splits(s.requested, plan.work_tiles(), s.max_blocks, slots)
+            let tiles = (plan.work_tiles() as f64 * s.work_share).ceil() as usize;
+            choose_kv_splits(s.requested, tiles, s.max_blocks, slots)
         });
         let mut entry = plan.entry.as_str();
         let mut merge = None;

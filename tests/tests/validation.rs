@@ -90,6 +90,36 @@ fn auto_picks_the_tma_kernel() {
     assert!(p.persistent);
 }
 
+/// Split-KV is offered to the TMA kernel at D <= 128 on fixed-length launches: its entries, and
+/// the launch's work in longest tiles (a mixed layer's streaming heads count by their window).
+#[test]
+fn tma_plans_offer_split_kv() {
+    let mut c = call_of([1, 128, 32768, 32, 8, 128], 0x1_0000_0000);
+    c.cfg = AttentionConfig::all_retrieval(8);
+    let split = plan(&c).unwrap().split.expect("split-KV offered");
+    assert_eq!(split.entry, "duo_prefill_wgmma_tma_split_bf16_d128");
+    assert_eq!(split.merge_entry, "duo_prefill_merge_bf16_d128");
+    assert_eq!((split.max_blocks, split.work_share), (256, 1.0));
+    // Half streaming (sink 64 + window 256 + a 128-row tile: 5 blocks): about half the work.
+    c.cfg = AttentionConfig::new([HeadKind::Retrieval, HeadKind::Streaming].repeat(4));
+    let split = plan(&c).unwrap().split.unwrap();
+    assert_eq!(split.max_blocks, 256);
+    assert!((split.work_share - (256.0 + 5.0) / 512.0).abs() < 1e-9);
+    // All streaming: the longest tile is the window's.
+    c.cfg = AttentionConfig::all_streaming(8, 64, 256);
+    let split = plan(&c).unwrap().split.unwrap();
+    assert_eq!((split.max_blocks, split.work_share), (5, 1.0));
+    // Not at D = 256, nor on the other kernels.
+    assert_eq!(
+        plan(&call_of([1, 128, 4096, 8, 2, 256], 0x1_0000_0000))
+            .unwrap()
+            .split,
+        None
+    );
+    c.cfg = c.cfg.kernel(PrefillKernel::WgmmaWarpSpecialized);
+    assert_eq!(plan(&c).unwrap().split, None);
+}
+
 /// TMA cannot address a view with a zero stride over several heads (a broadcast K): Auto falls
 /// back to cp.async loads, an explicit TMA request is a typed error.
 #[test]

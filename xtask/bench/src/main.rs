@@ -59,6 +59,10 @@ struct Args {
     /// peers.py got the same flag).
     #[arg(long, default_value_t = 128, value_parser = parse_head_dim)]
     decode_head_dim: usize,
+    /// Split-KV of the prefill cases (`AttentionConfig::kv_splits`; default: the launch chooses,
+    /// 1: never split).
+    #[arg(long)]
+    kv_splits: Option<usize>,
     /// Timing probes: streaming heads use this window instead of the 1024 (to separate a
     /// work tile's fixed cost from its per-block cost). Not the shapes.
     #[arg(long, hide = true)]
@@ -215,7 +219,8 @@ fn main() -> ExitCode {
                 case.seqlen_k
             ))
         });
-        match timing::time_case(&ctx, case, kernel, &mut rng, dump.as_deref(), &clock) {
+        let cfg = case.config().kernel(kernel).kv_splits(args.kv_splits);
+        match timing::time_case(&ctx, case, &cfg, &mut rng, dump.as_deref(), &clock) {
             Ok(t) => {
                 let clock_note = t.clock.as_ref().map_or(String::new(), |c| {
                     let limits = if c.limits.is_empty() {

@@ -24,13 +24,12 @@ const MAX_SETS: usize = 8;
 pub fn time_case(
     ctx: &Context,
     case: &Case,
-    kernel: duo_attn::PrefillKernel,
+    cfg: &duo_attn::AttentionConfig,
     rng: &mut StdRng,
     dump_lse: Option<&std::path::Path>,
     clock: &ClockSampler,
 ) -> Result<Timing> {
     let shape = case.shape();
-    let cfg = case.config().kernel(kernel);
     let set_bytes = 2 * (shape.q_len() + 2 * shape.kv_len());
     // Enough distinct input sets that consecutive launches cannot hit in L2.
     let sets = (2 * ctx.info().l2_cache_bytes)
@@ -76,9 +75,9 @@ pub fn time_case(
         );
         let (o, l) = (&mut out.view_mut(), &mut lse.view_mut());
         if case.is_decode() {
-            ctx.decode_attention(&q, &k, &v, o, l, &cfg)
+            ctx.decode_attention(&q, &k, &v, o, l, cfg)
         } else {
-            ctx.attention(&q, &k, &v, o, l, &cfg)
+            ctx.attention(&q, &k, &v, o, l, cfg)
         }
     };
     let cuda = |e: cust::error::CudaError| duo_attn::Error::Cuda {
