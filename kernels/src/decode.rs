@@ -17,7 +17,7 @@ use crate::device::*;
 use crate::mask::{BlockRange, HeadMask};
 use crate::mma::{Bf16, Element, F16, quad, set_quad};
 use crate::ring::{filled_slots, position_of};
-use crate::softmax::{RowState, mask_scores, online_softmax, rescale};
+use crate::softmax::{RowState, mask_scores, merged_lse, online_softmax, rescale};
 use crate::tile::{div_or_zero, kind_and_rank, min_i32};
 
 /// Padding (f32) of each row of the warp merge's O buffer: 8 words put the 8 rows a warp store
@@ -432,23 +432,15 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
         for s in (lane..splits).step_by(32) {
             m = max_f32(m, unsafe { ld_shared_f32(weight_at(row, s)) });
         }
-        for mask in [16, 8, 4, 2, 1] {
-            m = max_f32(m, shfl_xor_f32(m, mask));
-        }
+        let m = warp_max_f32(m);
         let mut total = 0f32;
         if m != f32::NEG_INFINITY {
             for s in (lane..splits).step_by(32) {
                 total += exp2_approx((unsafe { ld_shared_f32(weight_at(row, s)) } - m) * LOG2_E);
             }
         }
-        for mask in [16, 8, 4, 2, 1] {
-            total += shfl_xor_f32(total, mask);
-        }
-        let lse = if total > 0.0 {
-            m + log2_approx(total) * LN_2
-        } else {
-            f32::NEG_INFINITY
-        };
+        let total = warp_sum_f32(total);
+        let lse = merged_lse(m, total);
         for s in (lane..splits).step_by(32) {
             let w = if total > 0.0 {
                 exp2_approx((unsafe { ld_shared_f32(weight_at(row, s)) } - lse) * LOG2_E)

@@ -63,6 +63,26 @@ pub fn shfl_xor_f32(v: f32, lane_mask: u32) -> f32 {
     r
 }
 
+/// The max of `v` over the warp, in every lane (butterfly).
+#[inline(always)]
+pub fn warp_max_f32(v: f32) -> f32 {
+    let mut m = v;
+    for mask in [16, 8, 4, 2, 1] {
+        m = max_f32(m, shfl_xor_f32(m, mask));
+    }
+    m
+}
+
+/// The sum of `v` over the warp, in every lane (butterfly).
+#[inline(always)]
+pub fn warp_sum_f32(v: f32) -> f32 {
+    let mut total = v;
+    for mask in [16, 8, 4, 2, 1] {
+        total += shfl_xor_f32(total, mask);
+    }
+    total
+}
+
 /// Lane `src`'s `v`, for every lane.
 #[inline(always)]
 pub fn shfl_idx_f32(v: f32, src: u32) -> f32 {

@@ -5,9 +5,9 @@
 use crate::abi::{PREFILL_MAX_SPLITS, PREFILL_MERGE_ROWS, PrefillMergeParams};
 use crate::device::*;
 use crate::mma::{Bf16, Element, F16};
+use crate::softmax::merged_lse;
 use crate::tile::div_or_zero;
 
-const LN_2: f32 = core::f32::consts::LN_2;
 const LOG2_E: f32 = core::f32::consts::LOG2_E;
 
 #[inline(always)]
@@ -31,30 +31,19 @@ unsafe fn merge<E: Element, const D: usize>(p: &PrefillMergeParams) {
     } else {
         f32::NEG_INFINITY
     };
-    let mut m = lse_s;
-    for mask in [16, 8, 4, 2, 1] {
-        m = max_f32(m, shfl_xor_f32(m, mask));
-    }
-    let seen = m != f32::NEG_INFINITY;
-    let mut w = if seen {
+    let m = warp_max_f32(lse_s);
+    let e = if m != f32::NEG_INFINITY {
         exp2_approx((lse_s - m) * LOG2_E)
     } else {
         0.0
     };
-    let mut total = w;
-    for mask in [16, 8, 4, 2, 1] {
-        total += shfl_xor_f32(total, mask);
-    }
-    let lse = if total > 0.0 {
-        m + log2_approx(total) * LN_2
-    } else {
-        f32::NEG_INFINITY
-    };
-    w = if total > 0.0 { w / total } else { 0.0 };
+    let total = warp_sum_f32(e);
+    let lse = merged_lse(m, total);
+    let w = if total > 0.0 { e / total } else { 0.0 };
 
     // Row (b, h, i) of `[B, Hq, Sq]`.
-    let i = row - div_or_zero(row, p.seqlen_q) * p.seqlen_q;
     let bh = div_or_zero(row, p.seqlen_q);
+    let i = row - bh * p.seqlen_q;
     let b = div_or_zero(bh, p.heads_q);
     let h = bh - b * p.heads_q;
     let o_row = p.o

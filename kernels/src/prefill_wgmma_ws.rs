@@ -448,10 +448,8 @@ unsafe fn producer<H: WsShape, const TMA: bool, const SPLIT: bool>(
             publish(0);
         }
         let tile = QueryTile::from_work::<SPLIT>(p, BM as i32, H::D, work);
-        // Split-KV: the split's run `lo..hi` of the query tile's blocks.
-        let visited = TileBlocks::of::<false>(&tile, H::BN);
-        let (lo, hi) = tile.split_blocks(visited.count(&tile));
-        let blocks = hi - lo;
+        let visited = TileBlocks::of::<SPLIT>(&tile, H::BN);
+        let blocks = visited.count(&tile);
         if H::OVERLAP_TILES {
             publish(blocks);
         }
@@ -472,8 +470,8 @@ unsafe fn producer<H: WsShape, const TMA: bool, const SPLIT: bool>(
                 tma_tile::<H>(smem.q(), BM, map(TMA_Q), smem.q_full(), at);
             }
         }
-        for i in lo..hi {
-            let g = kv_tiles - lo + i;
+        for i in 0..blocks {
+            let g = kv_tiles + i;
             let stage = stage_of::<H>(g);
             let n0 = visited.n_block(i) * H::BN as i32;
             let (k, v, full) = (smem.k(stage), smem.v(stage), smem.full(stage));
@@ -731,11 +729,7 @@ unsafe fn store_tile<E: Element, H: WsShape, const SPLIT: bool>(
     tile.seqlen_q = select_u32(work < 0, 0, tile.seqlen_q as u32) as i32; // no rows
     let row = tile.m0 + row_in_tile;
     let (inv, lse) = finish(state);
-    if SPLIT {
-        H::store_partial(&tile, o, [row, row + 8], t, inv, lse);
-    } else {
-        H::store::<E>(&tile, o, [row, row + 8], t, inv, lse);
-    }
+    H::store::<E, SPLIT>(&tile, o, [row, row + 8], t, inv, lse);
 }
 
 /// A consumer thread's place: its warpgroup, its thread in it, its quad position, its first row

@@ -165,6 +165,17 @@ pub fn finish(state: &RowState) -> ([f32; 2], [f32; 2]) {
     (inv, lse)
 }
 
+/// The natural-log LSE of partial results merged by their LSEs: `m` their max, `total` the sum
+/// of their `exp(lse - m)`; -inf when none saw a key (`total` 0).
+#[inline(always)]
+pub fn merged_lse(m: f32, total: f32) -> f32 {
+    if total > 0.0 {
+        m + log2_approx(total) * LN_2
+    } else {
+        f32::NEG_INFINITY
+    }
+}
+
 /// P (the softmax'd scores of a 64 x BN S accumulator, `N = BN / 2` per thread) as the register
 /// A fragments of the PV GEMM's `K = BN / 16` k-steps: key tiles 2kk and 2kk+1 of S form the
 /// fragment of k-step kk.

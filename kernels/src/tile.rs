@@ -353,6 +353,23 @@ impl QueryTile {
         }
     }
 
+    /// `store_cols`, or with `PARTIAL` (split-KV) `store_cols_f32`.
+    #[inline(always)]
+    pub fn store_o<E: Element, const PARTIAL: bool, const N: usize>(
+        &self,
+        o: &[f32; N],
+        rows: [i32; 2],
+        t: usize,
+        inv: [f32; 2],
+        col0: usize,
+    ) {
+        if PARTIAL {
+            self.store_cols_f32::<N>(o, rows, t, inv, col0);
+        } else {
+            self.store_cols::<E, N>(o, rows, t, inv, col0);
+        }
+    }
+
     /// `store_cols` for split-KV partial rows: O normalised, as f32 pairs (8 bytes; a quad
     /// writes 32 contiguous bytes), at `o` with row stride `o_stride` f32.
     #[inline(always)]

@@ -70,17 +70,9 @@ pub trait WsShape {
     ) -> [f32; 2];
     fn rescale(o: &mut Self::O, alpha: [f32; 2]);
     fn p_fragments<E: Element>(s: &Self::S) -> Self::P;
-    /// The epilogue: normalised O rows and the LSE.
-    fn store<E: Element>(
-        tile: &QueryTile,
-        o: &Self::O,
-        rows: [i32; 2],
-        t: usize,
-        inv: [f32; 2],
-        lse: [f32; 2],
-    );
-    /// The split-KV epilogue: normalised O rows as f32 and the LSE, into the tile's partial rows.
-    fn store_partial(
+    /// The epilogue: normalised O rows and the LSE; with `PARTIAL` (split-KV) O as f32 into the
+    /// tile's partial rows (`QueryTile::store_o`).
+    fn store<E: Element, const PARTIAL: bool>(
         tile: &QueryTile,
         o: &Self::O,
         rows: [i32; 2],
@@ -175,7 +167,7 @@ macro_rules! narrow_shape {
                 rescale(o, alpha);
             }
             #[inline(always)]
-            fn store<E: Element>(
+            fn store<E: Element, const PARTIAL: bool>(
                 tile: &QueryTile,
                 o: &Self::O,
                 rows: [i32; 2],
@@ -186,26 +178,9 @@ macro_rules! narrow_shape {
                 if $d == 64 {
                     let mut used = [0f32; 32];
                     used.copy_from_slice(&o[..32]);
-                    tile.store_rows::<E, 32>(&used, rows, t, inv, lse);
+                    tile.store_o::<E, PARTIAL, 32>(&used, rows, t, inv, 0);
                 } else {
-                    tile.store_rows::<E, 64>(o, rows, t, inv, lse);
-                }
-            }
-            #[inline(always)]
-            fn store_partial(
-                tile: &QueryTile,
-                o: &Self::O,
-                rows: [i32; 2],
-                t: usize,
-                inv: [f32; 2],
-                lse: [f32; 2],
-            ) {
-                if $d == 64 {
-                    let mut used = [0f32; 32];
-                    used.copy_from_slice(&o[..32]);
-                    tile.store_cols_f32::<32>(&used, rows, t, inv, 0);
-                } else {
-                    tile.store_cols_f32::<64>(o, rows, t, inv, 0);
+                    tile.store_o::<E, PARTIAL, 64>(o, rows, t, inv, 0);
                 }
                 tile.store_lse(rows, t, lse);
             }
@@ -249,7 +224,7 @@ impl WsShape for HeadDim<256> {
         rescale(&mut o[1], alpha);
     }
     #[inline(always)]
-    fn store<E: Element>(
+    fn store<E: Element, const PARTIAL: bool>(
         tile: &QueryTile,
         o: &Self::O,
         rows: [i32; 2],
@@ -257,21 +232,8 @@ impl WsShape for HeadDim<256> {
         inv: [f32; 2],
         lse: [f32; 2],
     ) {
-        tile.store_cols::<E, 64>(&o[0], rows, t, inv, 0);
-        tile.store_cols::<E, 64>(&o[1], rows, t, inv, 128);
-        tile.store_lse(rows, t, lse);
-    }
-    #[inline(always)]
-    fn store_partial(
-        tile: &QueryTile,
-        o: &Self::O,
-        rows: [i32; 2],
-        t: usize,
-        inv: [f32; 2],
-        lse: [f32; 2],
-    ) {
-        tile.store_cols_f32::<64>(&o[0], rows, t, inv, 0);
-        tile.store_cols_f32::<64>(&o[1], rows, t, inv, 128);
+        tile.store_o::<E, PARTIAL, 64>(&o[0], rows, t, inv, 0);
+        tile.store_o::<E, PARTIAL, 64>(&o[1], rows, t, inv, 128);
         tile.store_lse(rows, t, lse);
     }
 }
