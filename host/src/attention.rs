@@ -569,6 +569,42 @@ fn kernel_shape(
     }
 }
 
+/// The split-KV option of a TMA launch at D <= 128: its entries, and its longest tile and work
+/// share (from the launch's head kinds, key length, sink and window).
+fn split_kv<T: AttnElement>(
+    p: &PrefillParams,
+    head_dim: usize,
+    requested: Option<usize>,
+) -> SplitKv {
+    let bn = ws_block_n(head_dim);
+    let all_blocks = (p.seqlen_k.max(p.seqlen_k_stream) as usize).div_ceil(bn);
+    // A streaming tile's sink and window blocks (plus the diagonal's).
+    let reach = p.sink as usize + p.window as usize + WG_BLOCK_M;
+    let stream_blocks = (reach.div_ceil(bn) + 1).min(all_blocks);
+    let streaming = p
+        .streaming_heads
+        .iter()
+        .map(|w| w.count_ones() as usize)
+        .sum::<usize>();
+    let heads_kv = (p.heads_kv as usize).max(1);
+    let retrieval = heads_kv.saturating_sub(streaming);
+    let max_blocks = if retrieval > 0 {
+        all_blocks
+    } else {
+        stream_blocks
+    }
+    .max(1);
+    let work = retrieval * max_blocks + streaming.min(heads_kv) * stream_blocks;
+    SplitKv {
+        entry: format!("duo_prefill_wgmma_tma_split_{}_d{head_dim}", T::KERNEL_NAME),
+        merge_entry: format!("duo_prefill_merge_{}_d{head_dim}", T::KERNEL_NAME),
+        requested,
+        max_blocks,
+        work_share: (work as f64 / (heads_kv * max_blocks) as f64).min(1.0),
+        head_dim,
+    }
+}
+
 /// Entry, grid, block and shared memory of a prefill with q of shape `[B, Sq, Hq, D]`.
 pub(crate) fn prefill_launch<T: AttnElement>(
     kernel: PrefillKernel,
@@ -607,36 +643,8 @@ pub(crate) fn prefill_launch<T: AttnElement>(
     };
     let (variant, block_m, block, shared_bytes, persistent) = kernel_shape(kernel, head_dim);
     // Split-KV: the TMA kernel at D <= 128 (no split build at D = 256: registers).
-    let split = (kernel == PrefillKernel::WgmmaTma && head_dim <= 128).then(|| {
-        let p = &args.params;
-        let bn = ws_block_n(head_dim);
-        let all_blocks = (p.seqlen_k.max(p.seqlen_k_stream) as usize).div_ceil(bn);
-        // A streaming tile's sink and window blocks (plus the diagonal's).
-        let reach = p.sink as usize + p.window as usize + WG_BLOCK_M;
-        let stream_blocks = (reach.div_ceil(bn) + 1).min(all_blocks);
-        let streaming = p
-            .streaming_heads
-            .iter()
-            .map(|w| w.count_ones() as usize)
-            .sum::<usize>();
-        let heads_kv = (p.heads_kv as usize).max(1);
-        let retrieval = heads_kv.saturating_sub(streaming);
-        let max_blocks = if retrieval > 0 {
-            all_blocks
-        } else {
-            stream_blocks
-        }
-        .max(1);
-        let work = retrieval * max_blocks + streaming.min(heads_kv) * stream_blocks;
-        SplitKv {
-            entry: format!("duo_prefill_wgmma_tma_split_{}_d{head_dim}", T::KERNEL_NAME),
-            merge_entry: format!("duo_prefill_merge_{}_d{head_dim}", T::KERNEL_NAME),
-            requested: args.kv_splits,
-            max_blocks,
-            work_share: (work as f64 / (heads_kv * max_blocks) as f64).min(1.0),
-            head_dim,
-        }
-    });
+    let split = (kernel == PrefillKernel::WgmmaTma && head_dim <= 128)
+        .then(|| split_kv::<T>(&args.params, head_dim, args.kv_splits));
     let mut plan = PrefillPlan {
         entry: format!("duo_prefill_{variant}{}_d{}", T::KERNEL_NAME, head_dim),
         grid: (0, 0, 0),
