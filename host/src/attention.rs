@@ -62,7 +62,7 @@ pub struct AttentionConfig {
     /// launch whose query tiles are too few to fill the GPU (chunked prefill against a long
     /// context), each tile's KV blocks into near-equal runs merged by their LSE; `Some(n)` asks
     /// for `n` splits (1: never; capped at `PREFILL_MAX_SPLITS` and at one KV block per split).
-    /// Varlen launches, D = 256 and the other kernels never split.
+    /// D = 256 and the other kernels never split.
     pub kv_splits: Option<usize>,
 }
 
@@ -151,13 +151,25 @@ pub struct SplitKv {
     pub merge_entry: String,
     /// `AttentionConfig::kv_splits`.
     pub requested: Option<usize>,
-    /// KV blocks of the longest query tile (an upper bound: the whole key length in blocks, or
-    /// a streaming head's sink and window when every head streams).
+    /// KV blocks of the longest query tile (an upper bound: the longest sequence's key length in
+    /// blocks, or a streaming head's sink and window when every head streams).
     pub max_blocks: usize,
-    /// The launch's work in longest tiles per query tile: below 1 when streaming heads (short
-    /// tiles) share the launch with retrieval heads.
-    pub work_share: f64,
+    /// The launch's work in longest tiles: query tiles weighted by the KV blocks they visit
+    /// (upper bounds) over `max_blocks`. Short streaming tiles and short varlen sequences count
+    /// for less than a tile.
+    pub work_tiles: f64,
     pub head_dim: usize,
+    /// The rows the merge writes, and the partial rows' layout.
+    pub rows: PartialRows,
+}
+
+/// Query rows of a split launch, `[B, Hq, Sq]` as the LSE's: a fixed-length batch, or a varlen
+/// batch packed as one sequence of `total_q` rows (`B = 1`). Each has `kv_splits` partial rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PartialRows {
+    pub batch: usize,
+    pub heads_q: usize,
+    pub seqlen_q: usize,
 }
 
 /// Fewest KV blocks per split when the launch chooses: shorter runs pay a tile's fixed costs
@@ -569,39 +581,51 @@ fn kernel_shape(
     }
 }
 
-/// The split-KV option of a TMA launch at D <= 128: its entries, and its longest tile and work
-/// share (from the launch's head kinds, key length, sink and window).
+/// The split-KV option of a TMA launch at D <= 128: its entries, its longest tile and its work in
+/// longest tiles, from the launch's head kinds, sink, window and its sequences' `(query rows, key
+/// rows)` (the longer source's keys for the DuoAttention cache).
 fn split_kv<T: AttnElement>(
     p: &PrefillParams,
     head_dim: usize,
     requested: Option<usize>,
+    sequences: impl Iterator<Item = (usize, usize)>,
+    rows: PartialRows,
 ) -> SplitKv {
     let bn = ws_block_n(head_dim);
-    let all_blocks = (p.seqlen_k.max(p.seqlen_k_stream) as usize).div_ceil(bn);
     // A streaming tile's sink and window blocks (plus the diagonal's).
     let reach = p.sink as usize + p.window as usize + WG_BLOCK_M;
-    let stream_blocks = (reach.div_ceil(bn) + 1).min(all_blocks);
     let streaming = p
         .streaming_heads
         .iter()
         .map(|w| w.count_ones() as usize)
         .sum::<usize>();
     let heads_kv = (p.heads_kv as usize).max(1);
-    let retrieval = heads_kv.saturating_sub(streaming);
-    let max_blocks = if retrieval > 0 {
-        all_blocks
-    } else {
-        stream_blocks
+    let streaming = streaming.min(heads_kv);
+    let retrieval = heads_kv - streaming;
+    let group = (p.heads_q as usize / heads_kv).max(1);
+    // Per sequence: query tiles x (every head's KV blocks), and the longest tile's blocks.
+    let (mut max_blocks, mut work) = (1, 0);
+    for (seqlen_q, seqlen_k) in sequences {
+        let all_blocks = seqlen_k.div_ceil(bn);
+        let stream_blocks = (reach.div_ceil(bn) + 1).min(all_blocks);
+        let longest = if retrieval > 0 {
+            all_blocks
+        } else {
+            stream_blocks
+        };
+        max_blocks = max_blocks.max(longest);
+        work += seqlen_q.div_ceil(WG_BLOCK_M)
+            * group
+            * (retrieval * all_blocks + streaming * stream_blocks);
     }
-    .max(1);
-    let work = retrieval * max_blocks + streaming.min(heads_kv) * stream_blocks;
     SplitKv {
         entry: format!("duo_prefill_wgmma_tma_split_{}_d{head_dim}", T::KERNEL_NAME),
         merge_entry: format!("duo_prefill_merge_{}_d{head_dim}", T::KERNEL_NAME),
         requested,
         max_blocks,
-        work_share: (work as f64 / (heads_kv * max_blocks) as f64).min(1.0),
+        work_tiles: work as f64 / max_blocks as f64,
         head_dim,
+        rows,
     }
 }
 
@@ -643,8 +667,17 @@ pub(crate) fn prefill_launch<T: AttnElement>(
     };
     let (variant, block_m, block, shared_bytes, persistent) = kernel_shape(kernel, head_dim);
     // Split-KV: the TMA kernel at D <= 128 (no split build at D = 256: registers).
-    let split = (kernel == PrefillKernel::WgmmaTma && head_dim <= 128)
-        .then(|| split_kv::<T>(&args.params, head_dim, args.kv_splits));
+    let split = (kernel == PrefillKernel::WgmmaTma && head_dim <= 128).then(|| {
+        let p = &args.params;
+        let seqlen_k = p.seqlen_k.max(p.seqlen_k_stream) as usize;
+        let sequences = std::iter::repeat_n((seqlen_q, seqlen_k), batch);
+        let rows = PartialRows {
+            batch,
+            heads_q,
+            seqlen_q,
+        };
+        split_kv::<T>(p, head_dim, args.kv_splits, sequences, rows)
+    });
     let mut plan = PrefillPlan {
         entry: format!("duo_prefill_{variant}{}_d{}", T::KERNEL_NAME, head_dim),
         grid: (0, 0, 0),
@@ -772,12 +805,42 @@ pub fn plan_prefill_varlen<T: AttnElement>(
     plan.params.seqlen_k_stream = max_k as i32;
     plan.params.cu_seqlens_q = cu_q_ptr;
     plan.params.cu_seqlens_k = cu_k_ptr;
-    plan.split = None; // the split build addresses fixed-length partial rows only
     plan.params.lse_strides = [0, q.shape[0] as i64];
+    if plan.split.is_some() {
+        // Partial rows follow the LSE's `[Hq, total_q]`: merged as one sequence of total_q rows.
+        let sequences = cu_q
+            .windows(2)
+            .zip(cu_k.windows(2))
+            .map(|(q, k)| ((q[1] - q[0]) as usize, (k[1] - k[0]) as usize));
+        let rows = PartialRows {
+            batch: 1,
+            heads_q: q.shape[1],
+            seqlen_q: q.shape[0],
+        };
+        plan.split = Some(split_kv::<T>(
+            &plan.params,
+            q.shape[2],
+            cfg.kv_splits,
+            sequences,
+            rows,
+        ));
+    }
     Ok(plan)
 }
 
 impl Context {
+    /// Launches a plan of [`plan_prefill`] or [`plan_prefill_varlen`] without validating again:
+    /// for a serving loop that keeps a batch's plan, and for varlen calls whose prefix sums the
+    /// caller already holds on the host (`attention_varlen` copies them back on every call).
+    ///
+    /// # Safety
+    /// The plan must come from `plan_prefill*` on this context's device, for tensors that are
+    /// still allocated, and a varlen plan's device prefix sums must hold the host copies it was
+    /// planned with. The kernels address memory from the plan's pointers and from those sums.
+    pub unsafe fn launch_prefill_plan(&self, plan: &PrefillPlan) -> Result<()> {
+        self.launch_prefill(plan)
+    }
+
     /// Launches a validated prefill plan.
     pub(crate) fn launch_prefill(&self, plan: &PrefillPlan) -> Result<()> {
         if !plan.persistent {
@@ -796,14 +859,14 @@ impl Context {
         // The split choice counts work in longest tiles: in a mixed layer the streaming heads'
         // tiles are short, and only the retrieval heads' tiles need to fill the GPU.
         let splits = plan.split.as_ref().map_or(1, |s| {
-            let tiles = (plan.work_tiles() as f64 * s.work_share).ceil() as usize;
+            let tiles = s.work_tiles.ceil() as usize;
             choose_kv_splits(s.requested, tiles, s.max_blocks, slots)
         });
         let mut entry = plan.entry.as_str();
         let mut merge = None;
         if let (Some(split), true) = (&plan.split, splits > 1) {
-            // Partial rows `[splits, B, Hq, Sq]` (fixed-length launches only).
-            let rows = params.batch as usize * params.heads_q as usize * params.seqlen_q as usize;
+            let r = &split.rows;
+            let rows = r.batch * r.heads_q * r.seqlen_q;
             check_limit("split-KV partial rows", splits * rows, i32::MAX as usize)?;
             let workspace = self.workspace(splits * rows * (split.head_dim + 1))?;
             params.kv_splits = splits as i32;
@@ -841,9 +904,9 @@ impl Context {
             lse: params.lse,
             o_strides: params.o_strides,
             lse_strides: params.lse_strides,
-            batch: params.batch,
-            heads_q: params.heads_q,
-            seqlen_q: params.seqlen_q,
+            batch: split.rows.batch as i32,
+            heads_q: split.rows.heads_q as i32,
+            seqlen_q: split.rows.seqlen_q as i32,
             kv_splits: params.kv_splits,
         };
         self.launch(

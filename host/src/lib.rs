@@ -36,7 +36,8 @@ pub mod tensor;
 pub mod tma;
 
 pub use attention::{
-    AttentionConfig, HeadKind, PrefillKernel, PrefillPlan, plan_prefill, plan_prefill_varlen,
+    AttentionConfig, HeadKind, PartialRows, PrefillKernel, PrefillPlan, plan_prefill,
+    plan_prefill_varlen,
 };
 pub use cache::{CacheConfig, CacheMemory, DuoCache, cache_memory, ring_slots};
 pub use context::{Context, DeviceInfo};

@@ -136,7 +136,8 @@ pub struct PrefillParams {
     /// Split-KV (the `_split` TMA entries only; 1 elsewhere): work tile `w` is split `w %
     /// kv_splits` of query tile `w / kv_splits`, which walks that share of the tile's KV blocks
     /// (`split_range`) and writes its O (normalised, f32) and LSE to `partial_o` / `partial_lse`
-    /// (`[kv_splits, B, Hq, Sq]` rows, O rows of D) for `duo_prefill_merge_*`. Few query tiles
+    /// (the LSE's rows, `[B, Hq, Sq]` or varlen `[Hq, total_q]`, each `kv_splits` partial rows
+    /// side by side; O rows of D) for `duo_prefill_merge_*`. Few query tiles
     /// against a long context (chunked prefill) then still fill every SM.
     pub kv_splits: i32,
     pub kv_splits_div: FastDiv,
@@ -159,6 +160,7 @@ pub const PREFILL_MAX_SPLITS: usize = 32;
 /// Parameters of the split-KV merge (`duo_prefill_merge_*`): per query row of `[B, Hq, Sq]`, the
 /// LSE-weighted sum of its `kv_splits` partial rows (layouts as in `PrefillParams`), written to
 /// `o` (`[B, Sq, Hq, D]` element strides) and `lse` (strides of batch and head, rows contiguous).
+/// A varlen launch merges as one sequence of `total_q` rows (`B = 1`, `Sq = total_q`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct PrefillMergeParams {

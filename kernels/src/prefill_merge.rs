@@ -1,7 +1,7 @@
 //! The split-KV prefill's merge (`duo_prefill_merge_*`): each query row's `kv_splits` partial rows
 //! (O normalised in f32, and its LSE, written by the `_split` TMA entries) combine by their LSE
 //! into the row of O and its LSE. One warp per row: lane `s` holds split `s`'s weight, and each
-//! lane sums four columns of every split (16-byte loads).
+//! lane sums four columns of every split (16-byte loads; D <= 128).
 use crate::abi::{PREFILL_MAX_SPLITS, PREFILL_MERGE_ROWS, PrefillMergeParams};
 use crate::device::*;
 use crate::mma::{Bf16, Element, F16};
@@ -12,17 +12,19 @@ const LOG2_E: f32 = core::f32::consts::LOG2_E;
 
 #[inline(always)]
 unsafe fn merge<E: Element, const D: usize>(p: &PrefillMergeParams) {
-    const { assert!(PREFILL_MAX_SPLITS <= 32 && D % 4 == 0) };
+    const { assert!(PREFILL_MAX_SPLITS <= 32 && D % 4 == 0 && D <= 128) };
     let tid = thread_idx_x() as usize;
     let (warp, lane) = (tid / 32, tid % 32);
-    // Partial rows per split: `[B, Hq, Sq]` (below 2^31, checked by the host).
+    // Query rows `[B, Hq, Sq]` (a varlen launch: `[1, Hq, total_q]`; below 2^31 partial rows,
+    // checked by the host).
     let rows = p.batch * p.heads_q * p.seqlen_q;
     let row = block_idx_x() as i32 * PREFILL_MERGE_ROWS as i32 + warp as i32;
     if row >= rows {
         return;
     }
     let splits = p.kv_splits.clamp(1, PREFILL_MAX_SPLITS as i32) as usize;
-    let partial = |s: usize| s as i64 * rows as i64 + row as i64;
+    // Partial rows `[B, Hq, Sq, kv_splits]`: a row's splits side by side.
+    let partial = |s: usize| row as i64 * splits as i64 + s as i64;
 
     // The merged LSE, and this lane's split's weight exp(lse_s - lse) (0 past the splits, for
     // a split that saw no key, and for a row that saw none).
@@ -49,16 +51,22 @@ unsafe fn merge<E: Element, const D: usize>(p: &PrefillMergeParams) {
     let o_row = p.o
         + ((b as i64 * p.o_strides[0] + i as i64 * p.o_strides[1] + h as i64 * p.o_strides[2]) * 2)
             as u64;
-    for col in (4 * lane..D).step_by(128) {
-        let mut o = [0f32; 4];
-        for s in 0..splits {
-            let ws = shfl_idx_f32(w, s as u32);
+    // Lane `l` sums columns `4l..4l + 4` (at D = 64 only lanes 0-15 have columns). The weight
+    // shuffles run on the whole warp: a lane outside the column test would leave its split's
+    // weight undefined for the others (the first version's bug at D = 64 with over 16 splits).
+    let col = 4 * lane;
+    let mut o = [0f32; 4];
+    for s in 0..splits {
+        let ws = shfl_idx_f32(w, s as u32);
+        if col < D {
             let at = p.partial_o + 4 * (partial(s) * D as i64 + col as i64) as u64;
             let x = unsafe { ld_global_cg_v4_f32(at) };
             for c in 0..4 {
                 o[c] += ws * x[c];
             }
         }
+    }
+    if col < D {
         unsafe {
             st_global_u32(o_row + 2 * col as u64, E::pack(o[0], o[1]));
             st_global_u32(o_row + 2 * col as u64 + 4, E::pack(o[2], o[3]));

@@ -101,7 +101,7 @@ pub struct QueryTile {
     pub from_stream: bool,
     /// Split-KV: this work tile is split `kv_split` of `kv_splits` (0 of 1 without split-KV:
     /// constants then, so the split arithmetic folds away) and `o` / `lse` point at its partial
-    /// rows (f32, `o_stride` D).
+    /// rows (f32; query rows `kv_splits` partial rows apart).
     pub kv_split: i32,
     pub kv_splits: i32,
     pub kv_splits_div: FastDiv,
@@ -128,7 +128,7 @@ impl QueryTile {
     ///
     /// With `SPLIT` (split-KV), work tile `work` is split `work % kv_splits` of query tile
     /// `work / kv_splits`: a tile's splits run side by side, sharing its Q in L2. Its `o` and
-    /// `lse` are then its partial rows (`head_dim` f32 apart).
+    /// `lse` are then its partial rows (query rows `kv_splits` partial rows apart).
     #[inline(always)]
     pub fn from_work<const SPLIT: bool>(
         p: &PrefillParams,
@@ -150,17 +150,18 @@ impl QueryTile {
         let head = pair - batch * p.heads_q;
         let mut tile = Self::new(p, block_m, m_block, head, batch as i64);
         if SPLIT {
-            // Partial rows `[kv_splits, B, Hq, Sq]` (fixed-length batches only: the host never
-            // splits a varlen launch).
-            let row0 = ((split as i64 * p.batch as i64 + batch as i64) * p.heads_q as i64
-                + head as i64)
-                * p.seqlen_q as i64;
+            // Partial rows: the LSE's rows (`[B, Hq, Sq]`, varlen `[Hq, total_q]`), each one
+            // `kv_splits` rows in a row, so the merge reads a query row's splits side by side.
+            let lse_row0 = batch as i64 * p.lse_strides[0]
+                + head as i64 * p.lse_strides[1]
+                + tile.q_row0 as i64;
+            let row0 = lse_row0 * p.kv_splits as i64 + split as i64;
             tile.kv_split = split;
             tile.kv_splits = p.kv_splits;
             tile.kv_splits_div = p.kv_splits_div;
             tile.lse = p.partial_lse + 4 * row0 as u64;
             tile.o = p.partial_o + 4 * (row0 * head_dim as i64) as u64;
-            tile.o_stride = head_dim as i64;
+            tile.o_stride = head_dim as i64 * p.kv_splits as i64;
         }
         tile
     }
@@ -198,8 +199,7 @@ impl QueryTile {
         let k = pick(p.stream_k as i64, p.k as i64) as u64;
         let v = pick(p.stream_v as i64, p.v as i64) as u64;
         let seqlen_k = pick(p.seqlen_k_stream as i64, p.seqlen_k as i64) as i32;
-        // Varlen: this sequence's rows and lengths from the prefix sums (the host never combines
-        // varlen with split_kv).
+        // Varlen: this sequence's rows and lengths from the prefix sums (never with split_kv).
         let (start_q, seqlen_q, start_k, seqlen_k) = if p.cu_seqlens_q != 0 {
             let at = |cu: u64, i: i64| unsafe { ld_global_nc_u32(cu + 4 * i as u64) } as i32;
             let (q0, k0) = (at(p.cu_seqlens_q, batch), at(p.cu_seqlens_k, batch));
@@ -400,7 +400,8 @@ impl QueryTile {
     pub fn store_lse(&self, rows: [i32; 2], t: usize, lse: [f32; 2]) {
         for r in 0..2 {
             let valid = rows[r] < self.seqlen_q;
-            let addr = self.lse + 4 * rows[r] as u64;
+            // Partial rows of a split tile lie `kv_splits` apart (1 elsewhere: folds away).
+            let addr = self.lse + 4 * (rows[r] * self.kv_splits) as u64;
             unsafe { st_global_f32_if(valid & (t == 0), addr, lse[r]) };
         }
     }

@@ -2,6 +2,7 @@
 //! skip notice, and comparison of kernel outputs with the float64 reference.
 use duo_attn::reference::{Shape, attention_row};
 use duo_attn::{AttentionConfig, AttnElement, Context, DeviceScalar, Error, HeadKind};
+use half::bf16;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use rand_distr::StandardNormal;
 use rayon::prelude::*;
@@ -287,4 +288,87 @@ pub fn run_scaled_keys_case<T: AttnElement>(
     let out32: Vec<f32> = out.iter().map(|x| x.to_f32()).collect();
     let rows = rows_to_check(shape, rng);
     Ok(compare(shape, cfg, &q32, &k32, &v32, &out32, &lse, &rows))
+}
+
+/// One varlen prefill (`Context::attention_varlen`, bf16) of sequences `lens` (query and key
+/// rows) with `(Hq, Hkv, D)` heads, on fresh random packed inputs with the outputs poisoned
+/// first; each sequence compared with the reference on its own (all its rows; NaN/inf in its
+/// output or LSE rows counts). Every packed row belongs to one sequence, so an unwritten row
+/// fails its sequence.
+pub fn run_varlen_case(
+    ctx: &Context,
+    rng: &mut StdRng,
+    (hq, hkv, d): (usize, usize, usize),
+    lens: &[(usize, usize)],
+    cfg: &AttentionConfig,
+) -> Result<Vec<Comparison>, Error> {
+    let prefix = |f: fn(&(usize, usize)) -> usize| -> Vec<i32> {
+        std::iter::once(0)
+            .chain(lens.iter().scan(0, |acc, l| {
+                *acc += f(l) as i32;
+                Some(*acc)
+            }))
+            .collect()
+    };
+    let (cu_q, cu_k) = (prefix(|l| l.0), prefix(|l| l.1));
+    let (total_q, total_k) = (cu_q[lens.len()] as usize, cu_k[lens.len()] as usize);
+    let (q, q32) = random_tensor::<bf16>(rng, total_q * hq * d);
+    let (k, k32) = random_tensor::<bf16>(rng, total_k * hkv * d);
+    let (v, v32) = random_tensor::<bf16>(rng, total_k * hkv * d);
+    let dq = ctx.upload(&q, [total_q, hq, d])?;
+    let dk = ctx.upload(&k, [total_k, hkv, d])?;
+    let dv = ctx.upload(&v, [total_k, hkv, d])?;
+    let dcu_q = ctx.upload(&cu_q, [cu_q.len()])?;
+    let dcu_k = ctx.upload(&cu_k, [cu_k.len()])?;
+    let mut out = ctx.alloc::<bf16, 3>([total_q, hq, d])?;
+    let mut lse = ctx.alloc::<f32, 2>([hq, total_q])?;
+    out.fill(bf16::NAN)?;
+    lse.fill(f32::NAN)?;
+    ctx.attention_varlen(
+        &dq.view(),
+        &dk.view(),
+        &dv.view(),
+        &mut out.view_mut(),
+        &mut lse.view_mut(),
+        &dcu_q,
+        &dcu_k,
+        cfg,
+    )?;
+    ctx.synchronize()?;
+    let out32: Vec<f32> = out.to_host()?.iter().map(|x| x.to_f32()).collect();
+    let lse_all = lse.to_host()?;
+    let rows_of = |x: &[f32], start: usize, n: usize, h: usize| -> Vec<f32> {
+        x[start * h * d..(start + n) * h * d].to_vec()
+    };
+    Ok(lens
+        .iter()
+        .enumerate()
+        .map(|(b, &(sq, sk))| {
+            let (q0, k0) = (cu_q[b] as usize, cu_k[b] as usize);
+            let shape = Shape {
+                batch: 1,
+                seqlen_q: sq,
+                seqlen_k: sk,
+                heads_q: hq,
+                heads_kv: hkv,
+                head_dim: d,
+            };
+            let seq_lse: Vec<f32> = (0..hq)
+                .flat_map(|h| lse_all[h * total_q + q0..][..sq].to_vec())
+                .collect();
+            let rows: Vec<(usize, usize, usize)> = (0..hq)
+                .flat_map(|h| (0..sq).map(move |i| (0, h, i)))
+                .collect();
+            compare(
+                &shape,
+                cfg,
+                &rows_of(&q32, q0, sq, hq),
+                &rows_of(&k32, k0, sk, hkv),
+                &rows_of(&v32, k0, sk, hkv),
+                &rows_of(&out32, q0, sq, hq),
+                &seq_lse,
+                &rows,
+            )
+        })
+        .collect())
 }

@@ -4,7 +4,7 @@ use duo_attn::reference::Shape;
 use duo_attn::{AttentionConfig, Context, DType, Error, HeadKind, PrefillKernel};
 use duo_attn_tests::{
     Comparison, alternating_kinds, compare, gpu_or_skip, notice, random_tensor, rng, rows_to_check,
-    run_prefill, run_prefill_case, run_scaled_keys_case,
+    run_prefill, run_prefill_case, run_scaled_keys_case, run_varlen_case,
 };
 use half::{bf16, f16};
 use rand::{Rng, rngs::StdRng};
@@ -140,7 +140,8 @@ fn split_kv_prefill_matches_reference_over_the_matrix() {
 
 /// A small split-KV launch for compute-sanitizer (`run.sh sanitize`): a chunk of 100 queries
 /// against 3000 keys, mixed heads, GQA, three forced splits and the launch's own choice, D 64
-/// and 128, both dtypes.
+/// and 128, both dtypes; and 24 splits at D = 64 (the merge's lanes 16-31 hold weights but no
+/// columns there).
 #[test]
 fn split_kv_small_launches() {
     let Some(ctx) = gpu_or_skip("split_kv_small_launches") else {
@@ -148,9 +149,15 @@ fn split_kv_small_launches() {
     };
     let mut rng = rng("split kv small");
     let mut failures = Vec::new();
-    for (n, (d, splits)) in [(64, Some(3)), (128, Some(3)), (128, None), (64, None)]
-        .into_iter()
-        .enumerate()
+    for (n, (d, splits)) in [
+        (64, Some(3)),
+        (128, Some(3)),
+        (128, None),
+        (64, None),
+        (64, Some(24)),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let shape = Shape {
             batch: 2,
@@ -591,96 +598,72 @@ fn varlen_matches_reference_per_sequence() {
         return;
     };
     let mut rng = rng("varlen");
+    let lens = [(100, 300), (517, 517), (0, 50), (37, 0), (1, 1000)];
+    let mut failures = Vec::new();
     // Head dim 256 runs on the TMA kernel only.
     for (d, kernels) in [(128, &ALL_KERNELS[..]), (256, &ALL_KERNELS[..1])] {
-        let (hq, hkv) = (8, 2);
-        let lens: [(usize, usize); 5] = [(100, 300), (517, 517), (0, 50), (37, 0), (1, 1000)];
-        let prefix = |f: fn(&(usize, usize)) -> usize| -> Vec<i32> {
-            std::iter::once(0)
-                .chain(lens.iter().scan(0, |acc, l| {
-                    *acc += f(l) as i32;
-                    Some(*acc)
-                }))
-                .collect()
-        };
-        let (cu_q, cu_k) = (prefix(|l| l.0), prefix(|l| l.1));
-        let (total_q, total_k) = (
-            *cu_q.last().unwrap() as usize,
-            *cu_k.last().unwrap() as usize,
-        );
-        let (q, q32) = random_tensor::<bf16>(&mut rng, total_q * hq * d);
-        let (k, k32) = random_tensor::<bf16>(&mut rng, total_k * hkv * d);
-        let (v, v32) = random_tensor::<bf16>(&mut rng, total_k * hkv * d);
-        let dq = ctx.upload(&q, [total_q, hq, d]).unwrap();
-        let dk = ctx.upload(&k, [total_k, hkv, d]).unwrap();
-        let dv = ctx.upload(&v, [total_k, hkv, d]).unwrap();
-        let dcu_q = ctx.upload(&cu_q, [cu_q.len()]).unwrap();
-        let dcu_k = ctx.upload(&cu_k, [cu_k.len()]).unwrap();
         for &kernel in kernels {
             let cfg = AttentionConfig::new(vec![HeadKind::Streaming, HeadKind::Retrieval])
                 .sink(8)
                 .window(64)
                 .kernel(kernel);
-            let mut out = ctx.alloc::<bf16, 3>([total_q, hq, d]).unwrap();
-            let mut lse = ctx.alloc::<f32, 2>([hq, total_q]).unwrap();
-            out.fill(bf16::NAN).unwrap();
-            lse.fill(f32::NAN).unwrap();
-            ctx.attention_varlen(
-                &dq.view(),
-                &dk.view(),
-                &dv.view(),
-                &mut out.view_mut(),
-                &mut lse.view_mut(),
-                &dcu_q,
-                &dcu_k,
-                &cfg,
-            )
-            .unwrap();
-            ctx.synchronize().unwrap();
-            let out32: Vec<f32> = out.to_host().unwrap().iter().map(|x| x.to_f32()).collect();
-            let lse_all = lse.to_host().unwrap();
-            for (b, &(sq, sk)) in lens.iter().enumerate() {
-                let (q0, k0) = (cu_q[b] as usize, cu_k[b] as usize);
-                let shape = Shape {
-                    batch: 1,
-                    seqlen_q: sq,
-                    seqlen_k: sk,
-                    heads_q: hq,
-                    heads_kv: hkv,
-                    head_dim: d,
-                };
-                let rows_of = |x: &[f32], start: usize, n: usize, h: usize| {
-                    x[start * h * d..(start + n) * h * d].to_vec()
-                };
-                let seq_lse: Vec<f32> = (0..hq)
-                    .flat_map(|h| lse_all[h * total_q + q0..h * total_q + q0 + sq].to_vec())
-                    .collect();
-                let rows: Vec<(usize, usize, usize)> = (0..hq)
-                    .flat_map(|h| (0..sq).map(move |i| (0, h, i)))
-                    .collect();
-                let cmp = compare(
-                    &shape,
-                    &cfg,
-                    &rows_of(&q32, q0, sq, hq),
-                    &rows_of(&k32, k0, sk, hkv),
-                    &rows_of(&v32, k0, sk, hkv),
-                    &rows_of(&out32, q0, sq, hq),
-                    &seq_lse,
-                    &rows,
-                );
-                notice(&format!(
-                    "varlen {kernel:?} D={d} seq {b} (Sq {sq}, Sk {sk}): {cmp:?}"
-                ));
-                assert!(cmp.passed() || sq == 0, "{kernel:?} sequence {b}: {cmp:?}");
-            }
-            assert!(
-                out32.iter().all(|x| x.is_finite()),
-                "{kernel:?}: unwritten output rows"
-            );
-            assert!(
-                lse_all.iter().all(|x| !x.is_nan()),
-                "{kernel:?}: unwritten LSE entries"
-            );
+            failures.extend(check_varlen(&ctx, &mut rng, (8, 2, d), &lens, &cfg));
         }
     }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Split-KV on varlen batches (partial rows in the LSE's packed `[Hq, total_q]` order): one long
+/// sequence among short ones, an empty query sequence and an empty key sequence, mixed head
+/// kinds, D 64 and 128; the launch's own choice (it splits: the tiles fill a tenth of the GPU),
+/// and 3 or 32 splits forced (short sequences' tiles then have empty splits). Small enough for
+/// compute-sanitizer (`run.sh sanitize`).
+#[test]
+fn split_kv_varlen_matches_reference_per_sequence() {
+    let Some(ctx) = gpu_or_skip("split_kv_varlen_matches_reference_per_sequence") else {
+        return;
+    };
+    let mut rng = rng("split kv varlen");
+    let lens = [
+        (128, 4000),
+        (64, 300),
+        (0, 50),
+        (37, 0),
+        (1, 1000),
+        (200, 2500),
+    ];
+    let mut failures = Vec::new();
+    for (d, splits) in [(128, None), (64, None), (128, Some(3)), (64, Some(32))] {
+        let cfg = AttentionConfig::new(vec![HeadKind::Streaming, HeadKind::Retrieval])
+            .sink(16)
+            .window(700)
+            .kernel(PrefillKernel::WgmmaTma)
+            .kv_splits(splits);
+        failures.extend(check_varlen(&ctx, &mut rng, (8, 2, d), &lens, &cfg));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// One varlen launch checked per sequence (`run_varlen_case`); the failures, labelled.
+fn check_varlen(
+    ctx: &Context,
+    rng: &mut StdRng,
+    heads: (usize, usize, usize),
+    lens: &[(usize, usize)],
+    cfg: &AttentionConfig,
+) -> Vec<String> {
+    let what = format!(
+        "varlen {:?} D={} splits {:?}",
+        cfg.kernel, heads.2, cfg.kv_splits
+    );
+    let cmps = run_varlen_case(ctx, rng, heads, lens, cfg).unwrap();
+    let mut failures = Vec::new();
+    for (b, (cmp, &(sq, sk))) in cmps.iter().zip(lens).enumerate() {
+        let label = format!("{what} seq {b} (Sq {sq}, Sk {sk}): {cmp:?}");
+        notice(&label);
+        if !cmp.passed() {
+            failures.push(label);
+        }
+    }
+    failures
 }

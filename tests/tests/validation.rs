@@ -99,16 +99,16 @@ fn tma_plans_offer_split_kv() {
     let split = plan(&c).unwrap().split.expect("split-KV offered");
     assert_eq!(split.entry, "duo_prefill_wgmma_tma_split_bf16_d128");
     assert_eq!(split.merge_entry, "duo_prefill_merge_bf16_d128");
-    assert_eq!((split.max_blocks, split.work_share), (256, 1.0));
+    assert_eq!((split.max_blocks, split.work_tiles), (256, 32.0));
     // Half streaming (sink 64 + window 256 + a 128-row tile: 5 blocks): about half the work.
     c.cfg = AttentionConfig::new([HeadKind::Retrieval, HeadKind::Streaming].repeat(4));
     let split = plan(&c).unwrap().split.unwrap();
     assert_eq!(split.max_blocks, 256);
-    assert!((split.work_share - (256.0 + 5.0) / 512.0).abs() < 1e-9);
+    assert!((split.work_tiles - 32.0 * (256.0 + 5.0) / 512.0).abs() < 1e-9);
     // All streaming: the longest tile is the window's.
     c.cfg = AttentionConfig::all_streaming(8, 64, 256);
     let split = plan(&c).unwrap().split.unwrap();
-    assert_eq!((split.max_blocks, split.work_share), (5, 1.0));
+    assert_eq!((split.max_blocks, split.work_tiles), (5, 32.0));
     // Not at D = 256, nor on the other kernels.
     assert_eq!(
         plan(&call_of([1, 128, 4096, 8, 2, 256], 0x1_0000_0000))
@@ -459,6 +459,27 @@ mod varlen {
         );
         assert_eq!(p.params.q_strides, [0, (HQ * D) as i64, D as i64]);
         assert_eq!(p.params.lse_strides, [0, TOTAL_Q as i64]);
+    }
+
+    /// Varlen launches split like fixed-length ones: partial rows in the LSE's packed order
+    /// (`[1, Hq, total_q]`), work counted per sequence (empty ones count nothing).
+    #[test]
+    fn varlen_plans_offer_split_kv() {
+        let split = plan(&valid()).unwrap().split.expect("split-KV offered");
+        let rows = duo_attn::PartialRows {
+            batch: 1,
+            heads_q: HQ,
+            seqlen_q: TOTAL_Q,
+        };
+        assert_eq!(split.rows, rows);
+        // Longest keys 440 (4 blocks). Per KV head pair (one retrieval, one streaming head whose
+        // sink 64 + window 256 reach 5 blocks, capped by the keys) x 4 query heads each:
+        // sequence 0 is 1 tile x (2 + 2) blocks, sequence 2 is 2 tiles x (4 + 4).
+        assert_eq!(split.max_blocks, 4);
+        assert_eq!(
+            split.work_tiles,
+            (4.0 * (2.0 + 2.0) + 2.0 * 4.0 * (4.0 + 4.0)) / 4.0
+        );
     }
 
     fn fails(edit: impl FnOnce(&mut VarlenCall)) -> Error {

@@ -44,7 +44,8 @@ def main():
     ap.add_argument("--only", default="", help="modes as duo-bench's --only (comma separated)")
     args, _ = ap.parse_known_args()
     only = set(args.only.split(",")) if args.only else {
-        "full", "streaming", "mixed", "decode", "decode-mixed", "chunked", "chunked-mixed"}
+        "full", "streaming", "mixed", "decode", "decode-mixed", "chunked", "chunked-mixed",
+        "chunked-varlen"}
     torch._dynamo.config.cache_size_limit = 256
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = 256
@@ -181,6 +182,49 @@ def main():
                 del qr, qs, kr, vr, ks, vs
             del q, k, v
             torch.cuda.empty_cache()
+
+    # A varlen batch of chunks (duo-bench's chunked-varlen): b sequences of sq new queries at the
+    # end of contexts of sk * (i + 1) / b tokens. PyTorch has no varlen SDPA for this: SDPA with
+    # the lower-right causal bias once per sequence, and FlexAttention over the packed sequences
+    # with a document mask (bottom-right causal within each sequence).
+    batches = [4] if args.quick else [4, 8]
+    chunks = [128] if args.quick else [128, 512]
+    contexts = ([32768] if args.quick else [32768, 131072]) if "chunked-varlen" in only else []
+    for sk in contexts:
+        for b in batches:
+            for sq in chunks:
+                from torch.nn.attention.bias import causal_lower_right
+
+                lens_k = [sk * (i + 1) // b for i in range(b)]
+                qs = [torch.randn(1, hq, sq, d, device=dev, dtype=torch.bfloat16) for _ in range(b)]
+                ks = [torch.randn(1, hkv, n, d, device=dev, dtype=torch.bfloat16) for n in lens_k]
+                vs = [torch.randn(1, hkv, n, d, device=dev, dtype=torch.bfloat16) for n in lens_k]
+                biases = [causal_lower_right(sq, n) for n in lens_k]
+
+                def sdpa_loop(qs=qs, ks=ks, vs=vs, biases=biases):
+                    for q, k, v, bias in zip(qs, ks, vs, biases):
+                        F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
+
+                record("chunked-varlen", b, sq, sk, hq, hkv, "sdpa-lr-loop", sdpa_loop, d)
+                qp, kp, vp = torch.cat(qs, dim=2), torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+                total_q, total_k = b * sq, sum(lens_k)
+                doc_q = torch.arange(b, device=dev).repeat_interleave(sq)
+                doc_k = torch.repeat_interleave(
+                    torch.arange(b, device=dev), torch.tensor(lens_k, device=dev))
+                start_q = torch.arange(b, device=dev) * sq
+                start_k = torch.tensor([0] + lens_k[:-1], device=dev).cumsum(0)
+                offset = torch.tensor(lens_k, device=dev) - sq
+
+                def doc_causal(bb, h, qi, kv):
+                    doc = doc_q[qi]
+                    pos = qi - start_q[doc] + offset[doc]
+                    return (doc_k[kv] == doc) & (kv - start_k[doc] <= pos)
+
+                bm_doc = create_block_mask(doc_causal, None, None, total_q, total_k, device=dev)
+                record("chunked-varlen", b, sq, sk, hq, hkv, "flex-doc",
+                       lambda: flex(qp, kp, vp, block_mask=bm_doc, enable_gqa=True), d)
+                del qs, ks, vs, qp, kp, vp
+                torch.cuda.empty_cache()
 
     out = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, records=records)
     with open(args.out, "w") as f:

@@ -51,6 +51,11 @@ pub enum Mode {
     /// Chunked prefill with half the KV heads streaming.
     #[serde(rename = "chunked-mixed")]
     ChunkedMixed,
+    /// A varlen batch of chunks (a serving step): `B` sequences of `Sq` new queries each, at the
+    /// end of contexts of `Sk (b + 1) / B` tokens (sequence `b`; the longest is `Sk`), GQA 32/8,
+    /// every head retrieval.
+    #[serde(rename = "chunked-varlen")]
+    ChunkedVarlen,
 }
 
 impl Mode {
@@ -63,6 +68,7 @@ impl Mode {
             Mode::DecodeMixed => "decode 50/50",
             Mode::Chunked => "chunked",
             Mode::ChunkedMixed => "chunked 50/50",
+            Mode::ChunkedVarlen => "chunked varlen",
         }
     }
 }
@@ -93,7 +99,9 @@ impl Case {
     pub fn config(&self) -> AttentionConfig {
         let kinds = (0..self.heads_kv)
             .map(|h| match self.mode {
-                Mode::Full | Mode::Decode | Mode::Chunked => HeadKind::Retrieval,
+                Mode::Full | Mode::Decode | Mode::Chunked | Mode::ChunkedVarlen => {
+                    HeadKind::Retrieval
+                }
                 Mode::Streaming => HeadKind::Streaming,
                 Mode::Mixed | Mode::DecodeMixed | Mode::ChunkedMixed if h < self.heads_kv / 2 => {
                     HeadKind::Retrieval
@@ -104,9 +112,34 @@ impl Case {
         AttentionConfig::new(kinds).sink(SINK).window(window())
     }
 
+    /// A varlen case's sequences: (query rows, key rows) each.
+    pub fn varlen_lens(&self) -> Option<Vec<(usize, usize)>> {
+        (self.mode == Mode::ChunkedVarlen).then(|| {
+            (0..self.batch)
+                .map(|b| (self.seqlen_q, self.seqlen_k * (b + 1) / self.batch))
+                .collect()
+        })
+    }
+
     /// `4 * D` per attended (query, key) pair.
     pub fn flops(&self) -> f64 {
-        4.0 * self.head_dim as f64 * attended_pairs(&self.shape(), &self.config()) as f64
+        let cfg = self.config();
+        let pairs = match self.varlen_lens() {
+            None => attended_pairs(&self.shape(), &cfg),
+            Some(lens) => lens
+                .iter()
+                .map(|&(seqlen_q, seqlen_k)| {
+                    let one = Shape {
+                        batch: 1,
+                        seqlen_q,
+                        seqlen_k,
+                        ..self.shape()
+                    };
+                    attended_pairs(&one, &cfg)
+                })
+                .sum(),
+        };
+        4.0 * self.head_dim as f64 * pairs as f64
     }
 
     /// Fewest bytes moved (bf16): Q read and O written once, and the K/V rows some query needs,
@@ -209,6 +242,27 @@ pub fn all_cases(quick: bool, prefill_head_dim: usize, decode_head_dim: usize) -
                 cases.push(Case {
                     mode,
                     batch: 1,
+                    seqlen_q: sq,
+                    seqlen_k: sk,
+                    heads_q: 32,
+                    heads_kv: 8,
+                    head_dim: prefill_head_dim,
+                });
+            }
+        }
+    }
+    // A serving step's varlen batch of chunks against contexts of different lengths.
+    let (batches, chunks): (&[usize], &[usize]) = if quick {
+        (&[4], &[128])
+    } else {
+        (&[4, 8], &[128, 512])
+    };
+    for &sk in contexts {
+        for &batch in batches {
+            for &sq in chunks {
+                cases.push(Case {
+                    mode: Mode::ChunkedVarlen,
+                    batch,
                     seqlen_q: sq,
                     seqlen_k: sk,
                     heads_q: 32,

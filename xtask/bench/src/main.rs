@@ -10,7 +10,7 @@ mod timing;
 use cases::{Case, Mode, all_cases};
 use clap::Parser;
 use duo_attn::{Context, PrefillKernel};
-use duo_attn_tests::{rng, run_decode_case, run_prefill_case};
+use duo_attn_tests::{Comparison, rng, run_decode_case, run_prefill_case, run_varlen_case};
 use half::bf16;
 use indicatif::{ProgressBar, ProgressStyle};
 use report::{OURS, PeersFile, Record, Report};
@@ -84,8 +84,8 @@ fn parse_head_dim(s: &str) -> Result<usize, String> {
 }
 
 /// The correctness gate: one shape per kernel path, checked against the float64 reference
-/// (the chunked one splits its KV blocks).
-const GATE: [Case; 4] = [
+/// (the chunked ones split their KV blocks).
+const GATE: [Case; 5] = [
     Case {
         mode: Mode::Mixed,
         batch: 1,
@@ -117,6 +117,15 @@ const GATE: [Case; 4] = [
         mode: Mode::ChunkedMixed,
         batch: 1,
         seqlen_q: 128,
+        seqlen_k: 8192,
+        heads_q: 32,
+        heads_kv: 8,
+        head_dim: 128,
+    },
+    Case {
+        mode: Mode::ChunkedVarlen,
+        batch: 4,
+        seqlen_q: 64,
         seqlen_k: 8192,
         heads_q: 32,
         heads_kv: 8,
@@ -162,7 +171,10 @@ fn main() -> ExitCode {
         &GATE
     };
     for case in gate {
-        let check = if case.is_decode() {
+        let check = if let Some(lens) = case.varlen_lens() {
+            let heads = (case.heads_q, case.heads_kv, case.head_dim);
+            run_varlen_case(&ctx, &mut rng, heads, &lens, &case.config()).map(worst)
+        } else if case.is_decode() {
             run_decode_case::<bf16>(&ctx, &case.shape(), &case.config(), &mut rng)
         } else {
             run_prefill_case::<bf16>(&ctx, &case.shape(), &case.config(), &mut rng)
@@ -292,6 +304,21 @@ fn main() -> ExitCode {
         records,
     };
     write_outputs(&args, report)
+}
+
+/// A varlen launch's check: the first failing sequence's comparison, else the one with the
+/// largest error.
+fn worst(per_sequence: Vec<Comparison>) -> Comparison {
+    per_sequence
+        .iter()
+        .find(|c| !c.passed())
+        .or_else(|| {
+            per_sequence
+                .iter()
+                .max_by(|a, b| a.rel_err.total_cmp(&b.rel_err))
+        })
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// Prints the merged table and writes bench.json and bench.svg.

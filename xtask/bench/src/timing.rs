@@ -29,12 +29,12 @@ pub fn time_case(
     dump_lse: Option<&std::path::Path>,
     clock: &ClockSampler,
 ) -> Result<Timing> {
+    if let Some(lens) = case.varlen_lens() {
+        return time_varlen_case(ctx, case, &lens, cfg, rng, clock);
+    }
     let shape = case.shape();
     let set_bytes = 2 * (shape.q_len() + 2 * shape.kv_len());
-    // Enough distinct input sets that consecutive launches cannot hit in L2.
-    let sets = (2 * ctx.info().l2_cache_bytes)
-        .div_ceil(set_bytes)
-        .clamp(1, MAX_SETS);
+    let sets = input_sets(ctx, set_bytes);
     let (q, _) = random_tensor::<bf16>(rng, shape.q_len());
     let (kv, _) = random_tensor::<bf16>(rng, shape.kv_len());
     // Decode reads K/V head-major ([B, Hkv, S, D], as a KV cache and the peers hold them), seen
@@ -54,7 +54,7 @@ pub fn time_case(
     }
     let mut out = ctx.alloc::<bf16, 4>(shape.q_shape())?;
     let mut lse = ctx.alloc::<f32, 3>(shape.lse_shape())?;
-    let mut launch = |i: usize| {
+    let launch = |i: usize| {
         let [q, k, v] = &inputs[i % sets];
         fn kv_view<'a>(
             t: &'a DeviceTensor<bf16, 4>,
@@ -80,6 +80,95 @@ pub fn time_case(
             ctx.attention(&q, &k, &v, o, l, cfg)
         }
     };
+    let timing = time_launches(ctx, clock, launch)?;
+    if let Some(path) = dump_lse {
+        let bytes: Vec<u8> = lse
+            .to_host()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        if let Err(e) = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(path, bytes))
+        {
+            eprintln!("writing {}: {e}", path.display());
+        }
+    }
+    Ok(timing)
+}
+
+/// Enough distinct input sets of `set_bytes` that consecutive launches cannot hit in L2.
+fn input_sets(ctx: &Context, set_bytes: usize) -> usize {
+    (2 * ctx.info().l2_cache_bytes)
+        .div_ceil(set_bytes)
+        .clamp(1, MAX_SETS)
+}
+
+/// A varlen prefill (`Context::attention_varlen`) of sequences `lens` on packed inputs.
+fn time_varlen_case(
+    ctx: &Context,
+    case: &Case,
+    lens: &[(usize, usize)],
+    cfg: &duo_attn::AttentionConfig,
+    rng: &mut StdRng,
+    clock: &ClockSampler,
+) -> Result<Timing> {
+    let prefix = |f: fn(&(usize, usize)) -> usize| -> Vec<i32> {
+        std::iter::once(0)
+            .chain(lens.iter().scan(0, |acc, l| {
+                *acc += f(l) as i32;
+                Some(*acc)
+            }))
+            .collect()
+    };
+    let (cu_q, cu_k) = (prefix(|l| l.0), prefix(|l| l.1));
+    let (total_q, total_k) = (cu_q[lens.len()] as usize, cu_k[lens.len()] as usize);
+    let (hq, hkv, d) = (case.heads_q, case.heads_kv, case.head_dim);
+    let sets = input_sets(ctx, 2 * (total_q * hq + 2 * total_k * hkv) * d);
+    let (q, _) = random_tensor::<bf16>(rng, total_q * hq * d);
+    let (kv, _) = random_tensor::<bf16>(rng, total_k * hkv * d);
+    let mut inputs: Vec<[DeviceTensor<bf16, 3>; 3]> = Vec::new();
+    for _ in 0..sets {
+        inputs.push([
+            ctx.upload(&q, [total_q, hq, d])?,
+            ctx.upload(&kv, [total_k, hkv, d])?,
+            ctx.upload(&kv, [total_k, hkv, d])?,
+        ]);
+    }
+    let dcu_q = ctx.upload(&cu_q, [cu_q.len()])?;
+    let dcu_k = ctx.upload(&cu_k, [cu_k.len()])?;
+    let mut out = ctx.alloc::<bf16, 3>([total_q, hq, d])?;
+    let mut lse = ctx.alloc::<f32, 2>([hq, total_q])?;
+    // `attention_varlen` copies the prefix sums back to the host on every call; a serving loop
+    // that holds them plans the call itself, as here.
+    let plans = inputs
+        .iter()
+        .map(|[q, k, v]| {
+            duo_attn::plan_prefill_varlen::<bf16>(
+                q.view().desc(),
+                k.view().desc(),
+                v.view().desc(),
+                out.view_mut().desc(),
+                lse.view_mut().desc(),
+                (&cu_q, dcu_q.view().desc().ptr),
+                (&cu_k, dcu_k.view().desc().ptr),
+                cfg,
+                ctx.ordinal(),
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // SAFETY: plans of live tensors on this context, whose device prefix sums are the host ones.
+    let launch = |i: usize| unsafe { ctx.launch_prefill_plan(&plans[i % sets]) };
+    time_launches(ctx, clock, launch)
+}
+
+/// Times `launch(i)` (input set `i`) with CUDA events: warm-up, then enough reps for the budget.
+fn time_launches(
+    ctx: &Context,
+    clock: &ClockSampler,
+    mut launch: impl FnMut(usize) -> Result<()>,
+) -> Result<Timing> {
     let cuda = |e: cust::error::CudaError| duo_attn::Error::Cuda {
         during: "timing with events",
         source: e,
@@ -109,20 +198,6 @@ pub fn time_case(
     let (times, clock) = clock.sample_while(|| run(reps, 0));
     let mut times = times?;
     times.sort_by(f64::total_cmp);
-    if let Some(path) = dump_lse {
-        let bytes: Vec<u8> = lse
-            .to_host()?
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect();
-        if let Err(e) = path
-            .parent()
-            .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|()| std::fs::write(path, bytes))
-        {
-            eprintln!("writing {}: {e}", path.display());
-        }
-    }
     Ok(Timing {
         median_ms: times[reps / 2],
         min_ms: times[0],
