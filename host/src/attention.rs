@@ -2,13 +2,13 @@
 use crate::context::Context;
 use crate::element::AttnElement;
 use crate::error::{Error, Result};
+use crate::split_kv::{PartialRows, SplitKv, SplitWork};
 use crate::tensor::{DeviceTensor, TensorDesc, View, ViewMut};
 use crate::tma::{TmaTensor, prefill_tensors};
 use duo_attn_kernels::abi::{
-    FastDiv, HEAD_MASK_WORDS, MAX_KV_HEADS, MAX_SEQLEN, PREFILL_BLOCK_M, PREFILL_MAX_SPLITS,
-    PREFILL_MERGE_ROWS, PREFILL_THREADS, PrefillMergeParams, PrefillParams, TMA_MAPS, TensorMap,
-    TmaPrefillParams, WG_BLOCK_M, WG_THREADS, WS_HEAD_DIMS, WS_THREADS, wg_smem_bytes, ws_block_n,
-    ws_smem_bytes,
+    FastDiv, HEAD_MASK_WORDS, MAX_KV_HEADS, MAX_SEQLEN, PREFILL_BLOCK_M, PREFILL_MERGE_ROWS,
+    PREFILL_THREADS, PrefillMergeParams, PrefillParams, TMA_MAPS, TensorMap, TmaPrefillParams,
+    WG_BLOCK_M, WG_THREADS, WS_HEAD_DIMS, WS_THREADS, wg_smem_bytes, ws_block_n, ws_smem_bytes,
 };
 
 /// How a KV head (and every query head of its group) attends.
@@ -141,71 +141,6 @@ pub struct PrefillPlan {
     /// Where the launch may split its tiles' KV blocks (split-KV; chosen at launch, when the
     /// GPU's size is known).
     pub split: Option<SplitKv>,
-}
-
-/// A prefill launch's split-KV option: the entries and what the choice needs.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SplitKv {
-    /// The split build of the kernel, and the merge.
-    pub entry: String,
-    pub merge_entry: String,
-    /// `AttentionConfig::kv_splits`.
-    pub requested: Option<usize>,
-    /// KV blocks of the longest query tile (an upper bound: the longest sequence's key length in
-    /// blocks, or a streaming head's sink and window when every head streams).
-    pub max_blocks: usize,
-    /// The launch's work in longest tiles: query tiles weighted by the KV blocks they visit
-    /// (upper bounds) over `max_blocks`. Short streaming tiles and short varlen sequences count
-    /// for less than a tile.
-    pub work_tiles: f64,
-    pub head_dim: usize,
-    /// The rows the merge writes, and the partial rows' layout.
-    pub rows: PartialRows,
-}
-
-/// Query rows of a split launch, `[B, Hq, Sq]` as the LSE's: a fixed-length batch, or a varlen
-/// batch packed as one sequence of `total_q` rows (`B = 1`). Each has `kv_splits` partial rows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PartialRows {
-    pub batch: usize,
-    pub heads_q: usize,
-    pub seqlen_q: usize,
-}
-
-/// Fewest KV blocks per split when the launch chooses: shorter runs pay a tile's fixed costs
-/// (its Q load, the f32 partial rows and their merge) for too little work.
-pub const MIN_BLOCKS_PER_SPLIT: usize = 8;
-
-/// KV splits of a launch of `tiles` query tiles (longest-tile equivalents) of up to `max_blocks`
-/// KV blocks on `slots`
-/// resident blocks: 1 when the tiles fill at least 80% of the GPU's slots (as FlashAttention's
-/// heuristic); else the fewest splits whose waves are at least 95% as full as the best count's
-/// (FlashAttention takes 85%, but a split here costs little beside tiles this long), each split
-/// at least `MIN_BLOCKS_PER_SPLIT` blocks long. `requested` overrides, capped at one block per
-/// split.
-pub fn choose_kv_splits(
-    requested: Option<usize>,
-    tiles: usize,
-    max_blocks: usize,
-    slots: usize,
-) -> usize {
-    let cap = max_blocks.clamp(1, PREFILL_MAX_SPLITS);
-    if let Some(n) = requested {
-        return n.clamp(1, cap);
-    }
-    let (tiles, slots) = (tiles.max(1), slots.max(1));
-    if 5 * tiles >= 4 * slots {
-        return 1;
-    }
-    let most = (max_blocks / MIN_BLOCKS_PER_SPLIT).clamp(1, cap);
-    let efficiency = |s: usize| {
-        let items = tiles * s;
-        items as f64 / (items.div_ceil(slots) * slots) as f64
-    };
-    let best = (1..=most).map(efficiency).fold(0.0, f64::max);
-    (1..=most)
-        .find(|&s| efficiency(s) >= 0.95 * best)
-        .unwrap_or(1)
 }
 
 impl PrefillPlan {
@@ -581,51 +516,30 @@ fn kernel_shape(
     }
 }
 
-/// The split-KV option of a TMA launch at D <= 128: its entries, its longest tile and its work in
-/// longest tiles, from the launch's head kinds, sink, window and its sequences' `(query rows, key
-/// rows)` (the longer source's keys for the DuoAttention cache).
+/// The split-KV option of a TMA launch at D <= 128: its entries and its work tiles, over
+/// `sequences` (query rows, retrieval keys, streaming keys) of `m_blocks` query tiles each.
 fn split_kv<T: AttnElement>(
     p: &PrefillParams,
     head_dim: usize,
     requested: Option<usize>,
-    sequences: impl Iterator<Item = (usize, usize)>,
+    (m_blocks, sequences): (usize, impl ExactSizeIterator<Item = (usize, usize, usize)>),
     rows: PartialRows,
 ) -> SplitKv {
-    let bn = ws_block_n(head_dim);
-    // A streaming tile's sink and window blocks (plus the diagonal's).
-    let reach = p.sink as usize + p.window as usize + WG_BLOCK_M;
-    let streaming = p
-        .streaming_heads
-        .iter()
-        .map(|w| w.count_ones() as usize)
-        .sum::<usize>();
-    let heads_kv = (p.heads_kv as usize).max(1);
-    let streaming = streaming.min(heads_kv);
-    let retrieval = heads_kv - streaming;
-    let group = (p.heads_q as usize / heads_kv).max(1);
-    // Per sequence: query tiles x (every head's KV blocks), and the longest tile's blocks.
-    let (mut max_blocks, mut work) = (1, 0);
-    for (seqlen_q, seqlen_k) in sequences {
-        let all_blocks = seqlen_k.div_ceil(bn);
-        let stream_blocks = (reach.div_ceil(bn) + 1).min(all_blocks);
-        let longest = if retrieval > 0 {
-            all_blocks
-        } else {
-            stream_blocks
-        };
-        max_blocks = max_blocks.max(longest);
-        work += seqlen_q.div_ceil(WG_BLOCK_M)
-            * group
-            * (retrieval * all_blocks + streaming * stream_blocks);
-    }
+    let kinds: Vec<HeadKind> = (0..p.heads_kv.max(0) as usize)
+        .map(
+            |h| match p.streaming_heads.get(h / 32).map(|w| w >> (h % 32) & 1) {
+                Some(1) => HeadKind::Streaming,
+                _ => HeadKind::Retrieval,
+            },
+        )
+        .collect();
     SplitKv {
         entry: format!("duo_prefill_wgmma_tma_split_{}_d{head_dim}", T::KERNEL_NAME),
         merge_entry: format!("duo_prefill_merge_{}_d{head_dim}", T::KERNEL_NAME),
         requested,
-        max_blocks,
-        work_tiles: work as f64 / max_blocks as f64,
         head_dim,
         rows,
+        work: SplitWork::of(p, &kinds, ws_block_n(head_dim), m_blocks, sequences),
     }
 }
 
@@ -669,14 +583,15 @@ pub(crate) fn prefill_launch<T: AttnElement>(
     // Split-KV: the TMA kernel at D <= 128 (no split build at D = 256: registers).
     let split = (kernel == PrefillKernel::WgmmaTma && head_dim <= 128).then(|| {
         let p = &args.params;
-        let seqlen_k = p.seqlen_k.max(p.seqlen_k_stream) as usize;
-        let sequences = std::iter::repeat_n((seqlen_q, seqlen_k), batch);
+        let (seqlen_k, seqlen_k_stream) = (p.seqlen_k as usize, p.seqlen_k_stream as usize);
+        let sequences = std::iter::repeat_n((seqlen_q, seqlen_k, seqlen_k_stream), batch);
         let rows = PartialRows {
             batch,
             heads_q,
             seqlen_q,
         };
-        split_kv::<T>(p, head_dim, args.kv_splits, sequences, rows)
+        let m_blocks = seqlen_q.div_ceil(WG_BLOCK_M);
+        split_kv::<T>(p, head_dim, args.kv_splits, (m_blocks, sequences), rows)
     });
     let mut plan = PrefillPlan {
         entry: format!("duo_prefill_{variant}{}_d{}", T::KERNEL_NAME, head_dim),
@@ -808,10 +723,10 @@ pub fn plan_prefill_varlen<T: AttnElement>(
     plan.params.lse_strides = [0, q.shape[0] as i64];
     if plan.split.is_some() {
         // Partial rows follow the LSE's `[Hq, total_q]`: merged as one sequence of total_q rows.
-        let sequences = cu_q
-            .windows(2)
-            .zip(cu_k.windows(2))
-            .map(|(q, k)| ((q[1] - q[0]) as usize, (k[1] - k[0]) as usize));
+        let sequences = cu_q.windows(2).zip(cu_k.windows(2)).map(|(q, k)| {
+            let seqlen_k = (k[1] - k[0]) as usize;
+            ((q[1] - q[0]) as usize, seqlen_k, seqlen_k)
+        });
         let rows = PartialRows {
             batch: 1,
             heads_q: q.shape[1],
@@ -821,7 +736,7 @@ pub fn plan_prefill_varlen<T: AttnElement>(
             &plan.params,
             q.shape[2],
             cfg.kv_splits,
-            sequences,
+            (plan.grid.0 as usize, sequences),
             rows,
         ));
     }
@@ -858,15 +773,14 @@ impl Context {
         params.work_counter = self.zeroed_counters(2)?;
         // The split choice counts work in longest tiles: in a mixed layer the streaming heads'
         // tiles are short, and only the retrieval heads' tiles need to fill the GPU.
-        let splits = plan.split.as_ref().map_or(1, |s| {
-            let tiles = s.work_tiles.ceil() as usize;
-            choose_kv_splits(s.requested, tiles, s.max_blocks, slots)
-        });
+        let splits = plan
+            .split
+            .as_ref()
+            .map_or(1, |split| self.kv_splits(split, slots));
         let mut entry = plan.entry.as_str();
         let mut merge = None;
         if let (Some(split), true) = (&plan.split, splits > 1) {
-            let r = &split.rows;
-            let rows = r.batch * r.heads_q * r.seqlen_q;
+            let rows = split.rows.count();
             check_limit("split-KV partial rows", splits * rows, i32::MAX as usize)?;
             let workspace = self.workspace(splits * rows * (split.head_dim + 1))?;
             params.kv_splits = splits as i32;
@@ -972,72 +886,5 @@ impl Context {
             self.ordinal(),
         )?;
         self.launch_prefill(&plan)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use duo_attn_kernels::abi::split_range;
-
-    /// Splits cover a tile's blocks once, in order, and none is empty when the tile has at least
-    /// as many blocks as splits.
-    #[test]
-    fn split_ranges_cover_every_block_once() {
-        for splits in 1..=PREFILL_MAX_SPLITS as i32 {
-            let div = FastDiv::new(splits as u32);
-            for blocks in 0..300 {
-                let mut next = 0;
-                for s in 0..splits {
-                    let (lo, hi) = split_range(blocks, s, div);
-                    assert_eq!(lo, next, "blocks {blocks} splits {splits} split {s}");
-                    assert!(hi >= lo);
-                    if blocks >= splits {
-                        assert!(hi > lo, "blocks {blocks} splits {splits}: split {s} empty");
-                    }
-                    next = hi;
-                }
-                assert_eq!(next, blocks);
-            }
-        }
-    }
-
-    #[test]
-    fn launches_that_fill_the_gpu_do_not_split() {
-        // Full causal 32k (256 tiles x 32 heads) and 1k x 32 heads on 132 SMs.
-        assert_eq!(choose_kv_splits(None, 8192, 256, 132), 1);
-        assert_eq!(choose_kv_splits(None, 256, 8, 132), 1);
-        // 106 of 132 slots: within the 80% that FlashAttention's heuristic leaves alone.
-        assert_eq!(choose_kv_splits(None, 106, 1024, 132), 1);
-    }
-
-    #[test]
-    fn few_long_tiles_split_to_fill_the_gpu() {
-        // A 256-query chunk against 128k keys, 32 heads: 64 tiles of 1024 blocks -> 2 splits
-        // (128 of 132 slots).
-        assert_eq!(choose_kv_splits(None, 64, 1024, 132), 2);
-        // One 128-row tile x 8 heads against 32k keys: 16 splits (128 slots).
-        assert_eq!(choose_kv_splits(None, 8, 256, 132), 16);
-        // Short tiles split no finer than MIN_BLOCKS_PER_SPLIT blocks: 32 blocks -> at most 4.
-        assert_eq!(choose_kv_splits(None, 8, 32, 132), 4);
-        assert_eq!(choose_kv_splits(None, 8, 7, 132), 1);
-        // Never past PREFILL_MAX_SPLITS (31 of them fill within 95% of what 32 fill).
-        assert_eq!(choose_kv_splits(None, 1, 1 << 20, 132), 31);
-        assert_eq!(
-            choose_kv_splits(Some(64), 1, 1 << 20, 132),
-            PREFILL_MAX_SPLITS
-        );
-    }
-
-    #[test]
-    fn requested_splits_are_capped() {
-        assert_eq!(choose_kv_splits(Some(1), 8, 1024, 132), 1);
-        assert_eq!(choose_kv_splits(Some(0), 8, 1024, 132), 1);
-        assert_eq!(choose_kv_splits(Some(7), 8192, 1024, 132), 7);
-        assert_eq!(
-            choose_kv_splits(Some(1000), 8, 1024, 132),
-            PREFILL_MAX_SPLITS
-        );
-        assert_eq!(choose_kv_splits(Some(5), 8, 3, 132), 3); // one block per split at most
     }
 }

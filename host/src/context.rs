@@ -2,6 +2,7 @@
 use crate::element::DeviceScalar;
 use crate::error::{CudaContext, Error, RawCudaStatus, Result};
 use crate::kernels;
+use crate::split_kv::{SplitChoices, SplitKv};
 use crate::tensor::DeviceTensor;
 use cust::context::{Context as CudaContext_, CurrentContext};
 use cust::device::{Device, DeviceAttribute};
@@ -40,6 +41,8 @@ pub struct Context {
     counters: Mutex<Option<DeviceBuffer<u32>>>,
     /// Resident blocks per SM, by kernel entry (occupancy queries are cached).
     occupancy: Mutex<HashMap<String, u32>>,
+    /// Recent split-KV choices of prefill launches (each replays the scheduler on the host).
+    split_choices: Mutex<SplitChoices>,
 }
 
 impl Context {
@@ -92,6 +95,7 @@ impl Context {
             workspace: Mutex::new(None),
             counters: Mutex::new(None),
             occupancy: Mutex::new(HashMap::new()),
+            split_choices: Mutex::new(SplitChoices::default()),
         })
     }
 
@@ -205,6 +209,15 @@ impl Context {
             *guard = Some(buf);
         }
         Ok(guard.as_ref().map_or(0, |b| b.as_device_ptr().as_raw()))
+    }
+
+    /// The split count of a prefill launch that may split, on `slots` resident blocks
+    /// (`SplitChoices`: remembered per launch shape).
+    pub(crate) fn kv_splits(&self, split: &SplitKv, slots: usize) -> usize {
+        self.split_choices
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .choose(split, slots)
     }
 
     /// Blocks of `entry` that fit on one SM at once with this block size and shared memory.

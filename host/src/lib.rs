@@ -32,12 +32,12 @@ pub mod error;
 pub mod kernels;
 pub mod pattern;
 pub mod reference;
+pub mod split_kv;
 pub mod tensor;
 pub mod tma;
 
 pub use attention::{
-    AttentionConfig, HeadKind, PartialRows, PrefillKernel, PrefillPlan, plan_prefill,
-    plan_prefill_varlen,
+    AttentionConfig, HeadKind, PrefillKernel, PrefillPlan, plan_prefill, plan_prefill_varlen,
 };
 pub use cache::{CacheConfig, CacheMemory, DuoCache, cache_memory, ring_slots};
 pub use context::{Context, DeviceInfo};
@@ -45,4 +45,5 @@ pub use decode::{DecodePlan, MAX_DECODE_QUERIES};
 pub use element::{AttnElement, DType, DeviceScalar};
 pub use error::{Error, Result};
 pub use pattern::{Binarize, HeadPattern};
+pub use split_kv::{PartialRows, SplitKv, SplitWork, choose_kv_splits};
 pub use tensor::{DeviceTensor, TensorDesc, View, ViewMut};

@@ -90,8 +90,8 @@ fn auto_picks_the_tma_kernel() {
     assert!(p.persistent);
 }
 
-/// Split-KV is offered to the TMA kernel at D <= 128 on fixed-length launches: its entries, and
-/// the launch's work in longest tiles (a mixed layer's streaming heads count by their window).
+/// Split-KV is offered to the TMA kernel at D <= 128: its entries, and the launch's work tiles
+/// in claim order with the KV blocks each visits (a streaming head's by its sink and window).
 #[test]
 fn tma_plans_offer_split_kv() {
     let mut c = call_of([1, 128, 32768, 32, 8, 128], 0x1_0000_0000);
@@ -99,16 +99,21 @@ fn tma_plans_offer_split_kv() {
     let split = plan(&c).unwrap().split.expect("split-KV offered");
     assert_eq!(split.entry, "duo_prefill_wgmma_tma_split_bf16_d128");
     assert_eq!(split.merge_entry, "duo_prefill_merge_bf16_d128");
-    assert_eq!((split.max_blocks, split.work_tiles), (256, 32.0));
-    // Half streaming (sink 64 + window 256 + a 128-row tile: 5 blocks): about half the work.
+    assert_eq!(split.work.tile_blocks, vec![256; 32]);
+    assert_eq!(split.work.max_blocks, 256);
+    // Half streaming: sink 64 (one block) + window 256 from the chunk's first row (keys
+    // 32385.., blocks 253-255): 4 blocks for each query head of a streaming KV head.
     c.cfg = AttentionConfig::new([HeadKind::Retrieval, HeadKind::Streaming].repeat(4));
     let split = plan(&c).unwrap().split.unwrap();
-    assert_eq!(split.max_blocks, 256);
-    assert!((split.work_tiles - 32.0 * (256.0 + 5.0) / 512.0).abs() < 1e-9);
+    assert_eq!(
+        split.work.tile_blocks,
+        [[256; 4], [4; 4]].concat().repeat(4)
+    );
+    assert_eq!(split.work.max_blocks, 256);
     // All streaming: the longest tile is the window's.
     c.cfg = AttentionConfig::all_streaming(8, 64, 256);
     let split = plan(&c).unwrap().split.unwrap();
-    assert_eq!((split.max_blocks, split.work_tiles), (5, 32.0));
+    assert_eq!(split.work.max_blocks, 4);
     // Not at D = 256, nor on the other kernels.
     assert_eq!(
         plan(&call_of([1, 128, 4096, 8, 2, 256], 0x1_0000_0000))
@@ -472,14 +477,20 @@ mod varlen {
             seqlen_q: TOTAL_Q,
         };
         assert_eq!(split.rows, rows);
-        // Longest keys 440 (4 blocks). Per KV head pair (one retrieval, one streaming head whose
-        // sink 64 + window 256 reach 5 blocks, capped by the keys) x 4 query heads each:
-        // sequence 0 is 1 tile x (2 + 2) blocks, sequence 2 is 2 tiles x (4 + 4).
-        assert_eq!(split.max_blocks, 4);
-        assert_eq!(
-            split.work_tiles,
-            (4.0 * (2.0 + 2.0) + 2.0 * 4.0 * (4.0 + 4.0)) / 4.0
-        );
+        // Sequences (100 x 250), (0 x 10), (200 x 440) keys, D = 64 (128-key blocks); query
+        // heads 0-3 retrieval, 4-7 streaming (sink 64, window 256), two query tiles each. The
+        // empty sequence and sequence 0's second tile list 0 blocks.
+        let seq0 = [0, 2];
+        let seq2_retrieval = [4, 3]; // rows 128..200 see keys ..440, rows 0..128 ..368
+        let seq2_streaming = [4, 3]; // the window reaches back past the sink
+        let want: Vec<u32> = [
+            [seq0; 8].concat(),
+            vec![0; 16],
+            [[seq2_retrieval; 4].concat(), [seq2_streaming; 4].concat()].concat(),
+        ]
+        .concat();
+        assert_eq!(split.work.tile_blocks, want);
+        assert_eq!(split.work.max_blocks, 4);
     }
 
     fn fails(edit: impl FnOnce(&mut VarlenCall)) -> Error {
