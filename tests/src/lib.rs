@@ -290,6 +290,20 @@ pub fn run_scaled_keys_case<T: AttnElement>(
     Ok(compare(shape, cfg, &q32, &k32, &v32, &out32, &lse, &rows))
 }
 
+/// The `[B + 1]` prefix sums (`cu_seqlens_q`, `cu_seqlens_k`) of sequences `lens` (query rows,
+/// key rows).
+pub fn cu_seqlens(lens: &[(usize, usize)]) -> (Vec<i32>, Vec<i32>) {
+    let prefix = |f: fn(&(usize, usize)) -> usize| -> Vec<i32> {
+        std::iter::once(0)
+            .chain(lens.iter().scan(0, |acc, l| {
+                *acc += f(l) as i32;
+                Some(*acc)
+            }))
+            .collect()
+    };
+    (prefix(|l| l.0), prefix(|l| l.1))
+}
+
 /// One varlen prefill (`Context::attention_varlen`, bf16) of sequences `lens` (query and key
 /// rows) with `(Hq, Hkv, D)` heads, on fresh random packed inputs with the outputs poisoned
 /// first; each sequence compared with the reference on its own (all its rows; NaN/inf in its
@@ -302,15 +316,7 @@ pub fn run_varlen_case(
     lens: &[(usize, usize)],
     cfg: &AttentionConfig,
 ) -> Result<Vec<Comparison>, Error> {
-    let prefix = |f: fn(&(usize, usize)) -> usize| -> Vec<i32> {
-        std::iter::once(0)
-            .chain(lens.iter().scan(0, |acc, l| {
-                *acc += f(l) as i32;
-                Some(*acc)
-            }))
-            .collect()
-    };
-    let (cu_q, cu_k) = (prefix(|l| l.0), prefix(|l| l.1));
+    let (cu_q, cu_k) = cu_seqlens(lens);
     let (total_q, total_k) = (cu_q[lens.len()] as usize, cu_k[lens.len()] as usize);
     let (q, q32) = random_tensor::<bf16>(rng, total_q * hq * d);
     let (k, k32) = random_tensor::<bf16>(rng, total_k * hkv * d);

@@ -114,15 +114,7 @@ fn time_varlen_case(
     rng: &mut StdRng,
     clock: &ClockSampler,
 ) -> Result<Timing> {
-    let prefix = |f: fn(&(usize, usize)) -> usize| -> Vec<i32> {
-        std::iter::once(0)
-            .chain(lens.iter().scan(0, |acc, l| {
-                *acc += f(l) as i32;
-                Some(*acc)
-            }))
-            .collect()
-    };
-    let (cu_q, cu_k) = (prefix(|l| l.0), prefix(|l| l.1));
+    let (cu_q, cu_k) = duo_attn_tests::cu_seqlens(lens);
     let (total_q, total_k) = (cu_q[lens.len()] as usize, cu_k[lens.len()] as usize);
     let (hq, hkv, d) = (case.heads_q, case.heads_kv, case.head_dim);
     let sets = input_sets(ctx, 2 * (total_q * hq + 2 * total_k * hkv) * d);
