@@ -2,7 +2,7 @@
 use crate::context::Context;
 use crate::element::AttnElement;
 use crate::error::{Error, Result};
-use crate::split_kv::{PartialRows, SplitKv, SplitWork};
+use crate::split_kv::{PartialRows, SequenceRuns, SplitKv, SplitShape};
 use crate::tensor::{DeviceTensor, TensorDesc, View, ViewMut};
 use crate::tma::{TmaTensor, prefill_tensors};
 use duo_attn_kernels::abi::{
@@ -418,8 +418,9 @@ pub fn plan_prefill<T: AttnElement>(
 /// one of them.
 pub(crate) struct PrefillArgs {
     pub params: PrefillParams,
-    /// `AttentionConfig::kv_splits`.
+    /// `AttentionConfig::kv_splits` and `head_kinds` (for the split choice).
     pub kv_splits: Option<usize>,
+    pub head_kinds: Vec<HeadKind>,
     pub tma: std::result::Result<[TmaTensor; TMA_MAPS], (&'static str, String)>,
 }
 
@@ -480,6 +481,7 @@ pub(crate) fn prefill_params(
     PrefillArgs {
         params,
         kv_splits: cfg.kv_splits,
+        head_kinds: cfg.head_kinds.clone(),
         tma,
     }
 }
@@ -516,30 +518,31 @@ fn kernel_shape(
     }
 }
 
-/// The split-KV option of a TMA launch at D <= 128: its entries and its work tiles, over
-/// `sequences` (query rows, retrieval keys, streaming keys) of `m_blocks` query tiles each.
+/// The split-KV option of a TMA launch at D <= 128: its entries and the shape of its work, over
+/// `sequences` of `m_blocks` query tiles each.
 fn split_kv<T: AttnElement>(
     p: &PrefillParams,
-    head_dim: usize,
+    (head_dim, kinds): (usize, &[HeadKind]),
     requested: Option<usize>,
-    (m_blocks, sequences): (usize, impl ExactSizeIterator<Item = (usize, usize, usize)>),
+    (m_blocks, sequences): (usize, SequenceRuns),
     rows: PartialRows,
 ) -> SplitKv {
-    let kinds: Vec<HeadKind> = (0..p.heads_kv.max(0) as usize)
-        .map(
-            |h| match p.streaming_heads.get(h / 32).map(|w| w >> (h % 32) & 1) {
-                Some(1) => HeadKind::Streaming,
-                _ => HeadKind::Retrieval,
-            },
-        )
-        .collect();
     SplitKv {
         entry: format!("duo_prefill_wgmma_tma_split_{}_d{head_dim}", T::KERNEL_NAME),
         merge_entry: format!("duo_prefill_merge_{}_d{head_dim}", T::KERNEL_NAME),
         requested,
         head_dim,
         rows,
-        work: SplitWork::of(p, &kinds, ws_block_n(head_dim), m_blocks, sequences),
+        shape: SplitShape {
+            heads_q: p.heads_q.max(0) as usize,
+            kinds: kinds.to_vec(),
+            causal: p.causal != 0,
+            sink: p.sink.max(0) as usize,
+            window: p.window.max(0) as usize,
+            block_n: ws_block_n(head_dim),
+            m_blocks,
+            sequences,
+        },
     }
 }
 
@@ -584,14 +587,15 @@ pub(crate) fn prefill_launch<T: AttnElement>(
     let split = (kernel == PrefillKernel::WgmmaTma && head_dim <= 128).then(|| {
         let p = &args.params;
         let (seqlen_k, seqlen_k_stream) = (p.seqlen_k as usize, p.seqlen_k_stream as usize);
-        let sequences = std::iter::repeat_n((seqlen_q, seqlen_k, seqlen_k_stream), batch);
+        let sequences = vec![((seqlen_q, seqlen_k, seqlen_k_stream), batch)];
         let rows = PartialRows {
             batch,
             heads_q,
             seqlen_q,
         };
         let m_blocks = seqlen_q.div_ceil(WG_BLOCK_M);
-        split_kv::<T>(p, head_dim, args.kv_splits, (m_blocks, sequences), rows)
+        let heads = (head_dim, &args.head_kinds[..]);
+        split_kv::<T>(p, heads, args.kv_splits, (m_blocks, sequences), rows)
     });
     let mut plan = PrefillPlan {
         entry: format!("duo_prefill_{variant}{}_d{}", T::KERNEL_NAME, head_dim),
@@ -725,7 +729,7 @@ pub fn plan_prefill_varlen<T: AttnElement>(
         // Partial rows follow the LSE's `[Hq, total_q]`: merged as one sequence of total_q rows.
         let sequences = cu_q.windows(2).zip(cu_k.windows(2)).map(|(q, k)| {
             let seqlen_k = (k[1] - k[0]) as usize;
-            ((q[1] - q[0]) as usize, seqlen_k, seqlen_k)
+            (((q[1] - q[0]) as usize, seqlen_k, seqlen_k), 1)
         });
         let rows = PartialRows {
             batch: 1,
@@ -734,9 +738,9 @@ pub fn plan_prefill_varlen<T: AttnElement>(
         };
         plan.split = Some(split_kv::<T>(
             &plan.params,
-            q.shape[2],
+            (q.shape[2], &cfg.head_kinds),
             cfg.kv_splits,
-            (plan.grid.0 as usize, sequences),
+            (plan.grid.0 as usize, sequences.collect()),
             rows,
         ));
     }
@@ -771,8 +775,7 @@ impl Context {
             * self.resident_blocks_per_sm(&plan.entry, plan.block, plan.shared_bytes)? as usize;
         let mut params = plan.params;
         params.work_counter = self.zeroed_counters(2)?;
-        // The split choice counts work in longest tiles: in a mixed layer the streaming heads'
-        // tiles are short, and only the retrieval heads' tiles need to fill the GPU.
+        // The split count replays this launch's scheduler (`split_kv`), once per launch shape.
         let splits = plan
             .split
             .as_ref()

@@ -45,5 +45,5 @@ pub use decode::{DecodePlan, MAX_DECODE_QUERIES};
 pub use element::{AttnElement, DType, DeviceScalar};
 pub use error::{Error, Result};
 pub use pattern::{Binarize, HeadPattern};
-pub use split_kv::{PartialRows, SplitKv, SplitWork, choose_kv_splits};
+pub use split_kv::{PartialRows, SplitKv, SplitShape, SplitWork, choose_kv_splits};
 pub use tensor::{DeviceTensor, TensorDesc, View, ViewMut};

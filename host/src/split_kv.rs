@@ -3,7 +3,7 @@
 //! host: its work tiles in claim order, each split a run of KV blocks plus a fixed cost, taken by
 //! whichever resident block frees first, then the merge's traffic.
 use crate::attention::HeadKind;
-use duo_attn_kernels::abi::{PREFILL_MAX_SPLITS, PrefillParams, WG_BLOCK_M};
+use duo_attn_kernels::abi::{PREFILL_MAX_SPLITS, WG_BLOCK_M};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
@@ -18,8 +18,30 @@ pub struct SplitKv {
     pub head_dim: usize,
     /// The rows the merge writes, and the partial rows' layout.
     pub rows: PartialRows,
-    pub work: SplitWork,
+    /// What the launch's work tiles follow from (`SplitShape::work` lists them).
+    pub shape: SplitShape,
 }
+
+/// The inputs of a launch's work list: its heads and their kinds, masks, KV block size, query
+/// tiles per sequence and its sequences. Kept instead of the list itself, which the choice
+/// derives only when it has not seen the shape before.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SplitShape {
+    pub heads_q: usize,
+    /// One per KV head.
+    pub kinds: Vec<HeadKind>,
+    pub causal: bool,
+    pub sink: usize,
+    pub window: usize,
+    pub block_n: usize,
+    /// Query tiles per sequence (the longest sequence's).
+    pub m_blocks: usize,
+    pub sequences: SequenceRuns,
+}
+
+/// Runs of alike sequences: ((query rows, retrieval keys, streaming keys), how many). The two key
+/// counts differ for the DuoAttention cache.
+pub type SequenceRuns = Vec<((usize, usize, usize), usize)>;
 
 /// Query rows of a split launch, `[B, Hq, Sq]` as the LSE's: a fixed-length batch, or a varlen
 /// batch packed as one sequence of `total_q` rows (`B = 1`). Each has `kv_splits` partial rows.
@@ -112,41 +134,48 @@ fn blocks_of_tile(
     causal_blocks.min(sink_blocks + window_blocks) as u32
 }
 
-impl SplitWork {
-    /// The work tiles of a launch over `sequences` (query rows, retrieval keys, streaming keys;
-    /// the two key counts differ for the DuoAttention cache), `m_blocks` query tiles each (the
-    /// longest sequence's), with the launch's heads, kinds, sink and window.
-    pub fn of(
-        p: &PrefillParams,
-        kinds: &[HeadKind],
-        block_n: usize,
-        m_blocks: usize,
-        sequences: impl ExactSizeIterator<Item = (usize, usize, usize)>,
-    ) -> Self {
-        let heads_q = p.heads_q.max(0) as usize;
-        let group = (heads_q / kinds.len().max(1)).max(1);
-        let reach = (p.sink.max(0) as usize, p.window.max(0) as usize);
-        let tiles = sequences.len() * heads_q * m_blocks;
+impl SplitShape {
+    /// The launch's work tiles in claim order (`SplitWork`).
+    pub fn work(&self) -> SplitWork {
+        let group = (self.heads_q / self.kinds.len().max(1)).max(1);
+        let reach = (self.sink, self.window);
+        let runs = self.sequences.iter().map(|&(_, n)| n).sum::<usize>();
+        let tiles = runs * self.heads_q * self.m_blocks;
         let (mut tile_blocks, mut max_blocks) = (Vec::new(), 1);
         let listed = tiles <= MAX_REPLAY_TILES;
         if listed {
             tile_blocks.reserve(tiles);
         }
-        for (seqlen_q, seqlen_k, seqlen_k_stream) in sequences {
-            for kind in (0..heads_q).map(|h| kinds.get(h / group).copied()) {
-                let kind = kind.unwrap_or(HeadKind::Retrieval);
+        for &((seqlen_q, seqlen_k, seqlen_k_stream), count) in &self.sequences {
+            if count == 0 {
+                continue;
+            }
+            let first = tile_blocks.len();
+            for h in 0..self.heads_q {
+                let kind = self
+                    .kinds
+                    .get(h / group)
+                    .copied()
+                    .unwrap_or(HeadKind::Retrieval);
                 let keys = match kind {
                     HeadKind::Retrieval => seqlen_k,
                     HeadKind::Streaming => seqlen_k_stream,
                 };
                 let blocks = |m: usize| {
-                    blocks_of_tile(kind, p.causal != 0, reach, seqlen_q, keys, m, block_n)
+                    blocks_of_tile(kind, self.causal, reach, seqlen_q, keys, m, self.block_n)
                 };
                 // The sequence's last query tile is its longest.
                 let last = seqlen_q.div_ceil(WG_BLOCK_M).max(1) - 1;
                 max_blocks = max_blocks.max(blocks(last * WG_BLOCK_M) as usize);
                 if listed {
-                    tile_blocks.extend((0..m_blocks).rev().map(|m| blocks(m * WG_BLOCK_M)));
+                    tile_blocks.extend((0..self.m_blocks).rev().map(|m| blocks(m * WG_BLOCK_M)));
+                }
+            }
+            // The run's other sequences list the same tiles as its first.
+            if listed {
+                let end = tile_blocks.len();
+                for _ in 1..count {
+                    tile_blocks.extend_from_within(first..end);
                 }
             }
         }
@@ -155,7 +184,9 @@ impl SplitWork {
             max_blocks,
         }
     }
+}
 
+impl SplitWork {
     /// `tiles` tiles of `blocks` blocks each (tests and estimates).
     pub fn uniform(tiles: usize, blocks: u32) -> Self {
         SplitWork {
@@ -230,11 +261,19 @@ pub fn choose_kv_splits(
         .map_or(1, |t| t.0)
 }
 
-/// Recent split choices, so the replay runs once per launch shape: a serving step's layers
-/// share theirs. Exact keys (the work list compares as a whole), the last `SplitChoices::KEEP`.
+/// Recent split choices, so the work list and its replay are made once per launch shape: a
+/// serving step's layers share theirs. Exact keys, the last `SplitChoices::KEEP`.
 #[derive(Debug, Default)]
 pub struct SplitChoices {
-    recent: std::collections::VecDeque<(SplitWork, usize, usize, usize)>,
+    recent: std::collections::VecDeque<(SplitKey, usize)>,
+}
+
+/// What the launch's own split choice depends on.
+#[derive(Debug, PartialEq, Eq)]
+struct SplitKey {
+    shape: SplitShape,
+    slots: usize,
+    rows: usize,
 }
 
 impl SplitChoices {
@@ -244,21 +283,25 @@ impl SplitChoices {
     pub fn choose(&mut self, split: &SplitKv, slots: usize) -> usize {
         let rows = split.rows.count();
         if split.requested.is_some() {
-            return choose_kv_splits(split.requested, &split.work, slots, rows);
+            return choose_kv_splits(split.requested, &split.shape.work(), slots, rows);
         }
         let known = self
             .recent
             .iter()
-            .find(|(work, s, r, _)| *s == slots && *r == rows && *work == split.work);
-        if let Some(&(.., splits)) = known {
+            .find(|(key, _)| key.slots == slots && key.rows == rows && key.shape == split.shape);
+        if let Some(&(_, splits)) = known {
             return splits;
         }
-        let splits = choose_kv_splits(None, &split.work, slots, rows);
+        let splits = choose_kv_splits(None, &split.shape.work(), slots, rows);
         if self.recent.len() == Self::KEEP {
             self.recent.pop_front();
         }
-        self.recent
-            .push_back((split.work.clone(), slots, rows, splits));
+        let key = SplitKey {
+            shape: split.shape.clone(),
+            slots,
+            rows,
+        };
+        self.recent.push_back((key, splits));
         splits
     }
 }
@@ -290,13 +333,22 @@ mod tests {
         }
     }
 
-    fn params(heads_q: usize, causal: bool, sink: i32, window: i32) -> PrefillParams {
-        PrefillParams {
-            heads_q: heads_q as i32,
-            causal: causal as i32,
-            sink,
-            window,
-            ..Default::default()
+    /// A causal launch of `heads_q` query heads over `kinds` (one per KV head), 128-key blocks.
+    fn shape(
+        heads_q: usize,
+        kinds: &[HeadKind],
+        m_blocks: usize,
+        sequences: SequenceRuns,
+    ) -> SplitShape {
+        SplitShape {
+            heads_q,
+            kinds: kinds.to_vec(),
+            causal: true,
+            sink: 0,
+            window: 0,
+            block_n: 128,
+            m_blocks,
+            sequences,
         }
     }
 
@@ -329,19 +381,30 @@ mod tests {
     fn work_lists_tiles_in_claim_order() {
         // Two sequences (128 and 256 queries at the end of 1024 and 512 keys), 2 query heads,
         // one retrieval KV head: sequence-major, then head, last query tile first.
-        let p = params(2, true, 0, 0);
-        let seqs = [(128, 1024, 1024), (256, 512, 512)];
-        let work = SplitWork::of(&p, &[HeadKind::Retrieval], 128, 2, seqs.into_iter());
+        let seqs = vec![((128, 1024, 1024), 1), ((256, 512, 512), 1)];
+        let work = shape(2, &[HeadKind::Retrieval], 2, seqs).work();
         assert_eq!(work.tile_blocks, [0, 8, 0, 8, 4, 3, 4, 3]);
         assert_eq!(work.max_blocks, 8);
     }
 
     #[test]
+    fn alike_sequences_list_as_one_run() {
+        let kinds = [HeadKind::Retrieval, HeadKind::Streaming];
+        let one = ((300, 2000, 900), 1);
+        let mut run = shape(4, &kinds, 3, vec![((300, 2000, 900), 3)]);
+        run.sink = 16;
+        run.window = 200;
+        let mut each = run.clone();
+        each.sequences = vec![one; 3];
+        assert_eq!(run.work(), each.work());
+        assert_eq!(run.work().tile_blocks.len(), 3 * 4 * 3);
+    }
+
+    #[test]
     fn launches_that_fill_the_gpu_do_not_split() {
         // Full causal 32k: 256 tiles x 32 heads of 1..256 blocks.
-        let p = params(32, true, 0, 0);
-        let full = std::iter::once((32768, 32768, 32768));
-        let work = SplitWork::of(&p, &[HeadKind::Retrieval; 32], 128, 256, full);
+        let full = vec![((32768, 32768, 32768), 1)];
+        let work = shape(32, &[HeadKind::Retrieval; 32], 256, full).work();
         assert_eq!(choose_kv_splits(None, &work, 132, 32 * 32768), 1);
         // 512-query chunks against 32k keys: 128 tiles of 256 blocks.
         assert_eq!(
@@ -400,7 +463,6 @@ mod tests {
     /// Sk (b + 1) / B keys): the counts measured fastest on an H100 (or within 1% of it).
     #[test]
     fn varlen_chunks_split_as_measured() {
-        let p = params(32, true, 0, 0);
         let kinds = [HeadKind::Retrieval; 8];
         for (batch, sq, sk, want) in [
             (4, 128, 32768, 4),
@@ -412,8 +474,10 @@ mod tests {
             (8, 128, 131072, 4),
             (8, 512, 131072, 1),
         ] {
-            let seqs = (0..batch).map(|b| (sq, sk * (b + 1) / batch, sk * (b + 1) / batch));
-            let work = SplitWork::of(&p, &kinds, 128, sq / 128, seqs);
+            let seqs = (0..batch)
+                .map(|b| ((sq, sk * (b + 1) / batch, sk * (b + 1) / batch), 1))
+                .collect();
+            let work = shape(32, &kinds, sq / 128, seqs).work();
             let got = choose_kv_splits(None, &work, 132, batch * sq * 32);
             assert_eq!(got, want, "B={batch} Sq={sq} Sk={sk}");
         }
@@ -421,6 +485,7 @@ mod tests {
 
     #[test]
     fn choices_are_remembered_per_shape() {
+        // `tiles` query heads of one 128-query chunk against 32k keys: tiles of 256 blocks.
         let split = |tiles, requested| SplitKv {
             entry: String::new(),
             merge_entry: String::new(),
@@ -431,7 +496,12 @@ mod tests {
                 heads_q: 32,
                 seqlen_q: 128,
             },
-            work: SplitWork::uniform(tiles, 256),
+            shape: shape(
+                tiles,
+                &[HeadKind::Retrieval],
+                1,
+                vec![((128, 32768, 32768), 1)],
+            ),
         };
         let mut choices = SplitChoices::default();
         for _ in 0..3 {

@@ -63,6 +63,13 @@ pub const MASK_NONE: u32 = 0;
 pub const MASK_KEYS: u32 = 1;
 pub const MASK_TEST: u32 = 2;
 
+/// Index of the LSE entry of sequence `batch`'s query row `start_q` (its first, for a varlen
+/// sequence) in head `head`.
+#[inline(always)]
+fn lse_row(p: &PrefillParams, batch: i64, head: i32, start_q: i32) -> i64 {
+    batch * p.lse_strides[0] + head as i64 * p.lse_strides[1] + start_q as i64
+}
+
 /// What one block of `block_m` query rows works on: its head, mask, rows, and the row-0
 /// addresses of its sequence (fixed-length batch entry or varlen sequence) and K/V source.
 pub struct QueryTile {
@@ -150,12 +157,10 @@ impl QueryTile {
         let head = pair - batch * p.heads_q;
         let mut tile = Self::new(p, block_m, m_block, head, batch as i64);
         if SPLIT {
-            // Partial rows: the LSE's rows (`[B, Hq, Sq]`, varlen `[Hq, total_q]`), each one
-            // `kv_splits` rows in a row, so the merge reads a query row's splits side by side.
-            let lse_row0 = batch as i64 * p.lse_strides[0]
-                + head as i64 * p.lse_strides[1]
-                + tile.q_row0 as i64;
-            let row0 = lse_row0 * p.kv_splits as i64 + split as i64;
+            // Partial rows: the LSE's rows (`[B, Hq, Sq]`, varlen `[Hq, total_q]`), each widened
+            // to `kv_splits` partial rows side by side, which the merge reads together.
+            let row0 =
+                lse_row(p, batch as i64, head, tile.q_row0) * p.kv_splits as i64 + split as i64;
             tile.kv_split = split;
             tile.kv_splits = p.kv_splits;
             tile.kv_splits_div = p.kv_splits_div;
@@ -221,7 +226,7 @@ impl QueryTile {
         };
         let m0 = m_block * block_m;
         let offset = seqlen_k - seqlen_q;
-        let lse_row0 = batch * p.lse_strides[0] + head as i64 * p.lse_strides[1] + start_q as i64;
+        let lse_row0 = lse_row(p, batch, head, start_q);
         QueryTile {
             head,
             mask,

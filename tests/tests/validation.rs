@@ -99,21 +99,21 @@ fn tma_plans_offer_split_kv() {
     let split = plan(&c).unwrap().split.expect("split-KV offered");
     assert_eq!(split.entry, "duo_prefill_wgmma_tma_split_bf16_d128");
     assert_eq!(split.merge_entry, "duo_prefill_merge_bf16_d128");
-    assert_eq!(split.work.tile_blocks, vec![256; 32]);
-    assert_eq!(split.work.max_blocks, 256);
+    assert_eq!(split.shape.work().tile_blocks, vec![256; 32]);
+    assert_eq!(split.shape.work().max_blocks, 256);
     // Half streaming: sink 64 (one block) + window 256 from the chunk's first row (keys
     // 32385.., blocks 253-255): 4 blocks for each query head of a streaming KV head.
     c.cfg = AttentionConfig::new([HeadKind::Retrieval, HeadKind::Streaming].repeat(4));
     let split = plan(&c).unwrap().split.unwrap();
     assert_eq!(
-        split.work.tile_blocks,
+        split.shape.work().tile_blocks,
         [[256; 4], [4; 4]].concat().repeat(4)
     );
-    assert_eq!(split.work.max_blocks, 256);
+    assert_eq!(split.shape.work().max_blocks, 256);
     // All streaming: the longest tile is the window's.
     c.cfg = AttentionConfig::all_streaming(8, 64, 256);
     let split = plan(&c).unwrap().split.unwrap();
-    assert_eq!(split.work.max_blocks, 4);
+    assert_eq!(split.shape.work().max_blocks, 4);
     // Not at D = 256, nor on the other kernels.
     assert_eq!(
         plan(&call_of([1, 128, 4096, 8, 2, 256], 0x1_0000_0000))
@@ -489,8 +489,8 @@ mod varlen {
             [[seq2_retrieval; 4].concat(), [seq2_streaming; 4].concat()].concat(),
         ]
         .concat();
-        assert_eq!(split.work.tile_blocks, want);
-        assert_eq!(split.work.max_blocks, 4);
+        assert_eq!(split.shape.work().tile_blocks, want);
+        assert_eq!(split.shape.work().max_blocks, 4);
     }
 
     fn fails(edit: impl FnOnce(&mut VarlenCall)) -> Error {
