@@ -62,7 +62,7 @@ pub struct AttentionConfig {
     /// launch whose query tiles are too few to fill the GPU (chunked prefill against a long
     /// context), each tile's KV blocks into near-equal runs merged by their LSE; `Some(n)` asks
     /// for `n` splits (1: never; capped at `PREFILL_MAX_SPLITS` and at one KV block per split).
-    /// D = 256 and the other kernels never split.
+    /// The other kernels never split.
     pub kv_splits: Option<usize>,
 }
 
@@ -518,7 +518,7 @@ fn kernel_shape(
     }
 }
 
-/// The split-KV option of a TMA launch at D <= 128: its entries and the shape of its work, over
+/// The split-KV option of a TMA launch: its entries and the shape of its work, over
 /// `sequences` of `m_blocks` query tiles each.
 fn split_kv<T: AttnElement>(
     p: &PrefillParams,
@@ -583,8 +583,8 @@ pub(crate) fn prefill_launch<T: AttnElement>(
         (kernel, _) => (kernel, None),
     };
     let (variant, block_m, block, shared_bytes, persistent) = kernel_shape(kernel, head_dim);
-    // Split-KV: the TMA kernel at D <= 128 (no split build at D = 256: registers).
-    let split = (kernel == PrefillKernel::WgmmaTma && head_dim <= 128).then(|| {
+    // Split-KV: the TMA kernel (every head dim).
+    let split = (kernel == PrefillKernel::WgmmaTma).then(|| {
         let p = &args.params;
         let (seqlen_k, seqlen_k_stream) = (p.seqlen_k as usize, p.seqlen_k_stream as usize);
         let sequences = vec![((seqlen_q, seqlen_k, seqlen_k_stream), batch)];

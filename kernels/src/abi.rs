@@ -249,8 +249,8 @@ pub const TMA_BOX_COLS: usize = 64;
 
 /// Prefill kernel entry names, by (element, head dim): the mma.sync kernel, the plain wgmma
 /// kernel, the warp-specialised wgmma kernel with cp.async loads and with TMA loads, its split-KV
-/// build (D <= 128) and the split-KV merge.
-pub const PREFILL_ENTRIES: [(&str, &str, usize); 26] = [
+/// build and the split-KV merge.
+pub const PREFILL_ENTRIES: [(&str, &str, usize); 30] = [
     ("duo_prefill_bf16_d64", "bf16", 64),
     ("duo_prefill_bf16_d128", "bf16", 128),
     ("duo_prefill_f16_d64", "f16", 64),
@@ -273,10 +273,14 @@ pub const PREFILL_ENTRIES: [(&str, &str, usize); 26] = [
     ("duo_prefill_wgmma_tma_split_bf16_d128", "bf16", 128),
     ("duo_prefill_wgmma_tma_split_f16_d64", "f16", 64),
     ("duo_prefill_wgmma_tma_split_f16_d128", "f16", 128),
+    ("duo_prefill_wgmma_tma_split_bf16_d256", "bf16", 256),
+    ("duo_prefill_wgmma_tma_split_f16_d256", "f16", 256),
     ("duo_prefill_merge_bf16_d64", "bf16", 64),
     ("duo_prefill_merge_bf16_d128", "bf16", 128),
     ("duo_prefill_merge_f16_d64", "f16", 64),
     ("duo_prefill_merge_f16_d128", "f16", 128),
+    ("duo_prefill_merge_bf16_d256", "bf16", 256),
+    ("duo_prefill_merge_f16_d256", "f16", 256),
 ];
 
 /// Head dims the decode kernel (and so the DuoAttention cache) serves.

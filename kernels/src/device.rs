@@ -128,6 +128,18 @@ pub fn opaque_i32(v: i32) -> i32 {
     out
 }
 
+/// `v`, opaque to LLVM where it is read (a volatile `mov`): a test of a loop-invariant parameter
+/// then stays at its use instead of being hoisted to the kernel's entry, where its result would
+/// live through every loop as a predicate, which ptxas does not rematerialize from the parameter.
+#[inline(always)]
+pub fn fresh_u32(v: u32) -> u32 {
+    let r: u32;
+    unsafe {
+        asm!("mov.b32 {r}, {v};", r = out(reg32) r, v = in(reg32) v, options(nomem, nostack))
+    };
+    r
+}
+
 /// Lane 0's `v`, broadcast to the warp (`shfl.sync.idx`). Branching on the result tells ptxas the
 /// condition is warp-uniform (how CUTLASS picks warpgroup roles).
 #[inline(always)]

@@ -1,7 +1,7 @@
 //! The split-KV prefill's merge (`duo_prefill_merge_*`): each query row's `kv_splits` partial rows
 //! (O normalised in f32, and its LSE, written by the `_split` TMA entries) combine by their LSE
 //! into the row of O and its LSE. One warp per row: lane `s` holds split `s`'s weight, and each
-//! lane sums four columns of every split (16-byte loads; D <= 128).
+//! lane sums four columns of every split per 128 columns of the head dim (16-byte loads).
 use crate::abi::{PREFILL_MAX_SPLITS, PREFILL_MERGE_ROWS, PrefillMergeParams};
 use crate::device::*;
 use crate::mma::{Bf16, Element, F16};
@@ -12,7 +12,9 @@ const LOG2_E: f32 = core::f32::consts::LOG2_E;
 
 #[inline(always)]
 unsafe fn merge<E: Element, const D: usize>(p: &PrefillMergeParams) {
-    const { assert!(PREFILL_MAX_SPLITS <= 32 && D % 4 == 0 && D <= 128) };
+    const { assert!(PREFILL_MAX_SPLITS <= 32 && D % 4 == 0) };
+    // 128-column passes over the head dim: one at D <= 128, two at D = 256.
+    let passes = D.div_ceil(128);
     let tid = thread_idx_x() as usize;
     let (warp, lane) = (tid / 32, tid % 32);
     // Query rows `[B, Hq, Sq]` (a varlen launch: `[1, Hq, total_q]`; below 2^31 partial rows,
@@ -51,25 +53,31 @@ unsafe fn merge<E: Element, const D: usize>(p: &PrefillMergeParams) {
     let o_row = p.o
         + ((b as i64 * p.o_strides[0] + i as i64 * p.o_strides[1] + h as i64 * p.o_strides[2]) * 2)
             as u64;
-    // Lane `l` sums columns `4l..4l + 4` (at D = 64 only lanes 0-15 have columns). The weight
-    // shuffles run on the whole warp: a lane outside the column test would leave its split's
-    // weight undefined for the others (the first version's bug at D = 64 with over 16 splits).
-    let col = 4 * lane;
-    let mut o = [0f32; 4];
+    // Lane `l` sums columns `128 j + 4l..+4` of pass `j` (at D = 64 only lanes 0-15 have
+    // columns). The weight shuffles run on the whole warp: a lane outside the column test would
+    // leave its split's weight undefined for the others (the first version's bug at D = 64 with
+    // over 16 splits).
+    let col = |j: usize| 128 * j + 4 * lane;
+    let mut o = [[0f32; 4]; 2];
     for s in 0..splits {
         let ws = shfl_idx_f32(w, s as u32);
-        if col < D {
-            let at = p.partial_o + 4 * (partial(s) * D as i64 + col as i64) as u64;
-            let x = unsafe { ld_global_cg_v4_f32(at) };
-            for c in 0..4 {
-                o[c] += ws * x[c];
+        for (j, o) in o.iter_mut().enumerate().take(passes) {
+            if col(j) < D {
+                let at = p.partial_o + 4 * (partial(s) * D as i64 + col(j) as i64) as u64;
+                let x = unsafe { ld_global_cg_v4_f32(at) };
+                for c in 0..4 {
+                    o[c] += ws * x[c];
+                }
             }
         }
     }
-    if col < D {
-        unsafe {
-            st_global_u32(o_row + 2 * col as u64, E::pack(o[0], o[1]));
-            st_global_u32(o_row + 2 * col as u64 + 4, E::pack(o[2], o[3]));
+    for (j, o) in o.iter().enumerate().take(passes) {
+        if col(j) < D {
+            let at = o_row + 2 * col(j) as u64;
+            unsafe {
+                st_global_u32(at, E::pack(o[0], o[1]));
+                st_global_u32(at + 4, E::pack(o[2], o[3]));
+            }
         }
     }
     if lane == 0 {
@@ -91,3 +99,5 @@ merge_entry!(duo_prefill_merge_bf16_d64, Bf16, 64);
 merge_entry!(duo_prefill_merge_bf16_d128, Bf16, 128);
 merge_entry!(duo_prefill_merge_f16_d64, F16, 64);
 merge_entry!(duo_prefill_merge_f16_d128, F16, 128);
+merge_entry!(duo_prefill_merge_bf16_d256, Bf16, 256);
+merge_entry!(duo_prefill_merge_f16_d256, F16, 256);

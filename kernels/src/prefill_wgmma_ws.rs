@@ -368,7 +368,9 @@ unsafe fn prefill_wgmma<
         } else {
             setmaxnreg_inc::<WS_CONSUMER_REGISTERS>();
         }
-        let (wg, wtid) = (warpgroup - 1, tid % 128);
+        // The subtraction in u32: in usize its high word (a borrow to LLVM) stayed live through
+        // the consumer loop for the exit test, and the D = 256 split build spilled it.
+        let (wg, wtid) = ((warpgroup as u32 - 1) as usize, tid % 128);
         match (TMA && H::Q_IN_REGISTERS, H::OVERLAP_TILES) {
             (true, true) => unsafe { consumer::<E, H, TMA, true, SPLIT>(p, smem, wg, wtid) },
             (false, true) => unsafe { consumer::<E, H, TMA, false, SPLIT>(p, smem, wg, wtid) },
@@ -1115,5 +1117,5 @@ tma_entry!(duo_prefill_wgmma_tma_split_bf16_d64, Bf16, 64, true);
 tma_entry!(duo_prefill_wgmma_tma_split_bf16_d128, Bf16, 128, true);
 tma_entry!(duo_prefill_wgmma_tma_split_f16_d64, F16, 64, true);
 tma_entry!(duo_prefill_wgmma_tma_split_f16_d128, F16, 128, true);
-// No split-KV build at D = 256: the split's decode leaves the 24-register producer short (12
-// bytes of spills with ptxas 13.0), so D = 256 launches never split.
+tma_entry!(duo_prefill_wgmma_tma_split_bf16_d256, Bf16, 256, true);
+tma_entry!(duo_prefill_wgmma_tma_split_f16_d256, F16, 256, true);

@@ -2,8 +2,8 @@
 //! operand addresses, and the epilogue that writes O and LSE.
 use crate::abi::{FastDiv, HEAD_MASK_WORDS, PrefillParams, split_range};
 use crate::device::{
-    block_idx_x, block_idx_y, block_idx_z, grid_dim_x, ld_global_nc_u32, select_u32, shfl_xor_u32,
-    st_global_f32_if, st_global_v2_f32_if, st_global_v4_u32_if,
+    block_idx_x, block_idx_y, block_idx_z, fresh_u32, grid_dim_x, ld_global_nc_u32, select_u32,
+    shfl_xor_u32, st_global_f32_if, st_global_v2_f32_if, st_global_v4_u32_if,
 };
 use crate::mask::HeadMask;
 use crate::mma::Element;
@@ -125,6 +125,7 @@ impl QueryTile {
             m_block,
             block_idx_y() as i32,
             block_idx_z() as i64,
+            false,
         )
     }
 
@@ -155,7 +156,10 @@ impl QueryTile {
         let m_block = p.m_blocks - 1 - (tile_work - pair * p.m_blocks);
         let batch = p.heads_q_div.quotient(pair as u32) as i32;
         let head = pair - batch * p.heads_q;
-        let mut tile = Self::new(p, block_m, m_block, head, batch as i64);
+        // The D = 256 split build is two registers short in its consumers: there the flag
+        // tests are made per tile (`fresh_u32`) rather than once at entry and carried.
+        let per_tile_flags = SPLIT && head_dim > 128;
+        let mut tile = Self::new(p, block_m, m_block, head, batch as i64, per_tile_flags);
         if SPLIT {
             // Partial rows: the LSE's rows (`[B, Hq, Sq]`, varlen `[Hq, total_q]`), each widened
             // to `kv_splits` partial rows side by side, which the merge reads together.
@@ -183,11 +187,30 @@ impl QueryTile {
     }
 
     #[inline(always)]
-    fn new(p: &PrefillParams, block_m: i32, m_block: i32, head: i32, batch: i64) -> Self {
+    fn new(
+        p: &PrefillParams,
+        block_m: i32,
+        m_block: i32,
+        head: i32,
+        batch: i64,
+        per_tile_flags: bool,
+    ) -> Self {
+        let flag = |v: u32| if per_tile_flags { fresh_u32(v) } else { v };
         let kv_head = p.group_div.quotient(head as u32) as i32;
         let (streaming, rank) = kind_and_rank(&p.streaming_heads, kv_head as usize);
-        let from_stream = streaming && p.split_kv != 0;
-        let kv_index = if p.split_kv != 0 { rank } else { kv_head };
+        let from_stream;
+        let kv_index;
+        let varlen;
+        if per_tile_flags {
+            let split_kv = fresh_u32(p.split_kv as u32) != 0;
+            from_stream = streaming && split_kv;
+            kv_index = if split_kv { rank } else { kv_head };
+            varlen = fresh_u32((p.cu_seqlens_q | p.cu_seqlens_q >> 32) as u32) != 0;
+        } else {
+            from_stream = streaming && p.split_kv != 0;
+            kv_index = if p.split_kv != 0 { rank } else { kv_head };
+            varlen = p.cu_seqlens_q != 0;
+        }
         // Scalar selects (not references into the parameter block), so the parameters stay in
         // the constant bank instead of being copied to the stack.
         let pick = |stream: i64, plain: i64| if from_stream { stream } else { plain };
@@ -205,7 +228,7 @@ impl QueryTile {
         let v = pick(p.stream_v as i64, p.v as i64) as u64;
         let seqlen_k = pick(p.seqlen_k_stream as i64, p.seqlen_k as i64) as i32;
         // Varlen: this sequence's rows and lengths from the prefix sums (never with split_kv).
-        let (start_q, seqlen_q, start_k, seqlen_k) = if p.cu_seqlens_q != 0 {
+        let (start_q, seqlen_q, start_k, seqlen_k) = if varlen {
             let at = |cu: u64, i: i64| unsafe { ld_global_nc_u32(cu + 4 * i as u64) } as i32;
             let (q0, k0) = (at(p.cu_seqlens_q, batch), at(p.cu_seqlens_k, batch));
             (
@@ -219,9 +242,9 @@ impl QueryTile {
         };
         let mask = HeadMask {
             streaming,
-            causal: p.causal != 0,
+            causal: flag(p.causal as u32) != 0,
             sink: p.sink,
-            window: p.window,
+            window: flag(p.window as u32) as i32,
             seqlen_k,
         };
         let m0 = m_block * block_m;
@@ -248,7 +271,7 @@ impl QueryTile {
             q_row0: start_q,
             k_row0: start_k,
             kv_index,
-            batch_coord: if p.cu_seqlens_q != 0 { 0 } else { batch as i32 },
+            batch_coord: if varlen { 0 } else { batch as i32 },
             from_stream,
             kv_split: 0,
             kv_splits: 1,

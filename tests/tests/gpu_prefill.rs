@@ -122,7 +122,7 @@ fn tma_prefill_head_dim_256_matches_reference() {
     run_matrix(PrefillKernel::WgmmaTma, test, |rng| matrix_of(rng, &[256]));
 }
 
-/// Split-KV forced on the TMA kernel's matrix (D 64 and 128): 2, 3, 7 or 32 splits per query
+/// Split-KV forced on the TMA kernel's matrix (D 64, 128 and 256): 2, 3, 7 or 32 splits per query
 /// tile, merged by their LSE; a tile with fewer KV blocks than splits leaves some splits empty
 /// (their partial rows: O = 0, LSE = -inf). The plain matrix splits where few tiles meet long
 /// contexts (the launch's own choice).
@@ -130,7 +130,7 @@ fn tma_prefill_head_dim_256_matches_reference() {
 fn split_kv_prefill_matches_reference_over_the_matrix() {
     let test = "split_kv_prefill_matches_reference_over_the_matrix";
     run_matrix(PrefillKernel::WgmmaTma, test, |rng| {
-        let mut cases = matrix(rng);
+        let mut cases = matrix_of(rng, &[64, 128, 256]);
         for (n, case) in cases.iter_mut().enumerate() {
             case.cfg.kv_splits = Some([2, 3, 7, 32][n % 4]);
         }
@@ -139,9 +139,9 @@ fn split_kv_prefill_matches_reference_over_the_matrix() {
 }
 
 /// A small split-KV launch for compute-sanitizer (`run.sh sanitize`): a chunk of 100 queries
-/// against 3000 keys, mixed heads, GQA, three forced splits and the launch's own choice, D 64
-/// and 128, both dtypes; and 24 splits at D = 64 (the merge's lanes 16-31 hold weights but no
-/// columns there).
+/// against 3000 keys, mixed heads, GQA, three forced splits and the launch's own choice, D 64,
+/// 128 and 256, both dtypes; and 24 splits at D = 64 (the merge's lanes 16-31 hold weights but
+/// no columns there).
 #[test]
 fn split_kv_small_launches() {
     let Some(ctx) = gpu_or_skip("split_kv_small_launches") else {
@@ -155,6 +155,8 @@ fn split_kv_small_launches() {
         (128, None),
         (64, None),
         (64, Some(24)),
+        (256, Some(3)),
+        (256, None),
     ]
     .into_iter()
     .enumerate()
@@ -287,18 +289,14 @@ fn growing_scores_rescale_the_output() {
         } else {
             &[64, 128]
         };
-        // The TMA kernel also with five KV splits forced (D <= 128): the splits' LSEs then
+        // The TMA kernel also with five KV splits forced: the splits' LSEs then
         // differ widely, which the merge must weigh right.
         let splits: &[Option<usize>] = if kernel == PrefillKernel::WgmmaTma {
             &[None, Some(5)]
         } else {
             &[None]
         };
-        for (&d, &kv_splits) in dims
-            .iter()
-            .flat_map(|d| splits.iter().map(move |s| (d, s)))
-            .filter(|&(&d, s)| d <= 128 || s.is_none())
-        {
+        for (&d, &kv_splits) in dims.iter().flat_map(|d| splits.iter().map(move |s| (d, s))) {
             for (sq, sk) in [(3000, 3000), (700, 3000)] {
                 let shape = Shape {
                     batch: 1,
@@ -615,7 +613,7 @@ fn varlen_matches_reference_per_sequence() {
 
 /// Split-KV on varlen batches (partial rows in the LSE's packed `[Hq, total_q]` order): one long
 /// sequence among short ones, an empty query sequence and an empty key sequence, mixed head
-/// kinds, D 64 and 128; the launch's own choice (it splits: the tiles fill a tenth of the GPU),
+/// kinds, D 64, 128 and 256; the launch's own choice (it splits: the tiles fill a tenth of the GPU),
 /// and 3 or 32 splits forced (short sequences' tiles then have empty splits). Small enough for
 /// compute-sanitizer (`run.sh sanitize`).
 #[test]
@@ -633,7 +631,14 @@ fn split_kv_varlen_matches_reference_per_sequence() {
         (200, 2500),
     ];
     let mut failures = Vec::new();
-    for (d, splits) in [(128, None), (64, None), (128, Some(3)), (64, Some(32))] {
+    for (d, splits) in [
+        (128, None),
+        (64, None),
+        (128, Some(3)),
+        (64, Some(32)),
+        (256, None),
+        (256, Some(7)),
+    ] {
         let cfg = AttentionConfig::new(vec![HeadKind::Streaming, HeadKind::Retrieval])
             .sink(16)
             .window(700)

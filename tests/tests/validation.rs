@@ -90,7 +90,7 @@ fn auto_picks_the_tma_kernel() {
     assert!(p.persistent);
 }
 
-/// Split-KV is offered to the TMA kernel at D <= 128: its entries, and the launch's work tiles
+/// Split-KV is offered to the TMA kernel at every head dim: its entries, and the launch's work tiles
 /// in claim order with the KV blocks each visits (a streaming head's by its sink and window).
 #[test]
 fn tma_plans_offer_split_kv() {
@@ -114,13 +114,17 @@ fn tma_plans_offer_split_kv() {
     c.cfg = AttentionConfig::all_streaming(8, 64, 256);
     let split = plan(&c).unwrap().split.unwrap();
     assert_eq!(split.shape.work().max_blocks, 4);
-    // Not at D = 256, nor on the other kernels.
-    assert_eq!(
-        plan(&call_of([1, 128, 4096, 8, 2, 256], 0x1_0000_0000))
-            .unwrap()
-            .split,
-        None
-    );
+    // D = 256 too, on 48-key blocks: a 128-query chunk at the end of 4096 keys visits 86 of
+    // them for a retrieval head, 11 for a streaming one (sink 64: 2; window 256 from key 3713:
+    // blocks 77-85).
+    let split = plan(&call_of([1, 128, 4096, 8, 2, 256], 0x1_0000_0000))
+        .unwrap()
+        .split
+        .expect("split-KV offered at D = 256");
+    assert_eq!(split.entry, "duo_prefill_wgmma_tma_split_bf16_d256");
+    assert_eq!(split.merge_entry, "duo_prefill_merge_bf16_d256");
+    assert_eq!(split.shape.work().tile_blocks, [[86; 4], [11; 4]].concat());
+    // Not on the other kernels.
     c.cfg = c.cfg.kernel(PrefillKernel::WgmmaWarpSpecialized);
     assert_eq!(plan(&c).unwrap().split, None);
 }
