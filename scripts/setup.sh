@@ -3,10 +3,13 @@
 #  - Debian's Rust 1.96 (rustc-web, cargo-web) with the library source that -Zbuild-std=core needs
 #  - libcuda1 from non-free, so host binaries link and start on machines without a GPU
 #  - ptxas 13.0 from the nvidia-cuda-nvcc wheel (offline assembly, resource reports)
+#  - cuobjdump and nvdisasm from their wheels (offline SASS: HGMMA/HMMA counts)
 set -euo pipefail
 
 TOOLS_DIR="${DUO_ATTN_TOOLS:-$HOME/.cache/duo-attn}"
 NVCC_WHEEL_VERSION="13.0.88"
+# The oldest cuobjdump/nvdisasm wheels on PyPI; they read ptxas 13.0's sm_90a cubins.
+CUOBJDUMP_WHEEL_VERSION="13.2.51"
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
@@ -58,6 +61,19 @@ else
   say "ptxas present"
 fi
 "$PTXAS" --version | tail -n 1
+
+CUOBJDUMP="$TOOLS_DIR/cuobjdump/nvidia/cu13/bin/cuobjdump"
+# cuobjdump -sass runs nvdisasm from its own directory: both wheels go into one target.
+if [ ! -x "$CUOBJDUMP" ] || [ ! -x "$(dirname "$CUOBJDUMP")/nvdisasm" ]; then
+  say "installing cuobjdump and nvdisasm $CUOBJDUMP_WHEEL_VERSION into $TOOLS_DIR/cuobjdump"
+  python3 -m pip install -q --no-deps --disable-pip-version-check --root-user-action=ignore \
+    --upgrade --target "$TOOLS_DIR/cuobjdump" \
+    "nvidia-cuda-cuobjdump==$CUOBJDUMP_WHEEL_VERSION" "nvidia-cuda-nvdisasm==$CUOBJDUMP_WHEEL_VERSION"
+  chmod +x "$TOOLS_DIR"/cuobjdump/nvidia/cu13/bin/* || true
+else
+  say "cuobjdump present"
+fi
+"$CUOBJDUMP" --version | tail -n 1
 
 say "rustc: $(cd "$(dirname "$0")/.." && rustc -V)"
 say "done"

@@ -58,3 +58,48 @@ fn ptx_assembles_without_spills() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The SASS of the embedded cubin (cuobjdump, offline): every Hopper prefill entry runs its
+/// GEMMs as warpgroup MMAs (HGMMA), the mma.sync prefill and the decode kernels as warp MMAs.
+#[test]
+fn sass_shows_tensor_core_instructions() {
+    let Some(cuobjdump) = duo_attn_kernel_build::find_cuobjdump() else {
+        notice(
+            "\n*** SKIPPED `sass_shows_tensor_core_instructions`: cuobjdump not found (run scripts/setup.sh) ***\n",
+        );
+        return;
+    };
+    if CUBIN.is_empty() {
+        notice(
+            "\n*** SKIPPED `sass_shows_tensor_core_instructions`: no cubin embedded (no ptxas) ***\n",
+        );
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("duo-attn-sass-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cubin = dir.join("k.cubin");
+    std::fs::write(&cubin, CUBIN).unwrap();
+    let counts = duo_attn_kernel_build::sass_counts(&cuobjdump, &cubin).expect("cuobjdump failed");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(counts.len(), all_entries().count());
+    for k in &counts {
+        notice(&format!(
+            "{:<40} HGMMA {:>4}  HMMA {:>4}",
+            k.name, k.hgmma, k.hmma
+        ));
+        let is = |kind: &str| k.name.starts_with(kind);
+        if is("duo_prefill_wgmma") {
+            assert!(k.hgmma > 0 && k.hmma == 0, "{}: no HGMMA", k.name);
+        } else if is("duo_prefill_merge") || is("duo_cache") {
+            assert_eq!(k.hgmma + k.hmma, 0, "{}: tensor-core instructions", k.name);
+        } else {
+            assert!(k.hmma > 0, "{}: no HMMA", k.name);
+        }
+    }
+    // A split-KV entry is its TMA twin with other tile bounds and epilogue: the same GEMMs.
+    let hgmma = |name: &str| counts.iter().find(|k| k.name == name).map(|k| k.hgmma);
+    for k in counts.iter().filter(|k| k.name.contains("_tma_split_")) {
+        let twin = k.name.replace("_tma_split_", "_tma_");
+        assert_eq!(Some(k.hgmma), hgmma(&twin), "{} against {twin}", k.name);
+    }
+}

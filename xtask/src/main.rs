@@ -107,6 +107,20 @@ fn build_kernels(deny_spills: bool) -> Result<()> {
         }
         println!("\nwarning: {msg}");
     }
+    match kb::find_cuobjdump() {
+        Some(cuobjdump) => {
+            println!(
+                "\nSASS tensor-core instructions (cuobjdump {}):",
+                cuobjdump.display()
+            );
+            for k in kb::sass_counts(&cuobjdump, &cubin)? {
+                if k.hgmma + k.hmma > 0 {
+                    println!("{:<40} HGMMA {:>4}  HMMA {:>4}", k.name, k.hgmma, k.hmma);
+                }
+            }
+        }
+        None => println!("\ncuobjdump not found (run scripts/setup.sh): no SASS counts"),
+    }
     Ok(())
 }
 

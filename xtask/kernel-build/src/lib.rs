@@ -31,6 +31,8 @@ pub enum BuildError {
     NoPtx(PathBuf),
     #[error("ptxas `{path}` failed: {message}")]
     Ptxas { path: PathBuf, message: String },
+    #[error("cuobjdump `{path}` failed: {message}")]
+    Cuobjdump { path: PathBuf, message: String },
     #[error("i/o error on {0}: {1}")]
     Io(PathBuf, std::io::Error),
 }
@@ -221,24 +223,96 @@ fn newest_ptx(deps: &Path) -> Result<PathBuf, BuildError> {
 
 /// Where ptxas may be: `$PTXAS`, `PATH`, the CUDA toolkit, the wheel `scripts/setup.sh` installs.
 pub fn find_ptxas() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("PTXAS") {
+    find_tool("PTXAS", "ptxas", "nvcc")
+}
+
+/// Where cuobjdump may be: `$CUOBJDUMP`, `PATH`, the CUDA toolkit, the wheels `scripts/setup.sh`
+/// installs (with nvdisasm beside it, which `-sass` runs): the cubin's SASS, offline.
+pub fn find_cuobjdump() -> Option<PathBuf> {
+    find_tool("CUOBJDUMP", "cuobjdump", "cuobjdump")
+}
+
+/// CUDA tool `name`: `$env`, else the first of `PATH`, `/usr/local/cuda/bin` and the wheel
+/// directory `<tools>/<wheel_dir>/nvidia/cu13/bin` that has it.
+fn find_tool(env: &str, name: &str, wheel_dir: &str) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(env) {
         return Some(PathBuf::from(p));
     }
     let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|paths| {
             std::env::split_paths(&paths)
-                .map(|d| d.join("ptxas"))
+                .map(|d| d.join(name))
                 .collect()
         })
         .unwrap_or_default();
-    candidates.push(PathBuf::from("/usr/local/cuda/bin/ptxas"));
-    let tools = std::env::var_os("DUO_ATTN_TOOLS")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/duo-attn")));
-    if let Some(tools) = tools {
-        candidates.push(tools.join("nvcc/nvidia/cu13/bin/ptxas"));
+    candidates.push(Path::new("/usr/local/cuda/bin").join(name));
+    if let Some(tools) = tools_dir() {
+        candidates.push(tools.join(wheel_dir).join("nvidia/cu13/bin").join(name));
     }
     candidates.into_iter().find(|p| p.is_file())
+}
+
+/// `$DUO_ATTN_TOOLS`, else `~/.cache/duo-attn`: where `scripts/setup.sh` puts the CUDA wheels.
+fn tools_dir() -> Option<PathBuf> {
+    std::env::var_os("DUO_ATTN_TOOLS")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/duo-attn")))
+}
+
+/// Tensor-core instructions of one kernel entry in its SASS.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SassCounts {
+    pub name: String,
+    /// Warpgroup MMAs (`HGMMA.*`, from `wgmma.mma_async`).
+    pub hgmma: u32,
+    /// Warp MMAs (`HMMA.*`, from `mma.sync`).
+    pub hmma: u32,
+}
+
+/// Counts the tensor-core instructions of every entry of `cubin` (`cuobjdump -sass`).
+pub fn sass_counts(cuobjdump: &Path, cubin: &Path) -> Result<Vec<SassCounts>, BuildError> {
+    let out = run_capture(Command::new(cuobjdump).arg("-sass").arg(cubin))?;
+    if !out.status.success() {
+        return Err(BuildError::Cuobjdump {
+            path: cuobjdump.to_path_buf(),
+            message: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
+    }
+    Ok(parse_sass_counts(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Parses `cuobjdump -sass`: a "Function : name" line opens each entry; each instruction line is
+/// `/*addr*/ [@predicate] OPCODE.modifiers operands ;`.
+pub fn parse_sass_counts(text: &str) -> Vec<SassCounts> {
+    let mut kernels: Vec<SassCounts> = Vec::new();
+    for line in text.lines() {
+        if let Some(name) = line.split("Function : ").nth(1) {
+            kernels.push(SassCounts {
+                name: name.trim().to_string(),
+                ..Default::default()
+            });
+            continue;
+        }
+        let (Some(k), Some(code)) = (kernels.last_mut(), line.split("*/").nth(1)) else {
+            continue;
+        };
+        let mut words = code.split_whitespace();
+        let opcode = match words.next() {
+            Some(w) if w.starts_with('@') => words.next(),
+            w => w,
+        };
+        let base = opcode
+            .unwrap_or_default()
+            .split('.')
+            .next()
+            .unwrap_or_default();
+        match base {
+            "HGMMA" => k.hgmma += 1,
+            "HMMA" => k.hmma += 1,
+            _ => {}
+        }
+    }
+    kernels
 }
 
 /// ptxas's resource report for one kernel entry.
@@ -386,6 +460,32 @@ ptxas info    : (C7520) Potential Performance Loss: wgmma.mma_async instructions
         assert_eq!(k.len(), 2);
         assert!(k.iter().all(|k| k.wgmma_serialized));
         assert_eq!((k[1].name.as_str(), k[1].registers), ("b", 168));
+    }
+
+    #[test]
+    fn counts_tensor_core_instructions_per_function() {
+        let sass = "\tcode for sm_90a\n\t\tFunction : k_one\n\
+        /*0010*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT ;  /* 0x0 */\n\
+        /*0020*/              @P0 HGMMA.64x48x16.F32.BF16 R24, R8, gdesc[UR8], R24 ;  /* 0x0 */\n\
+        /*0030*/                   STL [R1], R2 ;  /* 0x0 */\n\
+\t\tFunction : k_two\n\
+        /*0010*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;  /* 0x0 */\n";
+        let counts = parse_sass_counts(sass);
+        assert_eq!(
+            counts,
+            vec![
+                SassCounts {
+                    name: "k_one".into(),
+                    hgmma: 2,
+                    hmma: 0
+                },
+                SassCounts {
+                    name: "k_two".into(),
+                    hgmma: 0,
+                    hmma: 1
+                },
+            ]
+        );
     }
 
     #[test]
