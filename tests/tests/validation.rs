@@ -562,3 +562,42 @@ fn too_many_work_tiles() {
     c.cfg = c.cfg.kernel(PrefillKernel::Wgmma);
     assert!(plan(&c).is_ok());
 }
+
+/// At D = 256 (48-key blocks) the replayed split choice, whose constants were fitted at D = 128,
+/// picks the counts measured fastest on an H100 (session 19, docs/perf-log.md): four splits for
+/// a 128-query chunk at 32k or 128k keys, alone or as varlen batches of 4 or 8 chunks (where 2
+/// and 6 ran within 1% of 4), and no split for 512-query chunks.
+#[test]
+fn d256_split_choices_match_the_measured_best() {
+    let choose = |batch: usize, sq: usize, sk: usize| {
+        let lens: Vec<(usize, usize)> = (0..batch).map(|i| (sq, sk * (i + 1) / batch)).collect();
+        let (mut cq, mut ck) = (vec![0i32], vec![0i32]);
+        for &(q, k) in &lens {
+            cq.push(cq[cq.len() - 1] + q as i32);
+            ck.push(ck[ck.len() - 1] + k as i32);
+        }
+        let (tq, tk) = (cq[batch] as usize, ck[batch] as usize);
+        let at = |i: u64| 0x7000_0000_0000 + i * 0x10_0000_0000;
+        let plan = duo_attn::plan_prefill_varlen::<bf16>(
+            &TensorDesc::contiguous(at(0), [tq, 32, 256], 2, DEV),
+            &TensorDesc::contiguous(at(1), [tk, 8, 256], 2, DEV),
+            &TensorDesc::contiguous(at(2), [tk, 8, 256], 2, DEV),
+            &TensorDesc::contiguous(at(3), [tq, 32, 256], 2, DEV),
+            &TensorDesc::contiguous(at(4), [32, tq], 4, DEV),
+            (&cq, at(5)),
+            (&ck, at(6)),
+            &AttentionConfig::all_retrieval(8),
+            DEV,
+        )
+        .unwrap();
+        let split = plan.split.expect("split-KV offered at D = 256");
+        duo_attn::split_kv::SplitChoices::default().choose(&split, 132)
+    };
+    for sk in [32768, 131072] {
+        assert_eq!(choose(1, 128, sk), 4, "one 128-query chunk at {sk}");
+        assert_eq!(choose(4, 128, sk), 4, "4 x 128 at {sk}");
+        assert!([2, 4, 6].contains(&choose(8, 128, sk)), "8 x 128 at {sk}");
+        assert_eq!(choose(4, 512, sk), 1, "4 x 512 at {sk}");
+        assert_eq!(choose(8, 512, sk), 1, "8 x 512 at {sk}");
+    }
+}
