@@ -131,6 +131,7 @@ pub fn opaque_i32(v: i32) -> i32 {
 /// `v`, opaque to LLVM where it is read (a volatile `mov`): a test of a loop-invariant parameter
 /// then stays at its use instead of being hoisted to the kernel's entry, where its result would
 /// live through every loop as a predicate, which ptxas does not rematerialize from the parameter.
+/// (`opaque_i32` is `pure`, so LLVM may still hoist it.)
 #[inline(always)]
 pub fn fresh_u32(v: u32) -> u32 {
     let r: u32;

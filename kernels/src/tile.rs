@@ -201,6 +201,7 @@ impl QueryTile {
         let from_stream;
         let kv_index;
         let varlen;
+        // Two forms, so that every entry but the D = 256 split build keeps its code.
         if per_tile_flags {
             let split_kv = fresh_u32(p.split_kv as u32) != 0;
             from_stream = streaming && split_kv;
