@@ -82,14 +82,17 @@ fn sass_shows_tensor_core_instructions() {
     let counts = duo_attn_kernel_build::sass_counts(&cuobjdump, &cubin).expect("cuobjdump failed");
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(counts.len(), all_entries().count());
+    notice(&duo_attn_kernel_build::format_sass_counts(&counts));
     for k in &counts {
-        notice(&format!(
-            "{:<40} HGMMA {:>4}  HMMA {:>4}",
-            k.name, k.hgmma, k.hmma
-        ));
         let is = |kind: &str| k.name.starts_with(kind);
         if is("duo_prefill_wgmma") {
-            assert!(k.hgmma > 0 && k.hmma == 0, "{}: no HGMMA", k.name);
+            assert!(
+                k.hgmma > 0 && k.hmma == 0,
+                "{}: HGMMA {}, HMMA {} (warpgroup MMAs only expected)",
+                k.name,
+                k.hgmma,
+                k.hmma
+            );
         } else if is("duo_prefill_merge") || is("duo_cache") {
             assert_eq!(k.hgmma + k.hmma, 0, "{}: tensor-core instructions", k.name);
         } else {

@@ -113,11 +113,10 @@ fn build_kernels(deny_spills: bool) -> Result<()> {
                 "\nSASS tensor-core instructions (cuobjdump {}):",
                 cuobjdump.display()
             );
-            for k in kb::sass_counts(&cuobjdump, &cubin)? {
-                if k.hgmma + k.hmma > 0 {
-                    println!("{:<40} HGMMA {:>4}  HMMA {:>4}", k.name, k.hgmma, k.hmma);
-                }
-            }
+            print!(
+                "{}",
+                kb::format_sass_counts(&kb::sass_counts(&cuobjdump, &cubin)?)
+            );
         }
         None => println!("\ncuobjdump not found (run scripts/setup.sh): no SASS counts"),
     }

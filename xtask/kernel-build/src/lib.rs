@@ -315,6 +315,15 @@ pub fn parse_sass_counts(text: &str) -> Vec<SassCounts> {
     kernels
 }
 
+/// A plain text table of the SASS counts (entries with tensor-core instructions).
+pub fn format_sass_counts(kernels: &[SassCounts]) -> String {
+    kernels
+        .iter()
+        .filter(|k| k.hgmma + k.hmma > 0)
+        .map(|k| format!("{:<40} HGMMA {:>4}  HMMA {:>4}\n", k.name, k.hgmma, k.hmma))
+        .collect()
+}
+
 /// ptxas's resource report for one kernel entry.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KernelResources {
