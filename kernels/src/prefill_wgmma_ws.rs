@@ -25,10 +25,10 @@
 //! memory: with 48-key blocks, reading all of Q there for every block made shared memory, not the
 //! tensor cores, the bound. Q read from shared memory is released after the tile's last S GEMM.
 //! P goes from the S accumulators straight into register A fragments for `O += P V`, with V read
-//! N-major (transposed by wgmma). At D <= 128 work tiles overlap where they meet (`consumer`):
-//! the last PV of a tile and the first S GEMM of the next go in one ping-pong turn, and the
-//! finished tile's epilogue runs beside that S GEMM; D = 256 ends each tile before the next
-//! (`consumer_serial`: registers).
+//! N-major (transposed by wgmma). Work tiles overlap where they meet (`consumer`): the last PV of
+//! a tile and the first S GEMM of the next go in one ping-pong turn, and the finished tile's
+//! epilogue runs beside that S GEMM. Only the D = 256 split build ends each tile before the next
+//! (`consumer_serial`: there the overlap spills).
 //!
 //! Tile layout in shared memory (Q, K and V alike): the head dim is split into 64-element
 //! (128-byte) column blocks, one after another, each `rows x 128 B`. Inside a block, 16-byte
@@ -371,7 +371,7 @@ unsafe fn prefill_wgmma<
         // The subtraction in u32: in usize its high word (a borrow to LLVM) stayed live through
         // the consumer loop for the exit test, and the D = 256 split build spilled it.
         let (wg, wtid) = ((warpgroup as u32 - 1) as usize, tid % 128);
-        match (TMA && H::Q_IN_REGISTERS, H::OVERLAP_TILES) {
+        match (TMA && H::Q_IN_REGISTERS, overlap_tiles::<H, SPLIT>()) {
             (true, true) => unsafe { consumer::<E, H, TMA, true, SPLIT>(p, smem, wg, wtid) },
             (false, true) => unsafe { consumer::<E, H, TMA, false, SPLIT>(p, smem, wg, wtid) },
             (true, false) => unsafe {
@@ -415,7 +415,7 @@ unsafe fn producer<H: WsShape, const TMA: bool, const SPLIT: bool>(
                 // across `setmaxnreg` and was spilled in the cp.async build).
                 if tid == 0 {
                     st_shared_u32(smem.work_slot(q_tiles), u32::MAX);
-                    if H::OVERLAP_TILES {
+                    if overlap_tiles::<H, SPLIT>() {
                         st_shared_u32(smem.blocks_slot(q_tiles), 0);
                     }
                     mbarrier_arrive(smem.q_full());
@@ -427,7 +427,7 @@ unsafe fn producer<H: WsShape, const TMA: bool, const SPLIT: bool>(
             break;
         }
         // Release: the slots are visible with the phase (which the Q bytes complete). With
-        // `OVERLAP_TILES` the tile's KV block count goes with its work index, so that consumers
+        // `overlap_tiles` the tile's KV block count goes with its work index, so that consumers
         // start its first S GEMM before they have worked out the tile; else the index is
         // published before the producer works out the tile, so it is not live across that (the
         // producer has 24 registers, and D = 256 spilled).
@@ -435,7 +435,7 @@ unsafe fn producer<H: WsShape, const TMA: bool, const SPLIT: bool>(
             if tid == 0 {
                 unsafe {
                     st_shared_u32(smem.work_slot(q_tiles), work as u32);
-                    if H::OVERLAP_TILES {
+                    if overlap_tiles::<H, SPLIT>() {
                         st_shared_u32(smem.blocks_slot(q_tiles), blocks as u32);
                     }
                     if TMA {
@@ -446,13 +446,13 @@ unsafe fn producer<H: WsShape, const TMA: bool, const SPLIT: bool>(
                 }
             }
         };
-        if !H::OVERLAP_TILES {
+        if !overlap_tiles::<H, SPLIT>() {
             publish(0);
         }
         let tile = QueryTile::from_work::<SPLIT>(p, BM as i32, H::D, work);
         let visited = TileBlocks::of::<SPLIT>(&tile, H::BN);
         let blocks = visited.count(&tile);
-        if H::OVERLAP_TILES {
+        if overlap_tiles::<H, SPLIT>() {
             publish(blocks);
         }
         let (k_map, v_map) = if tile.from_stream {
@@ -927,6 +927,17 @@ impl ConsumerThread {
     }
 }
 
+/// Whether a consumer issues a work tile's first S GEMM together with the previous tile's last PV
+/// GEMM and runs that tile's epilogue meanwhile (S, O and P live at once, as in the KV loop, plus
+/// the epilogue's addresses). Every build but the D = 256 split one, whose consumer then spills
+/// three words (two of Q's fragment addresses and a parameter); it runs serial tiles. (Loading Q's
+/// second column block at an immediate offset frees two addresses and made it fit, but the plain
+/// D = 256 kernel then ran 4% slower and D = 128 mixed 8k 5-10%, while the split chunks gained
+/// nothing measurable: session 20.)
+const fn overlap_tiles<H: WsShape, const SPLIT: bool>() -> bool {
+    !(SPLIT && H::D > 128)
+}
+
 /// The work index of the block's `q_tiles`-th tile (negative: stop), once the producer has
 /// published it with the tile's Q. Broadcast from lane 0, so ptxas sees a warp-uniform loop exit.
 #[inline(always)]
@@ -939,7 +950,7 @@ unsafe fn next_work<H: WsShape>(smem: Smem<H>, q_tiles: i32) -> i32 {
 
 /// Consumer warpgroup `wg` (0 or 1; `wtid` its thread): 64 query rows of each work tile the
 /// producer publishes, until it publishes none. Work tiles overlap where they meet
-/// (`WsShape::OVERLAP_TILES`): one ping-pong turn issues the last `O += P V` of a tile together
+/// (`overlap_tiles`): one ping-pong turn issues the last `O += P V` of a tile together
 /// with the first S GEMM of the next (the producer publishes each tile's KV block count beside
 /// its work index, so that GEMM starts before the consumer has worked out the tile), and the
 /// finished tile's epilogue runs while that S GEMM is on the tensor cores.
@@ -1024,8 +1035,8 @@ unsafe fn consumer<
     me.balance_ping_pong();
 }
 
-/// The consumer without `OVERLAP_TILES` (D = 256): each work tile ends with its own last PV and
-/// epilogue before the next starts.
+/// The consumer without `overlap_tiles` (the D = 256 split build): each work tile ends with its
+/// own last PV and epilogue before the next starts.
 #[inline(always)]
 unsafe fn consumer_serial<
     E: Element + WgmmaElement,

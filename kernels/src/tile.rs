@@ -156,9 +156,10 @@ impl QueryTile {
         let m_block = p.m_blocks - 1 - (tile_work - pair * p.m_blocks);
         let batch = p.heads_q_div.quotient(pair as u32) as i32;
         let head = pair - batch * p.heads_q;
-        // The D = 256 split build is two registers short in its consumers: there the flag
-        // tests are made per tile (`fresh_u32`) rather than once at entry and carried.
-        let per_tile_flags = SPLIT && head_dim > 128;
+        // The D = 256 builds are short of registers in their consumers (the split build by two,
+        // the plain one, whose work tiles overlap, by one): there the flag tests are made per
+        // tile (`fresh_u32`) rather than once at entry and carried.
+        let per_tile_flags = head_dim > 128;
         let mut tile = Self::new(p, block_m, m_block, head, batch as i64, per_tile_flags);
         if SPLIT {
             // Partial rows: the LSE's rows (`[B, Hq, Sq]`, varlen `[Hq, total_q]`), each widened
@@ -201,7 +202,7 @@ impl QueryTile {
         let from_stream;
         let kv_index;
         let varlen;
-        // Two forms, so that every entry but the D = 256 split build keeps its code.
+        // Two forms, so that every entry but the D = 256 ones keeps its code.
         if per_tile_flags {
             let split_kv = fresh_u32(p.split_kv as u32) != 0;
             from_stream = streaming && split_kv;

@@ -42,10 +42,6 @@ pub trait WsShape {
     /// the tile starts; at D = 256 its first half (32 registers; all of it would be 64), which
     /// halves the shared-memory reads of Q's S GEMMs.
     const Q_IN_REGISTERS: bool = false;
-    /// Whether a consumer issues a work tile's first S GEMM together with the previous tile's
-    /// last PV GEMM and runs that tile's epilogue meanwhile (S, O and P live at once, as in the
-    /// KV loop, plus the epilogue's addresses: too many registers at D = 256).
-    const OVERLAP_TILES: bool = Self::D <= 128;
     /// Lazy rescaling (`online_softmax`): the output is rescaled only in blocks where a row's
     /// running max moved by more than `LAZY_MAX_LOG2`. At D = 256 the rescale is 128 FMULs per
     /// thread and 48-key block (against 24 exponentials), and skipping it made the layer 5-9%

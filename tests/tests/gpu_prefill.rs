@@ -418,9 +418,9 @@ fn strided_packed_qkv_and_padded_output() {
 }
 
 /// More work tiles than resident blocks, so each persistent block runs several tiles back to back
-/// (the tile-boundary overlap of the TMA kernel at D <= 128; at D = 256 the Q buffer released
-/// after a tile's last S GEMM while half of Q sits in registers, and lazy rescaling). Small
-/// enough for `compute-sanitizer` (`run.sh sanitize` runs it).
+/// (the tile-boundary overlap of the TMA kernel; at D = 256 also the Q buffer released after a
+/// tile's last S GEMM while half of Q sits in registers, and lazy rescaling). Small enough for
+/// `compute-sanitizer` (`run.sh sanitize` runs it).
 #[test]
 fn persistent_blocks_take_many_tiles() {
     let Some(ctx) = gpu_or_skip("persistent_blocks_take_many_tiles") else {
