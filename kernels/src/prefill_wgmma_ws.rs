@@ -68,6 +68,15 @@ fn descriptor(addr: u32, leading_byte_offset: u32, stride_byte_offset: u32) -> u
         | (1u64 << 62)
 }
 
+/// The descriptor of the tile `offset` bytes (a multiple of 16) past the one `base` describes: one
+/// 32-bit add to the address field (the low 14 bits, in 16-byte units), where `descriptor` is a
+/// shift, a mask and an or per wgmma. Shared-memory addresses stay below 2^18 bytes, so the sum
+/// never carries out of the field.
+#[inline(always)]
+fn descriptor_plus(base: u64, offset: u32) -> u64 {
+    (base & !0xffff_ffff) | (base as u32).wrapping_add(offset >> 4) as u64
+}
+
 /// Starts async copies of rows `row0..row0 + rows` of a `[.., S, H, D]` operand (one head) into a
 /// swizzled tile; rows at or past `limit` are zero-filled. The `PRODUCERS` producer threads share
 /// the work: each keeps one 16-byte column chunk and walks rows `PRODUCERS / (D / 8)` apart, a
@@ -133,11 +142,9 @@ unsafe fn tma_tile<H: WsShape>(
 /// between groups of 8 keys; a 128-column half of V starts two column blocks on.
 #[inline(always)]
 fn mma_pv<E: WgmmaElement, H: WsShape>(o: &mut H::O, pa: &H::P, v_tile: u32) {
+    let v_base = descriptor(v_tile, (H::BN * 128) as u32, 1024);
     for (kk, a) in pa.as_ref().iter().enumerate() {
-        let v = |half: usize| {
-            let at = v_tile + ((2 * half * H::BN + kk * 16) * 128) as u32;
-            descriptor(at, (H::BN * 128) as u32, 1024)
-        };
+        let v = |half: usize| descriptor_plus(v_base, ((2 * half * H::BN + kk * 16) * 128) as u32);
         H::mma_pv_step::<E>(o, a, v);
     }
 }
@@ -585,22 +592,16 @@ fn mma_qk<E: WgmmaElement, H: WsShape, const QREG: bool>(
     stage: usize,
     q: &QFragments,
 ) {
+    let k_base = descriptor(smem.k(stage), 16, 1024);
+    let q_base = descriptor(smem.q() + (wg * 64 * 128) as u32, 16, 1024);
     for kk in 0..H::D / 16 {
         let (block, within) = ((kk / 4) as u32, (kk % 4) as u32 * 32);
-        let b = descriptor(
-            smem.k(stage) + block * (H::BN * 128) as u32 + within,
-            16,
-            1024,
-        );
+        let b = descriptor_plus(k_base, block * (H::BN * 128) as u32 + within);
         if QREG && kk < Q_REGISTER_STEPS {
             // S was zeroed by the caller: every k-step accumulates.
             H::mma_qk_rs_step::<E>(s, &q[kk], b);
         } else {
-            let a = descriptor(
-                smem.q() + block * (BM * 128) as u32 + (wg * 64 * 128) as u32 + within,
-                16,
-                1024,
-            );
+            let a = descriptor_plus(q_base, block * (BM * 128) as u32 + within);
             H::mma_qk_step::<E>(s, a, b, (kk > 0) as u32);
         }
     }
