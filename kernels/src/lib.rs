@@ -12,6 +12,7 @@
 pub mod abi;
 pub mod mask;
 pub mod ring;
+pub mod smem_layout;
 
 #[cfg(target_arch = "nvptx64")]
 pub mod cache;

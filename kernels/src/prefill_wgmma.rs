@@ -15,27 +15,13 @@
 use crate::abi::{PrefillParams, WG_BLOCK_M, WG_BLOCK_N, WG_STAGES, WG_THREADS, wg_smem_bytes};
 use crate::device::*;
 use crate::mma::{Bf16, Element, F16};
+use crate::smem_layout::{descriptor, swizzled};
 use crate::softmax::{RowState, finish, p_fragments};
 use crate::tile::QueryTile;
 use crate::wgmma::{WgmmaElement, fence_accumulators_64, wgmma_commit, wgmma_fence, wgmma_wait};
 
 const BM: usize = WG_BLOCK_M;
 const BN: usize = WG_BLOCK_N;
-
-/// Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled tile of `rows` rows.
-#[inline(always)]
-fn swizzled(rows: usize, row: usize, chunk: usize) -> u32 {
-    ((chunk / 8) * rows * 128 + row * 128 + (((chunk % 8) ^ (row % 8)) * 16)) as u32
-}
-
-/// wgmma shared-memory descriptor, 128-byte swizzle. Offsets in bytes.
-#[inline(always)]
-fn descriptor(addr: u32, leading_byte_offset: u32, stride_byte_offset: u32) -> u64 {
-    ((addr as u64 >> 4) & 0x3fff)
-        | (((leading_byte_offset as u64 >> 4) & 0x3fff) << 16)
-        | (((stride_byte_offset as u64 >> 4) & 0x3fff) << 32)
-        | (1u64 << 62)
-}
 
 /// Starts async copies of rows `row0..row0 + rows` of a `[.., S, H, D]` operand (one head) into a
 /// swizzled tile; rows at or past `limit` are zero-filled. All `WG_THREADS` threads take part.

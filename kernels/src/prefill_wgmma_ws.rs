@@ -42,6 +42,7 @@ use crate::abi::{
 use crate::device::*;
 use crate::mask::BlockRange;
 use crate::mma::{Bf16, Element, F16};
+use crate::smem_layout::{descriptor, descriptor_plus, swizzled};
 use crate::softmax::{RowState, finish, needs_rescale};
 use crate::tile::{MASK_KEYS, MASK_NONE, MASK_TEST, QueryTile};
 use crate::wgmma::{WgmmaElement, wgmma_commit, wgmma_fence, wgmma_wait};
@@ -52,30 +53,6 @@ const BM: usize = WG_BLOCK_M;
 /// Threads of the producer warpgroup, and of the two consumer warpgroups.
 const PRODUCERS: usize = 128;
 const CONSUMERS: usize = 256;
-
-/// Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled tile of `rows` rows.
-#[inline(always)]
-fn swizzled(rows: usize, row: usize, chunk: usize) -> u32 {
-    ((chunk / 8) * rows * 128 + row * 128 + (((chunk % 8) ^ (row % 8)) * 16)) as u32
-}
-
-/// wgmma shared-memory descriptor, 128-byte swizzle. Offsets in bytes.
-#[inline(always)]
-fn descriptor(addr: u32, leading_byte_offset: u32, stride_byte_offset: u32) -> u64 {
-    ((addr as u64 >> 4) & 0x3fff)
-        | (((leading_byte_offset as u64 >> 4) & 0x3fff) << 16)
-        | (((stride_byte_offset as u64 >> 4) & 0x3fff) << 32)
-        | (1u64 << 62)
-}
-
-/// The descriptor of the tile `offset` bytes (a multiple of 16) past the one `base` describes: one
-/// 32-bit add to the address field (the low 14 bits, in 16-byte units), where `descriptor` is a
-/// shift, a mask and an or per wgmma. Shared-memory addresses stay below 2^18 bytes, so the sum
-/// never carries out of the field.
-#[inline(always)]
-fn descriptor_plus(base: u64, offset: u32) -> u64 {
-    (base & !0xffff_ffff) | (base as u32).wrapping_add(offset >> 4) as u64
-}
 
 /// Starts async copies of rows `row0..row0 + rows` of a `[.., S, H, D]` operand (one head) into a
 /// swizzled tile; rows at or past `limit` are zero-filled. The `PRODUCERS` producer threads share
