@@ -30,10 +30,8 @@
 //! epilogue runs beside that S GEMM. Only the D = 256 split build ends each tile before the next
 //! (`consumer_serial`: there the overlap spills).
 //!
-//! Tile layout in shared memory (Q, K and V alike): the head dim is split into 64-element
-//! (128-byte) column blocks, one after another, each `rows x 128 B`. Inside a block, 16-byte
-//! chunk `c` of row `r` sits at chunk `c ^ (r % 8)`: the hardware's 128B swizzle (TMA's
-//! `CU_TENSOR_MAP_SWIZZLE_128B`), which needs 1024-byte-aligned blocks.
+//! Q, K and V tiles lie in shared memory in the 128-byte-swizzled layout of
+//! `smem_layout::swizzled`.
 use crate::abi::{
     PrefillParams, TMA_BOX_COLS, TMA_K, TMA_MAPS, TMA_Q, TMA_STREAM_K, TMA_STREAM_V, TMA_V,
     TensorMap, TmaPrefillParams, WG_BLOCK_M, WS_CONSUMER_REGISTERS, WS_PRODUCER_REGISTERS,

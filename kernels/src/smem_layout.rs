@@ -4,7 +4,8 @@
 
 /// Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled tile of `rows` rows: 64-element
 /// (128-byte) column blocks one after another, each `rows x 128 B`, and inside a block chunk `c` of
-/// row `r` at chunk `c ^ (r % 8)` (TMA's `CU_TENSOR_MAP_SWIZZLE_128B`).
+/// row `r` at chunk `c ^ (r % 8)`: the hardware's 128B swizzle (TMA's `CU_TENSOR_MAP_SWIZZLE_128B`),
+/// which needs 1024-byte-aligned blocks.
 #[inline(always)]
 pub fn swizzled(rows: usize, row: usize, chunk: usize) -> u32 {
     ((chunk / 8) * rows * 128 + row * 128 + (((chunk % 8) ^ (row % 8)) * 16)) as u32
