@@ -122,6 +122,11 @@ impl Context {
         &self.stream
     }
 
+    /// The CUDA context (the device's primary context).
+    pub(crate) fn raw_context(&self) -> cust::sys::CUcontext {
+        self.cuda.as_raw()
+    }
+
     /// Makes this context current on the calling thread (each public operation does this).
     pub(crate) fn make_current(&self) -> Result<()> {
         CurrentContext::set_current(&self.cuda).during("making the context current")

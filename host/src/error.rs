@@ -134,6 +134,8 @@ pub enum Error {
         path: String,
         source: std::io::Error,
     },
+    #[error("device address {ptr:#x} cannot be viewed: {why}")]
+    ForeignPointer { ptr: u64, why: String },
     #[error(
         "`{tensor}` lives on device {tensor_device} but this context runs on device {context_device}"
     )]

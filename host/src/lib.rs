@@ -29,6 +29,7 @@ pub mod context;
 pub mod decode;
 pub mod element;
 pub mod error;
+mod foreign;
 pub mod kernels;
 pub mod pattern;
 pub mod reference;

@@ -308,6 +308,13 @@ pub struct ViewMut<'a, T, const N: usize> {
 }
 
 impl<T, const N: usize> View<'_, T, N> {
+    /// The caller vouches for `desc` (its memory, bounds and lifetime).
+    pub(crate) fn from_desc(desc: TensorDesc<N>) -> Self {
+        View {
+            desc,
+            _marker: PhantomData,
+        }
+    }
     pub fn desc(&self) -> &TensorDesc<N> {
         &self.desc
     }
@@ -320,6 +327,13 @@ impl<T, const N: usize> View<'_, T, N> {
 }
 
 impl<T, const N: usize> ViewMut<'_, T, N> {
+    /// The caller vouches for `desc` (its memory, bounds and lifetime).
+    pub(crate) fn from_desc(desc: TensorDesc<N>) -> Self {
+        ViewMut {
+            desc,
+            _marker: PhantomData,
+        }
+    }
     pub fn desc(&self) -> &TensorDesc<N> {
         &self.desc
     }

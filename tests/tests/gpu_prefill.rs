@@ -417,6 +417,108 @@ fn strided_packed_qkv_and_padded_output() {
     assert!(cmp.passed(), "{cmp:?}");
 }
 
+/// Buffers another library allocated (cust's own `DeviceBuffer` here, as cudarc or candle would
+/// hold them) run through foreign views and match the reference; the driver's record of each
+/// allocation bounds the views, and addresses it does not know are errors.
+#[test]
+fn foreign_device_memory() {
+    use cust::memory::{CopyDestination, DeviceBuffer};
+    use duo_attn::tensor::contiguous_strides;
+    let Some(ctx) = gpu_or_skip("foreign_device_memory") else {
+        return;
+    };
+    let mut rng = rng("foreign memory");
+    let shape = Shape {
+        batch: 2,
+        seqlen_q: 300,
+        seqlen_k: 777,
+        heads_q: 8,
+        heads_kv: 2,
+        head_dim: 128,
+    };
+    let bits = |x: &[bf16]| x.iter().map(|v| v.to_bits()).collect::<Vec<u16>>();
+    let (q, q32) = random_tensor::<bf16>(&mut rng, shape.q_len());
+    let (k, k32) = random_tensor::<bf16>(&mut rng, shape.kv_len());
+    let (v, v32) = random_tensor::<bf16>(&mut rng, shape.kv_len());
+    let dq = DeviceBuffer::from_slice(&bits(&q)).unwrap();
+    let dk = DeviceBuffer::from_slice(&bits(&k)).unwrap();
+    let dv = DeviceBuffer::from_slice(&bits(&v)).unwrap();
+    let dout = DeviceBuffer::from_slice(&vec![bf16::NAN.to_bits(); shape.q_len()]).unwrap();
+    let lse_len = shape.lse_shape().iter().product();
+    let dlse = DeviceBuffer::from_slice(&vec![f32::NAN; lse_len]).unwrap();
+    let addr = |b: &DeviceBuffer<u16>| b.as_device_ptr().as_raw();
+    let cfg = AttentionConfig::new(vec![HeadKind::Streaming, HeadKind::Retrieval])
+        .sink(16)
+        .window(100);
+    // SAFETY: the buffers outlive the views and the synchronize below; nothing else touches them.
+    unsafe {
+        let dense = |s: [usize; 4]| (s, contiguous_strides(s));
+        let (qs, qst) = dense(shape.q_shape());
+        let (ks, kst) = dense(shape.kv_shape());
+        let q_view = ctx.foreign_view::<bf16, 4>(addr(&dq), qs, qst).unwrap();
+        let k_view = ctx.foreign_view::<bf16, 4>(addr(&dk), ks, kst).unwrap();
+        let v_view = ctx.foreign_view::<bf16, 4>(addr(&dv), ks, kst).unwrap();
+        let mut out_view = ctx
+            .foreign_view_mut::<bf16, 4>(addr(&dout), qs, qst)
+            .unwrap();
+        let lse_shape = shape.lse_shape();
+        let mut lse_view = ctx
+            .foreign_view_mut::<f32, 3>(
+                dlse.as_device_ptr().as_raw(),
+                lse_shape,
+                contiguous_strides(lse_shape),
+            )
+            .unwrap();
+        ctx.attention(
+            &q_view,
+            &k_view,
+            &v_view,
+            &mut out_view,
+            &mut lse_view,
+            &cfg,
+        )
+        .unwrap();
+    }
+    ctx.synchronize().unwrap();
+    let mut out_bits = vec![0u16; shape.q_len()];
+    dout.copy_to(&mut out_bits[..]).unwrap();
+    let out32: Vec<f32> = out_bits
+        .iter()
+        .map(|&b| bf16::from_bits(b).to_f32())
+        .collect();
+    let mut lse = vec![0f32; lse_len];
+    dlse.copy_to(&mut lse[..]).unwrap();
+    let rows = rows_to_check(&shape, &mut rng);
+    let cmp = compare(&shape, &cfg, &q32, &k32, &v32, &out32, &lse, &rows);
+    notice(&format!("foreign device memory: {cmp:?}"));
+    assert!(cmp.passed(), "{cmp:?}");
+
+    // The allocation bounds the view. The driver may round an allocation up, so ask it first how
+    // far the buffer reaches from 100 elements before the end of `q`.
+    let inner = addr(&dq) + 2 * (shape.q_len() as u64 - 100);
+    // SAFETY (every call below): `dq` outlives the views, which are never used.
+    let err = unsafe { ctx.foreign_view::<bf16, 1>(inner, [1 << 40], [1]) }.unwrap_err();
+    let Error::OutOfBounds { available, .. } = err else {
+        panic!("a view past the allocation: {err}");
+    };
+    assert!((100..100 + (1 << 20)).contains(&available), "{available}");
+    let fits = unsafe { ctx.foreign_view::<bf16, 1>(inner, [available], [1]) };
+    assert!(fits.is_ok(), "{:?}", fits.err());
+    let err = unsafe { ctx.foreign_view::<bf16, 1>(inner, [available + 1], [1]) }.unwrap_err();
+    assert!(matches!(err, Error::OutOfBounds { .. }), "{err}");
+    notice(&format!(
+        "100 elements before the end of q: {available} available"
+    ));
+    let err = unsafe { ctx.foreign_view::<bf16, 1>(addr(&dq) + 1, [8], [1]) }.unwrap_err();
+    assert!(matches!(err, Error::Misaligned { .. }), "{err}");
+    let err = unsafe { ctx.foreign_view::<bf16, 1>(0, [8], [1]) }.unwrap_err();
+    assert!(matches!(err, Error::ForeignPointer { .. }), "{err}");
+    let host = [0u16; 64];
+    let err = unsafe { ctx.foreign_view::<bf16, 1>(host.as_ptr() as u64, [8], [1]) }.unwrap_err();
+    assert!(matches!(err, Error::ForeignPointer { .. }), "{err}");
+    notice(&format!("a host address: {err}"));
+}
+
 /// More work tiles than resident blocks, so each persistent block runs several tiles back to back
 /// (the tile-boundary overlap of the TMA kernel; at D = 256 also the Q buffer released after a
 /// tile's last S GEMM while half of Q sits in registers, and lazy rescaling). Small enough for

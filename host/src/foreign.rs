@@ -1,0 +1,158 @@
+//! Views of device memory that another library allocated (cudarc, candle, a framework reached
+//! through FFI), so a service can run attention on its own buffers without a copy. The driver
+//! says which device and allocation an address belongs to, so the device and the bounds are
+//! checked as for duo-attn's own tensors; only the memory's lifetime is the caller's word.
+use crate::context::Context;
+use crate::element::DeviceScalar;
+use crate::error::{Error, Result};
+use crate::tensor::{TensorDesc, View, ViewMut};
+use cust::sys::{CUpointer_attribute, CUresult, cuPointerGetAttribute};
+use std::ffi::c_void;
+
+/// `CU_MEMORYTYPE_DEVICE`: the only memory type the kernels take.
+const MEMORY_TYPE_DEVICE: u32 = 2;
+
+impl Context {
+    /// A read-only view of `shape` elements with element `strides` at device address `ptr`,
+    /// memory this crate did not allocate. It goes wherever a [`View`] goes, and operations
+    /// check its layout as they check any view.
+    ///
+    /// Checked here, from the driver's record of the address: it is device memory on this
+    /// context's device, allocated in this device's primary context (where CUDA runtimes such as
+    /// PyTorch's, cudarc and candle allocate) or context-free (memory pools, virtual memory), the
+    /// address is aligned to the element, and the view ends inside the allocation that holds
+    /// `ptr`. Errors: [`Error::ForeignPointer`], [`Error::WrongDevice`], [`Error::Misaligned`],
+    /// [`Error::OutOfBounds`].
+    ///
+    /// # Safety
+    /// The allocation must stay allocated for `'a` (the driver cannot know when it will be
+    /// freed), its elements must be valid `T`, and nothing may write them while operations
+    /// queued on this context's stream read them (order other streams' work with events on
+    /// [`Context::stream`]).
+    pub unsafe fn foreign_view<'a, T: DeviceScalar, const N: usize>(
+        &self,
+        ptr: u64,
+        shape: [usize; N],
+        strides: [usize; N],
+    ) -> Result<View<'a, T, N>> {
+        let desc = self.foreign_desc::<T, N>("foreign view", ptr, shape, strides)?;
+        Ok(View::from_desc(desc))
+    }
+
+    /// A writable view of foreign device memory, checked as [`Context::foreign_view`].
+    ///
+    /// # Safety
+    /// As [`Context::foreign_view`], and nothing else may read or write the memory while
+    /// operations queued on this context's stream write it.
+    pub unsafe fn foreign_view_mut<'a, T: DeviceScalar, const N: usize>(
+        &self,
+        ptr: u64,
+        shape: [usize; N],
+        strides: [usize; N],
+    ) -> Result<ViewMut<'a, T, N>> {
+        let desc = self.foreign_desc::<T, N>("foreign view", ptr, shape, strides)?;
+        Ok(ViewMut::from_desc(desc))
+    }
+
+    fn foreign_desc<T: DeviceScalar, const N: usize>(
+        &self,
+        tensor: &'static str,
+        ptr: u64,
+        shape: [usize; N],
+        strides: [usize; N],
+    ) -> Result<TensorDesc<N>> {
+        let elem_bytes = std::mem::size_of::<T>();
+        if ptr == 0 {
+            return Err(Error::ForeignPointer {
+                ptr,
+                why: "the address is null".into(),
+            });
+        }
+        if !ptr.is_multiple_of(elem_bytes as u64) {
+            return Err(Error::Misaligned {
+                tensor,
+                what: "the device address",
+                value: ptr,
+                align: elem_bytes as u64,
+            });
+        }
+        self.make_current()?;
+        let unknown = |status: CUresult| Error::ForeignPointer {
+            ptr,
+            why: format!(
+                "the driver does not know it as CUDA memory ({status:?}): pass a device address"
+            ),
+        };
+        let memory_type: u32 =
+            pointer_attribute(ptr, CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE)
+                .map_err(unknown)?;
+        if memory_type != MEMORY_TYPE_DEVICE {
+            return Err(Error::ForeignPointer {
+                ptr,
+                why: format!(
+                    "it is not device memory (CUmemorytype {memory_type}); the kernels read and \
+                     write device memory only"
+                ),
+            });
+        }
+        let device: i32 = pointer_attribute(
+            ptr,
+            CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+        )
+        .map_err(unknown)?;
+        if device != self.ordinal() as i32 {
+            return Err(Error::WrongDevice {
+                tensor,
+                tensor_device: device.max(0) as u32,
+                context_device: self.ordinal(),
+            });
+        }
+        // Memory-pool and virtual-memory allocations belong to no context (0, or no answer).
+        let context: usize =
+            pointer_attribute(ptr, CUpointer_attribute::CU_POINTER_ATTRIBUTE_CONTEXT).unwrap_or(0);
+        if context != 0 && context != self.raw_context() as usize {
+            return Err(Error::ForeignPointer {
+                ptr,
+                why: "it was allocated in another CUDA context of this device, which duo-attn's \
+                      kernels (in the device's primary context) cannot address"
+                    .into(),
+            });
+        }
+        let start: u64 = pointer_attribute(
+            ptr,
+            CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
+        )
+        .map_err(unknown)?;
+        let size: usize =
+            pointer_attribute(ptr, CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_SIZE)
+                .map_err(unknown)?;
+        // Elements from `ptr` to the end of its allocation.
+        let available = (start + size as u64).saturating_sub(ptr) as usize / elem_bytes;
+        let desc = TensorDesc {
+            ptr,
+            shape,
+            strides,
+            available,
+            elem_bytes,
+            device: self.ordinal(),
+        };
+        desc.check_in_bounds(tensor)?;
+        Ok(desc)
+    }
+}
+
+/// One `cuPointerGetAttribute` value of the type the driver writes for `attribute` (pointers and
+/// sizes as `u64`/`usize`, ordinals and enums as 32-bit integers).
+fn pointer_attribute<V: Default + Copy>(
+    ptr: u64,
+    attribute: CUpointer_attribute,
+) -> std::result::Result<V, CUresult> {
+    let mut value = V::default();
+    // SAFETY: `value` is as large as what the driver writes for each attribute used here.
+    let status =
+        unsafe { cuPointerGetAttribute(&mut value as *mut V as *mut c_void, attribute, ptr) };
+    match status {
+        CUresult::CUDA_SUCCESS => Ok(value),
+        status => Err(status),
+    }
+}
