@@ -773,66 +773,80 @@ impl Context {
         }
         let slots = self.info().multiprocessors as usize
             * self.resident_blocks_per_sm(&plan.entry, plan.block, plan.shared_bytes)? as usize;
-        let mut params = plan.params;
-        params.work_counter = self.zeroed_counters(2)?;
         // The split count replays this launch's scheduler (`split_kv`), once per launch shape.
         let splits = plan
             .split
             .as_ref()
             .map_or(1, |split| self.kv_splits(split, slots));
-        let mut entry = plan.entry.as_str();
-        let mut merge = None;
-        if let (Some(split), true) = (&plan.split, splits > 1) {
-            let rows = split.rows.count();
-            check_limit("split-KV partial rows", splits * rows, i32::MAX as usize)?;
-            let workspace = self.workspace(splits * rows * (split.head_dim + 1))?;
-            params.kv_splits = splits as i32;
-            params.kv_splits_div = FastDiv::new(splits as u32);
-            params.partial_o = workspace;
-            params.partial_lse = workspace + 4 * (splits * rows * split.head_dim) as u64;
-            entry = &split.entry;
-            merge = Some((split, rows));
-        }
+        let merge = match &plan.split {
+            Some(split) if splits > 1 => {
+                let rows = split.rows.count();
+                check_limit("split-KV partial rows", splits * rows, i32::MAX as usize)?;
+                Some((split, rows))
+            }
+            _ => None,
+        };
+        let partials = merge.map_or(0, |(split, rows)| splits * rows * (split.head_dim + 1));
+        // A plain call's streaming slots repeat K and V: encode each distinct operand once.
+        let maps = match &plan.tma {
+            Some(tensors) => {
+                let mut maps = [TensorMap::default(); TMA_MAPS];
+                for (i, tensor) in tensors.iter().enumerate() {
+                    maps[i] = match tensors[..i].iter().position(|t| t == tensor) {
+                        Some(j) => maps[j],
+                        None => tensor.encode()?,
+                    };
+                }
+                Some(maps)
+            }
+            None => None,
+        };
         let work_items = (plan.work_tiles() * splits).min(slots).max(1);
         let grid = (work_items as u32, 1, 1);
-        let Some(tensors) = &plan.tma else {
-            return self.launch(entry, grid, plan.block, plan.shared_bytes, &params);
-        };
-        // A plain call's streaming slots repeat K and V: encode each distinct operand once.
-        let mut maps = [TensorMap::default(); TMA_MAPS];
-        for (i, tensor) in tensors.iter().enumerate() {
-            maps[i] = match tensors[..i].iter().position(|t| t == tensor) {
-                Some(j) => maps[j],
-                None => tensor.encode()?,
+        self.with_scratch(partials, 2, |scratch| {
+            let mut params = plan.params;
+            params.work_counter = scratch.counters;
+            let mut entry = plan.entry.as_str();
+            if let Some((split, rows)) = merge {
+                params.kv_splits = splits as i32;
+                params.kv_splits_div = FastDiv::new(splits as u32);
+                params.partial_o = scratch.partials;
+                params.partial_lse = scratch.partials + 4 * (splits * rows * split.head_dim) as u64;
+                entry = &split.entry;
+            }
+            match maps {
+                Some(maps) => {
+                    let tma_params = TmaPrefillParams {
+                        maps,
+                        prefill: params,
+                    };
+                    self.launch(entry, grid, plan.block, plan.shared_bytes, &tma_params)?;
+                }
+                None => self.launch(entry, grid, plan.block, plan.shared_bytes, &params)?,
+            }
+            let Some((split, rows)) = merge else {
+                return Ok(());
             };
-        }
-        let tma_params = TmaPrefillParams {
-            maps,
-            prefill: params,
-        };
-        self.launch(entry, grid, plan.block, plan.shared_bytes, &tma_params)?;
-        let Some((split, rows)) = merge else {
-            return Ok(());
-        };
-        let merge_params = PrefillMergeParams {
-            partial_o: params.partial_o,
-            partial_lse: params.partial_lse,
-            o: params.o,
-            lse: params.lse,
-            o_strides: params.o_strides,
-            lse_strides: params.lse_strides,
-            batch: split.rows.batch as i32,
-            heads_q: split.rows.heads_q as i32,
-            seqlen_q: split.rows.seqlen_q as i32,
-            kv_splits: params.kv_splits,
-        };
-        self.launch(
-            &split.merge_entry,
-            (rows.div_ceil(PREFILL_MERGE_ROWS) as u32, 1, 1),
-            (32 * PREFILL_MERGE_ROWS) as u32,
-            0,
-            &merge_params,
-        )
+            let merge_params = PrefillMergeParams {
+                partial_o: params.partial_o,
+                partial_lse: params.partial_lse,
+                o: params.o,
+                lse: params.lse,
+                o_strides: params.o_strides,
+                lse_strides: params.lse_strides,
+                batch: split.rows.batch as i32,
+                heads_q: split.rows.heads_q as i32,
+                seqlen_q: split.rows.seqlen_q as i32,
+                kv_splits: params.kv_splits,
+            };
+            self.launch(
+                &split.merge_entry,
+                (rows.div_ceil(PREFILL_MERGE_ROWS) as u32, 1, 1),
+                (32 * PREFILL_MERGE_ROWS) as u32,
+                0,
+                &merge_params,
+            )
+        })
     }
 
     /// Varlen prefill (FlashAttention's varlen layout): q/out `[total_q, Hq, D]`, k/v

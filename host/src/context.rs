@@ -25,6 +25,24 @@ pub struct DeviceInfo {
     pub total_memory: usize,
 }
 
+/// Scratch memory of launches, grown on demand and reused: every user is queued on the context's
+/// stream, so reuse is ordered.
+#[derive(Default)]
+struct Scratch {
+    /// Split-KV partial rows and their LSE (prefill and decode).
+    partials: Option<DeviceBuffer<f32>>,
+    /// The persistent prefill scheduler's tile counter and decode's split counters: zero between
+    /// launches (each launch resets the ones it used), zeroed when (re)allocated.
+    counters: Option<DeviceBuffer<u32>>,
+}
+
+/// Device addresses of the scratch buffers for one launch (0: not asked for).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ScratchPtrs {
+    pub partials: u64,
+    pub counters: u64,
+}
+
 /// One GPU with duo-attn's kernels loaded. Operations are queued on the context's stream, a
 /// blocking stream, so synchronous copies such as [`DeviceTensor::to_host`] see their results.
 pub struct Context {
@@ -33,12 +51,8 @@ pub struct Context {
     stream: Stream,
     cuda: CudaContext_,
     info: DeviceInfo,
-    /// Scratch for split-KV partials, grown on demand. Every user is queued on `stream`, so reuse
-    /// is ordered; it is freed (a synchronising cuMemFree) only when it grows.
-    workspace: Mutex<Option<DeviceBuffer<f32>>>,
-    /// Split counters of the decode kernel: zero between launches (each launch's last block
-    /// resets the ones it used), zeroed when (re)allocated.
-    counters: Mutex<Option<DeviceBuffer<u32>>>,
+    /// Split-KV partials and launch counters (`with_scratch`).
+    scratch: Mutex<Scratch>,
     /// Resident blocks per SM, by kernel entry (occupancy queries are cached).
     occupancy: Mutex<HashMap<String, u32>>,
     /// Recent split-KV choices of prefill launches (each replays the scheduler on the host).
@@ -92,8 +106,7 @@ impl Context {
             stream,
             cuda,
             info,
-            workspace: Mutex::new(None),
-            counters: Mutex::new(None),
+            scratch: Mutex::new(Scratch::default()),
             occupancy: Mutex::new(HashMap::new()),
             split_choices: Mutex::new(SplitChoices::default()),
         })
@@ -163,21 +176,45 @@ impl Context {
         cust::memory::mem_get_info().during("reading free device memory")
     }
 
-    /// Device address of at least `len` f32 of scratch memory (see `workspace`).
-    pub(crate) fn workspace(&self, len: usize) -> Result<u64> {
+    /// Runs `launch` with scratch buffers of at least `partials` f32 (none when 0) and `counters`
+    /// u32, holding the scratch lock until it has queued its kernels. A buffer grows by freeing
+    /// the old one (a synchronising cuMemFree: launches queued with it finish first), so an
+    /// address must not escape the lock before its launch is queued: another thread could free it
+    /// in between.
+    pub(crate) fn with_scratch<R>(
+        &self,
+        partials: usize,
+        counters: usize,
+        launch: impl FnOnce(ScratchPtrs) -> Result<R>,
+    ) -> Result<R> {
         self.make_current()?;
-        let mut guard = self
-            .workspace
+        let mut scratch = self
+            .scratch
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if guard.as_ref().is_none_or(|b| b.len() < len) {
-            *guard = None; // free the old buffer first
-            // SAFETY: f32 is Pod; kernels write every element they later read.
-            let buf = unsafe { DeviceBuffer::uninitialized(len.max(1)) }
-                .during("allocating decode workspace")?;
-            *guard = Some(buf);
+        if partials > 0 && scratch.partials.as_ref().is_none_or(|b| b.len() < partials) {
+            scratch.partials = None; // free the old buffer first
+            // SAFETY: f32 is Pod; kernels write every partial they later read.
+            let buf = unsafe { DeviceBuffer::uninitialized(partials) }
+                .during("allocating split-KV partials")?;
+            scratch.partials = Some(buf);
         }
-        Ok(guard.as_ref().map_or(0, |b| b.as_device_ptr().as_raw()))
+        if scratch.counters.as_ref().is_none_or(|b| b.len() < counters) {
+            scratch.counters = None;
+            let buf = DeviceBuffer::zeroed(counters.max(1)).during("allocating launch counters")?;
+            scratch.counters = Some(buf);
+        }
+        let ptrs = ScratchPtrs {
+            partials: match (&scratch.partials, partials > 0) {
+                (Some(b), true) => b.as_device_ptr().as_raw(),
+                _ => 0,
+            },
+            counters: scratch
+                .counters
+                .as_ref()
+                .map_or(0, |b| b.as_device_ptr().as_raw()),
+        };
+        launch(ptrs)
     }
 
     /// Looks up `entry`, raising its dynamic shared memory limit to `shared_bytes` if needed.
@@ -199,21 +236,6 @@ impl Context {
             .during_raw("raising a kernel's dynamic shared memory limit")?;
         }
         Ok(function)
-    }
-
-    /// Device address of at least `len` u32 counters, all zero when no kernel is running.
-    pub(crate) fn zeroed_counters(&self, len: usize) -> Result<u64> {
-        self.make_current()?;
-        let mut guard = self
-            .counters
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if guard.as_ref().is_none_or(|b| b.len() < len) {
-            *guard = None;
-            let buf = DeviceBuffer::zeroed(len.max(1)).during("allocating decode counters")?;
-            *guard = Some(buf);
-        }
-        Ok(guard.as_ref().map_or(0, |b| b.as_device_ptr().as_raw()))
     }
 
     /// The split count of a prefill launch that may split, on `slots` resident blocks

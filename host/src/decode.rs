@@ -252,18 +252,20 @@ impl Context {
     /// Runs a decode plan with its partials in the context's workspace.
     pub(crate) fn launch_decode(&self, mut plan: DecodePlan) -> Result<()> {
         let rows = plan.params.batch as u64 * plan.params.heads_q as u64 * plan.params.n_q as u64;
-        let workspace = self.workspace(plan.workspace_len())?;
-        plan.params.o_partial = workspace;
-        plan.params.lse_partial = workspace + 4 * plan.splits as u64 * rows * plan.head_dim as u64;
         let groups = (plan.grid.1 * plan.grid.2) as usize;
-        plan.params.counters = self.zeroed_counters(groups)?;
-        self.launch(
-            &plan.entry,
-            plan.grid,
-            plan.block,
-            plan.shared_bytes,
-            &plan.params,
-        )
+        self.with_scratch(plan.workspace_len(), groups, |scratch| {
+            plan.params.o_partial = scratch.partials;
+            plan.params.lse_partial =
+                scratch.partials + 4 * plan.splits as u64 * rows * plan.head_dim as u64;
+            plan.params.counters = scratch.counters;
+            self.launch(
+                &plan.entry,
+                plan.grid,
+                plan.block,
+                plan.shared_bytes,
+                &plan.params,
+            )
+        })
     }
 }
 

@@ -4,7 +4,7 @@ use duo_attn::reference::Shape;
 use duo_attn::{AttentionConfig, Context, DType, Error, HeadKind, PrefillKernel};
 use duo_attn_tests::{
     Comparison, alternating_kinds, compare, gpu_or_skip, notice, random_tensor, rng, rows_to_check,
-    run_prefill, run_prefill_case, run_scaled_keys_case, run_varlen_case,
+    run_decode_case, run_prefill, run_prefill_case, run_scaled_keys_case, run_varlen_case,
 };
 use half::{bf16, f16};
 use rand::{Rng, rngs::StdRng};
@@ -517,6 +517,55 @@ fn foreign_device_memory() {
     let err = unsafe { ctx.foreign_view::<bf16, 1>(host.as_ptr() as u64, [8], [1]) }.unwrap_err();
     assert!(matches!(err, Error::ForeignPointer { .. }), "{err}");
     notice(&format!("a host address: {err}"));
+}
+
+/// One context shared by threads (it is `Sync`): split-KV prefill and decode launches from four
+/// threads at once, each asking for more split partials than the last, so the context's scratch
+/// buffer grows (and its old one is freed) while other threads launch. Every result is checked.
+#[test]
+fn one_context_many_threads() {
+    let Some(ctx) = gpu_or_skip("one_context_many_threads") else {
+        return;
+    };
+    std::thread::scope(|scope| {
+        for t in 0..4usize {
+            let ctx = &ctx;
+            scope.spawn(move || {
+                let mut rng = rng(&format!("thread {t}"));
+                for j in 0..6usize {
+                    // A 128-query chunk against 4k keys, its split count forced to grow.
+                    let chunk = Shape {
+                        batch: 1,
+                        seqlen_q: 128,
+                        seqlen_k: 4096,
+                        heads_q: 32,
+                        heads_kv: 8,
+                        head_dim: 128,
+                    };
+                    let cfg = AttentionConfig::new(alternating_kinds(8))
+                        .sink(4)
+                        .window(1000)
+                        .kv_splits(Some(1 + j + t));
+                    let cmp = run_prefill_case::<bf16>(ctx, &chunk, &cfg, &mut rng).unwrap();
+                    assert!(cmp.passed(), "thread {t}, prefill {j}: {cmp:?}");
+                    let decode = Shape {
+                        batch: 2,
+                        seqlen_q: 1 + j,
+                        seqlen_k: 3000 + 1000 * t,
+                        ..chunk
+                    };
+                    let cfg = AttentionConfig::new(alternating_kinds(8))
+                        .sink(4)
+                        .window(1000);
+                    let cmp = run_decode_case::<bf16>(ctx, &decode, &cfg, &mut rng).unwrap();
+                    assert!(cmp.passed(), "thread {t}, decode {j}: {cmp:?}");
+                }
+                notice(&format!(
+                    "thread {t}: 6 split prefills and 6 decodes passed"
+                ));
+            });
+        }
+    });
 }
 
 /// More work tiles than resident blocks, so each persistent block runs several tiles back to back
