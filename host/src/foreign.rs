@@ -6,7 +6,7 @@ use crate::context::Context;
 use crate::element::DeviceScalar;
 use crate::error::{Error, Result};
 use crate::tensor::{TensorDesc, View, ViewMut};
-use cust::sys::{CUpointer_attribute, CUresult, cuPointerGetAttribute};
+use cust::sys::{CUpointer_attribute, CUresult, cuPointerGetAttributes};
 use std::ffi::c_void;
 
 /// `CU_MEMORYTYPE_DEVICE`: the only memory type the kernels take.
@@ -77,40 +77,37 @@ impl Context {
             });
         }
         self.make_current()?;
-        let unknown = |status: CUresult| Error::ForeignPointer {
+        let record = pointer_record(ptr).map_err(|status| Error::ForeignPointer {
             ptr,
-            why: format!(
-                "the driver does not know it as CUDA memory ({status:?}): pass a device address"
-            ),
-        };
-        let memory_type: u32 =
-            pointer_attribute(ptr, CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE)
-                .map_err(unknown)?;
-        if memory_type != MEMORY_TYPE_DEVICE {
-            return Err(Error::ForeignPointer {
-                ptr,
-                why: format!(
-                    "it is not device memory (CUmemorytype {memory_type}); the kernels read and \
-                     write device memory only"
-                ),
-            });
+            why: format!("the driver could not read its attributes ({status:?})"),
+        })?;
+        match record.memory_type {
+            MEMORY_TYPE_DEVICE => {}
+            0 => {
+                return Err(Error::ForeignPointer {
+                    ptr,
+                    why: "the driver does not know it as CUDA memory: pass a device address".into(),
+                });
+            }
+            other => {
+                return Err(Error::ForeignPointer {
+                    ptr,
+                    why: format!(
+                        "it is not device memory (CUmemorytype {other}); the kernels read and \
+                         write device memory only"
+                    ),
+                });
+            }
         }
-        let device: i32 = pointer_attribute(
-            ptr,
-            CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
-        )
-        .map_err(unknown)?;
-        if device != self.ordinal() as i32 {
+        if record.device != self.ordinal() as i32 {
             return Err(Error::WrongDevice {
                 tensor,
-                tensor_device: device.max(0) as u32,
+                tensor_device: record.device.max(0) as u32,
                 context_device: self.ordinal(),
             });
         }
-        // Memory-pool and virtual-memory allocations belong to no context (0, or no answer).
-        let context: usize =
-            pointer_attribute(ptr, CUpointer_attribute::CU_POINTER_ATTRIBUTE_CONTEXT).unwrap_or(0);
-        if context != 0 && context != self.raw_context() as usize {
+        // Memory-pool and virtual-memory allocations belong to no context (0).
+        if record.context != 0 && record.context != self.raw_context() as usize {
             return Err(Error::ForeignPointer {
                 ptr,
                 why: "it was allocated in another CUDA context of this device, which duo-attn's \
@@ -118,16 +115,9 @@ impl Context {
                     .into(),
             });
         }
-        let start: u64 = pointer_attribute(
-            ptr,
-            CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
-        )
-        .map_err(unknown)?;
-        let size: usize =
-            pointer_attribute(ptr, CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_SIZE)
-                .map_err(unknown)?;
         // Elements from `ptr` to the end of its allocation.
-        let available = (start + size as u64).saturating_sub(ptr) as usize / elem_bytes;
+        let end = record.range_start + record.range_size as u64;
+        let available = end.saturating_sub(ptr) as usize / elem_bytes;
         let desc = TensorDesc {
             ptr,
             shape,
@@ -141,18 +131,49 @@ impl Context {
     }
 }
 
-/// One `cuPointerGetAttribute` value of the type the driver writes for `attribute` (pointers and
-/// sizes as `u64`/`usize`, ordinals and enums as 32-bit integers).
-fn pointer_attribute<V: Default + Copy>(
-    ptr: u64,
-    attribute: CUpointer_attribute,
-) -> std::result::Result<V, CUresult> {
-    let mut value = V::default();
-    // SAFETY: `value` is as large as what the driver writes for each attribute used here.
-    let status =
-        unsafe { cuPointerGetAttribute(&mut value as *mut V as *mut c_void, attribute, ptr) };
+/// What the driver records of an address: `cuPointerGetAttributes`, which (unlike
+/// `cuPointerGetAttribute`) answers for addresses it does not know, with zeros, rather than
+/// failing (so `compute-sanitizer` sees no API error either).
+#[derive(Default)]
+struct PointerRecord {
+    /// `CUmemorytype`; 0 for an address the driver does not know.
+    memory_type: u32,
+    device: i32,
+    context: usize,
+    range_start: u64,
+    range_size: usize,
+}
+
+fn pointer_record(ptr: u64) -> std::result::Result<PointerRecord, CUresult> {
+    use CUpointer_attribute::*;
+    let mut record = PointerRecord::default();
+    let mut attributes = [
+        CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+        CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+        CU_POINTER_ATTRIBUTE_CONTEXT,
+        CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
+        CU_POINTER_ATTRIBUTE_RANGE_SIZE,
+    ];
+    // Each slot has the type the driver writes for its attribute (unsigned int, int, CUcontext,
+    // CUdeviceptr, size_t).
+    let mut data: [*mut c_void; 5] = [
+        &mut record.memory_type as *mut u32 as *mut c_void,
+        &mut record.device as *mut i32 as *mut c_void,
+        &mut record.context as *mut usize as *mut c_void,
+        &mut record.range_start as *mut u64 as *mut c_void,
+        &mut record.range_size as *mut usize as *mut c_void,
+    ];
+    // SAFETY: five attributes, five live slots of the sizes the driver writes.
+    let status = unsafe {
+        cuPointerGetAttributes(
+            attributes.len() as u32,
+            attributes.as_mut_ptr(),
+            data.as_mut_ptr(),
+            ptr,
+        )
+    };
     match status {
-        CUresult::CUDA_SUCCESS => Ok(value),
+        CUresult::CUDA_SUCCESS => Ok(record),
         status => Err(status),
     }
 }
