@@ -48,3 +48,12 @@ pub use error::{Error, Result};
 pub use pattern::{Binarize, HeadPattern};
 pub use split_kv::{PartialRows, SplitKv, SplitShape, SplitWork, choose_kv_splits};
 pub use tensor::{DeviceTensor, TensorDesc, View, ViewMut};
+
+// A service shares one context across threads and moves caches and tensors between them
+// (`one_context_many_threads` runs it): a change that loses `Send` or `Sync` fails to build here.
+const _: () = {
+    const fn shareable<T: Send + Sync>() {}
+    shareable::<Context>();
+    shareable::<DuoCache<half::bf16>>();
+    shareable::<DeviceTensor<half::f16, 4>>();
+};
