@@ -228,7 +228,12 @@ fn check_bshd(t: &TensorDesc<4>, tensor: &'static str) -> Result<()> {
         ("the sequence stride", t.strides[1]),
         ("the head stride", t.strides[2]),
     ] {
-        let bytes = (stride * t.elem_bytes) as u64;
+        // A stride past the address space reaches out of any buffer.
+        let bytes = stride.checked_mul(t.elem_bytes).ok_or(Error::OutOfBounds {
+            tensor,
+            needed: usize::MAX,
+            available: t.available,
+        })? as u64;
         if !bytes.is_multiple_of(ALIGN) {
             return Err(Error::Misaligned {
                 tensor,

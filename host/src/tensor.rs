@@ -42,21 +42,23 @@ impl<const N: usize> TensorDesc<N> {
     }
 
     /// One past the largest element offset the tensor touches (0 if it has no elements).
+    /// Saturates rather than overflows, so absurd shapes or strides fail the bounds check.
     pub fn span(&self) -> usize {
         if self.shape.contains(&0) {
             return 0;
         }
-        1 + self
-            .shape
+        self.shape
             .iter()
             .zip(&self.strides)
-            .map(|(&n, &s)| (n - 1) * s)
-            .sum::<usize>()
+            .fold(1usize, |span, (&n, &s)| {
+                span.saturating_add((n - 1).saturating_mul(s))
+            })
     }
 
     /// Device byte range `[start, end)` the tensor touches.
     pub fn byte_range(&self) -> (u64, u64) {
-        (self.ptr, self.ptr + (self.span() * self.elem_bytes) as u64)
+        let bytes = self.span().saturating_mul(self.elem_bytes) as u64;
+        (self.ptr, self.ptr.saturating_add(bytes))
     }
 
     pub(crate) fn check_not_empty(&self, tensor: &'static str) -> Result<()> {
@@ -101,7 +103,7 @@ impl<const N: usize> TensorDesc<N> {
                     strides: self.strides.to_vec(),
                 });
             }
-            extent = stride * n;
+            extent = stride.saturating_mul(n);
         }
         Ok(())
     }

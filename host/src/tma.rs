@@ -63,7 +63,8 @@ impl TmaTensor {
         // Strides of (rows, heads, batch). A dimension of extent 1 is never stepped along, so its
         // stride (which views may leave at 0) is replaced by the tensor's byte extent: any legal
         // value serves, and this one keeps the strides increasing as in a packed tensor.
-        let raw = [t.strides[1], t.strides[2], t.strides[0]].map(|s| s as u64 * elem);
+        let raw =
+            [t.strides[1], t.strides[2], t.strides[0]].map(|s| (s as u64).saturating_mul(elem));
         let extent = (1..4)
             .map(|i| (dims[i] - 1) * raw[i - 1])
             .sum::<u64>()

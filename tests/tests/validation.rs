@@ -375,6 +375,19 @@ fn out_of_bounds() {
     ));
 }
 
+/// Strides whose extent overflows the address space are out of bounds, not a wrapped (and
+/// then passing) bounds check or an overflow panic.
+#[test]
+fn overflowing_strides_are_out_of_bounds() {
+    // Multiples of 8 elements (16 bytes) that overflow the span, and one that overflows bytes.
+    for stride in [usize::MAX / 2 & !7, usize::MAX / 4 & !7, usize::MAX & !7] {
+        assert!(matches!(
+            fails(|c| c.k.strides[0] = stride),
+            Error::OutOfBounds { tensor: "k", .. }
+        ));
+    }
+}
+
 #[test]
 fn lse_not_contiguous() {
     let err = fails(|c| {
