@@ -380,7 +380,7 @@ fn out_of_bounds() {
 #[test]
 fn overflowing_strides_are_out_of_bounds() {
     // Multiples of 8 elements (16 bytes) that overflow the span, and one that overflows bytes.
-    for stride in [usize::MAX / 2 & !7, usize::MAX / 4 & !7, usize::MAX & !7] {
+    for stride in [(usize::MAX / 2) & !7, (usize::MAX / 4) & !7, usize::MAX & !7] {
         assert!(matches!(
             fails(|c| c.k.strides[0] = stride),
             Error::OutOfBounds { tensor: "k", .. }
