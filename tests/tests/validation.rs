@@ -379,8 +379,12 @@ fn out_of_bounds() {
 /// then passing) bounds check or an overflow panic.
 #[test]
 fn overflowing_strides_are_out_of_bounds() {
-    // Multiples of 8 elements (16 bytes) that overflow the span, and one that overflows bytes.
-    for stride in [(usize::MAX / 2) & !7, (usize::MAX / 4) & !7, usize::MAX & !7] {
+    // 16-byte multiples far past any buffer; the last overflows the span and its byte size.
+    for stride in [
+        (usize::MAX / 2) & !7,
+        (usize::MAX / 4) & !7,
+        usize::MAX & !7,
+    ] {
         assert!(matches!(
             fails(|c| c.k.strides[0] = stride),
             Error::OutOfBounds { tensor: "k", .. }
