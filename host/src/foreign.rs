@@ -9,6 +9,9 @@ use crate::tensor::{TensorDesc, View, ViewMut};
 use cust::sys::{CUpointer_attribute, CUresult, cuPointerGetAttributes};
 use std::ffi::c_void;
 
+/// How errors name a foreign view.
+const TENSOR: &str = "foreign view";
+
 /// `CU_MEMORYTYPE_DEVICE`: the only memory type the kernels take.
 const MEMORY_TYPE_DEVICE: u32 = 2;
 
@@ -35,7 +38,7 @@ impl Context {
         shape: [usize; N],
         strides: [usize; N],
     ) -> Result<View<'a, T, N>> {
-        let desc = self.foreign_desc::<T, N>("foreign view", ptr, shape, strides)?;
+        let desc = self.foreign_desc::<T, N>(ptr, shape, strides)?;
         Ok(View::from_desc(desc))
     }
 
@@ -50,13 +53,12 @@ impl Context {
         shape: [usize; N],
         strides: [usize; N],
     ) -> Result<ViewMut<'a, T, N>> {
-        let desc = self.foreign_desc::<T, N>("foreign view", ptr, shape, strides)?;
+        let desc = self.foreign_desc::<T, N>(ptr, shape, strides)?;
         Ok(ViewMut::from_desc(desc))
     }
 
     fn foreign_desc<T: DeviceScalar, const N: usize>(
         &self,
-        tensor: &'static str,
         ptr: u64,
         shape: [usize; N],
         strides: [usize; N],
@@ -70,7 +72,7 @@ impl Context {
         }
         if !ptr.is_multiple_of(elem_bytes as u64) {
             return Err(Error::Misaligned {
-                tensor,
+                tensor: TENSOR,
                 what: "the device address",
                 value: ptr,
                 align: elem_bytes as u64,
@@ -101,7 +103,7 @@ impl Context {
         }
         if record.device != self.ordinal() as i32 {
             return Err(Error::WrongDevice {
-                tensor,
+                tensor: TENSOR,
                 tensor_device: record.device.max(0) as u32,
                 context_device: self.ordinal(),
             });
@@ -126,7 +128,7 @@ impl Context {
             elem_bytes,
             device: self.ordinal(),
         };
-        desc.check_in_bounds(tensor)?;
+        desc.check_in_bounds(TENSOR)?;
         Ok(desc)
     }
 }
