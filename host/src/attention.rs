@@ -856,8 +856,9 @@ impl Context {
 
     /// Varlen prefill (FlashAttention's varlen layout): q/out `[total_q, Hq, D]`, k/v
     /// `[total_k, Hkv, D]`, lse `[Hq, total_q]`, and `[B + 1]` i32 prefix sums of the query and
-    /// key lengths. The prefix sums are copied to the host (a small synchronous copy) and checked,
-    /// so a bad one is an error, never an out-of-bounds access.
+    /// key lengths. The prefix sums are copied to the host (a small synchronous copy, after the
+    /// context's stream has finished what it queued, which may write them) and checked, so a bad
+    /// one is an error, never an out-of-bounds access.
     #[allow(clippy::too_many_arguments)]
     pub fn attention_varlen<T: AttnElement>(
         &self,
@@ -870,6 +871,8 @@ impl Context {
         cu_seqlens_k: &DeviceTensor<i32, 1>,
         cfg: &AttentionConfig,
     ) -> Result<()> {
+        // On a non-blocking stream the copy below would not wait for the stream's work.
+        self.synchronize()?;
         let cu_q = cu_seqlens_q.to_host()?;
         let cu_k = cu_seqlens_k.to_host()?;
         let plan = plan_prefill_varlen::<T>(

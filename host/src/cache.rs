@@ -507,6 +507,8 @@ impl<T: AttnElement> DuoCache<T> {
         if hs > 0 {
             let need = b * stream_len * hs * d;
             if self.scratch.as_ref().is_none_or(|(k, _)| k.len() < need) {
+                // Chunks queued with the old buffers finish before they are freed.
+                ctx.synchronize()?;
                 self.scratch = None;
                 self.scratch = Some((ctx.alloc([need, 1])?, ctx.alloc([need, 1])?));
             }

@@ -1,4 +1,8 @@
 //! A device, its loaded kernel module and a stream: what every operation runs through.
+//!
+//! Contexts of one device share the module, the device's primary CUDA context and the host-side
+//! caches ([`Shared`]); each has its own stream and scratch memory, so work on different streams
+//! never shares scratch.
 use crate::element::DeviceScalar;
 use crate::error::{CudaContext, Error, RawCudaStatus, Result};
 use crate::kernels;
@@ -6,13 +10,13 @@ use crate::split_kv::{SplitChoices, SplitKv};
 use crate::tensor::DeviceTensor;
 use cust::context::{Context as CudaContext_, CurrentContext};
 use cust::device::{Device, DeviceAttribute};
-use cust::function::{BlockSize, GridSize};
+use cust::function::BlockSize;
 use cust::memory::DeviceBuffer;
 use cust::module::Module;
 use cust::stream::{Stream, StreamFlags};
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// What the context's device is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,8 +36,53 @@ struct Scratch {
     /// Split-KV partial rows and their LSE (prefill and decode).
     partials: Option<DeviceBuffer<f32>>,
     /// The persistent prefill scheduler's tile counter and decode's split counters: zero between
-    /// launches (each launch resets the ones it used), zeroed when (re)allocated.
+    /// launches (each launch resets the ones it used), zeroed on the stream when (re)allocated.
     counters: Option<DeviceBuffer<u32>>,
+    /// Set once a launch that uses the scratch was captured into a CUDA graph: the graph holds
+    /// the addresses, so outgrown buffers are kept (in `retired`) until the context drops.
+    captured: bool,
+    retired: Vec<RetiredBuffer>,
+}
+
+/// An outgrown scratch buffer a captured graph may still address.
+#[allow(dead_code)] // held only to be freed with the context
+enum RetiredBuffer {
+    Partials(DeviceBuffer<f32>),
+    Counters(DeviceBuffer<u32>),
+}
+
+/// Where a context queues its work.
+enum ContextStream {
+    /// A stream the context created (a blocking stream) and destroys.
+    Own(Stream),
+    /// A caller's stream (`Context::on_stream`), which the caller keeps alive.
+    Borrowed(cust::sys::CUstream),
+}
+
+// SAFETY: a CUstream handle may be used from any thread (the driver API is thread-safe); the
+// caller of `Context::on_stream` vouches that the stream outlives the context.
+unsafe impl Send for ContextStream {}
+unsafe impl Sync for ContextStream {}
+
+impl ContextStream {
+    fn raw(&self) -> cust::sys::CUstream {
+        match self {
+            ContextStream::Own(s) => s.as_inner(),
+            ContextStream::Borrowed(s) => *s,
+        }
+    }
+}
+
+/// What the contexts of one device share.
+struct Shared {
+    // Field order is drop order: the module goes before the CUDA context.
+    module: Module,
+    cuda: CudaContext_,
+    info: DeviceInfo,
+    /// Resident blocks per SM, by kernel entry (occupancy queries are cached).
+    occupancy: Mutex<HashMap<String, u32>>,
+    /// Recent split-KV choices of prefill launches (each replays the scheduler on the host).
+    split_choices: Mutex<SplitChoices>,
 }
 
 /// Device addresses of the scratch buffers for one launch (0: not asked for).
@@ -43,20 +92,28 @@ pub(crate) struct ScratchPtrs {
     pub counters: u64,
 }
 
-/// One GPU with duo-attn's kernels loaded. Operations are queued on the context's stream, a
-/// blocking stream, so synchronous copies such as [`DeviceTensor::to_host`] see their results.
+/// One GPU with duo-attn's kernels loaded, and the stream its operations are queued on.
+///
+/// [`Context::new`] makes a blocking stream of its own, so synchronous copies such as
+/// [`DeviceTensor::to_host`] see the results of queued operations. [`Context::on_new_stream`]
+/// and [`Context::on_stream`] make further contexts of the same device, sharing the loaded
+/// kernels, that queue on another stream (a new one, or a caller's).
 pub struct Context {
-    // Field order is drop order: module and stream go before the CUDA context.
-    module: Module,
-    stream: Stream,
-    cuda: CudaContext_,
-    info: DeviceInfo,
+    // Field order is drop order: the stream and the scratch go before the shared CUDA context.
+    stream: ContextStream,
     /// Split-KV partials and launch counters (`with_scratch`).
     scratch: Mutex<Scratch>,
-    /// Resident blocks per SM, by kernel entry (occupancy queries are cached).
-    occupancy: Mutex<HashMap<String, u32>>,
-    /// Recent split-KV choices of prefill launches (each replays the scheduler on the host).
-    split_choices: Mutex<SplitChoices>,
+    shared: Arc<Shared>,
+}
+
+impl Drop for Context {
+    /// Waits for the work queued on the context's stream before its scratch memory is freed
+    /// (not while the stream is being captured: a synchronize would end the capture).
+    fn drop(&mut self) {
+        if self.make_current().is_ok() && matches!(self.capturing(), Ok(false)) {
+            let _ = self.synchronize();
+        }
+    }
 }
 
 impl Context {
@@ -100,15 +157,79 @@ impl Context {
         }
         let cuda = CudaContext_::new(device).during("creating the context")?;
         let module = Self::load_module()?;
-        let stream = Stream::new(StreamFlags::DEFAULT, None).during("creating a stream")?;
-        Ok(Context {
+        let shared = Arc::new(Shared {
             module,
-            stream,
             cuda,
             info,
-            scratch: Mutex::new(Scratch::default()),
             occupancy: Mutex::new(HashMap::new()),
             split_choices: Mutex::new(SplitChoices::default()),
+        });
+        Self::with_shared(shared)
+    }
+
+    /// A context on a new stream of its own (a blocking stream, as [`Context::new`]'s).
+    fn with_shared(shared: Arc<Shared>) -> Result<Self> {
+        CurrentContext::set_current(&shared.cuda).during("making the context current")?;
+        let stream = Stream::new(StreamFlags::DEFAULT, None).during("creating a stream")?;
+        Ok(Context {
+            stream: ContextStream::Own(stream),
+            scratch: Mutex::new(Scratch::default()),
+            shared,
+        })
+    }
+
+    /// Another context of this device that shares the loaded kernels but queues on a new stream
+    /// of its own, with its own scratch memory: work queued on two such contexts may overlap on
+    /// the GPU (order it with events where it must not).
+    pub fn on_new_stream(&self) -> Result<Context> {
+        Self::with_shared(self.shared.clone())
+    }
+
+    /// Another context of this device that shares the loaded kernels and queues its operations on
+    /// `stream`, a stream of the caller's (cudarc's, candle's, a framework's), so they run in
+    /// order with the caller's own work on it, and can be captured into a CUDA graph with it.
+    /// The stream must belong to this device's primary context (where CUDA runtimes create
+    /// theirs); else [`Error::ForeignStream`].
+    ///
+    /// On a non-blocking stream (`CU_STREAM_NON_BLOCKING`), the legacy default stream does not
+    /// order with the context's work: [`DeviceTensor`]'s copies and `fill` run there, so order
+    /// them yourself (synchronize the device after them, and [`Context::synchronize`] before
+    /// reading results back).
+    ///
+    /// Graph capture: an operation captured on `stream` (`cuStreamBeginCapture`) queues nothing
+    /// until the graph is launched, and the graph then replays it with the same arguments
+    /// (addresses, lengths, split counts). Run each operation once before capturing it, so the
+    /// context's scratch memory has its size; from the first captured launch on, outgrown
+    /// scratch buffers are kept until the context drops, so a graph never addresses freed
+    /// memory. Launch graphs on this stream (or ordered with it: they share the context's
+    /// scratch), and destroy them before the context. `attention_varlen` reads the prefix sums
+    /// back and cannot be captured; capture `launch_prefill_plan` instead.
+    ///
+    /// # Safety
+    /// `stream` must stay valid (not destroyed) while the returned context and anything queued
+    /// through it live.
+    pub unsafe fn on_stream(&self, stream: cust::sys::CUstream) -> Result<Context> {
+        self.make_current()?;
+        let mut owner: cust::sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: the caller vouches that `stream` is a valid stream handle (or 0, the legacy
+        // default stream, whose context is the current one).
+        let status = unsafe { cust::sys::cuStreamGetCtx(stream, &mut owner) };
+        if status != cust::sys::CUresult::CUDA_SUCCESS {
+            return Err(Error::ForeignStream {
+                why: format!("the driver could not read which context owns it ({status:?})"),
+            });
+        }
+        if owner != self.raw_context() {
+            return Err(Error::ForeignStream {
+                why: "it belongs to another CUDA context (another device, or a context other \
+                      than the device's primary one, where duo-attn's kernels are loaded)"
+                    .into(),
+            });
+        }
+        Ok(Context {
+            stream: ContextStream::Borrowed(stream),
+            scratch: Mutex::new(Scratch::default()),
+            shared: self.shared.clone(),
         })
     }
 
@@ -123,26 +244,45 @@ impl Context {
     }
 
     pub fn info(&self) -> &DeviceInfo {
-        &self.info
+        &self.shared.info
     }
 
     pub fn ordinal(&self) -> u32 {
-        self.info.ordinal
+        self.shared.info.ordinal
     }
 
-    /// The stream operations are queued on (for events, graphs or interop).
-    pub fn stream(&self) -> &Stream {
-        &self.stream
+    /// The stream operations are queued on, when the context made it (for events or interop);
+    /// `None` on a caller's stream ([`Context::on_stream`]). [`Context::raw_stream`] answers in
+    /// both cases.
+    pub fn stream(&self) -> Option<&Stream> {
+        match &self.stream {
+            ContextStream::Own(s) => Some(s),
+            ContextStream::Borrowed(_) => None,
+        }
+    }
+
+    /// The driver handle of the stream operations are queued on.
+    pub fn raw_stream(&self) -> cust::sys::CUstream {
+        self.stream.raw()
     }
 
     /// The CUDA context (the device's primary context).
     pub(crate) fn raw_context(&self) -> cust::sys::CUcontext {
-        self.cuda.as_raw()
+        self.shared.cuda.as_raw()
     }
 
     /// Makes this context current on the calling thread (each public operation does this).
     pub(crate) fn make_current(&self) -> Result<()> {
-        CurrentContext::set_current(&self.cuda).during("making the context current")
+        CurrentContext::set_current(&self.shared.cuda).during("making the context current")
+    }
+
+    /// Whether the stream is being captured into a CUDA graph.
+    fn capturing(&self) -> Result<bool> {
+        let mut status = cust::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+        // SAFETY: the context's stream is valid (owned, or vouched for by `on_stream`'s caller).
+        unsafe { cust::sys::cuStreamIsCapturing(self.raw_stream(), &mut status) }
+            .during_raw("asking whether the stream is being captured")?;
+        Ok(status != cust::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
     }
 
     /// Uninitialised device tensor.
@@ -164,10 +304,12 @@ impl Context {
         DeviceTensor::upload(data, shape, self.ordinal())
     }
 
-    /// Waits for all queued work; reports errors of kernels that ran.
+    /// Waits for all work queued on the context's stream; reports errors of kernels that ran.
     pub fn synchronize(&self) -> Result<()> {
         self.make_current()?;
-        self.stream.synchronize().during("synchronizing the stream")
+        // SAFETY: the context's stream is valid (owned, or vouched for by `on_stream`'s caller).
+        unsafe { cust::sys::cuStreamSynchronize(self.raw_stream()) }
+            .during_raw("synchronizing the stream")
     }
 
     /// Free and total device memory in bytes (`cuMemGetInfo`).
@@ -177,10 +319,12 @@ impl Context {
     }
 
     /// Runs `launch` with scratch buffers of at least `partials` f32 (none when 0) and `counters`
-    /// u32, holding the scratch lock until it has queued its kernels. A buffer grows by freeing
-    /// the old one (a synchronising cuMemFree: launches queued with it finish first), so an
-    /// address must not escape the lock before its launch is queued: another thread could free it
-    /// in between.
+    /// u32, holding the scratch lock until it has queued its kernels, so an address cannot be
+    /// outgrown by another thread between being read and being used.
+    ///
+    /// An outgrown buffer is freed once the stream has finished with it (a synchronize), or kept
+    /// until the context drops once a launch was captured into a graph (which addresses it on
+    /// every replay; a capture cannot synchronize either).
     pub(crate) fn with_scratch<R>(
         &self,
         partials: usize,
@@ -192,17 +336,40 @@ impl Context {
             .scratch
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if partials > 0 && scratch.partials.as_ref().is_none_or(|b| b.len() < partials) {
-            scratch.partials = None; // free the old buffer first
+        scratch.captured |= self.capturing()?;
+        let grow_partials =
+            partials > 0 && scratch.partials.as_ref().is_none_or(|b| b.len() < partials);
+        let grow_counters = scratch.counters.as_ref().is_none_or(|b| b.len() < counters);
+        if (grow_partials || grow_counters) && !scratch.captured {
+            self.synchronize()?; // launches queued with the old buffers finish first
+        }
+        if grow_partials {
             // SAFETY: f32 is Pod; kernels write every partial they later read.
             let buf = unsafe { DeviceBuffer::uninitialized(partials) }
                 .during("allocating split-KV partials")?;
-            scratch.partials = Some(buf);
+            if let Some(old) = scratch.partials.replace(buf)
+                && scratch.captured
+            {
+                scratch.retired.push(RetiredBuffer::Partials(old));
+            }
         }
-        if scratch.counters.as_ref().is_none_or(|b| b.len() < counters) {
-            scratch.counters = None;
-            let buf = DeviceBuffer::zeroed(counters.max(1)).during("allocating launch counters")?;
-            scratch.counters = Some(buf);
+        if grow_counters {
+            let len = counters.max(1);
+            // SAFETY: u32 is Pod; zeroed on the stream below before any launch reads it.
+            let buf = unsafe { DeviceBuffer::<u32>::uninitialized(len) }
+                .during("allocating launch counters")?;
+            // On the stream, not the legacy default stream, which a non-blocking stream does not
+            // wait for (and a capture records it too).
+            // SAFETY: `len` u32 of a live allocation, on the context's valid stream.
+            unsafe {
+                cust::sys::cuMemsetD32Async(buf.as_device_ptr().as_raw(), 0, len, self.raw_stream())
+            }
+            .during_raw("zeroing launch counters")?;
+            if let Some(old) = scratch.counters.replace(buf)
+                && scratch.captured
+            {
+                scratch.retired.push(RetiredBuffer::Counters(old));
+            }
         }
         let ptrs = ScratchPtrs {
             partials: match (&scratch.partials, partials > 0) {
@@ -220,6 +387,7 @@ impl Context {
     /// Looks up `entry`, raising its dynamic shared memory limit to `shared_bytes` if needed.
     fn function(&self, entry: &str, shared_bytes: u32) -> Result<cust::function::Function<'_>> {
         let function = self
+            .shared
             .module
             .get_function(entry)
             .during("looking up a kernel")?;
@@ -241,7 +409,8 @@ impl Context {
     /// The split count of a prefill launch that may split, on `slots` resident blocks
     /// (`SplitChoices`: remembered per launch shape).
     pub(crate) fn kv_splits(&self, split: &SplitKv, slots: usize) -> usize {
-        self.split_choices
+        self.shared
+            .split_choices
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .choose(split, slots)
@@ -256,6 +425,7 @@ impl Context {
     ) -> Result<u32> {
         self.make_current()?;
         let mut cache = self
+            .shared
             .occupancy
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -284,18 +454,25 @@ impl Context {
         self.make_current()?;
         let function = self.function(entry, shared_bytes)?;
         let mut params = *params;
-        let args = [&mut params as *mut P as *mut c_void];
+        let mut args = [&mut params as *mut P as *mut c_void];
         // SAFETY: `P` is the `#[repr(C)]` struct the entry takes by value (shared ABI crate), and the
-        // caller validated every pointer and extent in it.
+        // caller validated every pointer and extent in it; the stream is valid (owned, or vouched
+        // for by `on_stream`'s caller).
         unsafe {
-            self.stream.launch(
-                &function,
-                GridSize::xyz(grid.0, grid.1, grid.2),
-                BlockSize::x(block),
+            cust::sys::cuLaunchKernel(
+                function.to_raw(),
+                grid.0,
+                grid.1,
+                grid.2,
+                block,
+                1,
+                1,
                 shared_bytes,
-                &args,
+                self.raw_stream(),
+                args.as_mut_ptr(),
+                std::ptr::null_mut(),
             )
         }
-        .during("launching a kernel")
+        .during_raw("launching a kernel")
     }
 }

@@ -25,8 +25,13 @@ pub enum Error {
         during: &'static str,
         source: cust::error::CudaError,
     },
-    #[error("CUDA driver error {status} during {during}")]
-    Driver { during: &'static str, status: i32 },
+    #[error("CUDA driver error {name} ({status}) during {during}")]
+    Driver {
+        during: &'static str,
+        status: i32,
+        /// The driver's name of the status (`cuGetErrorName`), e.g. `CUDA_ERROR_INVALID_VALUE`.
+        name: String,
+    },
     #[error("host data for `{tensor}` has {got} elements but shape {shape:?} needs {expected}")]
     HostLength {
         tensor: &'static str,
@@ -134,6 +139,8 @@ pub enum Error {
         path: String,
         source: std::io::Error,
     },
+    #[error("the stream cannot be used: {why}")]
+    ForeignStream { why: String },
     #[error("device address {ptr:#x} cannot be viewed: {why}")]
     ForeignPointer { ptr: u64, why: String },
     #[error(
@@ -161,10 +168,22 @@ impl RawCudaStatus for cust::sys::CUresult {
         if self == cust::sys::CUresult::CUDA_SUCCESS {
             return Ok(());
         }
-        // cust has no public conversion; report the raw status code.
+        // cust has no public conversion; report the code and the driver's name of it.
+        let mut name: *const std::ffi::c_char = std::ptr::null();
+        // SAFETY: the driver writes a pointer to a static string, or fails for unknown codes.
+        let named = unsafe { cust::sys::cuGetErrorName(self, &mut name) };
+        let name = if named == cust::sys::CUresult::CUDA_SUCCESS && !name.is_null() {
+            // SAFETY: a NUL-terminated static string from the driver.
+            unsafe { std::ffi::CStr::from_ptr(name) }
+                .to_string_lossy()
+                .into_owned()
+        } else {
+            "(unnamed)".to_string()
+        };
         Err(Error::Driver {
             during,
             status: self as i32,
+            name,
         })
     }
 }

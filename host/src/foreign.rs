@@ -31,7 +31,8 @@ impl Context {
     /// The allocation must stay allocated for `'a` (the driver cannot know when it will be
     /// freed), its elements must be valid `T`, and nothing may write them while operations
     /// queued on this context's stream read them (order other streams' work with events on
-    /// [`Context::stream`]).
+    /// [`Context::raw_stream`], or queue the operations on the caller's stream with
+    /// [`Context::on_stream`]).
     pub unsafe fn foreign_view<'a, T: DeviceScalar, const N: usize>(
         &self,
         ptr: u64,

@@ -169,14 +169,18 @@ fn time_launches(
     // host's launch overhead overlaps the previous rep's GPU work, as in triton's do_bench (which
     // the peers use). Synchronising after every rep would add host time to short kernels.
     let event = || Event::new(EventFlags::DEFAULT).map_err(cuda);
+    // The bench's contexts come from `Context::new`, which owns its stream.
+    let stream = ctx.stream().ok_or_else(|| duo_attn::Error::ForeignStream {
+        why: "the bench times a context that owns its stream".into(),
+    })?;
     let mut run = |reps: usize, first: usize| -> Result<Vec<f64>> {
         let pairs = (0..reps)
             .map(|_| Ok((event()?, event()?)))
             .collect::<Result<Vec<_>>>()?;
         for (i, (start, stop)) in pairs.iter().enumerate() {
-            start.record(ctx.stream()).map_err(cuda)?;
+            start.record(stream).map_err(cuda)?;
             launch(first + i)?;
-            stop.record(ctx.stream()).map_err(cuda)?;
+            stop.record(stream).map_err(cuda)?;
         }
         ctx.synchronize()?;
         pairs

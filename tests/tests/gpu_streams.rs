@@ -1,0 +1,344 @@
+//! Contexts on other streams: a caller's non-blocking stream (as cudarc or a framework would hand
+//! one over), CUDA graph capture of operations on it, a context's own second stream, and a stream
+//! of another CUDA context (refused). On machines without a Hopper GPU every test says loudly
+//! that it skipped.
+use cust::context::CurrentContext;
+use cust::stream::{Stream, StreamFlags};
+use cust::sys::{self, CUresult};
+use duo_attn::reference::Shape;
+use duo_attn::{AttentionConfig, Context, DeviceTensor, Error, HeadKind};
+use duo_attn_tests::{
+    Comparison, alternating_kinds, compare, gpu_or_skip, notice, random_tensor, rng, rows_to_check,
+    run_decode_case, run_prefill_case,
+};
+use half::bf16;
+use rand::rngs::StdRng;
+
+fn check(status: CUresult, what: &str) {
+    assert_eq!(status, CUresult::CUDA_SUCCESS, "{what}");
+}
+
+/// Waits for the whole device: orders `DeviceTensor`'s legacy-stream copies and fills with work
+/// on a non-blocking stream.
+fn device_sync() {
+    CurrentContext::synchronize().unwrap();
+}
+
+/// One operation's inputs and outputs on the device, with host copies for the reference.
+struct Case {
+    shape: Shape,
+    cfg: AttentionConfig,
+    decode: bool,
+    q: DeviceTensor<bf16, 4>,
+    k: DeviceTensor<bf16, 4>,
+    v: DeviceTensor<bf16, 4>,
+    out: DeviceTensor<bf16, 4>,
+    lse: DeviceTensor<f32, 3>,
+    host: [Vec<f32>; 3],
+}
+
+impl Case {
+    fn new(ctx: &Context, shape: Shape, cfg: AttentionConfig, decode: bool) -> Case {
+        let out = ctx.alloc(shape.q_shape()).unwrap();
+        let lse = ctx.alloc(shape.lse_shape()).unwrap();
+        let q = ctx.alloc(shape.q_shape()).unwrap();
+        let k = ctx.alloc(shape.kv_shape()).unwrap();
+        let v = ctx.alloc(shape.kv_shape()).unwrap();
+        let host = [vec![], vec![], vec![]];
+        Case {
+            shape,
+            cfg,
+            decode,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            host,
+        }
+    }
+
+    /// Fresh random inputs and NaN outputs (legacy-stream copies: call `device_sync` after).
+    fn refill(&mut self, rng: &mut StdRng) {
+        let s = &self.shape;
+        for (i, (t, n)) in [
+            (&mut self.q, s.q_len()),
+            (&mut self.k, s.kv_len()),
+            (&mut self.v, s.kv_len()),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let (x, x32) = random_tensor::<bf16>(rng, n);
+            t.copy_from_host(&x).unwrap();
+            self.host[i] = x32;
+        }
+        self.poison();
+    }
+
+    fn poison(&mut self) {
+        self.out.fill(bf16::NAN).unwrap();
+        self.lse.fill(f32::NAN).unwrap();
+    }
+
+    /// Queues the operation on `ctx`'s stream.
+    fn queue(&mut self, ctx: &Context) {
+        let (q, k, v) = (self.q.view(), self.k.view(), self.v.view());
+        let (o, l) = (&mut self.out.view_mut(), &mut self.lse.view_mut());
+        if self.decode {
+            ctx.decode_attention(&q, &k, &v, o, l, &self.cfg).unwrap();
+        } else {
+            ctx.attention(&q, &k, &v, o, l, &self.cfg).unwrap();
+        }
+    }
+
+    fn untouched(&self) -> bool {
+        let out = self.out.to_host().unwrap();
+        let lse = self.lse.to_host().unwrap();
+        out.iter().all(|x| x.is_nan()) && lse.iter().all(|x| x.is_nan())
+    }
+
+    fn compare(&self, rng: &mut StdRng) -> Comparison {
+        let out32: Vec<f32> = self
+            .out
+            .to_host()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_f32())
+            .collect();
+        let lse = self.lse.to_host().unwrap();
+        let rows = rows_to_check(&self.shape, rng);
+        let [q, k, v] = &self.host;
+        compare(&self.shape, &self.cfg, q, k, v, &out32, &lse, &rows)
+    }
+}
+
+/// A split-KV prefill chunk (scratch partials, the merge kernel) and a decode step.
+fn cases(ctx: &Context, splits: usize, seqlen_k: usize) -> Vec<Case> {
+    let chunk = Shape {
+        batch: 1,
+        seqlen_q: 128,
+        seqlen_k,
+        heads_q: 16,
+        heads_kv: 4,
+        head_dim: 128,
+    };
+    let prefill_cfg = AttentionConfig::new(alternating_kinds(4))
+        .sink(8)
+        .window(700)
+        .kv_splits(Some(splits));
+    let decode = Shape {
+        batch: 2,
+        seqlen_q: 3,
+        ..chunk
+    };
+    let decode_cfg = AttentionConfig::new(alternating_kinds(4))
+        .sink(8)
+        .window(700);
+    vec![
+        Case::new(ctx, chunk, prefill_cfg, false),
+        Case::new(ctx, decode, decode_cfg, true),
+    ]
+}
+
+fn assert_passed(cases: &[Case], rng: &mut StdRng, what: &str) {
+    for case in cases {
+        let kind = if case.decode { "decode" } else { "prefill" };
+        let cmp = case.compare(rng);
+        notice(&format!("{what}, {kind}: {cmp:?}"));
+        assert!(cmp.passed(), "{what}, {kind}: {cmp:?}");
+    }
+}
+
+/// Operations on a caller's non-blocking stream run there, in order with the caller's work, and a
+/// CUDA graph captured on it replays them: on new inputs, and after a larger launch outgrew the
+/// scratch memory the graph addresses (kept alive since the capture).
+#[test]
+fn caller_stream_and_graph_capture() {
+    let Some(ctx) = gpu_or_skip("caller_stream_and_graph_capture") else {
+        return;
+    };
+    let mut rng = rng("caller stream");
+    // Stands in for another library's stream.
+    let theirs = Stream::new(StreamFlags::NON_BLOCKING, None).unwrap();
+    let raw = theirs.as_inner();
+    // SAFETY: `theirs` outlives `on_theirs` (dropped at the end of the test, in reverse order).
+    let on_theirs = unsafe { ctx.on_stream(raw) }.unwrap();
+    assert!(on_theirs.stream().is_none());
+    assert_eq!(on_theirs.raw_stream(), raw);
+
+    // Eager, on their stream.
+    let mut work = cases(&on_theirs, 3, 2000);
+    for case in &mut work {
+        case.refill(&mut rng);
+    }
+    device_sync();
+    for case in &mut work {
+        case.queue(&on_theirs);
+    }
+    on_theirs.synchronize().unwrap();
+    assert_passed(&work, &mut rng, "eager on a caller's stream");
+
+    // Captured: nothing runs until the graph is launched.
+    for case in &mut work {
+        case.refill(&mut rng);
+    }
+    device_sync();
+    // SAFETY (every driver call below): valid handles, live out-parameters.
+    check(
+        unsafe {
+            sys::cuStreamBeginCapture_v2(
+                raw,
+                sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL,
+            )
+        },
+        "begin capture",
+    );
+    for case in &mut work {
+        case.queue(&on_theirs);
+    }
+    let mut graph: sys::CUgraph = std::ptr::null_mut();
+    check(
+        unsafe { sys::cuStreamEndCapture(raw, &mut graph) },
+        "end capture",
+    );
+    device_sync();
+    assert!(
+        work.iter().all(Case::untouched),
+        "a captured operation ran at capture time: it was not queued on the caller's stream"
+    );
+    let mut exec: sys::CUgraphExec = std::ptr::null_mut();
+    check(
+        unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) },
+        "instantiate the graph",
+    );
+    let replay = |what: &str, work: &mut [Case], rng: &mut StdRng| {
+        check(unsafe { sys::cuGraphLaunch(exec, raw) }, "launch the graph");
+        on_theirs.synchronize().unwrap();
+        assert_passed(work, rng, what);
+    };
+    replay("graph launch", &mut work, &mut rng);
+
+    // The graph reads its buffers anew on every launch.
+    for case in &mut work {
+        case.refill(&mut rng);
+    }
+    device_sync();
+    replay("graph replay on new inputs", &mut work, &mut rng);
+
+    // A larger split launch outgrows the scratch the graph addresses; the old buffers stay.
+    let mut larger = cases(&on_theirs, 8, 6000);
+    for case in &mut larger {
+        case.refill(&mut rng);
+    }
+    device_sync();
+    for case in &mut larger {
+        case.queue(&on_theirs);
+    }
+    on_theirs.synchronize().unwrap();
+    assert_passed(&larger, &mut rng, "larger launch after the capture");
+    for case in &mut work {
+        case.poison();
+    }
+    device_sync();
+    replay("graph replay after the scratch grew", &mut work, &mut rng);
+
+    check(
+        unsafe { sys::cuGraphExecDestroy(exec) },
+        "destroy the graph exec",
+    );
+    check(unsafe { sys::cuGraphDestroy(graph) }, "destroy the graph");
+}
+
+/// A context on a new stream of its own shares the kernels and runs beside the first: two threads,
+/// one context each, at once.
+#[test]
+fn contexts_on_two_streams() {
+    let Some(ctx) = gpu_or_skip("contexts_on_two_streams") else {
+        return;
+    };
+    let second = ctx.on_new_stream().unwrap();
+    assert_ne!(second.raw_stream(), ctx.raw_stream());
+    assert!(second.stream().is_some());
+    std::thread::scope(|scope| {
+        for (t, ctx) in [&ctx, &second].into_iter().enumerate() {
+            scope.spawn(move || {
+                let mut rng = rng(&format!("stream {t}"));
+                for j in 0..4usize {
+                    let chunk = Shape {
+                        batch: 1,
+                        seqlen_q: 128,
+                        seqlen_k: 3000 + 500 * j,
+                        heads_q: 32,
+                        heads_kv: 8,
+                        head_dim: 128,
+                    };
+                    let cfg = AttentionConfig::new(alternating_kinds(8))
+                        .sink(4)
+                        .window(900)
+                        .kv_splits(Some(2 + j + t));
+                    let cmp = run_prefill_case::<bf16>(ctx, &chunk, &cfg, &mut rng).unwrap();
+                    assert!(cmp.passed(), "stream {t}, prefill {j}: {cmp:?}");
+                    let decode = Shape {
+                        batch: 2,
+                        seqlen_q: 1 + j,
+                        ..chunk
+                    };
+                    let cfg = AttentionConfig::new(vec![HeadKind::Retrieval; 8]);
+                    let cmp = run_decode_case::<bf16>(ctx, &decode, &cfg, &mut rng).unwrap();
+                    assert!(cmp.passed(), "stream {t}, decode {j}: {cmp:?}");
+                }
+                notice(&format!(
+                    "stream {t}: 4 split prefills and 4 decodes passed"
+                ));
+            });
+        }
+    });
+}
+
+/// A stream of another CUDA context of the device (not the primary one, where the kernels are
+/// loaded) is refused with a typed error.
+#[test]
+fn stream_of_another_context_is_refused() {
+    let Some(ctx) = gpu_or_skip("stream_of_another_context_is_refused") else {
+        return;
+    };
+    let mut device: sys::CUdevice = 0;
+    let mut other: sys::CUcontext = std::ptr::null_mut();
+    let mut stream: sys::CUstream = std::ptr::null_mut();
+    // SAFETY (every driver call here): live out-parameters; the context and stream made here are
+    // destroyed here.
+    unsafe {
+        check(
+            sys::cuDeviceGet(&mut device, ctx.ordinal() as i32),
+            "device",
+        );
+        check(
+            sys::cuCtxCreate_v2(&mut other, 0, device),
+            "create a context",
+        );
+        check(sys::cuStreamCreate(&mut stream, 0), "create a stream in it");
+    }
+    let err = unsafe { ctx.on_stream(stream) }.err();
+    notice(&format!("stream of another context: {err:?}"));
+    assert!(matches!(err, Some(Error::ForeignStream { .. })), "{err:?}");
+    unsafe {
+        check(sys::cuStreamDestroy_v2(stream), "destroy the stream");
+        check(sys::cuCtxDestroy_v2(other), "destroy the context");
+    }
+    // The context still works.
+    let mut rng = rng("after another context");
+    let shape = Shape {
+        batch: 1,
+        seqlen_q: 200,
+        seqlen_k: 300,
+        heads_q: 4,
+        heads_kv: 2,
+        head_dim: 64,
+    };
+    let cfg = AttentionConfig::new(alternating_kinds(2))
+        .sink(4)
+        .window(50);
+    let cmp = run_prefill_case::<bf16>(&ctx, &shape, &cfg, &mut rng).unwrap();
+    assert!(cmp.passed(), "{cmp:?}");
+}
