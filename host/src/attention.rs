@@ -175,7 +175,7 @@ const ALIGN: u64 = 16;
 /// CUDA grid y/z limit (heads and batch ride on them).
 const MAX_GRID_YZ: usize = 65535;
 
-fn check_device<const N: usize>(
+pub(crate) fn check_device<const N: usize>(
     t: &TensorDesc<N>,
     tensor: &'static str,
     device: u32,
@@ -190,7 +190,7 @@ fn check_device<const N: usize>(
     Ok(())
 }
 
-fn check_shape<const N: usize>(
+pub(crate) fn check_shape<const N: usize>(
     t: &TensorDesc<N>,
     tensor: &'static str,
     expected: [usize; N],

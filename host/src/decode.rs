@@ -2,8 +2,8 @@
 //! SMs and merged by LSE. Over plain K/V tensors ([`Context::decode_attention`]) or, inside
 //! [`crate::DuoCache`], over the retrieval (full) and streaming (ring) caches of a layer.
 use crate::attention::{
-    AttentionConfig, HeadKind, check_heads, check_kv, check_no_aliasing, check_queries, clamp_len,
-    streaming_mask, strides3,
+    AttentionConfig, HeadKind, check_device, check_heads, check_kv, check_no_aliasing,
+    check_queries, check_shape, clamp_len, streaming_mask, strides3,
 };
 use crate::context::Context;
 use crate::element::AttnElement;
@@ -193,6 +193,7 @@ pub(crate) fn plan_decode<T: AttnElement>(
         causal: cfg.causal as i32,
         tiles_per_split: tiles_per_split as i32,
         scale_log2: cfg.scale_for(head_dim) * std::f32::consts::LOG2_E,
+        seqlens: 0,
     };
     Ok(DecodePlan {
         entry: decode_entry::<T>(head_dim),
@@ -203,6 +204,46 @@ pub(crate) fn plan_decode<T: AttnElement>(
         splits,
         head_dim,
     })
+}
+
+/// How errors name the per-sequence key counts.
+const CACHE_SEQLENS: &str = "cache_seqlens";
+
+/// Points a plain decode plan at per-sequence key counts: `[B]` i32 on the plan's device,
+/// contiguous, and not overlapping the outputs (the kernel reads them while it writes those).
+pub(crate) fn use_cache_seqlens(
+    plan: &mut DecodePlan,
+    seqlens: &TensorDesc<1>,
+    out: &TensorDesc<4>,
+    lse: &TensorDesc<3>,
+    device: u32,
+) -> Result<()> {
+    check_device(seqlens, CACHE_SEQLENS, device)?;
+    let batch = plan.params.batch as usize;
+    check_shape(
+        seqlens,
+        CACHE_SEQLENS,
+        [batch],
+        "one key count per sequence: [B] with q's B",
+    )?;
+    if batch > 1 && seqlens.strides[0] != 1 {
+        return Err(Error::NotContiguous {
+            tensor: CACHE_SEQLENS,
+            shape: seqlens.shape.to_vec(),
+            strides: seqlens.strides.to_vec(),
+            expected: vec![1],
+        });
+    }
+    for (output, (start, end)) in [("out", out.byte_range()), ("lse", lse.byte_range())] {
+        if seqlens.overlaps(start, end) {
+            return Err(Error::Aliasing {
+                output,
+                input: CACHE_SEQLENS,
+            });
+        }
+    }
+    plan.params.seqlens = seqlens.ptr;
+    Ok(())
 }
 
 impl Context {
@@ -230,6 +271,49 @@ impl Context {
             cfg,
             self.ordinal(),
             self.decode_resident_blocks::<T>(q.shape()[3])?,
+        )?;
+        self.launch_decode(plan)
+    }
+
+    /// Decode attention with a key count per sequence (FlashAttention's `cache_seqlens`): k/v
+    /// `[B, S_max, Hkv, D]` hold sequence `b`'s keys in rows `0..cache_seqlens[b]`, and its `n`
+    /// queries sit at the last `n` of those positions. Otherwise as
+    /// [`Context::decode_attention`].
+    ///
+    /// `cache_seqlens` is a `[B]` i32 device array, read by the kernel: a serving loop updates it
+    /// on the device, and a captured CUDA graph replays with whatever it holds at launch. Counts
+    /// outside `0..=S_max` are clamped into it, so none reads past the K/V rows. A query whose
+    /// position is negative (a count under `n`) sees no key: output 0, LSE `-inf`. The split
+    /// count is planned for `S_max`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_attention_seqlens<T: AttnElement>(
+        &self,
+        q: &View<'_, T, 4>,
+        k: &View<'_, T, 4>,
+        v: &View<'_, T, 4>,
+        out: &mut ViewMut<'_, T, 4>,
+        lse: &mut ViewMut<'_, f32, 3>,
+        cache_seqlens: &View<'_, i32, 1>,
+        cfg: &AttentionConfig,
+    ) -> Result<()> {
+        let mut plan = plan_decode::<T>(
+            q.desc(),
+            DecodeKv::Plain {
+                k: k.desc(),
+                v: v.desc(),
+            },
+            out.desc(),
+            lse.desc(),
+            cfg,
+            self.ordinal(),
+            self.decode_resident_blocks::<T>(q.shape()[3])?,
+        )?;
+        use_cache_seqlens(
+            &mut plan,
+            cache_seqlens.desc(),
+            out.desc(),
+            lse.desc(),
+            self.ordinal(),
         )?;
         self.launch_decode(plan)
     }
@@ -328,5 +412,86 @@ mod tests {
             // One resident block: a single split walks every tile of the 1000 keys.
             assert_eq!((plan.splits, plan.params.tiles_per_split), (1, tiles));
         }
+    }
+
+    /// `cache_seqlens` must be `[B]` i32 on the context's device, contiguous, and clear of the
+    /// outputs; a good one reaches the kernel's parameters.
+    #[test]
+    fn cache_seqlens_are_checked() {
+        use crate::attention::HeadKind;
+        use half::bf16;
+        let at = |i: u64| 0x7000_0000_0000 + i * 0x1_0000_0000;
+        let q = TensorDesc::contiguous(at(0), [3, 2, 8, 128], 2, 0);
+        let k = TensorDesc::contiguous(at(1), [3, 1000, 2, 128], 2, 0);
+        let v = TensorDesc::contiguous(at(2), [3, 1000, 2, 128], 2, 0);
+        let out = TensorDesc::contiguous(at(3), [3, 2, 8, 128], 2, 0);
+        let lse = TensorDesc::contiguous(at(4), [3, 8, 2], 4, 0);
+        let cfg = AttentionConfig::new(vec![HeadKind::Retrieval, HeadKind::Streaming]);
+        let plan = plan_decode::<bf16>(
+            &q,
+            DecodeKv::Plain { k: &k, v: &v },
+            &out,
+            &lse,
+            &cfg,
+            0,
+            132,
+        )
+        .unwrap();
+        let attach = |lens: TensorDesc<1>| {
+            let mut plan = plan.clone();
+            use_cache_seqlens(&mut plan, &lens, &out, &lse, 0).map(|()| plan.params.seqlens)
+        };
+        let lens = TensorDesc::contiguous(at(5), [3], 4, 0);
+        assert_eq!(attach(lens).unwrap(), at(5));
+        let err = attach(TensorDesc::contiguous(at(5), [2], 4, 0)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::ShapeMismatch {
+                    tensor: "cache_seqlens",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = attach(TensorDesc::contiguous(at(5), [3], 4, 1)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::WrongDevice {
+                    tensor: "cache_seqlens",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let strided = TensorDesc {
+            strides: [2],
+            available: 6,
+            ..lens
+        };
+        let err = attach(strided).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::NotContiguous {
+                    tensor: "cache_seqlens",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // Inside the LSE output.
+        let err = attach(TensorDesc::contiguous(at(4) + 8, [3], 4, 0)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Aliasing {
+                    output: "lse",
+                    input: "cache_seqlens"
+                }
+            ),
+            "{err}"
+        );
     }
 }

@@ -388,6 +388,9 @@ pub struct DecodeParams {
     /// KV tiles each split walks (of the head's visited tiles, in order).
     pub tiles_per_split: i32,
     pub scale_log2: f32,
+    /// 0, or a device `[batch]` i32 array of per-sequence key counts (`cache_seqlens`), each
+    /// clamped into `0..=seqlen` by the kernel; `seqlen` is then the K/V tensors' length.
+    pub seqlens: u64,
 }
 
 /// Parameters of the cache kernels, which move 16-byte chunks of K/V rows.

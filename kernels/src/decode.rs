@@ -97,6 +97,14 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
     let kv_head = div_or_zero(by, row_chunks);
     let row_base = (by - kv_head * row_chunks) * DECODE_ROWS as i32;
     let batch = block_idx_z() as i64;
+    // This sequence's key count: its own (`seqlens`, clamped into `0..=seqlen` so that no value
+    // reaches past the K/V rows) or the batch's.
+    let seqlen = if p.seqlens != 0 {
+        let own = unsafe { ld_global_nc_u32(p.seqlens + 4 * batch as u64) } as i32;
+        if own < 0 { 0 } else { min_i32(own, p.seqlen) }
+    } else {
+        p.seqlen
+    };
     // Row r of a KV head's group: query head `kv_head * group + r / n_q`, token `r % n_q`.
     let row_head_token = |row: i32| {
         let gi = div_or_zero(row, p.n_q);
@@ -130,9 +138,9 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
     // A ring's unfilled slots hold memory never written (NaN bit patterns included): they are
     // zero-filled like rows past the end, or a masked key's P = 0 would multiply a NaN V row.
     let n_keys = if use_ring {
-        filled_slots(p.seqlen, p.sink, p.recent)
+        filled_slots(seqlen, p.sink, p.recent)
     } else {
-        p.seqlen
+        seqlen
     };
 
     // This thread's two query rows: (query head in the group, token) packed as head * n_q + token.
@@ -147,16 +155,16 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
         q_head[r] = kv_head * group + gi;
         valid[r] = row < rows_per_head;
         if valid[r] {
-            q_pos[r] = p.seqlen - p.n_q + token[r];
+            q_pos[r] = seqlen - p.n_q + token[r];
         }
     }
-    let (q_lo, q_hi) = (p.seqlen - p.n_q, p.seqlen - 1);
+    let (q_lo, q_hi) = (seqlen - p.n_q, seqlen - 1);
     let mask = HeadMask {
         streaming,
         causal: p.causal != 0,
         sink: p.sink,
         window: p.window,
-        seqlen_k: p.seqlen,
+        seqlen_k: seqlen,
     };
 
     // The tiles this head visits (ring: all slots; else the mask's ranges), and this split's share.
@@ -280,7 +288,7 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
             for (e, v) in s.iter_mut().enumerate() {
                 let slot = key0 + (8 * (e / 4) + 2 * t + (e & 1)) as i32;
                 let pos = if slot < n_keys {
-                    position_of(slot, p.seqlen, p.sink, p.recent)
+                    position_of(slot, seqlen, p.sink, p.recent)
                 } else {
                     -1
                 };

@@ -378,3 +378,69 @@ pub fn run_varlen_case(
         })
         .collect())
 }
+
+/// Compares a decode with per-sequence key counts (`Context::decode_attention_seqlens`) with the
+/// reference, one sequence at a time: sequence `b` is a batch of one over its first `lens[b]`
+/// keys, clamped into `0..=shape.seqlen_k` as the kernel clamps them (`shape.seqlen_k` is the
+/// K/V tensors' length). Every row of every sequence is compared.
+#[allow(clippy::too_many_arguments)]
+pub fn compare_per_sequence_lengths(
+    shape: &Shape,
+    cfg: &AttentionConfig,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    lens: &[i32],
+) -> Vec<Comparison> {
+    let (hq, hkv, d, sq) = (
+        shape.heads_q,
+        shape.heads_kv,
+        shape.head_dim,
+        shape.seqlen_q,
+    );
+    let q_rows = sq * hq * d;
+    lens.iter()
+        .enumerate()
+        .map(|(b, &len)| {
+            let len = len.clamp(0, shape.seqlen_k as i32) as usize;
+            let one = Shape {
+                batch: 1,
+                seqlen_k: len,
+                ..*shape
+            };
+            let kv = |t: &[f32]| t[b * shape.seqlen_k * hkv * d..][..len * hkv * d].to_vec();
+            let rows: Vec<_> = (0..hq)
+                .flat_map(|h| (0..sq).map(move |i| (0, h, i)))
+                .collect();
+            compare(
+                &one,
+                cfg,
+                &q[b * q_rows..][..q_rows],
+                &kv(k),
+                &kv(v),
+                &out[b * q_rows..][..q_rows],
+                &lse[b * hq * sq..][..hq * sq],
+                &rows,
+            )
+        })
+        .collect()
+}
+
+/// Random K/V values for `shape` (`[B, S_max, Hkv, D]`) whose rows at or past each sequence's
+/// key count (clamped as the kernel clamps it) are NaN, so a kernel that read one would show it.
+pub fn kv_with_nan_tails<T: DeviceScalar>(
+    rng: &mut impl Rng,
+    shape: &Shape,
+    lens: &[i32],
+) -> (Vec<T>, Vec<f32>) {
+    let (mut x, x32) = random_tensor::<T>(rng, shape.kv_len());
+    let row = shape.heads_kv * shape.head_dim;
+    for (b, &len) in lens.iter().enumerate() {
+        let len = len.clamp(0, shape.seqlen_k as i32) as usize;
+        let seq = &mut x[b * shape.seqlen_k * row..][..shape.seqlen_k * row];
+        seq[len * row..].fill(T::nan());
+    }
+    (x, x32)
+}

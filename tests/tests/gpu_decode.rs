@@ -7,7 +7,8 @@ use duo_attn::{
     PrefillKernel,
 };
 use duo_attn_tests::{
-    compare, gpu_or_skip, notice, random_tensor, rng, run_decode_case, run_scaled_keys_case,
+    alternating_kinds, compare, compare_per_sequence_lengths, gpu_or_skip, kv_with_nan_tails,
+    notice, random_tensor, rng, run_decode_case, run_scaled_keys_case,
 };
 use half::{bf16, f16};
 use rand::{Rng, rngs::StdRng};
@@ -70,6 +71,86 @@ fn decode_plain_matrix() {
 /// A long MQA cache at B = 1: one row group of blocks takes most of the GPU, so the in-kernel
 /// merge combines more than 32 splits (its lanes loop over splits; the matrix's caches are too
 /// short for that since short caches get splits of at least four tiles).
+/// Decode with a key count per sequence (`cache_seqlens`): counts past the K/V rows (clamped),
+/// zero, under the query count, negative (clamped to 0), and in between, at every head dim, both
+/// element types and causal and full retrieval heads. K/V rows past each count are NaN, so a
+/// kernel that read one would fail.
+#[test]
+fn decode_with_cache_seqlens() {
+    let Some(ctx) = gpu_or_skip("decode_with_cache_seqlens") else {
+        return;
+    };
+    let mut rng = rng("cache seqlens");
+    for d in [64, 128, 256] {
+        for causal in [true, false] {
+            let cfg = AttentionConfig::new(alternating_kinds(4))
+                .sink(8)
+                .window(700)
+                .causal(causal);
+            let shape = Shape {
+                batch: 7,
+                seqlen_q: 3,
+                seqlen_k: 3000,
+                heads_q: 16,
+                heads_kv: 4,
+                head_dim: d,
+            };
+            let lens = [99_999, 0, 2, 1500, 129, -7, 3000];
+            let passed = if d == 128 {
+                seqlens_case::<f16>(&ctx, &mut rng, &shape, &cfg, &lens)
+            } else {
+                seqlens_case::<bf16>(&ctx, &mut rng, &shape, &cfg, &lens)
+            };
+            assert!(passed, "D={d}, causal {causal}");
+        }
+    }
+}
+
+fn seqlens_case<T: AttnElement>(
+    ctx: &Context,
+    rng: &mut StdRng,
+    shape: &Shape,
+    cfg: &AttentionConfig,
+    lens: &[i32],
+) -> bool {
+    let (q, q32) = random_tensor::<T>(rng, shape.q_len());
+    let (k, k32) = kv_with_nan_tails::<T>(rng, shape, lens);
+    let (v, v32) = kv_with_nan_tails::<T>(rng, shape, lens);
+    let dq = ctx.upload(&q, shape.q_shape()).unwrap();
+    let dk = ctx.upload(&k, shape.kv_shape()).unwrap();
+    let dv = ctx.upload(&v, shape.kv_shape()).unwrap();
+    let dlens = ctx.upload(lens, [lens.len()]).unwrap();
+    let mut out = ctx.alloc::<T, 4>(shape.q_shape()).unwrap();
+    let mut lse = ctx.alloc::<f32, 3>(shape.lse_shape()).unwrap();
+    out.fill(T::nan()).unwrap();
+    lse.fill(f32::NAN).unwrap();
+    ctx.decode_attention_seqlens(
+        &dq.view(),
+        &dk.view(),
+        &dv.view(),
+        &mut out.view_mut(),
+        &mut lse.view_mut(),
+        &dlens.view(),
+        cfg,
+    )
+    .unwrap();
+    ctx.synchronize().unwrap();
+    let out32 = to_f32(&out.to_host().unwrap());
+    let lse = lse.to_host().unwrap();
+    let cmps = compare_per_sequence_lengths(shape, cfg, &q32, &k32, &v32, &out32, &lse, lens);
+    let mut passed = true;
+    for (cmp, len) in cmps.iter().zip(lens) {
+        notice(&format!(
+            "cache_seqlens D={} {:?} causal {}, length {len}: {cmp:?}",
+            shape.head_dim,
+            T::DTYPE,
+            cfg.causal
+        ));
+        passed &= cmp.passed();
+    }
+    passed
+}
+
 #[test]
 fn decode_merges_many_splits() {
     let Some(ctx) = gpu_or_skip("decode_merges_many_splits") else {

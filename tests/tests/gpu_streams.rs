@@ -1,6 +1,6 @@
 //! Contexts on other streams: a caller's non-blocking stream (as cudarc or a framework would hand
 //! one over), CUDA graph capture of operations on it, a context's own second stream, and a stream
-//! of another CUDA context (refused). On machines without a Hopper GPU every test says loudly
+//! of another CUDA context (refused); a captured decode replayed with new per-sequence lengths. On machines without a Hopper GPU every test says loudly
 //! that it skipped.
 use cust::context::CurrentContext;
 use cust::stream::{Stream, StreamFlags};
@@ -8,8 +8,8 @@ use cust::sys::{self, CUresult};
 use duo_attn::reference::Shape;
 use duo_attn::{AttentionConfig, Context, DeviceTensor, Error, HeadKind};
 use duo_attn_tests::{
-    Comparison, alternating_kinds, compare, gpu_or_skip, notice, random_tensor, rng, rows_to_check,
-    run_decode_case, run_prefill_case,
+    Comparison, alternating_kinds, compare, compare_per_sequence_lengths, gpu_or_skip, notice,
+    random_tensor, rng, rows_to_check, run_decode_case, run_prefill_case,
 };
 use half::bf16;
 use rand::rngs::StdRng;
@@ -243,6 +243,116 @@ fn caller_stream_and_graph_capture() {
     device_sync();
     replay("graph replay after the scratch grew", &mut work, &mut rng);
 
+    check(
+        unsafe { sys::cuGraphExecDestroy(exec) },
+        "destroy the graph exec",
+    );
+    check(unsafe { sys::cuGraphDestroy(graph) }, "destroy the graph");
+}
+
+/// A captured decode with per-sequence key counts (`decode_attention_seqlens`) replays with the
+/// counts the array holds at each launch: a serving loop's decode step, its lengths updated on
+/// the device between replays.
+#[test]
+fn graph_replays_new_cache_seqlens() {
+    let Some(ctx) = gpu_or_skip("graph_replays_new_cache_seqlens") else {
+        return;
+    };
+    let mut rng = rng("graph seqlens");
+    let theirs = Stream::new(StreamFlags::NON_BLOCKING, None).unwrap();
+    let raw = theirs.as_inner();
+    // SAFETY: `theirs` outlives `on_theirs`.
+    let on_theirs = unsafe { ctx.on_stream(raw) }.unwrap();
+    let shape = Shape {
+        batch: 4,
+        seqlen_q: 2,
+        seqlen_k: 4000,
+        heads_q: 16,
+        heads_kv: 4,
+        head_dim: 128,
+    };
+    let cfg = AttentionConfig::new(alternating_kinds(4))
+        .sink(8)
+        .window(700);
+    let (q, q32) = random_tensor::<bf16>(&mut rng, shape.q_len());
+    let (k, k32) = random_tensor::<bf16>(&mut rng, shape.kv_len());
+    let (v, v32) = random_tensor::<bf16>(&mut rng, shape.kv_len());
+    let dq = ctx.upload(&q, shape.q_shape()).unwrap();
+    let dk = ctx.upload(&k, shape.kv_shape()).unwrap();
+    let dv = ctx.upload(&v, shape.kv_shape()).unwrap();
+    let steps: [[i32; 4]; 3] = [
+        [4000, 100, 1, 2500],
+        [3999, 101, 0, 3700],
+        [17, 4000, 2, 640],
+    ];
+    let mut lens = ctx.upload(&steps[0], [4]).unwrap();
+    let mut out = ctx.alloc::<bf16, 4>(shape.q_shape()).unwrap();
+    let mut lse = ctx.alloc::<f32, 3>(shape.lse_shape()).unwrap();
+    let queue = |out: &mut DeviceTensor<bf16, 4>,
+                 lse: &mut DeviceTensor<f32, 3>,
+                 lens: &DeviceTensor<i32, 1>| {
+        on_theirs
+            .decode_attention_seqlens(
+                &dq.view(),
+                &dk.view(),
+                &dv.view(),
+                &mut out.view_mut(),
+                &mut lse.view_mut(),
+                &lens.view(),
+                &cfg,
+            )
+            .unwrap();
+    };
+    let check_step =
+        |what: &str, out: &DeviceTensor<bf16, 4>, lse: &DeviceTensor<f32, 3>, step: &[i32]| {
+            let out32: Vec<f32> = out.to_host().unwrap().iter().map(|x| x.to_f32()).collect();
+            let lse = lse.to_host().unwrap();
+            let cmps =
+                compare_per_sequence_lengths(&shape, &cfg, &q32, &k32, &v32, &out32, &lse, step);
+            for (cmp, len) in cmps.iter().zip(step) {
+                notice(&format!("{what}, length {len}: {cmp:?}"));
+                assert!(cmp.passed(), "{what}, length {len}: {cmp:?}");
+            }
+        };
+
+    // Eager once: sizes the scratch.
+    out.fill(bf16::NAN).unwrap();
+    lse.fill(f32::NAN).unwrap();
+    device_sync();
+    queue(&mut out, &mut lse, &lens);
+    on_theirs.synchronize().unwrap();
+    check_step("eager", &out, &lse, &steps[0]);
+
+    // SAFETY (every driver call below): valid handles, live out-parameters.
+    check(
+        unsafe {
+            sys::cuStreamBeginCapture_v2(
+                raw,
+                sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL,
+            )
+        },
+        "begin capture",
+    );
+    queue(&mut out, &mut lse, &lens);
+    let mut graph: sys::CUgraph = std::ptr::null_mut();
+    check(
+        unsafe { sys::cuStreamEndCapture(raw, &mut graph) },
+        "end capture",
+    );
+    let mut exec: sys::CUgraphExec = std::ptr::null_mut();
+    check(
+        unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) },
+        "instantiate the graph",
+    );
+    for (i, step) in steps.iter().enumerate() {
+        lens.copy_from_host(step).unwrap();
+        out.fill(bf16::NAN).unwrap();
+        lse.fill(f32::NAN).unwrap();
+        device_sync();
+        check(unsafe { sys::cuGraphLaunch(exec, raw) }, "launch the graph");
+        on_theirs.synchronize().unwrap();
+        check_step(&format!("graph replay {i}"), &out, &lse, step);
+    }
     check(
         unsafe { sys::cuGraphExecDestroy(exec) },
         "destroy the graph exec",
