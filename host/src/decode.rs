@@ -260,18 +260,7 @@ impl Context {
         lse: &mut ViewMut<'_, f32, 3>,
         cfg: &AttentionConfig,
     ) -> Result<()> {
-        let plan = plan_decode::<T>(
-            q.desc(),
-            DecodeKv::Plain {
-                k: k.desc(),
-                v: v.desc(),
-            },
-            out.desc(),
-            lse.desc(),
-            cfg,
-            self.ordinal(),
-            self.decode_resident_blocks::<T>(q.shape()[3])?,
-        )?;
+        let plan = self.plain_decode_plan(q, k, v, out, lse, cfg)?;
         self.launch_decode(plan)
     }
 
@@ -296,7 +285,28 @@ impl Context {
         cache_seqlens: &View<'_, i32, 1>,
         cfg: &AttentionConfig,
     ) -> Result<()> {
-        let mut plan = plan_decode::<T>(
+        let mut plan = self.plain_decode_plan(q, k, v, out, lse, cfg)?;
+        use_cache_seqlens(
+            &mut plan,
+            cache_seqlens.desc(),
+            out.desc(),
+            lse.desc(),
+            self.ordinal(),
+        )?;
+        self.launch_decode(plan)
+    }
+
+    /// The checked plan of a decode over plain K/V.
+    fn plain_decode_plan<T: AttnElement>(
+        &self,
+        q: &View<'_, T, 4>,
+        k: &View<'_, T, 4>,
+        v: &View<'_, T, 4>,
+        out: &ViewMut<'_, T, 4>,
+        lse: &ViewMut<'_, f32, 3>,
+        cfg: &AttentionConfig,
+    ) -> Result<DecodePlan> {
+        plan_decode::<T>(
             q.desc(),
             DecodeKv::Plain {
                 k: k.desc(),
@@ -307,15 +317,7 @@ impl Context {
             cfg,
             self.ordinal(),
             self.decode_resident_blocks::<T>(q.shape()[3])?,
-        )?;
-        use_cache_seqlens(
-            &mut plan,
-            cache_seqlens.desc(),
-            out.desc(),
-            lse.desc(),
-            self.ordinal(),
-        )?;
-        self.launch_decode(plan)
+        )
     }
 
     /// Decode blocks the whole GPU holds at once for head dim `d` (1 if `d` is unsupported; the

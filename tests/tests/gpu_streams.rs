@@ -18,6 +18,54 @@ fn check(status: CUresult, what: &str) {
     assert_eq!(status, CUresult::CUDA_SUCCESS, "{what}");
 }
 
+/// An instantiated CUDA graph of what `queue` puts on stream `raw` (captured in global mode),
+/// destroyed on drop.
+struct Graph {
+    graph: sys::CUgraph,
+    exec: sys::CUgraphExec,
+}
+
+impl Graph {
+    fn capture(raw: sys::CUstream, queue: impl FnOnce()) -> Graph {
+        let mut graph: sys::CUgraph = std::ptr::null_mut();
+        let mut exec: sys::CUgraphExec = std::ptr::null_mut();
+        let global = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL;
+        // SAFETY (each call): a valid stream and live out-parameters.
+        check(
+            unsafe { sys::cuStreamBeginCapture_v2(raw, global) },
+            "begin capture",
+        );
+        queue();
+        check(
+            unsafe { sys::cuStreamEndCapture(raw, &mut graph) },
+            "end capture",
+        );
+        check(
+            unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) },
+            "instantiate the graph",
+        );
+        Graph { graph, exec }
+    }
+
+    fn launch(&self, raw: sys::CUstream) {
+        // SAFETY: an instantiated graph, a valid stream.
+        check(
+            unsafe { sys::cuGraphLaunch(self.exec, raw) },
+            "launch the graph",
+        );
+    }
+}
+
+impl Drop for Graph {
+    fn drop(&mut self) {
+        // SAFETY: handles made by `capture`, destroyed once.
+        unsafe {
+            sys::cuGraphExecDestroy(self.exec);
+            sys::cuGraphDestroy(self.graph);
+        }
+    }
+}
+
 /// Waits for the whole device: orders `DeviceTensor`'s legacy-stream copies and fills with work
 /// on a non-blocking stream.
 fn device_sync() {
@@ -184,36 +232,18 @@ fn caller_stream_and_graph_capture() {
         case.refill(&mut rng);
     }
     device_sync();
-    // SAFETY (every driver call below): valid handles, live out-parameters.
-    check(
-        unsafe {
-            sys::cuStreamBeginCapture_v2(
-                raw,
-                sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL,
-            )
-        },
-        "begin capture",
-    );
-    for case in &mut work {
-        case.queue(&on_theirs);
-    }
-    let mut graph: sys::CUgraph = std::ptr::null_mut();
-    check(
-        unsafe { sys::cuStreamEndCapture(raw, &mut graph) },
-        "end capture",
-    );
+    let graph = Graph::capture(raw, || {
+        for case in &mut work {
+            case.queue(&on_theirs);
+        }
+    });
     device_sync();
     assert!(
         work.iter().all(Case::untouched),
         "a captured operation ran at capture time: it was not queued on the caller's stream"
     );
-    let mut exec: sys::CUgraphExec = std::ptr::null_mut();
-    check(
-        unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) },
-        "instantiate the graph",
-    );
     let replay = |what: &str, work: &mut [Case], rng: &mut StdRng| {
-        check(unsafe { sys::cuGraphLaunch(exec, raw) }, "launch the graph");
+        graph.launch(raw);
         on_theirs.synchronize().unwrap();
         assert_passed(work, rng, what);
     };
@@ -242,12 +272,6 @@ fn caller_stream_and_graph_capture() {
     }
     device_sync();
     replay("graph replay after the scratch grew", &mut work, &mut rng);
-
-    check(
-        unsafe { sys::cuGraphExecDestroy(exec) },
-        "destroy the graph exec",
-    );
-    check(unsafe { sys::cuGraphDestroy(graph) }, "destroy the graph");
 }
 
 /// A captured decode with per-sequence key counts (`decode_attention_seqlens`) replays with the
@@ -323,41 +347,16 @@ fn graph_replays_new_cache_seqlens() {
     on_theirs.synchronize().unwrap();
     check_step("eager", &out, &lse, &steps[0]);
 
-    // SAFETY (every driver call below): valid handles, live out-parameters.
-    check(
-        unsafe {
-            sys::cuStreamBeginCapture_v2(
-                raw,
-                sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL,
-            )
-        },
-        "begin capture",
-    );
-    queue(&mut out, &mut lse, &lens);
-    let mut graph: sys::CUgraph = std::ptr::null_mut();
-    check(
-        unsafe { sys::cuStreamEndCapture(raw, &mut graph) },
-        "end capture",
-    );
-    let mut exec: sys::CUgraphExec = std::ptr::null_mut();
-    check(
-        unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) },
-        "instantiate the graph",
-    );
+    let graph = Graph::capture(raw, || queue(&mut out, &mut lse, &lens));
     for (i, step) in steps.iter().enumerate() {
         lens.copy_from_host(step).unwrap();
         out.fill(bf16::NAN).unwrap();
         lse.fill(f32::NAN).unwrap();
         device_sync();
-        check(unsafe { sys::cuGraphLaunch(exec, raw) }, "launch the graph");
+        graph.launch(raw);
         on_theirs.synchronize().unwrap();
         check_step(&format!("graph replay {i}"), &out, &lse, step);
     }
-    check(
-        unsafe { sys::cuGraphExecDestroy(exec) },
-        "destroy the graph exec",
-    );
-    check(unsafe { sys::cuGraphDestroy(graph) }, "destroy the graph");
 }
 
 /// A context on a new stream of its own shares the kernels and runs beside the first: two threads,
