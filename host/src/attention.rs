@@ -246,7 +246,7 @@ fn check_bshd(t: &TensorDesc<4>, tensor: &'static str) -> Result<()> {
     t.check_in_bounds(tensor)
 }
 
-fn check_limit(what: &'static str, value: usize, limit: usize) -> Result<()> {
+pub(crate) fn check_limit(what: &'static str, value: usize, limit: usize) -> Result<()> {
     if value > limit {
         return Err(Error::TooLarge { what, value, limit });
     }

@@ -586,7 +586,7 @@ impl<T: AttnElement> DuoCache<T> {
             lse.desc(),
             &l.cfg,
             self.device,
-            ctx.decode_resident_blocks::<T>(self.cfg.head_dim)?,
+            ctx.decode_resident_blocks::<T>(self.cfg.head_dim, false)?,
         )?;
         ctx.launch_decode(plan)
     }

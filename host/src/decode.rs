@@ -2,7 +2,7 @@
 //! SMs and merged by LSE. Over plain K/V tensors ([`Context::decode_attention`]) or, inside
 //! [`crate::DuoCache`], over the retrieval (full) and streaming (ring) caches of a layer.
 use crate::attention::{
-    AttentionConfig, HeadKind, check_device, check_heads, check_kv, check_no_aliasing,
+    AttentionConfig, HeadKind, check_device, check_heads, check_kv, check_limit, check_no_aliasing,
     check_queries, check_shape, clamp_len, streaming_mask, strides3,
 };
 use crate::context::Context;
@@ -10,8 +10,8 @@ use crate::element::AttnElement;
 use crate::error::{Error, Result};
 use crate::tensor::{TensorDesc, View, ViewMut};
 use duo_attn_kernels::abi::{
-    DECODE_HEAD_DIMS, DECODE_MAX_SPLITS, DECODE_ROWS, DecodeParams, KvSource, decode_block_n,
-    decode_smem_bytes, decode_threads,
+    DECODE_HEAD_DIMS, DECODE_MAX_SPLITS, DECODE_ROWS, DecodeParams, KvSource, MAX_SEQLEN,
+    decode_block_n, decode_smem_bytes, decode_threads,
 };
 
 /// Most new query tokens per sequence of one decode call.
@@ -57,6 +57,12 @@ pub(crate) enum DecodeKv<'a> {
         k: &'a TensorDesc<4>,
         v: &'a TensorDesc<4>,
     },
+    /// Paged K/V `[pages, page_size, Hkv, D]` whose block table rows hold `capacity` keys.
+    Paged {
+        k: &'a TensorDesc<4>,
+        v: &'a TensorDesc<4>,
+        capacity: usize,
+    },
     /// The DuoAttention cache of one layer (validated by the cache).
     Cache {
         full: KvSource,
@@ -69,6 +75,11 @@ pub(crate) enum DecodeKv<'a> {
 /// The decode kernel entry for element `T` and head dim `d` (`DECODE_ENTRIES`).
 fn decode_entry<T: AttnElement>(d: usize) -> String {
     format!("duo_decode_{}_d{d}", T::KERNEL_NAME)
+}
+
+/// Its twin over paged K/V (`DecodeParams::block_table`).
+fn paged_decode_entry<T: AttnElement>(d: usize) -> String {
+    format!("duo_decode_paged_{}_d{d}", T::KERNEL_NAME)
 }
 
 /// Fewest K/V tiles a split walks when the cache has enough of them: a short cache split into
@@ -107,6 +118,7 @@ pub(crate) fn plan_decode<T: AttnElement>(
         });
     }
     let heads_kv = cfg.head_kinds.len();
+    let paged = matches!(kv, DecodeKv::Paged { .. });
     let (full, stream, seqlen, recent, ring) = match kv {
         DecodeKv::Plain { k, v } => {
             check_heads(heads_q, k.shape[2], cfg)?;
@@ -122,6 +134,26 @@ pub(crate) fn plan_decode<T: AttnElement>(
             check_no_aliasing(out, lse, &[(q, "q"), (k, "k"), (v, "v")])?;
             let src = kv_source(k, v);
             (src, src, sk, 0, false)
+        }
+        DecodeKv::Paged { k, v, capacity } => {
+            check_heads(heads_q, k.shape[2], cfg)?;
+            check_kv(
+                (k, "k_pages"),
+                (v, "v_pages"),
+                k.shape[0],
+                k.shape[2],
+                head_dim,
+                device,
+                "k_pages is [pages, page_size, Hkv, D] with q's D",
+            )?;
+            check_no_aliasing(out, lse, &[(q, "q"), (k, "k_pages"), (v, "v_pages")])?;
+            check_limit(
+                "a block table row's capacity (pages per sequence x page size)",
+                capacity,
+                MAX_SEQLEN,
+            )?;
+            let src = kv_source(k, v);
+            (src, src, capacity, 0, false)
         }
         DecodeKv::Cache {
             full,
@@ -194,9 +226,17 @@ pub(crate) fn plan_decode<T: AttnElement>(
         tiles_per_split: tiles_per_split as i32,
         scale_log2: cfg.scale_for(head_dim) * std::f32::consts::LOG2_E,
         seqlens: 0,
+        block_table: 0,
+        block_table_stride: 0,
+        num_pages: 0,
+        page_shift: 0,
     };
     Ok(DecodePlan {
-        entry: decode_entry::<T>(head_dim),
+        entry: if paged {
+            paged_decode_entry::<T>(head_dim)
+        } else {
+            decode_entry::<T>(head_dim)
+        },
         grid: (splits as u32, (heads_kv * row_chunks) as u32, batch as u32),
         block: decode_threads(head_dim) as u32,
         shared_bytes: decode_smem_bytes(head_dim) as u32,
@@ -244,6 +284,66 @@ pub(crate) fn use_cache_seqlens(
     }
     plan.params.seqlens = seqlens.ptr;
     Ok(())
+}
+
+/// How errors name the block table.
+const BLOCK_TABLE: &str = "block_table";
+
+/// Points a paged decode plan at its block table: `[B, max_pages]` i32 on the plan's device,
+/// contiguous along a row, clear of the outputs; the pages' count and size come from `k_pages`
+/// (`[pages, page_size, Hkv, D]`, page size a power of two).
+pub(crate) fn use_block_table(
+    plan: &mut DecodePlan,
+    table: &TensorDesc<2>,
+    k_pages: &TensorDesc<4>,
+    out: &TensorDesc<4>,
+    lse: &TensorDesc<3>,
+    device: u32,
+) -> Result<()> {
+    check_device(table, BLOCK_TABLE, device)?;
+    let [rows, max_pages] = table.shape;
+    check_shape(
+        table,
+        BLOCK_TABLE,
+        [plan.params.batch as usize, max_pages],
+        "one row of page indices per sequence: [B, max_pages] with q's B",
+    )?;
+    table.check_not_empty(BLOCK_TABLE)?;
+    if max_pages > 1 && table.strides[1] != 1 {
+        return Err(Error::NotContiguous {
+            tensor: BLOCK_TABLE,
+            shape: table.shape.to_vec(),
+            strides: table.strides.to_vec(),
+            expected: vec![max_pages, 1],
+        });
+    }
+    for (output, (start, end)) in [("out", out.byte_range()), ("lse", lse.byte_range())] {
+        if table.overlaps(start, end) {
+            return Err(Error::Aliasing {
+                output,
+                input: BLOCK_TABLE,
+            });
+        }
+    }
+    let (pages, page_size) = (k_pages.shape[0], k_pages.shape[1]);
+    check_limit("pages in the pool", pages, MAX_SEQLEN)?;
+    plan.params.block_table = table.ptr;
+    plan.params.block_table_stride = if rows > 1 { table.strides[0] as i64 } else { 0 };
+    plan.params.num_pages = pages as i32;
+    plan.params.page_shift = page_size.trailing_zeros() as i32;
+    Ok(())
+}
+
+/// The keys one block table row addresses: `max_pages` pages of `page_size` rows (a power of
+/// two, so the kernel finds a key's page by a shift).
+fn paged_capacity(table: &TensorDesc<2>, k_pages: &TensorDesc<4>) -> Result<usize> {
+    let page_size = k_pages.shape[1];
+    if !page_size.is_power_of_two() {
+        return Err(Error::InvalidPagedKv {
+            why: format!("the page size ({page_size}, dim 1 of k_pages) must be a power of two"),
+        });
+    }
+    Ok(table.shape[1].saturating_mul(page_size))
 }
 
 impl Context {
@@ -296,6 +396,43 @@ impl Context {
         self.launch_decode(plan)
     }
 
+    /// Decode attention over paged K/V (vLLM's and FlashAttention's `block_table` layout): pages
+    /// `[pages, page_size, Hkv, D]` shared by all sequences, page size a power of two; row `b` of
+    /// `block_table` (`[B, max_pages]` i32, on the device) lists sequence `b`'s pages in key
+    /// order, and `cache_seqlens` (`[B]` i32, on the device) its key count. Otherwise as
+    /// [`Context::decode_attention_seqlens`]: counts are clamped into the row's capacity
+    /// (`max_pages * page_size`), and a page index outside the pool is clamped into it, so no
+    /// value in either array reads outside `k_pages`/`v_pages` (a wrong one gives wrong
+    /// attention, never an out-of-bounds access). Entries past a sequence's count are not read.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_attention_paged<T: AttnElement>(
+        &self,
+        q: &View<'_, T, 4>,
+        k_pages: &View<'_, T, 4>,
+        v_pages: &View<'_, T, 4>,
+        out: &mut ViewMut<'_, T, 4>,
+        lse: &mut ViewMut<'_, f32, 3>,
+        block_table: &View<'_, i32, 2>,
+        cache_seqlens: &View<'_, i32, 1>,
+        cfg: &AttentionConfig,
+    ) -> Result<()> {
+        let (k, v, table) = (k_pages.desc(), v_pages.desc(), block_table.desc());
+        let capacity = paged_capacity(table, k)?;
+        let mut plan = plan_decode::<T>(
+            q.desc(),
+            DecodeKv::Paged { k, v, capacity },
+            out.desc(),
+            lse.desc(),
+            cfg,
+            self.ordinal(),
+            self.decode_resident_blocks::<T>(q.shape()[3], true)?,
+        )?;
+        let (o, l) = (out.desc(), lse.desc());
+        use_cache_seqlens(&mut plan, cache_seqlens.desc(), o, l, self.ordinal())?;
+        use_block_table(&mut plan, table, k, o, l, self.ordinal())?;
+        self.launch_decode(plan)
+    }
+
     /// The checked plan of a decode over plain K/V.
     fn plain_decode_plan<T: AttnElement>(
         &self,
@@ -316,17 +453,25 @@ impl Context {
             lse.desc(),
             cfg,
             self.ordinal(),
-            self.decode_resident_blocks::<T>(q.shape()[3])?,
+            self.decode_resident_blocks::<T>(q.shape()[3], false)?,
         )
     }
 
     /// Decode blocks the whole GPU holds at once for head dim `d` (1 if `d` is unsupported; the
     /// plan rejects it).
-    pub(crate) fn decode_resident_blocks<T: AttnElement>(&self, d: usize) -> Result<usize> {
+    pub(crate) fn decode_resident_blocks<T: AttnElement>(
+        &self,
+        d: usize,
+        paged: bool,
+    ) -> Result<usize> {
         if !DECODE_HEAD_DIMS.contains(&d) {
             return Ok(1);
         }
-        let entry = decode_entry::<T>(d);
+        let entry = if paged {
+            paged_decode_entry::<T>(d)
+        } else {
+            decode_entry::<T>(d)
+        };
         let per_sm = self.resident_blocks_per_sm(
             &entry,
             decode_threads(d) as u32,
@@ -491,6 +636,96 @@ mod tests {
                 Error::Aliasing {
                     output: "lse",
                     input: "cache_seqlens"
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    /// Paged K/V: the page size must be a power of two; the block table `[B, max_pages]` i32,
+    /// contiguous along a row and clear of the outputs; a good one sets the kernel's paging
+    /// parameters, and the row's capacity bounds the keys.
+    #[test]
+    fn block_tables_are_checked() {
+        use crate::attention::HeadKind;
+        use half::bf16;
+        let at = |i: u64| 0x7000_0000_0000 + i * 0x1_0000_0000;
+        let q = TensorDesc::contiguous(at(0), [3, 1, 8, 128], 2, 0);
+        let out = TensorDesc::contiguous(at(3), [3, 1, 8, 128], 2, 0);
+        let lse = TensorDesc::contiguous(at(4), [3, 8, 1], 4, 0);
+        let cfg = AttentionConfig::new(vec![HeadKind::Retrieval, HeadKind::Streaming]);
+        let plan_with = |page: usize, table: TensorDesc<2>| -> Result<DecodePlan> {
+            let k = TensorDesc::contiguous(at(1), [40, page, 2, 128], 2, 0);
+            let v = TensorDesc::contiguous(at(2), [40, page, 2, 128], 2, 0);
+            let capacity = paged_capacity(&table, &k)?;
+            let kv = DecodeKv::Paged {
+                k: &k,
+                v: &v,
+                capacity,
+            };
+            let mut plan = plan_decode::<bf16>(&q, kv, &out, &lse, &cfg, 0, 132)?;
+            use_block_table(&mut plan, &table, &k, &out, &lse, 0)?;
+            Ok(plan)
+        };
+        let table = TensorDesc::contiguous(at(5), [3, 10], 4, 0);
+        let plan = plan_with(16, table).unwrap();
+        let p = &plan.params;
+        assert_eq!(
+            (
+                p.block_table,
+                p.block_table_stride,
+                p.num_pages,
+                p.page_shift,
+                p.seqlen
+            ),
+            (at(5), 10, 40, 4, 160)
+        );
+        let err = plan_with(24, table).unwrap_err();
+        assert!(matches!(err, Error::InvalidPagedKv { .. }), "{err}");
+        let err = plan_with(16, TensorDesc::contiguous(at(5), [2, 10], 4, 0)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::ShapeMismatch {
+                    tensor: "block_table",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let column_major = TensorDesc {
+            strides: [1, 3],
+            ..table
+        };
+        let err = plan_with(16, column_major).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::NotContiguous {
+                    tensor: "block_table",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = plan_with(16, TensorDesc::contiguous(at(3), [3, 10], 4, 0)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Aliasing {
+                    output: "out",
+                    input: "block_table"
+                }
+            ),
+            "{err}"
+        );
+        let err = plan_with(16, TensorDesc::contiguous(at(5), [3, 10], 4, 1)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::WrongDevice {
+                    tensor: "block_table",
+                    ..
                 }
             ),
             "{err}"

@@ -139,6 +139,8 @@ pub enum Error {
         path: String,
         source: std::io::Error,
     },
+    #[error("paged K/V: {why}")]
+    InvalidPagedKv { why: String },
     #[error("the stream cannot be used: {why}")]
     ForeignStream { why: String },
     #[error("device address {ptr:#x} cannot be viewed: {why}")]

@@ -391,6 +391,14 @@ pub struct DecodeParams {
     /// 0, or a device `[batch]` i32 array of per-sequence key counts (`cache_seqlens`), each
     /// clamped into `0..=seqlen` by the kernel; `seqlen` is then the K/V tensors' length.
     pub seqlens: u64,
+    /// 0, or paged K/V (the `duo_decode_paged_*` entries, with `seqlens`): a device i32 block table, row `b`
+    /// (`block_table_stride` entries apart) listing sequence `b`'s pages in key order. `full`'s
+    /// stride 0 then runs between pages of `1 << page_shift` rows, `num_pages` of them (entries
+    /// are clamped into the pool), and `seqlen` is the table row's capacity in keys.
+    pub block_table: u64,
+    pub block_table_stride: i64,
+    pub num_pages: i32,
+    pub page_shift: i32,
 }
 
 /// Parameters of the cache kernels, which move 16-byte chunks of K/V rows.
@@ -422,13 +430,19 @@ pub struct CacheParams {
 }
 
 /// Decode kernel entry names, by (element, head dim).
-pub const DECODE_ENTRIES: [(&str, &str, usize); 6] = [
+pub const DECODE_ENTRIES: [(&str, &str, usize); 12] = [
     ("duo_decode_bf16_d64", "bf16", 64),
     ("duo_decode_bf16_d128", "bf16", 128),
     ("duo_decode_bf16_d256", "bf16", 256),
     ("duo_decode_f16_d64", "f16", 64),
     ("duo_decode_f16_d128", "f16", 128),
     ("duo_decode_f16_d256", "f16", 256),
+    ("duo_decode_paged_bf16_d64", "bf16", 64),
+    ("duo_decode_paged_bf16_d128", "bf16", 128),
+    ("duo_decode_paged_bf16_d256", "bf16", 256),
+    ("duo_decode_paged_f16_d64", "f16", 64),
+    ("duo_decode_paged_f16_d128", "f16", 128),
+    ("duo_decode_paged_f16_d256", "f16", 256),
 ];
 
 /// The remaining entries: cache maintenance.

@@ -24,16 +24,19 @@ use crate::tile::{div_or_zero, kind_and_rank, min_i32};
 /// touches in distinct bank groups (unpadded rows, 512 bytes apart at D = 128, made those stores
 /// 8-way bank conflicted: ncu).
 const MERGE_ROW_PAD: usize = 8;
+/// Most 16-byte chunks one thread loads of a K or V tile (D = 256: 64 x 256 / 8 / 128).
+const MAX_TILE_CHUNKS: usize = 16;
 const LN_2: f32 = core::f32::consts::LN_2;
 const LOG2_E: f32 = core::f32::consts::LOG2_E;
 
 /// Queues the cp.async loads of one `decode_block_n(D) x D` tile (rows `n0..`, zero past `rows`)
-/// into a swizzled shared-memory tile ([`decode_tile_offset`]).
+/// into a swizzled shared-memory tile ([`decode_tile_offset`]). The row of key `k`, this thread's
+/// `c`-th chunk, starts `row_offset(c, k)` elements after `base`.
 #[inline(always)]
 unsafe fn load_tile<const D: usize>(
     dst: u32,
     base: u64,
-    row_stride: i64,
+    row_offset: impl Fn(usize, i32) -> i64,
     n0: i32,
     rows: i32,
     tid: usize,
@@ -46,7 +49,7 @@ unsafe fn load_tile<const D: usize>(
         let key = n0 + row as i32;
         let valid = key < rows;
         let src = if valid {
-            base + ((key as i64 * row_stride + col as i64) * 2) as u64
+            base + ((row_offset(c, key) + col as i64) * 2) as u64
         } else {
             base
         };
@@ -55,9 +58,19 @@ unsafe fn load_tile<const D: usize>(
     }
 }
 
-/// The decode body, per (element, head dim): `KQ = D / 16` k-steps, `ON = D / 2` accumulators.
+/// The decode body, per (element, head dim): `KQ = D / 16` k-steps, `ON = D / 2` accumulators;
+/// `PAGED`: K/V rows found through the block table (separate entries, so the contiguous ones
+/// keep their code).
 #[inline(always)]
-unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p: &DecodeParams) {
+unsafe fn decode<
+    E: Element,
+    const D: usize,
+    const KQ: usize,
+    const ON: usize,
+    const PAGED: bool,
+>(
+    p: &DecodeParams,
+) {
     // Keys per tile, threads and warps (one per 16 keys), the merge's per-warp row statistics
     // (max, sum) at the start of shared memory, and where Q lives.
     let (bn, threads, q_shared) =
@@ -76,6 +89,7 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
                 && warps * DECODE_ROWS * 8 + warps * DECODE_ROWS * (D + MERGE_ROW_PAD) * 4
                     <= decode_ring_bytes(D)
                 && decode_smem_bytes(D) <= 227 * 1024
+                && bn * D / 8 / decode_threads(D) <= MAX_TILE_CHUNKS
         )
     };
     let smem = dynamic_shared_base();
@@ -131,10 +145,25 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
         pick(p.stream.v_strides[1], p.full.v_strides[1]),
         pick(p.stream.v_strides[2], p.full.v_strides[2]),
     ];
+    // Paged K/V (`block_table`): stride 0 runs between pages, not sequences, and key `k` sits
+    // in row `k % page` of page `table[k / page]`.
+    let seq = if PAGED { 0 } else { batch };
     let k_base = pick(p.stream.k as i64, p.full.k as i64) as u64
-        + ((batch * ks[0] + index * ks[2]) * 2) as u64;
+        + ((seq * ks[0] + index * ks[2]) * 2) as u64;
     let v_base = pick(p.stream.v as i64, p.full.v as i64) as u64
-        + ((batch * vs[0] + index * vs[2]) * 2) as u64;
+        + ((seq * vs[0] + index * vs[2]) * 2) as u64;
+    let table = p.block_table + (batch * p.block_table_stride * 4) as u64;
+    let in_page = (1i32 << p.page_shift) - 1;
+    // The page of key `k` (a key below the sequence's count, so its table entry is inside the
+    // row), clamped into the pool so that no entry reads outside it.
+    let page_of = |k: i32| {
+        let page = unsafe { ld_global_nc_u32(table + 4 * (k >> p.page_shift) as u64) } as i32;
+        if page < 0 {
+            0
+        } else {
+            min_i32(page, p.num_pages - 1)
+        }
+    };
     // A ring's unfilled slots hold memory never written (NaN bit patterns included): they are
     // zero-filled like rows past the end, or a masked key's P = 0 would multiply a NaN V row.
     let n_keys = if use_ring {
@@ -194,8 +223,29 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
         let stage = (i % DECODE_STAGES as i32) as usize;
         let n0 = n_block(i) * bn as i32;
         unsafe {
-            load_tile::<D>(k_smem(stage), k_base, ks[1], n0, n_keys, tid);
-            load_tile::<D>(v_smem(stage), v_base, vs[1], n0, n_keys, tid);
+            if PAGED {
+                // Every table entry of the tile first (independent loads in flight together),
+                // then the K and V rows from them: one lookup per row serves both.
+                let chunks = const { decode_block_n(D) * D / 8 / decode_threads(D) };
+                let mut pages = [0i32; MAX_TILE_CHUNKS];
+                for (c, page) in pages.iter_mut().enumerate().take(chunks) {
+                    let key = n0 + ((tid + c * threads) / const { D / 8 }) as i32;
+                    if key < n_keys {
+                        *page = page_of(key);
+                    }
+                }
+                let at = |strides: [i64; 3]| {
+                    move |c: usize, k: i32| {
+                        pages[c] as i64 * strides[0] + (k & in_page) as i64 * strides[1]
+                    }
+                };
+                load_tile::<D>(k_smem(stage), k_base, at(ks), n0, n_keys, tid);
+                load_tile::<D>(v_smem(stage), v_base, at(vs), n0, n_keys, tid);
+            } else {
+                let (kr, vr) = (ks[1], vs[1]);
+                load_tile::<D>(k_smem(stage), k_base, |_, k| k as i64 * kr, n0, n_keys, tid);
+                load_tile::<D>(v_smem(stage), v_base, |_, k| k as i64 * vr, n0, n_keys, tid);
+            }
         }
     };
 
@@ -505,17 +555,23 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize>(p
 }
 
 macro_rules! decode_entry {
-    ($name:ident, $elem:ty, $d:literal) => {
+    ($name:ident, $elem:ty, $d:literal, $paged:literal) => {
         #[unsafe(no_mangle)]
         pub unsafe extern "ptx-kernel" fn $name(p: DecodeParams) {
-            unsafe { decode::<$elem, $d, { $d / 16 }, { $d / 2 }>(&p) }
+            unsafe { decode::<$elem, $d, { $d / 16 }, { $d / 2 }, $paged>(&p) }
         }
     };
 }
 
-decode_entry!(duo_decode_bf16_d64, Bf16, 64);
-decode_entry!(duo_decode_bf16_d128, Bf16, 128);
-decode_entry!(duo_decode_bf16_d256, Bf16, 256);
-decode_entry!(duo_decode_f16_d64, F16, 64);
-decode_entry!(duo_decode_f16_d128, F16, 128);
-decode_entry!(duo_decode_f16_d256, F16, 256);
+decode_entry!(duo_decode_bf16_d64, Bf16, 64, false);
+decode_entry!(duo_decode_bf16_d128, Bf16, 128, false);
+decode_entry!(duo_decode_bf16_d256, Bf16, 256, false);
+decode_entry!(duo_decode_f16_d64, F16, 64, false);
+decode_entry!(duo_decode_f16_d128, F16, 128, false);
+decode_entry!(duo_decode_f16_d256, F16, 256, false);
+decode_entry!(duo_decode_paged_bf16_d64, Bf16, 64, true);
+decode_entry!(duo_decode_paged_bf16_d128, Bf16, 128, true);
+decode_entry!(duo_decode_paged_bf16_d256, Bf16, 256, true);
+decode_entry!(duo_decode_paged_f16_d64, F16, 64, true);
+decode_entry!(duo_decode_paged_f16_d128, F16, 128, true);
+decode_entry!(duo_decode_paged_f16_d256, F16, 256, true);

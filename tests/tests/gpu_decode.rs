@@ -151,6 +151,136 @@ fn seqlens_case<T: AttnElement>(
     passed
 }
 
+/// Decode over paged K/V: pages shuffled through a pool, page sizes from 16 to 256 rows (under
+/// and over the kernel's 64- or 128-key tiles), a count past the table row's capacity (clamped),
+/// 0 and under the query count; every pool row no sequence owns is NaN, and table entries past a
+/// sequence's pages point outside the pool (never read).
+#[test]
+fn decode_paged_kv() {
+    let Some(ctx) = gpu_or_skip("decode_paged_kv") else {
+        return;
+    };
+    let mut rng = rng("paged kv");
+    // Pages stored [page, Hkv, D] (vLLM's layout) or, through strides, [Hkv, page, D].
+    for (d, page, heads_major) in [
+        (64, 16, false),
+        (128, 32, false),
+        (128, 256, true),
+        (128, 16, true),
+        (256, 16, false),
+        (256, 128, true),
+    ] {
+        let cfg = AttentionConfig::new(alternating_kinds(4))
+            .sink(8)
+            .window(700);
+        let lens = [1000, 0, 2, 99_999, 777, 1500];
+        let passed = paged_case(&ctx, &mut rng, (d, page, heads_major), &cfg, &lens);
+        assert!(passed, "D={d}, page {page}, heads major {heads_major}");
+    }
+}
+
+fn paged_case(
+    ctx: &Context,
+    rng: &mut StdRng,
+    (d, page, heads_major): (usize, usize, bool),
+    cfg: &AttentionConfig,
+    lens: &[i32],
+) -> bool {
+    let max_pages = 1500usize.div_ceil(page) + 1;
+    let capacity = max_pages * page;
+    let shape = Shape {
+        batch: lens.len(),
+        seqlen_q: 3,
+        seqlen_k: capacity,
+        heads_q: 16,
+        heads_kv: 4,
+        head_dim: d,
+    };
+    // Dense keys and values for the reference, then scattered into shuffled pages.
+    let (q, q32) = random_tensor::<bf16>(rng, shape.q_len());
+    let (k, k32) = random_tensor::<bf16>(rng, shape.kv_len());
+    let (v, v32) = random_tensor::<bf16>(rng, shape.kv_len());
+    let used: Vec<usize> = lens
+        .iter()
+        .map(|&l| (l.clamp(0, capacity as i32) as usize).div_ceil(page))
+        .collect();
+    let pages = used.iter().sum::<usize>() + 5;
+    let mut order: Vec<usize> = (0..pages).collect();
+    for i in (1..pages).rev() {
+        order.swap(i, rng.random_range(0..=i));
+    }
+    let row = shape.heads_kv * d;
+    let mut k_pages = vec![bf16::NAN; pages * page * row];
+    let mut v_pages = k_pages.clone();
+    let mut table = vec![i32::MAX; lens.len() * max_pages];
+    let mut next = 0;
+    for (b, &n) in used.iter().enumerate() {
+        for p in 0..n {
+            let at = order[next];
+            next += 1;
+            table[b * max_pages + p] = at as i32;
+            for r in 0..page {
+                let key = p * page + r;
+                if key >= (lens[b].clamp(0, capacity as i32) as usize) {
+                    break;
+                }
+                for h in 0..shape.heads_kv {
+                    let dense = (b * capacity + key) * row + h * d;
+                    let paged = if heads_major {
+                        ((at * shape.heads_kv + h) * page + r) * d
+                    } else {
+                        (at * page + r) * row + h * d
+                    };
+                    k_pages[paged..paged + d].copy_from_slice(&k[dense..dense + d]);
+                    v_pages[paged..paged + d].copy_from_slice(&v[dense..dense + d]);
+                }
+            }
+        }
+        // Past its pages: an index outside the pool, clamped if it were ever read.
+        if n < max_pages {
+            table[b * max_pages + n] = -1;
+        }
+    }
+    let dq = ctx.upload(&q, shape.q_shape()).unwrap();
+    let pool = [pages, page, shape.heads_kv, d];
+    let strides = if heads_major {
+        [row * page, d, page * d, 1]
+    } else {
+        [page * row, row, d, 1]
+    };
+    let dk = ctx.upload(&k_pages, pool).unwrap();
+    let dv = ctx.upload(&v_pages, pool).unwrap();
+    let dtable = ctx.upload(&table, [lens.len(), max_pages]).unwrap();
+    let dlens = ctx.upload(lens, [lens.len()]).unwrap();
+    let mut out = ctx.alloc::<bf16, 4>(shape.q_shape()).unwrap();
+    let mut lse = ctx.alloc::<f32, 3>(shape.lse_shape()).unwrap();
+    out.fill(bf16::NAN).unwrap();
+    lse.fill(f32::NAN).unwrap();
+    ctx.decode_attention_paged(
+        &dq.view(),
+        &dk.strided_view(0, pool, strides).unwrap(),
+        &dv.strided_view(0, pool, strides).unwrap(),
+        &mut out.view_mut(),
+        &mut lse.view_mut(),
+        &dtable.view(),
+        &dlens.view(),
+        cfg,
+    )
+    .unwrap();
+    ctx.synchronize().unwrap();
+    let out32 = to_f32(&out.to_host().unwrap());
+    let lse = lse.to_host().unwrap();
+    let cmps = compare_per_sequence_lengths(&shape, cfg, &q32, &k32, &v32, &out32, &lse, lens);
+    let mut passed = true;
+    for (cmp, len) in cmps.iter().zip(lens) {
+        notice(&format!(
+            "paged D={d}, page {page}, heads major {heads_major}, length {len}: {cmp:?}"
+        ));
+        passed &= cmp.passed();
+    }
+    passed
+}
+
 #[test]
 fn decode_merges_many_splits() {
     let Some(ctx) = gpu_or_skip("decode_merges_many_splits") else {

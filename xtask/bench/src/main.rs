@@ -67,6 +67,14 @@ struct Args {
     /// work tile's fixed cost from its per-block cost). Not the shapes.
     #[arg(long, hide = true)]
     window: Option<u32>,
+    /// Decode cases read paged K/V (`decode_attention_paged`) with pages of this many rows,
+    /// shuffled through the pool, instead of a contiguous cache (the gate checks plain decode).
+    #[arg(long)]
+    decode_page_size: Option<usize>,
+    /// Page layout of `--decode-page-size`: hnd (each page `[Hkv, page, D]`, a head's rows
+    /// contiguous) or nhd (`[page, Hkv, D]`, vLLM's FlashAttention layout).
+    #[arg(long, default_value = "hnd", value_parser = ["hnd", "nhd"])]
+    decode_page_layout: String,
     /// Timing probes: after each prefill case, write its LSE output (raw little-endian f32, the
     /// last rep's) to `DIR/<mode>-<seqlen>.lse`; a trace variant of the kernel stores timestamps
     /// there instead of LSE values.
@@ -232,7 +240,14 @@ fn main() -> ExitCode {
             ))
         });
         let cfg = case.config().kernel(kernel).kv_splits(args.kv_splits);
-        match timing::time_case(&ctx, case, &cfg, &mut rng, dump.as_deref(), &clock) {
+        let timed = match args.decode_page_size {
+            Some(page) if case.is_decode() => {
+                let heads_major = args.decode_page_layout == "hnd";
+                timing::time_paged_decode(&ctx, case, page, heads_major, &cfg, &mut rng, &clock)
+            }
+            _ => timing::time_case(&ctx, case, &cfg, &mut rng, dump.as_deref(), &clock),
+        };
+        match timed {
             Ok(t) => {
                 let clock_note = t.clock.as_ref().map_or(String::new(), |c| {
                     let limits = if c.limits.is_empty() {

@@ -98,6 +98,65 @@ pub fn time_case(
     Ok(timing)
 }
 
+/// A decode case over paged K/V: a pool of `B * S / page` pages, each stored `[Hkv, page, D]`
+/// (`heads_major`) or `[page, Hkv, D]`, each sequence's pages shuffled through it by the block
+/// table, every sequence full.
+pub fn time_paged_decode(
+    ctx: &Context,
+    case: &Case,
+    page: usize,
+    heads_major: bool,
+    cfg: &duo_attn::AttentionConfig,
+    rng: &mut StdRng,
+    clock: &ClockSampler,
+) -> Result<Timing> {
+    use rand::Rng;
+    let shape = case.shape();
+    let per_seq = shape.seqlen_k.div_ceil(page);
+    let pages = shape.batch * per_seq;
+    let pool = [pages, page, shape.heads_kv, shape.head_dim];
+    let pool_len: usize = pool.iter().product();
+    let sets = input_sets(ctx, 2 * (shape.q_len() + 2 * pool_len));
+    let (q, _) = random_tensor::<bf16>(rng, shape.q_len());
+    let (kv, _) = random_tensor::<bf16>(rng, pool_len);
+    let mut order: Vec<i32> = (0..pages as i32).collect();
+    for i in (1..pages).rev() {
+        order.swap(i, rng.random_range(0..=i));
+    }
+    let lens = vec![shape.seqlen_k as i32; shape.batch];
+    let mut inputs: Vec<[DeviceTensor<bf16, 4>; 3]> = Vec::new();
+    for _ in 0..sets {
+        inputs.push([
+            ctx.upload(&q, shape.q_shape())?,
+            ctx.upload(&kv, pool)?,
+            ctx.upload(&kv, pool)?,
+        ]);
+    }
+    let table = ctx.upload(&order, [shape.batch, per_seq])?;
+    let lens = ctx.upload(&lens, [shape.batch])?;
+    let mut out = ctx.alloc::<bf16, 4>(shape.q_shape())?;
+    let mut lse = ctx.alloc::<f32, 3>(shape.lse_shape())?;
+    let (h, d) = (shape.heads_kv, shape.head_dim);
+    let strides = if heads_major {
+        [h * page * d, d, page * d, 1]
+    } else {
+        [page * h * d, h * d, d, 1]
+    };
+    time_launches(ctx, clock, |i| {
+        let [q, k, v] = &inputs[i % sets];
+        ctx.decode_attention_paged(
+            &q.view(),
+            &k.strided_view(0, pool, strides)?,
+            &v.strided_view(0, pool, strides)?,
+            &mut out.view_mut(),
+            &mut lse.view_mut(),
+            &table.view(),
+            &lens.view(),
+            cfg,
+        )
+    })
+}
+
 /// Enough distinct input sets of `set_bytes` that consecutive launches cannot hit in L2.
 fn input_sets(ctx: &Context, set_bytes: usize) -> usize {
     (2 * ctx.info().l2_cache_bytes)
