@@ -7,8 +7,8 @@ use duo_attn::{
     PrefillKernel,
 };
 use duo_attn_tests::{
-    alternating_kinds, compare, compare_per_sequence_lengths, gpu_or_skip, kv_with_nan_tails,
-    notice, random_tensor, rng, run_decode_case, run_scaled_keys_case,
+    Comparison, alternating_kinds, compare, compare_per_sequence_lengths, gpu_or_skip,
+    kv_with_nan_tails, notice, random_tensor, rng, run_decode_case, run_scaled_keys_case,
 };
 use half::{bf16, f16};
 use rand::{Rng, rngs::StdRng};
@@ -138,17 +138,21 @@ fn seqlens_case<T: AttnElement>(
     let out32 = to_f32(&out.to_host().unwrap());
     let lse = lse.to_host().unwrap();
     let cmps = compare_per_sequence_lengths(shape, cfg, &q32, &k32, &v32, &out32, &lse, lens);
-    let mut passed = true;
+    let case = format!(
+        "cache_seqlens D={} {:?} causal {}",
+        shape.head_dim,
+        T::DTYPE,
+        cfg.causal
+    );
+    all_passed(&case, &cmps, lens)
+}
+
+/// Prints each sequence's comparison; whether all passed.
+fn all_passed(case: &str, cmps: &[Comparison], lens: &[i32]) -> bool {
     for (cmp, len) in cmps.iter().zip(lens) {
-        notice(&format!(
-            "cache_seqlens D={} {:?} causal {}, length {len}: {cmp:?}",
-            shape.head_dim,
-            T::DTYPE,
-            cfg.causal
-        ));
-        passed &= cmp.passed();
+        notice(&format!("{case}, length {len}: {cmp:?}"));
     }
-    passed
+    cmps.iter().all(Comparison::passed)
 }
 
 /// Decode over paged K/V: pages shuffled through a pool, page sizes from 16 to 256 rows (under
@@ -271,14 +275,8 @@ fn paged_case(
     let out32 = to_f32(&out.to_host().unwrap());
     let lse = lse.to_host().unwrap();
     let cmps = compare_per_sequence_lengths(&shape, cfg, &q32, &k32, &v32, &out32, &lse, lens);
-    let mut passed = true;
-    for (cmp, len) in cmps.iter().zip(lens) {
-        notice(&format!(
-            "paged D={d}, page {page}, heads major {heads_major}, length {len}: {cmp:?}"
-        ));
-        passed &= cmp.passed();
-    }
-    passed
+    let case = format!("paged D={d}, page {page}, heads major {heads_major}");
+    all_passed(&case, &cmps, lens)
 }
 
 #[test]
