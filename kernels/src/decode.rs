@@ -219,34 +219,41 @@ unsafe fn decode<
             second.start + i - first.len()
         }
     };
-    let load = |i: i32| {
+    // The paged body is inlined by force (at D = 256 LLVM kept it a call); the plain one is left
+    // to LLVM, which inlines it (forcing it changes the plain entries' register allocation).
+    let load_paged = #[inline(always)]
+    |i: i32| {
         let stage = (i % DECODE_STAGES as i32) as usize;
         let n0 = n_block(i) * bn as i32;
-        unsafe {
-            if PAGED {
-                // Every table entry of the tile first (independent loads in flight together),
-                // then the K and V rows from them: one lookup per row serves both.
-                let chunks = const { decode_block_n(D) * D / 8 / decode_threads(D) };
-                let mut pages = [0i32; MAX_TILE_CHUNKS];
-                for (c, page) in pages.iter_mut().enumerate().take(chunks) {
-                    let key = n0 + ((tid + c * threads) / const { D / 8 }) as i32;
-                    if key < n_keys {
-                        *page = page_of(key);
-                    }
-                }
-                let at = |strides: [i64; 3]| {
-                    move |c: usize, k: i32| {
-                        pages[c] as i64 * strides[0] + (k & in_page) as i64 * strides[1]
-                    }
-                };
-                load_tile::<D>(k_smem(stage), k_base, at(ks), n0, n_keys, tid);
-                load_tile::<D>(v_smem(stage), v_base, at(vs), n0, n_keys, tid);
-            } else {
-                let (kr, vr) = (ks[1], vs[1]);
-                load_tile::<D>(k_smem(stage), k_base, |_, k| k as i64 * kr, n0, n_keys, tid);
-                load_tile::<D>(v_smem(stage), v_base, |_, k| k as i64 * vr, n0, n_keys, tid);
+        // Every table entry of the tile first (independent loads in flight together), then the
+        // K and V rows from them: one lookup per row serves both.
+        let chunks = const { decode_block_n(D) * D / 8 / decode_threads(D) };
+        let mut pages = [0i32; MAX_TILE_CHUNKS];
+        for (c, page) in pages.iter_mut().enumerate().take(chunks) {
+            let key = n0 + ((tid + c * threads) / const { D / 8 }) as i32;
+            if key < n_keys {
+                *page = page_of(key);
             }
         }
+        let at = |strides: [i64; 3]| {
+            move |c: usize, k: i32| pages[c] as i64 * strides[0] + (k & in_page) as i64 * strides[1]
+        };
+        unsafe {
+            load_tile::<D>(k_smem(stage), k_base, at(ks), n0, n_keys, tid);
+            load_tile::<D>(v_smem(stage), v_base, at(vs), n0, n_keys, tid);
+        }
+    };
+    let load_plain = |i: i32| {
+        let stage = (i % DECODE_STAGES as i32) as usize;
+        let n0 = n_block(i) * bn as i32;
+        let (kr, vr) = (ks[1], vs[1]);
+        unsafe {
+            load_tile::<D>(k_smem(stage), k_base, |_, k| k as i64 * kr, n0, n_keys, tid);
+            load_tile::<D>(v_smem(stage), v_base, |_, k| k as i64 * vr, n0, n_keys, tid);
+        }
+    };
+    let load = |i: i32| {
+        if PAGED { load_paged(i) } else { load_plain(i) }
     };
 
     for i in 0..DECODE_STAGES as i32 - 1 {

@@ -7,7 +7,10 @@
 //! We use rustc's own NVPTX backend, not rust-cuda's `cuda_std` (which needs rustc_codegen_nvvm);
 //! [`device`] is our small replacement: special registers, shared memory, barriers, shuffles, math.
 #![no_std]
-#![cfg_attr(target_arch = "nvptx64", feature(abi_ptx, asm_experimental_arch))]
+#![cfg_attr(
+    target_arch = "nvptx64",
+    feature(abi_ptx, asm_experimental_arch, stmt_expr_attributes)
+)]
 
 pub mod abi;
 pub mod mask;
