@@ -14,7 +14,7 @@ use crate::attention::{
     check_queries, prefill_launch, prefill_params,
 };
 use crate::context::Context;
-use crate::decode::{DecodeKv, MAX_DECODE_QUERIES, kv_source, plan_decode};
+use crate::decode::{DecodeKv, MAX_DECODE_QUERIES, kv_source};
 use crate::element::AttnElement;
 use crate::error::{Error, Result};
 use crate::pattern::{Binarize, HeadPattern};
@@ -574,20 +574,14 @@ impl<T: AttnElement> DuoCache<T> {
         self.append_unchecked(ctx, layer, k.desc(), v.desc(), n)?;
         let (full, stream) = self.sources(layer);
         let l = &self.layers[layer];
-        let plan = plan_decode::<T>(
-            q.desc(),
-            DecodeKv::Cache {
-                full,
-                stream,
-                seqlen: l.len,
-                recent: self.recent,
-            },
-            out.desc(),
-            lse.desc(),
-            &l.cfg,
-            self.device,
-            ctx.decode_resident_blocks::<T>(self.cfg.head_dim, false)?,
-        )?;
+        let kv = DecodeKv::Cache {
+            full,
+            stream,
+            seqlen: l.len,
+            recent: self.recent,
+        };
+        // `check_call` made sure the context runs on the cache's device.
+        let plan = ctx.decode_plan::<T>(q.desc(), kv, out.desc(), lse.desc(), &l.cfg)?;
         ctx.launch_decode(plan)
     }
 }

@@ -72,14 +72,11 @@ pub(crate) enum DecodeKv<'a> {
     },
 }
 
-/// The decode kernel entry for element `T` and head dim `d` (`DECODE_ENTRIES`).
-fn decode_entry<T: AttnElement>(d: usize) -> String {
-    format!("duo_decode_{}_d{d}", T::KERNEL_NAME)
-}
-
-/// Its twin over paged K/V (`DecodeParams::block_table`).
-fn paged_decode_entry<T: AttnElement>(d: usize) -> String {
-    format!("duo_decode_paged_{}_d{d}", T::KERNEL_NAME)
+/// The decode kernel entry for element `T` and head dim `d` (`DECODE_ENTRIES`), over contiguous
+/// or paged (`DecodeParams::block_table`) K/V.
+fn decode_entry<T: AttnElement>(d: usize, paged: bool) -> String {
+    let paged = if paged { "paged_" } else { "" };
+    format!("duo_decode_{paged}{}_d{d}", T::KERNEL_NAME)
 }
 
 /// Fewest K/V tiles a split walks when the cache has enough of them: a short cache split into
@@ -232,11 +229,7 @@ pub(crate) fn plan_decode<T: AttnElement>(
         page_shift: 0,
     };
     Ok(DecodePlan {
-        entry: if paged {
-            paged_decode_entry::<T>(head_dim)
-        } else {
-            decode_entry::<T>(head_dim)
-        },
+        entry: decode_entry::<T>(head_dim, paged),
         grid: (splits as u32, (heads_kv * row_chunks) as u32, batch as u32),
         block: decode_threads(head_dim) as u32,
         shared_bytes: decode_smem_bytes(head_dim) as u32,
@@ -244,6 +237,21 @@ pub(crate) fn plan_decode<T: AttnElement>(
         splits,
         head_dim,
     })
+}
+
+/// A device array the kernel reads while it writes `out` and `lse` must not overlap them.
+fn check_clear_of_outputs<const N: usize>(
+    t: &TensorDesc<N>,
+    input: &'static str,
+    out: &TensorDesc<4>,
+    lse: &TensorDesc<3>,
+) -> Result<()> {
+    for (output, (start, end)) in [("out", out.byte_range()), ("lse", lse.byte_range())] {
+        if t.overlaps(start, end) {
+            return Err(Error::Aliasing { output, input });
+        }
+    }
+    Ok(())
 }
 
 /// How errors name the per-sequence key counts.
@@ -274,14 +282,7 @@ pub(crate) fn use_cache_seqlens(
             expected: vec![1],
         });
     }
-    for (output, (start, end)) in [("out", out.byte_range()), ("lse", lse.byte_range())] {
-        if seqlens.overlaps(start, end) {
-            return Err(Error::Aliasing {
-                output,
-                input: CACHE_SEQLENS,
-            });
-        }
-    }
+    check_clear_of_outputs(seqlens, CACHE_SEQLENS, out, lse)?;
     plan.params.seqlens = seqlens.ptr;
     Ok(())
 }
@@ -317,14 +318,7 @@ pub(crate) fn use_block_table(
             expected: vec![max_pages, 1],
         });
     }
-    for (output, (start, end)) in [("out", out.byte_range()), ("lse", lse.byte_range())] {
-        if table.overlaps(start, end) {
-            return Err(Error::Aliasing {
-                output,
-                input: BLOCK_TABLE,
-            });
-        }
-    }
+    check_clear_of_outputs(table, BLOCK_TABLE, out, lse)?;
     let (pages, page_size) = (k_pages.shape[0], k_pages.shape[1]);
     check_limit("pages in the pool", pages, MAX_SEQLEN)?;
     plan.params.block_table = table.ptr;
@@ -360,7 +354,14 @@ impl Context {
         lse: &mut ViewMut<'_, f32, 3>,
         cfg: &AttentionConfig,
     ) -> Result<()> {
-        let plan = self.plain_decode_plan(q, k, v, out, lse, cfg)?;
+        let (k, v) = (k.desc(), v.desc());
+        let plan = self.decode_plan::<T>(
+            q.desc(),
+            DecodeKv::Plain { k, v },
+            out.desc(),
+            lse.desc(),
+            cfg,
+        )?;
         self.launch_decode(plan)
     }
 
@@ -385,7 +386,14 @@ impl Context {
         cache_seqlens: &View<'_, i32, 1>,
         cfg: &AttentionConfig,
     ) -> Result<()> {
-        let mut plan = self.plain_decode_plan(q, k, v, out, lse, cfg)?;
+        let (k, v) = (k.desc(), v.desc());
+        let mut plan = self.decode_plan::<T>(
+            q.desc(),
+            DecodeKv::Plain { k, v },
+            out.desc(),
+            lse.desc(),
+            cfg,
+        )?;
         use_cache_seqlens(
             &mut plan,
             cache_seqlens.desc(),
@@ -418,60 +426,36 @@ impl Context {
     ) -> Result<()> {
         let (k, v, table) = (k_pages.desc(), v_pages.desc(), block_table.desc());
         let capacity = paged_capacity(table, k)?;
-        let mut plan = plan_decode::<T>(
-            q.desc(),
-            DecodeKv::Paged { k, v, capacity },
-            out.desc(),
-            lse.desc(),
-            cfg,
-            self.ordinal(),
-            self.decode_resident_blocks::<T>(q.shape()[3], true)?,
-        )?;
         let (o, l) = (out.desc(), lse.desc());
+        let kv = DecodeKv::Paged { k, v, capacity };
+        let mut plan = self.decode_plan::<T>(q.desc(), kv, o, l, cfg)?;
         use_cache_seqlens(&mut plan, cache_seqlens.desc(), o, l, self.ordinal())?;
         use_block_table(&mut plan, table, k, o, l, self.ordinal())?;
         self.launch_decode(plan)
     }
 
-    /// The checked plan of a decode over plain K/V.
-    fn plain_decode_plan<T: AttnElement>(
+    /// The checked plan of a decode on this context's device, for as many resident blocks as
+    /// the entry it will launch (contiguous or paged) fits on the GPU.
+    pub(crate) fn decode_plan<T: AttnElement>(
         &self,
-        q: &View<'_, T, 4>,
-        k: &View<'_, T, 4>,
-        v: &View<'_, T, 4>,
-        out: &ViewMut<'_, T, 4>,
-        lse: &ViewMut<'_, f32, 3>,
+        q: &TensorDesc<4>,
+        kv: DecodeKv<'_>,
+        out: &TensorDesc<4>,
+        lse: &TensorDesc<3>,
         cfg: &AttentionConfig,
     ) -> Result<DecodePlan> {
-        plan_decode::<T>(
-            q.desc(),
-            DecodeKv::Plain {
-                k: k.desc(),
-                v: v.desc(),
-            },
-            out.desc(),
-            lse.desc(),
-            cfg,
-            self.ordinal(),
-            self.decode_resident_blocks::<T>(q.shape()[3], false)?,
-        )
+        let paged = matches!(kv, DecodeKv::Paged { .. });
+        let resident = self.decode_resident_blocks::<T>(q.shape[3], paged)?;
+        plan_decode::<T>(q, kv, out, lse, cfg, self.ordinal(), resident)
     }
 
     /// Decode blocks the whole GPU holds at once for head dim `d` (1 if `d` is unsupported; the
     /// plan rejects it).
-    pub(crate) fn decode_resident_blocks<T: AttnElement>(
-        &self,
-        d: usize,
-        paged: bool,
-    ) -> Result<usize> {
+    fn decode_resident_blocks<T: AttnElement>(&self, d: usize, paged: bool) -> Result<usize> {
         if !DECODE_HEAD_DIMS.contains(&d) {
             return Ok(1);
         }
-        let entry = if paged {
-            paged_decode_entry::<T>(d)
-        } else {
-            decode_entry::<T>(d)
-        };
+        let entry = decode_entry::<T>(d, paged);
         let per_sm = self.resident_blocks_per_sm(
             &entry,
             decode_threads(d) as u32,

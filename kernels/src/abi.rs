@@ -391,10 +391,10 @@ pub struct DecodeParams {
     /// 0, or a device `[batch]` i32 array of per-sequence key counts (`cache_seqlens`), each
     /// clamped into `0..=seqlen` by the kernel; `seqlen` is then the K/V tensors' length.
     pub seqlens: u64,
-    /// 0, or paged K/V (the `duo_decode_paged_*` entries, with `seqlens`): a device i32 block table, row `b`
-    /// (`block_table_stride` entries apart) listing sequence `b`'s pages in key order. `full`'s
-    /// stride 0 then runs between pages of `1 << page_shift` rows, `num_pages` of them (entries
-    /// are clamped into the pool), and `seqlen` is the table row's capacity in keys.
+    /// 0, or paged K/V (the `duo_decode_paged_*` entries, with `seqlens`): a device i32 block
+    /// table, row `b` (`block_table_stride` entries apart) listing sequence `b`'s pages in key
+    /// order. `full`'s stride 0 then runs between pages of `1 << page_shift` rows, `num_pages` of
+    /// them (entries are clamped into the pool), and `seqlen` is the table row's capacity in keys.
     pub block_table: u64,
     pub block_table_stride: i64,
     pub num_pages: i32,

@@ -29,6 +29,18 @@ const MAX_TILE_CHUNKS: usize = 16;
 const LN_2: f32 = core::f32::consts::LN_2;
 const LOG2_E: f32 = core::f32::consts::LOG2_E;
 
+/// 16-byte chunks one thread loads of a `decode_block_n(D) x D` tile.
+const fn tile_chunks(d: usize) -> usize {
+    decode_block_n(d) * d / 8 / decode_threads(d)
+}
+
+/// Row and column chunk (8 elements) of this thread's `c`-th chunk of a tile.
+#[inline(always)]
+fn tile_chunk<const D: usize>(tid: usize, c: usize) -> (usize, usize) {
+    let chunk = tid + c * const { decode_threads(D) };
+    (chunk / (D / 8), chunk % (D / 8))
+}
+
 /// Queues the cp.async loads of one `decode_block_n(D) x D` tile (rows `n0..`, zero past `rows`)
 /// into a swizzled shared-memory tile ([`decode_tile_offset`]). The row of key `k`, this thread's
 /// `c`-th chunk, starts `row_offset(c, k)` elements after `base`.
@@ -41,10 +53,8 @@ unsafe fn load_tile<const D: usize>(
     rows: i32,
     tid: usize,
 ) {
-    let (bn, threads) = const { (decode_block_n(D), decode_threads(D)) };
-    for c in 0..bn * D / 8 / threads {
-        let chunk = tid + c * threads;
-        let (row, part) = (chunk / (D / 8), chunk % (D / 8));
+    for c in 0..const { tile_chunks(D) } {
+        let (row, part) = tile_chunk::<D>(tid, c);
         let col = part * 8;
         let key = n0 + row as i32;
         let valid = key < rows;
@@ -89,7 +99,7 @@ unsafe fn decode<
                 && warps * DECODE_ROWS * 8 + warps * DECODE_ROWS * (D + MERGE_ROW_PAD) * 4
                     <= decode_ring_bytes(D)
                 && decode_smem_bytes(D) <= 227 * 1024
-                && bn * D / 8 / decode_threads(D) <= MAX_TILE_CHUNKS
+                && tile_chunks(D) <= MAX_TILE_CHUNKS
         )
     };
     let smem = dynamic_shared_base();
@@ -227,10 +237,9 @@ unsafe fn decode<
         let n0 = n_block(i) * bn as i32;
         // Every table entry of the tile first (independent loads in flight together), then the
         // K and V rows from them: one lookup per row serves both.
-        let chunks = const { decode_block_n(D) * D / 8 / decode_threads(D) };
         let mut pages = [0i32; MAX_TILE_CHUNKS];
-        for (c, page) in pages.iter_mut().enumerate().take(chunks) {
-            let key = n0 + ((tid + c * threads) / const { D / 8 }) as i32;
+        for (c, page) in pages.iter_mut().enumerate().take(const { tile_chunks(D) }) {
+            let key = n0 + tile_chunk::<D>(tid, c).0 as i32;
             if key < n_keys {
                 *page = page_of(key);
             }
