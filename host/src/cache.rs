@@ -21,6 +21,7 @@ use crate::pattern::{Binarize, HeadPattern};
 use crate::tensor::{DeviceTensor, TensorDesc, View, ViewMut};
 use duo_attn_kernels::abi::{CacheParams, DECODE_HEAD_DIMS, KvSource, MAX_KV_HEADS, MAX_SEQLEN};
 use duo_attn_kernels::ring;
+use std::ops::Range;
 
 /// Threads per block of the cache kernels (`duo_attn_kernels::cache::CACHE_THREADS`).
 const CACHE_THREADS: usize = 256;
@@ -90,15 +91,6 @@ pub fn cache_memory<K: AsRef<[HeadKind]>>(
     }
 }
 
-/// One layer: its head kinds, caches and cached length.
-struct LayerCache<T: AttnElement> {
-    cfg: AttentionConfig,
-    streaming: usize,
-    full: Option<(DeviceTensor<T, 4>, DeviceTensor<T, 4>)>,
-    ring: Option<(DeviceTensor<T, 4>, DeviceTensor<T, 4>)>,
-    len: usize,
-}
-
 /// Sizes of the ring: (sink slots, recent slots), given the cache capacity.
 pub fn ring_slots(sink: u32, window: u32, max_len: usize) -> (usize, usize) {
     let sink = (sink as usize).min(max_len);
@@ -106,25 +98,51 @@ pub fn ring_slots(sink: u32, window: u32, max_len: usize) -> (usize, usize) {
     (sink, recent)
 }
 
+/// One layer: its head kinds, caches and each sequence slot's cached length.
+struct LayerCache<T: AttnElement> {
+    cfg: AttentionConfig,
+    streaming: usize,
+    full: Option<(DeviceTensor<T, 4>, DeviceTensor<T, 4>)>,
+    ring: Option<(DeviceTensor<T, 4>, DeviceTensor<T, 4>)>,
+    /// Tokens cached per slot: the host's record of what the device holds.
+    lens: Vec<usize>,
+}
+
 /// A DuoAttention KV cache over all layers of a model, on one device.
+///
+/// Its batch entries are sequence slots, each at its own length: a serving loop prefills a new
+/// request into a free slot ([`DuoCache::slots`]) while the others decode, and decodes all
+/// slots in one batch ([`DuoCache::decode`]), each query attending over its own sequence.
 pub struct DuoCache<T: AttnElement> {
     cfg: CacheConfig,
     sink: usize,
     recent: usize,
     layers: Vec<LayerCache<T>>,
     device: u32,
+    /// `[layers, 2, B]` i32: each slot's cached length, then the append's block counts (zero
+    /// between launches). The append reads and advances these lengths on the device, and decode
+    /// reads them there, so a captured decode step replays at growing lengths.
+    lengths: DeviceTensor<i32, 3>,
     /// Streaming heads' prefill context (K, V), grown on demand.
     scratch: Option<(DeviceTensor<T, 2>, DeviceTensor<T, 2>)>,
 }
 
 /// A cache tensor, stored head-major `[B, H, slots, D]` (each head's rows contiguous, so decode
-/// streams long runs of memory), seen as the `[B, len, H, D]` the kernels index.
-fn cache_desc<T: AttnElement>(t: &DeviceTensor<T, 4>, len: usize) -> TensorDesc<4> {
+/// streams long runs of memory), seen as the `[B, len, H, D]` the kernels index, for the
+/// sequence slots `seqs`.
+fn cache_desc<T: AttnElement>(
+    t: &DeviceTensor<T, 4>,
+    len: usize,
+    seqs: &Range<usize>,
+) -> TensorDesc<4> {
     let stored = *t.view().desc();
-    let [b, h, slots, d] = stored.shape;
+    let [_, h, slots, d] = stored.shape;
+    let skip = seqs.start * h * slots * d;
     TensorDesc {
-        shape: [b, len, h, d],
+        ptr: stored.ptr + (skip * stored.elem_bytes) as u64,
+        shape: [seqs.len(), len, h, d],
         strides: [h * slots * d, d, slots * d, 1],
+        available: stored.available - skip,
         ..stored
     }
 }
@@ -175,7 +193,8 @@ impl<T: AttnElement> DuoCache<T> {
         Ok(())
     }
 
-    /// Allocates the caches for layers of the given head kinds.
+    /// Allocates the caches for layers of the given head kinds, every slot empty. Waits for the
+    /// context's stream (the lengths are zeroed there), so any context of the device may use it.
     pub fn new(ctx: &Context, cfg: CacheConfig, kinds: Vec<Vec<HeadKind>>) -> Result<Self> {
         Self::check(&cfg, &kinds)?;
         let (sink, recent) = ring_slots(cfg.sink, cfg.window, cfg.max_len);
@@ -204,15 +223,20 @@ impl<T: AttnElement> DuoCache<T> {
                 streaming,
                 full: alloc(cfg.max_len, retrieval)?,
                 ring: alloc(sink + recent, streaming)?,
-                len: 0,
+                lens: vec![0; cfg.batch],
             });
         }
+        let lengths = ctx.alloc::<i32, 3>([layers.len(), 2, cfg.batch])?;
+        let words = lengths.len();
+        ctx.fill_words(lengths.view().desc().ptr, 4 * words, words, 1, 0)?;
+        ctx.synchronize()?;
         Ok(DuoCache {
             cfg,
             sink,
             recent,
             layers,
             device: ctx.ordinal(),
+            lengths,
             scratch: None,
         })
     }
@@ -253,14 +277,57 @@ impl<T: AttnElement> DuoCache<T> {
         Ok(&self.layer(layer)?.cfg)
     }
 
-    /// Tokens cached in `layer`.
+    /// Tokens cached in `layer`, when every slot holds as many (else `UnevenCacheLengths`).
     pub fn len(&self, layer: usize) -> Result<usize> {
-        Ok(self.layer(layer)?.len)
+        let lens = self.lens(layer)?;
+        match lens.iter().all(|&l| l == lens[0]) {
+            true => Ok(lens[0]),
+            false => Err(Error::UnevenCacheLengths {
+                layer,
+                first: 0,
+                lens: lens.to_vec(),
+            }),
+        }
     }
 
-    /// Forgets every cached token (the memory stays allocated).
-    pub fn reset(&mut self) {
-        self.layers.iter_mut().for_each(|l| l.len = 0);
+    /// Tokens cached in `layer`, per sequence slot.
+    pub fn lens(&self, layer: usize) -> Result<&[usize]> {
+        Ok(&self.layer(layer)?.lens)
+    }
+
+    /// Forgets every cached token of every slot (the memory stays allocated), on the context's
+    /// stream.
+    pub fn reset(&mut self, ctx: &Context) -> Result<()> {
+        self.slots(0..self.cfg.batch)?.reset(ctx)
+    }
+
+    /// Reads the lengths the device holds back into the host's record (waits for the context's
+    /// stream). Needed after replaying captured cache steps: the device advanced the lengths, the
+    /// host's record did not (its checks of the room left run on that record).
+    pub fn read_back_lengths(&mut self, ctx: &Context) -> Result<()> {
+        self.check_device(ctx)?;
+        ctx.synchronize()?;
+        let all = self.lengths.to_host()?;
+        let b = self.cfg.batch;
+        for (layer, l) in self.layers.iter_mut().enumerate() {
+            for (len, &dev) in l.lens.iter_mut().zip(&all[layer * 2 * b..][..b]) {
+                *len = dev.max(0) as usize;
+            }
+        }
+        Ok(())
+    }
+
+    /// The sequence slots `seqs` (a range of the batch): prefill, decode, append or reset them
+    /// alone, with q/k/v/out/lse of batch `seqs.len()`.
+    pub fn slots(&mut self, seqs: Range<usize>) -> Result<CacheSlots<'_, T>> {
+        if seqs.is_empty() || seqs.end > self.cfg.batch {
+            return Err(Error::SlotOutOfRange {
+                start: seqs.start,
+                end: seqs.end,
+                slots: self.cfg.batch,
+            });
+        }
+        Ok(CacheSlots { cache: self, seqs })
     }
 
     /// Bytes held, and the bytes a full cache for every head would hold.
@@ -286,107 +353,8 @@ impl<T: AttnElement> DuoCache<T> {
         Ok((get(&l.full)?, get(&l.ring)?))
     }
 
-    fn layer(&self, layer: usize) -> Result<&LayerCache<T>> {
-        self.layers.get(layer).ok_or(Error::LayerOutOfRange {
-            layer,
-            layers: self.layers.len(),
-        })
-    }
-
-    /// Checks new K/V `[B, n, Hkv, D]` and the room left; returns n.
-    fn check_new(&self, layer: usize, k: &TensorDesc<4>, v: &TensorDesc<4>) -> Result<usize> {
-        let l = self.layer(layer)?;
-        let c = &self.cfg;
-        let n = check_kv(
-            (k, "k"),
-            (v, "v"),
-            c.batch,
-            c.heads_kv,
-            c.head_dim,
-            self.device,
-            "new k is [B, n, Hkv, D] with the cache's B, Hkv and D",
-        )?;
-        if l.len + n > c.max_len {
-            return Err(Error::CacheFull {
-                capacity: c.max_len,
-                len: l.len,
-                adding: n,
-            });
-        }
-        Ok(n)
-    }
-
-    /// Checks q/out/lse of an attention call against the cache sizes; returns n.
-    fn check_queries(
-        &self,
-        layer: usize,
-        q: &TensorDesc<4>,
-        out: &TensorDesc<4>,
-        lse: &TensorDesc<3>,
-        n: usize,
-    ) -> Result<()> {
-        let l = self.layer(layer)?;
-        let c = &self.cfg;
-        let [b, sq, hq, d] = check_queries(q, out, lse, &l.cfg, self.device)?;
-        check_heads(hq, c.heads_kv, &l.cfg)?;
-        if [b, sq, hq, d] != [c.batch, n, c.heads_q, c.head_dim] {
-            return Err(Error::ShapeMismatch {
-                tensor: "q",
-                got: q.shape.to_vec(),
-                expected: vec![c.batch, n, c.heads_q, c.head_dim],
-                why: "q is [B, n, Hq, D] with the cache's sizes and the new k's n",
-            });
-        }
-        Ok(())
-    }
-
-    fn sources(&self, layer: usize) -> (KvSource, KvSource) {
-        let l = &self.layers[layer];
-        let src = |t: &Option<(DeviceTensor<T, 4>, DeviceTensor<T, 4>)>| {
-            t.as_ref().map_or(KvSource::default(), |(k, v)| {
-                let len = k.shape()[2];
-                kv_source(&cache_desc(k, len), &cache_desc(v, len))
-            })
-        };
-        (src(&l.full), src(&l.ring))
-    }
-
-    fn cache_params(&self, layer: usize, new: KvSource, n: usize, out: KvSource) -> CacheParams {
-        let (full, stream) = self.sources(layer);
-        let l = &self.layers[layer];
-        CacheParams {
-            new,
-            full,
-            stream,
-            out,
-            streaming_heads: crate::attention::streaming_mask(&l.cfg.head_kinds),
-            n_new: n as i32,
-            heads_kv: self.cfg.heads_kv as i32,
-            head_dim: self.cfg.head_dim as i32,
-            start: l.len as i32,
-            sink: self.sink as i32,
-            recent: self.recent as i32,
-        }
-    }
-
-    fn launch_cache_kernel(
-        &self,
-        ctx: &Context,
-        entry: &str,
-        rows: usize,
-        params: &CacheParams,
-    ) -> Result<()> {
-        let items = rows * self.cfg.heads_kv * self.cfg.head_dim / 8;
-        let grid = (
-            items.div_ceil(CACHE_THREADS) as u32,
-            self.cfg.batch as u32,
-            1,
-        );
-        ctx.launch(entry, grid, CACHE_THREADS as u32, 0, params)
-    }
-
-    /// Appends new K/V rows `[B, n, Hkv, D]` to `layer` (positions `len..len + n`) on the GPU:
-    /// retrieval heads into their full cache, streaming heads into their ring.
+    /// Appends new K/V rows `[B, n, Hkv, D]` to `layer` on the GPU, each sequence at its own
+    /// length: retrieval heads into their full cache, streaming heads into their ring.
     pub fn append(
         &mut self,
         ctx: &Context,
@@ -394,23 +362,71 @@ impl<T: AttnElement> DuoCache<T> {
         k: &View<'_, T, 4>,
         v: &View<'_, T, 4>,
     ) -> Result<()> {
-        self.check_device(ctx)?;
-        let n = self.check_new(layer, k.desc(), v.desc())?;
-        self.append_unchecked(ctx, layer, k.desc(), v.desc(), n)
+        self.slots(0..self.cfg.batch)?.append(ctx, layer, k, v)
     }
 
-    fn append_unchecked(
+    /// The dispatcher: one layer's attention for `n` new tokens per sequence. q `[B, n, Hq, D]`,
+    /// new k/v `[B, n, Hkv, D]`, out like q, lse `[B, Hq, n]`. Decodes when `n <= 16` and some
+    /// sequence already holds context, else runs a prefill chunk; either way the new K/V are
+    /// appended and every query sees exactly the keys its head kind allows over its own
+    /// sequence so far.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
         &mut self,
         ctx: &Context,
         layer: usize,
-        k: &TensorDesc<4>,
-        v: &TensorDesc<4>,
-        n: usize,
+        q: &View<'_, T, 4>,
+        k: &View<'_, T, 4>,
+        v: &View<'_, T, 4>,
+        out: &mut ViewMut<'_, T, 4>,
+        lse: &mut ViewMut<'_, f32, 3>,
     ) -> Result<()> {
-        let params = self.cache_params(layer, kv_source(k, v), n, KvSource::default());
-        self.launch_cache_kernel(ctx, "duo_cache_append", n, &params)?;
-        self.layers[layer].len += n;
-        Ok(())
+        self.slots(0..self.cfg.batch)?
+            .forward(ctx, layer, q, k, v, out, lse)
+    }
+
+    /// A chunk of prefill over every sequence (all at one length): appends the chunk, then runs
+    /// the prefill kernel with retrieval heads over the full cache and streaming heads over their
+    /// sink + recent context plus the chunk.
+    #[allow(clippy::too_many_arguments)]
+    pub fn prefill(
+        &mut self,
+        ctx: &Context,
+        layer: usize,
+        q: &View<'_, T, 4>,
+        k: &View<'_, T, 4>,
+        v: &View<'_, T, 4>,
+        out: &mut ViewMut<'_, T, 4>,
+        lse: &mut ViewMut<'_, f32, 3>,
+    ) -> Result<()> {
+        self.slots(0..self.cfg.batch)?
+            .prefill(ctx, layer, q, k, v, out, lse)
+    }
+
+    /// Decode of 1..=16 new tokens per sequence, each at its own length: appends them, then
+    /// attends over both caches (retrieval heads: every cached position; streaming heads: their
+    /// ring). The kernels read the lengths on the device and advance them there, so a captured
+    /// step replays at the lengths the device holds (see [`DuoCache::read_back_lengths`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode(
+        &mut self,
+        ctx: &Context,
+        layer: usize,
+        q: &View<'_, T, 4>,
+        k: &View<'_, T, 4>,
+        v: &View<'_, T, 4>,
+        out: &mut ViewMut<'_, T, 4>,
+        lse: &mut ViewMut<'_, f32, 3>,
+    ) -> Result<()> {
+        self.slots(0..self.cfg.batch)?
+            .decode(ctx, layer, q, k, v, out, lse)
+    }
+
+    fn layer(&self, layer: usize) -> Result<&LayerCache<T>> {
+        self.layers.get(layer).ok_or(Error::LayerOutOfRange {
+            layer,
+            layers: self.layers.len(),
+        })
     }
 
     fn check_device(&self, ctx: &Context) -> Result<()> {
@@ -424,41 +440,109 @@ impl<T: AttnElement> DuoCache<T> {
         Ok(())
     }
 
-    /// Every check of a prefill or decode call (at most `max_new` new tokens); returns n.
-    #[allow(clippy::too_many_arguments)]
-    fn check_call(
-        &self,
-        ctx: &Context,
-        layer: usize,
-        q: &View<'_, T, 4>,
-        k: &View<'_, T, 4>,
-        v: &View<'_, T, 4>,
-        out: &ViewMut<'_, T, 4>,
-        lse: &ViewMut<'_, f32, 3>,
-        max_new: usize,
-    ) -> Result<usize> {
-        self.check_device(ctx)?;
-        let n = self.check_new(layer, k.desc(), v.desc())?;
-        if n > max_new {
-            return Err(Error::DecodeQueryBlock {
-                got: n,
-                max: max_new,
-            });
-        }
-        self.check_queries(layer, q.desc(), out.desc(), lse.desc(), n)?;
-        check_no_aliasing(
-            out.desc(),
-            lse.desc(),
-            &[(q.desc(), "q"), (k.desc(), "k"), (v.desc(), "v")],
-        )?;
-        Ok(n)
+    /// Device addresses of `layer`'s lengths and append counts, from slot `first` on.
+    fn device_lengths(&self, layer: usize, first: usize) -> (u64, u64) {
+        let b = self.cfg.batch;
+        let base = self.lengths.view().desc().ptr + (4 * (layer * 2 * b + first)) as u64;
+        (base, base + 4 * b as u64)
     }
 
-    /// The dispatcher: one layer's attention for `n` new tokens per sequence. q `[B, n, Hq, D]`,
-    /// new k/v `[B, n, Hkv, D]`, out like q, lse `[B, Hq, n]`. Decodes when `n <= 16` and the
-    /// layer already holds context, else runs a prefill chunk; either way the new K/V are
-    /// appended and every query sees exactly the keys its head kind allows over the whole
-    /// sequence so far.
+    fn sources(&self, layer: usize, seqs: &Range<usize>) -> (KvSource, KvSource) {
+        let l = &self.layers[layer];
+        let src = |t: &Option<(DeviceTensor<T, 4>, DeviceTensor<T, 4>)>| {
+            t.as_ref().map_or(KvSource::default(), |(k, v)| {
+                let len = k.shape()[2];
+                kv_source(&cache_desc(k, len, seqs), &cache_desc(v, len, seqs))
+            })
+        };
+        (src(&l.full), src(&l.ring))
+    }
+
+    /// Cache kernel parameters for `seqs`, whose cached length (for the gather; the append
+    /// reads the device's) is `start`.
+    fn cache_params(
+        &self,
+        layer: usize,
+        seqs: &Range<usize>,
+        (new, n): (KvSource, usize),
+        out: KvSource,
+        start: usize,
+    ) -> CacheParams {
+        let (full, stream) = self.sources(layer, seqs);
+        let (lens, arrivals) = self.device_lengths(layer, seqs.start);
+        CacheParams {
+            new,
+            full,
+            stream,
+            out,
+            lens,
+            arrivals,
+            streaming_heads: crate::attention::streaming_mask(&self.layers[layer].cfg.head_kinds),
+            n_new: n as i32,
+            heads_kv: self.cfg.heads_kv as i32,
+            head_dim: self.cfg.head_dim as i32,
+            start: start as i32,
+            sink: self.sink as i32,
+            recent: self.recent as i32,
+            capacity: self.cfg.max_len as i32,
+        }
+    }
+
+    fn launch_cache_kernel(
+        &self,
+        ctx: &Context,
+        entry: &str,
+        (rows, seqs): (usize, usize),
+        params: &CacheParams,
+    ) -> Result<()> {
+        let items = rows * self.cfg.heads_kv * self.cfg.head_dim / 8;
+        let grid = (items.div_ceil(CACHE_THREADS) as u32, seqs as u32, 1);
+        ctx.launch(entry, grid, CACHE_THREADS as u32, 0, params)
+    }
+}
+
+/// Sequence slots `seqs` of a [`DuoCache`] (from [`DuoCache::slots`]): the cache's operations on
+/// these sequences alone, with q/k/v/out/lse of batch `seqs.len()`.
+pub struct CacheSlots<'a, T: AttnElement> {
+    cache: &'a mut DuoCache<T>,
+    seqs: Range<usize>,
+}
+
+impl<T: AttnElement> CacheSlots<'_, T> {
+    /// Tokens cached in `layer` by each of these slots.
+    pub fn lens(&self, layer: usize) -> Result<&[usize]> {
+        Ok(&self.cache.layer(layer)?.lens[self.seqs.clone()])
+    }
+
+    /// Forgets these slots' tokens in every layer (a finished request's slot, ready for the
+    /// next), on the context's stream.
+    pub fn reset(&mut self, ctx: &Context) -> Result<()> {
+        let c = &mut *self.cache;
+        c.check_device(ctx)?;
+        let (lens, _) = c.device_lengths(0, self.seqs.start);
+        let pitch = 4 * 2 * c.cfg.batch; // one layer's lengths and counts
+        ctx.fill_words(lens, pitch, self.seqs.len(), c.layers.len(), 0)?;
+        for l in &mut c.layers {
+            l.lens[self.seqs.clone()].fill(0);
+        }
+        Ok(())
+    }
+
+    /// Appends new K/V rows `[b, n, Hkv, D]` (b = these slots) to `layer`, each at its own length.
+    pub fn append(
+        &mut self,
+        ctx: &Context,
+        layer: usize,
+        k: &View<'_, T, 4>,
+        v: &View<'_, T, 4>,
+    ) -> Result<()> {
+        self.cache.check_device(ctx)?;
+        let n = self.check_new(layer, k.desc(), v.desc())?;
+        self.append_unchecked(ctx, layer, k.desc(), v.desc(), n)
+    }
+
+    /// [`DuoCache::forward`] for these slots: decode when `n <= 16` and one of them holds
+    /// context, else a prefill chunk (which needs them at one length).
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &mut self,
@@ -471,15 +555,14 @@ impl<T: AttnElement> DuoCache<T> {
         lse: &mut ViewMut<'_, f32, 3>,
     ) -> Result<()> {
         let n = q.shape()[1];
-        if n <= MAX_DECODE_QUERIES && self.len(layer)? > 0 {
+        if n <= MAX_DECODE_QUERIES && self.lens(layer)?.iter().any(|&l| l > 0) {
             self.decode(ctx, layer, q, k, v, out, lse)
         } else {
             self.prefill(ctx, layer, q, k, v, out, lse)
         }
     }
 
-    /// A chunk of prefill: appends the chunk, then runs the prefill kernel with retrieval heads
-    /// over the full cache and streaming heads over their sink + recent context plus the chunk.
+    /// [`DuoCache::prefill`] for these slots, which must hold one length.
     #[allow(clippy::too_many_arguments)]
     pub fn prefill(
         &mut self,
@@ -492,53 +575,57 @@ impl<T: AttnElement> DuoCache<T> {
         lse: &mut ViewMut<'_, f32, 3>,
     ) -> Result<()> {
         let n = self.check_call(ctx, layer, q, k, v, out, lse, usize::MAX)?;
-        let start = self.layers[layer].len;
-        let (b, hs, d) = (
-            self.cfg.batch,
-            self.layers[layer].streaming,
-            self.cfg.head_dim,
-        );
+        let lens = self.lens(layer)?;
+        if lens.iter().any(|&l| l != lens[0]) {
+            return Err(Error::UnevenCacheLengths {
+                layer,
+                first: self.seqs.start,
+                lens: lens.to_vec(),
+            });
+        }
+        let start = lens[0];
+        let seqs = self.seqs.clone();
+        let c = &mut *self.cache;
+        let (b, hs, d) = (seqs.len(), c.layers[layer].streaming, c.cfg.head_dim);
 
         // Streaming heads: gather [sink rows | recent rows | chunk] before the append rotates the ring.
         let (sink_rows, recent_rows, _) =
-            ring::history(start as i32, self.sink as i32, self.recent as i32);
+            ring::history(start as i32, c.sink as i32, c.recent as i32);
         let stream_len = (sink_rows + recent_rows) as usize + n;
         let mut stream_descs = None;
         if hs > 0 {
             let need = b * stream_len * hs * d;
-            if self.scratch.as_ref().is_none_or(|(k, _)| k.len() < need) {
+            if c.scratch.as_ref().is_none_or(|(k, _)| k.len() < need) {
                 // Chunks queued with the old buffers finish before they are freed.
                 ctx.synchronize()?;
-                self.scratch = None;
-                self.scratch = Some((ctx.alloc([need, 1])?, ctx.alloc([need, 1])?));
+                c.scratch = None;
+                c.scratch = Some((ctx.alloc([need, 1])?, ctx.alloc([need, 1])?));
             }
             let desc = |t: &DeviceTensor<T, 2>| {
                 TensorDesc::contiguous(
                     t.view().desc().ptr,
                     [b, stream_len, hs, d],
                     std::mem::size_of::<T>(),
-                    self.device,
+                    c.device,
                 )
             };
-            let (sk, sv) = self
-                .scratch
-                .as_ref()
-                .map(|(k, v)| (desc(k), desc(v)))
-                .ok_or(Error::InvalidCacheConfig(
-                    "scratch allocation vanished".into(),
-                ))?;
-            let params =
-                self.cache_params(layer, kv_source(k.desc(), v.desc()), n, kv_source(&sk, &sv));
-            self.launch_cache_kernel(ctx, "duo_cache_gather_stream", stream_len, &params)?;
+            let (sk, sv) = c.scratch.as_ref().map(|(k, v)| (desc(k), desc(v))).ok_or(
+                Error::InvalidCacheConfig("scratch allocation vanished".into()),
+            )?;
+            let new = (kv_source(k.desc(), v.desc()), n);
+            let params = c.cache_params(layer, &seqs, new, kv_source(&sk, &sv), start);
+            c.launch_cache_kernel(ctx, "duo_cache_gather_stream", (stream_len, b), &params)?;
             stream_descs = Some((sk, sv));
         }
 
         self.append_unchecked(ctx, layer, k.desc(), v.desc(), n)?;
-        let l = &self.layers[layer];
-        let full_descs = l
-            .full
-            .as_ref()
-            .map(|(k, v)| (cache_desc(k, start + n), cache_desc(v, start + n)));
+        let l = &self.cache.layers[layer];
+        let full_descs = l.full.as_ref().map(|(k, v)| {
+            (
+                cache_desc(k, start + n, &seqs),
+                cache_desc(v, start + n, &seqs),
+            )
+        });
         // A kind without heads is never read; its slot takes the other kind's tensors.
         let (fk, fv, flen, sk, sv, slen) = match (full_descs, stream_descs) {
             (Some((fk, fv)), Some((sk, sv))) => (fk, fv, start + n, sk, sv, stream_len),
@@ -557,8 +644,7 @@ impl<T: AttnElement> DuoCache<T> {
         ctx.launch_prefill(&prefill_launch::<T>(l.cfg.kernel, q.shape(), args)?)
     }
 
-    /// Decode of 1..=16 new tokens per sequence: appends them, then attends over both caches
-    /// (retrieval heads: every cached position; streaming heads: their ring).
+    /// [`DuoCache::decode`] for these slots.
     #[allow(clippy::too_many_arguments)]
     pub fn decode(
         &mut self,
@@ -572,17 +658,129 @@ impl<T: AttnElement> DuoCache<T> {
     ) -> Result<()> {
         let n = self.check_call(ctx, layer, q, k, v, out, lse, MAX_DECODE_QUERIES)?;
         self.append_unchecked(ctx, layer, k.desc(), v.desc(), n)?;
-        let (full, stream) = self.sources(layer);
-        let l = &self.layers[layer];
+        let c = &*self.cache;
+        let (full, stream) = c.sources(layer, &self.seqs);
+        let l = &c.layers[layer];
+        let longest = self.lens(layer)?.iter().copied().max().unwrap_or(0);
+        // Splits are planned for the longest sequence now; the kernel reads each sequence's
+        // length on the device, clamped only by the capacity (lengths grow under graph replay).
         let kv = DecodeKv::Cache {
             full,
             stream,
-            seqlen: l.len,
-            recent: self.recent,
+            seqlen: longest,
+            recent: c.recent,
         };
         // `check_call` made sure the context runs on the cache's device.
-        let plan = ctx.decode_plan::<T>(q.desc(), kv, out.desc(), lse.desc(), &l.cfg)?;
+        let mut plan = ctx.decode_plan::<T>(q.desc(), kv, out.desc(), lse.desc(), &l.cfg)?;
+        plan.params.seqlens = c.device_lengths(layer, self.seqs.start).0;
+        plan.params.seqlen = c.cfg.max_len as i32;
         ctx.launch_decode(plan)
+    }
+
+    /// Checks new K/V `[b, n, Hkv, D]` and the room left in every slot; returns n.
+    fn check_new(&self, layer: usize, k: &TensorDesc<4>, v: &TensorDesc<4>) -> Result<usize> {
+        let c = &self.cache.cfg;
+        let lens = self.lens(layer)?;
+        let n = check_kv(
+            (k, "k"),
+            (v, "v"),
+            self.seqs.len(),
+            c.heads_kv,
+            c.head_dim,
+            self.cache.device,
+            "new k is [b, n, Hkv, D] with b the slots' count and the cache's Hkv and D",
+        )?;
+        for (i, &len) in lens.iter().enumerate() {
+            if len + n > c.max_len {
+                return Err(Error::CacheFull {
+                    capacity: c.max_len,
+                    slot: self.seqs.start + i,
+                    len,
+                    adding: n,
+                });
+            }
+        }
+        Ok(n)
+    }
+
+    /// Checks q/out/lse of an attention call against the cache sizes and the new tokens' `n`.
+    fn check_queries(
+        &self,
+        layer: usize,
+        q: &TensorDesc<4>,
+        out: &TensorDesc<4>,
+        lse: &TensorDesc<3>,
+        n: usize,
+    ) -> Result<()> {
+        let l = self.cache.layer(layer)?;
+        let c = &self.cache.cfg;
+        let [b, sq, hq, d] = check_queries(q, out, lse, &l.cfg, self.cache.device)?;
+        check_heads(hq, c.heads_kv, &l.cfg)?;
+        let want = [self.seqs.len(), n, c.heads_q, c.head_dim];
+        if [b, sq, hq, d] != want {
+            return Err(Error::ShapeMismatch {
+                tensor: "q",
+                got: q.shape.to_vec(),
+                expected: want.to_vec(),
+                why: "q is [b, n, Hq, D] with b the slots' count, the cache's sizes and the new k's n",
+            });
+        }
+        Ok(())
+    }
+
+    /// Every check of a prefill or decode call (at most `max_new` new tokens); returns n.
+    #[allow(clippy::too_many_arguments)]
+    fn check_call(
+        &self,
+        ctx: &Context,
+        layer: usize,
+        q: &View<'_, T, 4>,
+        k: &View<'_, T, 4>,
+        v: &View<'_, T, 4>,
+        out: &ViewMut<'_, T, 4>,
+        lse: &ViewMut<'_, f32, 3>,
+        max_new: usize,
+    ) -> Result<usize> {
+        self.cache.check_device(ctx)?;
+        let n = self.check_new(layer, k.desc(), v.desc())?;
+        if n > max_new {
+            return Err(Error::DecodeQueryBlock {
+                got: n,
+                max: max_new,
+            });
+        }
+        self.check_queries(layer, q.desc(), out.desc(), lse.desc(), n)?;
+        check_no_aliasing(
+            out.desc(),
+            lse.desc(),
+            &[(q.desc(), "q"), (k.desc(), "k"), (v.desc(), "v")],
+        )?;
+        Ok(n)
+    }
+
+    /// Queues the append (which reads and advances the device's lengths) and advances the host's.
+    fn append_unchecked(
+        &mut self,
+        ctx: &Context,
+        layer: usize,
+        k: &TensorDesc<4>,
+        v: &TensorDesc<4>,
+        n: usize,
+    ) -> Result<()> {
+        let c = &mut *self.cache;
+        let start = c.layers[layer].lens[self.seqs.start];
+        let params = c.cache_params(
+            layer,
+            &self.seqs,
+            (kv_source(k, v), n),
+            KvSource::default(),
+            start,
+        );
+        c.launch_cache_kernel(ctx, "duo_cache_append", (n, self.seqs.len()), &params)?;
+        for len in &mut c.layers[layer].lens[self.seqs.clone()] {
+            *len += n;
+        }
+        Ok(())
     }
 }
 

@@ -312,6 +312,22 @@ impl Context {
             .during_raw("synchronizing the stream")
     }
 
+    /// Sets `rows` runs of `width` 4-byte words, `pitch` bytes apart from `ptr` on, to `value`,
+    /// queued on the context's stream (a graph captures it as a memset node).
+    pub(crate) fn fill_words(
+        &self,
+        ptr: u64,
+        pitch: usize,
+        width: usize,
+        rows: usize,
+        value: u32,
+    ) -> Result<()> {
+        self.make_current()?;
+        // SAFETY: the caller passes words inside one of its allocations; the stream is valid.
+        unsafe { cust::sys::cuMemsetD2D32Async(ptr, pitch, value, width, rows, self.raw_stream()) }
+            .during_raw("setting cache lengths")
+    }
+
     /// Free and total device memory in bytes (`cuMemGetInfo`).
     pub fn memory_info(&self) -> Result<(usize, usize)> {
         self.make_current()?;

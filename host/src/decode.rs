@@ -10,8 +10,8 @@ use crate::element::AttnElement;
 use crate::error::{Error, Result};
 use crate::tensor::{TensorDesc, View, ViewMut};
 use duo_attn_kernels::abi::{
-    DECODE_HEAD_DIMS, DECODE_MAX_SPLITS, DECODE_ROWS, DecodeParams, KvSource, MAX_SEQLEN,
-    decode_block_n, decode_smem_bytes, decode_threads,
+    DECODE_HEAD_DIMS, DECODE_MAX_SPLITS, DECODE_MIN_TILES_PER_SPLIT, DECODE_ROWS, DecodeParams,
+    KvSource, MAX_SEQLEN, decode_block_n, decode_smem_bytes, decode_threads,
 };
 
 /// Most new query tokens per sequence of one decode call.
@@ -79,19 +79,13 @@ fn decode_entry<T: AttnElement>(d: usize, paged: bool) -> String {
     format!("duo_decode_{paged}{}_d{d}", T::KERNEL_NAME)
 }
 
-/// Fewest K/V tiles a split walks when the cache has enough of them: a short cache split into
-/// one full wave leaves each block one or two tiles, too few for its load ring, and more partials
-/// to merge. Measured on an H100 (B = 1, GQA 32/8, 4k): 8 splits of 4 tiles 5% faster than 16 of
-/// 2; 8 tiles per split 5% slower.
-const MIN_TILES_PER_SPLIT: usize = 4;
-
 /// Splits of the longest heads' tiles so that their `blocks` x splits blocks make one full wave
 /// of the GPU's `resident` block slots: every block streams the same number of tiles, so a
 /// partial second wave would leave SMs idle (measured: 2.2 waves lost ~10% at B=8, 32k). Short
-/// caches take fewer splits, of `MIN_TILES_PER_SPLIT` tiles.
+/// caches take fewer splits, of `DECODE_MIN_TILES_PER_SPLIT` tiles.
 fn choose_splits(blocks: usize, max_tiles: usize, resident: usize) -> (usize, usize) {
     let max_tiles = max_tiles.max(1);
-    let target = (resident / blocks.max(1)).min(max_tiles.div_ceil(MIN_TILES_PER_SPLIT));
+    let target = (resident / blocks.max(1)).min(max_tiles.div_ceil(DECODE_MIN_TILES_PER_SPLIT));
     let splits = target.clamp(1, max_tiles.min(DECODE_MAX_SPLITS));
     let per_split = max_tiles.div_ceil(splits);
     (max_tiles.div_ceil(per_split), per_split)
@@ -488,7 +482,7 @@ impl Context {
 mod tests {
     use super::*;
 
-    /// One full wave of splits, but no split shorter than `MIN_TILES_PER_SPLIT` tiles when the
+    /// One full wave of splits, but no split shorter than `DECODE_MIN_TILES_PER_SPLIT` tiles when the
     /// cache has that many per block.
     #[test]
     fn short_caches_take_fewer_longer_splits() {

@@ -122,11 +122,28 @@ pub enum Error {
     WideHeadDimLayout { tensor: &'static str, why: String },
     #[error("decode takes 1 to {max} query tokens per sequence, got {got}; use prefill for more")]
     DecodeQueryBlock { got: usize, max: usize },
-    #[error("the KV cache holds at most {capacity} tokens; {len} cached + {adding} new do not fit")]
+    #[error(
+        "the KV cache holds at most {capacity} tokens per sequence; slot {slot} has {len} cached + {adding} new, which do not fit"
+    )]
     CacheFull {
         capacity: usize,
+        slot: usize,
         len: usize,
         adding: usize,
+    },
+    #[error("cache slots {start}..{end} do not exist: the cache has {slots} sequence slots")]
+    SlotOutOfRange {
+        start: usize,
+        end: usize,
+        slots: usize,
+    },
+    #[error(
+        "a prefill chunk over several sequences needs them at one length, but layer {layer} holds {lens:?} tokens in slots {first}.. ; prefill each sequence through `DuoCache::slots`"
+    )]
+    UnevenCacheLengths {
+        layer: usize,
+        first: usize,
+        lens: Vec<usize>,
     },
     #[error("layer {layer} does not exist: the cache has {layers} layers")]
     LayerOutOfRange { layer: usize, layers: usize },

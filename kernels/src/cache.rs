@@ -2,7 +2,11 @@
 //! (ring) caches, and gather a streaming head's cached context for a prefill chunk. Plain 16-byte
 //! copies, one per thread; the element type does not matter.
 use crate::abi::{CacheParams, KvSource};
-use crate::device::{block_idx_x, block_idx_y, ld_global_nc_v4, st_global_v4, thread_idx_x};
+use crate::device::{
+    atom_add_u32, block_idx_x, block_idx_y, fence_acq_rel_gpu, grid_dim_x, ld_global_nc_v4,
+    ld_global_u32, ld_shared_u32, shared_memory_base, st_global_u32, st_global_v4, st_shared_u32,
+    sync_threads, thread_idx_x,
+};
 use crate::ring::{history, slot_of};
 use crate::tile::{div_or_zero, kind_and_rank};
 
@@ -77,18 +81,62 @@ fn thread_item(rows: i32, p: &CacheParams) -> Option<(i32, i32, i32)> {
 
 #[unsafe(no_mangle)]
 pub unsafe extern "ptx-kernel" fn duo_cache_append(p: CacheParams) {
-    let Some((row, head, chunk)) = thread_item(p.n_new, &p) else {
-        return;
-    };
     let batch = block_idx_y() as i64;
+    let lens = p.lens + 4 * batch as u64;
+    let start = if p.lens != 0 {
+        unsafe { read_start(&p, lens) }
+    } else {
+        p.start
+    };
+    if let Some((row, head, chunk)) = thread_item(p.n_new, &p) {
+        unsafe { append_row(&p, start, row, head, chunk, batch) };
+    }
+    if p.lens != 0 && thread_idx_x() == 0 {
+        // The last block of the sequence to count itself advances its length: every block read
+        // it before its count (the fence in `read_start`), and the fence below puts the write
+        // after all of those counts. Later kernels on the stream see the new length.
+        let arrivals = p.arrivals + 4 * batch as u64;
+        if unsafe { atom_add_u32(arrivals, 1) } == grid_dim_x() - 1 {
+            fence_acq_rel_gpu();
+            let end = start.saturating_add(p.n_new).min(p.capacity);
+            unsafe {
+                st_global_u32(lens, end as u32);
+                st_global_u32(arrivals, 0);
+            }
+        }
+    }
+}
+
+/// The sequence's cached length (`lens[b]`, clamped into `0..=capacity`), read by thread 0 and
+/// shared with the block. Thread 0's fence orders the read before its later count in
+/// `arrivals`; it waits on that one load only (no copy has been issued yet).
+#[inline(always)]
+unsafe fn read_start(p: &CacheParams, lens: u64) -> i32 {
+    let shared = shared_memory_base::<16>();
+    if thread_idx_x() == 0 {
+        let len = unsafe { ld_global_u32(lens) } as i32;
+        let start = if len < 0 { 0 } else { len.min(p.capacity) };
+        fence_acq_rel_gpu();
+        unsafe { st_shared_u32(shared, start as u32) };
+    }
+    sync_threads();
+    unsafe { ld_shared_u32(shared) as i32 }
+}
+
+/// Copies new row `row` (position `start + row`) of `head` to its cache: the full cache below
+/// `capacity` (retrieval heads) or its ring slot (streaming heads).
+#[inline(always)]
+unsafe fn append_row(p: &CacheParams, start: i32, row: i32, head: i32, chunk: i32, batch: i64) {
     let (streaming, rank) = kind_and_rank(&p.streaming_heads, head as usize);
-    let pos = p.start + row;
+    let pos = start + row;
     if !streaming {
-        unsafe { copy_kv(&p.new, row, head, &p.full, pos, rank, batch, chunk) };
+        if pos < p.capacity {
+            unsafe { copy_kv(&p.new, row, head, &p.full, pos, rank, batch, chunk) };
+        }
         return;
     }
     // A recent position survives this call only if no later new row maps to its slot.
-    let end = p.start + p.n_new;
+    let end = start + p.n_new;
     if pos >= p.sink && pos < end - p.recent {
         return;
     }

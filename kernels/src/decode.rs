@@ -10,8 +10,9 @@
 //! Streaming heads read only their sink and window blocks, or, in a DuoAttention cache, their
 //! `sink + recent` ring slots, mapped back to true positions.
 use crate::abi::{
-    DECODE_MAX_SPLITS, DECODE_ROWS, DECODE_STAGES, DecodeParams, decode_block_n,
-    decode_q_in_shared, decode_ring_bytes, decode_smem_bytes, decode_threads, decode_tile_offset,
+    DECODE_MAX_SPLITS, DECODE_MIN_TILES_PER_SPLIT, DECODE_ROWS, DECODE_STAGES, DecodeParams,
+    decode_block_n, decode_q_in_shared, decode_ring_bytes, decode_smem_bytes, decode_threads,
+    decode_tile_offset,
 };
 use crate::device::*;
 use crate::mask::{BlockRange, HeadMask};
@@ -219,8 +220,17 @@ unsafe fn decode<
         mask.block_ranges(q_lo, q_hi, bn as i32)
     };
     let total = first.len() + second.len();
-    let t0 = split * p.tiles_per_split;
-    let count = min_i32(t0 + p.tiles_per_split, total) - t0;
+    // The host planned the splits for the longest sequence; with per-sequence counts each
+    // sequence spreads its own tiles over them (a captured graph replays at any length).
+    let per_split = if p.seqlens != 0 {
+        let even = div_or_zero(total + p.splits - 1, p.splits);
+        let least = min_i32(p.tiles_per_split, DECODE_MIN_TILES_PER_SPLIT as i32);
+        if even > least { even } else { least }
+    } else {
+        p.tiles_per_split
+    };
+    let t0 = split * per_split;
+    let count = min_i32(t0 + per_split, total) - t0;
     let n_block = |i: i32| {
         let i = t0 + i;
         if i < first.len() {

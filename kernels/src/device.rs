@@ -285,6 +285,17 @@ pub unsafe fn ld_global_nc_u32(addr: u64) -> u32 {
     r
 }
 
+/// 4-byte coherent global load: for data kernels write (the non-coherent path may serve a stale
+/// line within one launch).
+#[inline(always)]
+pub unsafe fn ld_global_u32(addr: u64) -> u32 {
+    let r: u32;
+    unsafe {
+        asm!("ld.global.u32 {r}, [{p}];", r = out(reg32) r, p = in(reg64) addr, options(readonly, nostack))
+    };
+    r
+}
+
 #[inline(always)]
 pub unsafe fn st_global_u32(addr: u64, v: u32) {
     unsafe {

@@ -444,3 +444,89 @@ pub fn kv_with_nan_tails<T: DeviceScalar>(
     }
     (x, x32)
 }
+
+/// Host copy of the K/V rows each sequence slot of one cache layer holds, to run the reference
+/// over each slot's own sequence (`DuoCache` slots at different lengths).
+pub struct SlotHistory {
+    /// Per slot: `[len, Hkv, D]` rows of K, then of V.
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    row: usize,
+}
+
+impl SlotHistory {
+    pub fn new(slots: usize, heads_kv: usize, head_dim: usize) -> Self {
+        SlotHistory {
+            k: vec![Vec::new(); slots],
+            v: vec![Vec::new(); slots],
+            row: heads_kv * head_dim,
+        }
+    }
+
+    pub fn len(&self, slot: usize) -> usize {
+        self.k[slot].len() / self.row
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.k.iter().all(|k| k.is_empty())
+    }
+
+    /// Appends new K/V `[b, n, Hkv, D]` to slots `first..first + b`.
+    pub fn push(&mut self, first: usize, n: usize, k: &[f32], v: &[f32]) {
+        let per = n * self.row;
+        for (i, (ks, vs)) in k.chunks(per).zip(v.chunks(per)).enumerate() {
+            self.k[first + i].extend_from_slice(ks);
+            self.v[first + i].extend_from_slice(vs);
+        }
+    }
+
+    pub fn reset(&mut self, slot: usize) {
+        self.k[slot].clear();
+        self.v[slot].clear();
+    }
+
+    /// Compares a call's output over slots `first..first + b` (q/out `[b, n, Hq, D]`, lse
+    /// `[b, Hq, n]`; its K/V already pushed) with the reference over each slot's sequence, whose
+    /// last `n` positions the queries hold. Every row is compared.
+    #[allow(clippy::too_many_arguments)]
+    pub fn compare(
+        &self,
+        first: usize,
+        (n, heads_q): (usize, usize),
+        cfg: &AttentionConfig,
+        q: &[f32],
+        out: &[f32],
+        lse: &[f32],
+    ) -> Vec<(usize, Comparison)> {
+        let head_dim = self.row / cfg.head_kinds.len();
+        let q_rows = n * heads_q * head_dim;
+        let b = q.len() / q_rows;
+        (0..b)
+            .map(|i| {
+                let slot = first + i;
+                let shape = Shape {
+                    batch: 1,
+                    seqlen_q: n,
+                    seqlen_k: self.len(slot),
+                    heads_q,
+                    heads_kv: cfg.head_kinds.len(),
+                    head_dim,
+                };
+                let rows: Vec<_> = (0..heads_q)
+                    .flat_map(|h| (0..n).map(move |t| (0, h, t)))
+                    .collect();
+                let cmp = compare(
+                    &shape,
+                    cfg,
+                    &q[i * q_rows..][..q_rows],
+                    &self.k[slot],
+                    &self.v[slot],
+                    &out[i * q_rows..][..q_rows],
+                    &lse[i * heads_q * n..][..heads_q * n],
+                    &rows,
+                );
+                (slot, cmp)
+            })
+            .collect()
+    }
+}

@@ -7,7 +7,7 @@ use duo_attn::{
     PrefillKernel,
 };
 use duo_attn_tests::{
-    Comparison, alternating_kinds, compare, compare_per_sequence_lengths, gpu_or_skip,
+    Comparison, SlotHistory, alternating_kinds, compare, compare_per_sequence_lengths, gpu_or_skip,
     kv_with_nan_tails, notice, random_tensor, rng, run_decode_case, run_scaled_keys_case,
 };
 use half::{bf16, f16};
@@ -625,6 +625,7 @@ fn cache_errors() {
         call(&mut cache, 0, false),
         Err(Error::CacheFull {
             capacity: 32,
+            slot: 0,
             len: 20,
             adding: 20
         })
@@ -634,7 +635,7 @@ fn cache_errors() {
         err,
         Err(Error::CacheFull { .. }) | Err(Error::DecodeQueryBlock { .. })
     ));
-    cache.reset();
+    cache.reset(&ctx).unwrap();
     let err = call(&mut cache, 0, true);
     assert!(
         matches!(err, Err(Error::DecodeQueryBlock { got: 20, max: 16 })),
@@ -671,4 +672,362 @@ fn sanitizer_small_cache_schedule() {
         "small",
     );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// One step of a continuous-batching schedule over a cache's sequence slots.
+#[derive(Clone, Debug)]
+enum SlotStep {
+    /// `n` new tokens for slots `first..first + count` through `CacheSlots::forward`.
+    Forward {
+        first: usize,
+        count: usize,
+        n: usize,
+    },
+    /// `n` new tokens for every slot through `DuoCache::forward` (decode at own lengths).
+    All {
+        n: usize,
+    },
+    Reset {
+        slot: usize,
+    },
+}
+
+/// Runs `steps` over every layer of a cache, checking every call's output per slot against the
+/// reference over that slot's own sequence; returns the failures.
+fn slot_schedule<T: AttnElement>(
+    ctx: &Context,
+    rng: &mut StdRng,
+    kinds: Vec<Vec<HeadKind>>,
+    cfg: CacheConfig,
+    steps: &[SlotStep],
+    label: &str,
+) -> Vec<String> {
+    let (slots, hq, hkv, d) = (cfg.batch, cfg.heads_q, cfg.heads_kv, cfg.head_dim);
+    let mut cache = DuoCache::<T>::new(ctx, cfg, kinds.clone()).unwrap();
+    let mut hist: Vec<SlotHistory> = kinds
+        .iter()
+        .map(|_| SlotHistory::new(slots, hkv, d))
+        .collect();
+    let mut failures = Vec::new();
+    for (i, step) in steps.iter().enumerate() {
+        let (first, count, n) = match *step {
+            SlotStep::Reset { slot } => {
+                cache.slots(slot..slot + 1).unwrap().reset(ctx).unwrap();
+                hist.iter_mut().for_each(|h| h.reset(slot));
+                continue;
+            }
+            SlotStep::Forward { first, count, n } => (first, count, n),
+            SlotStep::All { n } => (0, slots, n),
+        };
+        for (layer, h) in hist.iter_mut().enumerate() {
+            let (q, q32) = random_tensor::<T>(rng, count * n * hq * d);
+            let (k, k32) = random_tensor::<T>(rng, count * n * hkv * d);
+            let (v, v32) = random_tensor::<T>(rng, count * n * hkv * d);
+            let dq = ctx.upload(&q, [count, n, hq, d]).unwrap();
+            let dk = ctx.upload(&k, [count, n, hkv, d]).unwrap();
+            let dv = ctx.upload(&v, [count, n, hkv, d]).unwrap();
+            let mut out = ctx.alloc::<T, 4>([count, n, hq, d]).unwrap();
+            let mut lse = ctx.alloc::<f32, 3>([count, hq, n]).unwrap();
+            out.fill(T::nan()).unwrap();
+            lse.fill(f32::NAN).unwrap();
+            let (qv, kv, vv) = (dq.view(), dk.view(), dv.view());
+            let (o, l) = (&mut out.view_mut(), &mut lse.view_mut());
+            match step {
+                SlotStep::All { .. } => cache.forward(ctx, layer, &qv, &kv, &vv, o, l),
+                _ => cache
+                    .slots(first..first + count)
+                    .unwrap()
+                    .forward(ctx, layer, &qv, &kv, &vv, o, l),
+            }
+            .unwrap();
+            ctx.synchronize().unwrap();
+            h.push(first, n, &k32, &v32);
+            let want: Vec<usize> = (first..first + count).map(|s| h.len(s)).collect();
+            let got = &cache.lens(layer).unwrap()[first..first + count];
+            assert_eq!(got, want, "{label}: step {i} layer {layer}: lengths");
+            let attn = cache.attention_config(layer).unwrap();
+            let out32 = to_f32(&out.to_host().unwrap());
+            for (slot, cmp) in
+                h.compare(first, (n, hq), attn, &q32, &out32, &lse.to_host().unwrap())
+            {
+                if !cmp.passed() {
+                    failures.push(format!(
+                        "{label}: step {i} {step:?} layer {layer} slot {slot} (len {}): {cmp:?}",
+                        h.len(slot)
+                    ));
+                }
+            }
+        }
+    }
+    // The device's lengths match the host's record.
+    let host: Vec<Vec<usize>> = (0..kinds.len())
+        .map(|l| cache.lens(l).unwrap().to_vec())
+        .collect();
+    cache.read_back_lengths(ctx).unwrap();
+    for (layer, want) in host.iter().enumerate() {
+        assert_eq!(
+            cache.lens(layer).unwrap(),
+            &want[..],
+            "{label}: device lengths"
+        );
+    }
+    failures
+}
+
+/// Continuous batching: sequence slots prefilled one at a time (in chunks) while the others
+/// hold context, decoded together at their own lengths (1, 3 and 16 tokens), reset and refilled;
+/// every output checked per slot against the reference over that slot's sequence.
+#[test]
+fn cache_slots_continuous_batching() {
+    let Some(ctx) = gpu_or_skip("cache_slots_continuous_batching") else {
+        return;
+    };
+    let mut rng = rng("cache_slots_continuous_batching");
+    use SlotStep::*;
+    let steps = [
+        Forward {
+            first: 0,
+            count: 1,
+            n: 50,
+        },
+        Forward {
+            first: 2,
+            count: 1,
+            n: 33,
+        },
+        All { n: 1 }, // slot 1 is empty: its token sees itself
+        All { n: 3 },
+        Reset { slot: 1 },
+        Forward {
+            first: 1,
+            count: 1,
+            n: 70,
+        },
+        All { n: 16 },
+        Forward {
+            first: 0,
+            count: 1,
+            n: 40,
+        }, // a chunk into a slot mid-decode
+        All { n: 1 },
+        All { n: 1 },
+        Reset { slot: 0 },
+        All { n: 2 },
+        Forward {
+            first: 1,
+            count: 2,
+            n: 1,
+        },
+        Reset { slot: 2 },
+        Reset { slot: 1 },
+        Forward {
+            first: 1,
+            count: 2,
+            n: 20,
+        }, // two slots at one length: one prefill chunk
+        All { n: 5 },
+    ];
+    let mut failures = Vec::new();
+    let kinds = vec![vec![R, S, S, R], vec![S, S, S, S], vec![R, R, R, R]];
+    for d in [128, 64, 256] {
+        let cfg = CacheConfig {
+            batch: 3,
+            max_len: 300,
+            heads_q: 8,
+            heads_kv: 4,
+            head_dim: d,
+            sink: 4,
+            window: 24,
+            softmax_scale: None,
+            prefill_kernel: PrefillKernel::Auto,
+        };
+        let label = format!("bf16 d{d}");
+        failures.extend(slot_schedule::<bf16>(
+            &ctx,
+            &mut rng,
+            kinds.clone(),
+            cfg,
+            &steps,
+            &label,
+        ));
+    }
+    let cfg = CacheConfig {
+        batch: 3,
+        max_len: 300,
+        heads_q: 6,
+        heads_kv: 1,
+        head_dim: 128,
+        sink: 40,
+        window: 9,
+        softmax_scale: Some(0.07),
+        prefill_kernel: PrefillKernel::Auto,
+    };
+    failures.extend(slot_schedule::<f16>(
+        &ctx,
+        &mut rng,
+        vec![vec![S], vec![R]],
+        cfg,
+        &steps,
+        "f16 MQA",
+    ));
+    notice(&format!(
+        "cache_slots_continuous_batching: {} failures",
+        failures.len()
+    ));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// A short continuous-batching schedule (slots prefilled apart, decoded together, reset), small
+/// enough for compute-sanitizer (`run.sh sanitize`).
+#[test]
+fn sanitizer_small_slot_schedule() {
+    let Some(ctx) = gpu_or_skip("sanitizer_small_slot_schedule") else {
+        return;
+    };
+    let mut rng = rng("sanitizer_small_slot_schedule");
+    let cfg = CacheConfig {
+        batch: 2,
+        max_len: 120,
+        heads_q: 4,
+        heads_kv: 2,
+        head_dim: 64,
+        sink: 3,
+        window: 10,
+        softmax_scale: None,
+        prefill_kernel: PrefillKernel::Auto,
+    };
+    use SlotStep::*;
+    let steps = [
+        Forward {
+            first: 1,
+            count: 1,
+            n: 30,
+        },
+        All { n: 1 },
+        Forward {
+            first: 0,
+            count: 1,
+            n: 20,
+        },
+        All { n: 16 },
+        Reset { slot: 1 },
+        All { n: 2 },
+    ];
+    let failures = slot_schedule::<bf16>(&ctx, &mut rng, vec![vec![R, S]], cfg, &steps, "small");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Slot ranges outside the batch, and a prefill chunk over slots at different lengths, are
+/// typed errors that change nothing.
+#[test]
+fn cache_slot_errors() {
+    let Some(ctx) = gpu_or_skip("cache_slot_errors") else {
+        return;
+    };
+    let cfg = CacheConfig {
+        batch: 2,
+        max_len: 64,
+        heads_q: 2,
+        heads_kv: 2,
+        head_dim: 64,
+        sink: 4,
+        window: 8,
+        softmax_scale: None,
+        prefill_kernel: PrefillKernel::Auto,
+    };
+    let mut cache = DuoCache::<bf16>::new(&ctx, cfg, vec![vec![R, S]]).unwrap();
+    assert!(matches!(
+        cache.slots(1..3).err(),
+        Some(Error::SlotOutOfRange {
+            start: 1,
+            end: 3,
+            slots: 2
+        })
+    ));
+    assert!(matches!(
+        cache.slots(1..1).err(),
+        Some(Error::SlotOutOfRange { .. })
+    ));
+    let x = |b: usize, n: usize| {
+        ctx.upload(&vec![bf16::ONE; b * n * 2 * 64], [b, n, 2, 64])
+            .unwrap()
+    };
+    let (q, k, v) = (x(1, 20), x(1, 20), x(1, 20));
+    let mut out = ctx.alloc::<bf16, 4>([1, 20, 2, 64]).unwrap();
+    let mut lse = ctx.alloc::<f32, 3>([1, 2, 20]).unwrap();
+    let (qv, kv, vv) = (q.view(), k.view(), v.view());
+    cache
+        .slots(0..1)
+        .unwrap()
+        .forward(
+            &ctx,
+            0,
+            &qv,
+            &kv,
+            &vv,
+            &mut out.view_mut(),
+            &mut lse.view_mut(),
+        )
+        .unwrap();
+    assert_eq!(cache.lens(0).unwrap(), &[20, 0]);
+    assert!(matches!(
+        cache.len(0),
+        Err(Error::UnevenCacheLengths { .. })
+    ));
+    // A whole-batch prefill chunk over slots at 20 and 0 tokens.
+    let (q2, k2, v2) = (x(2, 20), x(2, 20), x(2, 20));
+    let mut out2 = ctx.alloc::<bf16, 4>([2, 20, 2, 64]).unwrap();
+    let mut lse2 = ctx.alloc::<f32, 3>([2, 2, 20]).unwrap();
+    let err = cache.prefill(
+        &ctx,
+        0,
+        &q2.view(),
+        &k2.view(),
+        &v2.view(),
+        &mut out2.view_mut(),
+        &mut lse2.view_mut(),
+    );
+    assert!(
+        matches!(err, Err(Error::UnevenCacheLengths { layer: 0, first: 0, ref lens }) if lens == &[20, 0]),
+        "{err:?}"
+    );
+    // A batch of one for a range of two slots.
+    let err = cache.slots(0..2).unwrap().forward(
+        &ctx,
+        0,
+        &qv,
+        &kv,
+        &vv,
+        &mut out.view_mut(),
+        &mut lse.view_mut(),
+    );
+    assert!(matches!(err, Err(Error::ShapeMismatch { .. })), "{err:?}");
+    // The room left is per slot.
+    let (q3, k3, v3) = (x(1, 45), x(1, 45), x(1, 45));
+    let mut out3 = ctx.alloc::<bf16, 4>([1, 45, 2, 64]).unwrap();
+    let mut lse3 = ctx.alloc::<f32, 3>([1, 2, 45]).unwrap();
+    let mut slot = |s: usize| {
+        cache.slots(s..s + 1).unwrap().forward(
+            &ctx,
+            0,
+            &q3.view(),
+            &k3.view(),
+            &v3.view(),
+            &mut out3.view_mut(),
+            &mut lse3.view_mut(),
+        )
+    };
+    assert!(matches!(
+        slot(0),
+        Err(Error::CacheFull {
+            slot: 0,
+            len: 20,
+            adding: 45,
+            ..
+        })
+    ));
+    slot(1).unwrap();
+    assert_eq!(cache.lens(0).unwrap(), &[20, 45]);
+    cache.read_back_lengths(&ctx).unwrap();
+    assert_eq!(cache.lens(0).unwrap(), &[20, 45]);
 }

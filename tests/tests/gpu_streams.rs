@@ -6,10 +6,12 @@ use cust::context::CurrentContext;
 use cust::stream::{Stream, StreamFlags};
 use cust::sys::{self, CUresult};
 use duo_attn::reference::Shape;
-use duo_attn::{AttentionConfig, Context, DeviceTensor, Error, HeadKind};
+use duo_attn::{
+    AttentionConfig, CacheConfig, Context, DeviceTensor, DuoCache, Error, HeadKind, PrefillKernel,
+};
 use duo_attn_tests::{
-    Comparison, alternating_kinds, compare, compare_per_sequence_lengths, gpu_or_skip, notice,
-    random_tensor, rng, rows_to_check, run_decode_case, run_prefill_case,
+    Comparison, SlotHistory, alternating_kinds, compare, compare_per_sequence_lengths, gpu_or_skip,
+    notice, random_tensor, rng, rows_to_check, run_decode_case, run_prefill_case,
 };
 use half::bf16;
 use rand::rngs::StdRng;
@@ -450,4 +452,187 @@ fn stream_of_another_context_is_refused() {
         .window(50);
     let cmp = run_prefill_case::<bf16>(&ctx, &shape, &cfg, &mut rng).unwrap();
     assert!(cmp.passed(), "{cmp:?}");
+}
+
+/// A decode step of a whole DuoAttention cache (every layer, slots at different lengths)
+/// captured once and replayed: each replay appends at and attends over the lengths the device
+/// holds, which it advances; `read_back_lengths` then brings the host's record up to date, eager
+/// calls carry on from there, and a slot reset and refilled between replays is decoded at its
+/// new length.
+#[test]
+fn graph_replays_cache_decode_steps() {
+    let Some(ctx) = gpu_or_skip("graph_replays_cache_decode_steps") else {
+        return;
+    };
+    let mut rng = rng("graph cache decode");
+    let theirs = Stream::new(StreamFlags::NON_BLOCKING, None).unwrap();
+    let raw = theirs.as_inner();
+    // SAFETY: `theirs` outlives `on_theirs`.
+    let on_theirs = unsafe { ctx.on_stream(raw) }.unwrap();
+    let (slots, hq, hkv, d, n) = (3, 8, 4, 128, 1);
+    let cfg = CacheConfig {
+        batch: slots,
+        max_len: 2048,
+        heads_q: hq,
+        heads_kv: hkv,
+        head_dim: d,
+        sink: 4,
+        window: 100,
+        softmax_scale: None,
+        prefill_kernel: PrefillKernel::Auto,
+    };
+    let kinds = vec![alternating_kinds(hkv), vec![HeadKind::Retrieval; hkv]];
+    let layers = kinds.len();
+    let mut cache = DuoCache::<bf16>::new(&on_theirs, cfg, kinds).unwrap();
+    let mut hist: Vec<SlotHistory> = (0..layers)
+        .map(|_| SlotHistory::new(slots, hkv, d))
+        .collect();
+
+    // Prefill one slot (every layer) eagerly with `count` tokens.
+    let prefill =
+        |rng: &mut StdRng, cache: &mut DuoCache<bf16>, hist: &mut [SlotHistory], slot, len| {
+            for (layer, h) in hist.iter_mut().enumerate() {
+                let (q, _) = random_tensor::<bf16>(rng, len * hq * d);
+                let (k, k32) = random_tensor::<bf16>(rng, len * hkv * d);
+                let (v, v32) = random_tensor::<bf16>(rng, len * hkv * d);
+                let dq = ctx.upload(&q, [1, len, hq, d]).unwrap();
+                let dk = ctx.upload(&k, [1, len, hkv, d]).unwrap();
+                let dv = ctx.upload(&v, [1, len, hkv, d]).unwrap();
+                let mut out = ctx.alloc::<bf16, 4>([1, len, hq, d]).unwrap();
+                let mut lse = ctx.alloc::<f32, 3>([1, hq, len]).unwrap();
+                device_sync();
+                cache
+                    .slots(slot..slot + 1)
+                    .unwrap()
+                    .forward(
+                        &on_theirs,
+                        layer,
+                        &dq.view(),
+                        &dk.view(),
+                        &dv.view(),
+                        &mut out.view_mut(),
+                        &mut lse.view_mut(),
+                    )
+                    .unwrap();
+                on_theirs.synchronize().unwrap();
+                h.push(slot, len, &k32, &v32);
+            }
+        };
+    prefill(&mut rng, &mut cache, &mut hist, 0, 700);
+    prefill(&mut rng, &mut cache, &mut hist, 1, 130);
+    prefill(&mut rng, &mut cache, &mut hist, 2, 1);
+
+    // One decode step's buffers per layer, refilled before each launch.
+    struct Step {
+        q: DeviceTensor<bf16, 4>,
+        k: DeviceTensor<bf16, 4>,
+        v: DeviceTensor<bf16, 4>,
+        out: DeviceTensor<bf16, 4>,
+        lse: DeviceTensor<f32, 3>,
+        q32: Vec<f32>,
+    }
+    let mut step: Vec<Step> = (0..layers)
+        .map(|_| Step {
+            q: ctx.alloc([slots, n, hq, d]).unwrap(),
+            k: ctx.alloc([slots, n, hkv, d]).unwrap(),
+            v: ctx.alloc([slots, n, hkv, d]).unwrap(),
+            out: ctx.alloc([slots, n, hq, d]).unwrap(),
+            lse: ctx.alloc([slots, hq, n]).unwrap(),
+            q32: Vec::new(),
+        })
+        .collect();
+    // New inputs for every layer (pushed to the history), outputs poisoned.
+    let refill = |rng: &mut StdRng, step: &mut [Step], hist: &mut [SlotHistory]| {
+        for (s, h) in step.iter_mut().zip(hist.iter_mut()) {
+            let (q, q32) = random_tensor::<bf16>(rng, slots * n * hq * d);
+            let (k, k32) = random_tensor::<bf16>(rng, slots * n * hkv * d);
+            let (v, v32) = random_tensor::<bf16>(rng, slots * n * hkv * d);
+            s.q.copy_from_host(&q).unwrap();
+            s.k.copy_from_host(&k).unwrap();
+            s.v.copy_from_host(&v).unwrap();
+            s.out.fill(bf16::NAN).unwrap();
+            s.lse.fill(f32::NAN).unwrap();
+            s.q32 = q32;
+            h.push(0, n, &k32, &v32);
+        }
+        device_sync();
+    };
+    let queue = |cache: &mut DuoCache<bf16>, step: &mut [Step]| {
+        for (layer, s) in step.iter_mut().enumerate() {
+            cache
+                .decode(
+                    &on_theirs,
+                    layer,
+                    &s.q.view(),
+                    &s.k.view(),
+                    &s.v.view(),
+                    &mut s.out.view_mut(),
+                    &mut s.lse.view_mut(),
+                )
+                .unwrap();
+        }
+    };
+    let check = |what: &str, cache: &DuoCache<bf16>, step: &[Step], hist: &[SlotHistory]| {
+        for (layer, (s, h)) in step.iter().zip(hist).enumerate() {
+            let out32: Vec<f32> = s
+                .out
+                .to_host()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_f32())
+                .collect();
+            let attn = cache.attention_config(layer).unwrap();
+            let lse = s.lse.to_host().unwrap();
+            for (slot, cmp) in h.compare(0, (n, hq), attn, &s.q32, &out32, &lse) {
+                let len = h.len(slot);
+                notice(&format!(
+                    "{what}, layer {layer} slot {slot} (len {len}): {cmp:?}"
+                ));
+                assert!(cmp.passed(), "{what}, layer {layer} slot {slot}: {cmp:?}");
+            }
+        }
+    };
+
+    // Eager once (sizes the scratch), then capture one step of every layer.
+    refill(&mut rng, &mut step, &mut hist);
+    queue(&mut cache, &mut step);
+    on_theirs.synchronize().unwrap();
+    check("eager", &cache, &step, &hist);
+    let graph = Graph::capture(raw, || queue(&mut cache, &mut step));
+    for replay in 0..3 {
+        refill(&mut rng, &mut step, &mut hist);
+        graph.launch(raw);
+        on_theirs.synchronize().unwrap();
+        check(&format!("replay {replay}"), &cache, &step, &hist);
+    }
+    cache.read_back_lengths(&on_theirs).unwrap();
+    for (layer, h) in hist.iter().enumerate() {
+        let want: Vec<usize> = (0..slots).map(|s| h.len(s)).collect();
+        assert_eq!(
+            cache.lens(layer).unwrap(),
+            &want[..],
+            "lengths after replays"
+        );
+    }
+    // Eager again from the device's lengths; then slot 0 restarts with a short prompt and the
+    // graph decodes it at its new length beside the others.
+    refill(&mut rng, &mut step, &mut hist);
+    queue(&mut cache, &mut step);
+    on_theirs.synchronize().unwrap();
+    check("eager after replays", &cache, &step, &hist);
+    cache.slots(0..1).unwrap().reset(&on_theirs).unwrap();
+    hist.iter_mut().for_each(|h| h.reset(0));
+    prefill(&mut rng, &mut cache, &mut hist, 0, 20);
+    for replay in 0..2 {
+        refill(&mut rng, &mut step, &mut hist);
+        graph.launch(raw);
+        on_theirs.synchronize().unwrap();
+        check(
+            &format!("replay {replay} after a reset"),
+            &cache,
+            &step,
+            &hist,
+        );
+    }
+    drop(graph);
 }
