@@ -9,6 +9,11 @@
 //! [`DuoCache::forward`] is the dispatcher: given one layer's new Q/K/V, it runs chunked prefill
 //! (the prefill kernel over the cached context plus the chunk) or decode (the split-KV decode
 //! kernel over both caches), with each KV head attending per its kind, and appends the new K/V.
+//!
+//! Each batch entry is a sequence slot with its own length (continuous batching):
+//! [`DuoCache::slots`] runs the same operations on a range of slots. The lengths live on the
+//! device, where the append advances them and decode reads them, so a captured decode step
+//! replays; the host keeps a record of them for its checks.
 use crate::attention::{
     AttentionConfig, HeadKind, PrefillKernel, check_heads, check_kv, check_no_aliasing,
     check_queries, prefill_launch, prefill_params,
