@@ -169,6 +169,17 @@ impl<T: AttnElement> DuoCache<T> {
                 supported: "64, 128 or 256",
             });
         }
+        let tma = matches!(
+            cfg.prefill_kernel,
+            PrefillKernel::Auto | PrefillKernel::WgmmaTma
+        );
+        if cfg.head_dim > 128 && !tma {
+            return Err(Error::UnsupportedHeadDim {
+                head_dim: cfg.head_dim,
+                by: "the mma.sync, plain wgmma and cp.async prefill kernels (the cache's prefill_kernel)",
+                supported: "64 or 128 (256 runs on the TMA kernel: `Auto` or `WgmmaTma`)",
+            });
+        }
         if !cfg.heads_q.is_multiple_of(cfg.heads_kv) {
             return Err(Error::HeadGroupMismatch {
                 heads_q: cfg.heads_q,
@@ -593,38 +604,36 @@ impl<T: AttnElement> CacheSlots<'_, T> {
         let c = &mut *self.cache;
         let (b, hs, d) = (seqs.len(), c.layers[layer].streaming, c.cfg.head_dim);
 
-        // Streaming heads: gather [sink rows | recent rows | chunk] before the append rotates the ring.
+        // Streaming heads read [sink rows | recent rows | chunk], gathered into scratch memory
+        // before the append rotates the ring.
         let (sink_rows, recent_rows, _) =
             ring::history(start as i32, c.sink as i32, c.recent as i32);
         let stream_len = (sink_rows + recent_rows) as usize + n;
-        let mut stream_descs = None;
-        if hs > 0 {
-            let need = b * stream_len * hs * d;
-            if c.scratch.as_ref().is_none_or(|(k, _)| k.len() < need) {
-                // Chunks queued with the old buffers finish before they are freed.
-                ctx.synchronize()?;
-                c.scratch = None;
-                c.scratch = Some((ctx.alloc([need, 1])?, ctx.alloc([need, 1])?));
-            }
-            let desc = |t: &DeviceTensor<T, 2>| {
-                TensorDesc::contiguous(
-                    t.view().desc().ptr,
-                    [b, stream_len, hs, d],
-                    std::mem::size_of::<T>(),
-                    c.device,
-                )
-            };
-            let (sk, sv) = c.scratch.as_ref().map(|(k, v)| (desc(k), desc(v))).ok_or(
-                Error::InvalidCacheConfig("scratch allocation vanished".into()),
-            )?;
-            let new = (kv_source(k.desc(), v.desc()), n);
-            let params = c.cache_params(layer, &seqs, new, kv_source(&sk, &sv), start);
-            c.launch_cache_kernel(ctx, "duo_cache_gather_stream", (stream_len, b), &params)?;
-            stream_descs = Some((sk, sv));
+        let need = b * stream_len * hs * d;
+        if hs > 0 && c.scratch.as_ref().is_none_or(|(k, _)| k.len() < need) {
+            // Chunks queued with the old buffers finish before they are freed.
+            ctx.synchronize()?;
+            c.scratch = None;
+            c.scratch = Some((ctx.alloc([need, 1])?, ctx.alloc([need, 1])?));
         }
-
-        self.append_unchecked(ctx, layer, k.desc(), v.desc(), n)?;
-        let l = &self.cache.layers[layer];
+        let desc = |t: &DeviceTensor<T, 2>| {
+            TensorDesc::contiguous(
+                t.view().desc().ptr,
+                [b, stream_len, hs, d],
+                std::mem::size_of::<T>(),
+                c.device,
+            )
+        };
+        let stream_descs = match (hs, c.scratch.as_ref()) {
+            (0, _) => None,
+            (_, Some((k, v))) => Some((desc(k), desc(v))),
+            (_, None) => {
+                return Err(Error::InvalidCacheConfig(
+                    "scratch allocation vanished".into(),
+                ));
+            }
+        };
+        let l = &c.layers[layer];
         let full_descs = l.full.as_ref().map(|(k, v)| {
             (
                 cache_desc(k, start + n, &seqs),
@@ -646,7 +655,16 @@ impl<T: AttnElement> CacheSlots<'_, T> {
             (&fk, &fv, flen),
             Some((&sk, &sv, slen)),
         );
-        ctx.launch_prefill(&prefill_launch::<T>(l.cfg.kernel, q.shape(), args)?)
+        // Planned (and so checked) before anything is queued: an error leaves the cache as it was.
+        let plan = prefill_launch::<T>(l.cfg.kernel, q.shape(), args)?;
+
+        if let Some((sk, sv)) = stream_descs {
+            let new = (kv_source(k.desc(), v.desc()), n);
+            let params = c.cache_params(layer, &seqs, new, kv_source(&sk, &sv), start);
+            c.launch_cache_kernel(ctx, "duo_cache_gather_stream", (stream_len, b), &params)?;
+        }
+        self.append_unchecked(ctx, layer, k.desc(), v.desc(), n)?;
+        ctx.launch_prefill(&plan)
     }
 
     /// [`DuoCache::decode`] for these slots.
@@ -662,13 +680,13 @@ impl<T: AttnElement> CacheSlots<'_, T> {
         lse: &mut ViewMut<'_, f32, 3>,
     ) -> Result<()> {
         let n = self.check_call(ctx, layer, q, k, v, out, lse, MAX_DECODE_QUERIES)?;
-        self.append_unchecked(ctx, layer, k.desc(), v.desc(), n)?;
         let c = &*self.cache;
         let (full, stream) = c.sources(layer, &self.seqs);
         let l = &c.layers[layer];
-        let longest = self.lens(layer)?.iter().copied().max().unwrap_or(0);
-        // Splits are planned for the longest sequence now; the kernel reads each sequence's
-        // length on the device, clamped only by the capacity (lengths grow under graph replay).
+        let longest = self.lens(layer)?.iter().copied().max().unwrap_or(0) + n;
+        // Splits are planned for the longest sequence after the append; the kernel reads each
+        // sequence's length on the device, clamped only by the capacity (lengths grow under
+        // graph replay). Planned (and so checked) before the append is queued.
         let kv = DecodeKv::Cache {
             full,
             stream,
@@ -679,6 +697,7 @@ impl<T: AttnElement> CacheSlots<'_, T> {
         let mut plan = ctx.decode_plan::<T>(q.desc(), kv, out.desc(), lse.desc(), &l.cfg)?;
         plan.params.seqlens = c.device_lengths(layer, self.seqs.start).0;
         plan.params.seqlen = c.cfg.max_len as i32;
+        self.append_unchecked(ctx, layer, k.desc(), v.desc(), n)?;
         ctx.launch_decode(plan)
     }
 

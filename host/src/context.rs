@@ -1,7 +1,7 @@
 //! A device, its loaded kernel module and a stream: what every operation runs through.
 //!
 //! Contexts of one device share the module, the device's primary CUDA context and the host-side
-//! caches ([`Shared`]); each has its own stream and scratch memory, so work on different streams
+//! caches (`Shared`); each has its own stream and scratch memory, so work on different streams
 //! never shares scratch.
 use crate::element::DeviceScalar;
 use crate::error::{CudaContext, Error, RawCudaStatus, Result};

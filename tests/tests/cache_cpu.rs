@@ -136,6 +136,18 @@ fn cache_config_errors() {
         check(|c| c.head_dim = 96, ok()),
         Err(Error::UnsupportedHeadDim { head_dim: 96, .. })
     ));
+    // D = 256 prefills only on the TMA kernel.
+    assert!(matches!(
+        check(
+            |c| {
+                c.head_dim = 256;
+                c.prefill_kernel = PrefillKernel::MmaSync;
+            },
+            ok()
+        ),
+        Err(Error::UnsupportedHeadDim { head_dim: 256, .. })
+    ));
+    check(|c| c.head_dim = 256, ok()).unwrap();
     assert!(matches!(
         check(|c| c.heads_q = 6, ok()),
         Err(Error::HeadGroupMismatch { .. })
