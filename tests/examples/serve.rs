@@ -7,6 +7,9 @@
 //! and a streaming-heavy layer against the float64 reference over the whole sequence at a few
 //! steps. Without a Hopper GPU it prints the plan and the memory arithmetic only.
 //!
+//! With `--stagger` the sequences' prompts differ in length and each is prefilled into its own
+//! cache slot (`DuoCache::slots`); decode then batches the slots at their own lengths.
+//!
 //! `cargo run --release -p duo-attn-tests --example serve -- --prompt 16384 --steps 64`
 use clap::Parser;
 use duo_attn::reference::Shape;
@@ -35,6 +38,10 @@ struct Args {
     steps: usize,
     #[arg(long, default_value_t = 1)]
     batch: usize,
+    /// Continuous batching: sequence `b` gets a prompt of `prompt * (b + 1) / batch` tokens,
+    /// prefilled into its cache slot alone, then every slot decodes at its own length.
+    #[arg(long)]
+    stagger: bool,
     /// Fraction of heads made streaming.
     #[arg(long, default_value_t = 0.5)]
     sparsity: f64,
@@ -188,15 +195,19 @@ fn main() -> ExitCode {
             v: vec![0.0; args.batch * max_len * HEADS_KV * HEAD_DIM],
         })
         .collect();
-    let (b, kv_row) = (args.batch, HEADS_KV * HEAD_DIM);
+    let kv_row = HEADS_KV * HEAD_DIM;
     let mut failures = 0;
-    let mut len = 0;
+    // One call per layer for the slots `seqs` (all of them: `DuoCache::forward`; else
+    // `CacheSlots::forward`) with `n` new tokens each; returns the time of all layers and the
+    // failed checks.
     let run_step = |cache: &mut DuoCache<bf16>,
                     checked: &mut Vec<History>,
+                    seqs: std::ops::Range<usize>,
                     n: usize,
                     seed: u64,
                     check: bool|
      -> (f64, usize) {
+        let b = seqs.len();
         // Inputs first (host generation and upload are not timed), then every layer.
         let inputs: Vec<_> = (0..layers)
             .map(|l| {
@@ -213,107 +224,139 @@ fn main() -> ExitCode {
             })
             .collect();
         let mut inputs = inputs;
+        let all = seqs.len() == cache.config().batch;
         ctx.synchronize().unwrap();
         let t = Instant::now();
         for (l, (_, _, _, dq, dk, dv, out, lse)) in inputs.iter_mut().enumerate() {
-            cache
-                .forward(
-                    &ctx,
-                    l,
-                    &dq.view(),
-                    &dk.view(),
-                    &dv.view(),
-                    &mut out.view_mut(),
-                    &mut lse.view_mut(),
-                )
-                .unwrap();
+            let (q, k, v) = (dq.view(), dk.view(), dv.view());
+            let (o, s) = (&mut out.view_mut(), &mut lse.view_mut());
+            match all {
+                true => cache.forward(&ctx, l, &q, &k, &v, o, s),
+                false => cache
+                    .slots(seqs.clone())
+                    .unwrap()
+                    .forward(&ctx, l, &q, &k, &v, o, s),
+            }
+            .unwrap();
         }
         ctx.synchronize().unwrap();
         let ms = t.elapsed().as_secs_f64() * 1e3;
-        let start = cache.len(0).unwrap() - n;
+        // Each slot's length after the call.
+        let totals = cache.lens(0).unwrap()[seqs.clone()].to_vec();
         let mut bad = 0;
         for h in checked.iter_mut() {
-            let (_, k32, v32, ..) = &inputs[h.layer];
-            for bi in 0..b {
-                let dst = (bi * max_len + start) * kv_row;
-                h.k[dst..dst + n * kv_row].copy_from_slice(&k32[bi * n * kv_row..][..n * kv_row]);
-                h.v[dst..dst + n * kv_row].copy_from_slice(&v32[bi * n * kv_row..][..n * kv_row]);
+            let (q32, k32, v32, _, _, _, out, lse) = &inputs[h.layer];
+            for (i, &total) in totals.iter().enumerate() {
+                let dst = ((seqs.start + i) * max_len + total - n) * kv_row;
+                h.k[dst..dst + n * kv_row].copy_from_slice(&k32[i * n * kv_row..][..n * kv_row]);
+                h.v[dst..dst + n * kv_row].copy_from_slice(&v32[i * n * kv_row..][..n * kv_row]);
             }
             if !check {
                 continue;
             }
-            let (q32, _, _, _, _, _, out, lse) = &inputs[h.layer];
-            let total = start + n;
-            let shape = Shape {
-                batch: b,
-                seqlen_q: n,
-                seqlen_k: total,
-                heads_q: HEADS_Q,
-                heads_kv: HEADS_KV,
-                head_dim: HEAD_DIM,
-            };
-            let prefix = |x: &[f32]| -> Vec<f32> {
-                (0..b)
-                    .flat_map(|bi| x[bi * max_len * kv_row..][..total * kv_row].iter().copied())
-                    .collect()
-            };
-            let mut rng = SmallRng::seed_from_u64(seed);
-            let rows: Vec<_> = (0..b)
-                .flat_map(|bi| (0..HEADS_Q).map(move |hq| (bi, hq)))
-                .flat_map(|(bi, hq)| {
-                    let picks: Vec<usize> = if n <= 4 {
-                        (0..n).collect()
-                    } else {
-                        vec![0, n - 1, rng.random_range(0..n)]
-                    };
-                    picks.into_iter().map(move |i| (bi, hq, i))
-                })
-                .collect();
             let out32: Vec<f32> = out.to_host().unwrap().iter().map(|x| x.to_f32()).collect();
-            let cmp = compare(
-                &shape,
-                cache.attention_config(h.layer).unwrap(),
-                q32,
-                &prefix(&h.k),
-                &prefix(&h.v),
-                &out32,
-                &lse.to_host().unwrap(),
-                &rows,
-            );
+            let lse = lse.to_host().unwrap();
+            let mut rng = SmallRng::seed_from_u64(seed);
+            let q_rows = n * HEADS_Q * HEAD_DIM;
+            // Per slot: the reference over that slot's own sequence, on a few rows per head.
+            let mut worst = duo_attn_tests::Comparison::default();
+            let mut passed = true;
+            for (i, &total) in totals.iter().enumerate() {
+                let shape = Shape {
+                    batch: 1,
+                    seqlen_q: n,
+                    seqlen_k: total,
+                    heads_q: HEADS_Q,
+                    heads_kv: HEADS_KV,
+                    head_dim: HEAD_DIM,
+                };
+                let seq =
+                    |x: &[f32]| x[(seqs.start + i) * max_len * kv_row..][..total * kv_row].to_vec();
+                let rows: Vec<_> = (0..HEADS_Q)
+                    .flat_map(|hq| {
+                        let picks: Vec<usize> = if n <= 4 {
+                            (0..n).collect()
+                        } else {
+                            vec![0, n - 1, rng.random_range(0..n)]
+                        };
+                        picks.into_iter().map(move |t| (0, hq, t))
+                    })
+                    .collect();
+                let cmp = compare(
+                    &shape,
+                    cache.attention_config(h.layer).unwrap(),
+                    &q32[i * q_rows..][..q_rows],
+                    &seq(&h.k),
+                    &seq(&h.v),
+                    &out32[i * q_rows..][..q_rows],
+                    &lse[i * HEADS_Q * n..][..HEADS_Q * n],
+                    &rows,
+                );
+                passed &= cmp.passed();
+                worst.rows += cmp.rows;
+                worst.rel_err = worst.rel_err.max(cmp.rel_err);
+                worst.worst_row_rel_err = worst.worst_row_rel_err.max(cmp.worst_row_rel_err);
+                worst.worst_lse_err = worst.worst_lse_err.max(cmp.worst_lse_err);
+                worst.non_finite += cmp.non_finite;
+            }
             println!(
-                "    check layer {} ({} of {} rows): rel err {:.2e}, worst row {:.2e}, lse {:.2e}, non-finite {} -> {}",
+                "    check layer {} ({} of {} rows{}): rel err {:.2e}, worst row {:.2e}, lse {:.2e}, non-finite {} -> {}",
                 h.layer,
-                cmp.rows,
+                worst.rows,
                 b * HEADS_Q * n,
-                cmp.rel_err,
-                cmp.worst_row_rel_err,
-                cmp.worst_lse_err,
-                cmp.non_finite,
-                if cmp.passed() { "ok" } else { "FAILED" }
+                if b > 1 { ", worst sequence" } else { "" },
+                worst.rel_err,
+                worst.worst_row_rel_err,
+                worst.worst_lse_err,
+                worst.non_finite,
+                if passed { "ok" } else { "FAILED" }
             );
-            bad += !cmp.passed() as usize;
+            bad += !passed as usize;
         }
         (ms, bad)
     };
 
     println!("prefill:");
+    let b = args.batch;
+    // Each group of slots prefilled together, and its prompt length.
+    let groups: Vec<(std::ops::Range<usize>, usize)> = match args.stagger {
+        true => (0..b)
+            .map(|s| (s..s + 1, (args.prompt * (s + 1) / b).max(1)))
+            .collect(),
+        false => vec![(0..b, args.prompt)],
+    };
     let mut prefill_ms = 0.0;
     let mut chunk_index = 0;
-    while len < args.prompt {
-        let n = args.chunk.min(args.prompt - len);
-        let (ms, bad) = run_step(&mut cache, &mut checked, n, 1 + chunk_index, true);
-        failures += bad;
-        len += n;
-        prefill_ms += ms;
-        println!(
-            "  chunk {chunk_index}: tokens {}..{len}: {ms:.2} ms for {layers} layers",
-            len - n
-        );
-        chunk_index += 1;
+    for (seqs, prompt) in groups {
+        let mut len = 0;
+        while len < prompt {
+            let n = args.chunk.min(prompt - len);
+            let (ms, bad) = run_step(
+                &mut cache,
+                &mut checked,
+                seqs.clone(),
+                n,
+                1 + chunk_index,
+                true,
+            );
+            failures += bad;
+            len += n;
+            prefill_ms += ms;
+            let slots = match args.stagger {
+                true => format!("slot {}: ", seqs.start),
+                false => String::new(),
+            };
+            println!(
+                "  chunk {chunk_index}: {slots}tokens {}..{len}: {ms:.2} ms for {layers} layers",
+                len - n
+            );
+            chunk_index += 1;
+        }
     }
+    let tokens: usize = cache.lens(0).unwrap().iter().sum();
     println!(
-        "  prefill total {prefill_ms:.1} ms ({:.0} tokens/s per sequence)",
-        args.prompt as f64 / prefill_ms * 1e3
+        "  prefill total {prefill_ms:.1} ms ({:.0} tokens/s)",
+        tokens as f64 / prefill_ms * 1e3
     );
 
     println!("decode:");
@@ -321,13 +364,20 @@ fn main() -> ExitCode {
     let mut times = Vec::new();
     for step in 0..args.steps {
         let check = checkpoints.contains(&step);
-        let (ms, bad) = run_step(&mut cache, &mut checked, 1, 10_000 + step as u64, check);
+        let (ms, bad) = run_step(
+            &mut cache,
+            &mut checked,
+            0..b,
+            1,
+            10_000 + step as u64,
+            check,
+        );
         failures += bad;
         times.push(ms);
         if check {
             println!(
-                "  step {step} (context {}): {ms:.3} ms per token ({layers} layers)",
-                cache.len(0).unwrap()
+                "  step {step} (context {:?}): {ms:.3} ms per token ({layers} layers)",
+                cache.lens(0).unwrap()
             );
         }
     }
