@@ -579,14 +579,11 @@ fn cache_append_places_rows_by_kind() {
     }
 }
 
-#[test]
-fn cache_errors() {
-    let Some(ctx) = gpu_or_skip("cache_errors") else {
-        return;
-    };
-    let cfg = CacheConfig {
-        batch: 1,
-        max_len: 32,
+/// A small cache (2 KV heads, D = 64, sink 4, window 8) for the error tests.
+fn tiny_cache(batch: usize, max_len: usize) -> CacheConfig {
+    CacheConfig {
+        batch,
+        max_len,
         heads_q: 2,
         heads_kv: 2,
         head_dim: 64,
@@ -594,8 +591,15 @@ fn cache_errors() {
         window: 8,
         softmax_scale: None,
         prefill_kernel: PrefillKernel::Auto,
+    }
+}
+
+#[test]
+fn cache_errors() {
+    let Some(ctx) = gpu_or_skip("cache_errors") else {
+        return;
     };
-    let mut cache = DuoCache::<bf16>::new(&ctx, cfg, vec![vec![R, S]]).unwrap();
+    let mut cache = DuoCache::<bf16>::new(&ctx, tiny_cache(1, 32), vec![vec![R, S]]).unwrap();
     let x = |n: usize| {
         ctx.upload(&vec![bf16::ONE; n * 2 * 64], [1, n, 2, 64])
             .unwrap()
@@ -644,6 +648,21 @@ fn cache_errors() {
     ctx.synchronize().unwrap();
 }
 
+/// The sanitizer tests' cache: 2 KV heads, D = 64, sink 3, window 10 (rings that wrap quickly).
+fn sanitizer_cache(batch: usize, max_len: usize) -> CacheConfig {
+    CacheConfig {
+        batch,
+        max_len,
+        heads_q: 4,
+        heads_kv: 2,
+        head_dim: 64,
+        sink: 3,
+        window: 10,
+        softmax_scale: None,
+        prefill_kernel: PrefillKernel::Auto,
+    }
+}
+
 /// A small schedule that exercises every decode-side kernel (gather, append, split-KV prefill,
 /// decode with its in-kernel split merge) quickly enough for compute-sanitizer (`run.sh sanitize`).
 #[test]
@@ -652,17 +671,7 @@ fn sanitizer_small_cache_schedule() {
         return;
     };
     let mut rng = rng("sanitizer_small_cache_schedule");
-    let cfg = CacheConfig {
-        batch: 1,
-        max_len: 160,
-        heads_q: 4,
-        heads_kv: 2,
-        head_dim: 64,
-        sink: 3,
-        window: 10,
-        softmax_scale: None,
-        prefill_kernel: PrefillKernel::Auto,
-    };
+    let cfg = sanitizer_cache(1, 160);
     let failures = cache_schedule::<bf16>(
         &ctx,
         &mut rng,
@@ -885,17 +894,7 @@ fn sanitizer_small_slot_schedule() {
         return;
     };
     let mut rng = rng("sanitizer_small_slot_schedule");
-    let cfg = CacheConfig {
-        batch: 2,
-        max_len: 120,
-        heads_q: 4,
-        heads_kv: 2,
-        head_dim: 64,
-        sink: 3,
-        window: 10,
-        softmax_scale: None,
-        prefill_kernel: PrefillKernel::Auto,
-    };
+    let cfg = sanitizer_cache(2, 120);
     use SlotStep::*;
     let steps = [
         Forward {
@@ -924,18 +923,7 @@ fn cache_slot_errors() {
     let Some(ctx) = gpu_or_skip("cache_slot_errors") else {
         return;
     };
-    let cfg = CacheConfig {
-        batch: 2,
-        max_len: 64,
-        heads_q: 2,
-        heads_kv: 2,
-        head_dim: 64,
-        sink: 4,
-        window: 8,
-        softmax_scale: None,
-        prefill_kernel: PrefillKernel::Auto,
-    };
-    let mut cache = DuoCache::<bf16>::new(&ctx, cfg, vec![vec![R, S]]).unwrap();
+    let mut cache = DuoCache::<bf16>::new(&ctx, tiny_cache(2, 64), vec![vec![R, S]]).unwrap();
     assert!(matches!(
         cache.slots(1..3).err(),
         Some(Error::SlotOutOfRange {
