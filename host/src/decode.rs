@@ -11,7 +11,8 @@ use crate::error::{Error, Result};
 use crate::tensor::{TensorDesc, View, ViewMut};
 use duo_attn_kernels::abi::{
     DECODE_HEAD_DIMS, DECODE_MAX_SPLITS, DECODE_MIN_TILES_PER_SPLIT, DECODE_ROWS, DecodeParams,
-    KvSource, MAX_SEQLEN, decode_block_n, decode_smem_bytes, decode_threads,
+    KvSource, MAX_SEQLEN, decode_block_n, decode_paged_smem_bytes, decode_smem_bytes,
+    decode_threads,
 };
 
 /// Most new query tokens per sequence of one decode call.
@@ -77,6 +78,15 @@ pub(crate) enum DecodeKv<'a> {
 fn decode_entry<T: AttnElement>(d: usize, paged: bool) -> String {
     let paged = if paged { "paged_" } else { "" };
     format!("duo_decode_{paged}{}_d{d}", T::KERNEL_NAME)
+}
+
+/// Dynamic shared memory of the decode entry for head dim `d`, contiguous or paged.
+fn decode_shared_bytes(d: usize, paged: bool) -> usize {
+    if paged {
+        decode_paged_smem_bytes(d)
+    } else {
+        decode_smem_bytes(d)
+    }
 }
 
 /// Splits of the longest heads' tiles so that their `blocks` x splits blocks make one full wave
@@ -226,7 +236,7 @@ pub(crate) fn plan_decode<T: AttnElement>(
         entry: decode_entry::<T>(head_dim, paged),
         grid: (splits as u32, (heads_kv * row_chunks) as u32, batch as u32),
         block: decode_threads(head_dim) as u32,
-        shared_bytes: decode_smem_bytes(head_dim) as u32,
+        shared_bytes: decode_shared_bytes(head_dim, paged) as u32,
         params,
         splits,
         head_dim,
@@ -453,7 +463,7 @@ impl Context {
         let per_sm = self.resident_blocks_per_sm(
             &entry,
             decode_threads(d) as u32,
-            decode_smem_bytes(d) as u32,
+            decode_shared_bytes(d, paged) as u32,
         )?;
         Ok(per_sm as usize * self.info().multiprocessors as usize)
     }

@@ -345,6 +345,13 @@ pub const fn decode_smem_bytes(d: usize) -> usize {
         }
 }
 
+/// Dynamic shared memory of the paged decode entries: the plain entries', then per stage the
+/// page-table entries of that stage's tile (one per page it touches: at most one per key row),
+/// fetched a tile ahead so that no tile's loads wait on the table.
+pub const fn decode_paged_smem_bytes(d: usize) -> usize {
+    decode_smem_bytes(d) + DECODE_STAGES * decode_block_n(d) * 4
+}
+
 /// A key/value source with its element strides of (batch, sequence, head).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]

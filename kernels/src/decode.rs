@@ -11,8 +11,8 @@
 //! `sink + recent` ring slots, mapped back to true positions.
 use crate::abi::{
     DECODE_MAX_SPLITS, DECODE_MIN_TILES_PER_SPLIT, DECODE_ROWS, DECODE_STAGES, DecodeParams,
-    decode_block_n, decode_q_in_shared, decode_ring_bytes, decode_smem_bytes, decode_threads,
-    decode_tile_offset,
+    decode_block_n, decode_paged_smem_bytes, decode_q_in_shared, decode_ring_bytes,
+    decode_smem_bytes, decode_threads, decode_tile_offset,
 };
 use crate::device::*;
 use crate::mask::{BlockRange, HeadMask};
@@ -99,7 +99,7 @@ unsafe fn decode<
                 && bn == 16 * warps
                 && warps * DECODE_ROWS * 8 + warps * DECODE_ROWS * (D + MERGE_ROW_PAD) * 4
                     <= decode_ring_bytes(D)
-                && decode_smem_bytes(D) <= 227 * 1024
+                && decode_paged_smem_bytes(D) <= 227 * 1024
                 && tile_chunks(D) <= MAX_TILE_CHUNKS
         )
     };
@@ -175,6 +175,15 @@ unsafe fn decode<
             min_i32(page, p.num_pages - 1)
         }
     };
+    // Paged: per stage, the table entries of the stage's tile: entry j is the page of key
+    // `n0 + (j << page_shift)` (one entry when a page holds the whole tile).
+    let page_slots = smem + decode_smem_bytes(D) as u32;
+    let page_slot = |stage: usize, j: i32| page_slots + ((stage * bn) as u32 + j as u32) * 4;
+    let entries = if p.page_shift >= bn.trailing_zeros() as i32 {
+        1
+    } else {
+        bn as i32 >> p.page_shift
+    };
     // A ring's unfilled slots hold memory never written (NaN bit patterns included): they are
     // zero-filled like rows past the end, or a masked key's P = 0 would multiply a NaN V row.
     let n_keys = if use_ring {
@@ -245,21 +254,25 @@ unsafe fn decode<
     |i: i32| {
         let stage = (i % DECODE_STAGES as i32) as usize;
         let n0 = n_block(i) * bn as i32;
-        // Every table entry of the tile first (independent loads in flight together), then the
-        // K and V rows from them: one lookup per row serves both.
-        let mut pages = [0i32; MAX_TILE_CHUNKS];
-        for (c, page) in pages.iter_mut().enumerate().take(const { tile_chunks(D) }) {
-            let key = n0 + tile_chunk::<D>(tid, c).0 as i32;
-            if key < n_keys {
-                *page = page_of(key);
+        // Each of this thread's rows: its page from the entries fetched a tile ahead
+        // (`fetch_page`), then its K and V chunks. Row r of the tile lies in the tile's page
+        // r >> page_shift (tiles start on page boundaries, or lie inside one page); entries past
+        // the keys hold page 0 and serve only rows past the keys, which load nothing.
+        for c in 0..const { tile_chunks(D) } {
+            let (row, part) = tile_chunk::<D>(tid, c);
+            let key = n0 + row as i32;
+            let valid = key < n_keys;
+            let page = unsafe { ld_shared_u32(page_slot(stage, row as i32 >> p.page_shift)) };
+            let at = |base: u64, strides: &[i64; 3]| {
+                let off = page as i64 * strides[0] + (key & in_page) as i64 * strides[1];
+                if valid { base + ((off + 8 * part as i64) * 2) as u64 } else { base }
+            };
+            let dst = decode_tile_offset(D, row, part) as u32;
+            let bytes = if valid { 16 } else { 0 };
+            unsafe {
+                cp_async_16_prefetch(k_smem(stage) + dst, at(k_base, &ks), bytes);
+                cp_async_16_prefetch(v_smem(stage) + dst, at(v_base, &vs), bytes);
             }
-        }
-        let at = |strides: [i64; 3]| {
-            move |c: usize, k: i32| pages[c] as i64 * strides[0] + (k & in_page) as i64 * strides[1]
-        };
-        unsafe {
-            load_tile::<D>(k_smem(stage), k_base, at(ks), n0, n_keys, tid);
-            load_tile::<D>(v_smem(stage), v_base, at(vs), n0, n_keys, tid);
         }
     };
     let load_plain = |i: i32| {
@@ -274,6 +287,34 @@ unsafe fn decode<
     let load = |i: i32| {
         if PAGED { load_paged(i) } else { load_plain(i) }
     };
+    // Paged: this thread's table entry of tile `x` (thread j < entries fetches entry j; 0 for a
+    // page past the sequence's keys or a tile past the split's), clamped into the pool.
+    let fetch_page = |x: i32| {
+        let j = tid as i32;
+        if !PAGED || j >= entries || x >= count {
+            return 0;
+        }
+        let key = n_block(x) * bn as i32 + (j << p.page_shift);
+        if key < n_keys { page_of(key) } else { 0 }
+    };
+    let stash_page = |x: i32, page: i32| {
+        if PAGED && (tid as i32) < entries {
+            let stage = (x % DECODE_STAGES as i32) as usize;
+            unsafe { st_shared_u32(page_slot(stage, tid as i32), page as u32) };
+        }
+    };
+    if PAGED {
+        // The entries of the first `DECODE_STAGES` tiles: those the prologue loads, and the one
+        // the first iteration loads.
+        let mut first_pages = [0i32; DECODE_STAGES];
+        for (x, page) in first_pages.iter_mut().enumerate() {
+            *page = fetch_page(x as i32);
+        }
+        for (x, &page) in first_pages.iter().enumerate() {
+            stash_page(x as i32, page);
+        }
+        sync_threads();
+    }
 
     for i in 0..DECODE_STAGES as i32 - 1 {
         if i < count {
@@ -331,6 +372,11 @@ unsafe fn decode<
             load(next);
         }
         cp_async_commit();
+        // Paged: the entries of the tile after `next`, in flight under this tile's S GEMM and
+        // softmax; stashed in tile i's stage (whose entries were read when it was loaded), read
+        // after the next barrier.
+        let ahead = i + DECODE_STAGES as i32;
+        let ahead_page = fetch_page(ahead);
         let stage = (i % DECODE_STAGES as i32) as usize;
         let n0 = n_block(i) * bn as i32;
 
@@ -378,6 +424,8 @@ unsafe fn decode<
         }
         let alpha = online_softmax::<false, _>(&mut s, &mut state, p.scale_log2);
         rescale(&mut acc, alpha);
+        // Before the P V GEMM, whose registers peak (D = 256 would spill).
+        stash_page(ahead, ahead_page);
 
         // O += P V: P is the A fragment of one 16-key step; V fragments come transposed.
         let pa = [
