@@ -265,7 +265,11 @@ unsafe fn decode<
             let page = unsafe { ld_shared_u32(page_slot(stage, row as i32 >> p.page_shift)) };
             let at = |base: u64, strides: &[i64; 3]| {
                 let off = page as i64 * strides[0] + (key & in_page) as i64 * strides[1];
-                if valid { base + ((off + 8 * part as i64) * 2) as u64 } else { base }
+                if valid {
+                    base + ((off + 8 * part as i64) * 2) as u64
+                } else {
+                    base
+                }
             };
             let dst = decode_tile_offset(D, row, part) as u32;
             let bytes = if valid { 16 } else { 0 };

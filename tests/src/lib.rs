@@ -394,13 +394,7 @@ pub fn compare_per_sequence_lengths(
     lse: &[f32],
     lens: &[i32],
 ) -> Vec<Comparison> {
-    let (hq, hkv, d, sq) = (
-        shape.heads_q,
-        shape.heads_kv,
-        shape.head_dim,
-        shape.seqlen_q,
-    );
-    let q_rows = sq * hq * d;
+    let row = shape.heads_kv * shape.head_dim;
     lens.iter()
         .enumerate()
         .map(|(b, &len)| {
@@ -410,22 +404,38 @@ pub fn compare_per_sequence_lengths(
                 seqlen_k: len,
                 ..*shape
             };
-            let kv = |t: &[f32]| t[b * shape.seqlen_k * hkv * d..][..len * hkv * d].to_vec();
-            let rows: Vec<_> = (0..hq)
-                .flat_map(|h| (0..sq).map(move |i| (0, h, i)))
-                .collect();
-            compare(
-                &one,
-                cfg,
-                &q[b * q_rows..][..q_rows],
-                &kv(k),
-                &kv(v),
-                &out[b * q_rows..][..q_rows],
-                &lse[b * hq * sq..][..hq * sq],
-                &rows,
-            )
+            let seq = b * shape.seqlen_k * row..(b * shape.seqlen_k + len) * row;
+            let kv = (q, &k[seq.clone()], &v[seq]);
+            compare_sequence(&one, cfg, b, kv, out, lse)
         })
         .collect()
+}
+
+/// Compares sequence `b` of a call's output (q/out `[b, Sq, Hq, D]`, lse `[b, Hq, Sq]`) with the
+/// reference over its own keys (`k`/`v` `[Sk, Hkv, D]`, `one` a batch-of-one shape), on every row.
+pub fn compare_sequence(
+    one: &Shape,
+    cfg: &AttentionConfig,
+    b: usize,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    out: &[f32],
+    lse: &[f32],
+) -> Comparison {
+    let (hq, sq) = (one.heads_q, one.seqlen_q);
+    let q_rows = sq * hq * one.head_dim;
+    let rows: Vec<_> = (0..hq)
+        .flat_map(|h| (0..sq).map(move |i| (0, h, i)))
+        .collect();
+    compare(
+        one,
+        cfg,
+        &q[b * q_rows..][..q_rows],
+        k,
+        v,
+        &out[b * q_rows..][..q_rows],
+        &lse[b * hq * sq..][..hq * sq],
+        &rows,
+    )
 }
 
 /// Random K/V values for `shape` (`[B, S_max, Hkv, D]`) whose rows at or past each sequence's
@@ -499,8 +509,7 @@ impl SlotHistory {
         lse: &[f32],
     ) -> Vec<(usize, Comparison)> {
         let head_dim = self.row / cfg.head_kinds.len();
-        let q_rows = n * heads_q * head_dim;
-        let b = q.len() / q_rows;
+        let b = q.len() / (n * heads_q * head_dim);
         (0..b)
             .map(|i| {
                 let slot = first + i;
@@ -512,20 +521,8 @@ impl SlotHistory {
                     heads_kv: cfg.head_kinds.len(),
                     head_dim,
                 };
-                let rows: Vec<_> = (0..heads_q)
-                    .flat_map(|h| (0..n).map(move |t| (0, h, t)))
-                    .collect();
-                let cmp = compare(
-                    &shape,
-                    cfg,
-                    &q[i * q_rows..][..q_rows],
-                    &self.k[slot],
-                    &self.v[slot],
-                    &out[i * q_rows..][..q_rows],
-                    &lse[i * heads_q * n..][..heads_q * n],
-                    &rows,
-                );
-                (slot, cmp)
+                let kv = (q, &self.k[slot][..], &self.v[slot][..]);
+                (slot, compare_sequence(&shape, cfg, i, kv, out, lse))
             })
             .collect()
     }
