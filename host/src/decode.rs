@@ -378,7 +378,7 @@ impl Context {
     /// on the device, and a captured CUDA graph replays with whatever it holds at launch. Counts
     /// outside `0..=S_max` are clamped into it, so none reads past the K/V rows. A query whose
     /// position is negative (a count under `n`) sees no key: output 0, LSE `-inf`. The split
-    /// count is planned for `S_max`.
+    /// count is planned for `S_max`; each sequence spreads its own tiles over those splits.
     #[allow(clippy::too_many_arguments)]
     pub fn decode_attention_seqlens<T: AttnElement>(
         &self,
