@@ -470,6 +470,8 @@ pub(crate) fn prefill_params(
         stream_v_strides: strides3(sv),
         cu_seqlens_q: 0,
         cu_seqlens_k: 0,
+        ends_k: 0,
+        ends_k_stream: 0,
         lse_strides: [(heads_q * seqlen_q) as i64, seqlen_q as i64],
         m_blocks: 0, // set with the grid (PrefillPlan::set_grid)
         batch: 0,
@@ -622,7 +624,7 @@ pub(crate) fn prefill_launch<T: AttnElement>(
 
 /// Checks a `[B + 1]` prefix sum of sequence lengths over `total` packed rows; returns the
 /// longest sequence.
-fn check_cu_seqlens(which: &'static str, cu: &[i32], total: usize) -> Result<usize> {
+pub(crate) fn check_cu_seqlens(which: &'static str, cu: &[i32], total: usize) -> Result<usize> {
     let bad = |why: String| Err(Error::InvalidCuSeqlens { which, why });
     if cu.len() < 2 {
         return bad(format!(
@@ -656,7 +658,7 @@ fn check_cu_seqlens(which: &'static str, cu: &[i32], total: usize) -> Result<usi
 
 /// A packed `[total, H, D]` tensor seen as a batch of one, `[1, total, H, D]`, so that the
 /// fixed-length checks apply to it unchanged.
-fn as_batch_of_one(t: &TensorDesc<3>) -> TensorDesc<4> {
+pub(crate) fn as_batch_of_one(t: &TensorDesc<3>) -> TensorDesc<4> {
     TensorDesc {
         ptr: t.ptr,
         shape: [1, t.shape[0], t.shape[1], t.shape[2]],
@@ -664,6 +666,18 @@ fn as_batch_of_one(t: &TensorDesc<3>) -> TensorDesc<4> {
         available: t.available,
         elem_bytes: t.elem_bytes,
         device: t.device,
+    }
+}
+
+/// A varlen LSE `[Hq, total]` seen as `[1, Hq, total]`.
+pub(crate) fn lse_as_batch_of_one(lse: &TensorDesc<2>) -> TensorDesc<3> {
+    TensorDesc {
+        ptr: lse.ptr,
+        shape: [1, lse.shape[0], lse.shape[1]],
+        strides: [0, lse.strides[0], lse.strides[1]],
+        available: lse.available,
+        elem_bytes: lse.elem_bytes,
+        device: lse.device,
     }
 }
 
@@ -685,27 +699,19 @@ pub fn plan_prefill_varlen<T: AttnElement>(
     cfg: &AttentionConfig,
     device: u32,
 ) -> Result<PrefillPlan> {
-    let lse3 = TensorDesc {
-        ptr: lse.ptr,
-        shape: [1, lse.shape[0], lse.shape[1]],
-        strides: [0, lse.strides[0], lse.strides[1]],
-        available: lse.available,
-        elem_bytes: lse.elem_bytes,
-        device: lse.device,
-    };
     let mut plan = plan_prefill::<T>(
         &as_batch_of_one(q),
         &as_batch_of_one(k),
         &as_batch_of_one(v),
         &as_batch_of_one(out),
-        &lse3,
+        &lse_as_batch_of_one(lse),
         cfg,
         device,
     )?;
     let (cu_q, cu_q_ptr) = cu_seqlens_q;
     let (cu_k, cu_k_ptr) = cu_seqlens_k;
-    let max_q = check_cu_seqlens("cu_seqlens_q", cu_q, q.shape[0])?;
-    let max_k = check_cu_seqlens("cu_seqlens_k", cu_k, k.shape[0])?;
+    check_cu_seqlens("cu_seqlens_q", cu_q, q.shape[0])?;
+    check_cu_seqlens("cu_seqlens_k", cu_k, k.shape[0])?;
     if cu_k.len() != cu_q.len() {
         return Err(Error::InvalidCuSeqlens {
             which: "cu_seqlens_k",
@@ -716,40 +722,82 @@ pub fn plan_prefill_varlen<T: AttnElement>(
             ),
         });
     }
-    let batch = cu_q.len() - 1;
+    let sequences: Vec<_> = cu_q
+        .windows(2)
+        .zip(cu_k.windows(2))
+        .map(|(q, k)| {
+            let seqlen_k = (k[1] - k[0]) as usize;
+            ((q[1] - q[0]) as usize, seqlen_k, seqlen_k)
+        })
+        .collect();
+    // Packed keys end where the next sequence starts.
+    let arrays = VarlenArrays {
+        cu_seqlens_q: cu_q_ptr,
+        starts_k: cu_k_ptr,
+        ends_k: cu_k_ptr + 4,
+        ends_k_stream: cu_k_ptr + 4,
+    };
+    into_varlen::<T>(&mut plan, cfg, q.shape, &sequences, arrays)?;
+    Ok(plan)
+}
+
+/// Device arrays of a varlen launch (see `PrefillParams`): `[B + 1]` query prefix sums, each
+/// sequence's first key row, and its end row in each K/V source.
+pub(crate) struct VarlenArrays {
+    pub cu_seqlens_q: u64,
+    pub starts_k: u64,
+    pub ends_k: u64,
+    pub ends_k_stream: u64,
+}
+
+/// Turns a plan over packed queries `[total_q, Hq, D]` (planned as a batch of one) into a varlen
+/// launch over `sequences`, each (query rows, keys in the retrieval or only source, keys in the
+/// streaming source), whose rows and keys the device `arrays` hold.
+pub(crate) fn into_varlen<T: AttnElement>(
+    plan: &mut PrefillPlan,
+    cfg: &AttentionConfig,
+    [total_q, heads_q, head_dim]: [usize; 3],
+    sequences: &[(usize, usize, usize)],
+    arrays: VarlenArrays,
+) -> Result<()> {
+    let batch = sequences.len();
     check_limit("the number of varlen sequences", batch, MAX_GRID_YZ)?;
-    let (_, rows_per_block, ..) = kernel_shape(cfg.kernel, q.shape[2]);
+    let longest = |f: fn(&(usize, usize, usize)) -> usize| sequences.iter().map(f).max();
+    let max_q = longest(|s| s.0).unwrap_or(0);
+    let (_, rows_per_block, ..) = kernel_shape(cfg.kernel, head_dim);
     plan.set_grid((
         max_q.div_ceil(rows_per_block).max(1) as u32,
         plan.grid.1,
         batch as u32,
     ))?;
-    plan.params.seqlen_q = max_q as i32;
-    plan.params.seqlen_k = max_k as i32;
-    plan.params.seqlen_k_stream = max_k as i32;
-    plan.params.cu_seqlens_q = cu_q_ptr;
-    plan.params.cu_seqlens_k = cu_k_ptr;
-    plan.params.lse_strides = [0, q.shape[0] as i64];
+    let p = &mut plan.params;
+    p.seqlen_q = max_q as i32;
+    p.seqlen_k = longest(|s| s.1).unwrap_or(0) as i32;
+    p.seqlen_k_stream = longest(|s| s.2).unwrap_or(0) as i32;
+    p.cu_seqlens_q = arrays.cu_seqlens_q;
+    p.cu_seqlens_k = arrays.starts_k;
+    p.ends_k = arrays.ends_k;
+    p.ends_k_stream = arrays.ends_k_stream;
+    p.lse_strides = [0, total_q as i64];
     if plan.split.is_some() {
         // Partial rows follow the LSE's `[Hq, total_q]`: merged as one sequence of total_q rows.
-        let sequences = cu_q.windows(2).zip(cu_k.windows(2)).map(|(q, k)| {
-            let seqlen_k = (k[1] - k[0]) as usize;
-            (((q[1] - q[0]) as usize, seqlen_k, seqlen_k), 1)
-        });
         let rows = PartialRows {
             batch: 1,
-            heads_q: q.shape[1],
-            seqlen_q: q.shape[0],
+            heads_q,
+            seqlen_q: total_q,
         };
         plan.split = Some(split_kv::<T>(
             &plan.params,
-            (q.shape[2], &cfg.head_kinds),
+            (head_dim, &cfg.head_kinds),
             cfg.kv_splits,
-            (plan.grid.0 as usize, sequences.collect()),
+            (
+                plan.grid.0 as usize,
+                sequences.iter().map(|&s| (s, 1)).collect(),
+            ),
             rows,
         ));
     }
-    Ok(plan)
+    Ok(())
 }
 
 impl Context {

@@ -11,7 +11,9 @@
 //! kernel over both caches), with each KV head attending per its kind, and appends the new K/V.
 //!
 //! Each batch entry is a sequence slot with its own length (continuous batching):
-//! [`DuoCache::slots`] runs the same operations on a range of slots. The lengths live on the
+//! [`DuoCache::slots`] runs the same operations on a range of slots, and
+//! [`CacheSlots::prefill_varlen`] prefills chunks of their own lengths into slots at their own
+//! lengths in one launch (FlashAttention's varlen layout). The lengths live on the
 //! device, where the append advances them and decode reads them, so a captured decode step
 //! replays; the host keeps a record of them for its checks.
 use crate::attention::{
@@ -27,6 +29,8 @@ use crate::tensor::{DeviceTensor, TensorDesc, View, ViewMut};
 use duo_attn_kernels::abi::{CacheParams, DECODE_HEAD_DIMS, KvSource, MAX_KV_HEADS, MAX_SEQLEN};
 use duo_attn_kernels::ring;
 use std::ops::Range;
+
+mod ragged;
 
 /// Threads per block of the cache kernels (`duo_attn_kernels::cache::CACHE_THREADS`).
 const CACHE_THREADS: usize = 256;
@@ -130,6 +134,13 @@ pub struct DuoCache<T: AttnElement> {
     lengths: DeviceTensor<i32, 3>,
     /// Streaming heads' prefill context (K, V), grown on demand.
     scratch: Option<(DeviceTensor<T, 2>, DeviceTensor<T, 2>)>,
+    /// A ragged prefill's per-slot arrays (`ragged::SlotArrays`), grown on demand.
+    ragged: Option<DeviceTensor<i32, 1>>,
+}
+
+/// Zeroes a device tensor of 16-bit elements on the context's stream.
+fn zero<T: AttnElement, const N: usize>(ctx: &Context, t: &DeviceTensor<T, N>) -> Result<()> {
+    ctx.zero_words(t.view().desc().ptr, t.len() * std::mem::size_of::<T>() / 4)
 }
 
 /// A cache tensor, stored head-major `[B, H, slots, D]` (each head's rows contiguous, so decode
@@ -223,7 +234,12 @@ impl<T: AttnElement> DuoCache<T> {
                     return Ok(None);
                 }
                 let shape = [cfg.batch, heads, len, cfg.head_dim]; // head-major, see cache_desc
-                Ok(Some((ctx.alloc::<T, 4>(shape)?, ctx.alloc::<T, 4>(shape)?)))
+                let (k, v) = (ctx.alloc::<T, 4>(shape)?, ctx.alloc::<T, 4>(shape)?);
+                // Zeroed (before the synchronize below) for a ragged prefill, which loads (and
+                // masks) rows past a shorter slot's length: never-written memory could hold NaN.
+                zero(ctx, &k)?;
+                zero(ctx, &v)?;
+                Ok(Some((k, v)))
             };
             let attention = AttentionConfig::new(row)
                 .sink(sink as u32)
@@ -254,6 +270,7 @@ impl<T: AttnElement> DuoCache<T> {
             device: ctx.ordinal(),
             lengths,
             scratch: None,
+            ragged: None,
         })
     }
 
@@ -493,6 +510,8 @@ impl<T: AttnElement> DuoCache<T> {
             out,
             lens,
             arrivals,
+            cu_new: 0,
+            starts: 0,
             streaming_heads: crate::attention::streaming_mask(&self.layers[layer].cfg.head_kinds),
             n_new: n as i32,
             heads_kv: self.cfg.heads_kv as i32,
@@ -502,6 +521,25 @@ impl<T: AttnElement> DuoCache<T> {
             recent: self.recent as i32,
             capacity: self.cfg.max_len as i32,
         }
+    }
+
+    /// Streaming heads' prefill context of at least `elems` elements per K and V. Fresh buffers
+    /// are zeroed: a ragged prefill's shorter sequences leave rows of their batch entry unwritten
+    /// that its kernel loads (and masks), and masked garbage could still be NaN (0 x NaN in the
+    /// PV product).
+    fn ensure_scratch(&mut self, ctx: &Context, elems: usize) -> Result<()> {
+        if self.scratch.as_ref().is_some_and(|(k, _)| k.len() >= elems) {
+            return Ok(());
+        }
+        // Chunks queued with the old buffers finish before they are freed.
+        ctx.synchronize()?;
+        self.scratch = None;
+        let (k, v) = (ctx.alloc([elems, 1])?, ctx.alloc([elems, 1])?);
+        for t in [&k, &v] {
+            zero(ctx, t)?;
+        }
+        self.scratch = Some((k, v));
+        Ok(())
     }
 
     fn launch_cache_kernel(
@@ -609,12 +647,8 @@ impl<T: AttnElement> CacheSlots<'_, T> {
         let (sink_rows, recent_rows, _) =
             ring::history(start as i32, c.sink as i32, c.recent as i32);
         let stream_len = (sink_rows + recent_rows) as usize + n;
-        let need = b * stream_len * hs * d;
-        if hs > 0 && c.scratch.as_ref().is_none_or(|(k, _)| k.len() < need) {
-            // Chunks queued with the old buffers finish before they are freed.
-            ctx.synchronize()?;
-            c.scratch = None;
-            c.scratch = Some((ctx.alloc([need, 1])?, ctx.alloc([need, 1])?));
+        if hs > 0 {
+            c.ensure_scratch(ctx, b * stream_len * hs * d)?;
         }
         let desc = |t: &DeviceTensor<T, 2>| {
             TensorDesc::contiguous(

@@ -138,7 +138,7 @@ pub enum Error {
         slots: usize,
     },
     #[error(
-        "a prefill chunk over several sequences needs them at one length, but layer {layer} holds {lens:?} tokens in slots {first}.. ; prefill each sequence through `DuoCache::slots`"
+        "a prefill chunk over several sequences needs them at one length, but layer {layer} holds {lens:?} tokens in slots {first}.. ; prefill them in one ragged launch (`prefill_varlen`) or each through `DuoCache::slots`"
     )]
     UnevenCacheLengths {
         layer: usize,

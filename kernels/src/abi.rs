@@ -112,11 +112,18 @@ pub struct PrefillParams {
     pub stream_k_strides: [i64; 3],
     pub stream_v_strides: [i64; 3],
     /// Varlen batches: device pointers to `[B + 1]` i32 prefix sums of the query and key lengths
-    /// (both 0 for fixed-length batches; never with `split_kv`). Sequence `b` is rows
-    /// `cu[b]..cu[b + 1]` of packed `[total, H, D]` tensors (batch strides 0); `seqlen_q/k` are
-    /// then the maxima.
+    /// (both 0 for fixed-length batches). Sequence `b` is rows `cu[b]..cu[b + 1]` of packed
+    /// `[total, H, D]` tensors (batch strides 0); `seqlen_q/k` (and `seqlen_k_stream`) are then
+    /// the maxima. Keys end at `ends_k` (below).
     pub cu_seqlens_q: u64,
     pub cu_seqlens_k: u64,
+    /// Varlen: device `[B]` i32 arrays, per K/V source (retrieval or all heads, then the
+    /// streaming heads'), of each sequence's end row: sequence `b` reads key rows
+    /// `cu_seqlens_k[b]..ends_k[b]` of its batch entry. Packed K/V: `cu_seqlens_k + 4` for both.
+    /// The DuoAttention cache's ragged prefill: batch-strided K/V, `cu_seqlens_k` zeros and the
+    /// ends each sequence's key count in that source (FlashAttention's `seqused_k`).
+    pub ends_k: u64,
+    pub ends_k_stream: u64,
     /// LSE element strides of (batch, head): `[Hq * Sq, Sq]` for `[B, Hq, Sq]`, `[0, total_q]`
     /// for varlen `[Hq, total_q]` (rows then offset by the sequence start).
     pub lse_strides: [i64; 2],
@@ -445,11 +452,18 @@ pub struct CacheParams {
     pub lens: u64,
     /// `[B]` u32 block counts of the append, zero between launches (with `lens`).
     pub arrivals: u64,
+    /// 0, or a device `[B + 1]` i32 prefix sum of the new rows per sequence (a ragged prefill):
+    /// sequence `b`'s new rows are rows `cu_new[b]..cu_new[b + 1]` of `new` (packed, batch
+    /// stride 0), and `n_new` is the most of them.
+    pub cu_new: u64,
+    /// 0, or a device `[B]` i32 array of each sequence's cached length for the gather (in
+    /// place of `start`).
+    pub starts: u64,
     pub streaming_heads: [u32; HEAD_MASK_WORDS],
     pub n_new: i32,
     pub heads_kv: i32,
     pub head_dim: i32,
-    /// Cached length before the new rows (gather; append without `lens`).
+    /// Cached length before the new rows (gather without `starts`; append without `lens`).
     pub start: i32,
     pub sink: i32,
     pub recent: i32,

@@ -3,9 +3,9 @@
 //! copies, one per thread; the element type does not matter.
 use crate::abi::{CacheParams, KvSource};
 use crate::device::{
-    atom_add_u32, block_idx_x, block_idx_y, fence_acq_rel_gpu, grid_dim_x, ld_global_nc_v4,
-    ld_global_u32, ld_shared_u32, shared_memory_base, st_global_u32, st_global_v4, st_shared_u32,
-    sync_threads, thread_idx_x,
+    atom_add_u32, block_idx_x, block_idx_y, fence_acq_rel_gpu, grid_dim_x, ld_global_nc_u32,
+    ld_global_nc_v4, ld_global_u32, ld_shared_u32, shared_memory_base, st_global_u32, st_global_v4,
+    st_shared_u32, sync_threads, thread_idx_x,
 };
 use crate::ring::{history, slot_of};
 use crate::tile::{div_or_zero, kind_and_rank};
@@ -79,6 +79,18 @@ fn thread_item(rows: i32, p: &CacheParams) -> Option<(i32, i32, i32)> {
     Some((row, head, in_row - head * chunks))
 }
 
+/// Sequence `batch`'s new rows: their count and the first one's row in `new` (packed by
+/// `cu_new`, else `n_new` rows of its batch entry).
+#[inline(always)]
+fn new_rows(p: &CacheParams, batch: i64) -> (i32, i32) {
+    if p.cu_new == 0 {
+        return (p.n_new, 0);
+    }
+    let at = |i: i64| unsafe { ld_global_nc_u32(p.cu_new + 4 * i as u64) } as i32;
+    let first = at(batch);
+    (at(batch + 1) - first, first)
+}
+
 #[unsafe(no_mangle)]
 pub unsafe extern "ptx-kernel" fn duo_cache_append(p: CacheParams) {
     let batch = block_idx_y() as i64;
@@ -88,8 +100,9 @@ pub unsafe extern "ptx-kernel" fn duo_cache_append(p: CacheParams) {
     } else {
         p.start
     };
-    if let Some((row, head, chunk)) = thread_item(p.n_new, &p) {
-        unsafe { append_row(&p, start, row, head, chunk, batch) };
+    let (n_new, first) = new_rows(&p, batch);
+    if let Some((row, head, chunk)) = thread_item(n_new, &p) {
+        unsafe { append_row(&p, (start, n_new, first), row, head, chunk, batch) };
     }
     if p.lens != 0 && thread_idx_x() == 0 {
         // The last block of the sequence to count itself advances its length: every block read
@@ -98,7 +111,7 @@ pub unsafe extern "ptx-kernel" fn duo_cache_append(p: CacheParams) {
         let arrivals = p.arrivals + 4 * batch as u64;
         if unsafe { atom_add_u32(arrivals, 1) } == grid_dim_x() - 1 {
             fence_acq_rel_gpu();
-            let end = start.saturating_add(p.n_new).min(p.capacity);
+            let end = start.saturating_add(n_new).min(p.capacity);
             unsafe {
                 st_global_u32(lens, end as u32);
                 st_global_u32(arrivals, 0);
@@ -123,42 +136,65 @@ unsafe fn read_start(p: &CacheParams, lens: u64) -> i32 {
     unsafe { ld_shared_u32(shared) as i32 }
 }
 
-/// Copies new row `row` (position `start + row`) of `head` to its cache: the full cache below
-/// `capacity` (retrieval heads) or its ring slot (streaming heads).
+/// Copies new row `row` (position `start + row`; row `first + row` of `new`) of `head` to its
+/// cache: the full cache below `capacity` (retrieval heads) or its ring slot (streaming heads).
 #[inline(always)]
-unsafe fn append_row(p: &CacheParams, start: i32, row: i32, head: i32, chunk: i32, batch: i64) {
+unsafe fn append_row(
+    p: &CacheParams,
+    (start, n_new, first): (i32, i32, i32),
+    row: i32,
+    head: i32,
+    chunk: i32,
+    batch: i64,
+) {
     let (streaming, rank) = kind_and_rank(&p.streaming_heads, head as usize);
     let pos = start + row;
+    let src = first + row;
     if !streaming {
         if pos < p.capacity {
-            unsafe { copy_kv(&p.new, row, head, &p.full, pos, rank, batch, chunk) };
+            unsafe { copy_kv(&p.new, src, head, &p.full, pos, rank, batch, chunk) };
         }
         return;
     }
     // A recent position survives this call only if no later new row maps to its slot.
-    let end = start + p.n_new;
+    let end = start + n_new;
     if pos >= p.sink && pos < end - p.recent {
         return;
     }
     let slot = slot_of(pos, p.sink, p.recent);
-    unsafe { copy_kv(&p.new, row, head, &p.stream, slot, rank, batch, chunk) };
+    unsafe { copy_kv(&p.new, src, head, &p.stream, slot, rank, batch, chunk) };
 }
 
 #[unsafe(no_mangle)]
 pub unsafe extern "ptx-kernel" fn duo_cache_gather_stream(p: CacheParams) {
-    let (sink_rows, recent_rows, lo) = history(p.start, p.sink, p.recent);
+    let batch = block_idx_y() as i64;
+    let start = if p.starts != 0 {
+        unsafe { ld_global_nc_u32(p.starts + 4 * batch as u64) as i32 }
+    } else {
+        p.start
+    };
+    let (n_new, first) = new_rows(&p, batch);
+    let (sink_rows, recent_rows, lo) = history(start, p.sink, p.recent);
     let n_hist = sink_rows + recent_rows;
-    let Some((row, head, chunk)) = thread_item(n_hist + p.n_new, &p) else {
+    let Some((row, head, chunk)) = thread_item(n_hist + n_new, &p) else {
         return;
     };
-    let batch = block_idx_y() as i64;
     let (streaming, rank) = kind_and_rank(&p.streaming_heads, head as usize);
     if !streaming {
         return;
     }
     unsafe {
         if row >= n_hist {
-            copy_kv(&p.new, row - n_hist, head, &p.out, row, rank, batch, chunk);
+            copy_kv(
+                &p.new,
+                first + row - n_hist,
+                head,
+                &p.out,
+                row,
+                rank,
+                batch,
+                chunk,
+            );
         } else {
             let pos = if row < sink_rows {
                 row

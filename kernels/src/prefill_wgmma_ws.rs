@@ -450,7 +450,7 @@ unsafe fn producer<H: WsShape, const TMA: bool, const SPLIT: bool>(
                 cp_async_mbarrier_arrive(smem.q_full());
             } else if tid == 0 {
                 let row = tile.q_row0 + tile.m0;
-                let at = [row, tile.head, batch];
+                let at = [row, tile.head, tile.q_batch_coord(p)];
                 tma_tile::<H>(smem.q(), BM, map(TMA_Q), smem.q_full(), at);
             }
         }

@@ -99,8 +99,9 @@ pub struct QueryTile {
     pub q_lo: i32,
     pub q_hi: i32,
     /// TMA coordinates: the sequence's first row in Q/O and in its K/V source (varlen sequences
-    /// start inside packed tensors), the K/V head index in that source, and the batch index
-    /// (0 for varlen, whose maps hold one packed sequence); K/V come from the streaming maps.
+    /// start inside packed tensors), the K/V head index in that source, and the K/V batch index
+    /// (0 where the source has batch stride 0: packed varlen K/V, whose maps hold one packed
+    /// sequence; Q's is `q_batch_coord`); K/V come from the streaming maps.
     pub q_row0: i32,
     pub k_row0: i32,
     pub kv_index: i32,
@@ -229,16 +230,14 @@ impl QueryTile {
         let k = pick(p.stream_k as i64, p.k as i64) as u64;
         let v = pick(p.stream_v as i64, p.v as i64) as u64;
         let seqlen_k = pick(p.seqlen_k_stream as i64, p.seqlen_k as i64) as i32;
-        // Varlen: this sequence's rows and lengths from the prefix sums (never with split_kv).
+        let ends_k = pick(p.ends_k_stream as i64, p.ends_k as i64) as u64;
+        // Varlen: this sequence's query rows from the prefix sums, its key rows from
+        // `cu_seqlens_k` to `ends_k` (packed, or the first rows of its batch entry).
         let (start_q, seqlen_q, start_k, seqlen_k) = if varlen {
             let at = |cu: u64, i: i64| unsafe { ld_global_nc_u32(cu + 4 * i as u64) } as i32;
-            let (q0, k0) = (at(p.cu_seqlens_q, batch), at(p.cu_seqlens_k, batch));
-            (
-                q0,
-                at(p.cu_seqlens_q, batch + 1) - q0,
-                k0,
-                at(p.cu_seqlens_k, batch + 1) - k0,
-            )
+            let q0 = at(p.cu_seqlens_q, batch);
+            let (k0, k_end) = (at(p.cu_seqlens_k, batch), at(ends_k, batch));
+            (q0, at(p.cu_seqlens_q, batch + 1) - q0, k0, k_end - k0)
         } else {
             (0, p.seqlen_q, 0, seqlen_k)
         };
@@ -273,11 +272,21 @@ impl QueryTile {
             q_row0: start_q,
             k_row0: start_k,
             kv_index,
-            batch_coord: if varlen { 0 } else { batch as i32 },
+            batch_coord: if k_strides[0] == 0 { 0 } else { batch as i32 },
             from_stream,
             kv_split: 0,
             kv_splits: 1,
             kv_splits_div: FastDiv::new(1),
+        }
+    }
+
+    /// Q's TMA batch coordinate: varlen queries are one packed sequence (their K/V may not be).
+    #[inline(always)]
+    pub fn q_batch_coord(&self, p: &PrefillParams) -> i32 {
+        if p.cu_seqlens_q != 0 {
+            0
+        } else {
+            self.batch_coord
         }
     }
 

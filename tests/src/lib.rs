@@ -1,7 +1,10 @@
 //! Shared helpers of the integration tests and the demo: random inputs, GPU detection with a loud
 //! skip notice, and comparison of kernel outputs with the float64 reference.
 use duo_attn::reference::{Shape, attention_row};
-use duo_attn::{AttentionConfig, AttnElement, Context, DeviceScalar, Error, HeadKind};
+use duo_attn::{
+    AttentionConfig, AttnElement, CacheConfig, Context, DeviceScalar, Error, HeadKind,
+    PrefillKernel,
+};
 use half::bf16;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use rand_distr::StandardNormal;
@@ -525,5 +528,35 @@ impl SlotHistory {
                 (slot, compare_sequence(&shape, cfg, i, kv, out, lse))
             })
             .collect()
+    }
+}
+
+/// A small cache (2 KV heads, D = 64, sink 4, window 8) for the error tests.
+pub fn tiny_cache(batch: usize, max_len: usize) -> CacheConfig {
+    CacheConfig {
+        batch,
+        max_len,
+        heads_q: 2,
+        heads_kv: 2,
+        head_dim: 64,
+        sink: 4,
+        window: 8,
+        softmax_scale: None,
+        prefill_kernel: PrefillKernel::Auto,
+    }
+}
+
+/// The sanitizer tests' cache: 2 KV heads, D = 64, sink 3, window 10 (rings that wrap quickly).
+pub fn sanitizer_cache(batch: usize, max_len: usize) -> CacheConfig {
+    CacheConfig {
+        batch,
+        max_len,
+        heads_q: 4,
+        heads_kv: 2,
+        head_dim: 64,
+        sink: 3,
+        window: 10,
+        softmax_scale: None,
+        prefill_kernel: PrefillKernel::Auto,
     }
 }

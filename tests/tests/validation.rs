@@ -483,6 +483,7 @@ mod varlen {
             (p.params.cu_seqlens_q, p.params.cu_seqlens_k),
             (0x100, 0x200)
         );
+        assert_eq!((p.params.ends_k, p.params.ends_k_stream), (0x204, 0x204));
         assert_eq!(p.params.q_strides, [0, (HQ * D) as i64, D as i64]);
         assert_eq!(p.params.lse_strides, [0, TOTAL_Q as i64]);
     }
