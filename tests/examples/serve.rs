@@ -8,7 +8,10 @@
 //! steps. Without a Hopper GPU it prints the plan and the memory arithmetic only.
 //!
 //! With `--stagger` the sequences' prompts differ in length and each is prefilled into its own
-//! cache slot (`DuoCache::slots`); decode then batches the slots at their own lengths.
+//! cache slot (`DuoCache::slots`); decode then batches the slots at their own lengths. With
+//! `--ragged` as well, every slot's next chunk (shorter prompts run out first) goes into one
+//! ragged prefill per layer (`DuoCache::prefill_varlen`) instead; the decode checks then verify
+//! what those chunks left in the cache.
 //!
 //! `cargo run --release -p duo-attn-tests --example serve -- --prompt 16384 --steps 64`
 use clap::Parser;
@@ -42,6 +45,9 @@ struct Args {
     /// prefilled into its cache slot alone, then every slot decodes at its own length.
     #[arg(long)]
     stagger: bool,
+    /// With `--stagger`: prefill all slots together, one ragged launch per layer and chunk round.
+    #[arg(long, requires = "stagger")]
+    ragged: bool,
     /// Fraction of heads made streaming.
     #[arg(long, default_value_t = 0.5)]
     sparsity: f64,
@@ -316,10 +322,99 @@ fn main() -> ExitCode {
         (ms, bad)
     };
 
+    // One ragged prefill per layer: slot `i` takes `chunks[i]` new tokens; returns the time of
+    // all layers. Records the new K/V of the checked layers (outputs are checked by the tests;
+    // the decode checks here verify the cache).
+    let run_ragged = |cache: &mut DuoCache<bf16>,
+                      checked: &mut Vec<History>,
+                      chunks: &[usize],
+                      seed: u64|
+     -> f64 {
+        let total: usize = chunks.iter().sum();
+        let mut cu = vec![0i32];
+        for &n in chunks {
+            cu.push(cu[cu.len() - 1] + n as i32);
+        }
+        let starts = cache.lens(0).unwrap().to_vec();
+        let mut inputs: Vec<_> = (0..layers)
+            .map(|l| {
+                let s = seed.wrapping_mul(1000) + l as u64 * 3;
+                let q = random(s, total * HEADS_Q * HEAD_DIM);
+                let k = random(s + 1, total * kv_row);
+                let v = random(s + 2, total * kv_row);
+                let dq = ctx.upload(&q.0, [total, HEADS_Q, HEAD_DIM]).unwrap();
+                let dk = ctx.upload(&k.0, [total, HEADS_KV, HEAD_DIM]).unwrap();
+                let dv = ctx.upload(&v.0, [total, HEADS_KV, HEAD_DIM]).unwrap();
+                let out = ctx.alloc::<bf16, 3>([total, HEADS_Q, HEAD_DIM]).unwrap();
+                let lse = ctx.alloc::<f32, 2>([HEADS_Q, total]).unwrap();
+                (k.1, v.1, dq, dk, dv, out, lse)
+            })
+            .collect();
+        ctx.synchronize().unwrap();
+        let t = Instant::now();
+        for (l, (_, _, dq, dk, dv, out, lse)) in inputs.iter_mut().enumerate() {
+            let (q, k, v) = (dq.view(), dk.view(), dv.view());
+            cache
+                .prefill_varlen(
+                    &ctx,
+                    l,
+                    &q,
+                    &k,
+                    &v,
+                    &cu,
+                    &mut out.view_mut(),
+                    &mut lse.view_mut(),
+                )
+                .unwrap();
+        }
+        ctx.synchronize().unwrap();
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        for h in checked.iter_mut() {
+            let (k32, v32, ..) = &inputs[h.layer];
+            for (slot, (&n, &start)) in chunks.iter().zip(&starts).enumerate() {
+                let (src, dst) = (
+                    cu[slot] as usize * kv_row,
+                    (slot * max_len + start) * kv_row,
+                );
+                h.k[dst..dst + n * kv_row].copy_from_slice(&k32[src..][..n * kv_row]);
+                h.v[dst..dst + n * kv_row].copy_from_slice(&v32[src..][..n * kv_row]);
+            }
+        }
+        ms
+    };
+
     println!("prefill:");
     let b = args.batch;
+    if args.ragged {
+        let prompts: Vec<usize> = (0..b).map(|s| (args.prompt * (s + 1) / b).max(1)).collect();
+        let mut prefill_ms = 0.0;
+        let mut round = 0;
+        loop {
+            let lens = cache.lens(0).unwrap().to_vec();
+            let chunks: Vec<usize> = prompts
+                .iter()
+                .zip(&lens)
+                .map(|(&p, &len)| args.chunk.min(p - len))
+                .collect();
+            if chunks.iter().all(|&n| n == 0) {
+                break;
+            }
+            let ms = run_ragged(&mut cache, &mut checked, &chunks, 1 + round);
+            prefill_ms += ms;
+            println!(
+                "  round {round}: chunks {chunks:?} at {lens:?}: {ms:.2} ms for {layers} layers"
+            );
+            round += 1;
+        }
+        let tokens: usize = prompts.iter().sum();
+        println!(
+            "  prefill total {prefill_ms:.1} ms ({:.0} tokens/s), one ragged launch per layer and round",
+            tokens as f64 / prefill_ms * 1e3
+        );
+    }
     // Each group of slots prefilled together, and its prompt length.
     let groups: Vec<(std::ops::Range<usize>, usize)> = match args.stagger {
+        _ if args.ragged => Vec::new(),
         true => (0..b)
             .map(|s| (s..s + 1, (args.prompt * (s + 1) / b).max(1)))
             .collect(),
@@ -353,11 +448,13 @@ fn main() -> ExitCode {
             chunk_index += 1;
         }
     }
-    let tokens: usize = cache.lens(0).unwrap().iter().sum();
-    println!(
-        "  prefill total {prefill_ms:.1} ms ({:.0} tokens/s)",
-        tokens as f64 / prefill_ms * 1e3
-    );
+    if !args.ragged {
+        let tokens: usize = cache.lens(0).unwrap().iter().sum();
+        println!(
+            "  prefill total {prefill_ms:.1} ms ({:.0} tokens/s)",
+            tokens as f64 / prefill_ms * 1e3
+        );
+    }
 
     println!("decode:");
     let checkpoints = [0, args.steps / 2, args.steps.saturating_sub(1)];
