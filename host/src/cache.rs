@@ -134,8 +134,11 @@ pub struct DuoCache<T: AttnElement> {
     lengths: DeviceTensor<i32, 3>,
     /// Streaming heads' prefill context (K, V), grown on demand.
     scratch: Option<(DeviceTensor<T, 2>, DeviceTensor<T, 2>)>,
-    /// A ragged prefill's per-slot arrays (`ragged::SlotArrays`), grown on demand.
+    /// A ragged prefill's per-slot arrays (`ragged::SlotPlan::words`), grown on demand, and the
+    /// words last copied there: the layers of one model step find them unchanged and skip the
+    /// copy (from pageable memory, which waits for the stream's queued work).
     ragged: Option<DeviceTensor<i32, 1>>,
+    ragged_words: Vec<i32>,
 }
 
 /// Zeroes a device tensor of 16-bit elements on the context's stream.
@@ -271,6 +274,7 @@ impl<T: AttnElement> DuoCache<T> {
             lengths,
             scratch: None,
             ragged: None,
+            ragged_words: Vec::new(),
         })
     }
 

@@ -96,6 +96,7 @@ impl<T: AttnElement> DuoCache<T> {
             // Launches queued with the old buffer finish before it is freed.
             ctx.synchronize()?;
             self.ragged = None;
+            self.ragged_words.clear();
             self.ragged = Some(ctx.alloc([words])?);
         }
         match &self.ragged {
@@ -116,9 +117,10 @@ impl<T: AttnElement> CacheSlots<'_, T> {
     /// `q` `[total, Hq, D]` and `k`/`v` `[total, Hkv, D]`; an empty chunk leaves its slot as it
     /// was. `out` is `[total, Hq, D]`, `lse` `[Hq, total]` (FlashAttention's varlen layout).
     /// `cu_seqlens` is the host's `[slots + 1]` prefix sum from 0; the cache copies it, with the
-    /// per-slot key counts, to the device on the context's stream. That copy comes from host
-    /// memory the call owns, so this call cannot be captured into a CUDA graph (nor can
-    /// [`CacheSlots::prefill`], which may grow its buffers).
+    /// per-slot key counts, to the device on the context's stream when they changed (the layers
+    /// of one model step share them). That copy comes from host memory the call owns, so this
+    /// call is not for CUDA graph capture (nor is [`CacheSlots::prefill`], which may grow its
+    /// buffers).
     #[allow(clippy::too_many_arguments)]
     pub fn prefill_varlen(
         &mut self,
@@ -187,7 +189,10 @@ impl<T: AttnElement> CacheSlots<'_, T> {
         };
         into_varlen::<T>(&mut plan, &l.cfg, q.shape(), &slots.sequences, arrays)?;
 
-        ctx.copy_words_to_device(cu, &words)?;
+        if c.ragged_words != words {
+            ctx.copy_words_to_device(cu, &words)?;
+            c.ragged_words = words;
+        }
         let new = (
             kv_source(&as_batch_of_one(k.desc()), &as_batch_of_one(v.desc())),
             0,
