@@ -208,6 +208,58 @@ fn ragged_step<T: AttnElement>(
     failures
 }
 
+/// Runs `steps` on bf16 caches of three layer mixes (Hq 8, Hkv 4, sink 4, window 24) for each
+/// (head dim, prefill kernel) of `runs`, then on an f16 MQA cache (Hq 6, sink 40, window 9,
+/// scale 0.07), each of `batch` slots of `max_len` tokens; asserts that every check passed.
+fn slot_matrix(
+    ctx: &Context,
+    rng: &mut StdRng,
+    test: &str,
+    (batch, max_len): (usize, usize),
+    runs: &[(usize, PrefillKernel)],
+    steps: &[SlotStep],
+) {
+    let mut failures = Vec::new();
+    let kinds = vec![vec![R, S, S, R], vec![S, S, S, S], vec![R, R, R, R]];
+    for &(head_dim, prefill_kernel) in runs {
+        let cfg = CacheConfig {
+            batch,
+            max_len,
+            heads_q: 8,
+            heads_kv: 4,
+            head_dim,
+            sink: 4,
+            window: 24,
+            softmax_scale: None,
+            prefill_kernel,
+        };
+        let label = format!("bf16 d{head_dim} {prefill_kernel:?}");
+        failures.extend(slot_schedule::<bf16>(
+            ctx,
+            rng,
+            kinds.clone(),
+            cfg,
+            steps,
+            &label,
+        ));
+    }
+    let cfg = CacheConfig {
+        batch,
+        max_len,
+        heads_q: 6,
+        heads_kv: 1,
+        head_dim: 128,
+        sink: 40,
+        window: 9,
+        softmax_scale: Some(0.07),
+        prefill_kernel: PrefillKernel::Auto,
+    };
+    let mqa = vec![vec![S], vec![R]];
+    failures.extend(slot_schedule::<f16>(ctx, rng, mqa, cfg, steps, "f16 MQA"));
+    notice(&format!("{test}: {} failures", failures.len()));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 /// Continuous batching: sequence slots prefilled one at a time (in chunks) while the others
 /// hold context, decoded together at their own lengths (1, 3 and 16 tokens), reset and refilled;
 /// every output checked per slot against the reference over that slot's sequence.
@@ -261,54 +313,15 @@ fn cache_slots_continuous_batching() {
         }, // two slots at one length: one prefill chunk
         All { n: 5 },
     ];
-    let mut failures = Vec::new();
-    let kinds = vec![vec![R, S, S, R], vec![S, S, S, S], vec![R, R, R, R]];
-    for d in [128, 64, 256] {
-        let cfg = CacheConfig {
-            batch: 3,
-            max_len: 300,
-            heads_q: 8,
-            heads_kv: 4,
-            head_dim: d,
-            sink: 4,
-            window: 24,
-            softmax_scale: None,
-            prefill_kernel: PrefillKernel::Auto,
-        };
-        let label = format!("bf16 d{d}");
-        failures.extend(slot_schedule::<bf16>(
-            &ctx,
-            &mut rng,
-            kinds.clone(),
-            cfg,
-            &steps,
-            &label,
-        ));
-    }
-    let cfg = CacheConfig {
-        batch: 3,
-        max_len: 300,
-        heads_q: 6,
-        heads_kv: 1,
-        head_dim: 128,
-        sink: 40,
-        window: 9,
-        softmax_scale: Some(0.07),
-        prefill_kernel: PrefillKernel::Auto,
-    };
-    failures.extend(slot_schedule::<f16>(
+    let runs = [128, 64, 256].map(|d| (d, PrefillKernel::Auto));
+    slot_matrix(
         &ctx,
         &mut rng,
-        vec![vec![S], vec![R]],
-        cfg,
+        "cache_slots_continuous_batching",
+        (3, 300),
+        &runs,
         &steps,
-        "f16 MQA",
-    ));
-    notice(&format!(
-        "cache_slots_continuous_batching: {} failures",
-        failures.len()
-    ));
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    );
 }
 
 /// A short continuous-batching schedule (slots prefilled apart, decoded together, reset), small
@@ -488,19 +501,6 @@ fn cache_ragged_prefill() {
             chunks: &[140, 33],
         },
     ];
-    let mut failures = Vec::new();
-    let kinds = vec![vec![R, S, S, R], vec![S, S, S, S], vec![R, R, R, R]];
-    let cache = |head_dim: usize, prefill_kernel: PrefillKernel| CacheConfig {
-        batch: 4,
-        max_len: 600,
-        heads_q: 8,
-        heads_kv: 4,
-        head_dim,
-        sink: 4,
-        window: 24,
-        softmax_scale: None,
-        prefill_kernel,
-    };
     let runs = [
         (128, PrefillKernel::Auto),
         (64, PrefillKernel::Auto),
@@ -509,42 +509,14 @@ fn cache_ragged_prefill() {
         (128, PrefillKernel::Wgmma),
         (128, PrefillKernel::MmaSync),
     ];
-    for (d, kernel) in runs {
-        let label = format!("bf16 d{d} {kernel:?}");
-        let cfg = cache(d, kernel);
-        failures.extend(slot_schedule::<bf16>(
-            &ctx,
-            &mut rng,
-            kinds.clone(),
-            cfg,
-            &steps,
-            &label,
-        ));
-    }
-    let cfg = CacheConfig {
-        batch: 4,
-        max_len: 600,
-        heads_q: 6,
-        heads_kv: 1,
-        head_dim: 128,
-        sink: 40,
-        window: 9,
-        softmax_scale: Some(0.07),
-        prefill_kernel: PrefillKernel::Auto,
-    };
-    failures.extend(slot_schedule::<f16>(
+    slot_matrix(
         &ctx,
         &mut rng,
-        vec![vec![S], vec![R]],
-        cfg,
+        "cache_ragged_prefill",
+        (4, 600),
+        &runs,
         &steps,
-        "f16 MQA",
-    ));
-    notice(&format!(
-        "cache_ragged_prefill: {} failures",
-        failures.len()
-    ));
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    );
 }
 
 /// A short ragged schedule for compute-sanitizer (`run.sh sanitize`): the gather, the append and
