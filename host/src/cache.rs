@@ -238,8 +238,9 @@ impl<T: AttnElement> DuoCache<T> {
                 }
                 let shape = [cfg.batch, heads, len, cfg.head_dim]; // head-major, see cache_desc
                 let (k, v) = (ctx.alloc::<T, 4>(shape)?, ctx.alloc::<T, 4>(shape)?);
-                // Zeroed (before the synchronize below) for a ragged prefill, which loads (and
-                // masks) rows past a shorter slot's length: never-written memory could hold NaN.
+                // Zeroed (before the synchronize below), as `CacheSlots::reset` zeroes a slot:
+                // a ragged prefill loads (and masks) rows past a shorter slot's length, and
+                // never-written memory could hold NaN (0 x NaN reaches the output).
                 zero(ctx, &k)?;
                 zero(ctx, &v)?;
                 Ok(Some((k, v)))
@@ -524,13 +525,12 @@ impl<T: AttnElement> DuoCache<T> {
             sink: self.sink as i32,
             recent: self.recent as i32,
             capacity: self.cfg.max_len as i32,
+            out_rows: 0,
         }
     }
 
-    /// Streaming heads' prefill context of at least `elems` elements per K and V. Fresh buffers
-    /// are zeroed: a ragged prefill's shorter sequences leave rows of their batch entry unwritten
-    /// that its kernel loads (and masks), and masked garbage could still be NaN (0 x NaN in the
-    /// PV product).
+    /// Streaming heads' prefill context of at least `elems` elements per K and V (every row a
+    /// prefill reads is written by its gather first).
     fn ensure_scratch(&mut self, ctx: &Context, elems: usize) -> Result<()> {
         if self.scratch.as_ref().is_some_and(|(k, _)| k.len() >= elems) {
             return Ok(());
@@ -538,11 +538,7 @@ impl<T: AttnElement> DuoCache<T> {
         // Chunks queued with the old buffers finish before they are freed.
         ctx.synchronize()?;
         self.scratch = None;
-        let (k, v) = (ctx.alloc([elems, 1])?, ctx.alloc([elems, 1])?);
-        for t in [&k, &v] {
-            zero(ctx, t)?;
-        }
-        self.scratch = Some((k, v));
+        self.scratch = Some((ctx.alloc([elems, 1])?, ctx.alloc([elems, 1])?));
         Ok(())
     }
 
@@ -573,7 +569,9 @@ impl<T: AttnElement> CacheSlots<'_, T> {
     }
 
     /// Forgets these slots' tokens in every layer (a finished request's slot, ready for the
-    /// next), on the context's stream.
+    /// next), on the context's stream. Their full caches are zeroed too: a ragged prefill loads
+    /// a slot's rows past its length beside its last keys (masked), where the last request's
+    /// values, were any of them not finite, would still reach the output (0 x NaN).
     pub fn reset(&mut self, ctx: &Context) -> Result<()> {
         let c = &mut *self.cache;
         c.check_device(ctx)?;
@@ -581,6 +579,12 @@ impl<T: AttnElement> CacheSlots<'_, T> {
         let pitch = 4 * 2 * c.cfg.batch; // one layer's lengths and counts
         ctx.fill_words(lens, pitch, self.seqs.len(), c.layers.len(), 0)?;
         for l in &mut c.layers {
+            for t in l.full.iter().flat_map(|(k, v)| [k, v]) {
+                // Slots are the outermost dimension: these slots' rows are one run.
+                let desc = cache_desc(t, 0, &self.seqs);
+                let words = self.seqs.len() * desc.strides[0] * size_of::<T>() / 4;
+                ctx.zero_words(desc.ptr, words)?;
+            }
             l.lens[self.seqs.clone()].fill(0);
         }
         Ok(())

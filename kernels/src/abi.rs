@@ -469,6 +469,10 @@ pub struct CacheParams {
     pub recent: i32,
     /// Rows of `full` per sequence.
     pub capacity: i32,
+    /// Gather: rows per sequence of `out` (0: just its context and new rows). Rows past a
+    /// sequence's own are zeroed: a ragged prefill loads them beside its last keys (masked),
+    /// and stale non-finite values there would still reach O (0 x NaN).
+    pub out_rows: i32,
 }
 
 /// Decode kernel entry names, by (element, head dim).

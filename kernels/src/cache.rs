@@ -176,7 +176,12 @@ pub unsafe extern "ptx-kernel" fn duo_cache_gather_stream(p: CacheParams) {
     let (n_new, first) = new_rows(&p, batch);
     let (sink_rows, recent_rows, lo) = history(start, p.sink, p.recent);
     let n_hist = sink_rows + recent_rows;
-    let Some((row, head, chunk)) = thread_item(n_hist + n_new, &p) else {
+    let rows = if p.out_rows > 0 {
+        p.out_rows
+    } else {
+        n_hist + n_new
+    };
+    let Some((row, head, chunk)) = thread_item(rows, &p) else {
         return;
     };
     let (streaming, rank) = kind_and_rank(&p.streaming_heads, head as usize);
@@ -184,7 +189,12 @@ pub unsafe extern "ptx-kernel" fn duo_cache_gather_stream(p: CacheParams) {
         return;
     }
     unsafe {
-        if row >= n_hist {
+        if row >= n_hist + n_new {
+            let zero = [0u32; 4];
+            let (out, b) = (&p.out, batch);
+            st_global_v4(chunk_addr(out.k, &out.k_strides, b, row, rank, chunk), zero);
+            st_global_v4(chunk_addr(out.v, &out.v_strides, b, row, rank, chunk), zero);
+        } else if row >= n_hist {
             copy_kv(
                 &p.new,
                 first + row - n_hist,

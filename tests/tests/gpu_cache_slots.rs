@@ -40,6 +40,13 @@ enum SlotStep {
         first: usize,
         chunks: &'static [usize],
     },
+    /// `Ragged`, with NaN K/V for slot `first + poisoned` (a broken request; its output is not
+    /// checked). The other slots' outputs must not see it, then or after its reset.
+    PoisonedRagged {
+        first: usize,
+        chunks: &'static [usize],
+        poisoned: usize,
+    },
 }
 
 /// Runs `steps` over every layer of a cache, checking every call's output per slot against the
@@ -69,7 +76,19 @@ fn slot_schedule<T: AttnElement>(
             SlotStep::Ragged { first, chunks } => {
                 for (layer, h) in hist.iter_mut().enumerate() {
                     let what = format!("{label}: step {i} {step:?} layer {layer}");
-                    let slots = (first, chunks);
+                    let slots = (first, chunks, None);
+                    failures.extend(ragged_step(ctx, rng, &mut cache, (layer, h), slots, &what));
+                }
+                continue;
+            }
+            SlotStep::PoisonedRagged {
+                first,
+                chunks,
+                poisoned,
+            } => {
+                for (layer, h) in hist.iter_mut().enumerate() {
+                    let what = format!("{label}: step {i} {step:?} layer {layer}");
+                    let slots = (first, chunks, Some(poisoned));
                     failures.extend(ragged_step(ctx, rng, &mut cache, (layer, h), slots, &what));
                 }
                 continue;
@@ -133,13 +152,14 @@ fn slot_schedule<T: AttnElement>(
 }
 
 /// One ragged prefill of `chunks[i]` new tokens into slot `first + i` of `layer`, each slot's
-/// rows checked against the reference over its own sequence; returns the failures.
+/// rows checked against the reference over its own sequence; returns the failures. Chunk
+/// `poisoned` (if any) holds NaN K/V and goes unchecked.
 fn ragged_step<T: AttnElement>(
     ctx: &Context,
     rng: &mut StdRng,
     cache: &mut DuoCache<T>,
     (layer, h): (usize, &mut SlotHistory),
-    (first, chunks): (usize, &[usize]),
+    (first, chunks, poisoned): (usize, &[usize], Option<usize>),
     what: &str,
 ) -> Vec<String> {
     let c = cache.config();
@@ -152,8 +172,13 @@ fn ragged_step<T: AttnElement>(
         }))
         .collect();
     let (q, q32) = random_tensor::<T>(rng, total * hq * d);
-    let (k, k32) = random_tensor::<T>(rng, total * hkv * d);
-    let (v, v32) = random_tensor::<T>(rng, total * hkv * d);
+    let (mut k, k32) = random_tensor::<T>(rng, total * hkv * d);
+    let (mut v, v32) = random_tensor::<T>(rng, total * hkv * d);
+    if let Some(p) = poisoned {
+        let rows = cu[p] as usize * hkv * d..cu[p + 1] as usize * hkv * d;
+        k[rows.clone()].fill(T::nan());
+        v[rows].fill(T::nan());
+    }
     let dq = ctx.upload(&q, [total, hq, d]).unwrap();
     let dk = ctx.upload(&k, [total, hkv, d]).unwrap();
     let dv = ctx.upload(&v, [total, hkv, d]).unwrap();
@@ -188,6 +213,9 @@ fn ragged_step<T: AttnElement>(
         }
         let kv = |x: &[f32]| x[r0 * hkv * d..][..n * hkv * d].to_vec();
         h.push(slot, n, &kv(&k32), &kv(&v32));
+        if poisoned == Some(i) {
+            continue;
+        }
         // This slot's rows as a batch of one: q/out `[1, n, Hq, D]`, lse `[1, Hq, n]`.
         let rows = |x: &[f32]| x[r0 * hq * d..][..n * hq * d].to_vec();
         let lse_i: Vec<f32> = (0..hq)
@@ -500,6 +528,19 @@ fn cache_ragged_prefill() {
             first: 2,
             chunks: &[140, 33],
         },
+        // A broken request's NaN K/V fill slot 0's cache rows and the streaming context's
+        // scratch; after its reset, padding rows of the next calls must not carry them.
+        PoisonedRagged {
+            first: 0,
+            chunks: &[150, 10, 0, 2],
+            poisoned: 0,
+        },
+        Reset { slot: 0 },
+        Ragged {
+            first: 0,
+            chunks: &[3, 5, 1, 0],
+        },
+        All { n: 1 },
     ];
     let runs = [
         (128, PrefillKernel::Auto),

@@ -147,7 +147,7 @@ impl<T: AttnElement> CacheSlots<'_, T> {
             slots.addresses(c.ensure_ragged(ctx, words.len())?);
 
         // The streaming context: each slot's `[sink | recent | chunk]` at the front of its
-        // batch entry, `stream_rows` rows apart.
+        // batch entry, `stream_rows` rows apart, the rest of the entry zeroed by the gather.
         let stream_descs = c.scratch.as_ref().filter(|_| hs > 0).map(|(sk, sv)| {
             let desc = |t: &DeviceTensor<T, 2>| {
                 let shape = [b, stream_rows, hs, d];
@@ -206,6 +206,7 @@ impl<T: AttnElement> CacheSlots<'_, T> {
         if let Some((sk, sv)) = stream_descs {
             let mut params = ragged(c.cache_params(layer, &seqs, new, kv_source(&sk, &sv), 0));
             params.starts = starts;
+            params.out_rows = stream_rows as i32;
             c.launch_cache_kernel(ctx, "duo_cache_gather_stream", (stream_rows, b), &params)?;
         }
         let params = ragged(c.cache_params(layer, &seqs, new, KvSource::default(), 0));
