@@ -268,9 +268,11 @@ pub struct SplitChoices {
     recent: std::collections::VecDeque<(SplitKey, usize)>,
 }
 
-/// What the launch's own split choice depends on.
+/// What a launch's split choice depends on (a requested count is capped by the work's longest
+/// tile, which also takes the work list to find).
 #[derive(Debug, PartialEq, Eq)]
 struct SplitKey {
+    requested: Option<usize>,
     shape: SplitShape,
     slots: usize,
     rows: usize,
@@ -282,21 +284,21 @@ impl SplitChoices {
     /// `choose_kv_splits` for `split` on `slots` resident blocks, remembered.
     pub fn choose(&mut self, split: &SplitKv, slots: usize) -> usize {
         let rows = split.rows.count();
-        if split.requested.is_some() {
-            return choose_kv_splits(split.requested, &split.shape.work(), slots, rows);
-        }
-        let known = self
-            .recent
-            .iter()
-            .find(|(key, _)| key.slots == slots && key.rows == rows && key.shape == split.shape);
+        let known = self.recent.iter().find(|(key, _)| {
+            key.requested == split.requested
+                && key.slots == slots
+                && key.rows == rows
+                && key.shape == split.shape
+        });
         if let Some(&(_, splits)) = known {
             return splits;
         }
-        let splits = choose_kv_splits(None, &split.shape.work(), slots, rows);
+        let splits = choose_kv_splits(split.requested, &split.shape.work(), slots, rows);
         if self.recent.len() == Self::KEEP {
             self.recent.pop_front();
         }
         let key = SplitKey {
+            requested: split.requested,
             shape: split.shape.clone(),
             slots,
             rows,
@@ -509,7 +511,9 @@ mod tests {
             assert_eq!(choices.choose(&split(32, None), 66), 2);
             assert_eq!(choices.choose(&split(32, Some(3)), 132), 3);
         }
-        assert_eq!(choices.recent.len(), 2);
+        // A requested count is remembered too (its cap needs the work list).
+        assert_eq!(choices.recent.len(), 3);
+        assert_eq!(choices.choose(&split(32, Some(64)), 132), 32);
         for tiles in 1..20 {
             choices.choose(&split(tiles, None), 132);
         }
