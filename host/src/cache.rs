@@ -526,6 +526,7 @@ impl<T: AttnElement> DuoCache<T> {
             recent: self.recent as i32,
             capacity: self.cfg.max_len as i32,
             out_rows: 0,
+            pad_block: 1,
         }
     }
 

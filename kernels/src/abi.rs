@@ -470,9 +470,11 @@ pub struct CacheParams {
     /// Rows of `full` per sequence.
     pub capacity: i32,
     /// Gather: rows per sequence of `out` (0: just its context and new rows). Rows past a
-    /// sequence's own are zeroed: a ragged prefill loads them beside its last keys (masked),
-    /// and stale non-finite values there would still reach O (0 x NaN).
+    /// sequence's own, up to the next multiple of `pad_block` (the prefill's KV block), are
+    /// zeroed: a ragged prefill's TMA loads them with its last keys (masked), and stale
+    /// non-finite values there would still reach O (0 x NaN).
     pub out_rows: i32,
+    pub pad_block: i32,
 }
 
 /// Decode kernel entry names, by (element, head dim).

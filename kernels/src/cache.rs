@@ -190,6 +190,11 @@ pub unsafe extern "ptx-kernel" fn duo_cache_gather_stream(p: CacheParams) {
     }
     unsafe {
         if row >= n_hist + n_new {
+            // Only the rows the last KV block loads.
+            let own = n_hist + n_new;
+            if row >= own + p.pad_block - 1 - (own + p.pad_block - 1) % p.pad_block.max(1) {
+                return;
+            }
             let zero = [0u32; 4];
             let (out, b) = (&p.out, batch);
             st_global_v4(chunk_addr(out.k, &out.k_strides, b, row, rank, chunk), zero);

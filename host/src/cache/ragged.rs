@@ -8,6 +8,7 @@ use super::*;
 use crate::attention::{
     VarlenArrays, as_batch_of_one, check_cu_seqlens, into_varlen, lse_as_batch_of_one,
 };
+use duo_attn_kernels::abi::ws_block_n;
 
 /// What a ragged prefill of one layer reads and writes per slot, planned on the host.
 struct SlotPlan {
@@ -207,6 +208,7 @@ impl<T: AttnElement> CacheSlots<'_, T> {
             let mut params = ragged(c.cache_params(layer, &seqs, new, kv_source(&sk, &sv), 0));
             params.starts = starts;
             params.out_rows = stream_rows as i32;
+            params.pad_block = ws_block_n(d) as i32;
             c.launch_cache_kernel(ctx, "duo_cache_gather_stream", (stream_rows, b), &params)?;
         }
         let params = ragged(c.cache_params(layer, &seqs, new, KvSource::default(), 0));
