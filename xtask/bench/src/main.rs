@@ -2,6 +2,7 @@
 //! issues, merges the peers' times measured on the same GPU (`peers.py`), and prints one table;
 //! writes `bench.json` and `bench.svg`. A broken kernel posts no time: each mode is checked against
 //! the float64 reference first.
+mod cache_prefill;
 mod cases;
 mod clock;
 mod report;
@@ -80,6 +81,11 @@ struct Args {
     /// there instead of LSE values.
     #[arg(long, hide = true)]
     dump_lse: Option<PathBuf>,
+    /// Instead of the cases: new requests of different lengths prefilled into a DuoAttention
+    /// cache, slot by slot against one ragged launch (`prefill_varlen`); writes
+    /// `cache-prefill.json`.
+    #[arg(long)]
+    cache_prefill: bool,
 }
 
 fn parse_head_dim(s: &str) -> Result<usize, String> {
@@ -170,6 +176,9 @@ fn main() -> ExitCode {
     let device = ctx.info().name.clone();
     println!("device: {device}");
     let mut rng = rng("bench");
+    if args.cache_prefill {
+        return run_cache_prefill(&args, &ctx, &mut rng);
+    }
 
     // Correctness gate: one shape per kernel path, against the float64 reference.
     let gate: &[Case] = if args.probe_skip_check {
@@ -319,6 +328,39 @@ fn main() -> ExitCode {
         records,
     };
     write_outputs(&args, report)
+}
+
+/// `--cache-prefill`: the scenarios' table, and their records in `cache-prefill.json`. Fails when
+/// a ragged output strays from the slot-by-slot one (bf16 rounding is far below 1e-2).
+fn run_cache_prefill(args: &Args, ctx: &Context, rng: &mut rand::rngs::StdRng) -> ExitCode {
+    let records = match cache_prefill::run(ctx, rng) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cache prefill: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let path = args.out_dir.join("cache-prefill.json");
+    let json = serde_json::json!({
+        "date": report::today(),
+        "device": ctx.info().name,
+        "records": records,
+    });
+    if let Err(e) = std::fs::create_dir_all(&args.out_dir)
+        .and_then(|()| std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()))
+    {
+        eprintln!("writing {}: {e}", path.display());
+        return ExitCode::FAILURE;
+    }
+    println!("\nwrote {}", path.display());
+    if let Some(bad) = records
+        .iter()
+        .find(|r| r.max_rel_diff.is_nan() || r.max_rel_diff >= 1e-2)
+    {
+        eprintln!("cache prefill: ragged outputs differ from slot by slot: {bad:?}");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
 }
 
 /// A varlen launch's check: the first failing sequence's comparison, else the one with the
