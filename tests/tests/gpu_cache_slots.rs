@@ -236,17 +236,32 @@ fn ragged_step<T: AttnElement>(
     failures
 }
 
+/// Runs short `steps` on a bf16 cache of one layer (a retrieval and a streaming KV head, D 64,
+/// sink 3, window 10: `sanitizer_cache`) with `batch` slots of 120 tokens, small enough for
+/// compute-sanitizer (`run.sh sanitize`); asserts that every check passed.
+fn small_schedule(test: &str, batch: usize, steps: &[SlotStep]) {
+    let Some(ctx) = gpu_or_skip(test) else {
+        return;
+    };
+    let cfg = sanitizer_cache(batch, 120);
+    let kinds = vec![vec![R, S]];
+    let failures = slot_schedule::<bf16>(&ctx, &mut rng(test), kinds, cfg, steps, test);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 /// Runs `steps` on bf16 caches of three layer mixes (Hq 8, Hkv 4, sink 4, window 24) for each
 /// (head dim, prefill kernel) of `runs`, then on an f16 MQA cache (Hq 6, sink 40, window 9,
 /// scale 0.07), each of `batch` slots of `max_len` tokens; asserts that every check passed.
 fn slot_matrix(
-    ctx: &Context,
-    rng: &mut StdRng,
     test: &str,
     (batch, max_len): (usize, usize),
     runs: &[(usize, PrefillKernel)],
     steps: &[SlotStep],
 ) {
+    let Some(ctx) = gpu_or_skip(test) else {
+        return;
+    };
+    let (ctx, rng) = (&ctx, &mut rng(test));
     let mut failures = Vec::new();
     let kinds = vec![vec![R, S, S, R], vec![S, S, S, S], vec![R, R, R, R]];
     for &(head_dim, prefill_kernel) in runs {
@@ -293,10 +308,6 @@ fn slot_matrix(
 /// every output checked per slot against the reference over that slot's sequence.
 #[test]
 fn cache_slots_continuous_batching() {
-    let Some(ctx) = gpu_or_skip("cache_slots_continuous_batching") else {
-        return;
-    };
-    let mut rng = rng("cache_slots_continuous_batching");
     use SlotStep::*;
     let steps = [
         Forward {
@@ -342,25 +353,13 @@ fn cache_slots_continuous_batching() {
         All { n: 5 },
     ];
     let runs = [128, 64, 256].map(|d| (d, PrefillKernel::Auto));
-    slot_matrix(
-        &ctx,
-        &mut rng,
-        "cache_slots_continuous_batching",
-        (3, 300),
-        &runs,
-        &steps,
-    );
+    slot_matrix("cache_slots_continuous_batching", (3, 300), &runs, &steps);
 }
 
 /// A short continuous-batching schedule (slots prefilled apart, decoded together, reset), small
 /// enough for compute-sanitizer (`run.sh sanitize`).
 #[test]
 fn sanitizer_small_slot_schedule() {
-    let Some(ctx) = gpu_or_skip("sanitizer_small_slot_schedule") else {
-        return;
-    };
-    let mut rng = rng("sanitizer_small_slot_schedule");
-    let cfg = sanitizer_cache(2, 120);
     use SlotStep::*;
     let steps = [
         Forward {
@@ -378,8 +377,7 @@ fn sanitizer_small_slot_schedule() {
         Reset { slot: 1 },
         All { n: 2 },
     ];
-    let failures = slot_schedule::<bf16>(&ctx, &mut rng, vec![vec![R, S]], cfg, &steps, "small");
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    small_schedule("sanitizer_small_slot_schedule", 2, &steps);
 }
 
 /// Slot ranges outside the batch, and a prefill chunk over slots at different lengths, are
@@ -492,10 +490,6 @@ fn cache_slot_errors() {
 /// both element types, and the cp.async, plain wgmma and mma.sync prefill kernels at D = 128.
 #[test]
 fn cache_ragged_prefill() {
-    let Some(ctx) = gpu_or_skip("cache_ragged_prefill") else {
-        return;
-    };
-    let mut rng = rng("cache_ragged_prefill");
     use SlotStep::*;
     let steps = [
         Ragged {
@@ -550,24 +544,13 @@ fn cache_ragged_prefill() {
         (128, PrefillKernel::Wgmma),
         (128, PrefillKernel::MmaSync),
     ];
-    slot_matrix(
-        &ctx,
-        &mut rng,
-        "cache_ragged_prefill",
-        (4, 600),
-        &runs,
-        &steps,
-    );
+    slot_matrix("cache_ragged_prefill", (4, 600), &runs, &steps);
 }
 
 /// A short ragged schedule for compute-sanitizer (`run.sh sanitize`): the gather, the append and
 /// the prefill kernel with per-slot key counts, around a decode step.
 #[test]
 fn sanitizer_small_ragged_prefill() {
-    let Some(ctx) = gpu_or_skip("sanitizer_small_ragged_prefill") else {
-        return;
-    };
-    let mut rng = rng("sanitizer_small_ragged_prefill");
     use SlotStep::*;
     let steps = [
         Ragged {
@@ -580,15 +563,7 @@ fn sanitizer_small_ragged_prefill() {
             chunks: &[5, 40, 1],
         },
     ];
-    let failures = slot_schedule::<bf16>(
-        &ctx,
-        &mut rng,
-        vec![vec![R, S]],
-        sanitizer_cache(3, 120),
-        &steps,
-        "small ragged",
-    );
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    small_schedule("sanitizer_small_ragged_prefill", 3, &steps);
 }
 
 /// A ragged prefill's bad input is a typed error, and leaves the cache as it was.
