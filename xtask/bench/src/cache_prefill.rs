@@ -133,8 +133,7 @@ fn scenario(ctx: &Context, rng: &mut StdRng, prompts: &[usize]) -> Result<CacheP
         let (o, l) = (&mut out.view_mut(), &mut lse.view_mut());
         cache.prefill_varlen(ctx, 0, &q, &k, &v, &cu, o, l)
     };
-    let slot_by_slot_ms = time(ctx, &mut cache, &mut slot_by_slot)?;
-    let ragged_ms = time(ctx, &mut cache, &mut ragged)?;
+    let [slot_by_slot_ms, ragged_ms] = time(ctx, &mut cache, [&mut slot_by_slot, &mut ragged])?;
 
     // The last reps' outputs: the ragged rows against each slot's own.
     let ragged_out = out.to_host()?;
@@ -159,13 +158,17 @@ fn scenario(ctx: &Context, rng: &mut StdRng, prompts: &[usize]) -> Result<CacheP
     })
 }
 
-/// Median time of `prefill` over `REPS` reps after two warm-ups, each from an empty cache (the
-/// reset, a memset of the full caches, queued before the start event).
+/// One way of prefilling the scenario's requests into a reset cache.
+type Prefill<'a> = dyn FnMut(&mut DuoCache<bf16>) -> Result<()> + 'a;
+
+/// Median times of each of `prefills` over `REPS` reps after two warm-ups, each rep from an
+/// empty cache (the reset, a memset of the full caches, queued before the start event). The
+/// prefills alternate rep by rep, so both see the same clock under the power cap.
 fn time(
     ctx: &Context,
     cache: &mut DuoCache<bf16>,
-    prefill: &mut impl FnMut(&mut DuoCache<bf16>) -> Result<()>,
-) -> Result<f64> {
+    mut prefills: [&mut Prefill<'_>; 2],
+) -> Result<[f64; 2]> {
     let cuda = |e: cust::error::CudaError| duo_attn::Error::Cuda {
         during: "timing the cache prefill",
         source: e,
@@ -173,21 +176,25 @@ fn time(
     let stream = ctx.stream().ok_or_else(|| duo_attn::Error::ForeignStream {
         why: "the bench times a context that owns its stream".into(),
     })?;
-    let mut times = Vec::with_capacity(REPS);
+    let mut times = [Vec::with_capacity(REPS), Vec::with_capacity(REPS)];
     for rep in 0..REPS + 2 {
-        cache.reset(ctx)?;
-        let (start, stop) = (
-            Event::new(EventFlags::DEFAULT).map_err(cuda)?,
-            Event::new(EventFlags::DEFAULT).map_err(cuda)?,
-        );
-        start.record(stream).map_err(cuda)?;
-        prefill(cache)?;
-        stop.record(stream).map_err(cuda)?;
-        ctx.synchronize()?;
-        if rep >= 2 {
-            times.push(stop.elapsed_time_f32(&start).map_err(cuda)? as f64);
+        for (prefill, times) in prefills.iter_mut().zip(&mut times) {
+            cache.reset(ctx)?;
+            let (start, stop) = (
+                Event::new(EventFlags::DEFAULT).map_err(cuda)?,
+                Event::new(EventFlags::DEFAULT).map_err(cuda)?,
+            );
+            start.record(stream).map_err(cuda)?;
+            prefill(cache)?;
+            stop.record(stream).map_err(cuda)?;
+            ctx.synchronize()?;
+            if rep >= 2 {
+                times.push(stop.elapsed_time_f32(&start).map_err(cuda)? as f64);
+            }
         }
     }
-    times.sort_by(f64::total_cmp);
-    Ok(times[REPS / 2])
+    Ok(times.map(|mut t| {
+        t.sort_by(f64::total_cmp);
+        t[REPS / 2]
+    }))
 }
