@@ -148,7 +148,8 @@ impl<T: AttnElement> CacheSlots<'_, T> {
             slots.addresses(c.ensure_ragged(ctx, words.len())?);
 
         // The streaming context: each slot's `[sink | recent | chunk]` at the front of its
-        // batch entry, `stream_rows` rows apart, the rest of the entry zeroed by the gather.
+        // batch entry, `stream_rows` rows apart; the gather zeroes the rows after it that the
+        // slot's last KV block loads.
         let stream_descs = c.scratch.as_ref().filter(|_| hs > 0).map(|(sk, sv)| {
             let desc = |t: &DeviceTensor<T, 2>| {
                 let shape = [b, stream_rows, hs, d];
