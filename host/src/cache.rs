@@ -141,11 +141,6 @@ pub struct DuoCache<T: AttnElement> {
     ragged_words: Vec<i32>,
 }
 
-/// Zeroes a device tensor of 16-bit elements on the context's stream.
-fn zero<T: AttnElement, const N: usize>(ctx: &Context, t: &DeviceTensor<T, N>) -> Result<()> {
-    ctx.zero_words(t.view().desc().ptr, t.len() * std::mem::size_of::<T>() / 4)
-}
-
 /// A cache tensor, stored head-major `[B, H, slots, D]` (each head's rows contiguous, so decode
 /// streams long runs of memory), seen as the `[B, len, H, D]` the kernels index, for the
 /// sequence slots `seqs`.
@@ -237,13 +232,7 @@ impl<T: AttnElement> DuoCache<T> {
                     return Ok(None);
                 }
                 let shape = [cfg.batch, heads, len, cfg.head_dim]; // head-major, see cache_desc
-                let (k, v) = (ctx.alloc::<T, 4>(shape)?, ctx.alloc::<T, 4>(shape)?);
-                // Zeroed (before the synchronize below), as `CacheSlots::reset` zeroes a slot:
-                // a ragged prefill loads (and masks) rows past a shorter slot's length, and
-                // never-written memory could hold NaN (0 x NaN reaches the output).
-                zero(ctx, &k)?;
-                zero(ctx, &v)?;
-                Ok(Some((k, v)))
+                Ok(Some((ctx.alloc::<T, 4>(shape)?, ctx.alloc::<T, 4>(shape)?)))
             };
             let attention = AttentionConfig::new(row)
                 .sink(sink as u32)
@@ -570,9 +559,7 @@ impl<T: AttnElement> CacheSlots<'_, T> {
     }
 
     /// Forgets these slots' tokens in every layer (a finished request's slot, ready for the
-    /// next), on the context's stream. Their full caches are zeroed too: a ragged prefill loads
-    /// a slot's rows past its length beside its last keys (masked), where the last request's
-    /// values, were any of them not finite, would still reach the output (0 x NaN).
+    /// next), on the context's stream.
     pub fn reset(&mut self, ctx: &Context) -> Result<()> {
         let c = &mut *self.cache;
         c.check_device(ctx)?;
@@ -580,12 +567,6 @@ impl<T: AttnElement> CacheSlots<'_, T> {
         let pitch = 4 * 2 * c.cfg.batch; // one layer's lengths and counts
         ctx.fill_words(lens, pitch, self.seqs.len(), c.layers.len(), 0)?;
         for l in &mut c.layers {
-            for t in l.full.iter().flat_map(|(k, v)| [k, v]) {
-                // Slots are the outermost dimension: these slots' rows are one run.
-                let desc = cache_desc(t, 0, &self.seqs);
-                let words = self.seqs.len() * desc.strides[0] * size_of::<T>() / 4;
-                ctx.zero_words(desc.ptr, words)?;
-            }
             l.lens[self.seqs.clone()].fill(0);
         }
         Ok(())

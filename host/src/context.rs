@@ -328,14 +328,6 @@ impl Context {
             .during_raw("setting cache lengths")
     }
 
-    /// Sets `words` 4-byte words from `ptr` on to zero, queued on the context's stream.
-    pub(crate) fn zero_words(&self, ptr: u64, words: usize) -> Result<()> {
-        self.make_current()?;
-        // SAFETY: the caller passes words inside one of its allocations; the stream is valid.
-        unsafe { cust::sys::cuMemsetD32Async(ptr, 0, words, self.raw_stream()) }
-            .during_raw("zeroing device memory")
-    }
-
     /// Copies `words` to device address `dst`, queued on the context's stream. The host words are
     /// staged before this returns (pageable memory), so the caller may drop them at once.
     pub(crate) fn copy_words_to_device(&self, dst: u64, words: &[i32]) -> Result<()> {

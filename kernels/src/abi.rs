@@ -469,11 +469,12 @@ pub struct CacheParams {
     pub recent: i32,
     /// Rows of `full` per sequence.
     pub capacity: i32,
-    /// Gather: rows per sequence of `out` (0: just its context and new rows). Rows past a
-    /// sequence's own, up to the next multiple of `pad_block` (the prefill's KV block), are
-    /// zeroed: a ragged prefill's TMA loads them with its last keys (masked), and stale
-    /// non-finite values there would still reach O (0 x NaN).
+    /// Gather: rows per sequence of `out` (0: just its context and new rows).
     pub out_rows: i32,
+    /// A ragged prefill's KV block (1 otherwise): the gather zeroes `out`'s rows past a
+    /// sequence's own, and the append the full cache's rows past the new ones, up to the next
+    /// multiple of it. The prefill's TMA loads them with its last keys (masked), and stale
+    /// non-finite values there would still reach O (0 x NaN).
     pub pad_block: i32,
 }
 

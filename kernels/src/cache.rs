@@ -101,8 +101,15 @@ pub unsafe extern "ptx-kernel" fn duo_cache_append(p: CacheParams) {
         p.start
     };
     let (n_new, first) = new_rows(&p, batch);
-    if let Some((row, head, chunk)) = thread_item(n_new, &p) {
-        unsafe { append_row(&p, (start, n_new, first), row, head, chunk, batch) };
+    // A ragged prefill (`pad_block` > 1) loads the full cache's rows after the new ones up to its
+    // last KV block's end (masked): they are zeroed here, whatever a slot's last request left.
+    let rows = round_up(start + n_new, p.pad_block) - start;
+    if let Some((row, head, chunk)) = thread_item(rows, &p) {
+        if row < n_new {
+            unsafe { append_row(&p, (start, n_new, first), row, head, chunk, batch) };
+        } else {
+            unsafe { zero_full_row(&p, start + row, head, chunk, batch) };
+        }
     }
     if p.lens != 0 && thread_idx_x() == 0 {
         // The last block of the sequence to count itself advances its length: every block read
@@ -134,6 +141,35 @@ unsafe fn read_start(p: &CacheParams, lens: u64) -> i32 {
     }
     sync_threads();
     unsafe { ld_shared_u32(shared) as i32 }
+}
+
+/// `x` rounded up to a multiple of `block` (`block` <= 1: `x`).
+#[inline(always)]
+fn round_up(x: i32, block: i32) -> i32 {
+    if block <= 1 {
+        return x;
+    }
+    x + block - 1 - (x + block - 1) % block
+}
+
+/// Zeroes position `pos` of `head`'s full cache (retrieval heads, below `capacity`).
+#[inline(always)]
+unsafe fn zero_full_row(p: &CacheParams, pos: i32, head: i32, chunk: i32, batch: i64) {
+    let (streaming, rank) = kind_and_rank(&p.streaming_heads, head as usize);
+    if streaming || pos >= p.capacity {
+        return;
+    }
+    let full = &p.full;
+    unsafe {
+        st_global_v4(
+            chunk_addr(full.k, &full.k_strides, batch, pos, rank, chunk),
+            [0; 4],
+        );
+        st_global_v4(
+            chunk_addr(full.v, &full.v_strides, batch, pos, rank, chunk),
+            [0; 4],
+        );
+    }
 }
 
 /// Copies new row `row` (position `start + row`; row `first + row` of `new`) of `head` to its
@@ -191,8 +227,7 @@ pub unsafe extern "ptx-kernel" fn duo_cache_gather_stream(p: CacheParams) {
     unsafe {
         if row >= n_hist + n_new {
             // Only the rows the last KV block loads.
-            let own = n_hist + n_new;
-            if row >= own + p.pad_block - 1 - (own + p.pad_block - 1) % p.pad_block.max(1) {
+            if row >= round_up(n_hist + n_new, p.pad_block) {
                 return;
             }
             let zero = [0u32; 4];

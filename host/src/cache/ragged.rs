@@ -212,8 +212,12 @@ impl<T: AttnElement> CacheSlots<'_, T> {
             params.pad_block = ws_block_n(d) as i32;
             c.launch_cache_kernel(ctx, "duo_cache_gather_stream", (stream_rows, b), &params)?;
         }
-        let params = ragged(c.cache_params(layer, &seqs, new, KvSource::default(), 0));
-        c.launch_cache_kernel(ctx, "duo_cache_append", (longest_new, b), &params)?;
+        // The append also zeroes the full cache's rows after each slot's new ones that its last
+        // KV block loads.
+        let mut params = ragged(c.cache_params(layer, &seqs, new, KvSource::default(), 0));
+        params.pad_block = ws_block_n(d) as i32;
+        let rows = longest_new + ws_block_n(d) - 1;
+        c.launch_cache_kernel(ctx, "duo_cache_append", (rows, b), &params)?;
         for (len, s) in c.layers[layer].lens[seqs].iter_mut().zip(&slots.sequences) {
             *len += s.0;
         }
