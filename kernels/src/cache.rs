@@ -152,23 +152,27 @@ fn round_up(x: i32, block: i32) -> i32 {
     x + block - 1 - (x + block - 1) % block
 }
 
+/// Zeroes chunk `(pos, head, chunk)` of K and V in `dst`.
+#[inline(always)]
+unsafe fn zero_kv(dst: &KvSource, pos: i32, head: i32, batch: i64, chunk: i32) {
+    unsafe {
+        st_global_v4(
+            chunk_addr(dst.k, &dst.k_strides, batch, pos, head, chunk),
+            [0; 4],
+        );
+        st_global_v4(
+            chunk_addr(dst.v, &dst.v_strides, batch, pos, head, chunk),
+            [0; 4],
+        );
+    }
+}
+
 /// Zeroes position `pos` of `head`'s full cache (retrieval heads, below `capacity`).
 #[inline(always)]
 unsafe fn zero_full_row(p: &CacheParams, pos: i32, head: i32, chunk: i32, batch: i64) {
     let (streaming, rank) = kind_and_rank(&p.streaming_heads, head as usize);
-    if streaming || pos >= p.capacity {
-        return;
-    }
-    let full = &p.full;
-    unsafe {
-        st_global_v4(
-            chunk_addr(full.k, &full.k_strides, batch, pos, rank, chunk),
-            [0; 4],
-        );
-        st_global_v4(
-            chunk_addr(full.v, &full.v_strides, batch, pos, rank, chunk),
-            [0; 4],
-        );
+    if !streaming && pos < p.capacity {
+        unsafe { zero_kv(&p.full, pos, rank, batch, chunk) };
     }
 }
 
@@ -230,10 +234,7 @@ pub unsafe extern "ptx-kernel" fn duo_cache_gather_stream(p: CacheParams) {
             if row >= round_up(n_hist + n_new, p.pad_block) {
                 return;
             }
-            let zero = [0u32; 4];
-            let (out, b) = (&p.out, batch);
-            st_global_v4(chunk_addr(out.k, &out.k_strides, b, row, rank, chunk), zero);
-            st_global_v4(chunk_addr(out.v, &out.v_strides, b, row, rank, chunk), zero);
+            zero_kv(&p.out, row, rank, batch, chunk);
         } else if row >= n_hist {
             copy_kv(
                 &p.new,
