@@ -19,7 +19,7 @@ use duo_attn::reference::Shape;
 use duo_attn::{
     Binarize, CacheConfig, Context, DuoCache, HeadKind, HeadPattern, PrefillKernel, cache_memory,
 };
-use duo_attn_tests::{compare, notice};
+use duo_attn_tests::{compare, notice, prefix_sums};
 use half::bf16;
 use rand::{Rng, SeedableRng, rngs::SmallRng};
 use rand_distr::StandardNormal;
@@ -331,10 +331,7 @@ fn main() -> ExitCode {
                       seed: u64|
      -> f64 {
         let total: usize = chunks.iter().sum();
-        let mut cu = vec![0i32];
-        for &n in chunks {
-            cu.push(cu[cu.len() - 1] + n as i32);
-        }
+        let cu = prefix_sums(chunks.iter().copied());
         let starts = cache.lens(0).unwrap().to_vec();
         let mut inputs: Vec<_> = (0..layers)
             .map(|l| {

@@ -293,18 +293,23 @@ pub fn run_scaled_keys_case<T: AttnElement>(
     Ok(compare(shape, cfg, &q32, &k32, &v32, &out32, &lse, &rows))
 }
 
+/// The `[B + 1]` prefix sum of `B` row counts, from 0 (a `cu_seqlens`).
+pub fn prefix_sums(counts: impl IntoIterator<Item = usize>) -> Vec<i32> {
+    std::iter::once(0)
+        .chain(counts.into_iter().scan(0, |acc, n| {
+            *acc += n as i32;
+            Some(*acc)
+        }))
+        .collect()
+}
+
 /// The `[B + 1]` prefix sums (`cu_seqlens_q`, `cu_seqlens_k`) of sequences `lens` (query rows,
 /// key rows).
 pub fn cu_seqlens(lens: &[(usize, usize)]) -> (Vec<i32>, Vec<i32>) {
-    let prefix = |f: fn(&(usize, usize)) -> usize| -> Vec<i32> {
-        std::iter::once(0)
-            .chain(lens.iter().scan(0, |acc, l| {
-                *acc += f(l) as i32;
-                Some(*acc)
-            }))
-            .collect()
-    };
-    (prefix(|l| l.0), prefix(|l| l.1))
+    (
+        prefix_sums(lens.iter().map(|l| l.0)),
+        prefix_sums(lens.iter().map(|l| l.1)),
+    )
 }
 
 /// One varlen prefill (`Context::attention_varlen`, bf16) of sequences `lens` (query and key

@@ -6,7 +6,7 @@ use duo_attn::{
     AttnElement, CacheConfig, Context, DeviceScalar, DuoCache, Error, HeadKind, PrefillKernel,
 };
 use duo_attn_tests::{
-    SlotHistory, gpu_or_skip, notice, random_tensor, rng, sanitizer_cache, tiny_cache,
+    SlotHistory, gpu_or_skip, notice, prefix_sums, random_tensor, rng, sanitizer_cache, tiny_cache,
 };
 use half::{bf16, f16};
 use rand::rngs::StdRng;
@@ -165,12 +165,7 @@ fn ragged_step<T: AttnElement>(
     let c = cache.config();
     let (hq, hkv, d) = (c.heads_q, c.heads_kv, c.head_dim);
     let total: usize = chunks.iter().sum();
-    let cu: Vec<i32> = std::iter::once(0)
-        .chain(chunks.iter().scan(0, |end, &n| {
-            *end += n as i32;
-            Some(*end)
-        }))
-        .collect();
+    let cu = prefix_sums(chunks.iter().copied());
     let (q, q32) = random_tensor::<T>(rng, total * hq * d);
     let (mut k, k32) = random_tensor::<T>(rng, total * hkv * d);
     let (mut v, v32) = random_tensor::<T>(rng, total * hkv * d);

@@ -5,7 +5,7 @@
 use crate::cases::{SINK, WINDOW};
 use cust::event::{Event, EventFlags};
 use duo_attn::{CacheConfig, Context, DeviceTensor, DuoCache, HeadKind, PrefillKernel, Result};
-use duo_attn_tests::random_tensor;
+use duo_attn_tests::{prefix_sums, random_tensor};
 use half::bf16;
 use rand::rngs::StdRng;
 use serde::Serialize;
@@ -89,10 +89,7 @@ fn scenario(ctx: &Context, rng: &mut StdRng, prompts: &[usize]) -> Result<CacheP
         packed(&k, HEADS_KV)?,
         packed(&v, HEADS_KV)?,
     );
-    let mut cu = vec![0i32];
-    for &n in prompts {
-        cu.push(cu[cu.len() - 1] + n as i32);
-    }
+    let cu = prefix_sums(prompts.iter().copied());
     // The same rows, one batch-of-one tensor per slot.
     let per_slot = |x: &[bf16], h: usize| -> Result<Vec<DeviceTensor<bf16, 4>>> {
         prompts
