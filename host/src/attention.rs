@@ -141,6 +141,9 @@ pub struct PrefillPlan {
     /// Where the launch may split its tiles' KV blocks (split-KV; chosen at launch, when the
     /// GPU's size is known).
     pub split: Option<SplitKv>,
+    /// Varlen keys start at row 0 of each sequence's batch entry (a caller's KV cache): the
+    /// launch points `cu_seqlens_k` at `B` zero words of its scratch.
+    pub zero_key_starts: bool,
 }
 
 impl PrefillPlan {
@@ -484,6 +487,9 @@ pub(crate) fn prefill_params(
         kv_splits_div: FastDiv::new(1),
         partial_o: 0, // set at launch
         partial_lse: 0,
+        page_table: 0,
+        page_table_stride: 0,
+        page_shift: 0,
     };
     PrefillArgs {
         params,
@@ -613,6 +619,7 @@ pub(crate) fn prefill_launch<T: AttnElement>(
         persistent,
         tma,
         split,
+        zero_key_starts: false,
     };
     plan.set_grid((
         seqlen_q.div_ceil(block_m) as u32,
@@ -801,21 +808,29 @@ pub(crate) fn into_varlen<T: AttnElement>(
 }
 
 impl Context {
-    /// Launches a plan of [`plan_prefill`] or [`plan_prefill_varlen`] without validating again:
+    /// Launches a plan of [`plan_prefill`], [`plan_prefill_varlen`] or
+    /// [`crate::plan_prefill_kvcache`] without validating again:
     /// for a serving loop that keeps a batch's plan, and for varlen calls whose prefix sums the
     /// caller already holds on the host (`attention_varlen` copies them back on every call).
     ///
     /// # Safety
     /// The plan must come from `plan_prefill*` on this context's device, for tensors that are
-    /// still allocated, and a varlen plan's device prefix sums must hold the host copies it was
-    /// planned with. The kernels address memory from the plan's pointers and from those sums.
+    /// still allocated, and a varlen or KV-cache plan's device arrays (prefix sums, key counts,
+    /// block table rows) must hold the host copies it was planned with. The kernels address memory from the plan's pointers and from those sums.
     pub unsafe fn launch_prefill_plan(&self, plan: &PrefillPlan) -> Result<()> {
         self.launch_prefill(plan)
     }
 
     /// Launches a validated prefill plan.
     pub(crate) fn launch_prefill(&self, plan: &PrefillPlan) -> Result<()> {
-        if !plan.persistent {
+        // Scratch counters past the two the persistent scheduler uses are zero between launches
+        // (every launch leaves the ones it used at zero): `B` of them are the key starts.
+        let zero_starts = if plan.zero_key_starts {
+            plan.grid.2 as usize
+        } else {
+            0
+        };
+        if !plan.persistent && zero_starts == 0 {
             return self.launch(
                 &plan.entry,
                 plan.grid,
@@ -823,6 +838,21 @@ impl Context {
                 plan.shared_bytes,
                 &plan.params,
             );
+        }
+        if !plan.persistent {
+            return self.with_scratch(0, 2 + zero_starts, |scratch| {
+                let mut params = plan.params;
+                if zero_starts > 0 {
+                    params.cu_seqlens_k = scratch.counters + 8;
+                }
+                self.launch(
+                    &plan.entry,
+                    plan.grid,
+                    plan.block,
+                    plan.shared_bytes,
+                    &params,
+                )
+            });
         }
         let slots = self.info().multiprocessors as usize
             * self.resident_blocks_per_sm(&plan.entry, plan.block, plan.shared_bytes)? as usize;
@@ -856,9 +886,12 @@ impl Context {
         };
         let work_items = (plan.work_tiles() * splits).min(slots).max(1);
         let grid = (work_items as u32, 1, 1);
-        self.with_scratch(partials, 2, |scratch| {
+        self.with_scratch(partials, 2 + zero_starts, |scratch| {
             let mut params = plan.params;
             params.work_counter = scratch.counters;
+            if zero_starts > 0 {
+                params.cu_seqlens_k = scratch.counters + 8;
+            }
             let mut entry = plan.entry.as_str();
             if let Some((split, rows)) = merge {
                 params.kv_splits = splits as i32;

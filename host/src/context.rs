@@ -37,6 +37,7 @@ struct Scratch {
     partials: Option<DeviceBuffer<f32>>,
     /// The persistent prefill scheduler's tile counter and decode's split counters: zero between
     /// launches (each launch resets the ones it used), zeroed on the stream when (re)allocated.
+    /// So words past the two a prefill uses are zero during it: a KV-cache prefill's key starts.
     counters: Option<DeviceBuffer<u32>>,
     /// Set once a launch that uses the scratch was captured into a CUDA graph: the graph holds
     /// the addresses, so outgrown buffers are kept (in `retired`) until the context drops.

@@ -244,7 +244,7 @@ pub(crate) fn plan_decode<T: AttnElement>(
 }
 
 /// A device array the kernel reads while it writes `out` and `lse` must not overlap them.
-fn check_clear_of_outputs<const N: usize>(
+pub(crate) fn check_clear_of_outputs<const N: usize>(
     t: &TensorDesc<N>,
     input: &'static str,
     out: &TensorDesc<4>,
@@ -305,12 +305,26 @@ pub(crate) fn use_block_table(
     lse: &TensorDesc<3>,
     device: u32,
 ) -> Result<()> {
+    let stride = check_block_table(table, plan.params.batch as usize, device)?;
+    check_clear_of_outputs(table, BLOCK_TABLE, out, lse)?;
+    let (pages, page_size) = (k_pages.shape[0], k_pages.shape[1]);
+    check_limit("pages in the pool", pages, MAX_SEQLEN)?;
+    plan.params.block_table = table.ptr;
+    plan.params.block_table_stride = stride;
+    plan.params.num_pages = pages as i32;
+    plan.params.page_shift = page_size.trailing_zeros() as i32;
+    Ok(())
+}
+
+/// Checks a block table `[batch, max_pages]` i32 on `device`, contiguous along a row; returns
+/// its row stride (0 for one row).
+pub(crate) fn check_block_table(table: &TensorDesc<2>, batch: usize, device: u32) -> Result<i64> {
     check_device(table, BLOCK_TABLE, device)?;
     let [rows, max_pages] = table.shape;
     check_shape(
         table,
         BLOCK_TABLE,
-        [plan.params.batch as usize, max_pages],
+        [batch, max_pages],
         "one row of page indices per sequence: [B, max_pages] with q's B",
     )?;
     table.check_not_empty(BLOCK_TABLE)?;
@@ -322,19 +336,13 @@ pub(crate) fn use_block_table(
             expected: vec![max_pages, 1],
         });
     }
-    check_clear_of_outputs(table, BLOCK_TABLE, out, lse)?;
-    let (pages, page_size) = (k_pages.shape[0], k_pages.shape[1]);
-    check_limit("pages in the pool", pages, MAX_SEQLEN)?;
-    plan.params.block_table = table.ptr;
-    plan.params.block_table_stride = if rows > 1 { table.strides[0] as i64 } else { 0 };
-    plan.params.num_pages = pages as i32;
-    plan.params.page_shift = page_size.trailing_zeros() as i32;
-    Ok(())
+    table.check_in_bounds(BLOCK_TABLE)?;
+    Ok(if rows > 1 { table.strides[0] as i64 } else { 0 })
 }
 
 /// The keys one block table row addresses: `max_pages` pages of `page_size` rows (a power of
 /// two, so the kernel finds a key's page by a shift).
-fn paged_capacity(table: &TensorDesc<2>, k_pages: &TensorDesc<4>) -> Result<usize> {
+pub(crate) fn paged_capacity(table: &TensorDesc<2>, k_pages: &TensorDesc<4>) -> Result<usize> {
     let page_size = k_pages.shape[1];
     if !page_size.is_power_of_two() {
         return Err(Error::InvalidPagedKv {

@@ -158,6 +158,14 @@ pub enum Error {
     },
     #[error("paged K/V: {why}")]
     InvalidPagedKv { why: String },
+    #[error(
+        "`cache_seqlens` entry {seq} is {got}, outside 0..={capacity} (the keys its cache holds)"
+    )]
+    InvalidCacheSeqlens {
+        seq: usize,
+        got: i32,
+        capacity: usize,
+    },
     #[error("the stream cannot be used: {why}")]
     ForeignStream { why: String },
     #[error("device address {ptr:#x} cannot be viewed: {why}")]

@@ -56,10 +56,10 @@ pub const fn ws_barrier_offset(d: usize) -> usize {
 }
 
 /// Dynamic shared memory of the warp-specialised kernel: Q, the K/V ring, then mbarriers (Q full
-/// and Q empty; full and empty per stage), then six u32 work slots. D = 128: 224 KiB of the
-/// 227 KiB a block may have; D = 256: 208 KiB.
+/// and Q empty; full and empty per stage), six u32 work slots and the tail mbarrier (the cache entries').
+/// D = 128: 224 KiB of the 227 KiB a block may have; D = 256: 208 KiB.
 pub const fn ws_smem_bytes(d: usize) -> usize {
-    ws_barrier_offset(d) + (2 + 2 * WG_STAGES) * 8 + 6 * 4
+    ws_barrier_offset(d) + (2 + 2 * WG_STAGES) * 8 + 6 * 4 + 8
 }
 
 /// Most KV heads per layer: head kinds travel in the launch parameters as a bitmask.
@@ -150,6 +150,15 @@ pub struct PrefillParams {
     pub kv_splits_div: FastDiv,
     pub partial_o: u64,
     pub partial_lse: u64,
+    /// Paged K/V in the retrieval (or only) source, `duo_prefill_wgmma_tma_cache_*` entries only
+    /// (0: not paged; those entries also zero V's rows past each sequence's keys): a device
+    /// `[B, page_table_stride]` i32 table of page indices, K/V pages `[pages, 2^page_shift, H, D]`
+    /// (batch stride = page stride). Key row `r` of sequence `b` is row `r & (page - 1)` of page
+    /// `page_table[b][r >> page_shift]`; a page is a whole number of KV blocks. A page index
+    /// outside the pool reads zeros (TMA's out-of-bounds fill), never other memory.
+    pub page_table: u64,
+    pub page_table_stride: i32,
+    pub page_shift: i32,
 }
 
 /// KV blocks `[lo, hi)` of split `split` of a tile that walks `blocks` of them in `splits`
@@ -257,7 +266,7 @@ pub const TMA_BOX_COLS: usize = 64;
 /// Prefill kernel entry names, by (element, head dim): the mma.sync kernel, the plain wgmma
 /// kernel, the warp-specialised wgmma kernel with cp.async loads and with TMA loads, its split-KV
 /// build and the split-KV merge.
-pub const PREFILL_ENTRIES: [(&str, &str, usize); 30] = [
+pub const PREFILL_ENTRIES: [(&str, &str, usize); 42] = [
     ("duo_prefill_bf16_d64", "bf16", 64),
     ("duo_prefill_bf16_d128", "bf16", 128),
     ("duo_prefill_f16_d64", "f16", 64),
@@ -282,6 +291,18 @@ pub const PREFILL_ENTRIES: [(&str, &str, usize); 30] = [
     ("duo_prefill_wgmma_tma_split_f16_d128", "f16", 128),
     ("duo_prefill_wgmma_tma_split_bf16_d256", "bf16", 256),
     ("duo_prefill_wgmma_tma_split_f16_d256", "f16", 256),
+    ("duo_prefill_wgmma_tma_cache_bf16_d64", "bf16", 64),
+    ("duo_prefill_wgmma_tma_cache_f16_d64", "f16", 64),
+    ("duo_prefill_wgmma_tma_cache_bf16_d128", "bf16", 128),
+    ("duo_prefill_wgmma_tma_cache_f16_d128", "f16", 128),
+    ("duo_prefill_wgmma_tma_cache_bf16_d256", "bf16", 256),
+    ("duo_prefill_wgmma_tma_cache_f16_d256", "f16", 256),
+    ("duo_prefill_wgmma_tma_cache_split_bf16_d64", "bf16", 64),
+    ("duo_prefill_wgmma_tma_cache_split_f16_d64", "f16", 64),
+    ("duo_prefill_wgmma_tma_cache_split_bf16_d128", "bf16", 128),
+    ("duo_prefill_wgmma_tma_cache_split_f16_d128", "f16", 128),
+    ("duo_prefill_wgmma_tma_cache_split_bf16_d256", "bf16", 256),
+    ("duo_prefill_wgmma_tma_cache_split_f16_d256", "f16", 256),
     ("duo_prefill_merge_bf16_d64", "bf16", 64),
     ("duo_prefill_merge_bf16_d128", "bf16", 128),
     ("duo_prefill_merge_f16_d64", "f16", 64),

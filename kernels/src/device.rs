@@ -505,6 +505,12 @@ pub unsafe fn mbarrier_wait(addr: u32, parity: u32) {
     }
 }
 
+/// Syncs the warp's lanes (and orders their shared-memory accesses).
+#[inline(always)]
+pub fn sync_warp() {
+    unsafe { asm!("bar.warp.sync 0xffffffff;", options(nostack)) };
+}
+
 /// Waits at named barrier `id` until `threads` threads (arrivals included) have reached it.
 #[inline(always)]
 pub fn named_barrier_sync(id: u32, threads: u32) {

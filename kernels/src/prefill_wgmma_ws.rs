@@ -112,6 +112,34 @@ unsafe fn tma_tile<H: WsShape>(
     }
 }
 
+/// TMA coordinates `[row, head, batch]` of key row `row` of the tile's K/V source, through the
+/// block table where that source is paged (`PrefillParams::page_table`).
+#[inline(always)]
+unsafe fn kv_coords(p: &PrefillParams, tile: &QueryTile, row: i32, batch: i32) -> [i32; 3] {
+    if p.page_table == 0 || tile.from_stream {
+        return [row, tile.kv_index, batch];
+    }
+    let entry = batch as i64 * p.page_table_stride as i64 + (row >> p.page_shift) as i64;
+    let page = unsafe { ld_global_nc_u32(p.page_table + 4 * entry as u64) } as i32;
+    [row & ((1 << p.page_shift) - 1), tile.kv_index, page]
+}
+
+/// Zeroes rows `from..BN` of a swizzled K/V tile (whole rows: the swizzle stays inside a row's
+/// 128 bytes of each 64-column block), 16 bytes per lane of the producer warp.
+#[inline(always)]
+unsafe fn zero_rows<H: WsShape>(tile: u32, from: i32, lane: usize) {
+    let from = if from > 0 { from as u32 } else { 0 };
+    let chunks = (H::BN as u32 - from.min(H::BN as u32)) * 8;
+    for block in 0..H::D / TMA_BOX_COLS {
+        let start = tile + (block * H::BN * 128) as u32 + from * 128;
+        let mut c = lane as u32;
+        while c < chunks {
+            unsafe { st_shared_v4(start + 16 * c, [0; 4]) };
+            c += 32;
+        }
+    }
+}
+
 /// Issues `O += P V` for one KV tile: P as register A fragments (k-step kk = keys 16kk..16kk+15),
 /// V N-major in shared memory (head dim contiguous): LBO steps between 64-column blocks, SBO
 /// between groups of 8 keys; a 128-column half of V starts two column blocks on.
@@ -274,6 +302,11 @@ impl<H: WsShape> Smem<H> {
     fn blocks_slot(self, n: i32) -> u32 {
         self.work_slot(n) + 16
     }
+    /// The producer's own barrier for a KV tile whose V tail it zeroes (the cache entries) before
+    /// it arrives at the stage's full barrier itself; phase n: the n-th such tile.
+    fn tail(self) -> u32 {
+        self.work_slot(0) + 24
+    }
 }
 
 /// Generic address of tensor map `i` (`TMA_Q..TMA_STREAM_V`) of the maps at `maps`.
@@ -297,6 +330,7 @@ unsafe fn prefill_wgmma<
     H: WsShape,
     const TMA: bool,
     const SPLIT: bool,
+    const CACHE: bool,
 >(
     p: &PrefillParams,
     maps: u64,
@@ -322,6 +356,9 @@ unsafe fn prefill_wgmma<
                 mbarrier_init(smem.full(stage), loaders.max(1));
                 mbarrier_init(smem.empty(stage), CONSUMERS as u32);
             }
+            if CACHE {
+                mbarrier_init(smem.tail(), 1);
+            }
             if TMA {
                 for i in 0..TMA_MAPS {
                     prefetch_tensormap(tensor_map(maps, i));
@@ -342,7 +379,7 @@ unsafe fn prefill_wgmma<
         }
         // With TMA, the first warp runs the loop (one thread issues) and the others leave.
         if !TMA || tid < 32 {
-            unsafe { producer::<H, TMA, SPLIT>(p, smem, maps, tid, work_tiles) };
+            unsafe { producer::<H, TMA, SPLIT, CACHE>(p, smem, maps, tid, work_tiles) };
         }
     } else {
         if TMA {
@@ -372,7 +409,7 @@ unsafe fn prefill_wgmma<
 /// the previous Q, then every KV tile into an emptied stage. Run by the 128 producer threads
 /// (cp.async) or by the first producer warp, whose thread 0 issues every copy (TMA).
 #[inline(always)]
-unsafe fn producer<H: WsShape, const TMA: bool, const SPLIT: bool>(
+unsafe fn producer<H: WsShape, const TMA: bool, const SPLIT: bool, const CACHE: bool>(
     p: &PrefillParams,
     smem: Smem<H>,
     maps: u64,
@@ -383,7 +420,7 @@ unsafe fn producer<H: WsShape, const TMA: bool, const SPLIT: bool>(
     // load_tile's fixed-swizzle walk needs whole rows per pass and a row step that is a multiple
     // of 8 (D <= 128: D = 256 has only the TMA build).
     const { assert!(TMA || (PRODUCERS % (H::D / 8) == 0 && (PRODUCERS / (H::D / 8)) % 8 == 0)) };
-    let (mut kv_tiles, mut q_tiles) = (0i32, 0i32);
+    let (mut kv_tiles, mut q_tiles, mut tails) = (0i32, 0i32, 0u32);
     let mut work = block_idx_x() as i32;
     loop {
         unsafe {
@@ -469,11 +506,34 @@ unsafe fn producer<H: WsShape, const TMA: bool, const SPLIT: bool>(
                     load_tile::<H>(k, H::BN, tile.k_base, k_stride, n0, len, tid);
                     load_tile::<H>(v, H::BN, tile.v_base, v_stride, n0, len, tid);
                     cp_async_mbarrier_arrive(full);
-                } else if tid == 0 {
-                    mbarrier_arrive_expect_tx(full, Smem::<H>::STAGE_BYTES);
-                    let at = [tile.k_row0 + n0, tile.kv_index, batch];
-                    tma_tile::<H>(k, H::BN, k_map, full, at);
-                    tma_tile::<H>(v, H::BN, v_map, full, at);
+                } else {
+                    // Warp-uniform: the block ends past the sequence's keys, whose rows a caller's
+                    // cache may fill with anything (NaN: 0 x NaN in P V). Only the cache
+                    // entries: the others' code stays as it was (ptxas scheduled the plain
+                    // kernel's consumers differently with it, 1% slower at full causal 32k).
+                    let tail = CACHE && n0 + H::BN as i32 > tile.seqlen_k;
+                    if tid == 0 {
+                        let landed = if tail { smem.tail() } else { full };
+                        mbarrier_arrive_expect_tx(landed, Smem::<H>::STAGE_BYTES);
+                        let row = tile.k_row0 + n0;
+                        let at = if CACHE {
+                            kv_coords(p, &tile, row, batch)
+                        } else {
+                            [row, tile.kv_index, batch]
+                        };
+                        tma_tile::<H>(k, H::BN, k_map, landed, at);
+                        tma_tile::<H>(v, H::BN, v_map, landed, at);
+                    }
+                    if tail {
+                        mbarrier_wait(smem.tail(), tails & 1);
+                        tails += 1;
+                        zero_rows::<H>(v, tile.seqlen_k - n0, tid);
+                        fence_proxy_async_shared(); // the zeros before wgmma's (async) reads
+                        sync_warp();
+                        if tid == 0 {
+                            mbarrier_arrive(full);
+                        }
+                    }
                 }
             }
         }
@@ -1062,18 +1122,19 @@ macro_rules! wgmma_entry {
     ($name:ident, $elem:ty, $d:literal) => {
         #[unsafe(no_mangle)]
         pub unsafe extern "ptx-kernel" fn $name(p: PrefillParams) {
-            unsafe { prefill_wgmma::<$elem, HeadDim<$d>, false, false>(&p, 0) }
+            unsafe { prefill_wgmma::<$elem, HeadDim<$d>, false, false, false>(&p, 0) }
         }
     };
 }
 
 /// TMA entries: the tensor maps stay in parameter space, where TMA reads them; the entry names its
-/// own parameter in PTX (`<entry>_param_0`) to take their address. `$split`: the split-KV build.
+/// own parameter in PTX (`<entry>_param_0`) to take their address. `$split`: the split-KV build;
+/// `$cache`: the build for a caller's KV cache (paged, and the V tail zeroed past the keys).
 macro_rules! tma_entry {
     ($name:ident, $elem:ty, $d:literal) => {
-        tma_entry!($name, $elem, $d, false);
+        tma_entry!($name, $elem, $d, false, false);
     };
-    ($name:ident, $elem:ty, $d:literal, $split:literal) => {
+    ($name:ident, $elem:ty, $d:literal, $split:literal, $cache:literal) => {
         #[unsafe(no_mangle)]
         pub unsafe extern "ptx-kernel" fn $name(p: TmaPrefillParams) {
             let maps: u64;
@@ -1085,7 +1146,9 @@ macro_rules! tma_entry {
                     options(pure, nomem, nostack)
                 )
             };
-            unsafe { prefill_wgmma::<$elem, HeadDim<$d>, true, $split>(&p.prefill, maps) }
+            unsafe {
+                prefill_wgmma::<$elem, HeadDim<$d>, true, $split, $cache>(&p.prefill, maps)
+            }
         }
     };
 }
@@ -1100,9 +1163,81 @@ tma_entry!(duo_prefill_wgmma_tma_f16_d64, F16, 64);
 tma_entry!(duo_prefill_wgmma_tma_f16_d128, F16, 128);
 tma_entry!(duo_prefill_wgmma_tma_bf16_d256, Bf16, 256);
 tma_entry!(duo_prefill_wgmma_tma_f16_d256, F16, 256);
-tma_entry!(duo_prefill_wgmma_tma_split_bf16_d64, Bf16, 64, true);
-tma_entry!(duo_prefill_wgmma_tma_split_bf16_d128, Bf16, 128, true);
-tma_entry!(duo_prefill_wgmma_tma_split_f16_d64, F16, 64, true);
-tma_entry!(duo_prefill_wgmma_tma_split_f16_d128, F16, 128, true);
-tma_entry!(duo_prefill_wgmma_tma_split_bf16_d256, Bf16, 256, true);
-tma_entry!(duo_prefill_wgmma_tma_split_f16_d256, F16, 256, true);
+tma_entry!(duo_prefill_wgmma_tma_split_bf16_d64, Bf16, 64, true, false);
+tma_entry!(
+    duo_prefill_wgmma_tma_split_bf16_d128,
+    Bf16,
+    128,
+    true,
+    false
+);
+tma_entry!(duo_prefill_wgmma_tma_split_f16_d64, F16, 64, true, false);
+tma_entry!(duo_prefill_wgmma_tma_split_f16_d128, F16, 128, true, false);
+tma_entry!(
+    duo_prefill_wgmma_tma_split_bf16_d256,
+    Bf16,
+    256,
+    true,
+    false
+);
+tma_entry!(duo_prefill_wgmma_tma_split_f16_d256, F16, 256, true, false);
+tma_entry!(duo_prefill_wgmma_tma_cache_bf16_d64, Bf16, 64, false, true);
+tma_entry!(duo_prefill_wgmma_tma_cache_f16_d64, F16, 64, false, true);
+tma_entry!(
+    duo_prefill_wgmma_tma_cache_bf16_d128,
+    Bf16,
+    128,
+    false,
+    true
+);
+tma_entry!(duo_prefill_wgmma_tma_cache_f16_d128, F16, 128, false, true);
+tma_entry!(
+    duo_prefill_wgmma_tma_cache_bf16_d256,
+    Bf16,
+    256,
+    false,
+    true
+);
+tma_entry!(duo_prefill_wgmma_tma_cache_f16_d256, F16, 256, false, true);
+tma_entry!(
+    duo_prefill_wgmma_tma_cache_split_bf16_d64,
+    Bf16,
+    64,
+    true,
+    true
+);
+tma_entry!(
+    duo_prefill_wgmma_tma_cache_split_f16_d64,
+    F16,
+    64,
+    true,
+    true
+);
+tma_entry!(
+    duo_prefill_wgmma_tma_cache_split_bf16_d128,
+    Bf16,
+    128,
+    true,
+    true
+);
+tma_entry!(
+    duo_prefill_wgmma_tma_cache_split_f16_d128,
+    F16,
+    128,
+    true,
+    true
+);
+tma_entry!(
+    duo_prefill_wgmma_tma_cache_split_bf16_d256,
+    Bf16,
+    256,
+    true,
+    true
+);
+tma_entry!(
+    duo_prefill_wgmma_tma_cache_split_f16_d256,
+    F16,
+    256,
+    true,
+    true
+);

@@ -152,7 +152,7 @@ fn head_dim_256_takes_the_tma_kernel() {
     assert_eq!(p.entry, "duo_prefill_wgmma_tma_bf16_d256");
     assert_eq!(
         (p.block, p.shared_bytes),
-        (384, (128 * 256 + 3 * 2 * 48 * 256) * 2 + 8 * 8 + 24)
+        (384, (128 * 256 + 3 * 2 * 48 * 256) * 2 + 8 * 8 + 24 + 8)
     );
     let tma = p.tma.expect("tensor maps");
     assert_eq!(
@@ -195,10 +195,10 @@ fn warp_specialised_cp_async_kernel_on_request() {
     assert_eq!(p.grid, (1, HQ as u32, B as u32));
     assert_eq!((p.params.m_blocks, p.params.batch), (1, B as i32));
     // Producer + 2 consumer warpgroups; Q (128 x 64) plus three stages of K and V (128 x 64
-    // each), bf16, then 8 mbarriers and 6 work slots.
+    // each), bf16, then 8 mbarriers, 6 work slots and the tail mbarrier.
     assert_eq!(
         (p.block, p.shared_bytes),
-        (384, (128 * 64 + 3 * 2 * 128 * 64) * 2 + 8 * 8 + 24)
+        (384, (128 * 64 + 3 * 2 * 128 * 64) * 2 + 8 * 8 + 24 + 8)
     );
 }
 
@@ -617,5 +617,100 @@ fn d256_split_choices_match_the_measured_best() {
         assert!([2, 4, 6].contains(&choose(8, 128, sk)), "8 x 128 at {sk}");
         assert_eq!(choose(4, 512, sk), 1, "4 x 512 at {sk}");
         assert_eq!(choose(8, 512, sk), 1, "8 x 512 at {sk}");
+    }
+}
+
+/// A KV-cache prefill plans a varlen launch whose keys start at row 0 of each batch entry and end
+/// at the device counts, with the tail guard on; paged adds the block table. Paged K/V need the
+/// TMA kernel and pages of whole KV blocks (so not head dim 256).
+#[test]
+fn kvcache_prefill_plans_and_rules() {
+    use duo_attn::{KvCacheDesc, plan_prefill_kvcache};
+    let at = |i: u64| 0x7000_0000_0000 + i * 0x1_0000_0000;
+    let (total, s_max) = (10, 512);
+    let plan_with = |d: usize, page: Option<usize>, kernel: PrefillKernel| {
+        let q = TensorDesc::contiguous(at(0), [total, HQ, d], 2, DEV);
+        let out = TensorDesc::contiguous(at(1), [total, HQ, d], 2, DEV);
+        let lse = TensorDesc::contiguous(at(2), [HQ, total], 4, DEV);
+        let cfg =
+            AttentionConfig::new(vec![HeadKind::Retrieval, HeadKind::Streaming]).kernel(kernel);
+        let cu = ([0, 4, 10], at(3));
+        let lens = ([300, 512], at(4));
+        match page {
+            None => {
+                let k = TensorDesc::contiguous(at(5), [2, s_max, HKV, d], 2, DEV);
+                let v = TensorDesc::contiguous(at(6), [2, s_max, HKV, d], 2, DEV);
+                let cache = KvCacheDesc::Contiguous { k: &k, v: &v };
+                plan_prefill_kvcache::<bf16>(
+                    &q,
+                    cache,
+                    &out,
+                    &lse,
+                    (&cu.0, cu.1),
+                    (&lens.0, lens.1),
+                    &cfg,
+                    DEV,
+                )
+            }
+            Some(page) => {
+                let k = TensorDesc::contiguous(at(5), [16, page, HKV, d], 2, DEV);
+                let v = TensorDesc::contiguous(at(6), [16, page, HKV, d], 2, DEV);
+                let table = TensorDesc::contiguous(at(7), [2, s_max / page], 4, DEV);
+                let cache = KvCacheDesc::Paged {
+                    k_pages: &k,
+                    v_pages: &v,
+                    block_table: &table,
+                };
+                plan_prefill_kvcache::<bf16>(
+                    &q,
+                    cache,
+                    &out,
+                    &lse,
+                    (&cu.0, cu.1),
+                    (&lens.0, lens.1),
+                    &cfg,
+                    DEV,
+                )
+            }
+        }
+    };
+    let p = plan_with(128, None, PrefillKernel::Auto).unwrap();
+    assert!(p.zero_key_starts);
+    assert_eq!(p.entry, "duo_prefill_wgmma_tma_cache_bf16_d128");
+    assert_eq!(
+        p.split.as_ref().map(|s| s.entry.as_str()),
+        Some("duo_prefill_wgmma_tma_cache_split_bf16_d128")
+    );
+    assert_eq!(
+        (
+            p.params.cu_seqlens_q,
+            p.params.ends_k,
+            p.params.ends_k_stream
+        ),
+        (at(3), at(4), at(4))
+    );
+    assert_eq!(p.params.page_table, 0);
+    assert_eq!((p.params.seqlen_q, p.params.seqlen_k), (6, 512));
+    let p = plan_with(64, Some(256), PrefillKernel::Auto).unwrap();
+    assert_eq!(p.entry, "duo_prefill_wgmma_tma_cache_bf16_d64");
+    assert_eq!(
+        (
+            p.params.page_table,
+            p.params.page_table_stride,
+            p.params.page_shift
+        ),
+        (at(7), 2, 8)
+    );
+    // The pages' tensor map: rows of one page, a page per batch index.
+    assert_eq!(p.tma.unwrap()[1].dims, [64, 256, HKV as u64, 16]);
+    for (d, page, kernel) in [
+        (256, 256, PrefillKernel::Auto),
+        (128, 64, PrefillKernel::Auto),
+        (128, 128, PrefillKernel::MmaSync),
+        (128, 128, PrefillKernel::WgmmaWarpSpecialized),
+    ] {
+        let err = plan_with(d, Some(page), kernel).unwrap_err();
+        eprintln!("rejected: {err}");
+        assert!(matches!(err, Error::InvalidPagedKv { .. }), "{err}");
     }
 }

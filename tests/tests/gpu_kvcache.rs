@@ -1,0 +1,409 @@
+//! Prefill over a caller's KV cache (`Context::attention_kvcache` and `_paged`): packed queries
+//! against each sequence's first `cache_seqlens[b]` keys, with every cache row past a count (and
+//! every unused page) NaN, so a kernel that let one reach the output fails. Each sequence is
+//! compared with the float64 reference on its own.
+use duo_attn::reference::Shape;
+use duo_attn::{AttentionConfig, AttnElement, Context, Error, HeadKind, PrefillKernel};
+use duo_attn_tests::{Comparison, compare, gpu_or_skip, notice, prefix_sums, random_tensor, rng};
+use half::{bf16, f16};
+use rand::{rngs::StdRng, seq::SliceRandom};
+
+/// Where the cache lives: batch-strided, or in pages of this many keys.
+#[derive(Clone, Copy, Debug)]
+enum Layout {
+    Contiguous,
+    Paged(usize),
+}
+
+/// One KV-cache prefill of sequences `(query rows, key count)` over caches of `s_max` keys with
+/// `(Hq, Hkv, D)` heads, on fresh random inputs with the outputs poisoned; per-sequence results.
+fn run_case<T: AttnElement>(
+    ctx: &Context,
+    rng: &mut StdRng,
+    (hq, hkv, d): (usize, usize, usize),
+    s_max: usize,
+    seqs: &[(usize, usize)],
+    layout: Layout,
+    cfg: &AttentionConfig,
+) -> Result<Vec<Comparison>, Error> {
+    let b = seqs.len();
+    let cu_q = prefix_sums(seqs.iter().map(|s| s.0));
+    let lens: Vec<i32> = seqs.iter().map(|s| s.1 as i32).collect();
+    let total_q = cu_q[b] as usize;
+    let row = hkv * d;
+    let (q, q32) = random_tensor::<T>(rng, total_q * hq * d);
+    // The reference reads the random values; the device copies hold NaN past each count.
+    let (mut k, k32) = random_tensor::<T>(rng, b * s_max * row);
+    let (mut v, v32) = random_tensor::<T>(rng, b * s_max * row);
+    for (i, &(_, len)) in seqs.iter().enumerate() {
+        for x in [&mut k, &mut v] {
+            x[(i * s_max + len) * row..(i + 1) * s_max * row].fill(T::nan());
+        }
+    }
+    let dq = ctx.upload(&q, [total_q, hq, d])?;
+    let dcu = ctx.upload(&cu_q, [b + 1])?;
+    let dlens = ctx.upload(&lens, [b])?;
+    let mut out = ctx.alloc::<T, 3>([total_q, hq, d])?;
+    let mut lse = ctx.alloc::<f32, 2>([hq, total_q])?;
+    out.fill(T::nan())?;
+    lse.fill(f32::NAN)?;
+    match layout {
+        Layout::Contiguous => {
+            let dk = ctx.upload(&k, [b, s_max, hkv, d])?;
+            let dv = ctx.upload(&v, [b, s_max, hkv, d])?;
+            let (mut o, mut l) = (out.view_mut(), lse.view_mut());
+            ctx.attention_kvcache(
+                &dq.view(),
+                &dk.view(),
+                &dv.view(),
+                &mut o,
+                &mut l,
+                &dcu,
+                &dlens,
+                cfg,
+            )?;
+        }
+        Layout::Paged(page) => {
+            // Each sequence's pages scattered over a pool with spare (NaN) pages, in random order.
+            let per_seq = s_max.div_ceil(page);
+            let pages = b * per_seq + 3;
+            let mut order: Vec<i32> = (0..pages as i32).collect();
+            order.shuffle(rng);
+            let mut pool_k = vec![T::nan(); pages * page * row];
+            let mut pool_v = pool_k.clone();
+            for (slot, &p) in order.iter().take(b * per_seq).enumerate() {
+                let (seq, first) = (slot / per_seq, (slot % per_seq) * page);
+                let rows = page.min(s_max - first);
+                let src = (seq * s_max + first) * row..(seq * s_max + first + rows) * row;
+                let dst = p as usize * page * row;
+                pool_k[dst..dst + rows * row].copy_from_slice(&k[src.clone()]);
+                pool_v[dst..dst + rows * row].copy_from_slice(&v[src]);
+            }
+            let table = &order[..b * per_seq];
+            let dk = ctx.upload(&pool_k, [pages, page, hkv, d])?;
+            let dv = ctx.upload(&pool_v, [pages, page, hkv, d])?;
+            let dtable = ctx.upload(table, [b, per_seq])?;
+            let (mut o, mut l) = (out.view_mut(), lse.view_mut());
+            ctx.attention_kvcache_paged(
+                &dq.view(),
+                &dk.view(),
+                &dv.view(),
+                &mut o,
+                &mut l,
+                &dtable.view(),
+                &dcu,
+                &dlens,
+                cfg,
+            )?;
+        }
+    }
+    ctx.synchronize()?;
+    let out32: Vec<f32> = out.to_host()?.iter().map(|x| x.to_f32()).collect();
+    let lse_all = lse.to_host()?;
+    Ok(seqs
+        .iter()
+        .enumerate()
+        .map(|(i, &(sq, sk))| {
+            let q0 = cu_q[i] as usize;
+            let shape = Shape {
+                batch: 1,
+                seqlen_q: sq,
+                seqlen_k: sk,
+                heads_q: hq,
+                heads_kv: hkv,
+                head_dim: d,
+            };
+            let seq_lse: Vec<f32> = (0..hq)
+                .flat_map(|h| lse_all[h * total_q + q0..][..sq].to_vec())
+                .collect();
+            let rows: Vec<_> = (0..hq)
+                .flat_map(|h| (0..sq).map(move |r| (0, h, r)))
+                .collect();
+            let keys = i * s_max * row..(i * s_max + sk) * row;
+            compare(
+                &shape,
+                cfg,
+                &q32[q0 * hq * d..(q0 + sq) * hq * d],
+                &k32[keys.clone()],
+                &v32[keys],
+                &out32[q0 * hq * d..(q0 + sq) * hq * d],
+                &seq_lse,
+                &rows,
+            )
+        })
+        .collect())
+}
+
+/// Runs a case and labels its failing sequences.
+#[allow(clippy::too_many_arguments)]
+fn check<T: AttnElement>(
+    ctx: &Context,
+    rng: &mut StdRng,
+    heads: (usize, usize, usize),
+    s_max: usize,
+    seqs: &[(usize, usize)],
+    layout: Layout,
+    cfg: &AttentionConfig,
+) -> Vec<String> {
+    let what = format!(
+        "{layout:?} {} {:?} D={} splits {:?}",
+        T::KERNEL_NAME,
+        cfg.kernel,
+        heads.2,
+        cfg.kv_splits
+    );
+    let cmps = run_case::<T>(ctx, rng, heads, s_max, seqs, layout, cfg).unwrap();
+    let mut failures = Vec::new();
+    for (i, (cmp, &(sq, sk))) in cmps.iter().zip(seqs).enumerate() {
+        let label = format!("{what} seq {i} (Sq {sq}, keys {sk}): {cmp:?}");
+        notice(&label);
+        if !cmp.passed() {
+            failures.push(label);
+        }
+    }
+    failures
+}
+
+fn mixed(kernel: PrefillKernel, splits: Option<usize>) -> AttentionConfig {
+    AttentionConfig::new(vec![HeadKind::Streaming, HeadKind::Retrieval])
+        .sink(8)
+        .window(200)
+        .kernel(kernel)
+        .kv_splits(splits)
+}
+
+/// Sequences: a chunk at the end of a longer cache, one that fills its cache, an empty chunk, a
+/// single query, a chunk longer than its keys (its first rows see none), one key.
+const SEQS: [(usize, usize); 6] = [(100, 300), (129, 1000), (0, 50), (1, 777), (60, 40), (5, 1)];
+
+#[test]
+fn kvcache_prefill_matches_reference() {
+    let Some(ctx) = gpu_or_skip("kvcache_prefill_matches_reference") else {
+        return;
+    };
+    let mut rng = rng("kvcache prefill");
+    let mut failures = Vec::new();
+    for kernel in [
+        PrefillKernel::Auto,
+        PrefillKernel::WgmmaWarpSpecialized,
+        PrefillKernel::Wgmma,
+        PrefillKernel::MmaSync,
+    ] {
+        for d in [64, 128] {
+            let cfg = mixed(kernel, None);
+            let layout = Layout::Contiguous;
+            failures.extend(check::<bf16>(
+                &ctx,
+                &mut rng,
+                (8, 2, d),
+                1000,
+                &SEQS,
+                layout,
+                &cfg,
+            ));
+        }
+    }
+    for (d, splits) in [(256, None), (128, Some(3)), (256, Some(5))] {
+        let cfg = mixed(PrefillKernel::WgmmaTma, splits);
+        let layout = Layout::Contiguous;
+        failures.extend(check::<bf16>(
+            &ctx,
+            &mut rng,
+            (8, 2, d),
+            1000,
+            &SEQS,
+            layout,
+            &cfg,
+        ));
+    }
+    // f16, MQA, all retrieval.
+    let cfg = AttentionConfig::all_retrieval(1);
+    failures.extend(check::<f16>(
+        &ctx,
+        &mut rng,
+        (4, 1, 128),
+        1000,
+        &SEQS,
+        Layout::Contiguous,
+        &cfg,
+    ));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn kvcache_paged_prefill_matches_reference() {
+    let Some(ctx) = gpu_or_skip("kvcache_paged_prefill_matches_reference") else {
+        return;
+    };
+    let mut rng = rng("kvcache paged prefill");
+    let mut failures = Vec::new();
+    for (d, page, splits) in [
+        (128, 128, None),
+        (64, 256, None),
+        (128, 512, Some(3)),
+        (64, 128, Some(32)),
+    ] {
+        let cfg = mixed(PrefillKernel::Auto, splits);
+        let layout = Layout::Paged(page);
+        failures.extend(check::<bf16>(
+            &ctx,
+            &mut rng,
+            (8, 2, d),
+            1000,
+            &SEQS,
+            layout,
+            &cfg,
+        ));
+    }
+    let cfg = AttentionConfig::all_streaming(2, 4, 100);
+    let layout = Layout::Paged(128);
+    failures.extend(check::<f16>(
+        &ctx,
+        &mut rng,
+        (2, 2, 128),
+        1000,
+        &SEQS,
+        layout,
+        &cfg,
+    ));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Small enough for compute-sanitizer (`run.sh sanitize`): both layouts, the TMA kernel with and
+/// without split-KV, and the cp.async kernel.
+#[test]
+fn sanitizer_small_kvcache_prefill() {
+    let Some(ctx) = gpu_or_skip("sanitizer_small_kvcache_prefill") else {
+        return;
+    };
+    let mut rng = rng("sanitizer kvcache prefill");
+    let seqs = [(70, 200), (0, 9), (3, 3), (130, 130)];
+    let mut failures = Vec::new();
+    for (layout, kernel, splits) in [
+        (Layout::Contiguous, PrefillKernel::Auto, None),
+        (
+            Layout::Contiguous,
+            PrefillKernel::WgmmaWarpSpecialized,
+            None,
+        ),
+        (Layout::Paged(128), PrefillKernel::Auto, None),
+        (Layout::Paged(128), PrefillKernel::Auto, Some(2)),
+    ] {
+        let cfg = mixed(kernel, splits);
+        failures.extend(check::<bf16>(
+            &ctx,
+            &mut rng,
+            (4, 2, 64),
+            256,
+            &seqs,
+            layout,
+            &cfg,
+        ));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The device arrays are checked: a count past the cache, arrays on the wrong side of the
+/// outputs, a page size the kernel cannot load whole, a kernel that cannot read pages.
+#[test]
+fn kvcache_prefill_errors() {
+    let Some(ctx) = gpu_or_skip("kvcache_prefill_errors") else {
+        return;
+    };
+    let (hq, hkv, d, s_max) = (4, 2, 64, 256);
+    let q = ctx.alloc::<bf16, 3>([10, hq, d]).unwrap();
+    let k = ctx.alloc::<bf16, 4>([2, s_max, hkv, d]).unwrap();
+    let mut out = ctx.alloc::<bf16, 3>([10, hq, d]).unwrap();
+    let mut lse = ctx.alloc::<f32, 2>([hq, 10]).unwrap();
+    let cu = ctx.upload(&[0, 4, 10], [3]).unwrap();
+    let cfg = mixed(PrefillKernel::Auto, None);
+    let mut run = |lens: &[i32], cfg: &AttentionConfig| {
+        let lens = ctx.upload(lens, [lens.len()]).unwrap();
+        let (mut o, mut l) = (out.view_mut(), lse.view_mut());
+        ctx.attention_kvcache(
+            &q.view(),
+            &k.view(),
+            &k.view(),
+            &mut o,
+            &mut l,
+            &cu,
+            &lens,
+            cfg,
+        )
+    };
+    assert!(run(&[4, 256], &cfg).is_ok());
+    let err = run(&[4, 257], &cfg).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidCacheSeqlens {
+                seq: 1,
+                got: 257,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = run(&[-1, 6], &cfg).unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidCacheSeqlens { seq: 0, .. }),
+        "{err}"
+    );
+    let err = run(&[4, 6, 8], &cfg).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::ShapeMismatch {
+                tensor: "cache_seqlens",
+                ..
+            }
+        ),
+        "{err}"
+    );
+
+    let pages = |page: usize| ctx.alloc::<bf16, 4>([8, page, hkv, d]).unwrap();
+    let table = ctx.upload(&[0, 1, 2, 3], [2, 2]).unwrap();
+    let lens = ctx.upload(&[4, 200], [2]).unwrap();
+    let mut paged = |pool: &duo_attn::DeviceTensor<bf16, 4>, cfg: &AttentionConfig| {
+        let (mut o, mut l) = (out.view_mut(), lse.view_mut());
+        let (p, t) = (pool.view(), table.view());
+        ctx.attention_kvcache_paged(&q.view(), &p, &p, &mut o, &mut l, &t, &cu, &lens, cfg)
+    };
+    assert!(paged(&pages(128), &cfg).is_ok());
+    let err = paged(&pages(64), &cfg).unwrap_err();
+    assert!(matches!(err, Error::InvalidPagedKv { .. }), "{err}");
+    let err = paged(&pages(96), &cfg).unwrap_err();
+    assert!(matches!(err, Error::InvalidPagedKv { .. }), "{err}");
+    let cp_async = mixed(PrefillKernel::WgmmaWarpSpecialized, None);
+    let err = paged(&pages(128), &cp_async).unwrap_err();
+    assert!(matches!(err, Error::InvalidPagedKv { .. }), "{err}");
+    // 200 keys need two pages of 128, and the table rows hold two: 300 would not fit.
+    let lens = ctx.upload(&[4, 300], [2]).unwrap();
+    let (mut o, mut l) = (out.view_mut(), lse.view_mut());
+    let pool = pages(128);
+    let err = ctx
+        .attention_kvcache_paged(
+            &q.view(),
+            &pool.view(),
+            &pool.view(),
+            &mut o,
+            &mut l,
+            &table.view(),
+            &cu,
+            &lens,
+            &cfg,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidCacheSeqlens {
+                seq: 1,
+                got: 300,
+                capacity: 256
+            }
+        ),
+        "{err}"
+    );
+    ctx.synchronize().unwrap();
+}
