@@ -158,6 +158,14 @@ impl Case {
         2.0 * (2 * s.q_len() + 2 * s.batch * needed_rows * s.head_dim) as f64
     }
 
+    /// A chunk of queries at the end of its context (one sequence or a varlen batch).
+    pub fn is_chunked(&self) -> bool {
+        matches!(
+            self.mode,
+            Mode::Chunked | Mode::ChunkedMixed | Mode::ChunkedVarlen
+        )
+    }
+
     pub fn is_decode(&self) -> bool {
         matches!(self.mode, Mode::Decode | Mode::DecodeMixed)
     }

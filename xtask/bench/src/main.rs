@@ -76,6 +76,11 @@ struct Args {
     /// contiguous) or nhd (`[page, Hkv, D]`, vLLM's FlashAttention layout).
     #[arg(long, default_value = "hnd", value_parser = ["hnd", "nhd"])]
     decode_page_layout: String,
+    /// Chunked cases read K/V from a KV cache through `plan_prefill_kvcache`: `contiguous` (a
+    /// `[B, S, Hkv, D]` cache with a key count per sequence) or a page size (paged, pages
+    /// shuffled through the pool). Rows past each count are NaN. The gate checks packed varlen.
+    #[arg(long, value_parser = parse_kv_cache)]
+    prefill_kv_cache: Option<String>,
     /// Timing probes: after each prefill case, write its LSE output (raw little-endian f32, the
     /// last rep's) to `DIR/<mode>-<seqlen>.lse`; a trace variant of the kernel stores timestamps
     /// there instead of LSE values.
@@ -146,6 +151,14 @@ const GATE: [Case; 5] = [
         head_dim: 128,
     },
 ];
+
+fn parse_kv_cache(s: &str) -> Result<String, String> {
+    match s.parse::<usize>() {
+        Ok(_) => Ok(s.into()),
+        Err(_) if s == "contiguous" => Ok(s.into()),
+        Err(_) => Err(format!("`{s}`: `contiguous` or a page size")),
+    }
+}
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -249,7 +262,15 @@ fn main() -> ExitCode {
             ))
         });
         let cfg = case.config().kernel(kernel).kv_splits(args.kv_splits);
+        let kv_cache = args
+            .prefill_kv_cache
+            .as_deref()
+            .filter(|_| case.is_chunked());
         let timed = match args.decode_page_size {
+            _ if kv_cache.is_some() => {
+                let page = kv_cache.and_then(|c| c.parse().ok());
+                timing::time_kvcache_case(&ctx, case, page, &cfg, &mut rng, &clock)
+            }
             Some(page) if case.is_decode() => {
                 let heads_major = args.decode_page_layout == "hnd";
                 timing::time_paged_decode(&ctx, case, page, heads_major, &cfg, &mut rng, &clock)

@@ -214,6 +214,105 @@ fn time_varlen_case(
     time_launches(ctx, clock, launch)
 }
 
+/// A varlen chunk batch whose keys sit in a KV cache (`plan_prefill_kvcache`): sequence `b`'s
+/// `lens[b].1` keys at the front of its `[S, Hkv, D]` entry (`S` the longest), or in `page`-row
+/// pages shuffled through a pool (`Some(page)`); rows past each count are NaN, as a caller's
+/// cache may hold (the kernel zeroes them in V).
+pub fn time_kvcache_case(
+    ctx: &Context,
+    case: &Case,
+    page: Option<usize>,
+    cfg: &duo_attn::AttentionConfig,
+    rng: &mut StdRng,
+    clock: &ClockSampler,
+) -> Result<Timing> {
+    use duo_attn::KvCacheDesc;
+    use rand::seq::SliceRandom;
+    let lens = case
+        .varlen_lens()
+        .unwrap_or_else(|| vec![(case.seqlen_q, case.seqlen_k)]);
+    let cu_q = duo_attn_tests::prefix_sums(lens.iter().map(|l| l.0));
+    let counts: Vec<i32> = lens.iter().map(|l| l.1 as i32).collect();
+    let (b, total_q) = (lens.len(), cu_q[lens.len()] as usize);
+    let (hq, hkv, d, s) = (case.heads_q, case.heads_kv, case.head_dim, case.seqlen_k);
+    let row = hkv * d;
+    let (q, _) = random_tensor::<bf16>(rng, total_q * hq * d);
+    let (mut kv, _) = random_tensor::<bf16>(rng, b * s * row);
+    for (i, &n) in counts.iter().enumerate() {
+        kv[(i * s + n as usize) * row..(i + 1) * s * row].fill(bf16::NAN);
+    }
+    // Paged: sequence b's page j is pool page order[b * per_seq + j].
+    let (stored, order) = match page {
+        None => (kv, Vec::new()),
+        Some(page) => {
+            let per_seq = s.div_ceil(page);
+            let mut order: Vec<i32> = (0..(b * per_seq) as i32).collect();
+            order.shuffle(rng);
+            let mut pool = vec![bf16::NAN; b * per_seq * page * row];
+            for (slot, &p) in order.iter().enumerate() {
+                let (seq, first) = (slot / per_seq, (slot % per_seq) * page);
+                let rows = page.min(s - first);
+                let dst = p as usize * page * row;
+                pool[dst..dst + rows * row]
+                    .copy_from_slice(&kv[(seq * s + first) * row..][..rows * row]);
+            }
+            (pool, order)
+        }
+    };
+    let kv_shape = match page {
+        None => [b, s, hkv, d],
+        Some(page) => [stored.len() / (page * row), page, hkv, d],
+    };
+    let sets = input_sets(ctx, 2 * (total_q * hq * d + 2 * stored.len()));
+    let mut inputs: Vec<(DeviceTensor<bf16, 3>, [DeviceTensor<bf16, 4>; 2])> = Vec::new();
+    for _ in 0..sets {
+        inputs.push((
+            ctx.upload(&q, [total_q, hq, d])?,
+            [
+                ctx.upload(&stored, kv_shape)?,
+                ctx.upload(&stored, kv_shape)?,
+            ],
+        ));
+    }
+    let per_seq = order.len() / b;
+    let table = ctx.upload(&order, [b, per_seq.max(1)]).ok();
+    let dcu = ctx.upload(&cu_q, [b + 1])?;
+    let dcounts = ctx.upload(&counts, [b])?;
+    let mut out = ctx.alloc::<bf16, 3>([total_q, hq, d])?;
+    let mut lse = ctx.alloc::<f32, 2>([hq, total_q])?;
+    let plans = inputs
+        .iter()
+        .map(|(q, [k, v])| {
+            let (k, v) = (k.view(), v.view());
+            let table = table.as_ref().map(|t| t.view());
+            let cache = match &table {
+                None => KvCacheDesc::Contiguous {
+                    k: k.desc(),
+                    v: v.desc(),
+                },
+                Some(t) => KvCacheDesc::Paged {
+                    k_pages: k.desc(),
+                    v_pages: v.desc(),
+                    block_table: t.desc(),
+                },
+            };
+            duo_attn::plan_prefill_kvcache::<bf16>(
+                q.view().desc(),
+                cache,
+                out.view_mut().desc(),
+                lse.view_mut().desc(),
+                (&cu_q, dcu.view().desc().ptr),
+                (&counts, dcounts.view().desc().ptr),
+                cfg,
+                ctx.ordinal(),
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // SAFETY: plans of live tensors on this context, whose device arrays hold the host copies.
+    let launch = |i: usize| unsafe { ctx.launch_prefill_plan(&plans[i % sets]) };
+    time_launches(ctx, clock, launch)
+}
+
 /// Times `launch(i)` (input set `i`) with CUDA events: warm-up, then enough reps for the budget.
 fn time_launches(
     ctx: &Context,
