@@ -359,32 +359,52 @@ pub fn run_varlen_case(
         .enumerate()
         .map(|(b, &(sq, sk))| {
             let (q0, k0) = (cu_q[b] as usize, cu_k[b] as usize);
-            let shape = Shape {
-                batch: 1,
-                seqlen_q: sq,
-                seqlen_k: sk,
-                heads_q: hq,
-                heads_kv: hkv,
-                head_dim: d,
-            };
-            let seq_lse: Vec<f32> = (0..hq)
-                .flat_map(|h| lse_all[h * total_q + q0..][..sq].to_vec())
-                .collect();
-            let rows: Vec<(usize, usize, usize)> = (0..hq)
-                .flat_map(|h| (0..sq).map(move |i| (0, h, i)))
-                .collect();
-            compare(
-                &shape,
-                cfg,
-                &rows_of(&q32, q0, sq, hq),
-                &rows_of(&k32, k0, sk, hkv),
-                &rows_of(&v32, k0, sk, hkv),
-                &rows_of(&out32, q0, sq, hq),
-                &seq_lse,
-                &rows,
-            )
+            let keys = (
+                &rows_of(&k32, k0, sk, hkv)[..],
+                &rows_of(&v32, k0, sk, hkv)[..],
+            );
+            compare_packed_sequence(cfg, (hq, hkv, d), (q0, sq), (&q32, keys), &out32, &lse_all)
         })
         .collect())
+}
+
+/// Compares one sequence of a varlen call with the reference on all its rows: query rows
+/// `q0..q0 + sq` of the packed `q`/`out` (`[total_q, Hq, D]`) and `lse` (`[Hq, total_q]`), against
+/// its own key rows `k`/`v` (`[Sk, Hkv, D]`).
+pub fn compare_packed_sequence(
+    cfg: &AttentionConfig,
+    (hq, hkv, d): (usize, usize, usize),
+    (q0, sq): (usize, usize),
+    (q, (k, v)): (&[f32], (&[f32], &[f32])),
+    out: &[f32],
+    lse: &[f32],
+) -> Comparison {
+    let total_q = lse.len() / hq;
+    let shape = Shape {
+        batch: 1,
+        seqlen_q: sq,
+        seqlen_k: k.len() / (hkv * d),
+        heads_q: hq,
+        heads_kv: hkv,
+        head_dim: d,
+    };
+    let seq_lse: Vec<f32> = (0..hq)
+        .flat_map(|h| lse[h * total_q + q0..][..sq].to_vec())
+        .collect();
+    let rows: Vec<(usize, usize, usize)> = (0..hq)
+        .flat_map(|h| (0..sq).map(move |i| (0, h, i)))
+        .collect();
+    let packed = q0 * hq * d..(q0 + sq) * hq * d;
+    compare(
+        &shape,
+        cfg,
+        &q[packed.clone()],
+        k,
+        v,
+        &out[packed],
+        &seq_lse,
+        &rows,
+    )
 }
 
 /// Compares a decode with per-sequence key counts (`Context::decode_attention_seqlens`) with the

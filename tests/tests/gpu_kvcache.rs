@@ -2,9 +2,10 @@
 //! against each sequence's first `cache_seqlens[b]` keys, with every cache row past a count (and
 //! every unused page) NaN, so a kernel that let one reach the output fails. Each sequence is
 //! compared with the float64 reference on its own.
-use duo_attn::reference::Shape;
 use duo_attn::{AttentionConfig, AttnElement, Context, Error, HeadKind, PrefillKernel};
-use duo_attn_tests::{Comparison, compare, gpu_or_skip, notice, prefix_sums, random_tensor, rng};
+use duo_attn_tests::{
+    Comparison, compare_packed_sequence, gpu_or_skip, notice, prefix_sums, random_tensor, rng,
+};
 use half::{bf16, f16};
 use rand::{rngs::StdRng, seq::SliceRandom};
 
@@ -104,32 +105,10 @@ fn run_case<T: AttnElement>(
         .iter()
         .enumerate()
         .map(|(i, &(sq, sk))| {
-            let q0 = cu_q[i] as usize;
-            let shape = Shape {
-                batch: 1,
-                seqlen_q: sq,
-                seqlen_k: sk,
-                heads_q: hq,
-                heads_kv: hkv,
-                head_dim: d,
-            };
-            let seq_lse: Vec<f32> = (0..hq)
-                .flat_map(|h| lse_all[h * total_q + q0..][..sq].to_vec())
-                .collect();
-            let rows: Vec<_> = (0..hq)
-                .flat_map(|h| (0..sq).map(move |r| (0, h, r)))
-                .collect();
             let keys = i * s_max * row..(i * s_max + sk) * row;
-            compare(
-                &shape,
-                cfg,
-                &q32[q0 * hq * d..(q0 + sq) * hq * d],
-                &k32[keys.clone()],
-                &v32[keys],
-                &out32[q0 * hq * d..(q0 + sq) * hq * d],
-                &seq_lse,
-                &rows,
-            )
+            let kv = (&k32[keys.clone()], &v32[keys]);
+            let at = (cu_q[i] as usize, sq);
+            compare_packed_sequence(cfg, (hq, hkv, d), at, (&q32, kv), &out32, &lse_all)
         })
         .collect())
 }
@@ -183,6 +162,19 @@ fn kvcache_prefill_matches_reference() {
     };
     let mut rng = rng("kvcache prefill");
     let mut failures = Vec::new();
+    let mut run = |d: usize, cfg: AttentionConfig| {
+        let heads = (8, 2, d);
+        let seqs = &SEQS;
+        failures.extend(check::<bf16>(
+            &ctx,
+            &mut rng,
+            heads,
+            1000,
+            seqs,
+            Layout::Contiguous,
+            &cfg,
+        ));
+    };
     for kernel in [
         PrefillKernel::Auto,
         PrefillKernel::WgmmaWarpSpecialized,
@@ -190,41 +182,22 @@ fn kvcache_prefill_matches_reference() {
         PrefillKernel::MmaSync,
     ] {
         for d in [64, 128] {
-            let cfg = mixed(kernel, None);
-            let layout = Layout::Contiguous;
-            failures.extend(check::<bf16>(
-                &ctx,
-                &mut rng,
-                (8, 2, d),
-                1000,
-                &SEQS,
-                layout,
-                &cfg,
-            ));
+            run(d, mixed(kernel, None));
         }
     }
     for (d, splits) in [(256, None), (128, Some(3)), (256, Some(5))] {
-        let cfg = mixed(PrefillKernel::WgmmaTma, splits);
-        let layout = Layout::Contiguous;
-        failures.extend(check::<bf16>(
-            &ctx,
-            &mut rng,
-            (8, 2, d),
-            1000,
-            &SEQS,
-            layout,
-            &cfg,
-        ));
+        run(d, mixed(PrefillKernel::WgmmaTma, splits));
     }
     // f16, MQA, all retrieval.
     let cfg = AttentionConfig::all_retrieval(1);
+    let layout = Layout::Contiguous;
     failures.extend(check::<f16>(
         &ctx,
         &mut rng,
         (4, 1, 128),
         1000,
         &SEQS,
-        Layout::Contiguous,
+        layout,
         &cfg,
     ));
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -243,8 +216,7 @@ fn kvcache_paged_prefill_matches_reference() {
         (128, 512, Some(3)),
         (64, 128, Some(32)),
     ] {
-        let cfg = mixed(PrefillKernel::Auto, splits);
-        let layout = Layout::Paged(page);
+        let (cfg, layout) = (mixed(PrefillKernel::Auto, splits), Layout::Paged(page));
         failures.extend(check::<bf16>(
             &ctx,
             &mut rng,
@@ -255,8 +227,10 @@ fn kvcache_paged_prefill_matches_reference() {
             &cfg,
         ));
     }
-    let cfg = AttentionConfig::all_streaming(2, 4, 100);
-    let layout = Layout::Paged(128);
+    let (cfg, layout) = (
+        AttentionConfig::all_streaming(2, 4, 100),
+        Layout::Paged(128),
+    );
     failures.extend(check::<f16>(
         &ctx,
         &mut rng,
@@ -279,15 +253,13 @@ fn sanitizer_small_kvcache_prefill() {
     let mut rng = rng("sanitizer kvcache prefill");
     let seqs = [(70, 200), (0, 9), (3, 3), (130, 130)];
     let mut failures = Vec::new();
+    let (contiguous, paged) = (Layout::Contiguous, Layout::Paged(128));
+    let (tma, cp_async) = (PrefillKernel::Auto, PrefillKernel::WgmmaWarpSpecialized);
     for (layout, kernel, splits) in [
-        (Layout::Contiguous, PrefillKernel::Auto, None),
-        (
-            Layout::Contiguous,
-            PrefillKernel::WgmmaWarpSpecialized,
-            None,
-        ),
-        (Layout::Paged(128), PrefillKernel::Auto, None),
-        (Layout::Paged(128), PrefillKernel::Auto, Some(2)),
+        (contiguous, tma, None),
+        (contiguous, cp_async, None),
+        (paged, tma, None),
+        (paged, tma, Some(2)),
     ] {
         let cfg = mixed(kernel, splits);
         failures.extend(check::<bf16>(

@@ -636,43 +636,20 @@ fn kvcache_prefill_plans_and_rules() {
             AttentionConfig::new(vec![HeadKind::Retrieval, HeadKind::Streaming]).kernel(kernel);
         let cu = ([0, 4, 10], at(3));
         let lens = ([300, 512], at(4));
-        match page {
-            None => {
-                let k = TensorDesc::contiguous(at(5), [2, s_max, HKV, d], 2, DEV);
-                let v = TensorDesc::contiguous(at(6), [2, s_max, HKV, d], 2, DEV);
-                let cache = KvCacheDesc::Contiguous { k: &k, v: &v };
-                plan_prefill_kvcache::<bf16>(
-                    &q,
-                    cache,
-                    &out,
-                    &lse,
-                    (&cu.0, cu.1),
-                    (&lens.0, lens.1),
-                    &cfg,
-                    DEV,
-                )
-            }
-            Some(page) => {
-                let k = TensorDesc::contiguous(at(5), [16, page, HKV, d], 2, DEV);
-                let v = TensorDesc::contiguous(at(6), [16, page, HKV, d], 2, DEV);
-                let table = TensorDesc::contiguous(at(7), [2, s_max / page], 4, DEV);
-                let cache = KvCacheDesc::Paged {
-                    k_pages: &k,
-                    v_pages: &v,
-                    block_table: &table,
-                };
-                plan_prefill_kvcache::<bf16>(
-                    &q,
-                    cache,
-                    &out,
-                    &lse,
-                    (&cu.0, cu.1),
-                    (&lens.0, lens.1),
-                    &cfg,
-                    DEV,
-                )
-            }
-        }
+        let (pages, rows) = page.map_or((2, s_max), |page| (16, page));
+        let k = TensorDesc::contiguous(at(5), [pages, rows, HKV, d], 2, DEV);
+        let v = TensorDesc::contiguous(at(6), [pages, rows, HKV, d], 2, DEV);
+        let table = TensorDesc::contiguous(at(7), [2, s_max / rows], 4, DEV);
+        let cache = match page {
+            None => KvCacheDesc::Contiguous { k: &k, v: &v },
+            Some(_) => KvCacheDesc::Paged {
+                k_pages: &k,
+                v_pages: &v,
+                block_table: &table,
+            },
+        };
+        let (cu, lens) = ((&cu.0[..], cu.1), (&lens.0[..], lens.1));
+        plan_prefill_kvcache::<bf16>(&q, cache, &out, &lse, cu, lens, &cfg, DEV)
     };
     let p = plan_with(128, None, PrefillKernel::Auto).unwrap();
     assert!(p.zero_key_starts);
