@@ -816,7 +816,8 @@ impl Context {
     /// # Safety
     /// The plan must come from `plan_prefill*` on this context's device, for tensors that are
     /// still allocated, and a varlen or KV-cache plan's device arrays (prefix sums, key counts,
-    /// block table rows) must hold the host copies it was planned with. The kernels address memory from the plan's pointers and from those sums.
+    /// block table rows) must hold the host copies it was planned with. The kernels address
+    /// memory from the plan's pointers and from those arrays.
     pub unsafe fn launch_prefill_plan(&self, plan: &PrefillPlan) -> Result<()> {
         self.launch_prefill(plan)
     }
@@ -830,28 +831,27 @@ impl Context {
         } else {
             0
         };
-        if !plan.persistent && zero_starts == 0 {
-            return self.launch(
-                &plan.entry,
-                plan.grid,
-                plan.block,
-                plan.shared_bytes,
-                &plan.params,
-            );
-        }
+        let with_starts = |mut params: PrefillParams, counters: u64| {
+            if zero_starts > 0 {
+                params.cu_seqlens_k = counters + 8;
+            }
+            params
+        };
         if !plan.persistent {
-            return self.with_scratch(0, 2 + zero_starts, |scratch| {
-                let mut params = plan.params;
-                if zero_starts > 0 {
-                    params.cu_seqlens_k = scratch.counters + 8;
-                }
+            let launch = |params: &PrefillParams| {
                 self.launch(
                     &plan.entry,
                     plan.grid,
                     plan.block,
                     plan.shared_bytes,
-                    &params,
+                    params,
                 )
+            };
+            if zero_starts == 0 {
+                return launch(&plan.params);
+            }
+            return self.with_scratch(0, 2 + zero_starts, |scratch| {
+                launch(&with_starts(plan.params, scratch.counters))
             });
         }
         let slots = self.info().multiprocessors as usize
@@ -887,11 +887,8 @@ impl Context {
         let work_items = (plan.work_tiles() * splits).min(slots).max(1);
         let grid = (work_items as u32, 1, 1);
         self.with_scratch(partials, 2 + zero_starts, |scratch| {
-            let mut params = plan.params;
+            let mut params = with_starts(plan.params, scratch.counters);
             params.work_counter = scratch.counters;
-            if zero_starts > 0 {
-                params.cu_seqlens_k = scratch.counters + 8;
-            }
             let mut entry = plan.entry.as_str();
             if let Some((split, rows)) = merge {
                 params.kv_splits = splits as i32;

@@ -69,24 +69,26 @@ pub fn plan_prefill_kvcache<T: AttnElement>(
     let (cu_q, cu_q_ptr) = cu_seqlens_q;
     check_cu_seqlens("cu_seqlens_q", cu_q, total_q)?;
     let batch = cu_q.len() - 1;
-    let (k, v, names) = match cache {
-        KvCacheDesc::Contiguous { k, v } => (k, v, ("k_cache", "v_cache")),
-        KvCacheDesc::Paged {
-            k_pages, v_pages, ..
-        } => (k_pages, v_pages, ("k_pages", "v_pages")),
-    };
-    let heads_kv = k.shape[2];
-    check_heads(heads_q, heads_kv, cfg)?;
-    let (kv_batch, why) = match cache {
-        KvCacheDesc::Contiguous { .. } => (
+    let (k, v, names, kv_batch, why) = match cache {
+        KvCacheDesc::Contiguous { k, v } => (
+            k,
+            v,
+            ("k_cache", "v_cache"),
             batch,
             "k_cache is [B, S_max, Hkv, D] with cu_seqlens_q's B and q's D",
         ),
-        KvCacheDesc::Paged { .. } => (
-            k.shape[0],
+        KvCacheDesc::Paged {
+            k_pages, v_pages, ..
+        } => (
+            k_pages,
+            v_pages,
+            ("k_pages", "v_pages"),
+            k_pages.shape[0],
             "k_pages is [pages, page_size, Hkv, D] with q's D",
         ),
     };
+    let heads_kv = k.shape[2];
+    check_heads(heads_q, heads_kv, cfg)?;
     let rows = check_kv(
         (k, names.0),
         (v, names.1),

@@ -6,7 +6,7 @@ use duo_attn::{
     PrefillKernel,
 };
 use half::bf16;
-use rand::{Rng, SeedableRng, rngs::StdRng};
+use rand::{Rng, SeedableRng, rngs::StdRng, seq::SliceRandom};
 use rand_distr::StandardNormal;
 use rayon::prelude::*;
 use std::io::Write;
@@ -481,6 +481,35 @@ pub fn kv_with_nan_tails<T: DeviceScalar>(
         seq[len * row..].fill(T::nan());
     }
     (x, x32)
+}
+
+/// Pool pages `0..pages` in random order: a paged cache's placement, sequence `b`'s page `j` at
+/// entry `b * pages_per_sequence + j` (the block table's rows); entries past those are spare.
+pub fn shuffled_pages(rng: &mut impl Rng, pages: usize) -> Vec<i32> {
+    let mut order: Vec<i32> = (0..pages as i32).collect();
+    order.shuffle(rng);
+    order
+}
+
+/// A `[B, s, row]` cache (`row` elements per key) copied into a pool of `order.len()` pages of
+/// `page` keys: sequence `b`'s page `j` goes to pool page `order[b * ceil(s / page) + j]`, and
+/// pool rows no key lands in hold `fill`.
+pub fn scatter_pages<T: Copy>(
+    cache: &[T],
+    (s, row): (usize, usize),
+    page: usize,
+    order: &[i32],
+    fill: T,
+) -> Vec<T> {
+    let (per_seq, batch) = (s.div_ceil(page), cache.len() / (s * row));
+    let mut pool = vec![fill; order.len() * page * row];
+    for (slot, &p) in order.iter().take(batch * per_seq).enumerate() {
+        let (seq, first) = (slot / per_seq, (slot % per_seq) * page);
+        let rows = page.min(s - first);
+        pool[p as usize * page * row..][..rows * row]
+            .copy_from_slice(&cache[(seq * s + first) * row..][..rows * row]);
+    }
+    pool
 }
 
 /// Host copy of the K/V rows each sequence slot of one cache layer holds, to run the reference

@@ -2,12 +2,14 @@
 //! against each sequence's first `cache_seqlens[b]` keys, with every cache row past a count (and
 //! every unused page) NaN, so a kernel that let one reach the output fails. Each sequence is
 //! compared with the float64 reference on its own.
+use duo_attn::reference::Shape;
 use duo_attn::{AttentionConfig, AttnElement, Context, Error, HeadKind, PrefillKernel};
 use duo_attn_tests::{
-    Comparison, compare_packed_sequence, gpu_or_skip, notice, prefix_sums, random_tensor, rng,
+    Comparison, compare_packed_sequence, gpu_or_skip, kv_with_nan_tails, notice, prefix_sums,
+    random_tensor, rng, scatter_pages, shuffled_pages,
 };
 use half::{bf16, f16};
-use rand::{rngs::StdRng, seq::SliceRandom};
+use rand::rngs::StdRng;
 
 /// Where the cache lives: batch-strided, or in pages of this many keys.
 #[derive(Clone, Copy, Debug)]
@@ -34,13 +36,16 @@ fn run_case<T: AttnElement>(
     let row = hkv * d;
     let (q, q32) = random_tensor::<T>(rng, total_q * hq * d);
     // The reference reads the random values; the device copies hold NaN past each count.
-    let (mut k, k32) = random_tensor::<T>(rng, b * s_max * row);
-    let (mut v, v32) = random_tensor::<T>(rng, b * s_max * row);
-    for (i, &(_, len)) in seqs.iter().enumerate() {
-        for x in [&mut k, &mut v] {
-            x[(i * s_max + len) * row..(i + 1) * s_max * row].fill(T::nan());
-        }
-    }
+    let shape = Shape {
+        batch: b,
+        seqlen_q: 0,
+        seqlen_k: s_max,
+        heads_q: hq,
+        heads_kv: hkv,
+        head_dim: d,
+    };
+    let (k, k32) = kv_with_nan_tails::<T>(rng, &shape, &lens);
+    let (v, v32) = kv_with_nan_tails::<T>(rng, &shape, &lens);
     let dq = ctx.upload(&q, [total_q, hq, d])?;
     let dcu = ctx.upload(&cu_q, [b + 1])?;
     let dlens = ctx.upload(&lens, [b])?;
@@ -68,18 +73,9 @@ fn run_case<T: AttnElement>(
             // Each sequence's pages scattered over a pool with spare (NaN) pages, in random order.
             let per_seq = s_max.div_ceil(page);
             let pages = b * per_seq + 3;
-            let mut order: Vec<i32> = (0..pages as i32).collect();
-            order.shuffle(rng);
-            let mut pool_k = vec![T::nan(); pages * page * row];
-            let mut pool_v = pool_k.clone();
-            for (slot, &p) in order.iter().take(b * per_seq).enumerate() {
-                let (seq, first) = (slot / per_seq, (slot % per_seq) * page);
-                let rows = page.min(s_max - first);
-                let src = (seq * s_max + first) * row..(seq * s_max + first + rows) * row;
-                let dst = p as usize * page * row;
-                pool_k[dst..dst + rows * row].copy_from_slice(&k[src.clone()]);
-                pool_v[dst..dst + rows * row].copy_from_slice(&v[src]);
-            }
+            let order = shuffled_pages(rng, pages);
+            let pool_k = scatter_pages(&k, (s_max, row), page, &order, T::nan());
+            let pool_v = scatter_pages(&v, (s_max, row), page, &order, T::nan());
             let table = &order[..b * per_seq];
             let dk = ctx.upload(&pool_k, [pages, page, hkv, d])?;
             let dv = ctx.upload(&pool_v, [pages, page, hkv, d])?;

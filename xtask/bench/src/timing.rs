@@ -227,7 +227,6 @@ pub fn time_kvcache_case(
     clock: &ClockSampler,
 ) -> Result<Timing> {
     use duo_attn::KvCacheDesc;
-    use rand::seq::SliceRandom;
     let lens = case
         .varlen_lens()
         .unwrap_or_else(|| vec![(case.seqlen_q, case.seqlen_k)]);
@@ -237,31 +236,23 @@ pub fn time_kvcache_case(
     let (hq, hkv, d, s) = (case.heads_q, case.heads_kv, case.head_dim, case.seqlen_k);
     let row = hkv * d;
     let (q, _) = random_tensor::<bf16>(rng, total_q * hq * d);
-    let (mut kv, _) = random_tensor::<bf16>(rng, b * s * row);
-    for (i, &n) in counts.iter().enumerate() {
-        kv[(i * s + n as usize) * row..(i + 1) * s * row].fill(bf16::NAN);
-    }
-    // Paged: sequence b's page j is pool page order[b * per_seq + j].
-    let (stored, order) = match page {
-        None => (kv, Vec::new()),
-        Some(page) => {
-            let per_seq = s.div_ceil(page);
-            let mut order: Vec<i32> = (0..(b * per_seq) as i32).collect();
-            order.shuffle(rng);
-            let mut pool = vec![bf16::NAN; b * per_seq * page * row];
-            for (slot, &p) in order.iter().enumerate() {
-                let (seq, first) = (slot / per_seq, (slot % per_seq) * page);
-                let rows = page.min(s - first);
-                let dst = p as usize * page * row;
-                pool[dst..dst + rows * row]
-                    .copy_from_slice(&kv[(seq * s + first) * row..][..rows * row]);
-            }
-            (pool, order)
-        }
+    let shape = duo_attn::reference::Shape {
+        batch: b,
+        seqlen_q: 0,
+        seqlen_k: s,
+        heads_q: hq,
+        heads_kv: hkv,
+        head_dim: d,
     };
-    let kv_shape = match page {
-        None => [b, s, hkv, d],
-        Some(page) => [stored.len() / (page * row), page, hkv, d],
+    let (kv, _) = duo_attn_tests::kv_with_nan_tails::<bf16>(rng, &shape, &counts);
+    // Paged: each sequence's pages at shuffled places of the pool (`order` is the table).
+    let (stored, kv_shape, order) = match page {
+        None => (kv, [b, s, hkv, d], None),
+        Some(page) => {
+            let order = duo_attn_tests::shuffled_pages(rng, b * s.div_ceil(page));
+            let pool = duo_attn_tests::scatter_pages(&kv, (s, row), page, &order, bf16::NAN);
+            (pool, [order.len(), page, hkv, d], Some(order))
+        }
     };
     let sets = input_sets(ctx, 2 * (total_q * hq * d + 2 * stored.len()));
     let mut inputs: Vec<(DeviceTensor<bf16, 3>, [DeviceTensor<bf16, 4>; 2])> = Vec::new();
@@ -274,8 +265,10 @@ pub fn time_kvcache_case(
             ],
         ));
     }
-    let per_seq = order.len() / b;
-    let table = ctx.upload(&order, [b, per_seq.max(1)]).ok();
+    let table = match &order {
+        Some(order) => Some(ctx.upload(order, [b, order.len() / b])?),
+        None => None,
+    };
     let dcu = ctx.upload(&cu_q, [b + 1])?;
     let dcounts = ctx.upload(&counts, [b])?;
     let mut out = ctx.alloc::<bf16, 3>([total_q, hq, d])?;
