@@ -458,6 +458,11 @@ pub struct DecodeParams {
 /// the count), so the cache's lengths live on the device and a captured step replays. Rows at or
 /// past `capacity` never reach `full`.
 ///
+/// With `block_table` set, `full` is a pool of pages (a paged cache): position `pos` of sequence
+/// `b` is row `pos % page` of page `block_table[b * block_table_stride + pos / page]`, and
+/// `full`'s stride 0 runs between pages. A row whose entry lies outside `0..num_pages` (a page
+/// the host has not given the sequence) is not written.
+///
 /// `duo_cache_gather_stream`: builds a streaming head's prefill context `[B, n_hist + n_new, Hs,
 /// D]` in `out`: the cached sink rows, the cached recent rows in position order, then the new rows.
 /// Grid: `(ceil(rows * Hkv * D / 8 / 256), B)`, block 256, rows = `n_new` (append) or
@@ -497,6 +502,12 @@ pub struct CacheParams {
     /// multiple of it. The prefill's TMA loads them with its last keys (masked), and stale
     /// non-finite values there would still reach O (0 x NaN).
     pub pad_block: i32,
+    /// 0, or a device `[B, block_table_stride]` i32 table of the pages of `full` (see above).
+    pub block_table: u64,
+    pub block_table_stride: i32,
+    /// Rows per page: `1 << page_shift`.
+    pub page_shift: i32,
+    pub num_pages: i32,
 }
 
 /// Decode kernel entry names, by (element, head dim).

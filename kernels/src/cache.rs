@@ -23,44 +23,27 @@ fn chunk_addr(base: u64, strides: &[i64; 3], batch: i64, pos: i32, head: i32, ch
         * 2) as u64
 }
 
-/// Copies chunk `(row, head, chunk)` of K and V from `src` to `dst`.
-#[allow(clippy::too_many_arguments)]
+/// Copies chunk `chunk` of K and V row `(pos, head, batch)` of `src` to row `(pos, head, batch)`
+/// of `dst` (the batch coordinate of a paged full cache is the page).
 #[inline(always)]
 unsafe fn copy_kv(
     src: &KvSource,
-    src_pos: i32,
-    src_head: i32,
+    (src_pos, src_head, src_batch): (i32, i32, i64),
     dst: &KvSource,
-    dst_pos: i32,
-    dst_head: i32,
-    batch: i64,
+    (dst_pos, dst_head, dst_batch): (i32, i32, i64),
     chunk: i32,
 ) {
+    let from = |base: u64, strides: &[i64; 3]| {
+        chunk_addr(base, strides, src_batch, src_pos, src_head, chunk)
+    };
+    let to = |base: u64, strides: &[i64; 3]| {
+        chunk_addr(base, strides, dst_batch, dst_pos, dst_head, chunk)
+    };
     unsafe {
-        let k = ld_global_nc_v4(chunk_addr(
-            src.k,
-            &src.k_strides,
-            batch,
-            src_pos,
-            src_head,
-            chunk,
-        ));
-        let v = ld_global_nc_v4(chunk_addr(
-            src.v,
-            &src.v_strides,
-            batch,
-            src_pos,
-            src_head,
-            chunk,
-        ));
-        st_global_v4(
-            chunk_addr(dst.k, &dst.k_strides, batch, dst_pos, dst_head, chunk),
-            k,
-        );
-        st_global_v4(
-            chunk_addr(dst.v, &dst.v_strides, batch, dst_pos, dst_head, chunk),
-            v,
-        );
+        let k = ld_global_nc_v4(from(src.k, &src.k_strides));
+        let v = ld_global_nc_v4(from(src.v, &src.v_strides));
+        st_global_v4(to(dst.k, &dst.k_strides), k);
+        st_global_v4(to(dst.v, &dst.v_strides), v);
     }
 }
 
@@ -167,12 +150,34 @@ unsafe fn zero_kv(dst: &KvSource, pos: i32, head: i32, batch: i64, chunk: i32) {
     }
 }
 
+/// Where position `pos` of sequence `batch` lies in the full cache: `(batch, row)` of `full`, or
+/// of its pool of pages `(page, row in the page)` when the cache is paged; None for a position
+/// at or past `capacity`, or whose page the sequence has not been given.
+#[inline(always)]
+fn full_row(p: &CacheParams, pos: i32, batch: i64) -> Option<(i64, i32)> {
+    if pos >= p.capacity {
+        return None;
+    }
+    if p.block_table == 0 {
+        return Some((batch, pos));
+    }
+    let entry = batch * p.block_table_stride as i64 + (pos >> p.page_shift) as i64;
+    let page = unsafe { ld_global_nc_u32(p.block_table + 4 * entry as u64) } as i32;
+    if page < 0 || page >= p.num_pages {
+        return None;
+    }
+    Some((page as i64, pos & ((1 << p.page_shift) - 1)))
+}
+
 /// Zeroes position `pos` of `head`'s full cache (retrieval heads, below `capacity`).
 #[inline(always)]
 unsafe fn zero_full_row(p: &CacheParams, pos: i32, head: i32, chunk: i32, batch: i64) {
     let (streaming, rank) = kind_and_rank(&p.streaming_heads, head as usize);
-    if !streaming && pos < p.capacity {
-        unsafe { zero_kv(&p.full, pos, rank, batch, chunk) };
+    if streaming {
+        return;
+    }
+    if let Some((at, row)) = full_row(p, pos, batch) {
+        unsafe { zero_kv(&p.full, row, rank, at, chunk) };
     }
 }
 
@@ -191,8 +196,8 @@ unsafe fn append_row(
     let pos = start + row;
     let src = first + row;
     if !streaming {
-        if pos < p.capacity {
-            unsafe { copy_kv(&p.new, src, head, &p.full, pos, rank, batch, chunk) };
+        if let Some((at, row)) = full_row(p, pos, batch) {
+            unsafe { copy_kv(&p.new, (src, head, batch), &p.full, (row, rank, at), chunk) };
         }
         return;
     }
@@ -202,7 +207,15 @@ unsafe fn append_row(
         return;
     }
     let slot = slot_of(pos, p.sink, p.recent);
-    unsafe { copy_kv(&p.new, src, head, &p.stream, slot, rank, batch, chunk) };
+    unsafe {
+        copy_kv(
+            &p.new,
+            (src, head, batch),
+            &p.stream,
+            (slot, rank, batch),
+            chunk,
+        )
+    };
 }
 
 #[unsafe(no_mangle)]
@@ -236,16 +249,8 @@ pub unsafe extern "ptx-kernel" fn duo_cache_gather_stream(p: CacheParams) {
             }
             zero_kv(&p.out, row, rank, batch, chunk);
         } else if row >= n_hist {
-            copy_kv(
-                &p.new,
-                first + row - n_hist,
-                head,
-                &p.out,
-                row,
-                rank,
-                batch,
-                chunk,
-            );
+            let new_row = (first + row - n_hist, head, batch);
+            copy_kv(&p.new, new_row, &p.out, (row, rank, batch), chunk);
         } else {
             let pos = if row < sink_rows {
                 row
@@ -253,7 +258,13 @@ pub unsafe extern "ptx-kernel" fn duo_cache_gather_stream(p: CacheParams) {
                 lo + row - sink_rows
             };
             let slot = slot_of(pos, p.sink, p.recent);
-            copy_kv(&p.stream, slot, rank, &p.out, row, rank, batch, chunk);
+            copy_kv(
+                &p.stream,
+                (slot, rank, batch),
+                &p.out,
+                (row, rank, batch),
+                chunk,
+            );
         }
     }
 }

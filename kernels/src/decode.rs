@@ -157,8 +157,11 @@ unsafe fn decode<
         pick(p.stream.v_strides[2], p.full.v_strides[2]),
     ];
     // Paged K/V (`block_table`): stride 0 runs between pages, not sequences, and key `k` sits
-    // in row `k % page` of page `table[k / page]`.
-    let seq = if PAGED { 0 } else { batch };
+    // in row `k % page` of page `table[k / page]`. A paged DuoAttention cache (head dims 64 and
+    // 128 only: the branch costs D = 256 48 bytes of spills) keeps its rings batch-strided: only
+    // retrieval heads read pages.
+    let paged = PAGED && !(D <= 128 && use_ring);
+    let seq = if paged { 0 } else { batch };
     let k_base = pick(p.stream.k as i64, p.full.k as i64) as u64
         + ((seq * ks[0] + index * ks[2]) * 2) as u64;
     let v_base = pick(p.stream.v as i64, p.full.v as i64) as u64
@@ -289,13 +292,13 @@ unsafe fn decode<
         }
     };
     let load = |i: i32| {
-        if PAGED { load_paged(i) } else { load_plain(i) }
+        if paged { load_paged(i) } else { load_plain(i) }
     };
     // Paged: this thread's table entry of tile `x` (thread j < entries fetches entry j; 0 for a
     // page past the sequence's keys or a tile past the split's), clamped into the pool.
     let fetch_page = |x: i32| {
         let j = tid as i32;
-        if !PAGED || j >= entries || x >= count {
+        if !paged || j >= entries || x >= count {
             return 0;
         }
         let key = n_block(x) * bn as i32 + (j << p.page_shift);
