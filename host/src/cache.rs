@@ -21,16 +21,23 @@ use crate::attention::{
     check_queries, prefill_launch, prefill_params,
 };
 use crate::context::Context;
-use crate::decode::{DecodeKv, MAX_DECODE_QUERIES, kv_source};
+use crate::decode::{CachePages, DecodeKv, MAX_DECODE_QUERIES, kv_source};
 use crate::element::AttnElement;
 use crate::error::{Error, Result};
+use crate::kvcache::{Paging, use_cache_build};
 use crate::pattern::{Binarize, HeadPattern};
 use crate::tensor::{DeviceTensor, TensorDesc, View, ViewMut};
-use duo_attn_kernels::abi::{CacheParams, DECODE_HEAD_DIMS, KvSource, MAX_KV_HEADS, MAX_SEQLEN};
+use duo_attn_kernels::abi::{
+    CacheParams, DECODE_HEAD_DIMS, KvSource, MAX_KV_HEADS, MAX_SEQLEN, ws_block_n,
+};
 use duo_attn_kernels::ring;
 use std::ops::Range;
 
+mod pages;
 mod ragged;
+
+pub use pages::CachePaging;
+use pages::PageTable;
 
 /// Threads per block of the cache kernels (`duo_attn_kernels::cache::CACHE_THREADS`).
 const CACHE_THREADS: usize = 256;
@@ -52,12 +59,17 @@ pub struct CacheConfig {
     pub softmax_scale: Option<f32>,
     /// Kernel of the prefill chunks.
     pub prefill_kernel: PrefillKernel,
+    /// `None`: each slot's retrieval caches hold `max_len` rows. `Some`: they draw pages from a
+    /// pool as the slot grows (head dims 64 and 128, the TMA prefill kernel); see
+    /// [`CachePaging`].
+    pub paging: Option<CachePaging>,
 }
 
 /// Bytes held by a cache, and what a full cache for every head would hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CacheMemory {
-    /// Retrieval heads' full caches (K and V, all layers).
+    /// Retrieval heads' full caches (K and V, all layers): `batch x max_len` rows per head, or
+    /// the pools of a paged cache.
     pub full_bytes: usize,
     /// Streaming heads' rings (K and V, all layers).
     pub ring_bytes: usize,
@@ -83,6 +95,11 @@ pub fn cache_memory<K: AsRef<[HeadKind]>>(
 ) -> CacheMemory {
     let (sink, recent) = ring_slots(cfg.sink, cfg.window, cfg.max_len);
     let row = cfg.batch * cfg.head_dim * elem_bytes * 2; // K and V of one token of one head
+    // Full-cache bytes per retrieval head and layer.
+    let full_head = match cfg.paging {
+        Some(p) => p.pages * p.page_size * cfg.head_dim * elem_bytes * 2,
+        None => row * cfg.max_len,
+    };
     let (mut full, mut rings) = (0, 0);
     for layer in kinds {
         let streaming = layer
@@ -90,7 +107,7 @@ pub fn cache_memory<K: AsRef<[HeadKind]>>(
             .iter()
             .filter(|&&k| k == HeadKind::Streaming)
             .count();
-        full += row * cfg.max_len * (layer.as_ref().len() - streaming);
+        full += full_head * (layer.as_ref().len() - streaming);
         rings += row * (sink + recent) * streaming;
     }
     CacheMemory {
@@ -132,6 +149,8 @@ pub struct DuoCache<T: AttnElement> {
     /// between launches). The append reads and advances these lengths on the device, and decode
     /// reads them there, so a captured decode step replays at growing lengths.
     lengths: DeviceTensor<i32, 3>,
+    /// A paged cache's pages and block table.
+    pages: Option<PageTable>,
     /// Streaming heads' prefill context (K, V), grown on demand.
     scratch: Option<(DeviceTensor<T, 2>, DeviceTensor<T, 2>)>,
     /// A ragged prefill's per-slot arrays (`ragged::SlotPlan::words`), grown on demand, and the
@@ -206,6 +225,9 @@ impl<T: AttnElement> DuoCache<T> {
         if kinds.is_empty() {
             return bad("no layers".into());
         }
+        if let Some(paging) = cfg.paging {
+            Self::check_paging(cfg, paging)?;
+        }
         for (layer, row) in kinds.iter().enumerate() {
             if row.len() != cfg.heads_kv {
                 return bad(format!(
@@ -214,6 +236,43 @@ impl<T: AttnElement> DuoCache<T> {
                     cfg.heads_kv
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// A paged cache's rules: the prefill reads pages through TMA in whole 128-key blocks.
+    fn check_paging(cfg: &CacheConfig, p: CachePaging) -> Result<()> {
+        let bad = |msg: String| Err(Error::InvalidCacheConfig(msg));
+        if cfg.head_dim > 128 {
+            return bad(format!(
+                "a paged cache takes head dim 64 or 128, not {}: the prefill kernel loads KV \
+                 blocks of 48 keys at 256, which no power-of-two page holds whole",
+                cfg.head_dim
+            ));
+        }
+        let block = ws_block_n(cfg.head_dim);
+        if !p.page_size.is_power_of_two() || !p.page_size.is_multiple_of(block) {
+            return bad(format!(
+                "the page size ({}) must be a power of two and a multiple of the prefill's KV \
+                 block ({block} keys)",
+                p.page_size
+            ));
+        }
+        if p.pages == 0 || p.pages > MAX_SEQLEN {
+            return bad(format!(
+                "a paged cache's pool holds 1 to {MAX_SEQLEN} pages, not {}",
+                p.pages
+            ));
+        }
+        if !matches!(
+            cfg.prefill_kernel,
+            PrefillKernel::Auto | PrefillKernel::WgmmaTma
+        ) {
+            return bad(format!(
+                "a paged cache's prefill reads pages with TMA: `PrefillKernel::Auto` or \
+                 `WgmmaTma`, not {:?}",
+                cfg.prefill_kernel
+            ));
         }
         Ok(())
     }
@@ -234,6 +293,17 @@ impl<T: AttnElement> DuoCache<T> {
                 let shape = [cfg.batch, heads, len, cfg.head_dim]; // head-major, see cache_desc
                 Ok(Some((ctx.alloc::<T, 4>(shape)?, ctx.alloc::<T, 4>(shape)?)))
             };
+            // A paged cache's pool: `[pages, heads, page_size, D]`, each page head-major too.
+            let alloc_full = |heads: usize| -> Result<_> {
+                match (cfg.paging, heads) {
+                    (_, 0) => Ok(None),
+                    (None, _) => alloc(cfg.max_len, heads),
+                    (Some(p), _) => {
+                        let shape = [p.pages, heads, p.page_size, cfg.head_dim];
+                        Ok(Some((ctx.alloc::<T, 4>(shape)?, ctx.alloc::<T, 4>(shape)?)))
+                    }
+                }
+            };
             let attention = AttentionConfig::new(row)
                 .sink(sink as u32)
                 .window(cfg.window)
@@ -246,7 +316,7 @@ impl<T: AttnElement> DuoCache<T> {
             layers.push(LayerCache {
                 cfg: attention,
                 streaming,
-                full: alloc(cfg.max_len, retrieval)?,
+                full: alloc_full(retrieval)?,
                 ring: alloc(sink + recent, streaming)?,
                 lens: vec![0; cfg.batch],
             });
@@ -254,6 +324,10 @@ impl<T: AttnElement> DuoCache<T> {
         let lengths = ctx.alloc::<i32, 3>([layers.len(), 2, cfg.batch])?;
         let words = lengths.len();
         ctx.fill_words(lengths.view().desc().ptr, 4 * words, words, 1, 0)?;
+        let pages = cfg
+            .paging
+            .map(|p| PageTable::new(ctx, p, cfg.batch, cfg.max_len))
+            .transpose()?;
         ctx.synchronize()?;
         Ok(DuoCache {
             cfg,
@@ -262,6 +336,7 @@ impl<T: AttnElement> DuoCache<T> {
             layers,
             device: ctx.ordinal(),
             lengths,
+            pages,
             scratch: None,
             ragged: None,
             ragged_words: Vec::new(),
@@ -328,6 +403,12 @@ impl<T: AttnElement> DuoCache<T> {
         self.slots(0..self.cfg.batch)?.reset(ctx)
     }
 
+    /// [`CacheSlots::reserve`] for every slot: room, and a paged cache's pages, for `tokens`
+    /// more tokens in each (before capturing decode steps that a graph will replay).
+    pub fn reserve(&mut self, ctx: &Context, tokens: usize) -> Result<()> {
+        self.slots(0..self.cfg.batch)?.reserve(ctx, tokens)
+    }
+
     /// Reads the lengths the device holds back into the host's record (waits for the context's
     /// stream). Needed after replaying captured cache steps: the device advanced the lengths, the
     /// host's record did not (its checks of the room left run on that record).
@@ -364,8 +445,9 @@ impl<T: AttnElement> DuoCache<T> {
     }
 
     /// Copies a layer's caches to the host (for tests and inspection): full K, full V
-    /// `[B, H_retrieval, max_len, D]`, ring K, ring V `[B, H_streaming, sink + recent, D]`; `None`
-    /// where the layer has no head of that kind. Synchronous.
+    /// `[B, H_retrieval, max_len, D]` (a paged cache's pages put in place, zeros where a slot
+    /// has no page), ring K, ring V `[B, H_streaming, sink + recent, D]`; `None` where the layer
+    /// has no head of that kind. Synchronous.
     #[allow(clippy::type_complexity)]
     pub fn download(
         &self,
@@ -377,7 +459,50 @@ impl<T: AttnElement> DuoCache<T> {
                 .map(|(k, v)| Ok((k.to_host()?, v.to_host()?)))
                 .transpose()
         };
-        Ok((get(&l.full)?, get(&l.ring)?))
+        let full = get(&l.full)?;
+        let full = match (&self.pages, full) {
+            (Some(pages), Some((k, v))) => {
+                let heads = l.cfg.head_kinds.len() - l.streaming;
+                let unpage = |pool: &[T]| self.unpage(pages, heads, pool);
+                Some((unpage(&k), unpage(&v)))
+            }
+            (_, full) => full,
+        };
+        Ok((full, get(&l.ring)?))
+    }
+
+    /// A pool `[pages, heads, page_size, D]` as the slots' `[B, heads, max_len, D]`.
+    fn unpage(&self, pages: &PageTable, heads: usize, pool: &[T]) -> Vec<T> {
+        let (max_len, d, ps) = (self.cfg.max_len, self.cfg.head_dim, pages.paging.page_size);
+        let mut out = vec![T::from_f32(0.0); self.cfg.batch * heads * max_len * d];
+        for slot in 0..self.cfg.batch {
+            for (j, &page) in pages.pages(slot).iter().enumerate() {
+                let rows = ps.min(max_len - j * ps);
+                for h in 0..heads {
+                    let from = ((page as usize * heads + h) * ps) * d;
+                    let to = ((slot * heads + h) * max_len + j * ps) * d;
+                    out[to..to + rows * d].copy_from_slice(&pool[from..from + rows * d]);
+                }
+            }
+        }
+        out
+    }
+
+    /// A paged cache's free pages (shared by every slot and layer); `None` when not paged.
+    pub fn free_pages(&self) -> Option<usize> {
+        self.pages.as_ref().map(|p| p.free_pages())
+    }
+
+    /// The pages slot `slot` holds, in key order (a paged cache; empty otherwise).
+    pub fn slot_pages(&self, slot: usize) -> Result<&[i32]> {
+        if slot >= self.cfg.batch {
+            return Err(Error::SlotOutOfRange {
+                start: slot,
+                end: slot + 1,
+                slots: self.cfg.batch,
+            });
+        }
+        Ok(self.pages.as_ref().map_or(&[], |p| p.pages(slot)))
     }
 
     /// Appends new K/V rows `[B, n, Hkv, D]` to `layer` on the GPU, each sequence at its own
@@ -467,6 +592,17 @@ impl<T: AttnElement> DuoCache<T> {
         Ok(())
     }
 
+    /// The block table of `seqs` for a prefill of `layer`, when its retrieval heads read pages.
+    fn paging_for(&self, layer: usize, seqs: &Range<usize>) -> Option<Paging> {
+        let pages = self.pages.as_ref()?;
+        self.layers[layer].full.as_ref()?;
+        Some(Paging {
+            table: pages.row(seqs.start),
+            stride: pages.max_pages as i32,
+            shift: pages.shift(),
+        })
+    }
+
     /// Device addresses of `layer`'s lengths and append counts, from slot `first` on.
     fn device_lengths(&self, layer: usize, first: usize) -> (u64, u64) {
         let b = self.cfg.batch;
@@ -474,15 +610,35 @@ impl<T: AttnElement> DuoCache<T> {
         (base, base + 4 * b as u64)
     }
 
+    /// A layer's full caches as the kernels index them: `[slots, len, H, D]` for `seqs`, or a
+    /// paged cache's whole pool `[pages, page_size, H, D]` (whatever `len`); None without
+    /// retrieval heads.
+    fn full_descs(
+        &self,
+        layer: usize,
+        len: usize,
+        seqs: &Range<usize>,
+    ) -> Option<(TensorDesc<4>, TensorDesc<4>)> {
+        let (k, v) = self.layers[layer].full.as_ref()?;
+        Some(match &self.pages {
+            Some(pt) => {
+                let (rows, pool) = (pt.paging.page_size, 0..pt.paging.pages);
+                (cache_desc(k, rows, &pool), cache_desc(v, rows, &pool))
+            }
+            None => (cache_desc(k, len, seqs), cache_desc(v, len, seqs)),
+        })
+    }
+
     fn sources(&self, layer: usize, seqs: &Range<usize>) -> (KvSource, KvSource) {
         let l = &self.layers[layer];
-        let src = |t: &Option<(DeviceTensor<T, 4>, DeviceTensor<T, 4>)>| {
-            t.as_ref().map_or(KvSource::default(), |(k, v)| {
-                let len = k.shape()[2];
-                kv_source(&cache_desc(k, len, seqs), &cache_desc(v, len, seqs))
-            })
-        };
-        (src(&l.full), src(&l.ring))
+        let full = self
+            .full_descs(layer, self.cfg.max_len, seqs)
+            .map_or(KvSource::default(), |(k, v)| kv_source(&k, &v));
+        let ring = l.ring.as_ref().map_or(KvSource::default(), |(k, v)| {
+            let len = k.shape()[2];
+            kv_source(&cache_desc(k, len, seqs), &cache_desc(v, len, seqs))
+        });
+        (full, ring)
     }
 
     /// Cache kernel parameters for `seqs`, whose cached length (for the gather; the append
@@ -497,6 +653,15 @@ impl<T: AttnElement> DuoCache<T> {
     ) -> CacheParams {
         let (full, stream) = self.sources(layer, seqs);
         let (lens, arrivals) = self.device_lengths(layer, seqs.start);
+        let (block_table, block_table_stride, page_shift, num_pages) = match &self.pages {
+            Some(pt) => (
+                pt.row(seqs.start),
+                pt.max_pages as i32,
+                pt.shift(),
+                pt.paging.pages as i32,
+            ),
+            None => (0, 0, 0, 0),
+        };
         CacheParams {
             new,
             full,
@@ -516,6 +681,10 @@ impl<T: AttnElement> DuoCache<T> {
             capacity: self.cfg.max_len as i32,
             out_rows: 0,
             pad_block: 1,
+            block_table,
+            block_table_stride,
+            page_shift,
+            num_pages,
         }
     }
 
@@ -569,7 +738,37 @@ impl<T: AttnElement> CacheSlots<'_, T> {
         for l in &mut c.layers {
             l.lens[self.seqs.clone()].fill(0);
         }
+        if let Some(pages) = &mut c.pages {
+            pages.release(ctx, self.seqs.clone())?;
+        }
         Ok(())
+    }
+
+    /// Makes room for `tokens` more tokens in each of these slots in every layer: checks that
+    /// they fit (`CacheFull`) and, in a paged cache, gives the slots their pages now (else each
+    /// append takes them as it needs them). A CUDA graph that captures decode steps replays
+    /// appends the host does not see: reserve the tokens of every replay before capturing.
+    pub fn reserve(&mut self, ctx: &Context, tokens: usize) -> Result<()> {
+        let c = &mut *self.cache;
+        c.check_device(ctx)?;
+        let mut need = vec![0; self.seqs.len()];
+        for l in &c.layers {
+            for (i, (&len, need)) in l.lens[self.seqs.clone()].iter().zip(&mut need).enumerate() {
+                if len + tokens > c.cfg.max_len {
+                    return Err(Error::CacheFull {
+                        capacity: c.cfg.max_len,
+                        slot: self.seqs.start + i,
+                        len,
+                        adding: tokens,
+                    });
+                }
+                *need = (*need).max(len + tokens);
+            }
+        }
+        match &mut c.pages {
+            Some(pages) => pages.ensure(ctx, self.seqs.start, &need),
+            None => Ok(()),
+        }
     }
 
     /// Appends new K/V rows `[b, n, Hkv, D]` (b = these slots) to `layer`, each at its own length.
@@ -658,20 +857,17 @@ impl<T: AttnElement> CacheSlots<'_, T> {
             }
         };
         let l = &c.layers[layer];
-        let full_descs = l.full.as_ref().map(|(k, v)| {
-            (
-                cache_desc(k, start + n, &seqs),
-                cache_desc(v, start + n, &seqs),
-            )
-        });
+        let full_descs = c.full_descs(layer, start + n, &seqs);
+        // A paged pool's tensor maps hold a page per batch index; the keys are counted apart.
+        let map_rows = c.pages.as_ref().map_or(start + n, |p| p.paging.page_size);
         // A kind without heads is never read; its slot takes the other kind's tensors.
         let (fk, fv, flen, sk, sv, slen) = match (full_descs, stream_descs) {
-            (Some((fk, fv)), Some((sk, sv))) => (fk, fv, start + n, sk, sv, stream_len),
-            (Some((fk, fv)), None) => (fk, fv, start + n, fk, fv, start + n),
+            (Some((fk, fv)), Some((sk, sv))) => (fk, fv, map_rows, sk, sv, stream_len),
+            (Some((fk, fv)), None) => (fk, fv, map_rows, fk, fv, map_rows),
             (None, Some((sk, sv))) => (sk, sv, stream_len, sk, sv, stream_len),
             (None, None) => return Err(Error::InvalidCacheConfig("a layer without heads".into())),
         };
-        let args = prefill_params(
+        let mut args = prefill_params(
             q.desc(),
             out.desc(),
             lse.desc(),
@@ -679,8 +875,20 @@ impl<T: AttnElement> CacheSlots<'_, T> {
             (&fk, &fv, flen),
             Some((&sk, &sv, slen)),
         );
+        let paging = c.paging_for(layer, &seqs);
+        if paging.is_some() {
+            args.params.seqlen_k = (start + n) as i32;
+            if hs == 0 {
+                args.params.seqlen_k_stream = (start + n) as i32;
+            }
+        }
         // Planned (and so checked) before anything is queued: an error leaves the cache as it was.
-        let plan = prefill_launch::<T>(l.cfg.kernel, q.shape(), args)?;
+        let mut plan = prefill_launch::<T>(l.cfg.kernel, q.shape(), args)?;
+        if paging.is_some() {
+            use_cache_build::<T>(&mut plan, d, paging)?;
+        }
+        self.ensure_pages(ctx, layer, n)?;
+        let c = &mut *self.cache;
 
         if let Some((sk, sv)) = stream_descs {
             let new = (kv_source(k.desc(), v.desc()), n);
@@ -711,11 +919,18 @@ impl<T: AttnElement> CacheSlots<'_, T> {
         // Splits are planned for the longest sequence after the append; the kernel reads each
         // sequence's length on the device, clamped only by the capacity (lengths grow under
         // graph replay). Planned (and so checked) before the append is queued.
+        let pages = c.pages.as_ref().map(|pt| CachePages {
+            table: pt.row(self.seqs.start),
+            stride: pt.max_pages as i64,
+            shift: pt.shift(),
+            pages: pt.paging.pages as i32,
+        });
         let kv = DecodeKv::Cache {
             full,
             stream,
             seqlen: longest,
             recent: c.recent,
+            pages,
         };
         // `check_call` made sure the context runs on the cache's device.
         let mut plan = ctx.decode_plan::<T>(q.desc(), kv, out.desc(), lse.desc(), &l.cfg)?;
@@ -806,6 +1021,19 @@ impl<T: AttnElement> CacheSlots<'_, T> {
         Ok(n)
     }
 
+    /// Gives these slots the pages of `n` more tokens in `layer` (a paged cache; else nothing).
+    fn ensure_pages(&mut self, ctx: &Context, layer: usize, n: usize) -> Result<()> {
+        let c = &mut *self.cache;
+        if let Some(pages) = &mut c.pages {
+            let need: Vec<usize> = c.layers[layer].lens[self.seqs.clone()]
+                .iter()
+                .map(|&len| len + n)
+                .collect();
+            pages.ensure(ctx, self.seqs.start, &need)?;
+        }
+        Ok(())
+    }
+
     /// Queues the append (which reads and advances the device's lengths) and advances the host's.
     fn append_unchecked(
         &mut self,
@@ -815,6 +1043,7 @@ impl<T: AttnElement> CacheSlots<'_, T> {
         v: &TensorDesc<4>,
         n: usize,
     ) -> Result<()> {
+        self.ensure_pages(ctx, layer, n)?;
         let c = &mut *self.cache;
         let start = c.layers[layer].lens[self.seqs.start];
         let params = c.cache_params(

@@ -64,13 +64,33 @@ pub(crate) enum DecodeKv<'a> {
         v: &'a TensorDesc<4>,
         capacity: usize,
     },
-    /// The DuoAttention cache of one layer (validated by the cache).
+    /// The DuoAttention cache of one layer (validated by the cache); `full` is a pool of pages
+    /// when `pages` is set.
     Cache {
         full: KvSource,
         stream: KvSource,
         seqlen: usize,
         recent: usize,
+        pages: Option<CachePages>,
     },
+}
+
+/// A paged DuoAttention cache's block table rows for a decode (validated by the cache).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CachePages {
+    pub(crate) table: u64,
+    pub(crate) stride: i64,
+    pub(crate) shift: i32,
+    pub(crate) pages: i32,
+}
+
+impl DecodeKv<'_> {
+    fn paged(&self) -> bool {
+        matches!(
+            self,
+            DecodeKv::Paged { .. } | DecodeKv::Cache { pages: Some(_), .. }
+        )
+    }
 }
 
 /// The decode kernel entry for element `T` and head dim `d` (`DECODE_ENTRIES`), over contiguous
@@ -119,7 +139,8 @@ pub(crate) fn plan_decode<T: AttnElement>(
         });
     }
     let heads_kv = cfg.head_kinds.len();
-    let paged = matches!(kv, DecodeKv::Paged { .. });
+    let paged = kv.paged();
+    let mut cache_pages = None;
     let (full, stream, seqlen, recent, ring) = match kv {
         DecodeKv::Plain { k, v } => {
             check_heads(heads_q, k.shape[2], cfg)?;
@@ -161,8 +182,10 @@ pub(crate) fn plan_decode<T: AttnElement>(
             stream,
             seqlen,
             recent,
+            pages,
         } => {
             check_heads(heads_q, heads_kv, cfg)?;
+            cache_pages = pages;
             (full, stream, seqlen, recent, true)
         }
     };
@@ -227,10 +250,10 @@ pub(crate) fn plan_decode<T: AttnElement>(
         tiles_per_split: tiles_per_split as i32,
         scale_log2: cfg.scale_for(head_dim) * std::f32::consts::LOG2_E,
         seqlens: 0,
-        block_table: 0,
-        block_table_stride: 0,
-        num_pages: 0,
-        page_shift: 0,
+        block_table: cache_pages.map_or(0, |p| p.table),
+        block_table_stride: cache_pages.map_or(0, |p| p.stride),
+        num_pages: cache_pages.map_or(0, |p| p.pages),
+        page_shift: cache_pages.map_or(0, |p| p.shift),
     };
     Ok(DecodePlan {
         entry: decode_entry::<T>(head_dim, paged),
@@ -456,7 +479,7 @@ impl Context {
         lse: &TensorDesc<3>,
         cfg: &AttentionConfig,
     ) -> Result<DecodePlan> {
-        let paged = matches!(kv, DecodeKv::Paged { .. });
+        let paged = kv.paged();
         let resident = self.decode_resident_blocks::<T>(q.shape[3], paged)?;
         plan_decode::<T>(q, kv, out, lse, cfg, self.ordinal(), resident)
     }

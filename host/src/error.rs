@@ -131,6 +131,14 @@ pub enum Error {
         len: usize,
         adding: usize,
     },
+    #[error(
+        "the paged KV cache's pool has {free} free pages of {pages}, and this call needs {needed} more; reset finished slots or size the pool larger (`CachePaging::pages`)"
+    )]
+    CachePagesExhausted {
+        needed: usize,
+        free: usize,
+        pages: usize,
+    },
     #[error("cache slots {start}..{end} do not exist: the cache has {slots} sequence slots")]
     SlotOutOfRange {
         start: usize,

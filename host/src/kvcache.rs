@@ -126,13 +126,6 @@ pub fn plan_prefill_kvcache<T: AttnElement>(
 
     let args = prefill_params(&q4, &out4, &lse3, cfg, (k, v, rows), None);
     let mut plan = prefill_launch::<T>(cfg.kernel, q4.shape, args)?;
-    if paging.is_some() && plan.tma.is_none() {
-        return Err(Error::InvalidPagedKv {
-            why: "TMA cannot address the pages (`PrefillKernel::WgmmaTma` says why), and the \
-                  cp.async kernels do not read pages"
-                .into(),
-        });
-    }
     let sequences: Vec<_> = cu_q
         .windows(2)
         .zip(seqlens)
@@ -146,13 +139,39 @@ pub fn plan_prefill_kvcache<T: AttnElement>(
     };
     into_varlen::<T>(&mut plan, cfg, q.shape, &sequences, arrays)?;
     plan.zero_key_starts = true;
-    if plan.tma.is_some() {
-        // The TMA builds that zero V past each sequence's keys and read pages.
-        let name = T::KERNEL_NAME;
-        plan.entry = format!("duo_prefill_wgmma_tma_cache_{name}_d{head_dim}");
-        if let Some(split) = &mut plan.split {
-            split.entry = format!("duo_prefill_wgmma_tma_cache_split_{name}_d{head_dim}");
+    use_cache_build::<T>(&mut plan, head_dim, paging)?;
+    Ok(plan)
+}
+
+/// A checked block table: its address, row stride and the page size's log2.
+pub(crate) struct Paging {
+    pub(crate) table: u64,
+    pub(crate) stride: i32,
+    pub(crate) shift: i32,
+}
+
+/// Switches a TMA plan to the cache build, which zeroes V's rows past each sequence's keys and
+/// reads the retrieval heads' keys through `paging`'s block table. Without TMA (the cp.async
+/// kernels never load rows past the keys) the plan stays as it is, unless it must read pages.
+pub(crate) fn use_cache_build<T: AttnElement>(
+    plan: &mut PrefillPlan,
+    head_dim: usize,
+    paging: Option<Paging>,
+) -> Result<()> {
+    if plan.tma.is_none() {
+        if paging.is_some() {
+            return Err(Error::InvalidPagedKv {
+                why: "TMA cannot address the pages (`PrefillKernel::WgmmaTma` says why), and \
+                      the cp.async kernels do not read pages"
+                    .into(),
+            });
         }
+        return Ok(());
+    }
+    let name = T::KERNEL_NAME;
+    plan.entry = format!("duo_prefill_wgmma_tma_cache_{name}_d{head_dim}");
+    if let Some(split) = &mut plan.split {
+        split.entry = format!("duo_prefill_wgmma_tma_cache_split_{name}_d{head_dim}");
     }
     if let Some(Paging {
         table,
@@ -164,14 +183,7 @@ pub fn plan_prefill_kvcache<T: AttnElement>(
         plan.params.page_table_stride = stride;
         plan.params.page_shift = shift;
     }
-    Ok(plan)
-}
-
-/// A checked block table: its address, row stride and the page size's log2.
-struct Paging {
-    table: u64,
-    stride: i32,
-    shift: i32,
+    Ok(())
 }
 
 /// Paged prefill's rules beyond decode's: the TMA kernel, pages of whole KV blocks, a page

@@ -41,7 +41,9 @@ pub mod tma;
 pub use attention::{
     AttentionConfig, HeadKind, PrefillKernel, PrefillPlan, plan_prefill, plan_prefill_varlen,
 };
-pub use cache::{CacheConfig, CacheMemory, CacheSlots, DuoCache, cache_memory, ring_slots};
+pub use cache::{
+    CacheConfig, CacheMemory, CachePaging, CacheSlots, DuoCache, cache_memory, ring_slots,
+};
 pub use context::{Context, DeviceInfo};
 pub use decode::{DecodePlan, MAX_DECODE_QUERIES};
 pub use element::{AttnElement, DType, DeviceScalar};

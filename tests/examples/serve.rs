@@ -13,11 +13,15 @@
 //! ragged prefill per layer (`DuoCache::prefill_varlen`) instead; the decode checks then verify
 //! what those chunks left in the cache.
 //!
+//! With `--page-size P` the retrieval heads' caches are paged (`CachePaging`): a pool of just
+//! the pages the sequences fill, instead of `batch x max_len` rows per head.
+//!
 //! `cargo run --release -p duo-attn-tests --example serve -- --prompt 16384 --steps 64`
 use clap::Parser;
 use duo_attn::reference::Shape;
 use duo_attn::{
-    Binarize, CacheConfig, Context, DuoCache, HeadKind, HeadPattern, PrefillKernel, cache_memory,
+    Binarize, CacheConfig, CachePaging, Context, DuoCache, HeadKind, HeadPattern, PrefillKernel,
+    cache_memory,
 };
 use duo_attn_tests::{compare, notice, prefix_sums};
 use half::bf16;
@@ -48,6 +52,9 @@ struct Args {
     /// With `--stagger`: prefill all slots together, one ragged launch per layer and chunk round.
     #[arg(long, requires = "stagger")]
     ragged: bool,
+    /// Page the retrieval caches in pages of this many tokens (a power of two, >= 128).
+    #[arg(long)]
+    page_size: Option<usize>,
     /// Fraction of heads made streaming.
     #[arg(long, default_value_t = 0.5)]
     sparsity: f64,
@@ -107,6 +114,17 @@ fn main() -> ExitCode {
         .head_kinds(Binarize::Sparsity(args.sparsity))
         .unwrap();
     let max_len = args.prompt + args.steps;
+    // A paged cache's pool: the pages of every sequence's prompt and decode steps.
+    let paging = args.page_size.map(|page_size| CachePaging {
+        page_size,
+        pages: (0..args.batch)
+            .map(|b| match args.stagger {
+                true => (args.prompt * (b + 1) / args.batch).max(1),
+                false => args.prompt,
+            })
+            .map(|prompt| (prompt + args.steps).div_ceil(page_size))
+            .sum(),
+    });
     let cfg = CacheConfig {
         batch: args.batch,
         max_len,
@@ -117,6 +135,7 @@ fn main() -> ExitCode {
         window: pattern.recent.unwrap_or(256),
         softmax_scale: None,
         prefill_kernel: PrefillKernel::Auto,
+        paging,
     };
     println!(
         "duo-attn serve: {layers} layers, B={} Hq={HEADS_Q} Hkv={HEADS_KV} D={HEAD_DIM} bf16, prompt {} (chunks of {}), {} decode steps",
@@ -135,6 +154,16 @@ fn main() -> ExitCode {
             .map(|k| if *k == HeadKind::Retrieval { 'R' } else { 's' })
             .collect();
         println!("  layer {l}: {s}");
+    }
+    if let Err(e) = DuoCache::<bf16>::check(&cfg, &kinds) {
+        eprintln!("{e}");
+        return ExitCode::FAILURE;
+    }
+    if let Some(p) = paging {
+        println!(
+            "paged retrieval caches: {} pages of {} tokens per layer and retrieval head",
+            p.pages, p.page_size
+        );
     }
     let mem = cache_memory(&cfg, &kinds, 2);
     let (sink, recent) = duo_attn::ring_slots(cfg.sink, cfg.window, max_len);

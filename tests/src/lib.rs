@@ -597,6 +597,7 @@ pub fn tiny_cache(batch: usize, max_len: usize) -> CacheConfig {
         window: 8,
         softmax_scale: None,
         prefill_kernel: PrefillKernel::Auto,
+        paging: None,
     }
 }
 
@@ -612,5 +613,6 @@ pub fn sanitizer_cache(batch: usize, max_len: usize) -> CacheConfig {
         window: 10,
         softmax_scale: None,
         prefill_kernel: PrefillKernel::Auto,
+        paging: None,
     }
 }

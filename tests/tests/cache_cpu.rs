@@ -1,8 +1,8 @@
 //! CPU tests of the decode side: head-pattern parsing and binarisation, cache configuration
 //! checks, ring sizes and memory accounting. No GPU needed.
 use duo_attn::{
-    Binarize, CacheConfig, DuoCache, Error, HeadKind, HeadPattern, PrefillKernel, cache_memory,
-    ring_slots,
+    Binarize, CacheConfig, CachePaging, DuoCache, Error, HeadKind, HeadPattern, PrefillKernel,
+    cache_memory, ring_slots,
 };
 use half::bf16;
 use std::path::PathBuf;
@@ -99,6 +99,7 @@ fn config() -> CacheConfig {
         window: 256,
         softmax_scale: None,
         prefill_kernel: PrefillKernel::Auto,
+        paging: None,
     }
 }
 
@@ -168,4 +169,58 @@ fn cache_config_errors() {
         check(|_| {}, vec![]),
         Err(Error::InvalidCacheConfig(_))
     ));
+}
+
+#[test]
+fn paged_memory_counts_the_pools() {
+    let cfg = CacheConfig {
+        paging: Some(CachePaging {
+            page_size: 256,
+            pages: 3,
+        }),
+        ..config()
+    };
+    let kinds = vec![vec![R, S, S, S], vec![R, R, R, R]];
+    let m = cache_memory(&cfg, &kinds, 2);
+    // Each retrieval head of each layer holds a pool of 3 x 256 rows of K and V, whatever the
+    // batch; the rings and the all-full baseline are as without paging.
+    assert_eq!(m.full_bytes, 3 * 256 * 128 * 2 * 2 * 5);
+    assert_eq!(m.ring_bytes, cache_memory(&config(), &kinds, 2).ring_bytes);
+    assert_eq!(m.all_full_bytes, 2 * 128 * 2 * 2 * 1000 * 8);
+}
+
+#[test]
+fn paged_cache_config_errors() {
+    let check = |f: fn(&mut CacheConfig)| {
+        let mut cfg = config();
+        cfg.paging = Some(CachePaging {
+            page_size: 128,
+            pages: 8,
+        });
+        f(&mut cfg);
+        DuoCache::<bf16>::check(&cfg, &[vec![R, S, R, S]])
+    };
+    check(|_| {}).unwrap();
+    check(|c| c.head_dim = 64).unwrap();
+    let bad = |f: fn(&mut CacheConfig), what: &str| {
+        let err = check(f);
+        assert!(
+            matches!(err, Err(Error::InvalidCacheConfig(_))),
+            "{what}: {err:?}"
+        );
+    };
+    bad(|c| c.head_dim = 256, "48-key blocks at D = 256");
+    bad(
+        |c| c.paging.as_mut().unwrap().page_size = 64,
+        "a page smaller than a KV block",
+    );
+    bad(
+        |c| c.paging.as_mut().unwrap().page_size = 384,
+        "not a power of two",
+    );
+    bad(|c| c.paging.as_mut().unwrap().pages = 0, "an empty pool");
+    bad(
+        |c| c.prefill_kernel = PrefillKernel::WgmmaWarpSpecialized,
+        "pages need TMA",
+    );
 }

@@ -3,7 +3,8 @@
 //! refilled, each output checked per slot against the float64 reference over that slot's own
 //! sequence. Without a Hopper GPU each test prints a SKIPPED notice and passes.
 use duo_attn::{
-    AttnElement, CacheConfig, Context, DeviceScalar, DuoCache, Error, HeadKind, PrefillKernel,
+    AttnElement, CacheConfig, CachePaging, Context, DeviceScalar, DuoCache, Error, HeadKind,
+    PrefillKernel,
 };
 use duo_attn_tests::{
     SlotHistory, gpu_or_skip, notice, prefix_sums, random_tensor, rng, sanitizer_cache, tiny_cache,
@@ -232,13 +233,17 @@ fn ragged_step<T: AttnElement>(
 }
 
 /// Runs short `steps` on a bf16 cache of one layer (a retrieval and a streaming KV head, D 64,
-/// sink 3, window 10: `sanitizer_cache`) with `batch` slots of 120 tokens, small enough for
-/// compute-sanitizer (`run.sh sanitize`); asserts that every check passed.
-fn small_schedule(test: &str, batch: usize, steps: &[SlotStep]) {
+/// sink 3, window 10: `sanitizer_cache`) with `batch` slots of 120 tokens (300 when paged),
+/// small enough for compute-sanitizer (`run.sh sanitize`); asserts that every check passed.
+fn small_schedule(test: &str, batch: usize, paging: Option<CachePaging>, steps: &[SlotStep]) {
     let Some(ctx) = gpu_or_skip(test) else {
         return;
     };
-    let cfg = sanitizer_cache(batch, 120);
+    let max_len = if paging.is_some() { 300 } else { 120 };
+    let cfg = CacheConfig {
+        paging,
+        ..sanitizer_cache(batch, max_len)
+    };
     let kinds = vec![vec![R, S]];
     let failures = slot_schedule::<bf16>(&ctx, &mut rng(test), kinds, cfg, steps, test);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -246,10 +251,11 @@ fn small_schedule(test: &str, batch: usize, steps: &[SlotStep]) {
 
 /// Runs `steps` on bf16 caches of three layer mixes (Hq 8, Hkv 4, sink 4, window 24) for each
 /// (head dim, prefill kernel) of `runs`, then on an f16 MQA cache (Hq 6, sink 40, window 9,
-/// scale 0.07), each of `batch` slots of `max_len` tokens; asserts that every check passed.
+/// scale 0.07), each of `batch` slots of `max_len` tokens, paged by `paging` or not; asserts
+/// that every check passed.
 fn slot_matrix(
     test: &str,
-    (batch, max_len): (usize, usize),
+    (batch, max_len, paging): (usize, usize, Option<CachePaging>),
     runs: &[(usize, PrefillKernel)],
     steps: &[SlotStep],
 ) {
@@ -270,8 +276,9 @@ fn slot_matrix(
             window: 24,
             softmax_scale: None,
             prefill_kernel,
+            paging,
         };
-        let label = format!("bf16 d{head_dim} {prefill_kernel:?}");
+        let label = format!("bf16 d{head_dim} {prefill_kernel:?} {paging:?}");
         failures.extend(slot_schedule::<bf16>(
             ctx,
             rng,
@@ -291,9 +298,11 @@ fn slot_matrix(
         window: 9,
         softmax_scale: Some(0.07),
         prefill_kernel: PrefillKernel::Auto,
+        paging,
     };
     let mqa = vec![vec![S], vec![R]];
-    failures.extend(slot_schedule::<f16>(ctx, rng, mqa, cfg, steps, "f16 MQA"));
+    let label = format!("f16 MQA {paging:?}");
+    failures.extend(slot_schedule::<f16>(ctx, rng, mqa, cfg, steps, &label));
     notice(&format!("{test}: {} failures", failures.len()));
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
@@ -303,8 +312,171 @@ fn slot_matrix(
 /// every output checked per slot against the reference over that slot's sequence.
 #[test]
 fn cache_slots_continuous_batching() {
+    let runs = [128, 64, 256].map(|d| (d, PrefillKernel::Auto));
+    let shape = (3, 300, None);
+    slot_matrix(
+        "cache_slots_continuous_batching",
+        shape,
+        &runs,
+        &batching_steps(),
+    );
+}
+
+/// A paged cache (128-token pages from a pool smaller than `batch x max_len`, reused across
+/// resets, some of them holding a broken request's NaN rows) through a schedule whose prefills
+/// and decode steps cross page boundaries, then the ragged schedule; head dims 128 and 64.
+#[test]
+fn cache_slots_paged() {
     use SlotStep::*;
     let steps = [
+        Forward {
+            first: 0,
+            count: 1,
+            n: 250,
+        },
+        Forward {
+            first: 1,
+            count: 1,
+            n: 120,
+        },
+        All { n: 16 }, // slots 0 and 1 take a page in decode, empty slot 2 its first
+        Ragged {
+            first: 0,
+            chunks: &[130, 0, 200],
+        },
+        Reset { slot: 1 },
+        PoisonedRagged {
+            first: 0,
+            chunks: &[1, 300, 5],
+            poisoned: 1,
+        },
+        Reset { slot: 1 },
+        Forward {
+            first: 1,
+            count: 1,
+            n: 129,
+        }, // the NaN pages again: one row past a page boundary
+        All { n: 3 },
+        Reset { slot: 1 },
+        Reset { slot: 2 },
+        Forward {
+            first: 1,
+            count: 2,
+            n: 140,
+        }, // two slots at one length: one paged prefill chunk
+        All { n: 1 },
+    ];
+    let runs = [128, 64].map(|d| (d, PrefillKernel::Auto));
+    let paging = |pages| {
+        Some(CachePaging {
+            page_size: 128,
+            pages,
+        })
+    };
+    let test = "cache_slots_paged";
+    slot_matrix(test, (3, 512, paging(10)), &runs, &steps);
+    slot_matrix(test, (4, 600, paging(9)), &runs, &ragged_steps());
+}
+
+/// A paged cache hands out pages as slots grow and takes them back on reset; a call the pool
+/// cannot serve is a typed error that changes nothing; `reserve` takes pages ahead; the
+/// downloaded cache holds what was appended.
+#[test]
+fn cache_paged_pages() {
+    let Some(ctx) = gpu_or_skip("cache_paged_pages") else {
+        return;
+    };
+    let (hkv, d) = (2, 64);
+    let cfg = CacheConfig {
+        paging: Some(CachePaging {
+            page_size: 128,
+            pages: 3,
+        }),
+        ..tiny_cache(2, 512)
+    };
+    let mut cache = DuoCache::<bf16>::new(&ctx, cfg, vec![vec![R, S]]).unwrap();
+    assert_eq!(cache.free_pages(), Some(3));
+    let rng = &mut rng("cache_paged_pages");
+    let mut prefill = |cache: &mut DuoCache<bf16>, slot: usize, n: usize| {
+        let (k, _) = random_tensor::<bf16>(rng, n * hkv * d);
+        let x = |data: &[bf16]| ctx.upload(data, [1, n, hkv, d]).unwrap();
+        let (dq, dk, dv) = (x(&k), x(&k), x(&k));
+        let mut out = ctx.alloc::<bf16, 4>([1, n, 2, d]).unwrap();
+        let mut lse = ctx.alloc::<f32, 3>([1, 2, n]).unwrap();
+        let (o, l) = (&mut out.view_mut(), &mut lse.view_mut());
+        let r = cache.slots(slot..slot + 1).unwrap().forward(
+            &ctx,
+            0,
+            &dq.view(),
+            &dk.view(),
+            &dv.view(),
+            o,
+            l,
+        );
+        (r, k)
+    };
+    let (r, k0) = prefill(&mut cache, 0, 200);
+    r.unwrap();
+    assert_eq!(cache.slot_pages(0).unwrap(), &[0, 1]);
+    assert_eq!(cache.free_pages(), Some(1));
+    // The retrieval head's rows of slot 0, in place in the downloaded `[B, 1, max_len, D]`.
+    let (full, _) = cache.download(0).unwrap();
+    let (fk, fv) = full.unwrap();
+    for row in 0..200 {
+        let want = &k0[(row * hkv) * d..][..d];
+        assert_eq!(&fk[row * d..][..d], want, "K row {row}");
+        assert_eq!(&fv[row * d..][..d], want, "V row {row}");
+    }
+    let (r, _) = prefill(&mut cache, 1, 200);
+    assert!(
+        matches!(
+            r,
+            Err(Error::CachePagesExhausted {
+                needed: 2,
+                free: 1,
+                pages: 3
+            })
+        ),
+        "{r:?}"
+    );
+    assert_eq!(cache.lens(0).unwrap(), &[200, 0]);
+    assert_eq!(cache.free_pages(), Some(1));
+    prefill(&mut cache, 1, 100).0.unwrap();
+    assert_eq!(cache.slot_pages(1).unwrap(), &[2]);
+    let err = cache.slots(1..2).unwrap().reserve(&ctx, 29);
+    assert!(
+        matches!(err, Err(Error::CachePagesExhausted { needed: 1, .. })),
+        "{err:?}"
+    );
+    cache.slots(1..2).unwrap().reserve(&ctx, 28).unwrap();
+    cache.slots(0..1).unwrap().reset(&ctx).unwrap();
+    assert_eq!(cache.free_pages(), Some(2));
+    assert!(cache.slot_pages(0).unwrap().is_empty());
+    cache.slots(1..2).unwrap().reserve(&ctx, 100).unwrap();
+    assert_eq!(cache.slot_pages(1).unwrap(), &[2, 0]);
+    let err = cache.slots(1..2).unwrap().reserve(&ctx, 413);
+    assert!(
+        matches!(
+            err,
+            Err(Error::CacheFull {
+                slot: 1,
+                len: 100,
+                adding: 413,
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+    ctx.synchronize().unwrap();
+    cache.read_back_lengths(&ctx).unwrap();
+    assert_eq!(cache.lens(0).unwrap(), &[0, 100]);
+}
+
+/// Continuous batching: slots prefilled one at a time (in chunks) while the others hold
+/// context, decoded together at their own lengths, reset and refilled.
+fn batching_steps() -> Vec<SlotStep> {
+    use SlotStep::*;
+    vec![
         Forward {
             first: 0,
             count: 1,
@@ -346,9 +518,7 @@ fn cache_slots_continuous_batching() {
             n: 20,
         }, // two slots at one length: one prefill chunk
         All { n: 5 },
-    ];
-    let runs = [128, 64, 256].map(|d| (d, PrefillKernel::Auto));
-    slot_matrix("cache_slots_continuous_batching", (3, 300), &runs, &steps);
+    ]
 }
 
 /// A short continuous-batching schedule (slots prefilled apart, decoded together, reset), small
@@ -372,7 +542,7 @@ fn sanitizer_small_slot_schedule() {
         Reset { slot: 1 },
         All { n: 2 },
     ];
-    small_schedule("sanitizer_small_slot_schedule", 2, &steps);
+    small_schedule("sanitizer_small_slot_schedule", 2, None, &steps);
 }
 
 /// Slot ranges outside the batch, and a prefill chunk over slots at different lengths, are
@@ -485,8 +655,27 @@ fn cache_slot_errors() {
 /// both element types, and the cp.async, plain wgmma and mma.sync prefill kernels at D = 128.
 #[test]
 fn cache_ragged_prefill() {
+    let runs = [
+        (128, PrefillKernel::Auto),
+        (64, PrefillKernel::Auto),
+        (256, PrefillKernel::Auto),
+        (128, PrefillKernel::WgmmaWarpSpecialized),
+        (128, PrefillKernel::Wgmma),
+        (128, PrefillKernel::MmaSync),
+    ];
+    slot_matrix(
+        "cache_ragged_prefill",
+        (4, 600, None),
+        &runs,
+        &ragged_steps(),
+    );
+}
+
+/// Ragged prefills between decode steps, resets and single-slot chunks, with a poisoned
+/// request whose NaN rows stay in the cache (and, paged, in pages other slots get next).
+fn ragged_steps() -> Vec<SlotStep> {
     use SlotStep::*;
-    let steps = [
+    vec![
         Ragged {
             first: 0,
             chunks: &[50, 0, 130, 7],
@@ -530,16 +719,7 @@ fn cache_ragged_prefill() {
             chunks: &[3, 5, 1, 0],
         },
         All { n: 1 },
-    ];
-    let runs = [
-        (128, PrefillKernel::Auto),
-        (64, PrefillKernel::Auto),
-        (256, PrefillKernel::Auto),
-        (128, PrefillKernel::WgmmaWarpSpecialized),
-        (128, PrefillKernel::Wgmma),
-        (128, PrefillKernel::MmaSync),
-    ];
-    slot_matrix("cache_ragged_prefill", (4, 600), &runs, &steps);
+    ]
 }
 
 /// A short ragged schedule for compute-sanitizer (`run.sh sanitize`): the gather, the append and
@@ -558,7 +738,37 @@ fn sanitizer_small_ragged_prefill() {
             chunks: &[5, 40, 1],
         },
     ];
-    small_schedule("sanitizer_small_ragged_prefill", 3, &steps);
+    small_schedule("sanitizer_small_ragged_prefill", 3, None, &steps);
+}
+
+/// A paged cache's schedule for compute-sanitizer (`run.sh sanitize`): the append through the
+/// block table, the paged prefill (uniform and ragged) and decode, pages reused after a reset.
+#[test]
+fn sanitizer_small_paged_schedule() {
+    use SlotStep::*;
+    let steps = [
+        Ragged {
+            first: 0,
+            chunks: &[20, 0, 35],
+        },
+        All { n: 1 },
+        Forward {
+            first: 1,
+            count: 1,
+            n: 140,
+        },
+        Reset { slot: 0 },
+        Ragged {
+            first: 0,
+            chunks: &[5, 40, 100],
+        },
+        All { n: 16 },
+    ];
+    let paging = CachePaging {
+        page_size: 128,
+        pages: 5,
+    };
+    small_schedule("sanitizer_small_paged_schedule", 3, Some(paging), &steps);
 }
 
 /// A ragged prefill's bad input is a typed error, and leaves the cache as it was.

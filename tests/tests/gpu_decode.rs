@@ -468,6 +468,7 @@ fn cache_chunked_prefill_then_decode_matches_reference() {
             window: 40,
             softmax_scale: None,
             prefill_kernel: kernel,
+            paging: None,
         };
         let kinds = vec![vec![R, S, S, R], vec![S, S, S, S], vec![R, R, R, R]];
         let label = format!("bf16 d{d} {kernel:?}");
@@ -486,6 +487,7 @@ fn cache_chunked_prefill_then_decode_matches_reference() {
         window: 9,
         softmax_scale: Some(0.05),
         prefill_kernel: PrefillKernel::Auto,
+        paging: None,
     };
     let schedule = [1, 1, 5, 200, 16, 1, 64, 1];
     failures.extend(cache_schedule::<f16>(
@@ -519,6 +521,7 @@ fn cache_append_places_rows_by_kind() {
         window: 3, // ring: 2 sink + 3 + 15 = 18 recent slots
         softmax_scale: None,
         prefill_kernel: PrefillKernel::Auto,
+        paging: None,
     };
     let mut cache = DuoCache::<bf16>::new(&ctx, cfg, vec![vec![R, S, R]]).unwrap();
     let (sink, recent) = cache.ring_shape();

@@ -7,7 +7,8 @@ use cust::stream::{Stream, StreamFlags};
 use cust::sys::{self, CUresult};
 use duo_attn::reference::Shape;
 use duo_attn::{
-    AttentionConfig, CacheConfig, Context, DeviceTensor, DuoCache, Error, HeadKind, PrefillKernel,
+    AttentionConfig, CacheConfig, CachePaging, Context, DeviceTensor, DuoCache, Error, HeadKind,
+    PrefillKernel,
 };
 use duo_attn_tests::{
     Comparison, SlotHistory, alternating_kinds, compare, compare_per_sequence_lengths, gpu_or_skip,
@@ -461,7 +462,22 @@ fn stream_of_another_context_is_refused() {
 /// new length.
 #[test]
 fn graph_replays_cache_decode_steps() {
-    let Some(ctx) = gpu_or_skip("graph_replays_cache_decode_steps") else {
+    cache_decode_graph("graph_replays_cache_decode_steps", None);
+}
+
+/// `graph_replays_cache_decode_steps` on a paged cache: pages reserved before the capture serve
+/// the replays, one slot crossing into its second page during them.
+#[test]
+fn graph_replays_paged_cache_decode_steps() {
+    let paging = CachePaging {
+        page_size: 128,
+        pages: 10,
+    };
+    cache_decode_graph("graph_replays_paged_cache_decode_steps", Some(paging));
+}
+
+fn cache_decode_graph(test: &str, paging: Option<CachePaging>) {
+    let Some(ctx) = gpu_or_skip(test) else {
         return;
     };
     let mut rng = rng("graph cache decode");
@@ -480,6 +496,7 @@ fn graph_replays_cache_decode_steps() {
         window: 100,
         softmax_scale: None,
         prefill_kernel: PrefillKernel::Auto,
+        paging,
     };
     let kinds = vec![alternating_kinds(hkv), vec![HeadKind::Retrieval; hkv]];
     let layers = kinds.len();
@@ -519,7 +536,7 @@ fn graph_replays_cache_decode_steps() {
             }
         };
     prefill(&mut rng, &mut cache, &mut hist, 0, 700);
-    prefill(&mut rng, &mut cache, &mut hist, 1, 130);
+    prefill(&mut rng, &mut cache, &mut hist, 1, 126);
     prefill(&mut rng, &mut cache, &mut hist, 2, 1);
 
     // One decode step's buffers per layer, refilled before each launch.
@@ -593,11 +610,13 @@ fn graph_replays_cache_decode_steps() {
         }
     };
 
-    // Eager once (sizes the scratch), then capture one step of every layer.
+    // Eager once (sizes the scratch), then capture one step of every layer, with room (pages,
+    // when paged) for the tokens of the capture and every replay: slot 1 passes 128 in them.
     refill(&mut rng, &mut step, &mut hist);
     queue(&mut cache, &mut step);
     on_theirs.synchronize().unwrap();
     check("eager", &cache, &step, &hist);
+    cache.reserve(&on_theirs, 8).unwrap();
     let graph = Graph::capture(raw, || queue(&mut cache, &mut step));
     for replay in 0..3 {
         refill(&mut rng, &mut step, &mut hist);

@@ -232,6 +232,7 @@ if [ "${1:-}" = "sanitize" ]; then
     compute-sanitizer --tool "$tool" --error-exitcode 99 bin/test-gpu_decode sanitizer_small_cache_schedule --test-threads=1 || status=1
     compute-sanitizer --tool "$tool" --error-exitcode 99 bin/test-gpu_cache_slots sanitizer_small_slot_schedule --test-threads=1 || status=1
     compute-sanitizer --tool "$tool" --error-exitcode 99 bin/test-gpu_cache_slots sanitizer_small_ragged_prefill --test-threads=1 || status=1
+    compute-sanitizer --tool "$tool" --error-exitcode 99 bin/test-gpu_cache_slots sanitizer_small_paged_schedule --test-threads=1 || status=1
     compute-sanitizer --tool "$tool" --error-exitcode 99 bin/test-gpu_kvcache sanitizer_small_kvcache_prefill --test-threads=1 || status=1
     compute-sanitizer --tool "$tool" --error-exitcode 99 bin/test-gpu_streams graph_replays_cache_decode_steps --test-threads=1 || status=1
     compute-sanitizer --tool "$tool" --error-exitcode 99 bin/test-gpu_decode decode_paged_kv --test-threads=1 || status=1

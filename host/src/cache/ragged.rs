@@ -159,18 +159,21 @@ impl<T: AttnElement> CacheSlots<'_, T> {
         });
         let l = &c.layers[layer];
         let full_rows = slots.longest(|s| s.1);
-        let full_descs = l.full.as_ref().map(|(k, v)| {
-            (
-                cache_desc(k, full_rows, &seqs),
-                cache_desc(v, full_rows, &seqs),
-            )
-        });
+        let full_descs = c.full_descs(layer, full_rows, &seqs);
+        // A paged pool's tensor maps hold a page per batch index; the keys are counted apart.
+        let paging = c.paging_for(layer, &seqs);
+        let map_rows = c.pages.as_ref().map_or(full_rows, |p| p.paging.page_size);
         // A kind without heads is never read; its source takes the other kind's tensors.
         let ((fk, fv, fe), (sk, sv, se)) = match (full_descs, stream_descs) {
             (Some((fk, fv)), Some((sk, sv))) => ((fk, fv, full_ends), (sk, sv, stream_ends)),
             (Some((fk, fv)), None) => ((fk, fv, full_ends), (fk, fv, full_ends)),
             (None, Some((sk, sv))) => ((sk, sv, stream_ends), (sk, sv, stream_ends)),
             (None, None) => return Err(Error::InvalidCacheConfig("a layer without heads".into())),
+        };
+        let (full_rows, stream_map_rows) = match (l.full.is_some(), hs > 0) {
+            (true, true) => (map_rows, stream_rows),
+            (true, false) => (map_rows, map_rows),
+            _ => (stream_rows, stream_rows),
         };
         let q4 = as_batch_of_one(q.desc());
         let args = prefill_params(
@@ -179,7 +182,7 @@ impl<T: AttnElement> CacheSlots<'_, T> {
             &lse_as_batch_of_one(lse.desc()),
             &l.cfg,
             (&fk, &fv, full_rows),
-            Some((&sk, &sv, stream_rows)),
+            Some((&sk, &sv, stream_map_rows)),
         );
         // Planned (and so checked) before anything is queued: an error leaves the cache as it was.
         let mut plan = prefill_launch::<T>(l.cfg.kernel, q4.shape, args)?;
@@ -190,6 +193,14 @@ impl<T: AttnElement> CacheSlots<'_, T> {
             ends_k_stream: se,
         };
         into_varlen::<T>(&mut plan, &l.cfg, q.shape(), &slots.sequences, arrays)?;
+        if paging.is_some() {
+            use_cache_build::<T>(&mut plan, d, paging)?;
+        }
+        // Pages for every slot's new rows, before anything is queued (all or nothing).
+        if let Some(pages) = &mut c.pages {
+            let need: Vec<usize> = slots.sequences.iter().map(|s| s.1).collect();
+            pages.ensure(ctx, seqs.start, &need)?;
+        }
 
         if c.ragged_words != words {
             ctx.copy_words_to_device(cu, &words)?;
@@ -213,10 +224,14 @@ impl<T: AttnElement> CacheSlots<'_, T> {
             c.launch_cache_kernel(ctx, "duo_cache_gather_stream", (stream_rows, b), &params)?;
         }
         // The append also zeroes the full cache's rows after each slot's new ones that its last
-        // KV block loads.
+        // KV block loads. A paged cache's prefill (the cache build) zeroes them in V itself.
         let mut params = ragged(c.cache_params(layer, &seqs, new, KvSource::default(), 0));
-        params.pad_block = ws_block_n(d) as i32;
-        let rows = longest_new + ws_block_n(d) - 1;
+        params.pad_block = if c.pages.is_some() {
+            1
+        } else {
+            ws_block_n(d) as i32
+        };
+        let rows = longest_new + params.pad_block as usize - 1;
         c.launch_cache_kernel(ctx, "duo_cache_append", (rows, b), &params)?;
         for (len, s) in c.layers[layer].lens[seqs].iter_mut().zip(&slots.sequences) {
             *len += s.0;

@@ -91,6 +91,10 @@ struct Args {
     /// `cache-prefill.json`.
     #[arg(long)]
     cache_prefill: bool,
+    /// With `--cache-prefill`: a paged cache with pages of this many tokens runs the ragged
+    /// prefill beside the unpaged one, and both time a decode step after it.
+    #[arg(long)]
+    cache_page_size: Option<usize>,
 }
 
 fn parse_head_dim(s: &str) -> Result<usize, String> {
@@ -354,7 +358,7 @@ fn main() -> ExitCode {
 /// `--cache-prefill`: the scenarios' table, and their records in `cache-prefill.json`. Fails when
 /// a ragged output strays from the slot-by-slot one (bf16 rounding is far below 1e-2).
 fn run_cache_prefill(args: &Args, ctx: &Context, rng: &mut rand::rngs::StdRng) -> ExitCode {
-    let records = match cache_prefill::run(ctx, rng) {
+    let records = match cache_prefill::run(ctx, rng, args.cache_page_size) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("cache prefill: {e}");
