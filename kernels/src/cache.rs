@@ -206,16 +206,8 @@ unsafe fn append_row(
     if pos >= p.sink && pos < end - p.recent {
         return;
     }
-    let slot = slot_of(pos, p.sink, p.recent);
-    unsafe {
-        copy_kv(
-            &p.new,
-            (src, head, batch),
-            &p.stream,
-            (slot, rank, batch),
-            chunk,
-        )
-    };
+    let to = (slot_of(pos, p.sink, p.recent), rank, batch);
+    unsafe { copy_kv(&p.new, (src, head, batch), &p.stream, to, chunk) };
 }
 
 #[unsafe(no_mangle)]
@@ -257,14 +249,8 @@ pub unsafe extern "ptx-kernel" fn duo_cache_gather_stream(p: CacheParams) {
             } else {
                 lo + row - sink_rows
             };
-            let slot = slot_of(pos, p.sink, p.recent);
-            copy_kv(
-                &p.stream,
-                (slot, rank, batch),
-                &p.out,
-                (row, rank, batch),
-                chunk,
-            );
+            let from = (slot_of(pos, p.sink, p.recent), rank, batch);
+            copy_kv(&p.stream, from, &p.out, (row, rank, batch), chunk);
         }
     }
 }
