@@ -21,7 +21,7 @@ use crate::attention::{
     check_queries, prefill_launch, prefill_params,
 };
 use crate::context::Context;
-use crate::decode::{CachePages, DecodeKv, MAX_DECODE_QUERIES, kv_source};
+use crate::decode::{DecodeKv, MAX_DECODE_QUERIES, kv_source};
 use crate::element::AttnElement;
 use crate::error::{Error, Result};
 use crate::kvcache::{Paging, use_cache_build};
@@ -158,6 +158,17 @@ pub struct DuoCache<T: AttnElement> {
     /// copy (from pageable memory, which waits for the stream's queued work).
     ragged: Option<DeviceTensor<i32, 1>>,
     ragged_words: Vec<i32>,
+}
+
+/// A prefill's (full, streaming) K/V sources: a kind without heads is never read, so its source
+/// takes the other kind's.
+fn both_sources<X: Copy>(full: Option<X>, stream: Option<X>) -> Result<(X, X)> {
+    match (full, stream) {
+        (Some(f), Some(s)) => Ok((f, s)),
+        (Some(f), None) => Ok((f, f)),
+        (None, Some(s)) => Ok((s, s)),
+        (None, None) => Err(Error::InvalidCacheConfig("a layer without heads".into())),
+    }
 }
 
 /// A cache tensor, stored head-major `[B, H, slots, D]` (each head's rows contiguous, so decode
@@ -594,12 +605,12 @@ impl<T: AttnElement> DuoCache<T> {
 
     /// The block table of `seqs` for a prefill of `layer`, when its retrieval heads read pages.
     fn paging_for(&self, layer: usize, seqs: &Range<usize>) -> Option<Paging> {
-        let pages = self.pages.as_ref()?;
         self.layers[layer].full.as_ref()?;
+        let t = self.pages.as_ref()?.rows_from(seqs.start);
         Some(Paging {
-            table: pages.row(seqs.start),
-            stride: pages.max_pages as i32,
-            shift: pages.shift(),
+            table: t.table,
+            stride: t.stride as i32,
+            shift: t.shift,
         })
     }
 
@@ -653,15 +664,7 @@ impl<T: AttnElement> DuoCache<T> {
     ) -> CacheParams {
         let (full, stream) = self.sources(layer, seqs);
         let (lens, arrivals) = self.device_lengths(layer, seqs.start);
-        let (block_table, block_table_stride, page_shift, num_pages) = match &self.pages {
-            Some(pt) => (
-                pt.row(seqs.start),
-                pt.max_pages as i32,
-                pt.shift(),
-                pt.paging.pages as i32,
-            ),
-            None => (0, 0, 0, 0),
-        };
+        let pages = self.pages.as_ref().map(|p| p.rows_from(seqs.start));
         CacheParams {
             new,
             full,
@@ -681,10 +684,10 @@ impl<T: AttnElement> DuoCache<T> {
             capacity: self.cfg.max_len as i32,
             out_rows: 0,
             pad_block: 1,
-            block_table,
-            block_table_stride,
-            page_shift,
-            num_pages,
+            block_table: pages.map_or(0, |p| p.table),
+            block_table_stride: pages.map_or(0, |p| p.stride as i32),
+            page_shift: pages.map_or(0, |p| p.shift),
+            num_pages: pages.map_or(0, |p| p.pages),
         }
     }
 
@@ -860,13 +863,9 @@ impl<T: AttnElement> CacheSlots<'_, T> {
         let full_descs = c.full_descs(layer, start + n, &seqs);
         // A paged pool's tensor maps hold a page per batch index; the keys are counted apart.
         let map_rows = c.pages.as_ref().map_or(start + n, |p| p.paging.page_size);
-        // A kind without heads is never read; its slot takes the other kind's tensors.
-        let (fk, fv, flen, sk, sv, slen) = match (full_descs, stream_descs) {
-            (Some((fk, fv)), Some((sk, sv))) => (fk, fv, map_rows, sk, sv, stream_len),
-            (Some((fk, fv)), None) => (fk, fv, map_rows, fk, fv, map_rows),
-            (None, Some((sk, sv))) => (sk, sv, stream_len, sk, sv, stream_len),
-            (None, None) => return Err(Error::InvalidCacheConfig("a layer without heads".into())),
-        };
+        let full = full_descs.map(|(k, v)| (k, v, map_rows));
+        let stream = stream_descs.map(|(k, v)| (k, v, stream_len));
+        let ((fk, fv, flen), (sk, sv, slen)) = both_sources(full, stream)?;
         let mut args = prefill_params(
             q.desc(),
             out.desc(),
@@ -919,12 +918,7 @@ impl<T: AttnElement> CacheSlots<'_, T> {
         // Splits are planned for the longest sequence after the append; the kernel reads each
         // sequence's length on the device, clamped only by the capacity (lengths grow under
         // graph replay). Planned (and so checked) before the append is queued.
-        let pages = c.pages.as_ref().map(|pt| CachePages {
-            table: pt.row(self.seqs.start),
-            stride: pt.max_pages as i64,
-            shift: pt.shift(),
-            pages: pt.paging.pages as i32,
-        });
+        let pages = c.pages.as_ref().map(|pt| pt.rows_from(self.seqs.start));
         let kv = DecodeKv::Cache {
             full,
             stream,

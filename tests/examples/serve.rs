@@ -65,6 +65,16 @@ struct Args {
     seed: u64,
 }
 
+impl Args {
+    /// Slot `slot`'s prompt: `prompt`, or with `--stagger` `prompt * (slot + 1) / batch`.
+    fn prompt_of(&self, slot: usize) -> usize {
+        match self.stagger {
+            true => (self.prompt * (slot + 1) / self.batch).max(1),
+            false => self.prompt,
+        }
+    }
+}
+
 const HEADS_Q: usize = 32;
 const HEADS_KV: usize = 8;
 const HEAD_DIM: usize = 128;
@@ -118,11 +128,7 @@ fn main() -> ExitCode {
     let paging = args.page_size.map(|page_size| CachePaging {
         page_size,
         pages: (0..args.batch)
-            .map(|b| match args.stagger {
-                true => (args.prompt * (b + 1) / args.batch).max(1),
-                false => args.prompt,
-            })
-            .map(|prompt| (prompt + args.steps).div_ceil(page_size))
+            .map(|b| (args.prompt_of(b) + args.steps).div_ceil(page_size))
             .sum(),
     });
     let cfg = CacheConfig {
@@ -412,7 +418,7 @@ fn main() -> ExitCode {
     println!("prefill:");
     let b = args.batch;
     if args.ragged {
-        let prompts: Vec<usize> = (0..b).map(|s| (args.prompt * (s + 1) / b).max(1)).collect();
+        let prompts: Vec<usize> = (0..b).map(|s| args.prompt_of(s)).collect();
         let mut prefill_ms = 0.0;
         let mut round = 0;
         loop {
@@ -441,9 +447,7 @@ fn main() -> ExitCode {
     // Each group of slots prefilled together, and its prompt length.
     let groups: Vec<(std::ops::Range<usize>, usize)> = match args.stagger {
         _ if args.ragged => Vec::new(),
-        true => (0..b)
-            .map(|s| (s..s + 1, (args.prompt * (s + 1) / b).max(1)))
-            .collect(),
+        true => (0..b).map(|s| (s..s + 1, args.prompt_of(s))).collect(),
         false => vec![(0..b, args.prompt)],
     };
     let mut prefill_ms = 0.0;

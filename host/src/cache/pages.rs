@@ -6,6 +6,7 @@
 //! host hands out pages (a free list) before each append that needs them and writes their
 //! entries into the device table on the cache's stream; a slot's reset returns them.
 use super::*;
+use crate::decode::CachePages;
 
 /// Sizes of a paged cache ([`CacheConfig::paging`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,20 +69,29 @@ impl PageTable {
         self.table.view().desc().ptr + (4 * slot * self.max_pages) as u64
     }
 
-    pub(super) fn shift(&self) -> i32 {
-        self.paging.page_size.trailing_zeros() as i32
+    /// The table from slot `first`'s row on, as the kernels read it.
+    pub(super) fn rows_from(&self, first: usize) -> CachePages {
+        CachePages {
+            table: self.row(first),
+            stride: self.max_pages as i64,
+            shift: self.paging.page_size.trailing_zeros() as i32,
+            pages: self.paging.pages as i32,
+        }
     }
 
     /// Gives each slot `first + i` pages for `tokens[i]` tokens (at most `max_len`), all or
     /// nothing: `CachePagesExhausted` when the pool lacks them, with nothing changed.
     pub(super) fn ensure(&mut self, ctx: &Context, first: usize, tokens: &[usize]) -> Result<()> {
-        let page = self.paging.page_size;
-        let missing = |(i, &t): (usize, &usize)| {
-            t.div_ceil(page)
-                .min(self.max_pages)
-                .saturating_sub(self.owned[first + i].len())
-        };
-        let needed: usize = tokens.iter().enumerate().map(missing).sum();
+        // Pages each slot lacks.
+        let missing: Vec<usize> = tokens
+            .iter()
+            .zip(&self.owned[first..])
+            .map(|(&t, owned)| {
+                let want = t.div_ceil(self.paging.page_size).min(self.max_pages);
+                want.saturating_sub(owned.len())
+            })
+            .collect();
+        let needed: usize = missing.iter().sum();
         if needed == 0 {
             return Ok(());
         }
@@ -94,26 +104,19 @@ impl PageTable {
         }
         // A decode step takes at most a page per slot: those entries go one by one, as memsets
         // (which a CUDA graph captures). A prefill's go in one copy of the slots' rows.
-        let one_each = tokens.iter().enumerate().all(|x| missing(x) <= 1);
-        let mut entries = Vec::new();
-        for (i, &t) in tokens.iter().enumerate() {
+        let one_each = missing.iter().all(|&m| m <= 1);
+        for (i, &m) in missing.iter().enumerate().filter(|&(_, &m)| m > 0) {
             let slot = first + i;
-            let from = self.owned[slot].len();
-            let want = t.div_ceil(page).min(self.max_pages);
-            if want <= from {
-                continue;
-            }
-            let take = self.free.len() - (want - from);
-            let new: Vec<i32> = self.free.drain(take..).rev().collect();
+            let at = self.row(slot) + 4 * self.owned[slot].len() as u64;
+            let take = self.free.len() - m;
+            self.owned[slot].extend(self.free.drain(take..).rev());
             if one_each {
-                entries.push((self.row(slot) + 4 * from as u64, new[0]));
-            }
-            self.owned[slot].extend(new);
-        }
-        if one_each {
-            for (at, page) in entries {
+                // m == 1: the page just taken.
+                let page = self.owned[slot][self.owned[slot].len() - 1];
                 ctx.fill_words(at, 4, 1, 1, page as u32)?;
             }
+        }
+        if one_each {
             return Ok(());
         }
         let mut rows = vec![-1; tokens.len() * self.max_pages];

@@ -160,29 +160,21 @@ impl<T: AttnElement> CacheSlots<'_, T> {
         let l = &c.layers[layer];
         let full_rows = slots.longest(|s| s.1);
         let full_descs = c.full_descs(layer, full_rows, &seqs);
-        // A paged pool's tensor maps hold a page per batch index; the keys are counted apart.
         let paging = c.paging_for(layer, &seqs);
+        // Rows of each source's tensor maps: a paged pool's hold a page per batch index (the
+        // keys are counted apart, by `ends_k`).
         let map_rows = c.pages.as_ref().map_or(full_rows, |p| p.paging.page_size);
-        // A kind without heads is never read; its source takes the other kind's tensors.
-        let ((fk, fv, fe), (sk, sv, se)) = match (full_descs, stream_descs) {
-            (Some((fk, fv)), Some((sk, sv))) => ((fk, fv, full_ends), (sk, sv, stream_ends)),
-            (Some((fk, fv)), None) => ((fk, fv, full_ends), (fk, fv, full_ends)),
-            (None, Some((sk, sv))) => ((sk, sv, stream_ends), (sk, sv, stream_ends)),
-            (None, None) => return Err(Error::InvalidCacheConfig("a layer without heads".into())),
-        };
-        let (full_rows, stream_map_rows) = match (l.full.is_some(), hs > 0) {
-            (true, true) => (map_rows, stream_rows),
-            (true, false) => (map_rows, map_rows),
-            _ => (stream_rows, stream_rows),
-        };
+        let full = full_descs.map(|(k, v)| (k, v, full_ends, map_rows));
+        let stream = stream_descs.map(|(k, v)| (k, v, stream_ends, stream_rows));
+        let ((fk, fv, fe, f_map), (sk, sv, se, s_map)) = both_sources(full, stream)?;
         let q4 = as_batch_of_one(q.desc());
         let args = prefill_params(
             &q4,
             &as_batch_of_one(out.desc()),
             &lse_as_batch_of_one(lse.desc()),
             &l.cfg,
-            (&fk, &fv, full_rows),
-            Some((&sk, &sv, stream_map_rows)),
+            (&fk, &fv, f_map),
+            Some((&sk, &sv, s_map)),
         );
         // Planned (and so checked) before anything is queued: an error leaves the cache as it was.
         let mut plan = prefill_launch::<T>(l.cfg.kernel, q4.shape, args)?;
