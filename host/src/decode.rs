@@ -85,27 +85,51 @@ pub(crate) struct CachePages {
 }
 
 impl DecodeKv<'_> {
-    fn paged(&self) -> bool {
-        matches!(
-            self,
-            DecodeKv::Paged { .. } | DecodeKv::Cache { pages: Some(_), .. }
-        )
+    /// How the decode entry for head dim `d` finds these K/V rows.
+    fn paging(&self, d: usize) -> DecodePaging {
+        let page_size = match self {
+            DecodeKv::Plain { .. } | DecodeKv::Cache { pages: None, .. } => {
+                return DecodePaging::None;
+            }
+            DecodeKv::Paged { k, .. } => k.shape[1],
+            DecodeKv::Cache { pages: Some(p), .. } => 1usize << p.shift.clamp(0, 31),
+        };
+        if page_size >= decode_block_n(d) {
+            DecodePaging::Tiles
+        } else {
+            DecodePaging::Rows
+        }
     }
 }
 
-/// The decode kernel entry for element `T` and head dim `d` (`DECODE_ENTRIES`), over contiguous
-/// or paged (`DecodeParams::block_table`) K/V.
-fn decode_entry<T: AttnElement>(d: usize, paged: bool) -> String {
-    let paged = if paged { "paged_" } else { "" };
+/// How a decode entry finds its K/V rows (the kernels' `decode::paging`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DecodePaging {
+    /// Contiguous K/V.
+    None,
+    /// Paged, a table lookup per row: pages smaller than a KV tile.
+    Rows,
+    /// Paged, a table lookup per KV tile: pages of at least `decode_block_n(d)` rows, whose
+    /// tiles load as contiguous ones do.
+    Tiles,
+}
+
+/// The decode kernel entry for element `T` and head dim `d` (`DECODE_ENTRIES`).
+fn decode_entry<T: AttnElement>(d: usize, paging: DecodePaging) -> String {
+    let paged = match paging {
+        DecodePaging::None => "",
+        DecodePaging::Rows => "paged_",
+        DecodePaging::Tiles => "paged_tiles_",
+    };
     format!("duo_decode_{paged}{}_d{d}", T::KERNEL_NAME)
 }
 
 /// Dynamic shared memory of the decode entry for head dim `d`, contiguous or paged.
-fn decode_shared_bytes(d: usize, paged: bool) -> usize {
-    if paged {
-        decode_paged_smem_bytes(d)
-    } else {
+fn decode_shared_bytes(d: usize, paging: DecodePaging) -> usize {
+    if paging == DecodePaging::None {
         decode_smem_bytes(d)
+    } else {
+        decode_paged_smem_bytes(d)
     }
 }
 
@@ -139,7 +163,7 @@ pub(crate) fn plan_decode<T: AttnElement>(
         });
     }
     let heads_kv = cfg.head_kinds.len();
-    let paged = kv.paged();
+    let paging = kv.paging(head_dim);
     let mut cache_pages = None;
     let (full, stream, seqlen, recent, ring) = match kv {
         DecodeKv::Plain { k, v } => {
@@ -256,10 +280,10 @@ pub(crate) fn plan_decode<T: AttnElement>(
         page_shift: cache_pages.map_or(0, |p| p.shift),
     };
     Ok(DecodePlan {
-        entry: decode_entry::<T>(head_dim, paged),
+        entry: decode_entry::<T>(head_dim, paging),
         grid: (splits as u32, (heads_kv * row_chunks) as u32, batch as u32),
         block: decode_threads(head_dim) as u32,
-        shared_bytes: decode_shared_bytes(head_dim, paged) as u32,
+        shared_bytes: decode_shared_bytes(head_dim, paging) as u32,
         params,
         splits,
         head_dim,
@@ -479,22 +503,26 @@ impl Context {
         lse: &TensorDesc<3>,
         cfg: &AttentionConfig,
     ) -> Result<DecodePlan> {
-        let paged = kv.paged();
-        let resident = self.decode_resident_blocks::<T>(q.shape[3], paged)?;
+        let d = q.shape[3];
+        let resident = self.decode_resident_blocks::<T>(d, kv.paging(d))?;
         plan_decode::<T>(q, kv, out, lse, cfg, self.ordinal(), resident)
     }
 
     /// Decode blocks the whole GPU holds at once for head dim `d` (1 if `d` is unsupported; the
     /// plan rejects it).
-    fn decode_resident_blocks<T: AttnElement>(&self, d: usize, paged: bool) -> Result<usize> {
+    fn decode_resident_blocks<T: AttnElement>(
+        &self,
+        d: usize,
+        paging: DecodePaging,
+    ) -> Result<usize> {
         if !DECODE_HEAD_DIMS.contains(&d) {
             return Ok(1);
         }
-        let entry = decode_entry::<T>(d, paged);
+        let entry = decode_entry::<T>(d, paging);
         let per_sm = self.resident_blocks_per_sm(
             &entry,
             decode_threads(d) as u32,
-            decode_shared_bytes(d, paged) as u32,
+            decode_shared_bytes(d, paging) as u32,
         )?;
         Ok(per_sm as usize * self.info().multiprocessors as usize)
     }
@@ -535,6 +563,58 @@ mod tests {
         assert_eq!(choose_splits(8, 1024, 132), (16, 64));
         // Fewer tiles than the minimum: one split.
         assert_eq!(choose_splits(8, 3, 132), (1, 3));
+    }
+
+    /// Pages of at least a KV tile take the one-lookup-per-tile entries; smaller ones the
+    /// per-row entries.
+    #[test]
+    fn page_size_picks_the_paged_entry() {
+        let cache = |shift: Option<i32>| DecodeKv::Cache {
+            full: KvSource::default(),
+            stream: KvSource::default(),
+            seqlen: 4096,
+            recent: 0,
+            pages: shift.map(|shift| CachePages {
+                table: 0,
+                stride: 0,
+                shift,
+                pages: 1,
+            }),
+        };
+        for (d, shift, paging) in [
+            (128, None, DecodePaging::None),
+            (128, Some(6), DecodePaging::Rows),
+            (128, Some(7), DecodePaging::Tiles),
+            (64, Some(8), DecodePaging::Tiles),
+            (256, Some(5), DecodePaging::Rows),
+            (256, Some(6), DecodePaging::Tiles),
+        ] {
+            assert_eq!(cache(shift).paging(d), paging, "d {d}, shift {shift:?}");
+        }
+        use half::bf16;
+        assert_eq!(
+            decode_entry::<bf16>(128, DecodePaging::Tiles),
+            "duo_decode_paged_tiles_bf16_d128"
+        );
+        assert_eq!(
+            decode_entry::<bf16>(64, DecodePaging::Rows),
+            "duo_decode_paged_bf16_d64"
+        );
+        assert_eq!(
+            decode_entry::<bf16>(256, DecodePaging::None),
+            "duo_decode_bf16_d256"
+        );
+        for paging in [DecodePaging::None, DecodePaging::Rows, DecodePaging::Tiles] {
+            for d in [64, 128, 256] {
+                let entry = decode_entry::<bf16>(d, paging);
+                assert!(
+                    duo_attn_kernels::abi::DECODE_ENTRIES
+                        .iter()
+                        .any(|e| e.0 == entry),
+                    "{entry} is not a kernel entry"
+                );
+            }
+        }
     }
 
     #[test]

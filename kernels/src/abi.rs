@@ -439,6 +439,8 @@ pub struct DecodeParams {
     /// table, row `b` (`block_table_stride` entries apart) listing sequence `b`'s pages in key
     /// order. `full`'s stride 0 then runs between pages of `1 << page_shift` rows, `num_pages` of
     /// them (entries are clamped into the pool), and `seqlen` is the table row's capacity in keys.
+    /// The `duo_decode_paged_tiles_*` entries look up one page per KV tile and need pages of at
+    /// least `decode_block_n(D)` rows; the `duo_decode_paged_*` ones take any power of two.
     pub block_table: u64,
     pub block_table_stride: i64,
     pub num_pages: i32,
@@ -511,7 +513,7 @@ pub struct CacheParams {
 }
 
 /// Decode kernel entry names, by (element, head dim).
-pub const DECODE_ENTRIES: [(&str, &str, usize); 12] = [
+pub const DECODE_ENTRIES: [(&str, &str, usize); 18] = [
     ("duo_decode_bf16_d64", "bf16", 64),
     ("duo_decode_bf16_d128", "bf16", 128),
     ("duo_decode_bf16_d256", "bf16", 256),
@@ -524,6 +526,12 @@ pub const DECODE_ENTRIES: [(&str, &str, usize); 12] = [
     ("duo_decode_paged_f16_d64", "f16", 64),
     ("duo_decode_paged_f16_d128", "f16", 128),
     ("duo_decode_paged_f16_d256", "f16", 256),
+    ("duo_decode_paged_tiles_bf16_d64", "bf16", 64),
+    ("duo_decode_paged_tiles_bf16_d128", "bf16", 128),
+    ("duo_decode_paged_tiles_bf16_d256", "bf16", 256),
+    ("duo_decode_paged_tiles_f16_d64", "f16", 64),
+    ("duo_decode_paged_tiles_f16_d128", "f16", 128),
+    ("duo_decode_paged_tiles_f16_d256", "f16", 256),
 ];
 
 /// The remaining entries: cache maintenance.

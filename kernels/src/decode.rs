@@ -42,44 +42,46 @@ fn tile_chunk<const D: usize>(tid: usize, c: usize) -> (usize, usize) {
     (chunk / (D / 8), chunk % (D / 8))
 }
 
-/// Queues the cp.async loads of one `decode_block_n(D) x D` tile (rows `n0..`, zero past `rows`)
-/// into a swizzled shared-memory tile ([`decode_tile_offset`]). The row of key `k`, this thread's
-/// `c`-th chunk, starts `row_offset(c, k)` elements after `base`.
+/// Queues the cp.async loads of one `decode_block_n(D) x D` tile into a swizzled shared-memory
+/// tile ([`decode_tile_offset`]): row `r` of the tile starts `r * row_bytes` bytes after `tile`
+/// (the address of its row 0, a row that exists); rows from `rows` on are zero-filled. A thread's
+/// chunks are one column chunk of rows `r0, r0 + R, ..`, so each next address is one 64-bit add.
 #[inline(always)]
-unsafe fn load_tile<const D: usize>(
-    dst: u32,
-    base: u64,
-    row_offset: impl Fn(usize, i32) -> i64,
-    n0: i32,
-    rows: i32,
-    tid: usize,
-) {
+unsafe fn load_tile<const D: usize>(dst: u32, tile: u64, row_bytes: i64, rows: i32, tid: usize) {
+    let rows_per_pass = const {
+        assert!(decode_threads(D) % (D / 8) == 0);
+        decode_threads(D) / (D / 8)
+    };
+    let (r0, part) = (tid / (D / 8), tid % (D / 8));
+    let mut src = tile.wrapping_add((r0 as i64 * row_bytes + 16 * part as i64) as u64);
+    let step = (rows_per_pass as i64 * row_bytes) as u64;
     for c in 0..const { tile_chunks(D) } {
-        let (row, part) = tile_chunk::<D>(tid, c);
-        let col = part * 8;
-        let key = n0 + row as i32;
-        let valid = key < rows;
-        let src = if valid {
-            base + ((row_offset(c, key) + col as i64) * 2) as u64
-        } else {
-            base
-        };
+        let row = r0 + c * rows_per_pass;
+        let valid = (row as i32) < rows;
         let addr = dst + decode_tile_offset(D, row, part) as u32;
-        unsafe { cp_async_16_prefetch(addr, src, if valid { 16 } else { 0 }) };
+        let from = if valid { src } else { tile };
+        unsafe { cp_async_16_prefetch(addr, from, if valid { 16 } else { 0 }) };
+        src = src.wrapping_add(step);
     }
 }
 
+/// How a decode entry finds its K/V rows (a const parameter: separate entries, so that each
+/// loader keeps its own code).
+mod paging {
+    /// Contiguous K/V, strided by batch entry.
+    pub const NONE: u8 = 0;
+    /// Through the block table, one page per row: pages smaller than a tile.
+    pub const ROWS: u8 = 1;
+    /// Through the block table, one page per tile: pages of at least `decode_block_n(D)` rows,
+    /// so a tile's rows lie in one page and load as a contiguous tile's do, from a base moved
+    /// once per tile.
+    pub const TILES: u8 = 2;
+}
+
 /// The decode body, per (element, head dim): `KQ = D / 16` k-steps, `ON = D / 2` accumulators;
-/// `PAGED`: K/V rows found through the block table (separate entries, so the contiguous ones
-/// keep their code).
+/// `PAGING`: how K/V rows are found ([`paging`]).
 #[inline(always)]
-unsafe fn decode<
-    E: Element,
-    const D: usize,
-    const KQ: usize,
-    const ON: usize,
-    const PAGED: bool,
->(
+unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, const PAGING: u8>(
     p: &DecodeParams,
 ) {
     // Keys per tile, threads and warps (one per 16 keys), the merge's per-warp row statistics
@@ -160,7 +162,8 @@ unsafe fn decode<
     // in row `k % page` of page `table[k / page]`. A paged DuoAttention cache (head dims 64 and
     // 128 only: the branch costs D = 256 48 bytes of spills) keeps its rings batch-strided: only
     // retrieval heads read pages.
-    let paged = PAGED && !(D <= 128 && use_ring);
+    let paged_entry = PAGING != paging::NONE;
+    let paged = paged_entry && !(D <= 128 && use_ring);
     let seq = if paged { 0 } else { batch };
     let k_base = pick(p.stream.k as i64, p.full.k as i64) as u64
         + ((seq * ks[0] + index * ks[2]) * 2) as u64;
@@ -182,7 +185,7 @@ unsafe fn decode<
     // `n0 + (j << page_shift)` (one entry when a page holds the whole tile).
     let page_slots = smem + decode_smem_bytes(D) as u32;
     let page_slot = |stage: usize, j: i32| page_slots + ((stage * bn) as u32 + j as u32) * 4;
-    let entries = if p.page_shift >= bn.trailing_zeros() as i32 {
+    let entries = if PAGING == paging::TILES || p.page_shift >= bn.trailing_zeros() as i32 {
         1
     } else {
         bn as i32 >> p.page_shift
@@ -251,8 +254,8 @@ unsafe fn decode<
             second.start + i - first.len()
         }
     };
-    // The paged body is inlined by force (at D = 256 LLVM kept it a call); the plain one is left
-    // to LLVM, which inlines it (forcing it changes the plain entries' register allocation).
+    // The per-row paged loader is inlined by force (at D = 256 LLVM kept it a call); the others
+    // are left to LLVM, which inlines them (forcing them changes the plain entries' code).
     let load_paged = #[inline(always)]
     |i: i32| {
         let stage = (i % DECODE_STAGES as i32) as usize;
@@ -285,15 +288,46 @@ unsafe fn decode<
     let load_plain = |i: i32| {
         let stage = (i % DECODE_STAGES as i32) as usize;
         let n0 = n_block(i) * bn as i32;
-        let (kr, vr) = (ks[1], vs[1]);
+        let (k_tile, v_tile) = (
+            k_base.wrapping_add((n0 as i64 * ks[1] * 2) as u64),
+            v_base.wrapping_add((n0 as i64 * vs[1] * 2) as u64),
+        );
         unsafe {
-            load_tile::<D>(k_smem(stage), k_base, |_, k| k as i64 * kr, n0, n_keys, tid);
-            load_tile::<D>(v_smem(stage), v_base, |_, k| k as i64 * vr, n0, n_keys, tid);
+            load_tile::<D>(k_smem(stage), k_tile, ks[1] * 2, n_keys - n0, tid);
+            load_tile::<D>(v_smem(stage), v_tile, vs[1] * 2, n_keys - n0, tid);
         }
     };
-    let load = |i: i32| {
-        if paged { load_paged(i) } else { load_plain(i) }
+    // One page per tile: the tile's rows are rows `n0 & in_page..` of its page (entry 0 of the
+    // stage), so it loads as a contiguous tile does from that row. (Sharing one closure with
+    // `load_plain` put both forms in the paged entries' loop and calls in their PTX.)
+    let load_tiles = |i: i32| {
+        let stage = (i % DECODE_STAGES as i32) as usize;
+        let n0 = n_block(i) * bn as i32;
+        let (k_row0, v_row0) = if paged {
+            let page = unsafe { ld_shared_u32(page_slot(stage, 0)) } as i64;
+            let row = (n0 & in_page) as i64;
+            (page * ks[0] + row * ks[1], page * vs[0] + row * vs[1])
+        } else {
+            (n0 as i64 * ks[1], n0 as i64 * vs[1])
+        };
+        unsafe {
+            let k_tile = k_base.wrapping_add((k_row0 * 2) as u64);
+            let v_tile = v_base.wrapping_add((v_row0 * 2) as u64);
+            load_tile::<D>(k_smem(stage), k_tile, ks[1] * 2, n_keys - n0, tid);
+            load_tile::<D>(v_smem(stage), v_tile, vs[1] * 2, n_keys - n0, tid);
+        }
     };
+    // A macro, not a closure: LLVM kept such a closure a call in the paged entries, and forcing
+    // it inline cost the plain entries 13 instructions per tile in SASS.
+    macro_rules! load {
+        ($i:expr) => {
+            match PAGING {
+                paging::ROWS if paged => load_paged($i),
+                paging::TILES => load_tiles($i),
+                _ => load_plain($i),
+            }
+        };
+    }
     // Paged: this thread's table entry of tile `x` (thread j < entries fetches entry j; 0 for a
     // page past the sequence's keys or a tile past the split's), clamped into the pool.
     let fetch_page = |x: i32| {
@@ -305,12 +339,12 @@ unsafe fn decode<
         if key < n_keys { page_of(key) } else { 0 }
     };
     let stash_page = |x: i32, page: i32| {
-        if PAGED && (tid as i32) < entries {
+        if paged_entry && (tid as i32) < entries {
             let stage = (x % DECODE_STAGES as i32) as usize;
             unsafe { st_shared_u32(page_slot(stage, tid as i32), page as u32) };
         }
     };
-    if PAGED {
+    if paged_entry {
         // The entries of the first `DECODE_STAGES` tiles: those the prologue loads, and the one
         // the first iteration loads.
         let mut first_pages = [0i32; DECODE_STAGES];
@@ -325,7 +359,7 @@ unsafe fn decode<
 
     for i in 0..DECODE_STAGES as i32 - 1 {
         if i < count {
-            load(i);
+            load!(i);
         }
         cp_async_commit();
     }
@@ -376,7 +410,7 @@ unsafe fn decode<
         sync_threads(); // tile i landed for all threads; tile i - 1's stage is free
         let next = i + DECODE_STAGES as i32 - 1;
         if next < count {
-            load(next);
+            load!(next);
         }
         cp_async_commit();
         // Paged: the entries of the tile after `next`, in flight under this tile's S GEMM and
@@ -636,23 +670,29 @@ unsafe fn decode<
 }
 
 macro_rules! decode_entry {
-    ($name:ident, $elem:ty, $d:literal, $paged:literal) => {
+    ($name:ident, $elem:ty, $d:literal, $paging:expr) => {
         #[unsafe(no_mangle)]
         pub unsafe extern "ptx-kernel" fn $name(p: DecodeParams) {
-            unsafe { decode::<$elem, $d, { $d / 16 }, { $d / 2 }, $paged>(&p) }
+            unsafe { decode::<$elem, $d, { $d / 16 }, { $d / 2 }, { $paging }>(&p) }
         }
     };
 }
 
-decode_entry!(duo_decode_bf16_d64, Bf16, 64, false);
-decode_entry!(duo_decode_bf16_d128, Bf16, 128, false);
-decode_entry!(duo_decode_bf16_d256, Bf16, 256, false);
-decode_entry!(duo_decode_f16_d64, F16, 64, false);
-decode_entry!(duo_decode_f16_d128, F16, 128, false);
-decode_entry!(duo_decode_f16_d256, F16, 256, false);
-decode_entry!(duo_decode_paged_bf16_d64, Bf16, 64, true);
-decode_entry!(duo_decode_paged_bf16_d128, Bf16, 128, true);
-decode_entry!(duo_decode_paged_bf16_d256, Bf16, 256, true);
-decode_entry!(duo_decode_paged_f16_d64, F16, 64, true);
-decode_entry!(duo_decode_paged_f16_d128, F16, 128, true);
-decode_entry!(duo_decode_paged_f16_d256, F16, 256, true);
+decode_entry!(duo_decode_bf16_d64, Bf16, 64, paging::NONE);
+decode_entry!(duo_decode_bf16_d128, Bf16, 128, paging::NONE);
+decode_entry!(duo_decode_bf16_d256, Bf16, 256, paging::NONE);
+decode_entry!(duo_decode_f16_d64, F16, 64, paging::NONE);
+decode_entry!(duo_decode_f16_d128, F16, 128, paging::NONE);
+decode_entry!(duo_decode_f16_d256, F16, 256, paging::NONE);
+decode_entry!(duo_decode_paged_bf16_d64, Bf16, 64, paging::ROWS);
+decode_entry!(duo_decode_paged_bf16_d128, Bf16, 128, paging::ROWS);
+decode_entry!(duo_decode_paged_bf16_d256, Bf16, 256, paging::ROWS);
+decode_entry!(duo_decode_paged_f16_d64, F16, 64, paging::ROWS);
+decode_entry!(duo_decode_paged_f16_d128, F16, 128, paging::ROWS);
+decode_entry!(duo_decode_paged_f16_d256, F16, 256, paging::ROWS);
+decode_entry!(duo_decode_paged_tiles_bf16_d64, Bf16, 64, paging::TILES);
+decode_entry!(duo_decode_paged_tiles_bf16_d128, Bf16, 128, paging::TILES);
+decode_entry!(duo_decode_paged_tiles_bf16_d256, Bf16, 256, paging::TILES);
+decode_entry!(duo_decode_paged_tiles_f16_d64, F16, 64, paging::TILES);
+decode_entry!(duo_decode_paged_tiles_f16_d128, F16, 128, paging::TILES);
+decode_entry!(duo_decode_paged_tiles_f16_d256, F16, 256, paging::TILES);
