@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::tensor::{TensorDesc, View, ViewMut};
 use duo_attn_kernels::abi::{
     DECODE_HEAD_DIMS, DECODE_MAX_SPLITS, DECODE_MIN_TILES_PER_SPLIT, DECODE_ROWS, DecodeParams,
-    KvSource, MAX_SEQLEN, decode_block_n, decode_paged_smem_bytes, decode_smem_bytes,
+    FastDiv, KvSource, MAX_SEQLEN, decode_block_n, decode_paged_smem_bytes, decode_smem_bytes,
     decode_threads,
 };
 
@@ -28,7 +28,10 @@ pub struct DecodePlan {
     /// `o_partial`/`lse_partial`/`counters` are filled in at launch from the context's
     /// workspace.
     pub params: DecodeParams,
+    /// The most splits of any head (the partials' leading extent).
     pub splits: usize,
+    /// Row groups (batch entry, KV head, chunk of query rows): one merge counter each.
+    pub groups: usize,
     pub head_dim: usize,
 }
 
@@ -145,6 +148,58 @@ fn choose_splits(blocks: usize, max_tiles: usize, resident: usize) -> (usize, us
     (max_tiles.div_ceil(per_split), per_split)
 }
 
+/// How a decode splits each head kind's KV tiles across blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct KindSplits {
+    /// Splits of a retrieval head's tiles (of a streaming head's when the layer has none).
+    splits: usize,
+    tiles_per_split: usize,
+    stream_splits: usize,
+    /// Blocks of the launch: every retrieval head's splits, then every streaming head's.
+    blocks: usize,
+}
+
+impl KindSplits {
+    /// Splits for `columns` (batch entries x row chunks) of each of `heads` (retrieval,
+    /// streaming), whose heads walk at most `tiles` (retrieval, streaming) KV tiles. Retrieval
+    /// blocks fill one wave of the GPU's `resident` block slots. A few streaming blocks (at most
+    /// an eighth of the slots) get slots of their own, so none waits for a retrieval block to
+    /// end; more would leave too few retrieval blocks to draw the memory bandwidth (B = 8, half
+    /// streaming, 96 instead of 128 retrieval blocks: up to 11% slower at 128k, session 28), so
+    /// they queue behind the retrieval blocks. Streaming heads split at the retrieval heads'
+    /// tiles per split, so most take one block.
+    fn plan(
+        columns: usize,
+        (retrieval, streaming): (usize, usize),
+        (full_tiles, stream_tiles): (usize, usize),
+        resident: usize,
+    ) -> Self {
+        if retrieval == 0 {
+            let (splits, per) = choose_splits(columns * streaming, stream_tiles, resident);
+            return Self {
+                splits,
+                tiles_per_split: per,
+                stream_splits: splits,
+                blocks: columns * streaming * splits,
+            };
+        }
+        let stream_blocks = columns * streaming;
+        let slots = if 8 * stream_blocks <= resident {
+            resident - stream_blocks
+        } else {
+            resident
+        };
+        let (splits, per) = choose_splits(columns * retrieval, full_tiles, slots);
+        let stream_splits = stream_tiles.max(1).div_ceil(per).min(DECODE_MAX_SPLITS);
+        Self {
+            splits,
+            tiles_per_split: per,
+            stream_splits,
+            blocks: columns * (retrieval * splits + streaming * stream_splits),
+        }
+    }
+}
+
 /// Validates a decode and builds its launches. Pure (no GPU).
 pub(crate) fn plan_decode<T: AttnElement>(
     q: &TensorDesc<4>,
@@ -216,7 +271,6 @@ pub(crate) fn plan_decode<T: AttnElement>(
 
     // The most KV tiles any head walks: the whole cache for retrieval heads; the sink and window
     // blocks (or the ring) for streaming heads.
-    let has = |kind| cfg.head_kinds.contains(&kind);
     let bn = decode_block_n(head_dim);
     let window_tiles = if ring {
         (cfg.sink as usize + recent).div_ceil(bn)
@@ -225,26 +279,19 @@ pub(crate) fn plan_decode<T: AttnElement>(
             + (cfg.window as usize + n_q).min(seqlen).div_ceil(bn)
             + 1
     };
-    let max_tiles = if has(HeadKind::Retrieval) {
-        seqlen.div_ceil(bn)
-    } else {
-        window_tiles.min(seqlen.div_ceil(bn))
-    };
+    let full_tiles = seqlen.div_ceil(bn);
+    let stream_tiles = window_tiles.min(full_tiles);
     let group = heads_q / heads_kv;
     let row_chunks = (group * n_q).div_ceil(DECODE_ROWS);
-    // Blocks that walk `max_tiles`: the retrieval heads' (streaming blocks finish early).
-    let longest_heads = match cfg
+    let retrieval = cfg
         .head_kinds
         .iter()
         .filter(|&&k| k == HeadKind::Retrieval)
-        .count()
-    {
-        0 => heads_kv,
-        n => n,
-    };
-    let (splits, tiles_per_split) = choose_splits(
-        batch * longest_heads * row_chunks,
-        max_tiles,
+        .count();
+    let kinds = KindSplits::plan(
+        batch * row_chunks,
+        (retrieval, heads_kv - retrieval),
+        (full_tiles, stream_tiles),
         resident_blocks,
     );
 
@@ -260,7 +307,7 @@ pub(crate) fn plan_decode<T: AttnElement>(
         lse: lse.ptr,
         o_strides: strides3(out),
         streaming_heads: streaming_mask(&cfg.head_kinds),
-        splits: splits as i32,
+        splits: kinds.splits as i32,
         batch: batch as i32,
         n_q: n_q as i32,
         heads_q: heads_q as i32,
@@ -271,7 +318,17 @@ pub(crate) fn plan_decode<T: AttnElement>(
         recent: recent as i32,
         ring: ring as i32,
         causal: cfg.causal as i32,
-        tiles_per_split: tiles_per_split as i32,
+        tiles_per_split: kinds.tiles_per_split as i32,
+        stream_splits: kinds.stream_splits as i32,
+        split_divs: [
+            FastDiv::new(kinds.splits as u32),
+            FastDiv::new(kinds.stream_splits as u32),
+        ],
+        row_chunks_div: FastDiv::new(row_chunks as u32),
+        kind_heads_divs: [
+            FastDiv::new(retrieval as u32),
+            FastDiv::new((heads_kv - retrieval) as u32),
+        ],
         scale_log2: cfg.scale_for(head_dim) * std::f32::consts::LOG2_E,
         seqlens: 0,
         block_table: cache_pages.map_or(0, |p| p.table),
@@ -281,11 +338,12 @@ pub(crate) fn plan_decode<T: AttnElement>(
     };
     Ok(DecodePlan {
         entry: decode_entry::<T>(head_dim, paging),
-        grid: (splits as u32, (heads_kv * row_chunks) as u32, batch as u32),
+        grid: (kinds.blocks as u32, 1, 1),
         block: decode_threads(head_dim) as u32,
         shared_bytes: decode_shared_bytes(head_dim, paging) as u32,
         params,
-        splits,
+        splits: kinds.splits.max(kinds.stream_splits),
+        groups: batch * heads_kv * row_chunks,
         head_dim,
     })
 }
@@ -530,7 +588,7 @@ impl Context {
     /// Runs a decode plan with its partials in the context's workspace.
     pub(crate) fn launch_decode(&self, mut plan: DecodePlan) -> Result<()> {
         let rows = plan.params.batch as u64 * plan.params.heads_q as u64 * plan.params.n_q as u64;
-        let groups = (plan.grid.1 * plan.grid.2) as usize;
+        let groups = plan.groups;
         self.with_scratch(plan.workspace_len(), groups, |scratch| {
             plan.params.o_partial = scratch.partials;
             plan.params.lse_partial =
@@ -550,6 +608,27 @@ impl Context {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Streaming heads take the blocks their tiles fill; a few of them get slots of their own.
+    #[test]
+    fn streaming_heads_take_only_the_blocks_they_fill() {
+        // B = 1, 4 + 4 KV heads, 128k keys (1024 tiles), windows of 10 tiles: the 4 streaming
+        // blocks keep their own slots, the retrieval heads split 32 ways (before: 33 splits for
+        // every head, 128 blocks without a tile).
+        let b1 = KindSplits::plan(1, (4, 4), (1024, 10), 132);
+        assert_eq!((b1.splits, b1.stream_splits, b1.blocks), (32, 1, 132));
+        // B = 8: 32 streaming blocks would cost the retrieval heads a quarter of the wave.
+        let b8 = KindSplits::plan(8, (4, 4), (1024, 10), 132);
+        assert_eq!((b8.splits, b8.stream_splits, b8.blocks), (4, 1, 160));
+        // Short caches: streaming heads split at the retrieval heads' tiles per split.
+        let short = KindSplits::plan(1, (4, 4), (32, 10), 132);
+        assert_eq!((short.tiles_per_split, short.stream_splits), (4, 3));
+        // One kind: no block for the other.
+        let all_streaming = KindSplits::plan(2, (0, 8), (1024, 10), 132);
+        assert_eq!(all_streaming.blocks, 2 * 8 * all_streaming.stream_splits);
+        let all_retrieval = KindSplits::plan(2, (8, 0), (1024, 10), 132);
+        assert_eq!(all_retrieval.blocks, 2 * 8 * all_retrieval.splits);
+    }
 
     /// One full wave of splits, but no split shorter than `DECODE_MIN_TILES_PER_SPLIT` tiles when the
     /// cache has that many per block.

@@ -400,7 +400,8 @@ pub struct KvSource {
 /// among the heads of its kind. Outputs are per split: `o_partial` f32 `[splits, B, Hq, n_q, D]`
 /// (normalised within the split) and `lse_partial` f32 `[splits, B, Hq, n_q]` (natural log,
 /// -inf for a split that saw nothing); `duo_decode_combine` merges them.
-/// Grid: `(splits, Hkv * ceil(G * n_q / DECODE_ROWS), B)`, block `decode_threads(D)`.
+/// Grid: one-dimensional, `B x ceil(G * n_q / DECODE_ROWS)` row chunks per KV head times each head's
+/// splits (see `stream_splits`), block `decode_threads(D)`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct DecodeParams {
@@ -415,6 +416,7 @@ pub struct DecodeParams {
     pub lse: u64,
     pub o_strides: [i64; 3],
     pub streaming_heads: [u32; HEAD_MASK_WORDS],
+    /// Splits of each retrieval head's tiles.
     pub splits: i32,
     pub batch: i32,
     pub n_q: i32,
@@ -431,6 +433,15 @@ pub struct DecodeParams {
     /// With `seqlens`, a sequence spreads its own tiles over the splits instead: as evenly as
     /// they go, at least `min(tiles_per_split, DECODE_MIN_TILES_PER_SPLIT)` per split.
     pub tiles_per_split: i32,
+    /// Splits of each streaming head's tiles (`splits` is the retrieval heads'). The grid is
+    /// one-dimensional: `B x retrieval heads x row chunks x splits` retrieval blocks, then
+    /// `B x streaming heads x row chunks x stream_splits` streaming blocks.
+    pub stream_splits: i32,
+    /// Divisions by `splits`, `stream_splits`, the row chunks per KV head and the retrieval and
+    /// streaming head counts, for the block's place in the grid (`heads::DecodeBlock`).
+    pub split_divs: [FastDiv; 2],
+    pub row_chunks_div: FastDiv,
+    pub kind_heads_divs: [FastDiv; 2],
     pub scale_log2: f32,
     /// 0, or a device `[batch]` i32 array of per-sequence key counts (`cache_seqlens`), each
     /// clamped into `0..=seqlen` by the kernel; `seqlen` is then the K/V tensors' length.

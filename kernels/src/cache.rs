@@ -7,8 +7,9 @@ use crate::device::{
     ld_global_nc_v4, ld_global_u32, ld_shared_u32, shared_memory_base, st_global_u32, st_global_v4,
     st_shared_u32, sync_threads, thread_idx_x,
 };
+use crate::heads::kind_and_rank;
+use crate::mask::div_or_zero;
 use crate::ring::{history, slot_of};
-use crate::tile::{div_or_zero, kind_and_rank};
 
 /// Threads per block of the cache kernels.
 pub const CACHE_THREADS: u32 = 256;

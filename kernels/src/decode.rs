@@ -15,11 +15,13 @@ use crate::abi::{
     decode_smem_bytes, decode_threads, decode_tile_offset,
 };
 use crate::device::*;
+use crate::heads::DecodeBlock;
+use crate::mask::div_or_zero;
 use crate::mask::{BlockRange, HeadMask};
 use crate::mma::{Bf16, Element, F16, quad, set_quad};
 use crate::ring::{filled_slots, position_of};
 use crate::softmax::{RowState, mask_scores, merged_lse, online_softmax, rescale};
-use crate::tile::{div_or_zero, kind_and_rank, min_i32};
+use crate::tile::min_i32;
 
 /// Padding (f32) of each row of the warp merge's O buffer: 8 words put the 8 rows a warp store
 /// touches in distinct bank groups (unpadded rows, 512 bytes apart at D = 128, made those stores
@@ -116,14 +118,19 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
     let warp = tid / 32;
     let (g, t) = (lane / 4, lane % 4);
 
-    let split = block_idx_x() as i32;
     let group = div_or_zero(p.heads_q, p.heads_kv);
     let rows_per_head = group * p.n_q;
     let row_chunks = div_or_zero(rows_per_head + DECODE_ROWS as i32 - 1, DECODE_ROWS as i32);
-    let by = block_idx_y() as i32;
-    let kv_head = div_or_zero(by, row_chunks);
-    let row_base = (by - kv_head * row_chunks) * DECODE_ROWS as i32;
-    let batch = block_idx_z() as i64;
+    let DecodeBlock {
+        streaming,
+        rank,
+        kv_head,
+        chunk,
+        batch,
+        split,
+        splits,
+    } = DecodeBlock::of(p, block_idx_x() as i32, row_chunks);
+    let row_base = chunk * DECODE_ROWS as i32;
     // This sequence's key count: its own (`seqlens`, clamped into `0..=seqlen` so that no value
     // reaches past the K/V rows) or the batch's.
     let seqlen = if p.seqlens != 0 {
@@ -137,14 +144,8 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
         let gi = div_or_zero(row, p.n_q);
         (kv_head * group + gi, row - gi * p.n_q)
     };
-    // Index of (split, this batch entry, head, token) in the `[splits, B, Hq, n_q]` partials.
-    let partial_row = |s: i32, head: i32, tok: i32| {
-        ((s as i64 * p.batch as i64 + batch) * p.heads_q as i64 + head as i64) * p.n_q as i64
-            + tok as i64
-    };
 
     // The head's K/V source, by scalar selects so the parameters stay in the constant bank.
-    let (streaming, rank) = kind_and_rank(&p.streaming_heads, kv_head as usize);
     let use_ring = streaming && p.ring != 0;
     let index = if p.ring != 0 { rank } else { kv_head } as i64;
     let pick = |ring: i64, full: i64| if use_ring { ring } else { full };
@@ -238,7 +239,7 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
     // The host planned the splits for the longest sequence; with per-sequence counts each
     // sequence spreads its own tiles over them (a captured graph replays at any length).
     let per_split = if p.seqlens != 0 {
-        let even = div_or_zero(total + p.splits - 1, p.splits);
+        let even = div_or_zero(total + splits - 1, splits);
         let least = min_i32(p.tiles_per_split, DECODE_MIN_TILES_PER_SPLIT as i32);
         if even > least { even } else { least }
     } else {
@@ -490,6 +491,28 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
     cp_async_wait::<0>();
     sync_threads(); // every stage consumed: the ring's memory becomes the reduction buffer
 
+    // The block's place again, worked out afresh rather than kept through the KV loop (at D = 256
+    // the paged entries otherwise spill), and what depends on it.
+    let DecodeBlock {
+        kv_head,
+        chunk,
+        batch,
+        split,
+        splits,
+        ..
+    } = DecodeBlock::of(p, fresh_u32(block_idx_x()) as i32, row_chunks);
+    let by = kv_head * row_chunks + chunk;
+    let row_base = chunk * DECODE_ROWS as i32;
+    let row_head_token = |row: i32| {
+        let gi = div_or_zero(row, p.n_q);
+        (kv_head * group + gi, row - gi * p.n_q)
+    };
+    // Index of (split, this batch entry, head, token) in the `[splits, B, Hq, n_q]` partials.
+    let partial_row = |s: i32, head: i32, tok: i32| {
+        ((s as i64 * p.batch as i64 + batch) * p.heads_q as i64 + head as i64) * p.n_q as i64
+            + tok as i64
+    };
+
     // Merge the warps: stats [warp][row] = (max, sum), then O [warp][row][D] unnormalised.
     let stats = smem;
     let o_buf = smem + stats_bytes as u32;
@@ -564,7 +587,7 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
     if tid == 0 {
         let group_index = by as i64 + batch * p.heads_kv as i64 * row_chunks as i64;
         let counter = p.counters + 4 * group_index as u64;
-        let last = unsafe { atom_add_u32(counter, 1) } == (p.splits - 1) as u32;
+        let last = unsafe { atom_add_u32(counter, 1) } == (splits - 1) as u32;
         unsafe {
             if last {
                 st_global_u32(counter, 0); // ready for the next launch: no other block uses it now
@@ -582,7 +605,7 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
     // loads of four splits at a time, with no branch between a load and its use.
     // 1. Each (row, split) LSE into shared memory, one per thread.
     let weights = smem + 1024;
-    let splits = (p.splits as usize).max(1);
+    let splits = (splits as usize).max(1);
     let weight_at = |row: usize, s: usize| weights + ((row * DECODE_MAX_SPLITS + s) * 4) as u32;
     for idx in (tid..DECODE_ROWS * splits).step_by(threads) {
         let (row, s) = (idx / splits, idx % splits);

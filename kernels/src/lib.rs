@@ -13,6 +13,7 @@
 )]
 
 pub mod abi;
+pub mod heads;
 pub mod mask;
 pub mod ring;
 pub mod smem_layout;

@@ -6,6 +6,15 @@
 //! Callers keep every sequence length and the sink/window values at or under `abi::MAX_SEQLEN`,
 //! so all differences below fit in `i32`.
 
+/// `a / b` without a panic path (the host guarantees `b > 0`; 0 keeps the kernel total).
+#[inline(always)]
+pub fn div_or_zero(a: i32, b: i32) -> i32 {
+    match core::num::NonZeroU32::new(b as u32) {
+        Some(b) => (a as u32 / b) as i32,
+        None => 0,
+    }
+}
+
 /// The mask of one head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HeadMask {

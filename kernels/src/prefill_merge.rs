@@ -4,9 +4,9 @@
 //! lane sums four columns of every split per 128 columns of the head dim (16-byte loads).
 use crate::abi::{PREFILL_MAX_SPLITS, PREFILL_MERGE_ROWS, PrefillMergeParams};
 use crate::device::*;
+use crate::mask::div_or_zero;
 use crate::mma::{Bf16, Element, F16};
 use crate::softmax::merged_lse;
-use crate::tile::div_or_zero;
 
 const LOG2_E: f32 = core::f32::consts::LOG2_E;
 

@@ -1,48 +1,18 @@
 //! Per-tile bookkeeping shared by the prefill kernels: which head and rows a block owns, its mask,
 //! operand addresses, and the epilogue that writes O and LSE.
-use crate::abi::{FastDiv, HEAD_MASK_WORDS, PrefillParams, split_range};
+use crate::abi::{FastDiv, PrefillParams, split_range};
 use crate::device::{
     block_idx_x, block_idx_y, block_idx_z, fresh_u32, grid_dim_x, ld_global_nc_u32, select_u32,
     shfl_xor_u32, st_global_f32_if, st_global_v2_f32_if, st_global_v4_u32_if,
 };
+use crate::heads::kind_and_rank;
 use crate::mask::HeadMask;
 use crate::mma::Element;
 use crate::softmax::{RowState, mask_scores, online_softmax, rescale};
 
-/// `a / b` without a panic path (the host guarantees `b > 0`; 0 keeps the kernel total).
-#[inline(always)]
-pub fn div_or_zero(a: i32, b: i32) -> i32 {
-    match core::num::NonZeroU32::new(b as u32) {
-        Some(b) => (a as u32 / b) as i32,
-        None => 0,
-    }
-}
-
 #[inline(always)]
 pub fn min_i32(a: i32, b: i32) -> i32 {
     if a < b { a } else { b }
-}
-
-/// Is KV head `head` a streaming head, and its rank among the KV heads of its kind. The mask words
-/// are read with constant indices so the parameter array is never copied to local memory.
-#[inline(always)]
-pub fn kind_and_rank(mask: &[u32; HEAD_MASK_WORDS], head: usize) -> (bool, i32) {
-    let mut streaming = false;
-    let mut streaming_below = 0u32;
-    for (w, &bits) in mask.iter().enumerate() {
-        if w < head / 32 {
-            streaming_below += bits.count_ones();
-        } else if w == head / 32 {
-            streaming = (bits >> (head % 32)) & 1 != 0;
-            streaming_below += (bits & ((1u32 << (head % 32)) - 1)).count_ones();
-        }
-    }
-    let rank = if streaming {
-        streaming_below
-    } else {
-        head as u32 - streaming_below
-    };
-    (streaming, rank as i32)
 }
 
 /// Byte offset of element `(batch, pos, head, col)` of a 16-bit tensor with element strides.

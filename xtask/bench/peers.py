@@ -117,8 +117,7 @@ def main():
     # Decode with half the KV heads streaming: SDPA on the retrieval half over the whole cache plus
     # SDPA on the streaming half over its sink + window rows (sliced beforehand, as a cache holds them).
     mixed_lens = [] if "decode-mixed" not in only else [4096, 32768] if args.quick else [32768, 131072]
-    for s in mixed_lens:
-        b = 8
+    for b, s in [(b, s) for b in (1, 8) for s in mixed_lens]:
         q = torch.randn(b, hq, 1, d, device=dev, dtype=torch.bfloat16)
         k, v = (torch.randn(b, hkv, s, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
         qr, qs = q[:, : hq // 2].contiguous(), q[:, hq // 2 :].contiguous()

@@ -226,10 +226,14 @@ pub fn all_cases(quick: bool, prefill_head_dim: usize, decode_head_dim: usize) -
     } else {
         &[32768, 131072]
     };
-    for &s in mixed_lens {
+    // B = 1 as well: the launch whose streaming heads once took most of the blocks.
+    for (batch, &s) in [1, 8]
+        .into_iter()
+        .flat_map(|b| mixed_lens.iter().map(move |s| (b, s)))
+    {
         cases.push(Case {
             mode: Mode::DecodeMixed,
-            batch: 8,
+            batch,
             seqlen_q: 1,
             seqlen_k: s,
             heads_q: 32,
