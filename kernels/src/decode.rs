@@ -16,8 +16,7 @@ use crate::abi::{
 };
 use crate::device::*;
 use crate::heads::DecodeBlock;
-use crate::mask::div_or_zero;
-use crate::mask::{BlockRange, HeadMask};
+use crate::mask::{BlockRange, HeadMask, div_or_zero};
 use crate::mma::{Bf16, Element, F16, quad, set_quad};
 use crate::ring::{filled_slots, position_of};
 use crate::softmax::{RowState, mask_scores, merged_lse, online_softmax, rescale};
@@ -139,11 +138,7 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
     } else {
         p.seqlen
     };
-    // Row r of a KV head's group: query head `kv_head * group + r / n_q`, token `r % n_q`.
-    let row_head_token = |row: i32| {
-        let gi = div_or_zero(row, p.n_q);
-        (kv_head * group + gi, row - gi * p.n_q)
-    };
+    let row_head_token = |row: i32| head_and_token(p, kv_head, group, row);
 
     // The head's K/V source, by scalar selects so the parameters stay in the constant bank.
     let use_ring = streaming && p.ring != 0;
@@ -206,9 +201,7 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
     let mut valid = [false; 2];
     for r in 0..2 {
         let row = row_base + (g + 8 * r) as i32;
-        let gi = div_or_zero(row, p.n_q);
-        token[r] = row - gi * p.n_q;
-        q_head[r] = kv_head * group + gi;
+        (q_head[r], token[r]) = row_head_token(row);
         valid[r] = row < rows_per_head;
         if valid[r] {
             q_pos[r] = seqlen - p.n_q + token[r];
@@ -503,10 +496,7 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
     } = DecodeBlock::of(p, fresh_u32(block_idx_x()) as i32, row_chunks);
     let by = kv_head * row_chunks + chunk;
     let row_base = chunk * DECODE_ROWS as i32;
-    let row_head_token = |row: i32| {
-        let gi = div_or_zero(row, p.n_q);
-        (kv_head * group + gi, row - gi * p.n_q)
-    };
+    let row_head_token = |row: i32| head_and_token(p, kv_head, group, row);
     // Index of (split, this batch entry, head, token) in the `[splits, B, Hq, n_q]` partials.
     let partial_row = |s: i32, head: i32, tok: i32| {
         ((s as i64 * p.batch as i64 + batch) * p.heads_q as i64 + head as i64) * p.n_q as i64
@@ -690,6 +680,14 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
             st_global_u32(p.o + (off * 2 + 4) as u64, E::pack(o[2], o[3]));
         }
     }
+}
+
+/// Row `row` of KV head `kv_head`'s group of `group` query heads: (query head
+/// `kv_head * group + row / n_q`, token `row % n_q`).
+#[inline(always)]
+fn head_and_token(p: &DecodeParams, kv_head: i32, group: i32, row: i32) -> (i32, i32) {
+    let gi = div_or_zero(row, p.n_q);
+    (kv_head * group + gi, row - gi * p.n_q)
 }
 
 macro_rules! decode_entry {
