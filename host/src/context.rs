@@ -105,6 +105,8 @@ pub struct Context {
     /// Split-KV partials and launch counters (`with_scratch`).
     scratch: Mutex<Scratch>,
     shared: Arc<Shared>,
+    /// Launch kernels with programmatic stream serialization (`set_dependent_launch`).
+    dependent_launch: bool,
 }
 
 impl Drop for Context {
@@ -176,6 +178,7 @@ impl Context {
             stream: ContextStream::Own(stream),
             scratch: Mutex::new(Scratch::default()),
             shared,
+            dependent_launch: true,
         })
     }
 
@@ -231,7 +234,24 @@ impl Context {
             stream: ContextStream::Borrowed(stream),
             scratch: Mutex::new(Scratch::default()),
             shared: self.shared.clone(),
+            dependent_launch: true,
         })
+    }
+
+    /// Whether kernels are launched with programmatic stream serialization (on by default).
+    ///
+    /// On, each kernel may start while the kernel before it on the stream finishes: its blocks
+    /// are scheduled and wait on the device (`griddepcontrol.wait`, the first thing every
+    /// duo-attn kernel does) until that kernel's work is complete and visible. This hides the
+    /// launch gap between dependent kernels (a decode step's append and attention, layer after
+    /// layer); results are the same either way. Off, launches are plain `cuLaunchKernel`s.
+    pub fn set_dependent_launch(&mut self, on: bool) {
+        self.dependent_launch = on;
+    }
+
+    /// See [`Context::set_dependent_launch`].
+    pub fn dependent_launch(&self) -> bool {
+        self.dependent_launch
     }
 
     /// The cubin when one was embedded and loads, else the PTX (JIT-compiled by the driver).
@@ -489,24 +509,81 @@ impl Context {
         let function = self.function(entry, shared_bytes)?;
         let mut params = *params;
         let mut args = [&mut params as *mut P as *mut c_void];
+        let mut attribute = LaunchAttribute {
+            id: CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value: [0; 64],
+        };
+        attribute.value[..4].copy_from_slice(&1i32.to_ne_bytes());
+        let config = LaunchConfig {
+            grid: [grid.0, grid.1, grid.2],
+            block: [block, 1, 1],
+            shared_bytes,
+            stream: self.raw_stream(),
+            attributes: &mut attribute,
+            attribute_count: u32::from(self.dependent_launch),
+        };
         // SAFETY: `P` is the `#[repr(C)]` struct the entry takes by value (shared ABI crate), and the
         // caller validated every pointer and extent in it; the stream is valid (owned, or vouched
-        // for by `on_stream`'s caller).
+        // for by `on_stream`'s caller); `config` and `attribute` live through the call.
         unsafe {
-            cust::sys::cuLaunchKernel(
+            cuLaunchKernelEx(
+                &config,
                 function.to_raw(),
-                grid.0,
-                grid.1,
-                grid.2,
-                block,
-                1,
-                1,
-                shared_bytes,
-                self.raw_stream(),
                 args.as_mut_ptr(),
                 std::ptr::null_mut(),
             )
         }
         .during_raw("launching a kernel")
+    }
+}
+
+/// `CUlaunchAttributeID` of programmatic stream serialization (cuda.h, CUDA 11.8 on).
+const CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION: u32 = 6;
+
+/// `CUlaunchAttribute`: an id, padding to 8 bytes, then the 64-byte `CUlaunchAttributeValue`
+/// union (whose `programmaticStreamSerializationAllowed` is an `int` at offset 0).
+#[repr(C)]
+struct LaunchAttribute {
+    id: u32,
+    pad: [u8; 4],
+    value: [u8; 64],
+}
+
+/// `CUlaunchConfig` (cuda.h).
+#[repr(C)]
+struct LaunchConfig {
+    grid: [u32; 3],
+    block: [u32; 3],
+    shared_bytes: u32,
+    stream: cust::sys::CUstream,
+    attributes: *mut LaunchAttribute,
+    attribute_count: u32,
+}
+
+// cust 0.3 predates `cuLaunchKernelEx` (CUDA 11.8), so it is declared here; libcuda exports it.
+unsafe extern "C" {
+    fn cuLaunchKernelEx(
+        config: *const LaunchConfig,
+        function: cust::sys::CUfunction,
+        params: *mut *mut c_void,
+        extra: *mut *mut c_void,
+    ) -> cust::sys::CUresult;
+}
+
+#[cfg(test)]
+mod launch_abi {
+    use super::*;
+
+    /// The layouts cuda.h gives `CUlaunchAttribute` and `CUlaunchConfig` on 64-bit hosts.
+    #[test]
+    fn launch_structs_match_cuda_h() {
+        assert_eq!(std::mem::size_of::<LaunchAttribute>(), 72);
+        assert_eq!(std::mem::offset_of!(LaunchAttribute, value), 8);
+        assert_eq!(std::mem::offset_of!(LaunchConfig, shared_bytes), 24);
+        assert_eq!(std::mem::offset_of!(LaunchConfig, stream), 32);
+        assert_eq!(std::mem::offset_of!(LaunchConfig, attributes), 40);
+        assert_eq!(std::mem::offset_of!(LaunchConfig, attribute_count), 48);
+        assert_eq!(std::mem::size_of::<LaunchConfig>(), 56);
     }
 }

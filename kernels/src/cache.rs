@@ -3,9 +3,9 @@
 //! copies, one per thread; the element type does not matter.
 use crate::abi::{CacheParams, KvSource};
 use crate::device::{
-    atom_add_u32, block_idx_x, block_idx_y, fence_acq_rel_gpu, grid_dim_x, ld_global_nc_u32,
-    ld_global_nc_v4, ld_global_u32, ld_shared_u32, shared_memory_base, st_global_u32, st_global_v4,
-    st_shared_u32, sync_threads, thread_idx_x,
+    atom_add_u32, block_idx_x, block_idx_y, enter_dependent_grid, fence_acq_rel_gpu, grid_dim_x,
+    ld_global_nc_u32, ld_global_nc_v4, ld_global_u32, ld_shared_u32, shared_memory_base,
+    st_global_u32, st_global_v4, st_shared_u32, sync_threads, thread_idx_x,
 };
 use crate::heads::kind_and_rank;
 use crate::mask::div_or_zero;
@@ -77,6 +77,7 @@ fn new_rows(p: &CacheParams, batch: i64) -> (i32, i32) {
 
 #[unsafe(no_mangle)]
 pub unsafe extern "ptx-kernel" fn duo_cache_append(p: CacheParams) {
+    enter_dependent_grid();
     let batch = block_idx_y() as i64;
     let lens = p.lens + 4 * batch as u64;
     let start = if p.lens != 0 {
@@ -213,6 +214,7 @@ unsafe fn append_row(
 
 #[unsafe(no_mangle)]
 pub unsafe extern "ptx-kernel" fn duo_cache_gather_stream(p: CacheParams) {
+    enter_dependent_grid();
     let batch = block_idx_y() as i64;
     let start = if p.starts != 0 {
         unsafe { ld_global_nc_u32(p.starts + 4 * batch as u64) as i32 }

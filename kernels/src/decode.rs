@@ -694,6 +694,7 @@ macro_rules! decode_entry {
     ($name:ident, $elem:ty, $d:literal, $paging:expr) => {
         #[unsafe(no_mangle)]
         pub unsafe extern "ptx-kernel" fn $name(p: DecodeParams) {
+            enter_dependent_grid();
             unsafe { decode::<$elem, $d, { $d / 16 }, { $d / 2 }, { $paging }>(&p) }
         }
     };

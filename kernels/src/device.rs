@@ -612,6 +612,25 @@ pub fn fence_acq_rel_gpu() {
     unsafe { asm!("fence.acq_rel.gpu;", options(nostack)) };
 }
 
+/// The start of every kernel: lets the next kernel on the stream launch
+/// (`griddepcontrol.launch_dependents`), then waits until the kernels before this one have
+/// finished and their memory is visible (`griddepcontrol.wait`). Launched with programmatic
+/// stream serialization (the host's default), a kernel's blocks are then scheduled while the
+/// previous kernel's last blocks still run, and the launch latency between the two is hidden.
+/// Without that attribute both instructions do nothing. Every entry calls this before it touches
+/// global memory (a read may see the previous kernel's output, a write may race its reads); the
+/// `ptx` test checks that every entry holds the wait.
+#[inline(always)]
+pub fn enter_dependent_grid() {
+    unsafe {
+        asm!(
+            "griddepcontrol.launch_dependents;",
+            "griddepcontrol.wait;",
+            options(nostack)
+        )
+    };
+}
+
 /// Atomic add on a global u32; returns the old value.
 #[inline(always)]
 pub unsafe fn atom_add_u32(addr: u64, v: u32) -> u32 {

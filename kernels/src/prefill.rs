@@ -182,6 +182,7 @@ macro_rules! prefill_entry {
     ($name:ident, $elem:ty, $d:literal) => {
         #[unsafe(no_mangle)]
         pub unsafe extern "ptx-kernel" fn $name(p: PrefillParams) {
+            enter_dependent_grid();
             unsafe {
                 prefill::<
                     $elem,

@@ -90,6 +90,7 @@ macro_rules! merge_entry {
     ($name:ident, $elem:ty, $d:literal) => {
         #[unsafe(no_mangle)]
         pub unsafe extern "ptx-kernel" fn $name(p: PrefillMergeParams) {
+            enter_dependent_grid();
             unsafe { merge::<$elem, $d>(&p) }
         }
     };

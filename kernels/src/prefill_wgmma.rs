@@ -213,6 +213,7 @@ macro_rules! wgmma_entry {
     ($name:ident, $elem:ty, $d:literal) => {
         #[unsafe(no_mangle)]
         pub unsafe extern "ptx-kernel" fn $name(p: PrefillParams) {
+            enter_dependent_grid();
             unsafe { prefill_wgmma::<$elem, $d>(&p) }
         }
     };

@@ -1122,6 +1122,7 @@ macro_rules! wgmma_entry {
     ($name:ident, $elem:ty, $d:literal) => {
         #[unsafe(no_mangle)]
         pub unsafe extern "ptx-kernel" fn $name(p: PrefillParams) {
+            enter_dependent_grid();
             unsafe { prefill_wgmma::<$elem, HeadDim<$d>, false, false, false>(&p, 0) }
         }
     };
@@ -1146,6 +1147,7 @@ macro_rules! tma_entry {
                     options(pure, nomem, nostack)
                 )
             };
+            enter_dependent_grid();
             unsafe {
                 prefill_wgmma::<$elem, HeadDim<$d>, true, $split, $cache>(&p.prefill, maps)
             }

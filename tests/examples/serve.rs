@@ -63,6 +63,9 @@ struct Args {
     pattern: Option<PathBuf>,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Launch with plain `cuLaunchKernel` (`Context::set_dependent_launch(false)`).
+    #[arg(long)]
+    no_dependent_launch: bool,
 }
 
 impl Args {
@@ -193,13 +196,14 @@ fn main() -> ExitCode {
         100.0 * mem.saving()
     );
 
-    let ctx = match Context::new(0) {
+    let mut ctx = match Context::new(0) {
         Ok(c) => c,
         Err(e) => {
             println!("\n*** NO GPU: {e}\n*** Printed the plan and the memory arithmetic only.");
             return ExitCode::SUCCESS;
         }
     };
+    ctx.set_dependent_launch(!args.no_dependent_launch);
     println!("device: {}", ctx.info().name);
     let free_before = ctx.memory_info().unwrap().0;
     let mut cache = DuoCache::<bf16>::from_pattern(

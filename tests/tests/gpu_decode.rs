@@ -3,8 +3,8 @@
 //! Without a Hopper GPU each test prints a SKIPPED notice and passes.
 use duo_attn::reference::Shape;
 use duo_attn::{
-    AttentionConfig, AttnElement, CacheConfig, Context, DeviceScalar, DuoCache, Error, HeadKind,
-    PrefillKernel,
+    AttentionConfig, AttnElement, CacheConfig, CachePaging, Context, DeviceScalar, DeviceTensor,
+    DuoCache, Error, HeadKind, PrefillKernel,
 };
 use duo_attn_tests::{
     Comparison, alternating_kinds, compare, compare_per_sequence_lengths, gpu_or_skip,
@@ -655,4 +655,125 @@ fn sanitizer_small_cache_schedule() {
         "small",
     );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// One call's inputs and outputs in [`queued_steps`]: q, k, v, out, lse.
+type StepTensors<T> = (
+    DeviceTensor<T, 4>,
+    DeviceTensor<T, 4>,
+    DeviceTensor<T, 4>,
+    DeviceTensor<T, 4>,
+    DeviceTensor<f32, 3>,
+);
+
+/// Runs `schedule` through a fresh cache over every layer and returns each call's output and
+/// LSE bits. `sync`: the host waits after every call; else the whole schedule is queued at once,
+/// so kernel follows kernel on the stream.
+fn queued_steps(
+    ctx: &Context,
+    cfg: &CacheConfig,
+    kinds: &[Vec<HeadKind>],
+    calls: &mut [StepTensors<bf16>],
+    sync: bool,
+) -> Vec<(Vec<u16>, Vec<u32>)> {
+    let mut cache = DuoCache::<bf16>::new(ctx, cfg.clone(), kinds.to_vec()).unwrap();
+    for (_, _, _, out, lse) in calls.iter_mut() {
+        out.fill(bf16::NAN).unwrap();
+        lse.fill(f32::NAN).unwrap();
+    }
+    ctx.synchronize().unwrap();
+    for (i, (q, k, v, out, lse)) in calls.iter_mut().enumerate() {
+        let layer = i % kinds.len();
+        let (q, k, v) = (q.view(), k.view(), v.view());
+        let (mut out, mut lse) = (out.view_mut(), lse.view_mut());
+        cache
+            .forward(ctx, layer, &q, &k, &v, &mut out, &mut lse)
+            .unwrap();
+        if sync {
+            ctx.synchronize().unwrap();
+        }
+    }
+    ctx.synchronize().unwrap();
+    calls
+        .iter()
+        .map(|(_, _, _, out, lse)| {
+            let out = out.to_host().unwrap().iter().map(|x| x.to_bits()).collect();
+            let lse = lse.to_host().unwrap().iter().map(|x| x.to_bits()).collect();
+            (out, lse)
+        })
+        .collect()
+}
+
+/// Dependent launches (the default: each kernel may start while the one before it finishes and
+/// waits on the device for it) over a whole queued schedule, prefill chunks and decode steps of
+/// every layer back to back, give the same bits as plain launches with the host waiting after
+/// every call. The other cache tests check those against the float64 reference.
+#[test]
+fn queued_dependent_launches_match_synchronized_plain_ones() {
+    let Some(mut ctx) = gpu_or_skip("queued_dependent_launches_match_synchronized_plain_ones")
+    else {
+        return;
+    };
+    let mut rng = rng("queued_dependent_launches_match_synchronized_plain_ones");
+    let kinds = vec![vec![R, S, S, R], vec![S, S, S, S], vec![R, R, R, R]];
+    let schedule = [300, 1, 1, 16, 1, 130, 1, 3, 1, 1];
+    let mut mismatches = Vec::new();
+    for paging in [
+        None,
+        Some(CachePaging {
+            page_size: 128,
+            pages: 3 * 6,
+        }),
+    ] {
+        let cfg = CacheConfig {
+            batch: 3,
+            max_len: 700,
+            heads_q: 8,
+            heads_kv: 4,
+            head_dim: 128,
+            sink: 4,
+            window: 40,
+            softmax_scale: None,
+            prefill_kernel: PrefillKernel::Auto,
+            paging,
+        };
+        let (b, hq, hkv, d) = (cfg.batch, cfg.heads_q, cfg.heads_kv, cfg.head_dim);
+        let mut calls: Vec<StepTensors<bf16>> = schedule
+            .iter()
+            .flat_map(|&n| std::iter::repeat_n(n, kinds.len()))
+            .map(|n| {
+                let mut up = |heads: usize| {
+                    let (x, _) = random_tensor::<bf16>(&mut rng, b * n * heads * d);
+                    ctx.upload(&x, [b, n, heads, d]).unwrap()
+                };
+                (
+                    up(hq),
+                    up(hkv),
+                    up(hkv),
+                    ctx.alloc::<bf16, 4>([b, n, hq, d]).unwrap(),
+                    ctx.alloc::<f32, 3>([b, hq, n]).unwrap(),
+                )
+            })
+            .collect();
+        ctx.set_dependent_launch(false);
+        let plain = queued_steps(&ctx, &cfg, &kinds, &mut calls, true);
+        ctx.set_dependent_launch(true);
+        let queued = queued_steps(&ctx, &cfg, &kinds, &mut calls, false);
+        for (i, (p, q)) in plain.iter().zip(&queued).enumerate() {
+            if p != q {
+                mismatches.push(format!(
+                    "paging {paging:?}: call {i} (layer {}) differs",
+                    i % kinds.len()
+                ));
+            }
+            if p.1.iter().any(|&x| f32::from_bits(x).is_nan()) {
+                mismatches.push(format!("paging {paging:?}: call {i} left NaN in its LSE"));
+            }
+        }
+    }
+    notice(&format!(
+        "queued_dependent_launches_match_synchronized_plain_ones: {} mismatches",
+        mismatches.len()
+    ));
+    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
 }

@@ -118,3 +118,32 @@ fn sass_shows_tensor_core_instructions() {
         );
     }
 }
+
+/// Every entry runs `griddepcontrol.wait` before its first global memory access: launched with
+/// programmatic stream serialization (the host's default), a kernel may start while the one
+/// before it still runs, and only that wait orders it after that kernel's reads and writes.
+#[test]
+fn every_entry_waits_for_the_previous_grid_before_touching_memory() {
+    let mut entries = 0;
+    for (i, body) in PTX.split(".entry ").enumerate().skip(1) {
+        let name = body.split('(').next().unwrap_or("?");
+        let lines: Vec<&str> = body.lines().map(str::trim).collect();
+        let wait = lines
+            .iter()
+            .position(|l| l.starts_with("griddepcontrol.wait"))
+            .unwrap_or_else(|| panic!("entry {name} (#{i}) never waits for the previous grid"));
+        let early = lines[..wait].iter().find(|l| {
+            let op = l.split_whitespace().next().unwrap_or("");
+            let memory = [
+                "ld.", "st.", "atom.", "red.", "cp.", "prefetch", "mbarrier", "fence",
+            ];
+            memory.iter().any(|m| op.starts_with(m)) && !op.starts_with("ld.param")
+        });
+        assert!(
+            early.is_none(),
+            "entry {name} touches memory before griddepcontrol.wait: {early:?}"
+        );
+        entries += 1;
+    }
+    assert_eq!(entries, all_entries().count());
+}

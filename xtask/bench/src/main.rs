@@ -95,6 +95,10 @@ struct Args {
     /// prefill beside the unpaged one, and both time a decode step after it.
     #[arg(long)]
     cache_page_size: Option<usize>,
+    /// Launch with plain `cuLaunchKernel`, not programmatic stream serialization
+    /// (`Context::set_dependent_launch(false)`), to measure what the overlap gives.
+    #[arg(long)]
+    no_dependent_launch: bool,
 }
 
 fn parse_head_dim(s: &str) -> Result<usize, String> {
@@ -183,13 +187,17 @@ fn main() -> ExitCode {
         };
         return write_outputs(&args, report);
     }
-    let ctx = match Context::new(0) {
+    let mut ctx = match Context::new(0) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("duo-bench needs a Hopper GPU: {e}");
             return ExitCode::FAILURE;
         }
     };
+    if args.no_dependent_launch {
+        println!("*** kernels launched without programmatic stream serialization ***");
+        ctx.set_dependent_launch(false);
+    }
     let device = ctx.info().name.clone();
     println!("device: {device}");
     let mut rng = rng("bench");
