@@ -28,7 +28,8 @@ use crate::kvcache::{Paging, use_cache_build};
 use crate::pattern::{Binarize, HeadPattern};
 use crate::tensor::{DeviceTensor, TensorDesc, View, ViewMut};
 use duo_attn_kernels::abi::{
-    CacheParams, DECODE_HEAD_DIMS, KvSource, MAX_KV_HEADS, MAX_SEQLEN, ws_block_n,
+    CacheParams, DECODE_HEAD_DIMS, KvSource, MAX_KV_HEADS, MAX_SEQLEN, decode_fuses_append,
+    ws_block_n,
 };
 use duo_attn_kernels::ring;
 use std::ops::Range;
@@ -928,10 +929,22 @@ impl<T: AttnElement> CacheSlots<'_, T> {
         };
         // `check_call` made sure the context runs on the cache's device.
         let mut plan = ctx.decode_plan::<T>(q.desc(), kv, out.desc(), lse.desc(), &l.cfg)?;
-        plan.params.seqlens = c.device_lengths(layer, self.seqs.start).0;
+        let (lens, arrivals) = c.device_lengths(layer, self.seqs.start);
+        plan.params.seqlens = lens;
         plan.params.seqlen = c.cfg.max_len as i32;
-        self.append_unchecked(ctx, layer, k.desc(), v.desc(), n)?;
-        ctx.launch_decode(plan)
+        if !decode_fuses_append(c.cfg.head_dim, c.pages.is_some()) {
+            self.append_unchecked(ctx, layer, k.desc(), v.desc(), n)?;
+            return ctx.launch_decode(plan);
+        }
+        // The append runs inside the decode (`DecodeParams::append`): each block writes the new
+        // rows it reads, and the sequence's last block advances its device length.
+        self.ensure_pages(ctx, layer, n)?;
+        plan.params.append = kv_source(k.desc(), v.desc());
+        plan.params.arrivals = arrivals;
+        plan.params.seq_blocks = (plan.grid.0 as usize / self.seqs.len()) as i32;
+        ctx.launch_decode(plan)?;
+        self.advance_lens(layer, n);
+        Ok(())
     }
 
     /// Checks new K/V `[b, n, Hkv, D]` and the room left in every slot; returns n.
@@ -1048,10 +1061,15 @@ impl<T: AttnElement> CacheSlots<'_, T> {
             start,
         );
         c.launch_cache_kernel(ctx, "duo_cache_append", (n, self.seqs.len()), &params)?;
-        for len in &mut c.layers[layer].lens[self.seqs.clone()] {
+        self.advance_lens(layer, n);
+        Ok(())
+    }
+
+    /// The host's copy of these slots' lengths in `layer`, after an append of `n` rows.
+    fn advance_lens(&mut self, layer: usize, n: usize) {
+        for len in &mut self.cache.layers[layer].lens[self.seqs.clone()] {
             *len += n;
         }
-        Ok(())
     }
 }
 

@@ -335,6 +335,10 @@ pub(crate) fn plan_decode<T: AttnElement>(
         block_table_stride: cache_pages.map_or(0, |p| p.stride),
         num_pages: cache_pages.map_or(0, |p| p.pages),
         page_shift: cache_pages.map_or(0, |p| p.shift),
+        // The DuoAttention cache's decode step fuses its append (`DuoCache::decode`).
+        append: KvSource::default(),
+        arrivals: 0,
+        seq_blocks: 0,
     };
     Ok(DecodePlan {
         entry: decode_entry::<T>(head_dim, paging),

@@ -456,6 +456,25 @@ pub struct DecodeParams {
     pub block_table_stride: i64,
     pub num_pages: i32,
     pub page_shift: i32,
+    /// The append fused into a DuoAttention cache's decode step (0 in `append.k`: no append).
+    /// `seqlens` is then the cache's device lengths before the step: every block reads its
+    /// sequence's length `len` (clamped into `0..=seqlen`) and attends over
+    /// `min(len + n_q, seqlen)` keys. Before its first load, each block writes the new rows
+    /// `append` `[B, n_q, Hkv, D]` that fall in the keys (retrieval heads: positions, below
+    /// `seqlen`, in `full` or its pages) or ring slots (streaming heads, skipping a row that a
+    /// later new row overwrites) it reads, as `duo_cache_append` would: each such key or slot
+    /// belongs to exactly one block, its only reader. The last of a sequence's `seq_blocks`
+    /// blocks to count itself in `arrivals[b]` advances `seqlens[b]` and zeroes the count.
+    pub append: KvSource,
+    pub arrivals: u64,
+    pub seq_blocks: i32,
+}
+
+/// Whether the decode entries for head dim `d` (`paged`: the `duo_decode_paged*` ones) take
+/// [`DecodeParams::append`]. Not the paged D = 256 ones, where it spills (a paged DuoAttention
+/// cache takes head dims 64 and 128 only).
+pub const fn decode_fuses_append(d: usize, paged: bool) -> bool {
+    !(d > 128 && paged)
 }
 
 /// Parameters of the cache kernels, which move 16-byte chunks of K/V rows.

@@ -11,14 +11,14 @@
 //! `sink + recent` ring slots, mapped back to true positions.
 use crate::abi::{
     DECODE_MAX_SPLITS, DECODE_MIN_TILES_PER_SPLIT, DECODE_ROWS, DECODE_STAGES, DecodeParams,
-    decode_block_n, decode_paged_smem_bytes, decode_q_in_shared, decode_ring_bytes,
-    decode_smem_bytes, decode_threads, decode_tile_offset,
+    decode_block_n, decode_fuses_append, decode_paged_smem_bytes, decode_q_in_shared,
+    decode_ring_bytes, decode_smem_bytes, decode_threads, decode_tile_offset,
 };
 use crate::device::*;
 use crate::heads::DecodeBlock;
 use crate::mask::{BlockRange, HeadMask, div_or_zero};
 use crate::mma::{Bf16, Element, F16, quad, set_quad};
-use crate::ring::{filled_slots, position_of};
+use crate::ring::{filled_slots, position_of, slot_of};
 use crate::softmax::{RowState, mask_scores, merged_lse, online_softmax, rescale};
 use crate::tile::min_i32;
 
@@ -79,6 +79,160 @@ mod paging {
     pub const TILES: u8 = 2;
 }
 
+/// Sequence `batch`'s key count in `seqlens`, clamped into `0..=seqlen` so that no value reaches
+/// past the K/V rows. A coherent load: with the append fused, this launch advances it.
+#[inline(always)]
+unsafe fn sequence_len(p: &DecodeParams, batch: i64) -> i32 {
+    let len = unsafe { ld_global_u32(p.seqlens + 4 * batch as u64) } as i32;
+    if len < 0 { 0 } else { min_i32(len, p.seqlen) }
+}
+
+/// Tiles each of a head's `splits` splits walks, of its `total` visited tiles. The host planned
+/// the splits for the longest sequence; with per-sequence counts each sequence spreads its own
+/// tiles over them (a captured graph replays at any length).
+#[inline(always)]
+fn split_share(p: &DecodeParams, total: i32, splits: i32) -> i32 {
+    if p.seqlens != 0 {
+        let even = div_or_zero(total + splits - 1, splits);
+        let least = min_i32(p.tiles_per_split, DECODE_MIN_TILES_PER_SPLIT as i32);
+        if even > least { even } else { least }
+    } else {
+        p.tiles_per_split
+    }
+}
+
+/// Where a KV head's keys and values live: base addresses (its sequence and head applied) and
+/// element strides, by scalar selects so the parameters stay in the constant bank.
+struct HeadKv {
+    /// Key `k` is row `k % page` of page `table[k / page]` (stride 0 runs between pages).
+    paged: bool,
+    k_base: u64,
+    v_base: u64,
+    ks: [i64; 3],
+    vs: [i64; 3],
+}
+
+impl HeadKv {
+    /// With a ring (`ring`, the DuoAttention cache) streaming heads read their ring and every
+    /// head is indexed by its rank among its kind; else head `kv_head` of `full`. Paged K/V
+    /// (`block_table`): a paged DuoAttention cache (head dims 64 and 128 only: the branch costs
+    /// D = 256 48 bytes of spills) keeps its rings batch-strided, so only retrieval heads read
+    /// pages.
+    #[inline(always)]
+    fn of<const D: usize, const PAGING: u8>(
+        p: &DecodeParams,
+        streaming: bool,
+        rank: i32,
+        kv_head: i32,
+        batch: i64,
+    ) -> Self {
+        let use_ring = streaming && p.ring != 0;
+        let index = if p.ring != 0 { rank } else { kv_head } as i64;
+        let pick = |ring: i64, full: i64| if use_ring { ring } else { full };
+        let ks = [
+            pick(p.stream.k_strides[0], p.full.k_strides[0]),
+            pick(p.stream.k_strides[1], p.full.k_strides[1]),
+            pick(p.stream.k_strides[2], p.full.k_strides[2]),
+        ];
+        let vs = [
+            pick(p.stream.v_strides[0], p.full.v_strides[0]),
+            pick(p.stream.v_strides[1], p.full.v_strides[1]),
+            pick(p.stream.v_strides[2], p.full.v_strides[2]),
+        ];
+        let paged = PAGING != paging::NONE && !(D <= 128 && use_ring);
+        let seq = if paged { 0 } else { batch };
+        let k_base = pick(p.stream.k as i64, p.full.k as i64) as u64
+            + ((seq * ks[0] + index * ks[2]) * 2) as u64;
+        let v_base = pick(p.stream.v as i64, p.full.v as i64) as u64
+            + ((seq * vs[0] + index * vs[2]) * 2) as u64;
+        HeadKv {
+            paged,
+            k_base,
+            v_base,
+            ks,
+            vs,
+        }
+    }
+}
+
+/// The fused append (`DecodeParams::append`): this block writes the new rows of its sequence
+/// and KV head that fall among the keys (retrieval heads) or ring slots (streaming heads) of its
+/// split, the only block to read them. Everything is worked out afresh from the block index, so
+/// nothing here stays live into the decode. (With it, ptxas took 154-162 registers at D = 64:
+/// those entries are capped at 128, for two blocks per SM, by `entry_directives`.)
+#[inline(always)]
+unsafe fn append_own_rows<const D: usize, const PAGING: u8>(p: &DecodeParams, row_chunks: i32) {
+    let bn = decode_block_n(D) as i32;
+    let DecodeBlock {
+        streaming,
+        rank,
+        kv_head,
+        batch,
+        split,
+        splits,
+        ..
+    } = DecodeBlock::of(p, fresh_u32(block_idx_x()) as i32, row_chunks);
+    let start = unsafe { sequence_len(p, batch) };
+    let end = min_i32(start + p.n_q, p.seqlen);
+    let use_ring = streaming && p.ring != 0;
+    // The head's tiles after the append: a ring's filled slots, else (a retrieval head of the
+    // cache) every key: `HeadMask::block_ranges` is `0..ceil(len / bn)` for those.
+    let keys = if use_ring {
+        filled_slots(end, p.sink, p.recent)
+    } else {
+        end
+    };
+    let per_split = split_share(p, div_or_zero(keys + bn - 1, bn), splits);
+    let (lo, hi) = (split * per_split * bn, (split + 1) * per_split * bn);
+    let kv = HeadKv::of::<D, PAGING>(p, streaming, rank, kv_head, batch);
+    let table = p.block_table + (batch * p.block_table_stride * 4) as u64;
+    let threads = const { decode_threads(D) };
+    for idx in (thread_idx_x() as usize..p.n_q as usize * (D / 8)).step_by(threads) {
+        let (r, part) = ((idx / (D / 8)) as i32, (idx % (D / 8)) as i64);
+        let pos = start + r;
+        // A ring row that a later new row overwrites, or a position past the capacity, is not
+        // written (as in `duo_cache_append`).
+        let (key, kept) = if use_ring {
+            let last = start + p.n_q;
+            (
+                slot_of(pos, p.sink, p.recent),
+                pos < p.sink || pos >= last - p.recent,
+            )
+        } else {
+            (pos, pos < p.seqlen)
+        };
+        if !kept || key < lo || key >= hi {
+            continue;
+        }
+        // The row's offsets: its page's row (a page the host has not given the sequence is not
+        // written), else its key or slot.
+        let (k_row, v_row) = if kv.paged {
+            let entry = table + 4 * (pos >> p.page_shift) as u64;
+            let page = unsafe { ld_global_nc_u32(entry) } as i32;
+            if page < 0 || page >= p.num_pages {
+                continue;
+            }
+            let (page, row) = (page as i64, (pos & ((1 << p.page_shift) - 1)) as i64);
+            (
+                page * kv.ks[0] + row * kv.ks[1],
+                page * kv.vs[0] + row * kv.vs[1],
+            )
+        } else {
+            (key as i64 * kv.ks[1], key as i64 * kv.vs[1])
+        };
+        let new_at = |base: u64, st: &[i64; 3]| {
+            base + ((batch * st[0] + r as i64 * st[1] + kv_head as i64 * st[2] + 8 * part) * 2)
+                as u64
+        };
+        unsafe {
+            let k = ld_global_nc_v4(new_at(p.append.k, &p.append.k_strides));
+            let v = ld_global_nc_v4(new_at(p.append.v, &p.append.v_strides));
+            st_global_v4(kv.k_base + ((k_row + 8 * part) * 2) as u64, k);
+            st_global_v4(kv.v_base + ((v_row + 8 * part) * 2) as u64, v);
+        }
+    }
+}
+
 /// The decode body, per (element, head dim): `KQ = D / 16` k-steps, `ON = D / 2` accumulators;
 /// `PAGING`: how K/V rows are found ([`paging`]).
 #[inline(always)]
@@ -120,6 +274,12 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
     let group = div_or_zero(p.heads_q, p.heads_kv);
     let rows_per_head = group * p.n_q;
     let row_chunks = div_or_zero(rows_per_head + DECODE_ROWS as i32 - 1, DECODE_ROWS as i32);
+    // The fused append (`DecodeParams::append`) first, on its own: nothing of it stays live.
+    let fused_append = p.append.k != 0 && const { decode_fuses_append(D, PAGING != paging::NONE) };
+    if fused_append {
+        unsafe { append_own_rows::<D, PAGING>(p, row_chunks) };
+        sync_threads(); // the new rows before any thread's loads of them
+    }
     let DecodeBlock {
         streaming,
         rank,
@@ -131,40 +291,29 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
     } = DecodeBlock::of(p, block_idx_x() as i32, row_chunks);
     let row_base = chunk * DECODE_ROWS as i32;
     // This sequence's key count: its own (`seqlens`, clamped into `0..=seqlen` so that no value
-    // reaches past the K/V rows) or the batch's.
+    // reaches past the K/V rows) or the batch's; with the append fused, `seqlens` holds the
+    // count before this step's `n_q` new keys.
     let seqlen = if p.seqlens != 0 {
-        let own = unsafe { ld_global_nc_u32(p.seqlens + 4 * batch as u64) } as i32;
-        if own < 0 { 0 } else { min_i32(own, p.seqlen) }
+        let own = unsafe { sequence_len(p, batch) };
+        if fused_append {
+            min_i32(own + p.n_q, p.seqlen)
+        } else {
+            own
+        }
     } else {
         p.seqlen
     };
     let row_head_token = |row: i32| head_and_token(p, kv_head, group, row);
 
-    // The head's K/V source, by scalar selects so the parameters stay in the constant bank.
     let use_ring = streaming && p.ring != 0;
-    let index = if p.ring != 0 { rank } else { kv_head } as i64;
-    let pick = |ring: i64, full: i64| if use_ring { ring } else { full };
-    let ks = [
-        pick(p.stream.k_strides[0], p.full.k_strides[0]),
-        pick(p.stream.k_strides[1], p.full.k_strides[1]),
-        pick(p.stream.k_strides[2], p.full.k_strides[2]),
-    ];
-    let vs = [
-        pick(p.stream.v_strides[0], p.full.v_strides[0]),
-        pick(p.stream.v_strides[1], p.full.v_strides[1]),
-        pick(p.stream.v_strides[2], p.full.v_strides[2]),
-    ];
-    // Paged K/V (`block_table`): stride 0 runs between pages, not sequences, and key `k` sits
-    // in row `k % page` of page `table[k / page]`. A paged DuoAttention cache (head dims 64 and
-    // 128 only: the branch costs D = 256 48 bytes of spills) keeps its rings batch-strided: only
-    // retrieval heads read pages.
     let paged_entry = PAGING != paging::NONE;
-    let paged = paged_entry && !(D <= 128 && use_ring);
-    let seq = if paged { 0 } else { batch };
-    let k_base = pick(p.stream.k as i64, p.full.k as i64) as u64
-        + ((seq * ks[0] + index * ks[2]) * 2) as u64;
-    let v_base = pick(p.stream.v as i64, p.full.v as i64) as u64
-        + ((seq * vs[0] + index * vs[2]) * 2) as u64;
+    let HeadKv {
+        paged,
+        k_base,
+        v_base,
+        ks,
+        vs,
+    } = HeadKv::of::<D, PAGING>(p, streaming, rank, kv_head, batch);
     let table = p.block_table + (batch * p.block_table_stride * 4) as u64;
     let in_page = (1i32 << p.page_shift) - 1;
     // The page of key `k` (a key below the sequence's count, so its table entry is inside the
@@ -231,13 +380,7 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
     let total = first.len() + second.len();
     // The host planned the splits for the longest sequence; with per-sequence counts each
     // sequence spreads its own tiles over them (a captured graph replays at any length).
-    let per_split = if p.seqlens != 0 {
-        let even = div_or_zero(total + splits - 1, splits);
-        let least = min_i32(p.tiles_per_split, DECODE_MIN_TILES_PER_SPLIT as i32);
-        if even > least { even } else { least }
-    } else {
-        p.tiles_per_split
-    };
+    let per_split = split_share(p, total, splits);
     let t0 = split * per_split;
     let count = min_i32(t0 + per_split, total) - t0;
     let n_block = |i: i32| {
@@ -583,6 +726,21 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
                 st_global_u32(counter, 0); // ready for the next launch: no other block uses it now
             }
             st_shared_u32(flag, last as u32);
+        }
+        if fused_append {
+            // The fused append's length: the sequence's last block to count itself advances it
+            // (every block read it before its count; none reads it after).
+            let arrivals = p.arrivals + 4 * batch as u64;
+            if unsafe { atom_add_u32(arrivals, 1) } == (p.seq_blocks - 1) as u32 {
+                fence_acq_rel_gpu();
+                let lens = p.seqlens + 4 * batch as u64;
+                let len = unsafe { ld_global_u32(lens) } as i32;
+                let len = if len < 0 { 0 } else { min_i32(len, p.seqlen) };
+                unsafe {
+                    st_global_u32(lens, min_i32(len + p.n_q, p.seqlen) as u32);
+                    st_global_u32(arrivals, 0);
+                }
+            }
         }
     }
     sync_threads();

@@ -341,4 +341,33 @@ mod tests {
             }
         }
     }
+
+    /// A retrieval head's decode step (queries at the last `n_q` positions) visits blocks
+    /// `0..ceil(len / bn)`, as the decode's fused append assumes when it finds its split's keys.
+    #[test]
+    fn decode_retrieval_heads_visit_every_block() {
+        for bn in [64, 128] {
+            for len in 1..400 {
+                for n_q in 1..=16.min(len) {
+                    for causal in [false, true] {
+                        let m = HeadMask {
+                            streaming: false,
+                            causal,
+                            sink: 4,
+                            window: 40,
+                            seqlen_k: len,
+                        };
+                        let want = BlockRange {
+                            start: 0,
+                            end: ceil_div(len, bn),
+                        };
+                        assert_eq!(
+                            m.block_ranges(len - n_q, len - 1, bn),
+                            [want, BlockRange::EMPTY]
+                        );
+                    }
+                }
+            }
+        }
+    }
 }

@@ -149,14 +149,24 @@ pub const MODULE_DECLARATIONS: &str = ".extern .shared .align 1024 .b8 duo_dyn_s
 
 /// Performance directives per kernel-entry prefix: rustc has no attribute for them. The
 /// warp-specialised Hopper kernel needs a register cap at entry (`.maxntid` with
-/// `.minnctapersm 1`) for `setmaxnreg`.
+/// `.minnctapersm 1`) for `setmaxnreg`. The D = 64 decode entries keep two blocks per SM (their
+/// shared memory allows it) by a cap of 128 registers: ptxas gave them 154-162 once the append
+/// was fused in, for a few values in its path.
 pub fn entry_directives() -> Vec<(&'static str, String)> {
-    let threads = duo_attn_kernels::abi::WS_THREADS;
-    let ws = format!(".maxntid {threads}, 1, 1\n.minnctapersm 1");
-    vec![
-        ("duo_prefill_wgmma_ws_", ws.clone()),
-        (TENSOR_MAP_ENTRY_PREFIX, ws),
-    ]
+    use duo_attn_kernels::abi::{WS_THREADS, decode_threads};
+    let ws = format!(".maxntid {WS_THREADS}, 1, 1\n.minnctapersm 1");
+    let decode_d64 = format!(".maxntid {}, 1, 1\n.minnctapersm 2", decode_threads(64));
+    let mut directives = vec![
+        ("duo_decode_bf16_d64", decode_d64.clone()),
+        ("duo_decode_f16_d64", decode_d64.clone()),
+        ("duo_decode_paged_bf16_d64", decode_d64.clone()),
+        ("duo_decode_paged_f16_d64", decode_d64.clone()),
+        ("duo_decode_paged_tiles_bf16_d64", decode_d64.clone()),
+        ("duo_decode_paged_tiles_f16_d64", decode_d64),
+    ];
+    directives.push(("duo_prefill_wgmma_ws_", ws.clone()));
+    directives.push((TENSOR_MAP_ENTRY_PREFIX, ws));
+    directives
 }
 
 /// Entries whose by-value parameter holds TMA tensor maps, which must be 64-byte aligned in
