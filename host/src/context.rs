@@ -186,7 +186,9 @@ impl Context {
     /// of its own, with its own scratch memory: work queued on two such contexts may overlap on
     /// the GPU (order it with events where it must not).
     pub fn on_new_stream(&self) -> Result<Context> {
-        Self::with_shared(self.shared.clone())
+        let mut ctx = Self::with_shared(self.shared.clone())?;
+        ctx.dependent_launch = self.dependent_launch;
+        Ok(ctx)
     }
 
     /// Another context of this device that shares the loaded kernels and queues its operations on
@@ -234,7 +236,7 @@ impl Context {
             stream: ContextStream::Borrowed(stream),
             scratch: Mutex::new(Scratch::default()),
             shared: self.shared.clone(),
-            dependent_launch: true,
+            dependent_launch: self.dependent_launch,
         })
     }
 
@@ -243,8 +245,10 @@ impl Context {
     /// On, each kernel may start while the kernel before it on the stream finishes: its blocks
     /// are scheduled and wait on the device (`griddepcontrol.wait`, the first thing every
     /// duo-attn kernel does) until that kernel's work is complete and visible. This hides the
-    /// launch gap between dependent kernels (a decode step's append and attention, layer after
-    /// layer); results are the same either way. Off, launches are plain `cuLaunchKernel`s.
+    /// launch gap between dependent kernels (layer after layer, a prefill chunk's append and
+    /// attention); results are the same either way. Off, launches are plain `cuLaunchKernel`s.
+    /// Contexts made from this one ([`Context::on_new_stream`], [`Context::on_stream`]) start
+    /// with its setting.
     pub fn set_dependent_launch(&mut self, on: bool) {
         self.dependent_launch = on;
     }

@@ -378,8 +378,6 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
         mask.block_ranges(q_lo, q_hi, bn as i32)
     };
     let total = first.len() + second.len();
-    // The host planned the splits for the longest sequence; with per-sequence counts each
-    // sequence spreads its own tiles over them (a captured graph replays at any length).
     let per_split = split_share(p, total, splits);
     let t0 = split * per_split;
     let count = min_i32(t0 + per_split, total) - t0;
@@ -733,11 +731,12 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
             let arrivals = p.arrivals + 4 * batch as u64;
             if unsafe { atom_add_u32(arrivals, 1) } == (p.seq_blocks - 1) as u32 {
                 fence_acq_rel_gpu();
-                let lens = p.seqlens + 4 * batch as u64;
-                let len = unsafe { ld_global_u32(lens) } as i32;
-                let len = if len < 0 { 0 } else { min_i32(len, p.seqlen) };
+                let len = unsafe { sequence_len(p, batch) };
                 unsafe {
-                    st_global_u32(lens, min_i32(len + p.n_q, p.seqlen) as u32);
+                    st_global_u32(
+                        p.seqlens + 4 * batch as u64,
+                        min_i32(len + p.n_q, p.seqlen) as u32,
+                    );
                     st_global_u32(arrivals, 0);
                 }
             }
