@@ -183,20 +183,27 @@ impl KindSplits {
                 blocks: columns * streaming * splits,
             };
         }
-        let stream_blocks = columns * streaming;
-        let slots = if 8 * stream_blocks <= resident {
-            resident - stream_blocks
-        } else {
-            resident
+        // Retrieval splits on the slots left beside `reserved` streaming blocks.
+        let with_reserved = |reserved: usize| {
+            let (splits, per) = choose_splits(columns * retrieval, full_tiles, resident - reserved);
+            let stream_splits = stream_tiles.max(1).div_ceil(per).min(DECODE_MAX_SPLITS);
+            Self {
+                splits,
+                tiles_per_split: per,
+                stream_splits,
+                blocks: columns * (retrieval * splits + streaming * stream_splits),
+            }
         };
-        let (splits, per) = choose_splits(columns * retrieval, full_tiles, slots);
-        let stream_splits = stream_tiles.max(1).div_ceil(per).min(DECODE_MAX_SPLITS);
-        Self {
-            splits,
-            tiles_per_split: per,
-            stream_splits,
-            blocks: columns * (retrieval * splits + streaming * stream_splits),
+        // A slot per streaming head first; where their windows split (short caches: B = 1 at
+        // 16k took 128 + 12 blocks on 132 slots) and every streaming block still fits in an
+        // eighth of the wave, a slot per streaming block.
+        let heads = columns * streaming;
+        let plan = with_reserved(if 8 * heads <= resident { heads } else { 0 });
+        let stream_blocks = heads * plan.stream_splits;
+        if plan.blocks > resident && stream_blocks > heads && 8 * stream_blocks <= resident {
+            return with_reserved(stream_blocks);
         }
+        plan
     }
 }
 
@@ -627,6 +634,21 @@ mod tests {
         // Short caches: streaming heads split at the retrieval heads' tiles per split.
         let short = KindSplits::plan(1, (4, 4), (32, 10), 132);
         assert_eq!((short.tiles_per_split, short.stream_splits), (4, 3));
+        // Windows that split still fit one wave with the retrieval splits: 16k keys (128 tiles)
+        // took 32 x 4 + 4 x 3 = 140 blocks on 132 slots; now 26 splits of 5 and 4 x 2.
+        let b1_16k = KindSplits::plan(1, (4, 4), (128, 10), 132);
+        assert_eq!(
+            (b1_16k.splits, b1_16k.stream_splits, b1_16k.blocks),
+            (26, 2, 112)
+        );
+        // Every mix of a few streaming heads fits one wave when their blocks get slots.
+        for (columns, tiles, r, s) in [(1, 64, 6, 2), (1, 256, 4, 4), (2, 100, 3, 5), (1, 48, 7, 1)]
+        {
+            let plan = KindSplits::plan(columns, (r, s), (tiles, 10), 132);
+            if 8 * columns * s * plan.stream_splits <= 132 {
+                assert!(plan.blocks <= 132, "{plan:?}");
+            }
+        }
         // One kind: no block for the other.
         let all_streaming = KindSplits::plan(2, (0, 8), (1024, 10), 132);
         assert_eq!(all_streaming.blocks, 2 * 8 * all_streaming.stream_splits);
