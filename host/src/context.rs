@@ -248,7 +248,10 @@ impl Context {
     /// launch gap between dependent kernels (layer after layer, a prefill chunk's append and
     /// attention); results are the same either way. Off, launches are plain `cuLaunchKernel`s.
     /// Contexts made from this one ([`Context::on_new_stream`], [`Context::on_stream`]) start
-    /// with its setting.
+    /// with its setting. Tested eager and in CUDA graph capture and replay on driver 580
+    /// (CUDA 13.0); a driver that refuses the launch attribute (graph capture of dependent
+    /// launches came after the attribute itself) fails the launch with `Error::Cuda`: turn this
+    /// off there.
     pub fn set_dependent_launch(&mut self, on: bool) {
         self.dependent_launch = on;
     }
