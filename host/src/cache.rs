@@ -918,7 +918,7 @@ impl<T: AttnElement> CacheSlots<'_, T> {
         let longest = self.lens(layer)?.iter().copied().max().unwrap_or(0) + n;
         // Splits are planned for the longest sequence after the append; the kernel reads each
         // sequence's length on the device, clamped only by the capacity (lengths grow under
-        // graph replay). Planned (and so checked) before the append is queued.
+        // graph replay). Planned (and so checked) before anything is queued.
         let pages = c.pages.as_ref().map(|pt| pt.rows_from(self.seqs.start));
         let kv = DecodeKv::Cache {
             full,

@@ -153,17 +153,14 @@ pub const MODULE_DECLARATIONS: &str = ".extern .shared .align 1024 .b8 duo_dyn_s
 /// shared memory allows it) by a cap of 128 registers: ptxas gave them 154-162 once the append
 /// was fused in, for a few values in its path.
 pub fn entry_directives() -> Vec<(&'static str, String)> {
-    use duo_attn_kernels::abi::{WS_THREADS, decode_threads};
+    use duo_attn_kernels::abi::{DECODE_ENTRIES, WS_THREADS, decode_threads};
     let ws = format!(".maxntid {WS_THREADS}, 1, 1\n.minnctapersm 1");
     let decode_d64 = format!(".maxntid {}, 1, 1\n.minnctapersm 2", decode_threads(64));
-    let mut directives = vec![
-        ("duo_decode_bf16_d64", decode_d64.clone()),
-        ("duo_decode_f16_d64", decode_d64.clone()),
-        ("duo_decode_paged_bf16_d64", decode_d64.clone()),
-        ("duo_decode_paged_f16_d64", decode_d64.clone()),
-        ("duo_decode_paged_tiles_bf16_d64", decode_d64.clone()),
-        ("duo_decode_paged_tiles_f16_d64", decode_d64),
-    ];
+    let mut directives: Vec<_> = DECODE_ENTRIES
+        .iter()
+        .filter(|&&(_, _, d)| d == 64)
+        .map(|&(name, _, _)| (name, decode_d64.clone()))
+        .collect();
     directives.push(("duo_prefill_wgmma_ws_", ws.clone()));
     directives.push((TENSOR_MAP_ENTRY_PREFIX, ws));
     directives
