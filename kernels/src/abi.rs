@@ -468,6 +468,10 @@ pub struct DecodeParams {
     pub append: KvSource,
     pub arrivals: u64,
     pub seq_blocks: i32,
+    /// K/V tiles (of the first ones this block walks) that each block asks the L2 for before it
+    /// waits for the previous kernel (`cp.async.bulk.prefetch`): the loads then overlap that
+    /// kernel's tail. 0: none. Contiguous rows only (head-major K/V, whole-tile pages).
+    pub prefetch_tiles: i32,
 }
 
 /// Whether the decode entries for head dim `d` (`paged`: the `duo_decode_paged*` ones) take

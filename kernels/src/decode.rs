@@ -233,6 +233,105 @@ unsafe fn append_own_rows<const D: usize, const PAGING: u8>(p: &DecodeParams, ro
     }
 }
 
+/// Before the wait for the previous kernel (`DecodeParams::prefetch_tiles`): asks the L2 for the
+/// first K/V tiles this block will walk, so their reads from memory overlap the previous kernel's
+/// tail and this kernel's own start. Everything here is a hint: the length and page entries are
+/// read racily (the previous kernel may be advancing them; a stale value fetches a wrong tile),
+/// clamped as the decode clamps them so that every address stays inside the K/V tensors, and the
+/// L2 holds no stale lines, so the decode's own loads after the wait are unaffected. Only tiles of
+/// contiguous rows (head-major K/V, or pages of whole tiles) are fetched, one request per tile.
+#[inline(always)]
+unsafe fn prefetch_first_tiles<const D: usize, const PAGING: u8>(p: &DecodeParams) {
+    let bn = decode_block_n(D) as i32;
+    let tid = thread_idx_x() as i32;
+    if tid >= 2 * p.prefetch_tiles || PAGING == paging::ROWS {
+        return;
+    }
+    let group = div_or_zero(p.heads_q, p.heads_kv);
+    let row_chunks = div_or_zero(group * p.n_q + DECODE_ROWS as i32 - 1, DECODE_ROWS as i32);
+    let DecodeBlock {
+        streaming,
+        rank,
+        kv_head,
+        batch,
+        split,
+        splits,
+        ..
+    } = DecodeBlock::of(p, block_idx_x() as i32, row_chunks);
+    let seqlen = if p.seqlens != 0 {
+        let len = unsafe { ld_relaxed_u32(p.seqlens + 4 * batch as u64) } as i32;
+        let len = if len < 0 { 0 } else { min_i32(len, p.seqlen) };
+        let fused = p.append.k != 0 && const { decode_fuses_append(D, PAGING != paging::NONE) };
+        if fused {
+            min_i32(len + p.n_q, p.seqlen)
+        } else {
+            len
+        }
+    } else {
+        p.seqlen
+    };
+    let use_ring = streaming && p.ring != 0;
+    let n_keys = if use_ring {
+        filled_slots(seqlen, p.sink, p.recent)
+    } else {
+        seqlen
+    };
+    let [first, second] = if use_ring {
+        [
+            BlockRange {
+                start: 0,
+                end: div_or_zero(n_keys + bn - 1, bn),
+            },
+            BlockRange::EMPTY,
+        ]
+    } else {
+        let mask = HeadMask {
+            streaming,
+            causal: p.causal != 0,
+            sink: p.sink,
+            window: p.window,
+            seqlen_k: seqlen,
+        };
+        mask.block_ranges(seqlen - p.n_q, seqlen - 1, bn)
+    };
+    let total = first.len() + second.len();
+    let per_split = split_share(p, total, splits);
+    // Thread 2i fetches tile i's K, thread 2i + 1 its V.
+    let i = split * per_split + tid / 2;
+    if i >= min_i32(split * per_split + per_split, total) {
+        return;
+    }
+    let n0 = bn
+        * if i < first.len() {
+            first.start + i
+        } else {
+            second.start + i - first.len()
+        };
+    let rows = min_i32(bn, n_keys - n0);
+    let kv = HeadKv::of::<D, PAGING>(p, streaming, rank, kv_head, batch);
+    let (base, st) = if tid % 2 == 0 {
+        (kv.k_base, kv.ks)
+    } else {
+        (kv.v_base, kv.vs)
+    };
+    if rows <= 0 || st[1] != D as i64 {
+        return;
+    }
+    let row0 = if kv.paged {
+        let table = p.block_table + (batch * p.block_table_stride * 4) as u64;
+        let entry = unsafe { ld_relaxed_u32(table + 4 * (n0 >> p.page_shift) as u64) } as i32;
+        let page = if entry < 0 {
+            0
+        } else {
+            min_i32(entry, p.num_pages - 1)
+        };
+        page as i64 * st[0] + (n0 & ((1 << p.page_shift) - 1)) as i64 * st[1]
+    } else {
+        n0 as i64 * st[1]
+    };
+    unsafe { prefetch_l2(base + (row0 * 2) as u64, (rows as usize * D * 2) as u32) };
+}
+
 /// The decode body, per (element, head dim): `KQ = D / 16` k-steps, `ON = D / 2` accumulators;
 /// `PAGING`: how K/V rows are found ([`paging`]).
 #[inline(always)]
@@ -851,7 +950,11 @@ macro_rules! decode_entry {
     ($name:ident, $elem:ty, $d:literal, $paging:expr) => {
         #[unsafe(no_mangle)]
         pub unsafe extern "ptx-kernel" fn $name(p: DecodeParams) {
-            enter_dependent_grid();
+            allow_dependent_grid();
+            if p.prefetch_tiles > 0 {
+                unsafe { prefetch_first_tiles::<$d, { $paging }>(&p) };
+            }
+            wait_for_previous_grid();
             unsafe { decode::<$elem, $d, { $d / 16 }, { $d / 2 }, { $paging }>(&p) }
         }
     };

@@ -622,12 +622,45 @@ pub fn fence_acq_rel_gpu() {
 /// `ptx` test checks that every entry holds the wait.
 #[inline(always)]
 pub fn enter_dependent_grid() {
+    allow_dependent_grid();
+    wait_for_previous_grid();
+}
+
+/// The first half of [`enter_dependent_grid`]: lets the next kernel on the stream launch.
+#[inline(always)]
+pub fn allow_dependent_grid() {
+    unsafe { asm!("griddepcontrol.launch_dependents;", options(nostack)) };
+}
+
+/// The second half of [`enter_dependent_grid`]: waits until the kernels before this one have
+/// finished and their memory is visible.
+#[inline(always)]
+pub fn wait_for_previous_grid() {
+    unsafe { asm!("griddepcontrol.wait;", options(nostack)) };
+}
+
+/// A 4-byte global load that may race a write of the previous kernel (relaxed, GPU scope): for
+/// values that only steer L2 prefetches issued before [`wait_for_previous_grid`], where a stale
+/// value costs a useless prefetch and nothing else. The `ptx` test allows this load, and
+/// [`prefetch_l2`], before the wait, and no other memory access.
+#[inline(always)]
+pub unsafe fn ld_relaxed_u32(addr: u64) -> u32 {
+    let r: u32;
     unsafe {
-        asm!(
-            "griddepcontrol.launch_dependents;",
-            "griddepcontrol.wait;",
-            options(nostack)
-        )
+        asm!("ld.relaxed.gpu.global.u32 {r}, [{p}];", r = out(reg32) r, p = in(reg64) addr, options(readonly, nostack))
+    };
+    r
+}
+
+/// Asks the L2 for `bytes` (a multiple of 16) of global memory from `addr` (16-byte aligned),
+/// through the TMA unit (`cp.async.bulk.prefetch`). A hint: nothing waits for it, and since the
+/// L2 is where every write lands, a line it brings in early is never stale, even if the previous
+/// kernel writes it afterwards.
+#[inline(always)]
+pub unsafe fn prefetch_l2(addr: u64, bytes: u32) {
+    unsafe {
+        asm!("cp.async.bulk.prefetch.L2.global [{a}], {n};", a = in(reg64) addr, n = in(reg32) bytes,
+            options(nostack))
     };
 }
 
