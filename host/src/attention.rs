@@ -277,8 +277,9 @@ pub(crate) fn check_queries(
     if !WS_HEAD_DIMS.contains(&head_dim) {
         return Err(Error::UnsupportedHeadDim {
             head_dim,
-            by: "the prefill kernels",
-            supported: "64, 128 or 256 (256: the TMA kernel only)",
+            // check_queries serves prefill and decode alike.
+            by: "the attention kernels (prefill and decode)",
+            supported: "64, 128 or 256 (256: in prefill, the TMA kernel only)",
         });
     }
     check_shape(out, "out", q.shape, "out must match q")?;

@@ -944,3 +944,172 @@ mod tests {
         );
     }
 }
+
+/// Property tests of the decode plan (no GPU): random calls, mostly valid ones bent by an edit.
+/// Planning returns a typed error or a plan, never a panic (overflow included, in debug builds),
+/// and a plan's parameters keep every address the kernel forms inside the tensors it was given.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use half::bf16;
+    use proptest::prelude::*;
+
+    /// Each operand in its own 2^44-byte region of fake device addresses.
+    const REGION: u64 = 1 << 44;
+
+    /// Bytes `[start, end)` the kernel may reach from `ptr` through element strides `extents`
+    /// `(count, stride)`, plus a row of `row` elements, lie inside `t`'s allocation.
+    fn inside<const N: usize>(
+        what: &str,
+        t: &TensorDesc<N>,
+        ptr: u64,
+        extents: &[(i64, i64)],
+        row: i64,
+    ) -> std::result::Result<(), TestCaseError> {
+        let mut last: i128 = row as i128;
+        for &(n, s) in extents {
+            prop_assert!(n >= 1 && s >= 0, "{what}: extent {n}, stride {s}");
+            last += (n as i128 - 1) * s as i128;
+        }
+        let elem = t.elem_bytes as i128;
+        let (lo, hi) = (t.ptr as i128, t.ptr as i128 + t.available as i128 * elem);
+        let (start, end) = (ptr as i128, ptr as i128 + last * elem);
+        prop_assert!(
+            start >= lo && end <= hi,
+            "{what}: {start:#x}..{end:#x} outside {lo:#x}..{hi:#x}"
+        );
+        Ok(())
+    }
+
+    fn odd_dim() -> impl Strategy<Value = usize> {
+        prop_oneof![
+            0usize..=3,
+            Just(64usize),
+            Just(128),
+            Just(256),
+            1usize..5000,
+            Just(1 << 31),
+            Just(usize::MAX / 3),
+            Just(usize::MAX),
+        ]
+    }
+
+    /// An edit of one operand (0 q, 1 k, 2 v, 3 out, 4 lse): a dimension, a stride, fewer
+    /// elements available, a misaligned or aliased pointer, another device.
+    fn edit() -> impl Strategy<Value = (usize, usize, usize, u64)> {
+        (0usize..5, 0usize..5, odd_dim(), any::<u64>())
+    }
+
+    fn apply<const N: usize>(t: &mut TensorDesc<N>, (_, kind, n, x): (usize, usize, usize, u64)) {
+        let i = (x % N as u64) as usize;
+        match kind {
+            0 => t.shape[i] = n,
+            1 => t.strides[i] = n,
+            2 => t.available = t.available.saturating_sub(n % 1000 + 1),
+            3 => {
+                t.ptr = if x % 2 == 0 {
+                    t.ptr + 2 * (x % 8)
+                } else {
+                    REGION * (x % 6)
+                }
+            }
+            _ => t.device = 1,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
+
+        /// The splits cover every tile of both kinds, within the merge's split limit, and the
+        /// block count is what the kernel's grid decode assumes.
+        #[test]
+        fn splits_cover_every_tile(
+            columns in 1usize..64,
+            retrieval in 0usize..16,
+            streaming in 0usize..16,
+            full_tiles in prop_oneof![1usize..64, 1usize..(1 << 17)],
+            stream_share in 0.0f64..=1.0,
+            resident in prop_oneof![Just(132usize), Just(264), 1usize..600],
+        ) {
+            prop_assume!(retrieval + streaming >= 1);
+            let stream_tiles = ((full_tiles as f64 * stream_share) as usize).max(1);
+            let k = KindSplits::plan(columns, (retrieval, streaming), (full_tiles, stream_tiles), resident);
+            prop_assert!((1..=DECODE_MAX_SPLITS).contains(&k.splits), "{k:?}");
+            prop_assert!((1..=DECODE_MAX_SPLITS).contains(&k.stream_splits), "{k:?}");
+            let longest = if retrieval > 0 { full_tiles } else { stream_tiles };
+            prop_assert!(k.splits * k.tiles_per_split >= longest, "{k:?}");
+            prop_assert!(k.stream_splits * k.tiles_per_split >= stream_tiles, "{k:?}");
+            let splits = if retrieval > 0 { k.splits } else { 0 };
+            prop_assert_eq!(k.blocks, columns * (retrieval * splits + streaming * k.stream_splits));
+        }
+
+        /// Plain and paged decode: an error or a plan whose parameters stay inside q, k, v, out
+        /// and lse, never a panic.
+        #[test]
+        fn decode_plans_stay_inside_their_operands(
+            b in 1usize..5,
+            n_q in prop_oneof![4 => 1usize..4, 1 => 1usize..20],
+            sk in 1usize..3000,
+            heads_kv in 1usize..5,
+            group in prop_oneof![Just(1usize), Just(4), Just(8)],
+            d in prop_oneof![4 => Just(128usize), 2 => Just(64), 1 => Just(256), 1 => Just(80)],
+            streaming in prop::collection::vec(any::<bool>(), 4),
+            sink in prop_oneof![0u32..300, Just(u32::MAX)],
+            window in prop_oneof![0u32..3000, Just(u32::MAX)],
+            paged in prop::option::of((1usize..40, 4u32..9, 1usize..64)),
+            edits in prop_oneof![Just(vec![]), prop::collection::vec(edit(), 1..3)],
+            resident in prop_oneof![Just(132usize), 1usize..600],
+        ) {
+            let hq = heads_kv * group;
+            let at = |i: u64| 0x1000_0000 + i * REGION;
+            let mut q = TensorDesc::contiguous(at(0), [b, n_q, hq, d], 2, 0);
+            let kv_shape = match paged {
+                Some((pages, log, _)) => [pages, 1 << log, heads_kv, d],
+                None => [b, sk, heads_kv, d],
+            };
+            let mut k = TensorDesc::contiguous(at(1), kv_shape, 2, 0);
+            let mut v = TensorDesc::contiguous(at(2), kv_shape, 2, 0);
+            let mut out = TensorDesc::contiguous(at(3), [b, n_q, hq, d], 2, 0);
+            let mut lse = TensorDesc::contiguous(at(4), [b, hq, n_q], 4, 0);
+            for e in edits {
+                match e.0 {
+                    0 => apply(&mut q, e),
+                    1 => apply(&mut k, e),
+                    2 => apply(&mut v, e),
+                    3 => apply(&mut out, e),
+                    _ => apply(&mut lse, e),
+                }
+            }
+            let kinds = streaming[..heads_kv]
+                .iter()
+                .map(|&s| if s { HeadKind::Streaming } else { HeadKind::Retrieval })
+                .collect();
+            let cfg = AttentionConfig::new(kinds).sink(sink).window(window);
+            let kv = match paged {
+                Some((_, log, cols)) => DecodeKv::Paged { k: &k, v: &v, capacity: cols << log },
+                None => DecodeKv::Plain { k: &k, v: &v },
+            };
+            let Ok(plan) = plan_decode::<bf16>(&q, kv, &out, &lse, &cfg, 0, resident) else {
+                return Ok(());
+            };
+            let p = &plan.params;
+            let row = |n: i32, s: [i64; 3], heads: i32| {
+                [(p.batch as i64, s[0]), (n as i64, s[1]), (heads as i64, s[2])]
+            };
+            let d = d as i64;
+            inside("q", &q, p.q, &row(p.n_q, p.q_strides, p.heads_q), d)?;
+            inside("out", &out, p.o, &row(p.n_q, p.o_strides, p.heads_q), d)?;
+            inside("lse", &lse, p.lse, &[(p.batch as i64 * p.heads_q as i64 * p.n_q as i64, 1)], 1)?;
+            // Paged: rows come from any page of the pool; else the first `seqlen` of each entry.
+            let (entries, rows) = match paged {
+                Some(_) => (k.shape[0] as i32, k.shape[1] as i32),
+                None => (p.batch, p.seqlen),
+            };
+            let kv_rows = |s: [i64; 3]| [(entries as i64, s[0]), (rows as i64, s[1]), (p.heads_kv as i64, s[2])];
+            inside("k", &k, p.full.k, &kv_rows(p.full.k_strides), d)?;
+            inside("v", &v, p.full.v, &kv_rows(p.full.v_strides), d)?;
+            prop_assert!(plan.grid.0 >= 1 && plan.block <= 1024);
+            prop_assert!(plan.params.seqlen >= plan.params.n_q);
+        }
+    }
+}
