@@ -80,7 +80,7 @@ pub struct CacheMemory {
 
 impl CacheMemory {
     pub fn total_bytes(&self) -> usize {
-        self.full_bytes + self.ring_bytes
+        self.full_bytes.saturating_add(self.ring_bytes)
     }
     /// Fraction of `all_full_bytes` saved.
     pub fn saving(&self) -> f64 {
@@ -94,27 +94,30 @@ pub fn cache_memory<K: AsRef<[HeadKind]>>(
     kinds: &[K],
     elem_bytes: usize,
 ) -> CacheMemory {
+    // Saturating: sizes no device holds (which `DuoCache::check` lets through only up to its
+    // limits) report usize::MAX rather than panic or wrap.
+    let mul = |xs: &[usize]| xs.iter().fold(1usize, |a, &x| a.saturating_mul(x));
     let (sink, recent) = ring_slots(cfg.sink, cfg.window, cfg.max_len);
-    let row = cfg.batch * cfg.head_dim * elem_bytes * 2; // K and V of one token of one head
+    let row = mul(&[cfg.batch, cfg.head_dim, elem_bytes, 2]); // K and V of one token of one head
     // Full-cache bytes per retrieval head and layer.
     let full_head = match cfg.paging {
-        Some(p) => p.pages * p.page_size * cfg.head_dim * elem_bytes * 2,
-        None => row * cfg.max_len,
+        Some(p) => mul(&[p.pages, p.page_size, cfg.head_dim, elem_bytes, 2]),
+        None => mul(&[row, cfg.max_len]),
     };
-    let (mut full, mut rings) = (0, 0);
+    let (mut full, mut rings) = (0usize, 0usize);
     for layer in kinds {
         let streaming = layer
             .as_ref()
             .iter()
             .filter(|&&k| k == HeadKind::Streaming)
             .count();
-        full += full_head * (layer.as_ref().len() - streaming);
-        rings += row * (sink + recent) * streaming;
+        full = full.saturating_add(mul(&[full_head, layer.as_ref().len() - streaming]));
+        rings = rings.saturating_add(mul(&[row, sink.saturating_add(recent), streaming]));
     }
     CacheMemory {
         full_bytes: full,
         ring_bytes: rings,
-        all_full_bytes: row * cfg.max_len * cfg.heads_kv * kinds.len(),
+        all_full_bytes: mul(&[row, cfg.max_len, cfg.heads_kv, kinds.len()]),
     }
 }
 
@@ -233,6 +236,9 @@ impl<T: AttnElement> DuoCache<T> {
         }
         if cfg.window == 0 {
             return bad("window must be >= 1 (a query sees at least itself)".into());
+        }
+        if let Some(scale) = cfg.softmax_scale.filter(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err(Error::InvalidScale(scale));
         }
         if kinds.is_empty() {
             return bad("no layers".into());

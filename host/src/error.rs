@@ -39,6 +39,13 @@ pub enum Error {
         expected: usize,
         got: usize,
     },
+    #[error(
+        "a tensor of shape {shape:?} with {elem_bytes}-byte elements is larger than any allocation can be"
+    )]
+    AllocationTooLarge {
+        shape: Vec<usize>,
+        elem_bytes: usize,
+    },
     #[error("`{tensor}` has a zero-sized dimension: shape {shape:?}")]
     EmptyDimension {
         tensor: &'static str,

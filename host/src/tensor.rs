@@ -6,13 +6,18 @@ use crate::error::{CudaContext, Error, Result};
 use cust::memory::{CopyDestination, DeviceBuffer};
 use std::marker::PhantomData;
 
-/// Row-major strides (in elements) of `shape`.
+/// Row-major strides (in elements) of `shape`; they saturate for a shape no allocation can hold.
 pub fn contiguous_strides<const N: usize>(shape: [usize; N]) -> [usize; N] {
-    let mut strides = [1; N];
+    let mut strides = [1usize; N];
     for i in (0..N.saturating_sub(1)).rev() {
-        strides[i] = strides[i + 1] * shape[i + 1];
+        strides[i] = strides[i + 1].saturating_mul(shape[i + 1]);
     }
     strides
+}
+
+/// Elements of `shape`, or `None` where the count overflows.
+fn elements<const N: usize>(shape: [usize; N]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
 }
 
 /// Where a tensor is and how it is laid out: device address, shape, element strides, the number
@@ -28,9 +33,10 @@ pub struct TensorDesc<const N: usize> {
 }
 
 impl<const N: usize> TensorDesc<N> {
-    /// A dense row-major tensor filling its allocation exactly.
+    /// A dense row-major tensor filling its allocation exactly. A shape whose element count
+    /// overflows (no allocation holds it) gets no available elements, so every call rejects it.
     pub fn contiguous(ptr: u64, shape: [usize; N], elem_bytes: usize, device: u32) -> Self {
-        let available = shape.iter().product();
+        let available = elements(shape).unwrap_or(0);
         TensorDesc {
             ptr,
             shape,
@@ -138,7 +144,7 @@ pub struct DeviceTensor<T: DeviceScalar, const N: usize> {
 impl<T: DeviceScalar, const N: usize> DeviceTensor<T, N> {
     /// Allocates uninitialised device memory; the context must be current (see `Context`).
     pub(crate) fn alloc(shape: [usize; N], device: u32) -> Result<Self> {
-        let len: usize = shape.iter().product();
+        let len = Self::elements_of(shape)?;
         if len == 0 {
             return Err(Error::EmptyDimension {
                 tensor: "tensor",
@@ -150,8 +156,23 @@ impl<T: DeviceScalar, const N: usize> DeviceTensor<T, N> {
         Ok(DeviceTensor { buf, shape, device })
     }
 
+    /// Elements of `shape`, if their bytes fit one allocation (at most `isize::MAX`): else a
+    /// wrapped count would allocate a small buffer under a huge shape.
+    fn elements_of(shape: [usize; N]) -> Result<usize> {
+        let elem_bytes = std::mem::size_of::<T::Raw>();
+        elements(shape)
+            .filter(|&n| {
+                n.checked_mul(elem_bytes)
+                    .is_some_and(|b| b <= isize::MAX as usize)
+            })
+            .ok_or_else(|| Error::AllocationTooLarge {
+                shape: shape.to_vec(),
+                elem_bytes,
+            })
+    }
+
     pub(crate) fn upload(data: &[T], shape: [usize; N], device: u32) -> Result<Self> {
-        let expected: usize = shape.iter().product();
+        let expected = Self::elements_of(shape)?;
         if data.len() != expected {
             return Err(Error::HostLength {
                 tensor: "tensor",
@@ -344,5 +365,32 @@ impl<T, const N: usize> ViewMut<'_, T, N> {
     }
     pub fn strides(&self) -> [usize; N] {
         self.desc.strides
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::bf16;
+
+    /// A shape whose element or byte count overflows is a typed error, never a wrapped (small)
+    /// allocation under a huge shape.
+    #[test]
+    fn allocations_too_large_to_count_are_errors() {
+        let count = DeviceTensor::<bf16, 4>::elements_of;
+        assert_eq!(count([2, 3, 4, 5]).unwrap(), 120);
+        for shape in [
+            [1 << 32, 1 << 32, 1, 1], // 2^64 elements: wraps to 0
+            [3, 1 << 62, 1, 1],       // wraps to 2^62
+            [1, 1, 1, 1 << 62],       // 2^63 bytes: over isize::MAX
+            [usize::MAX, 1, 1, 1],    // the bytes overflow
+        ] {
+            let err = count(shape).unwrap_err();
+            assert!(matches!(err, Error::AllocationTooLarge { .. }), "{err}");
+        }
+        // A descriptor of such a shape holds nothing, so every bounds check rejects it.
+        let desc = TensorDesc::contiguous(0x1000, [2, 1 << 32, 1 << 32, 1], 2, 0);
+        assert_eq!(desc.available, 0);
+        assert_eq!(desc.strides[0], usize::MAX);
     }
 }

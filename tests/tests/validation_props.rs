@@ -5,8 +5,9 @@
 //! the kernel inside the memory it was given: the largest offset each operand's kernel
 //! parameters can reach, and every tensor map's extent, lie inside that operand's allocation.
 use duo_attn::{
-    AttentionConfig, HeadKind, HeadPattern, KvCacheDesc, PrefillKernel, PrefillPlan, TensorDesc,
-    plan_prefill, plan_prefill_kvcache, plan_prefill_varlen,
+    AttentionConfig, CacheConfig, CachePaging, DuoCache, HeadKind, HeadPattern, KvCacheDesc,
+    PrefillKernel, PrefillPlan, TensorDesc, cache_memory, plan_prefill, plan_prefill_kvcache,
+    plan_prefill_varlen,
 };
 use half::bf16;
 use proptest::prelude::*;
@@ -455,6 +456,56 @@ proptest! {
             for &n in counts {
                 prop_assert!(n >= 0 && n as usize <= capacity, "count {n} of {capacity}");
             }
+        }
+    }
+
+    /// DuoAttention cache sizes, sensible or absurd: the check returns a typed error or passes,
+    /// and the memory arithmetic saturates rather than panics; a checked config's counts fit.
+    #[test]
+    fn cache_configs_check_without_panicking(
+        batch in odd_dim(),
+        max_len in odd_dim(),
+        heads_kv in prop_oneof![1usize..9, odd_dim()],
+        group in prop_oneof![Just(1usize), Just(4), odd_dim()],
+        head_dim in odd_dim(),
+        sink in odd_u32(),
+        window in odd_u32(),
+        scale in prop_oneof![3 => Just(None), 1 => any::<f32>().prop_map(Some)],
+        kernel in any_kernel(),
+        paging in prop::option::of((odd_dim(), odd_dim())),
+        layers in 0usize..4,
+        kinds_seed in any::<u64>(),
+    ) {
+        let cfg = CacheConfig {
+            batch,
+            max_len,
+            heads_q: heads_kv.saturating_mul(group),
+            heads_kv,
+            head_dim,
+            sink,
+            window,
+            softmax_scale: scale,
+            prefill_kernel: kernel,
+            paging: paging.map(|(page_size, pages)| CachePaging { page_size, pages }),
+        };
+        let width = (heads_kv.min(300) + (kinds_seed % 3) as usize).saturating_sub(1);
+        let kinds: Vec<Vec<HeadKind>> = (0..layers)
+            .map(|l| {
+                (0..width)
+                    .map(|h| match (kinds_seed >> ((l * 7 + h) % 64)) & 1 {
+                        0 => HeadKind::Retrieval,
+                        _ => HeadKind::Streaming,
+                    })
+                    .collect()
+            })
+            .collect();
+        let memory = cache_memory(&cfg, &kinds, 2);
+        let _ = (memory.total_bytes(), memory.saving());
+        if DuoCache::<bf16>::check(&cfg, &kinds).is_ok() {
+            prop_assert!(cfg.batch >= 1 && cfg.max_len >= 1 && cfg.window >= 1);
+            prop_assert_eq!(cfg.heads_q % cfg.heads_kv, 0);
+            prop_assert!(kinds.iter().all(|k| k.len() == cfg.heads_kv) && !kinds.is_empty());
+            prop_assert!(cfg.softmax_scale.is_none_or(|s| s.is_finite() && s > 0.0));
         }
     }
 
