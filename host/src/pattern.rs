@@ -142,8 +142,36 @@ impl HeadPattern {
         Ok(())
     }
 
+    /// The gates' shape and values, for a pattern built by hand (`gates` is public): at least
+    /// one layer, every layer with the same nonzero number of heads, every gate in [0, 1].
+    pub fn check_gates(&self) -> Result<()> {
+        let heads = self.heads();
+        if heads == 0 {
+            return Err(Error::Pattern("no heads: the pattern has no gates".into()));
+        }
+        for (layer, row) in self.gates.iter().enumerate() {
+            if row.len() != heads {
+                return Err(Error::Pattern(format!(
+                    "layer {layer}: {} heads, but the first layer has {heads} (ragged rows)",
+                    row.len()
+                )));
+            }
+            if let Some((head, g)) = row
+                .iter()
+                .enumerate()
+                .find(|(_, g)| !(0.0..=1.0).contains(*g))
+            {
+                return Err(Error::Pattern(format!(
+                    "layer {layer}, head {head}: gate {g} is outside [0, 1]"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// The gate value at or above which a head is a retrieval head.
     pub fn threshold(&self, how: Binarize) -> Result<f64> {
+        self.check_gates()?;
         match how {
             Binarize::Threshold(t) if t.is_finite() => Ok(t),
             Binarize::Threshold(t) => Err(Error::Pattern(format!("threshold {t} is not finite"))),

@@ -5,9 +5,9 @@
 //! the kernel inside the memory it was given: the largest offset each operand's kernel
 //! parameters can reach, and every tensor map's extent, lie inside that operand's allocation.
 use duo_attn::{
-    AttentionConfig, CacheConfig, CachePaging, DuoCache, HeadKind, HeadPattern, KvCacheDesc,
-    PrefillKernel, PrefillPlan, TensorDesc, cache_memory, plan_prefill, plan_prefill_kvcache,
-    plan_prefill_varlen,
+    AttentionConfig, Binarize, CacheConfig, CachePaging, DuoCache, HeadKind, HeadPattern,
+    KvCacheDesc, PrefillKernel, PrefillPlan, TensorDesc, cache_memory, plan_prefill,
+    plan_prefill_kvcache, plan_prefill_varlen,
 };
 use half::bf16;
 use proptest::prelude::*;
@@ -506,6 +506,43 @@ proptest! {
             prop_assert_eq!(cfg.heads_q % cfg.heads_kv, 0);
             prop_assert!(kinds.iter().all(|k| k.len() == cfg.heads_kv) && !kinds.is_empty());
             prop_assert!(cfg.softmax_scale.is_none_or(|s| s.is_finite() && s > 0.0));
+        }
+    }
+
+    /// A pattern built by hand (empty, ragged, NaN or out-of-range gates) and any binarisation:
+    /// a typed error or head kinds of the gates' shape, with exactly the asked-for sparsity.
+    #[test]
+    fn hand_built_patterns_binarise_without_panicking(
+        gates in prop::collection::vec(
+            prop::collection::vec(
+                prop_oneof![8 => 0.0f64..=1.0, 1 => Just(0.0), 1 => Just(f64::NAN), 1 => -2.0f64..3.0],
+                0..6,
+            ),
+            0..5,
+        ),
+        how in prop_oneof![
+            (-0.5f64..1.5).prop_map(Binarize::Sparsity),
+            Just(Binarize::Sparsity(f64::NAN)),
+            (-0.5f64..1.5).prop_map(Binarize::Threshold),
+            Just(Binarize::Threshold(f64::INFINITY)),
+        ],
+    ) {
+        let pattern = HeadPattern { gates: gates.clone(), sink: None, recent: None };
+        if let Ok(kinds) = pattern.head_kinds(how) {
+            prop_assert_eq!(kinds.len(), gates.len());
+            for (k, g) in kinds.iter().zip(&gates) {
+                prop_assert_eq!(k.len(), g.len());
+            }
+            if let Binarize::Sparsity(s) = how {
+                let n = gates.iter().map(Vec::len).sum::<usize>();
+                let streaming = kinds.iter().flatten().filter(|&&k| k == HeadKind::Streaming).count();
+                let want = match s {
+                    s if s <= 0.0 => 0,
+                    s if s >= 1.0 => n,
+                    s => (s * (n - 1) as f64).ceil() as usize,
+                };
+                prop_assert_eq!(streaming, want);
+            }
         }
     }
 
