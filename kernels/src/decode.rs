@@ -736,6 +736,8 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
     } = DecodeBlock::of(p, fresh_u32(block_idx_x()) as i32, row_chunks);
     let by = kv_head * row_chunks + chunk;
     let row_base = chunk * DECODE_ROWS as i32;
+    // The chunk's rows that exist (its last chunk may be partly empty).
+    let rows_here = min_i32(DECODE_ROWS as i32, rows_per_head - row_base) as usize;
     let row_head_token = |row: i32| head_and_token(p, kv_head, group, row);
     // Index of (split, this batch entry, head, token) in the `[splits, B, Hq, n_q]` partials.
     let partial_row = |s: i32, head: i32, tok: i32| {
@@ -769,12 +771,9 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
     }
     sync_threads();
 
-    for idx in (tid..16 * D).step_by(threads) {
+    for idx in (tid..rows_here * D).step_by(threads) {
         let (row, col) = (idx / D, idx % D);
         let global_row = row_base + row as i32;
-        if global_row >= rows_per_head {
-            continue;
-        }
         let mut m = f32::NEG_INFINITY;
         for w in 0..warps {
             m = max_f32(m, unsafe {
@@ -853,14 +852,11 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
     let weights = smem + 1024;
     let splits = (splits as usize).max(1);
     let weight_at = |row: usize, s: usize| weights + ((row * DECODE_MAX_SPLITS + s) * 4) as u32;
-    for idx in (tid..DECODE_ROWS * splits).step_by(threads) {
+    for idx in (tid..rows_here * splits).step_by(threads) {
         let (row, s) = (idx / splits, idx % splits);
-        let global_row = row_base + row as i32;
-        if global_row < rows_per_head {
-            let (head, tok) = row_head_token(global_row);
-            let at = p.lse_partial + (partial_row(s as i32, head, tok) * 4) as u64;
-            unsafe { st_shared_f32(weight_at(row, s), ld_global_cg_f32(at)) };
-        }
+        let (head, tok) = row_head_token(row_base + row as i32);
+        let at = p.lse_partial + (partial_row(s as i32, head, tok) * 4) as u64;
+        unsafe { st_shared_f32(weight_at(row, s), ld_global_cg_f32(at)) };
     }
     sync_threads();
     // 2. Per row (one warp each, lanes over splits): the merged LSE, then each split's weight
@@ -898,20 +894,26 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
         }
     }
     sync_threads();
-    // 3. O: four columns per item, four splits per step (a step past the last split repeats
-    // the last split's address with weight 0, so no load waits behind a branch).
-    for idx in (tid..DECODE_ROWS * D / 4).step_by(threads) {
-        let (row, col) = (idx / (D / 4), 4 * (idx % (D / 4)));
-        let global_row = row_base + row as i32;
-        if global_row >= rows_per_head {
-            continue;
-        }
-        let (head, tok) = row_head_token(global_row);
+    // 3. O: four columns per item, the chunk's rows only, four splits per step (a step past
+    // the last split repeats the last split's address with weight 0, so no load waits behind a
+    // branch). Where the items are fewer than the threads (a GQA group of one token: 4 rows of
+    // 16), `tpi` neighbouring threads share an item's splits and add up by shuffles, so that
+    // more loads are in flight in this tail of the launch.
+    let items = rows_here * (D / 4);
+    let mut tpi = 1;
+    while tpi < 8 && 2 * tpi * items <= threads {
+        tpi *= 2;
+    }
+    for base in (0..items * tpi).step_by(threads) {
+        let slot = base + tid;
+        let (item, part) = (slot / tpi, slot % tpi);
+        let active = item < items;
+        let (row, col) = (item / (D / 4), 4 * (item % (D / 4)));
+        let (head, tok) = row_head_token(row_base + row as i32);
         let src = |s: usize| {
             let row_at = partial_row(s as i32, head, tok) * D as i64 + col as i64;
             p.o_partial + (row_at * 4) as u64
         };
-        let mut o = [0f32; 4];
         let weight = |s: usize| {
             if s < splits {
                 unsafe { ld_shared_f32(weight_at(row, s)) }
@@ -920,12 +922,26 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
             }
         };
         let load = |s: usize| unsafe { ld_global_cg_v4_f32(src(s.min(splits - 1))) };
-        for s0 in (0..splits).step_by(4) {
-            let (x0, x1, x2, x3) = (load(s0), load(s0 + 1), load(s0 + 2), load(s0 + 3));
-            let (w0, w1, w2, w3) = (weight(s0), weight(s0 + 1), weight(s0 + 2), weight(s0 + 3));
-            for c in 0..4 {
-                o[c] += w0 * x0[c] + w1 * x1[c] + w2 * x2[c] + w3 * x3[c];
+        let mut o = [0f32; 4];
+        if active {
+            for s0 in (part..splits).step_by(4 * tpi) {
+                let at = |k: usize| s0 + k * tpi;
+                let (x0, x1, x2, x3) = (load(at(0)), load(at(1)), load(at(2)), load(at(3)));
+                let (w0, w1, w2, w3) = (weight(at(0)), weight(at(1)), weight(at(2)), weight(at(3)));
+                for c in 0..4 {
+                    o[c] += w0 * x0[c] + w1 * x1[c] + w2 * x2[c] + w3 * x3[c];
+                }
             }
+        }
+        let mut lanes = 1;
+        while lanes < tpi {
+            for v in o.iter_mut() {
+                *v += shfl_xor_f32(*v, lanes as u32);
+            }
+            lanes *= 2;
+        }
+        if !active || part != 0 {
+            continue;
         }
         let off = batch * p.o_strides[0]
             + tok as i64 * p.o_strides[1]
