@@ -1,36 +1,37 @@
 #!/usr/bin/env python3
-"""Reads the per-block decode trace of scripts/probes/decode_block_trace.patch (DUO_DECODE_TRACE=FILE:
-every decode launch appends its grid and 8 u64 per block: start, loop end, count, merge end (ns),
-SM | tiles << 32) and prints, per launch given, when working and empty blocks start, run and end.
-Usage: decode_trace.py FILE 0,5,9"""
+"""Reads the per-block decode trace of scripts/probes/decode_block_trace.patch.
+
+With the patch applied and DUO_DECODE_TRACE=FILE, every decode launch records per block (8 u64):
+start after griddepcontrol.wait, KV loop end, split counted, merge end (merging blocks), SM |
+tiles << 32, and entry (before the wait), in %globaltimer ns. The host keeps them on the device
+and appends them (grid, 1, 1, then the words) at each Context::synchronize, so queued launches
+still overlap. Prints, per launch, min/median/max of each time relative to its first block's
+entry, and how long before the previous launch's end it entered.
+Usage: decode_trace.py FILE [FIRST_LAUNCH [COUNT]]"""
 import struct, sys
-def load(path):
-    data = open(path, 'rb').read(); off = 0; out = []
-    while off < len(data):
-        gx, gy, gz = struct.unpack_from('<3Q', data, off); off += 24
-        n = gx*gy*gz
-        recs = struct.unpack_from('<%dQ' % (n*8), data, off); off += n*64
-        blocks = []
-        for i in range(n):
-            r = recs[i*8:i*8+8]
-            cnt = (r[4] >> 32); cnt = cnt - (1<<32) if cnt >= 1<<31 else cnt
-            x = i % gx; y = (i // gx) % gy; z = i // (gx*gy)
-            blocks.append(dict(x=x, y=y, z=z, start=r[0], loop=r[1], counted=r[2], merged=r[3], sm=r[4] & 0xffffffff, tiles=cnt))
-        t0 = min(b['start'] for b in blocks)
-        for b in blocks:
-            for k in ('start','loop','counted','merged'):
-                b[k] = (b[k]-t0)/1e3 if b[k] else None
-        out.append(((gx,gy,gz), blocks))
-    return out
-if __name__ == '__main__':
-    L = load(sys.argv[1])
-    for li in [int(a) for a in sys.argv[2].split(',')]:
-        g, bl = L[li]
-        end = max(max(b['counted'], b['merged'] or 0) for b in bl)
-        print('launch', li, g, 'end %.1f' % end)
-        for kind, sel in [('work', [b for b in bl if b['tiles'] > 0]), ('empty', [b for b in bl if b['tiles'] <= 0])]:
-            if not sel: continue
-            st = sorted(b['start'] for b in sel); du = sorted(b['counted']-b['start'] for b in sel)
-            le = sorted(b['loop'] for b in sel); ti = sorted(b['tiles'] for b in sel)
-            q = lambda v: '%.1f/%.1f/%.1f' % (v[0], v[len(v)//2], v[-1])
-            print(' ', kind, len(sel), 'start', q(st), 'dur', q(du), 'loop end', q(le), 'tiles', q(ti))
+data = open(sys.argv[1], 'rb').read(); off = 0; L = []
+while off < len(data):
+    gx, gy, gz = struct.unpack_from('<3Q', data, off); off += 24
+    recs = struct.unpack_from('<%dQ' % (gx*8), data, off); off += gx*64
+    bl = [recs[i*8:i*8+8] for i in range(gx)]
+    L.append(bl)
+first = int(sys.argv[2]) if len(sys.argv) > 2 else 0
+count = int(sys.argv[3]) if len(sys.argv) > 3 else 16
+prev_end = None
+q = lambda v: '%6.1f/%6.1f/%6.1f' % (v[0], v[len(v)//2], v[-1])
+for li in range(first, min(first+count, len(L))):
+    bl = L[li]
+    t0 = min(b[5] for b in bl)
+    rel = lambda x: (x - t0)/1e3
+    work = [b for b in bl if (b[4] >> 32) > 0]
+    enter = sorted(rel(b[5]) for b in bl)
+    start = sorted(rel(b[0]) for b in bl)
+    loop = sorted(rel(b[1]) for b in work)
+    counted = sorted(rel(b[2]) for b in bl)
+    merged = sorted(rel(b[3]) for b in bl if b[3])
+    end = max(counted[-1], merged[-1] if merged else 0)
+    tiles = sorted(b[4] >> 32 for b in bl)
+    gap = '' if prev_end is None else 'first enter %+.1f us after prev end' % ((t0 - prev_end)/1e3)
+    print('launch %d: %d blocks, tiles %d/%d/%d, end %.1f us %s' % (li, len(bl), tiles[0], tiles[len(tiles)//2], tiles[-1], end, gap))
+    print('   enter %s | after wait %s | loop end %s | counted %s | merged %s' % (q(enter), q(start), q(loop) if loop else '-', q(counted), q(merged) if merged else '-'))
+    prev_end = t0 + end*1e3
