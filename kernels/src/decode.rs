@@ -233,6 +233,39 @@ unsafe fn append_own_rows<const D: usize, const PAGING: u8>(p: &DecodeParams, ro
     }
 }
 
+/// The KV tiles a head walks for the step's queries (the last `n_q` of `mask.seqlen_k` keys): a
+/// ring's filled slots (`n_keys` of them), else the mask's block ranges.
+#[inline(always)]
+fn visited_tiles(
+    mask: &HeadMask,
+    use_ring: bool,
+    n_q: i32,
+    n_keys: i32,
+    bn: i32,
+) -> [BlockRange; 2] {
+    if use_ring {
+        [
+            BlockRange {
+                start: 0,
+                end: div_or_zero(n_keys + bn - 1, bn),
+            },
+            BlockRange::EMPTY,
+        ]
+    } else {
+        mask.block_ranges(mask.seqlen_k - n_q, mask.seqlen_k - 1, bn)
+    }
+}
+
+/// The `i`-th tile of the ranges `[first, second]`.
+#[inline(always)]
+fn nth_tile([first, second]: &[BlockRange; 2], i: i32) -> i32 {
+    if i < first.len() {
+        first.start + i
+    } else {
+        second.start + i - first.len()
+    }
+}
+
 /// Before the wait for the previous kernel (`DecodeParams::prefetch_tiles`): asks the L2 for the
 /// first K/V tiles this block will walk, so their reads from memory overlap the previous kernel's
 /// tail and this kernel's own start. Everything here is a hint: the length and page entries are
@@ -276,37 +309,22 @@ unsafe fn prefetch_first_tiles<const D: usize, const PAGING: u8>(p: &DecodeParam
     } else {
         seqlen
     };
-    let [first, second] = if use_ring {
-        [
-            BlockRange {
-                start: 0,
-                end: div_or_zero(n_keys + bn - 1, bn),
-            },
-            BlockRange::EMPTY,
-        ]
-    } else {
-        let mask = HeadMask {
-            streaming,
-            causal: p.causal != 0,
-            sink: p.sink,
-            window: p.window,
-            seqlen_k: seqlen,
-        };
-        mask.block_ranges(seqlen - p.n_q, seqlen - 1, bn)
+    let mask = HeadMask {
+        streaming,
+        causal: p.causal != 0,
+        sink: p.sink,
+        window: p.window,
+        seqlen_k: seqlen,
     };
-    let total = first.len() + second.len();
+    let tiles = visited_tiles(&mask, use_ring, p.n_q, n_keys, bn);
+    let total = tiles[0].len() + tiles[1].len();
     let per_split = split_share(p, total, splits);
     // Thread 2i fetches tile i's K, thread 2i + 1 its V.
     let i = split * per_split + tid / 2;
     if i >= min_i32(split * per_split + per_split, total) {
         return;
     }
-    let n0 = bn
-        * if i < first.len() {
-            first.start + i
-        } else {
-            second.start + i - first.len()
-        };
+    let n0 = bn * nth_tile(&tiles, i);
     let rows = min_i32(bn, n_keys - n0);
     let kv = HeadKv::of::<D, PAGING>(p, streaming, rank, kv_head, batch);
     let (base, st) = if tid % 2 == 0 {
@@ -465,29 +483,12 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
     };
 
     // The tiles this head visits (ring: all slots; else the mask's ranges), and this split's share.
-    let [first, second] = if use_ring {
-        [
-            BlockRange {
-                start: 0,
-                end: div_or_zero(n_keys + bn as i32 - 1, bn as i32),
-            },
-            BlockRange::EMPTY,
-        ]
-    } else {
-        mask.block_ranges(q_lo, q_hi, bn as i32)
-    };
-    let total = first.len() + second.len();
+    let tiles = visited_tiles(&mask, use_ring, p.n_q, n_keys, bn as i32);
+    let total = tiles[0].len() + tiles[1].len();
     let per_split = split_share(p, total, splits);
     let t0 = split * per_split;
     let count = min_i32(t0 + per_split, total) - t0;
-    let n_block = |i: i32| {
-        let i = t0 + i;
-        if i < first.len() {
-            first.start + i
-        } else {
-            second.start + i - first.len()
-        }
-    };
+    let n_block = |i: i32| nth_tile(&tiles, t0 + i);
     // The per-row paged loader is inlined by force (at D = 256 LLVM kept it a call); the others
     // are left to LLVM, which inlines them (forcing them changes the plain entries' code).
     let load_paged = #[inline(always)]
