@@ -238,6 +238,33 @@ impl HeadPattern {
 mod tests {
     use super::*;
 
+    /// A pattern built by hand is checked before it is binarised: no gates, ragged rows and
+    /// gates outside [0, 1] (NaN included) are typed errors.
+    #[test]
+    fn hand_built_gates_are_checked() {
+        let built = |gates: Vec<Vec<f64>>| HeadPattern {
+            gates,
+            sink: None,
+            recent: None,
+        };
+        for (gates, says) in [
+            (vec![], "no heads"),
+            (vec![vec![]], "no heads"),
+            (vec![vec![0.5, 0.2], vec![0.1]], "ragged"),
+            (vec![vec![0.5, f64::NAN]], "outside [0, 1]"),
+            (vec![vec![0.5], vec![1.5]], "outside [0, 1]"),
+        ] {
+            let err = built(gates)
+                .head_kinds(Binarize::Sparsity(0.5))
+                .unwrap_err();
+            assert!(
+                matches!(&err, Error::Pattern(m) if m.contains(says)),
+                "{err}"
+            );
+        }
+        assert!(built(vec![vec![0.5, 0.2]]).check_gates().is_ok());
+    }
+
     #[test]
     fn quantile_matches_numpy_linear() {
         // numpy.quantile([0.1, 0.2, 0.3, 0.4], 0.5) == 0.25

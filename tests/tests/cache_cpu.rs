@@ -169,6 +169,20 @@ fn cache_config_errors() {
         check(|_| {}, vec![]),
         Err(Error::InvalidCacheConfig(_))
     ));
+    // A bad scale fails at creation, not at the first call.
+    for scale in [f32::NAN, f32::INFINITY, 0.0, -1.0] {
+        let mut cfg = config();
+        cfg.softmax_scale = Some(scale);
+        let err = DuoCache::<bf16>::check(&cfg, &ok());
+        assert!(
+            matches!(err, Err(Error::InvalidScale(_))),
+            "{scale}: {err:?}"
+        );
+    }
+    // Absurd sizes: the memory report saturates rather than overflows.
+    let mut cfg = config();
+    (cfg.batch, cfg.max_len) = (usize::MAX / 2, usize::MAX / 2);
+    assert_eq!(cache_memory(&cfg, &ok(), 2).all_full_bytes, usize::MAX);
 }
 
 #[test]
