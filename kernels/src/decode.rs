@@ -772,56 +772,41 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
     }
     sync_threads();
 
-    // Per row, by one thread: each warp's weight exp2(m_w - m) / l in place of its maximum, and
-    // the row's LSE partial. Every item is then a weighted sum of the warps' O (the weights were
-    // once worked out again for each of a row's D items).
-    let stat = |w: usize, row: usize, k: usize| stats + ((w * 16 + row) * 8 + 4 * k) as u32;
-    for row in (tid..rows_here).step_by(threads) {
-        let mut m = f32::NEG_INFINITY;
-        for w in 0..warps {
-            m = max_f32(m, unsafe { ld_shared_f32(stat(w, row, 0)) });
-        }
-        let mut l = 0f32;
-        for w in 0..warps {
-            // A row no warp saw a key of (m = -inf) weighs 0, not exp2(NaN).
-            let f = if m == f32::NEG_INFINITY {
-                0.0
-            } else {
-                exp2_approx(unsafe { ld_shared_f32(stat(w, row, 0)) } - m)
-            };
-            l += f * unsafe { ld_shared_f32(stat(w, row, 1)) };
-            unsafe { st_shared_f32(stat(w, row, 0), f) };
-        }
-        let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
-        for w in 0..warps {
-            unsafe { st_shared_f32(stat(w, row, 0), ld_shared_f32(stat(w, row, 0)) * inv) };
-        }
-        let lse = if l > 0.0 {
-            (m + log2_approx(l)) * LN_2
-        } else {
-            f32::NEG_INFINITY
-        };
-        let (head, tok) = row_head_token(row_base + row as i32);
-        let out_row = partial_row(split, head, tok);
-        unsafe { st_global_f32(p.lse_partial + (out_row * 4) as u64, lse) };
-    }
-    sync_threads();
     for idx in (tid..rows_here * D).step_by(threads) {
         let (row, col) = (idx / D, idx % D);
-        let mut o = 0f32;
+        let global_row = row_base + row as i32;
+        let mut m = f32::NEG_INFINITY;
         for w in 0..warps {
-            let weight = unsafe { ld_shared_f32(stat(w, row, 0)) };
-            let at = o_buf + (((w * 16 + row) * o_stride + col) * 4) as u32;
-            o += weight * unsafe { ld_shared_f32(at) };
+            m = max_f32(m, unsafe {
+                ld_shared_f32(stats + ((w * 16 + row) * 8) as u32)
+            });
         }
-        let (head, tok) = row_head_token(row_base + row as i32);
+        let (mut l, mut o) = (0f32, 0f32);
+        if m != f32::NEG_INFINITY {
+            for w in 0..warps {
+                let wr = w * 16 + row;
+                let mw = unsafe { ld_shared_f32(stats + (wr * 8) as u32) };
+                let f = exp2_approx(mw - m);
+                l += f * unsafe { ld_shared_f32(stats + (wr * 8 + 4) as u32) };
+                o += f * unsafe { ld_shared_f32(o_buf + ((wr * o_stride + col) * 4) as u32) };
+            }
+        }
+        let (head, tok) = row_head_token(global_row);
+        let (o, lse) = if l > 0.0 {
+            (o / l, (m + log2_approx(l)) * LN_2)
+        } else {
+            (0.0, f32::NEG_INFINITY)
+        };
         let out_row = partial_row(split, head, tok);
         unsafe {
             st_global_f32(
                 p.o_partial + ((out_row * D as i64 + col as i64) * 4) as u64,
                 o,
-            )
-        };
+            );
+            if col == 0 {
+                st_global_f32(p.lse_partial + (out_row * 4) as u64, lse);
+            }
+        }
     }
 
     // The last split block of this row group to get here merges all splits: every thread fences
