@@ -83,8 +83,38 @@ mod paging {
 /// past the K/V rows. A coherent load: with the append fused, this launch advances it.
 #[inline(always)]
 unsafe fn sequence_len(p: &DecodeParams, batch: i64) -> i32 {
-    let len = unsafe { ld_global_u32(p.seqlens + 4 * batch as u64) } as i32;
+    clamped_len(p, unsafe { ld_global_u32(p.seqlens + 4 * batch as u64) })
+}
+
+/// A `seqlens` entry clamped into `0..=seqlen`.
+#[inline(always)]
+fn clamped_len(p: &DecodeParams, raw: u32) -> i32 {
+    let len = raw as i32;
     if len < 0 { 0 } else { min_i32(len, p.seqlen) }
+}
+
+/// Whether this entry runs `p`'s fused append (`DecodeParams::append`).
+#[inline(always)]
+fn fuses_append<const D: usize, const PAGING: u8>(p: &DecodeParams) -> bool {
+    p.append.k != 0 && const { decode_fuses_append(D, PAGING != paging::NONE) }
+}
+
+/// The keys this step attends, from the sequence's clamped count `len` before it: with the
+/// append fused, its `n_q` new keys too.
+#[inline(always)]
+fn step_keys<const D: usize, const PAGING: u8>(p: &DecodeParams, len: i32) -> i32 {
+    if fuses_append::<D, PAGING>(p) {
+        min_i32(len + p.n_q, p.seqlen)
+    } else {
+        len
+    }
+}
+
+/// Chunks of `DECODE_ROWS` query rows per KV head: its group's query heads times the new tokens.
+#[inline(always)]
+fn row_chunks_of(p: &DecodeParams) -> i32 {
+    let rows_per_head = div_or_zero(p.heads_q, p.heads_kv) * p.n_q;
+    div_or_zero(rows_per_head + DECODE_ROWS as i32 - 1, DECODE_ROWS as i32)
 }
 
 /// Tiles each of a head's `splits` splits walks, of its `total` visited tiles. The host planned
@@ -280,8 +310,6 @@ unsafe fn prefetch_first_tiles<const D: usize, const PAGING: u8>(p: &DecodeParam
     if tid >= 2 * p.prefetch_tiles || PAGING == paging::ROWS {
         return;
     }
-    let group = div_or_zero(p.heads_q, p.heads_kv);
-    let row_chunks = div_or_zero(group * p.n_q + DECODE_ROWS as i32 - 1, DECODE_ROWS as i32);
     let DecodeBlock {
         streaming,
         rank,
@@ -290,16 +318,10 @@ unsafe fn prefetch_first_tiles<const D: usize, const PAGING: u8>(p: &DecodeParam
         split,
         splits,
         ..
-    } = DecodeBlock::of(p, block_idx_x() as i32, row_chunks);
+    } = DecodeBlock::of(p, block_idx_x() as i32, row_chunks_of(p));
     let seqlen = if p.seqlens != 0 {
-        let len = unsafe { ld_relaxed_u32(p.seqlens + 4 * batch as u64) } as i32;
-        let len = if len < 0 { 0 } else { min_i32(len, p.seqlen) };
-        let fused = p.append.k != 0 && const { decode_fuses_append(D, PAGING != paging::NONE) };
-        if fused {
-            min_i32(len + p.n_q, p.seqlen)
-        } else {
-            len
-        }
+        let raw = unsafe { ld_relaxed_u32(p.seqlens + 4 * batch as u64) };
+        step_keys::<D, PAGING>(p, clamped_len(p, raw))
     } else {
         p.seqlen
     };
@@ -390,9 +412,9 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
 
     let group = div_or_zero(p.heads_q, p.heads_kv);
     let rows_per_head = group * p.n_q;
-    let row_chunks = div_or_zero(rows_per_head + DECODE_ROWS as i32 - 1, DECODE_ROWS as i32);
+    let row_chunks = row_chunks_of(p);
     // The fused append (`DecodeParams::append`) first, on its own: nothing of it stays live.
-    let fused_append = p.append.k != 0 && const { decode_fuses_append(D, PAGING != paging::NONE) };
+    let fused_append = fuses_append::<D, PAGING>(p);
     if fused_append {
         unsafe { append_own_rows::<D, PAGING>(p, row_chunks) };
         sync_threads(); // the new rows before any thread's loads of them
@@ -411,12 +433,7 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
     // reaches past the K/V rows) or the batch's; with the append fused, `seqlens` holds the
     // count before this step's `n_q` new keys.
     let seqlen = if p.seqlens != 0 {
-        let own = unsafe { sequence_len(p, batch) };
-        if fused_append {
-            min_i32(own + p.n_q, p.seqlen)
-        } else {
-            own
-        }
+        step_keys::<D, PAGING>(p, unsafe { sequence_len(p, batch) })
     } else {
         p.seqlen
     };
