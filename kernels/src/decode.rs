@@ -18,7 +18,7 @@ use crate::device::*;
 use crate::heads::DecodeBlock;
 use crate::mask::{BlockRange, HeadMask, div_or_zero};
 use crate::mma::{Bf16, Element, F16, quad, set_quad};
-use crate::ring::{filled_slots, position_of, slot_of};
+use crate::ring::{RingPositions, filled_slots, slot_of};
 use crate::softmax::{RowState, mask_scores, merged_lse, online_softmax, rescale};
 use crate::tile::min_i32;
 
@@ -28,6 +28,19 @@ use crate::tile::min_i32;
 const MERGE_ROW_PAD: usize = 8;
 /// Most 16-byte chunks one thread loads of a K or V tile (D = 256: 64 x 256 / 8 / 128).
 const MAX_TILE_CHUNKS: usize = 16;
+/// Most O loads in flight per thread in the split merge.
+const MERGE_DEPTH: usize = 16;
+
+/// O loads in flight per thread in the split merge: 16 (64 registers) at D = 128; 8 at D = 256,
+/// which spills with 16; 4 at D = 64, whose entries have a 128-register cap (8 spilled in the
+/// paged ones).
+const fn merge_depth(d: usize) -> usize {
+    match d {
+        128 => MERGE_DEPTH,
+        256 => MERGE_DEPTH / 2,
+        _ => MERGE_DEPTH / 4,
+    }
+}
 const LN_2: f32 = core::f32::consts::LN_2;
 const LOG2_E: f32 = core::f32::consts::LOG2_E;
 
@@ -191,7 +204,11 @@ impl HeadKv {
 /// nothing here stays live into the decode. (With it, ptxas took 154-162 registers at D = 64:
 /// those entries are capped at 128, for two blocks per SM, by `entry_directives`.)
 #[inline(always)]
-unsafe fn append_own_rows<const D: usize, const PAGING: u8>(p: &DecodeParams, row_chunks: i32) {
+unsafe fn append_own_rows<const D: usize, const PAGING: u8>(
+    p: &DecodeParams,
+    row_chunks: i32,
+    start: i32,
+) {
     let bn = decode_block_n(D) as i32;
     let DecodeBlock {
         streaming,
@@ -202,7 +219,6 @@ unsafe fn append_own_rows<const D: usize, const PAGING: u8>(p: &DecodeParams, ro
         splits,
         ..
     } = DecodeBlock::of(p, fresh_u32(block_idx_x()) as i32, row_chunks);
-    let start = unsafe { sequence_len(p, batch) };
     let end = min_i32(start + p.n_q, p.seqlen);
     let use_ring = streaming && p.ring != 0;
     // The head's tiles after the append: a ring's filled slots, else (a retrieval head of the
@@ -413,12 +429,6 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
     let group = div_or_zero(p.heads_q, p.heads_kv);
     let rows_per_head = group * p.n_q;
     let row_chunks = row_chunks_of(p);
-    // The fused append (`DecodeParams::append`) first, on its own: nothing of it stays live.
-    let fused_append = fuses_append::<D, PAGING>(p);
-    if fused_append {
-        unsafe { append_own_rows::<D, PAGING>(p, row_chunks) };
-        sync_threads(); // the new rows before any thread's loads of them
-    }
     let DecodeBlock {
         streaming,
         rank,
@@ -431,9 +441,22 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
     let row_base = chunk * DECODE_ROWS as i32;
     // This sequence's key count: its own (`seqlens`, clamped into `0..=seqlen` so that no value
     // reaches past the K/V rows) or the batch's; with the append fused, `seqlens` holds the
-    // count before this step's `n_q` new keys.
+    // count before this step's `n_q` new keys. Loaded once, by the first thing after the wait
+    // that needs it (a second load was a second trip to the L2 on every block's way to its
+    // first tile).
+    let len_before = if p.seqlens != 0 {
+        unsafe { sequence_len(p, batch) }
+    } else {
+        p.seqlen
+    };
+    // The fused append (`DecodeParams::append`) first, on its own: nothing of it stays live.
+    let fused_append = fuses_append::<D, PAGING>(p);
+    if fused_append {
+        unsafe { append_own_rows::<D, PAGING>(p, row_chunks, len_before) };
+        sync_threads(); // the new rows before any thread's loads of them
+    }
     let seqlen = if p.seqlens != 0 {
-        step_keys::<D, PAGING>(p, unsafe { sequence_len(p, batch) })
+        step_keys::<D, PAGING>(p, len_before)
     } else {
         p.seqlen
     };
@@ -654,6 +677,7 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
         }
     }
 
+    let ring_positions = RingPositions::new(seqlen, p.sink, p.recent);
     let mut acc = [0f32; ON];
     let mut state = RowState::new();
     let kw = 16 * warp;
@@ -699,11 +723,14 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
         set_quad(&mut s, 1, s1);
 
         let key0 = n0 + kw as i32;
-        if use_ring {
+        // Ring tiles whose slots every row sees whole (all but the one or two that hold the
+        // oldest and newest positions) skip the element mask, as fully visible blocks do.
+        if use_ring && !ring_positions.slots_fully_visible(n0, n0 + bn as i32, q_lo, q_hi, p.window)
+        {
             for (e, v) in s.iter_mut().enumerate() {
                 let slot = key0 + (8 * (e / 4) + 2 * t + (e & 1)) as i32;
                 let pos = if slot < n_keys {
-                    position_of(slot, seqlen, p.sink, p.recent)
+                    ring_positions.position(slot)
                 } else {
                     -1
                 };
@@ -711,7 +738,7 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
                     *v = f32::NEG_INFINITY;
                 }
             }
-        } else {
+        } else if !use_ring {
             let full = mask.block_fully_visible(q_lo, q_hi, n0, bn as i32);
             mask_scores(&mut s, &mask, full, q_pos, key0, t);
         }
@@ -766,86 +793,117 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
     // Merge the warps: stats [warp][row] = (max, sum), then O [warp][row][D] unnormalised.
     let stats = smem;
     let o_buf = smem + stats_bytes as u32;
+    let stat_at = |w: usize, row: usize| stats + ((w * DECODE_ROWS + row) * 8) as u32;
     let mut sum = state.sum;
     for v in sum.iter_mut() {
         *v += shfl_xor_f32(*v, 1);
         *v += shfl_xor_f32(*v, 2);
     }
     for r in 0..2 {
-        let row = warp * 16 + g + 8 * r;
+        let row = g + 8 * r;
         if t == 0 {
             unsafe {
-                st_shared_f32(stats + (row * 8) as u32, state.max[r]);
-                st_shared_f32(stats + (row * 8 + 4) as u32, sum[r]);
+                st_shared_f32(stat_at(warp, row), state.max[r]);
+                st_shared_f32(stat_at(warp, row) + 4, sum[r]);
             }
         }
     }
     // Column pairs (2t, 2t + 1) as one 8-byte store: each half warp then hits 32 distinct banks.
+    // Rows past the chunk's are not stored (a GQA group of one token fills 4 of the 16).
     for e in (0..ON).step_by(2) {
-        let row = warp * 16 + g + 8 * ((e % 4) / 2);
+        let row = g + 8 * ((e % 4) / 2);
         let col = 8 * (e / 4) + 2 * t;
-        let at = o_buf + ((row * o_stride + col) * 4) as u32;
-        unsafe { st_shared_v2_f32(at, [acc[e], acc[e + 1]]) };
+        let at = o_buf + (((warp * 16 + row) * o_stride + col) * 4) as u32;
+        if row < rows_here {
+            unsafe { st_shared_v2_f32(at, [acc[e], acc[e + 1]]) };
+        }
     }
     sync_threads();
 
-    for idx in (tid..rows_here * D).step_by(threads) {
-        let (row, col) = (idx / D, idx % D);
-        let global_row = row_base + row as i32;
-        let mut m = f32::NEG_INFINITY;
-        for w in 0..warps {
-            m = max_f32(m, unsafe {
-                ld_shared_f32(stats + ((w * 16 + row) * 8) as u32)
-            });
+    // Each warp's weight in each row, exp2(m_w - m) / l, once: `warps` neighbouring threads per
+    // row find the row's max m and sum l by shuffles, and each writes its warp's weight over that
+    // warp's max. The row's first thread writes the row's LSE partial.
+    if tid < DECODE_ROWS * warps {
+        let (row, w) = (tid / warps, tid % warps);
+        let (mw, lw) = unsafe {
+            (
+                ld_shared_f32(stat_at(w, row)),
+                ld_shared_f32(stat_at(w, row) + 4),
+            )
+        };
+        let mut m = mw;
+        let mut lanes = 1;
+        while lanes < warps {
+            m = max_f32(m, shfl_xor_f32(m, lanes as u32));
+            lanes *= 2;
         }
-        let (mut l, mut o) = (0f32, 0f32);
-        if m != f32::NEG_INFINITY {
-            for w in 0..warps {
-                let wr = w * 16 + row;
-                let mw = unsafe { ld_shared_f32(stats + (wr * 8) as u32) };
-                let f = exp2_approx(mw - m);
-                l += f * unsafe { ld_shared_f32(stats + (wr * 8 + 4) as u32) };
-                o += f * unsafe { ld_shared_f32(o_buf + ((wr * o_stride + col) * 4) as u32) };
-            }
+        let f = if m == f32::NEG_INFINITY {
+            0.0
+        } else {
+            exp2_approx(mw - m)
+        };
+        let mut l = f * lw;
+        let mut lanes = 1;
+        while lanes < warps {
+            l += shfl_xor_f32(l, lanes as u32);
+            lanes *= 2;
         }
-        let (head, tok) = row_head_token(global_row);
-        let (o, lse) = if l > 0.0 {
-            (o / l, (m + log2_approx(l)) * LN_2)
+        let (weight, lse) = if l > 0.0 {
+            (f * rcp_approx(l), (m + log2_approx(l)) * LN_2)
         } else {
             (0.0, f32::NEG_INFINITY)
         };
-        let out_row = partial_row(split, head, tok);
-        unsafe {
-            st_global_f32(
-                p.o_partial + ((out_row * D as i64 + col as i64) * 4) as u64,
-                o,
-            );
-            if col == 0 {
-                st_global_f32(p.lse_partial + (out_row * 4) as u64, lse);
-            }
+        unsafe { st_shared_f32(stat_at(w, row), weight) };
+        if w == 0 && row < rows_here {
+            let (head, tok) = row_head_token(row_base + row as i32);
+            let at = p.lse_partial + (partial_row(split, head, tok) * 4) as u64;
+            unsafe { st_global_f32(at, lse) };
         }
     }
+    sync_threads();
+    // The block's partial rows: four columns per item, the warps' O by their weights.
+    for idx in (tid..rows_here * (D / 4)).step_by(threads) {
+        let (row, col) = (idx / (D / 4), 4 * (idx % (D / 4)));
+        let mut o = [0f32; 4];
+        for w in 0..warps {
+            let wr = w * DECODE_ROWS + row;
+            let (weight, x) = unsafe {
+                (
+                    ld_shared_f32(stat_at(w, row)),
+                    ld_shared_v4_f32(o_buf + ((wr * o_stride + col) * 4) as u32),
+                )
+            };
+            for c in 0..4 {
+                o[c] += weight * x[c];
+            }
+        }
+        let (head, tok) = row_head_token(row_base + row as i32);
+        let at = p.o_partial + ((partial_row(split, head, tok) * D as i64 + col as i64) * 4) as u64;
+        unsafe { st_global_v4_f32(at, o) };
+    }
 
-    // The last split block of this row group to get here merges all splits: every thread fences
-    // its partial writes before the count, as in CUDA's threadfence reduction.
-    fence_acq_rel_gpu();
-    sync_threads(); // also: the shared stats and O buffer are no longer read
+    // The last split block of this row group to get here merges all splits. One thread publishes
+    // the block's partial rows (the barrier, then a release fence before the count) and, in the
+    // last block, acquires the other blocks' (a fence after the count, then the barrier), as
+    // cooperative groups' grid barrier does.
+    sync_threads(); // every partial row stored; the shared stats and O buffer no longer read
     let flag = smem;
     if tid == 0 {
         let group_index = by as i64 + batch * p.heads_kv as i64 * row_chunks as i64;
         let counter = p.counters + 4 * group_index as u64;
+        fence_acq_rel_gpu();
         let last = unsafe { atom_add_u32(counter, 1) } == (splits - 1) as u32;
-        unsafe {
-            if last {
-                st_global_u32(counter, 0); // ready for the next launch: no other block uses it now
-            }
-            st_shared_u32(flag, last as u32);
+        if last {
+            fence_acq_rel_gpu();
+            unsafe { st_global_u32(counter, 0) }; // ready for the next launch: no other block uses it now
         }
+        unsafe { st_shared_u32(flag, last as u32) };
     }
     // The fused append's length: the sequence's last block to count itself advances it (every
     // block read it before its count; none reads it after). A thread of another warp counts,
     // beside the row group's count.
     if tid == 32 && fused_append {
+        fence_acq_rel_gpu(); // the block's reads of the length, before its arrival
         let arrivals = p.arrivals + 4 * batch as u64;
         if unsafe { atom_add_u32(arrivals, 1) } == (p.seq_blocks - 1) as u32 {
             fence_acq_rel_gpu();
@@ -863,19 +921,57 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
     if unsafe { ld_shared_u32(flag) } == 0 {
         return;
     }
-    fence_acq_rel_gpu();
     // The merge is on the launch's critical path (the last block of each row group runs it
-    // alone), so it keeps many loads in flight: every split's LSE at once, then O by 16-byte
-    // loads of four splits at a time, with no branch between a load and its use.
-    // 1. Each (row, split) LSE into shared memory, one per thread.
+    // alone), so its loads go out together: every split's LSE, and each thread's first
+    // `merge_depth` splits of O, which need no weight yet.
     let weights = smem + 1024;
     let splits = (splits as usize).max(1);
     let weight_at = |row: usize, s: usize| weights + ((row * DECODE_MAX_SPLITS + s) * 4) as u32;
-    for idx in (tid..rows_here * splits).step_by(threads) {
+    // O items: four columns of a chunk row each; where the items are fewer than the threads (a
+    // GQA group of one token: 4 rows of 16), `tpi` neighbouring threads share an item's splits
+    // and add up by shuffles.
+    let items = rows_here * (D / 4);
+    let mut tpi = 1;
+    while tpi < 8 && 2 * tpi * items <= threads {
+        tpi *= 2;
+    }
+    let depth = const { merge_depth(D) };
+    // Bytes from one split's partial rows to the next's.
+    let split_bytes = (p.batch as i64 * p.heads_q as i64 * p.n_q as i64 * D as i64 * 4) as u64;
+    // Splits `s0, s0 + tpi, ...` of an item (zeros past the last split or for no item).
+    let load_o = |item: usize, s0: usize| {
+        let (row, col) = (item / (D / 4), 4 * (item % (D / 4)));
+        let (head, tok) = row_head_token(row_base + row as i32);
+        let row_at = partial_row(s0 as i32, head, tok) * D as i64 + col as i64;
+        let at = p.o_partial.wrapping_add((row_at * 4) as u64);
+        let mut xs = [[0f32; 4]; MERGE_DEPTH];
+        for (k, x) in xs.iter_mut().enumerate().take(depth) {
+            let live = item < items && s0 + k * tpi < splits;
+            let src = at.wrapping_add((k * tpi) as u64 * split_bytes);
+            *x = unsafe { ld_global_cg_v4_f32_if(live, src) };
+        }
+        xs
+    };
+    // 1. Each (row, split) LSE into shared memory, one per thread; the thread's first LSE load
+    // goes out before its O loads, so that it is not queued behind them.
+    let lse_count = rows_here * splits;
+    let lse_src = |idx: usize| {
         let (row, s) = (idx / splits, idx % splits);
         let (head, tok) = row_head_token(row_base + row as i32);
-        let at = p.lse_partial + (partial_row(s as i32, head, tok) * 4) as u64;
-        unsafe { st_shared_f32(weight_at(row, s), ld_global_cg_f32(at)) };
+        (
+            weight_at(row, s),
+            p.lse_partial + (partial_row(s as i32, head, tok) * 4) as u64,
+        )
+    };
+    let (lse_dst, lse_at) = lse_src(tid.min(lse_count - 1));
+    let lse = unsafe { ld_global_cg_f32(lse_at) };
+    let first = load_o(tid / tpi, tid % tpi);
+    if tid < lse_count {
+        unsafe { st_shared_f32(lse_dst, lse) };
+    }
+    for idx in (tid + threads..lse_count).step_by(threads) {
+        let (dst, at) = lse_src(idx);
+        unsafe { st_shared_f32(dst, ld_global_cg_f32(at)) };
     }
     sync_threads();
     // 2. Per row (one warp each, lanes over splits): the merged LSE, then each split's weight
@@ -913,42 +1009,31 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
         }
     }
     sync_threads();
-    // 3. O: four columns per item, the chunk's rows only, four splits per step (a step past
-    // the last split repeats the last split's address with weight 0, so no load waits behind a
-    // branch). Where the items are fewer than the threads (a GQA group of one token: 4 rows of
-    // 16), `tpi` neighbouring threads share an item's splits and add up by shuffles, so that
-    // more loads are in flight in this tail of the launch.
-    let items = rows_here * (D / 4);
-    let mut tpi = 1;
-    while tpi < 8 && 2 * tpi * items <= threads {
-        tpi *= 2;
-    }
+    // 3. O: the weighted sum of each item's splits, `merge_depth` splits per thread and batch of
+    // loads (the first batch already in registers).
     for base in (0..items * tpi).step_by(threads) {
         let slot = base + tid;
         let (item, part) = (slot / tpi, slot % tpi);
         let active = item < items;
-        let (row, col) = (item / (D / 4), 4 * (item % (D / 4)));
-        let (head, tok) = row_head_token(row_base + row as i32);
-        let src = |s: usize| {
-            let row_at = partial_row(s as i32, head, tok) * D as i64 + col as i64;
-            p.o_partial + (row_at * 4) as u64
-        };
-        let weight = |s: usize| {
-            if s < splits {
-                unsafe { ld_shared_f32(weight_at(row, s)) }
-            } else {
-                0.0
-            }
-        };
-        let load = |s: usize| unsafe { ld_global_cg_v4_f32(src(s.min(splits - 1))) };
+        let row = item / (D / 4);
         let mut o = [0f32; 4];
         if active {
-            for s0 in (part..splits).step_by(4 * tpi) {
-                let at = |k: usize| s0 + k * tpi;
-                let (x0, x1, x2, x3) = (load(at(0)), load(at(1)), load(at(2)), load(at(3)));
-                let (w0, w1, w2, w3) = (weight(at(0)), weight(at(1)), weight(at(2)), weight(at(3)));
-                for c in 0..4 {
-                    o[c] += w0 * x0[c] + w1 * x1[c] + w2 * x2[c] + w3 * x3[c];
+            for s0 in (part..splits).step_by(depth * tpi) {
+                let xs = if base == 0 && s0 == part {
+                    first
+                } else {
+                    load_o(item, s0)
+                };
+                for (k, x) in xs.iter().enumerate().take(depth) {
+                    let s = s0 + k * tpi;
+                    let w = if s < splits {
+                        unsafe { ld_shared_f32(weight_at(row, s)) }
+                    } else {
+                        0.0
+                    };
+                    for c in 0..4 {
+                        o[c] += w * x[c];
+                    }
                 }
             }
         }
@@ -962,6 +1047,8 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
         if !active || part != 0 {
             continue;
         }
+        let col = 4 * (item % (D / 4));
+        let (head, tok) = row_head_token(row_base + row as i32);
         let off = batch * p.o_strides[0]
             + tok as i64 * p.o_strides[1]
             + head as i64 * p.o_strides[2]

@@ -275,6 +275,33 @@ load_x4!(
     "ld.global.cg.v4.f32"
 );
 
+load_x4!(
+    /// 16-byte shared-memory load of four f32 (address 16-byte aligned).
+    ld_shared_v4_f32,
+    u32,
+    reg32,
+    f32,
+    "ld.shared.v4.f32"
+);
+
+/// [`ld_global_cg_v4_f32`] under a predicate, without a branch: zeros where `pred` is false (and
+/// nothing read, so `addr` need not be valid then).
+#[inline(always)]
+pub unsafe fn ld_global_cg_v4_f32_if(pred: bool, addr: u64) -> [f32; 4] {
+    let (mut a, mut b, mut c, mut d) = (0f32, 0f32, 0f32, 0f32);
+    unsafe {
+        asm!(
+            "{{ .reg .pred p;",
+            "setp.ne.u32 p, {q}, 0;",
+            "@p ld.global.cg.v4.f32 {{{a}, {b}, {c}, {d}}}, [{p}]; }}",
+            q = in(reg32) pred as u32, p = in(reg64) addr,
+            a = inout(reg32) a, b = inout(reg32) b, c = inout(reg32) c, d = inout(reg32) d,
+            options(readonly, nostack),
+        )
+    };
+    [a, b, c, d]
+}
+
 /// 4-byte read-only global load (address must be 4-byte aligned).
 #[inline(always)]
 pub unsafe fn ld_global_nc_u32(addr: u64) -> u32 {
@@ -352,6 +379,16 @@ pub unsafe fn st_global_v2_f32_if(pred: bool, addr: u64, v: [f32; 2]) {
 #[inline(always)]
 pub unsafe fn st_global_f32_if(pred: bool, addr: u64, v: f32) {
     unsafe { st_global_u32_if(pred, addr, v.to_bits()) }
+}
+
+/// 16-byte global store of four f32 (address 16-byte aligned).
+#[inline(always)]
+pub unsafe fn st_global_v4_f32(addr: u64, v: [f32; 4]) {
+    unsafe {
+        asm!("st.global.v4.f32 [{p}], {{{a}, {b}, {c}, {d}}};",
+            p = in(reg64) addr, a = in(reg32) v[0], b = in(reg32) v[1], c = in(reg32) v[2], d = in(reg32) v[3],
+            options(nostack))
+    };
 }
 
 #[inline(always)]

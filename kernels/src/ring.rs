@@ -34,14 +34,90 @@ pub fn recent_start(len: i32, sink: i32, recent: i32) -> i32 {
 /// Position held by `slot` once `len` positions were written, or -1 if the slot is empty.
 #[inline(always)]
 pub fn position_of(slot: i32, len: i32, sink: i32, recent: i32) -> i32 {
-    if slot < sink {
-        return if slot < len { slot } else { -1 };
+    RingPositions::new(len, sink, recent).position(slot)
+}
+
+/// [`position_of`] for one `len` and many slots: the division is done once, at `new`, and each
+/// slot then takes a compare and a select (a decode tile maps every key of a ring this way).
+#[derive(Clone, Copy, Debug)]
+pub struct RingPositions {
+    len: i32,
+    sink: i32,
+    recent: i32,
+    /// First position kept in the recent slots.
+    lo: i32,
+    /// Recent slot (from `sink` on) that holds `lo`.
+    lo_slot: i32,
+}
+
+impl RingPositions {
+    #[inline(always)]
+    pub fn new(len: i32, sink: i32, recent: i32) -> Self {
+        let lo = recent_start(len, sink, recent);
+        RingPositions {
+            len,
+            sink,
+            recent,
+            lo,
+            lo_slot: rem_or_zero(lo - sink, recent),
+        }
     }
-    let lo = recent_start(len, sink, recent);
-    let r = slot - sink;
-    let d = rem_or_zero(r + recent - rem_or_zero(lo - sink, recent), recent);
-    let pos = lo + d;
-    if r < recent && pos < len { pos } else { -1 }
+
+    /// Position held by `slot`, or -1 if the slot is empty.
+    #[inline(always)]
+    pub fn position(&self, slot: i32) -> i32 {
+        if slot < self.sink {
+            return if slot < self.len { slot } else { -1 };
+        }
+        // Recent slot r holds lo + (r - lo_slot) mod recent; r < recent and lo_slot < recent, so
+        // the modulo is one conditional add.
+        let r = slot - self.sink;
+        let d = if r >= self.lo_slot {
+            r - self.lo_slot
+        } else {
+            r - self.lo_slot + self.recent
+        };
+        let pos = self.lo + d;
+        if r < self.recent && pos < self.len {
+            pos
+        } else {
+            -1
+        }
+    }
+
+    /// Do slots `n0..n1` all hold a position that every query at `q_lo..=q_hi` sees, with
+    /// `window` recent positions each (`p <= q_lo`, and `p < sink` or `q_hi - p < window`)? Then a
+    /// decode tile of those slots needs no element mask. Exact up to one case taken as false: a
+    /// run of recent slots across the ring's wrap (the slot of the oldest position), which holds
+    /// the ring's newest and oldest positions, often masked anyway.
+    #[inline(always)]
+    pub fn slots_fully_visible(&self, n0: i32, n1: i32, q_lo: i32, q_hi: i32, window: i32) -> bool {
+        // Every slot filled (the filled slots are 0..filled_slots).
+        if n1 > filled_slots(self.len, self.sink, self.recent) || n0 < 0 {
+            return false;
+        }
+        // Sink slots hold their own position: seen once it is at most q_lo.
+        let sink_end = if n1 < self.sink { n1 } else { self.sink };
+        if sink_end > n0 && sink_end - 1 > q_lo {
+            return false;
+        }
+        // Recent slots r0..r1 hold positions lo + d for d = (r - lo_slot) mod recent, increasing
+        // with r unless the run crosses the wrap.
+        let r0 = if n0 > self.sink { n0 - self.sink } else { 0 };
+        let r1 = n1 - self.sink;
+        if r1 <= r0 {
+            return true;
+        }
+        let d0 = if r0 >= self.lo_slot {
+            r0 - self.lo_slot
+        } else {
+            r0 - self.lo_slot + self.recent
+        };
+        let d1 = d0 + (r1 - r0);
+        // Seen positions: from q_hi - window + 1 (the last query's window) to q_lo (causal).
+        let (first_seen, last_seen) = (q_hi - window + 1, q_lo);
+        d1 <= self.recent && self.lo + d0 >= first_seen && self.lo + d1 - 1 <= last_seen
+    }
 }
 
 /// Slots holding a position once `len` positions were written: they fill in order (the sink
@@ -87,6 +163,36 @@ mod tests {
                         assert_eq!(position_of(slot, len, sink, recent), ring[slot as usize]);
                         let filled = slot < filled_slots(len, sink, recent);
                         assert_eq!(filled, ring[slot as usize] >= 0, "len {len} slot {slot}");
+                    }
+                    // Whole runs of slots: fully visible only if each slot is.
+                    let rp = RingPositions::new(len, sink, recent);
+                    for window in [1, 2, recent, recent + 2] {
+                        for n_q in 1..=3.min(len.max(1)) {
+                            let (q_lo, q_hi) = (len - n_q, len - 1);
+                            for n0 in 0..sink + recent {
+                                for n1 in n0 + 1..=sink + recent {
+                                    let each = (n0..n1).all(|slot| {
+                                        let p = position_of(slot, len, sink, recent);
+                                        p >= 0 && p <= q_lo && (p < sink || q_hi - p < window)
+                                    });
+                                    let run = rp.slots_fully_visible(n0, n1, q_lo, q_hi, window);
+                                    assert!(
+                                        !run || each,
+                                        "len {len} sink {sink} recent {recent} window {window} n_q {n_q} slots {n0}..{n1}"
+                                    );
+                                    // Exact but for runs across the wrap.
+                                    let wraps = (n0.max(sink)..n1).any(|slot| {
+                                        slot > n0.max(sink) && slot - sink == rp.lo_slot
+                                    });
+                                    if each && !wraps {
+                                        assert!(
+                                            run,
+                                            "len {len} sink {sink} recent {recent} window {window} n_q {n_q} slots {n0}..{n1} missed"
+                                        );
+                                    }
+                                }
+                            }
+                        }
                     }
                     let (s, r, lo) = history(len, sink, recent);
                     let mut kept: [i32; 16] = [-1; 16];
