@@ -831,23 +831,13 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
                 ld_shared_f32(stat_at(w, row) + 4),
             )
         };
-        let mut m = mw;
-        let mut lanes = 1;
-        while lanes < warps {
-            m = max_f32(m, shfl_xor_f32(m, lanes as u32));
-            lanes *= 2;
-        }
+        let m = lane_group_max_f32(mw, warps);
         let f = if m == f32::NEG_INFINITY {
             0.0
         } else {
             exp2_approx(mw - m)
         };
-        let mut l = f * lw;
-        let mut lanes = 1;
-        while lanes < warps {
-            l += shfl_xor_f32(l, lanes as u32);
-            lanes *= 2;
-        }
+        let l = lane_group_sum_f32(f * lw, warps);
         let (weight, lse) = if l > 0.0 {
             (f * rcp_approx(l), (m + log2_approx(l)) * LN_2)
         } else {

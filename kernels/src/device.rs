@@ -83,6 +83,30 @@ pub fn warp_sum_f32(v: f32) -> f32 {
     total
 }
 
+/// The max of `v` over each aligned group of `width` lanes (a power of two up to 32), in every
+/// lane of the group (butterfly, nearest lanes first).
+#[inline(always)]
+pub fn lane_group_max_f32(v: f32, width: usize) -> f32 {
+    let (mut m, mut lanes) = (v, 1);
+    while lanes < width {
+        m = max_f32(m, shfl_xor_f32(m, lanes as u32));
+        lanes *= 2;
+    }
+    m
+}
+
+/// The sum of `v` over each aligned group of `width` lanes (a power of two up to 32), in every
+/// lane of the group (butterfly, nearest lanes first).
+#[inline(always)]
+pub fn lane_group_sum_f32(v: f32, width: usize) -> f32 {
+    let (mut total, mut lanes) = (v, 1);
+    while lanes < width {
+        total += shfl_xor_f32(total, lanes as u32);
+        lanes *= 2;
+    }
+    total
+}
+
 /// Lane `src`'s `v`, for every lane.
 #[inline(always)]
 pub fn shfl_idx_f32(v: f32, src: u32) -> f32 {
