@@ -107,6 +107,8 @@ pub struct Context {
     shared: Arc<Shared>,
     /// Launch kernels with programmatic stream serialization (`set_dependent_launch`).
     dependent_launch: bool,
+    /// Merge a decode's splits in clusters where they fit (`set_decode_clusters`).
+    decode_clusters: bool,
 }
 
 impl Drop for Context {
@@ -179,6 +181,7 @@ impl Context {
             scratch: Mutex::new(Scratch::default()),
             shared,
             dependent_launch: true,
+            decode_clusters: true,
         })
     }
 
@@ -188,6 +191,7 @@ impl Context {
     pub fn on_new_stream(&self) -> Result<Context> {
         let mut ctx = Self::with_shared(self.shared.clone())?;
         ctx.dependent_launch = self.dependent_launch;
+        ctx.decode_clusters = self.decode_clusters;
         Ok(ctx)
     }
 
@@ -237,6 +241,7 @@ impl Context {
             scratch: Mutex::new(Scratch::default()),
             shared: self.shared.clone(),
             dependent_launch: self.dependent_launch,
+            decode_clusters: self.decode_clusters,
         })
     }
 
@@ -259,6 +264,20 @@ impl Context {
     /// See [`Context::set_dependent_launch`].
     pub fn dependent_launch(&self) -> bool {
         self.dependent_launch
+    }
+
+    /// Whether a decode whose row groups split 2 to 16 ways launches each row group's splits as
+    /// one thread-block cluster and merges them through distributed shared memory (on by
+    /// default), rather than through partial rows in global memory and a counter. Launches whose
+    /// clusters would not all fit on the GPU at once keep the global merge. Results are the same
+    /// either way (up to float rounding); contexts made from this one start with its setting.
+    pub fn set_decode_clusters(&mut self, on: bool) {
+        self.decode_clusters = on;
+    }
+
+    /// See [`Context::set_decode_clusters`].
+    pub fn decode_clusters(&self) -> bool {
+        self.decode_clusters
     }
 
     /// The cubin when one was embedded and loads, else the PTX (JIT-compiled by the driver).
@@ -502,6 +521,58 @@ impl Context {
         Ok(n)
     }
 
+    /// Clusters of `cluster` blocks of `entry` that the GPU holds at once with this block size
+    /// and shared memory (cached per entry and cluster size).
+    pub(crate) fn resident_clusters(
+        &self,
+        entry: &str,
+        block: u32,
+        shared_bytes: u32,
+        cluster: u32,
+    ) -> Result<u32> {
+        self.make_current()?;
+        let key = format!("{entry}/cluster{cluster}");
+        let mut cache = self
+            .shared
+            .occupancy
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(&n) = cache.get(&key) {
+            return Ok(n);
+        }
+        let function = self.function(entry, shared_bytes)?;
+        if cluster > PORTABLE_CLUSTER {
+            // Clusters above the portable size need the function's opt-in (Hopper holds 16);
+            // it stays set for the launches that follow.
+            // SAFETY: a valid function handle of this context and a documented attribute.
+            unsafe {
+                cu_func_set_attribute(
+                    function.to_raw(),
+                    CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+                    1,
+                )
+            }
+            .during_raw("allowing a non-portable cluster size")?;
+        }
+        let mut attributes = launch_attributes(false, cluster);
+        let config = LaunchConfig {
+            grid: [cluster, 1, 1],
+            block: [block, 1, 1],
+            shared_bytes,
+            stream: std::ptr::null_mut(),
+            attributes: attributes.as_mut_ptr(),
+            attribute_count: attributes.len() as u32,
+        };
+        let mut clusters = 0i32;
+        // SAFETY: a valid function handle of this context; `config` and its attributes live
+        // through the call, which only reads them.
+        unsafe { cuOccupancyMaxActiveClusters(&mut clusters, function.to_raw(), &config) }
+            .during_raw("querying cluster occupancy")?;
+        let n = clusters.max(0) as u32;
+        cache.insert(key, n);
+        Ok(n)
+    }
+
     /// Launches `entry` with `shared_bytes` of dynamic shared memory and one by-value `#[repr(C)]`
     /// parameter struct.
     pub(crate) fn launch<P: Copy>(
@@ -512,23 +583,32 @@ impl Context {
         shared_bytes: u32,
         params: &P,
     ) -> Result<()> {
+        self.launch_in_clusters(entry, grid, block, shared_bytes, params, 1)
+    }
+
+    /// [`Context::launch`] in clusters of `cluster` consecutive blocks along x (1: no clusters;
+    /// the grid's x extent must be a multiple of it).
+    pub(crate) fn launch_in_clusters<P: Copy>(
+        &self,
+        entry: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        shared_bytes: u32,
+        params: &P,
+        cluster: u32,
+    ) -> Result<()> {
         self.make_current()?;
         let function = self.function(entry, shared_bytes)?;
         let mut params = *params;
         let mut args = [&mut params as *mut P as *mut c_void];
-        let mut attribute = LaunchAttribute {
-            id: CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
-            pad: [0; 4],
-            value: [0; 64],
-        };
-        attribute.value[..4].copy_from_slice(&1i32.to_ne_bytes());
+        let mut attributes = launch_attributes(self.dependent_launch, cluster);
         let config = LaunchConfig {
             grid: [grid.0, grid.1, grid.2],
             block: [block, 1, 1],
             shared_bytes,
             stream: self.raw_stream(),
-            attributes: &mut attribute,
-            attribute_count: u32::from(self.dependent_launch),
+            attributes: attributes.as_mut_ptr(),
+            attribute_count: attributes.len() as u32,
         };
         // SAFETY: `P` is the `#[repr(C)]` struct the entry takes by value (shared ABI crate), and the
         // caller validated every pointer and extent in it; the stream is valid (owned, or vouched
@@ -545,8 +625,44 @@ impl Context {
     }
 }
 
-/// `CUlaunchAttributeID` of programmatic stream serialization (cuda.h, CUDA 11.8 on).
+/// The cluster size every GPU with clusters holds; larger ones need the function's opt-in.
+const PORTABLE_CLUSTER: u32 = 8;
+/// `CUfunction_attribute` that allows clusters above the portable size (cuda.h, CUDA 11.8 on).
+const CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED: i32 = 14;
+
+/// `CUlaunchAttributeID`s (cuda.h, CUDA 11.8 on): thread-block cluster dimensions, and
+/// programmatic stream serialization.
+const CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION: u32 = 4;
 const CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION: u32 = 6;
+
+/// A launch's attributes: programmatic stream serialization when `dependent`, and clusters of
+/// `cluster` blocks along x when above 1.
+fn launch_attributes(dependent: bool, cluster: u32) -> Vec<LaunchAttribute> {
+    let mut attributes = Vec::with_capacity(2);
+    if dependent {
+        // `programmaticStreamSerializationAllowed`, an int.
+        let mut value = [0u8; 64];
+        value[..4].copy_from_slice(&1i32.to_ne_bytes());
+        attributes.push(LaunchAttribute {
+            id: CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value,
+        });
+    }
+    if cluster > 1 {
+        // `clusterDim`: three unsigned ints x, y, z.
+        let mut value = [0u8; 64];
+        for (i, extent) in [cluster, 1, 1].into_iter().enumerate() {
+            value[4 * i..4 * i + 4].copy_from_slice(&extent.to_ne_bytes());
+        }
+        attributes.push(LaunchAttribute {
+            id: CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
+            pad: [0; 4],
+            value,
+        });
+    }
+    attributes
+}
 
 /// `CUlaunchAttribute`: an id, padding to 8 bytes, then the 64-byte `CUlaunchAttributeValue`
 /// union (whose `programmaticStreamSerializationAllowed` is an `int` at offset 0).
@@ -568,8 +684,22 @@ struct LaunchConfig {
     attribute_count: u32,
 }
 
-// cust 0.3 predates `cuLaunchKernelEx` (CUDA 11.8), so it is declared here; libcuda exports it.
+// cust 0.3 predates `cuLaunchKernelEx`, `cuOccupancyMaxActiveClusters` and the cluster function
+// attributes (CUDA 11.8), so they are declared here; libcuda exports them.
 unsafe extern "C" {
+    /// `cuFuncSetAttribute` with the attribute as a plain int: cust's enum stops before the
+    /// cluster attributes.
+    #[link_name = "cuFuncSetAttribute"]
+    fn cu_func_set_attribute(
+        function: cust::sys::CUfunction,
+        attribute: i32,
+        value: i32,
+    ) -> cust::sys::CUresult;
+    fn cuOccupancyMaxActiveClusters(
+        clusters: *mut i32,
+        function: cust::sys::CUfunction,
+        config: *const LaunchConfig,
+    ) -> cust::sys::CUresult;
     fn cuLaunchKernelEx(
         config: *const LaunchConfig,
         function: cust::sys::CUfunction,

@@ -10,9 +10,9 @@ use crate::element::AttnElement;
 use crate::error::{Error, Result};
 use crate::tensor::{TensorDesc, View, ViewMut};
 use duo_attn_kernels::abi::{
-    DECODE_HEAD_DIMS, DECODE_MAX_SPLITS, DECODE_MIN_TILES_PER_SPLIT, DECODE_ROWS, DecodeParams,
-    FastDiv, KvSource, MAX_SEQLEN, decode_block_n, decode_paged_smem_bytes, decode_smem_bytes,
-    decode_threads,
+    DECODE_HEAD_DIMS, DECODE_MAX_CLUSTER, DECODE_MAX_SPLITS, DECODE_MIN_TILES_PER_SPLIT,
+    DECODE_ROWS, DecodeParams, FastDiv, KvSource, MAX_SEQLEN, decode_block_n,
+    decode_paged_smem_bytes, decode_smem_bytes, decode_threads,
 };
 
 /// Most new query tokens per sequence of one decode call.
@@ -33,6 +33,10 @@ pub struct DecodePlan {
     /// Row groups (batch entry, KV head, chunk of query rows): one merge counter each.
     pub groups: usize,
     pub head_dim: usize,
+    /// Blocks per cluster that would merge each row group's splits in distributed shared memory
+    /// (`decode_cluster`; 1: none). The launch uses it where the context allows and the GPU holds
+    /// every cluster at once.
+    pub cluster: usize,
 }
 
 impl DecodePlan {
@@ -146,6 +150,21 @@ fn choose_splits(blocks: usize, max_tiles: usize, resident: usize) -> (usize, us
     let splits = target.clamp(1, max_tiles.min(DECODE_MAX_SPLITS));
     let per_split = max_tiles.div_ceil(splits);
     (max_tiles.div_ceil(per_split), per_split)
+}
+
+/// Blocks per cluster of a decode launch: each retrieval row group's splits, when there are 2 to
+/// `DECODE_MAX_CLUSTER` of them, so that they merge through distributed shared memory. Clusters
+/// are consecutive blocks, so the streaming row groups after the retrieval ones must then split
+/// as many ways (their clusters merge too) or not at all (each block writes its rows); otherwise
+/// 1 (no clusters). A layer of streaming heads only splits them all alike.
+fn decode_cluster(kinds: &KindSplits, streaming: usize) -> usize {
+    let c = kinds.splits;
+    let streams_fit = streaming == 0 || kinds.stream_splits == 1 || kinds.stream_splits == c;
+    if (2..=DECODE_MAX_CLUSTER).contains(&c) && streams_fit {
+        c
+    } else {
+        1
+    }
 }
 
 /// K/V tiles each decode block asks the L2 for before it waits for the previous kernel
@@ -354,6 +373,7 @@ pub(crate) fn plan_decode<T: AttnElement>(
         arrivals: 0,
         seq_blocks: 0,
         prefetch_tiles: DECODE_PREFETCH_TILES,
+        blocks: kinds.blocks as i32,
     };
     Ok(DecodePlan {
         entry: decode_entry::<T>(head_dim, paging),
@@ -364,6 +384,7 @@ pub(crate) fn plan_decode<T: AttnElement>(
         splits: kinds.splits.max(kinds.stream_splits),
         groups: batch * heads_kv * row_chunks,
         head_dim,
+        cluster: decode_cluster(&kinds, heads_kv - retrieval),
     })
 }
 
@@ -608,18 +629,47 @@ impl Context {
     pub(crate) fn launch_decode(&self, mut plan: DecodePlan) -> Result<()> {
         let rows = plan.params.batch as u64 * plan.params.heads_q as u64 * plan.params.n_q as u64;
         let groups = plan.groups;
+        // The grid rounded up to whole clusters (blocks past `params.blocks` return at once).
+        let cluster = self.decode_launch_cluster(&plan)?;
+        let grid = (
+            (plan.params.blocks as u32).next_multiple_of(cluster as u32),
+            plan.grid.1,
+            plan.grid.2,
+        );
         self.with_scratch(plan.workspace_len(), groups, |scratch| {
             plan.params.o_partial = scratch.partials;
             plan.params.lse_partial =
                 scratch.partials + 4 * plan.splits as u64 * rows * plan.head_dim as u64;
             plan.params.counters = scratch.counters;
-            self.launch(
+            self.launch_in_clusters(
                 &plan.entry,
-                plan.grid,
+                grid,
                 plan.block,
                 plan.shared_bytes,
                 &plan.params,
+                cluster as u32,
             )
+        })
+    }
+
+    /// The cluster size a decode plan launches with: its own where the context merges in
+    /// clusters and the GPU holds all of the launch's clusters at once (a cluster that waited for
+    /// SMs would hold back its row group's merge), else 1.
+    fn decode_launch_cluster(&self, plan: &DecodePlan) -> Result<usize> {
+        if plan.cluster <= 1 || !self.decode_clusters() {
+            return Ok(1);
+        }
+        let clusters = (plan.params.blocks as usize).div_ceil(plan.cluster);
+        let resident = self.resident_clusters(
+            &plan.entry,
+            plan.block,
+            plan.shared_bytes,
+            plan.cluster as u32,
+        )?;
+        Ok(if clusters <= resident as usize {
+            plan.cluster
+        } else {
+            1
         })
     }
 }
@@ -662,6 +712,36 @@ mod tests {
         assert_eq!(all_streaming.blocks, 2 * 8 * all_streaming.stream_splits);
         let all_retrieval = KindSplits::plan(2, (8, 0), (1024, 10), 132);
         assert_eq!(all_retrieval.blocks, 2 * 8 * all_retrieval.splits);
+    }
+
+    /// Row groups of 2 to 16 splits run as clusters when the streaming ones split as many ways
+    /// or not at all.
+    #[test]
+    fn clusters_take_row_groups_of_two_to_sixteen_splits() {
+        // B = 1 at 4k, 4 + 4 heads: 8 retrieval splits, one per streaming head.
+        let b1 = KindSplits::plan(1, (4, 4), (32, 3), 132);
+        assert_eq!(
+            (b1.splits, b1.stream_splits, decode_cluster(&b1, 4)),
+            (8, 1, 8)
+        );
+        // A serving cache of 4k + 64 keys: 9 splits of 4 tiles.
+        let b1 = KindSplits::plan(1, (4, 4), (33, 3), 132);
+        assert_eq!((b1.splits, decode_cluster(&b1, 4)), (9, 9));
+        // 32 splits at 128k: more than a cluster holds.
+        let long = KindSplits::plan(1, (4, 4), (1024, 10), 132);
+        assert_eq!((long.splits, decode_cluster(&long, 4)), (32, 1));
+        // Streaming heads split 2 ways beside 4 retrieval splits: no clusters.
+        let odd = KindSplits {
+            splits: 4,
+            tiles_per_split: 4,
+            stream_splits: 2,
+            blocks: 12,
+        };
+        assert_eq!(decode_cluster(&odd, 1), 1);
+        assert_eq!(decode_cluster(&odd, 0), 4);
+        // One split: nothing to merge.
+        let one = KindSplits::plan(64, (8, 0), (32, 1), 132);
+        assert_eq!((one.splits, decode_cluster(&one, 0)), (1, 1));
     }
 
     /// One full wave of splits, but no split shorter than `DECODE_MIN_TILES_PER_SPLIT` tiles when the
@@ -951,6 +1031,7 @@ mod tests {
 #[cfg(test)]
 mod props {
     use super::*;
+    use duo_attn_kernels::heads::DecodeBlock;
     use half::bf16;
     use proptest::prelude::*;
 
@@ -1041,6 +1122,64 @@ mod props {
             prop_assert!(k.stream_splits * k.tiles_per_split >= stream_tiles, "{k:?}");
             let splits = if retrieval > 0 { k.splits } else { 0 };
             prop_assert_eq!(k.blocks, columns * (retrieval * splits + streaming * k.stream_splits));
+        }
+
+        /// Where a launch runs in clusters, each cluster is one row group's splits in split
+        /// order (the kernel's cluster merge) or blocks of one split each (which merge alone):
+        /// never blocks of two row groups that both merge, and blocks past the launch's own
+        /// only in clusters that do not merge.
+        #[test]
+        fn clusters_hold_whole_row_groups(
+            batch in 1usize..9,
+            chunks in 1usize..3,
+            streaming in prop::collection::vec(any::<bool>(), 1..12),
+            full_tiles in prop_oneof![1usize..64, 1usize..4096],
+            stream_share in 0.0f64..=1.0,
+            resident in prop_oneof![Just(132usize), Just(264), 1usize..600],
+        ) {
+            let stream = streaming.iter().filter(|&&s| s).count();
+            let retrieval = streaming.len() - stream;
+            let stream_tiles = ((full_tiles as f64 * stream_share) as usize).max(1);
+            let k = KindSplits::plan(batch * chunks, (retrieval, stream), (full_tiles, stream_tiles), resident);
+            let c = decode_cluster(&k, stream);
+            if c == 1 {
+                return Ok(());
+            }
+            let mut mask = [0u32; duo_attn_kernels::abi::HEAD_MASK_WORDS];
+            for (h, _) in streaming.iter().enumerate().filter(|(_, s)| **s) {
+                mask[h / 32] |= 1 << (h % 32);
+            }
+            let p = DecodeParams {
+                streaming_heads: mask,
+                heads_kv: streaming.len() as i32,
+                batch: batch as i32,
+                splits: k.splits as i32,
+                stream_splits: k.stream_splits as i32,
+                split_divs: [FastDiv::new(k.splits as u32), FastDiv::new(k.stream_splits as u32)],
+                row_chunks_div: FastDiv::new(chunks as u32),
+                kind_heads_divs: [FastDiv::new(retrieval as u32), FastDiv::new(stream as u32)],
+                ..Default::default()
+            };
+            let of = |x: usize| DecodeBlock::of(&p, x as i32, chunks as i32);
+            for first in (0..k.blocks).step_by(c) {
+                let lead = of(first);
+                if lead.splits == 1 {
+                    for x in first..(first + c).min(k.blocks) {
+                        prop_assert_eq!(of(x).splits, 1, "block {} of {:?}", x, k);
+                    }
+                    continue;
+                }
+                prop_assert_eq!(lead.splits as usize, c, "{:?}", k);
+                prop_assert!(first + c <= k.blocks, "a merging cluster is cut short: {:?}", k);
+                for (rank, x) in (first..first + c).enumerate() {
+                    let b = of(x);
+                    prop_assert_eq!(
+                        (b.batch, b.kv_head, b.chunk, b.split as usize),
+                        (lead.batch, lead.kv_head, lead.chunk, rank),
+                        "block {} of {:?}", x, k
+                    );
+                }
+            }
         }
 
         /// Plain and paged decode: an error or a plan whose parameters stay inside q, k, v, out

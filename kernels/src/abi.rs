@@ -472,7 +472,18 @@ pub struct DecodeParams {
     /// waits for the previous kernel (`cp.async.bulk.prefetch`): the loads then overlap that
     /// kernel's tail. 0: none. Contiguous rows only (head-major K/V, whole-tile pages).
     pub prefetch_tiles: i32,
+    /// Blocks with work: the grid may be rounded up to whole clusters, and blocks from `blocks`
+    /// on return at once. A launch in clusters of `splits` blocks (the host's choice, for 2 to
+    /// `DECODE_MAX_CLUSTER` splits) merges each row group's splits through distributed shared
+    /// memory: a block whose cluster is exactly its row group's splits, in split order, takes
+    /// that path (so a streaming row group of one split, or a cluster that is not one row group,
+    /// keeps the other paths).
+    pub blocks: i32,
 }
+
+/// Most blocks of a decode cluster (Hopper's non-portable cluster size; 8 is portable): row
+/// groups of 2 to this many splits may merge through distributed shared memory.
+pub const DECODE_MAX_CLUSTER: usize = 16;
 
 /// Whether the decode entries for head dim `d` (`paged`: the `duo_decode_paged*` ones) take
 /// [`DecodeParams::append`]. Not the paged D = 256 ones, where it spills (a paged DuoAttention

@@ -5,13 +5,16 @@
 //! split each 128-key tile (16 keys each; at D = 256 four warps and 64-key tiles, with Q in shared
 //! memory) and keep their own online softmax; a cp.async ring of three K/V stages (one block per
 //! SM) keeps loads in flight; the warps merge through shared memory at the end. Long caches are
-//! split across blocks (`tiles_per_split`); the last split block of each row group to finish
-//! merges the splits by their LSE (no second launch).
+//! split across blocks (`tiles_per_split`) and merged by their LSE inside the launch: a row group
+//! of 2 to 16 splits launched as one thread-block cluster merges through distributed shared
+//! memory, each block a share of the rows; otherwise the last split block of the row group to
+//! finish merges the partial rows the others left in global memory. A single split writes its
+//! rows directly.
 //! Streaming heads read only their sink and window blocks, or, in a DuoAttention cache, their
 //! `sink + recent` ring slots, mapped back to true positions.
 use crate::abi::{
-    DECODE_MAX_SPLITS, DECODE_MIN_TILES_PER_SPLIT, DECODE_ROWS, DECODE_STAGES, DecodeParams,
-    decode_block_n, decode_fuses_append, decode_paged_smem_bytes, decode_q_in_shared,
+    DECODE_MAX_CLUSTER, DECODE_MAX_SPLITS, DECODE_MIN_TILES_PER_SPLIT, DECODE_ROWS, DECODE_STAGES,
+    DecodeParams, decode_block_n, decode_fuses_append, decode_paged_smem_bytes, decode_q_in_shared,
     decode_ring_bytes, decode_smem_bytes, decode_threads, decode_tile_offset,
 };
 use crate::device::*;
@@ -790,9 +793,48 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
             + tok as i64
     };
 
-    // Merge the warps: stats [warp][row] = (max, sum), then O [warp][row][D] unnormalised.
+    // How the row group's splits merge (the same for every block of a cluster): a single split
+    // writes its rows as they are; a cluster that is exactly the group's splits, in split order,
+    // merges through distributed shared memory; else through the global partials and the last
+    // block to count itself.
+    let merge = if splits == 1 {
+        Merge::Alone
+    } else if cluster_blocks() == splits as u32 && cluster_cta_rank() == split as u32 {
+        Merge::Cluster
+    } else {
+        Merge::Global
+    };
+    // The final rows: O as four columns `col..` of chunk row `row`, and a row's LSE.
+    let store_o = |row: usize, col: usize, o: [f32; 4]| {
+        let (head, tok) = row_head_token(row_base + row as i32);
+        let off = batch * p.o_strides[0]
+            + tok as i64 * p.o_strides[1]
+            + head as i64 * p.o_strides[2]
+            + col as i64;
+        unsafe {
+            st_global_u32(p.o + (off * 2) as u64, E::pack(o[0], o[1]));
+            st_global_u32(p.o + (off * 2 + 4) as u64, E::pack(o[2], o[3]));
+        }
+    };
+    let store_lse = |row: usize, lse: f32| {
+        let (head, tok) = row_head_token(row_base + row as i32);
+        let idx = (batch * p.heads_q as i64 + head as i64) * p.n_q as i64 + tok as i64;
+        unsafe { st_global_f32(p.lse + (idx * 4) as u64, lse) };
+    };
+
+    // Merge the warps: stats [warp][row] = (max, sum), then O [warp][row][D] unnormalised; past
+    // both, a cluster merge's partial rows: LSE [row], then O [row][D].
     let stats = smem;
     let o_buf = smem + stats_bytes as u32;
+    let part_lse = o_buf + (warps * DECODE_ROWS * o_stride * 4) as u32;
+    let part_o = part_lse + (DECODE_ROWS * 4) as u32;
+    const {
+        let warps = decode_threads(D) / 32;
+        assert!(
+            warps * DECODE_ROWS * (8 + (D + MERGE_ROW_PAD) * 4) + DECODE_ROWS * (D + 1) * 4
+                <= decode_ring_bytes(D)
+        )
+    };
     let stat_at = |w: usize, row: usize| stats + ((w * DECODE_ROWS + row) * 8) as u32;
     let mut sum = state.sum;
     for v in sum.iter_mut() {
@@ -845,9 +887,15 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
         };
         unsafe { st_shared_f32(stat_at(w, row), weight) };
         if w == 0 && row < rows_here {
-            let (head, tok) = row_head_token(row_base + row as i32);
-            let at = p.lse_partial + (partial_row(split, head, tok) * 4) as u64;
-            unsafe { st_global_f32(at, lse) };
+            match merge {
+                Merge::Alone => store_lse(row, lse),
+                Merge::Cluster => unsafe { st_shared_f32(part_lse + (row * 4) as u32, lse) },
+                Merge::Global => {
+                    let (head, tok) = row_head_token(row_base + row as i32);
+                    let at = p.lse_partial + (partial_row(split, head, tok) * 4) as u64;
+                    unsafe { st_global_f32(at, lse) };
+                }
+            }
         }
     }
     sync_threads();
@@ -867,18 +915,27 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
                 o[c] += weight * x[c];
             }
         }
-        let (head, tok) = row_head_token(row_base + row as i32);
-        let at = p.o_partial + ((partial_row(split, head, tok) * D as i64 + col as i64) * 4) as u64;
-        unsafe { st_global_v4_f32(at, o) };
+        match merge {
+            Merge::Alone => store_o(row, col, o),
+            Merge::Cluster => unsafe {
+                let at = part_o + ((row * D + col) * 4) as u32;
+                st_shared_v4(at, o.map(f32::to_bits));
+            },
+            Merge::Global => {
+                let (head, tok) = row_head_token(row_base + row as i32);
+                let row_at = partial_row(split, head, tok) * D as i64 + col as i64;
+                unsafe { st_global_v4_f32(p.o_partial + (row_at * 4) as u64, o) };
+            }
+        }
     }
 
-    // The last split block of this row group to get here merges all splits. One thread publishes
-    // the block's partial rows (the barrier, then a release fence before the count) and, in the
-    // last block, acquires the other blocks' (a fence after the count, then the barrier), as
-    // cooperative groups' grid barrier does.
+    // Global merge: the last split block of this row group to get here merges all splits. One
+    // thread publishes the block's partial rows (the barrier, then a release fence before the
+    // count) and, in the last block, acquires the other blocks' (a fence after the count, then
+    // the barrier), as cooperative groups' grid barrier does.
     sync_threads(); // every partial row stored; the shared stats and O buffer no longer read
     let flag = smem;
-    if tid == 0 {
+    if tid == 0 && merge == Merge::Global {
         let group_index = by as i64 + batch * p.heads_kv as i64 * row_chunks as i64;
         let counter = p.counters + 4 * group_index as u64;
         fence_acq_rel_gpu();
@@ -906,6 +963,18 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
                 st_global_u32(arrivals, 0);
             }
         }
+    }
+    match merge {
+        Merge::Alone => return,
+        Merge::Cluster => {
+            unsafe {
+                merge_in_cluster::<E, D>(
+                    part_lse, part_o, rows_here, split, splits, store_o, store_lse,
+                )
+            };
+            return;
+        }
+        Merge::Global => {}
     }
     sync_threads();
     if unsafe { ld_shared_u32(flag) } == 0 {
@@ -993,9 +1062,7 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
             unsafe { st_shared_f32(weight_at(row, s), w) };
         }
         if lane == 0 {
-            let (head, tok) = row_head_token(global_row);
-            let idx = (batch * p.heads_q as i64 + head as i64) * p.n_q as i64 + tok as i64;
-            unsafe { st_global_f32(p.lse + (idx * 4) as u64, lse) };
+            store_lse(row, lse);
         }
     }
     sync_threads();
@@ -1034,20 +1101,78 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
             }
             lanes *= 2;
         }
-        if !active || part != 0 {
-            continue;
-        }
-        let col = 4 * (item % (D / 4));
-        let (head, tok) = row_head_token(row_base + row as i32);
-        let off = batch * p.o_strides[0]
-            + tok as i64 * p.o_strides[1]
-            + head as i64 * p.o_strides[2]
-            + col as i64;
-        unsafe {
-            st_global_u32(p.o + (off * 2) as u64, E::pack(o[0], o[1]));
-            st_global_u32(p.o + (off * 2 + 4) as u64, E::pack(o[2], o[3]));
+        if active && part == 0 {
+            store_o(row, 4 * (item % (D / 4)), o);
         }
     }
+}
+
+/// How a decode block's row group merges its splits (`decode`'s tail).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Merge {
+    /// One split: the block's rows are the final rows.
+    Alone,
+    /// The cluster is the row group's splits: each block leaves its partial rows in its shared
+    /// memory, and each merges a share of the items from all of them.
+    Cluster,
+    /// Partial rows in the global workspace; the last block to count itself merges them.
+    Global,
+}
+
+/// The cluster merge: once every block of the cluster (the row group's `splits` splits, rank =
+/// split) has its partial rows in shared memory (LSE at `part_lse`, O rows of `D` f32 at
+/// `part_o`), block `split` merges its contiguous share of the `rows_here x D / 4` items (four
+/// columns each) from all of them by their LSE and stores the final rows; a second cluster
+/// barrier keeps every block's shared memory alive until the others have read it.
+#[inline(always)]
+unsafe fn merge_in_cluster<E: Element, const D: usize>(
+    part_lse: u32,
+    part_o: u32,
+    rows_here: usize,
+    split: i32,
+    splits: i32,
+    store_o: impl Fn(usize, usize, [f32; 4]),
+    store_lse: impl Fn(usize, f32),
+) {
+    cluster_sync(); // every split's partial rows in its shared memory
+    let threads = const { decode_threads(D) };
+    let splits = (splits as usize).max(1);
+    let items = rows_here * (D / 4);
+    let share = items.div_ceil(splits);
+    let first = split as usize * share;
+    let end = min_i32((first + share) as i32, items as i32) as usize;
+    for item in (first + thread_idx_x() as usize..end).step_by(threads) {
+        let (row, col) = (item / (D / 4), 4 * (item % (D / 4)));
+        let lse_at = part_lse + (row * 4) as u32;
+        let o_at = part_o + ((row * D + col) * 4) as u32;
+        let mut lse = [f32::NEG_INFINITY; DECODE_MAX_CLUSTER];
+        let mut xs = [[0f32; 4]; DECODE_MAX_CLUSTER];
+        for s in 0..DECODE_MAX_CLUSTER {
+            if s < splits {
+                unsafe {
+                    lse[s] = ld_shared_cluster_f32(map_shared_to_rank(lse_at, s as u32));
+                    xs[s] = ld_shared_cluster_v4_f32(map_shared_to_rank(o_at, s as u32));
+                }
+            }
+        }
+        let m = lse.iter().fold(f32::NEG_INFINITY, |m, &l| max_f32(m, l));
+        let (mut total, mut o) = (0f32, [0f32; 4]);
+        if m != f32::NEG_INFINITY {
+            for (l, x) in lse.iter().zip(&xs) {
+                let w = exp2_approx((l - m) * LOG2_E);
+                total += w;
+                for c in 0..4 {
+                    o[c] += w * x[c];
+                }
+            }
+        }
+        let inv = if total > 0.0 { rcp_approx(total) } else { 0.0 };
+        store_o(row, col, o.map(|v| v * inv));
+        if col == 0 {
+            store_lse(row, merged_lse(m, total));
+        }
+    }
+    cluster_sync(); // no block leaves while another still reads its shared memory
 }
 
 /// Row `row` of KV head `kv_head`'s group of `group` query heads: (query head
@@ -1063,6 +1188,9 @@ macro_rules! decode_entry {
         #[unsafe(no_mangle)]
         pub unsafe extern "ptx-kernel" fn $name(p: DecodeParams) {
             allow_dependent_grid();
+            if block_idx_x() as i32 >= p.blocks {
+                return; // rounding to whole clusters
+            }
             if p.prefetch_tiles > 0 {
                 unsafe { prefetch_first_tiles::<$d, { $paging }>(&p) };
             }

@@ -27,6 +27,10 @@ special_reg!(/// Grid size in blocks (x).
     grid_dim_x, "%nctaid.x");
 special_reg!(/// Lane index in the warp.
     lane_id, "%laneid");
+special_reg!(/// This block's rank in its cluster (0 in a launch without clusters).
+    cluster_cta_rank, "%cluster_ctarank");
+special_reg!(/// Blocks in this block's cluster (1 in a launch without clusters).
+    cluster_blocks, "%cluster_nctarank");
 
 /// Declares `BYTES` of static shared memory for the calling kernel and returns its shared-window
 /// address. Call it once per kernel (the PTX name is function-scoped; a second call in the same
@@ -307,6 +311,52 @@ load_x4!(
     f32,
     "ld.shared.v4.f32"
 );
+
+load_x4!(
+    /// 16-byte load of four f32 from a cluster block's shared memory (an address from
+    /// [`map_shared_to_rank`]).
+    ld_shared_cluster_v4_f32,
+    u32,
+    reg32,
+    f32,
+    "ld.shared::cluster.v4.f32"
+);
+
+/// Load of one f32 from a cluster block's shared memory (an address from [`map_shared_to_rank`]).
+#[inline(always)]
+pub unsafe fn ld_shared_cluster_f32(addr: u32) -> f32 {
+    let r: f32;
+    unsafe {
+        asm!("ld.shared::cluster.f32 {r}, [{p}];", r = out(reg32) r, p = in(reg32) addr,
+            options(readonly, nostack))
+    };
+    r
+}
+
+/// The address in the cluster's shared window of offset `addr` (this block's shared memory) in
+/// cluster block `rank`'s shared memory (`mapa`).
+#[inline(always)]
+pub fn map_shared_to_rank(addr: u32, rank: u32) -> u32 {
+    let r: u32;
+    unsafe {
+        asm!("mapa.shared::cluster.u32 {r}, {a}, {k};", r = out(reg32) r, a = in(reg32) addr,
+            k = in(reg32) rank, options(pure, nomem, nostack))
+    };
+    r
+}
+
+/// Cluster-wide barrier: every thread of every block of the cluster arrives (releasing its
+/// shared-memory writes) and waits (acquiring the others'). Every thread must call it, converged.
+#[inline(always)]
+pub fn cluster_sync() {
+    unsafe {
+        asm!(
+            "barrier.cluster.arrive.release.aligned;",
+            "barrier.cluster.wait.acquire.aligned;",
+            options(nostack)
+        )
+    };
+}
 
 /// [`ld_global_cg_v4_f32`] under a predicate, without a branch: zeros where `pred` is false (and
 /// nothing read, so `addr` need not be valid then).

@@ -66,6 +66,10 @@ struct Args {
     /// Launch with plain `cuLaunchKernel` (`Context::set_dependent_launch(false)`).
     #[arg(long)]
     no_dependent_launch: bool,
+    /// Merge the decode's splits through global memory, never in clusters
+    /// (`Context::set_decode_clusters(false)`).
+    #[arg(long)]
+    no_decode_clusters: bool,
 }
 
 impl Args {
@@ -204,6 +208,7 @@ fn main() -> ExitCode {
         }
     };
     ctx.set_dependent_launch(!args.no_dependent_launch);
+    ctx.set_decode_clusters(!args.no_decode_clusters);
     println!("device: {}", ctx.info().name);
     let free_before = ctx.memory_info().unwrap().0;
     let mut cache = DuoCache::<bf16>::from_pattern(

@@ -306,6 +306,58 @@ fn decode_merges_many_splits() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// Row groups of 2 to 16 splits merge in thread-block clusters through distributed shared memory
+/// (`Context::set_decode_clusters`, on by default); off, the same launches merge through the
+/// global partials. Both against the reference, over caches that split 2 to 16 ways (and 1, where
+/// each block writes its rows), streaming row groups of one split beside clustered retrieval
+/// ones, layers of streaming heads only (which split alike), every head dim and both types.
+#[test]
+fn decode_cluster_merge_matches_reference() {
+    let Some(mut ctx) = gpu_or_skip("decode_cluster_merge_matches_reference") else {
+        return;
+    };
+    let mut rng = rng("decode_cluster_merge_matches_reference");
+    let mut failures = Vec::new();
+    let mut cases = 0;
+    for clusters in [true, false] {
+        ctx.set_decode_clusters(clusters);
+        for (hq, kinds, window) in [
+            (8, vec![R, S], 200),
+            (4, vec![R, R, S, S], 100),
+            (8, vec![S, S], 3000),
+        ] {
+            for sk in [300, 1500, 3000, 6000] {
+                for (nq, d) in [(1, 128), (4, 64), (16, 256), (3, 128)] {
+                    let shape = Shape {
+                        batch: 1,
+                        seqlen_q: nq,
+                        seqlen_k: sk,
+                        heads_q: hq,
+                        heads_kv: kinds.len(),
+                        head_dim: d,
+                    };
+                    let cfg = AttentionConfig::new(kinds.clone()).sink(4).window(window);
+                    let cmp = if d == 64 {
+                        run_decode_case::<f16>(&ctx, &shape, &cfg, &mut rng)
+                    } else {
+                        run_decode_case::<bf16>(&ctx, &shape, &cfg, &mut rng)
+                    }
+                    .unwrap();
+                    cases += 1;
+                    if !cmp.passed() {
+                        failures.push(format!("clusters {clusters} {shape:?} {kinds:?}: {cmp:?}"));
+                    }
+                }
+            }
+        }
+    }
+    notice(&format!(
+        "decode_cluster_merge_matches_reference: {cases} cases, {} failed",
+        failures.len()
+    ));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 /// Scores that grow along the keys (see `gpu_prefill`'s test of the same name): the running max
 /// of every split keeps moving, so the output rescale works with factors well below 1.
 #[test]

@@ -99,6 +99,10 @@ struct Args {
     /// (`Context::set_dependent_launch(false)`), to measure what the overlap gives.
     #[arg(long)]
     no_dependent_launch: bool,
+    /// Merge the decode's splits through global memory, never in thread-block clusters
+    /// (`Context::set_decode_clusters(false)`), to measure what the cluster merge gives.
+    #[arg(long)]
+    no_decode_clusters: bool,
 }
 
 fn parse_head_dim(s: &str) -> Result<usize, String> {
@@ -197,6 +201,10 @@ fn main() -> ExitCode {
     if args.no_dependent_launch {
         println!("*** kernels launched without programmatic stream serialization ***");
         ctx.set_dependent_launch(false);
+    }
+    if args.no_decode_clusters {
+        println!("*** decode splits merged through global memory, not in clusters ***");
+        ctx.set_decode_clusters(false);
     }
     let device = ctx.info().name.clone();
     println!("device: {device}");
