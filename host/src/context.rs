@@ -522,7 +522,9 @@ impl Context {
     }
 
     /// Clusters of `cluster` blocks of `entry` that the GPU holds at once with this block size
-    /// and shared memory (cached per entry and cluster size).
+    /// and shared memory (cached per entry and cluster size). A size the driver refuses (a
+    /// device without clusters, or without non-portable sizes) holds none: callers then launch
+    /// without clusters rather than fail.
     pub(crate) fn resident_clusters(
         &self,
         entry: &str,
@@ -541,19 +543,18 @@ impl Context {
             return Ok(n);
         }
         let function = self.function(entry, shared_bytes)?;
-        if cluster > PORTABLE_CLUSTER {
-            // Clusters above the portable size need the function's opt-in (Hopper holds 16);
-            // it stays set for the launches that follow.
-            // SAFETY: a valid function handle of this context and a documented attribute.
-            unsafe {
+        let ok = |status: cust::sys::CUresult| status == cust::sys::CUresult::CUDA_SUCCESS;
+        // Clusters above the portable size need the function's opt-in (Hopper holds 16); it
+        // stays set for the launches that follow.
+        // SAFETY: a valid function handle of this context and a documented attribute.
+        let allowed = cluster <= PORTABLE_CLUSTER
+            || ok(unsafe {
                 cu_func_set_attribute(
                     function.to_raw(),
                     CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
                     1,
                 )
-            }
-            .during_raw("allowing a non-portable cluster size")?;
-        }
+            });
         let mut attributes = launch_attributes(false, cluster);
         let config = LaunchConfig {
             grid: [cluster, 1, 1],
@@ -566,9 +567,11 @@ impl Context {
         let mut clusters = 0i32;
         // SAFETY: a valid function handle of this context; `config` and its attributes live
         // through the call, which only reads them.
-        unsafe { cuOccupancyMaxActiveClusters(&mut clusters, function.to_raw(), &config) }
-            .during_raw("querying cluster occupancy")?;
-        let n = clusters.max(0) as u32;
+        let queried = allowed
+            && ok(unsafe {
+                cuOccupancyMaxActiveClusters(&mut clusters, function.to_raw(), &config)
+            });
+        let n = if queried { clusters.max(0) as u32 } else { 0 };
         cache.insert(key, n);
         Ok(n)
     }

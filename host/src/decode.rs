@@ -1247,8 +1247,10 @@ mod props {
             let kv_rows = |s: [i64; 3]| [(entries as i64, s[0]), (rows as i64, s[1]), (p.heads_kv as i64, s[2])];
             inside("k", &k, p.full.k, &kv_rows(p.full.k_strides), d)?;
             inside("v", &v, p.full.v, &kv_rows(p.full.v_strides), d)?;
+            // More new queries than keys is a valid decode (bottom-right aligned: the first
+            // queries see no key), so `seqlen < n_q` is not asserted against.
             prop_assert!(plan.grid.0 >= 1 && plan.block <= 1024);
-            prop_assert!(plan.params.seqlen >= plan.params.n_q);
+            prop_assert!(plan.params.seqlen >= 1);
         }
     }
 }

@@ -33,9 +33,8 @@ fn decode_plain_matrix() {
         for sk in [1, 17, 64, 1000, 5000] {
             for nq in [1, 4, 16] {
                 for d in [64, 128, 256] {
-                    if nq > sk {
-                        continue;
-                    }
+                    // More new queries than keys (sk 1 or 1000 with 16) run too: the first
+                    // queries, before every key, see none (causal rows of zeros, LSE -inf).
                     let shape = Shape {
                         batch: b,
                         seqlen_q: nq,
