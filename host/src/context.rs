@@ -82,6 +82,9 @@ struct Shared {
     info: DeviceInfo,
     /// Resident blocks per SM, by kernel entry (occupancy queries are cached).
     occupancy: Mutex<HashMap<String, u32>>,
+    /// Resident clusters, by kernel entry and cluster size (`resident_clusters`; looked up by
+    /// the entry's name, so a decode launch allocates no key).
+    cluster_occupancy: Mutex<HashMap<String, [Option<u32>; MAX_CLUSTER as usize + 1]>>,
     /// Recent split-KV choices of prefill launches (each replays the scheduler on the host).
     split_choices: Mutex<SplitChoices>,
 }
@@ -167,6 +170,7 @@ impl Context {
             cuda,
             info,
             occupancy: Mutex::new(HashMap::new()),
+            cluster_occupancy: Mutex::new(HashMap::new()),
             split_choices: Mutex::new(SplitChoices::default()),
         });
         Self::with_shared(shared)
@@ -523,8 +527,8 @@ impl Context {
 
     /// Clusters of `cluster` blocks of `entry` that the GPU holds at once with this block size
     /// and shared memory (cached per entry and cluster size). A size the driver refuses (a
-    /// device without clusters, or without non-portable sizes) holds none: callers then launch
-    /// without clusters rather than fail.
+    /// device without clusters, or without non-portable sizes), or one above Hopper's 16, holds
+    /// none: callers then launch without clusters rather than fail.
     pub(crate) fn resident_clusters(
         &self,
         entry: &str,
@@ -532,14 +536,16 @@ impl Context {
         shared_bytes: u32,
         cluster: u32,
     ) -> Result<u32> {
+        if cluster > MAX_CLUSTER {
+            return Ok(0);
+        }
         self.make_current()?;
-        let key = format!("{entry}/cluster{cluster}");
         let mut cache = self
             .shared
-            .occupancy
+            .cluster_occupancy
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(&n) = cache.get(&key) {
+        if let Some(n) = cache.get(entry).and_then(|sizes| sizes[cluster as usize]) {
             return Ok(n);
         }
         let function = self.function(entry, shared_bytes)?;
@@ -561,8 +567,8 @@ impl Context {
             block: [block, 1, 1],
             shared_bytes,
             stream: std::ptr::null_mut(),
-            attributes: attributes.as_mut_ptr(),
-            attribute_count: attributes.len() as u32,
+            attributes: attributes.list.as_mut_ptr(),
+            attribute_count: attributes.count as u32,
         };
         let mut clusters = 0i32;
         // SAFETY: a valid function handle of this context; `config` and its attributes live
@@ -572,7 +578,7 @@ impl Context {
                 cuOccupancyMaxActiveClusters(&mut clusters, function.to_raw(), &config)
             });
         let n = if queried { clusters.max(0) as u32 } else { 0 };
-        cache.insert(key, n);
+        cache.entry(entry.to_string()).or_default()[cluster as usize] = Some(n);
         Ok(n)
     }
 
@@ -610,8 +616,8 @@ impl Context {
             block: [block, 1, 1],
             shared_bytes,
             stream: self.raw_stream(),
-            attributes: attributes.as_mut_ptr(),
-            attribute_count: attributes.len() as u32,
+            attributes: attributes.list.as_mut_ptr(),
+            attribute_count: attributes.count as u32,
         };
         // SAFETY: `P` is the `#[repr(C)]` struct the entry takes by value (shared ABI crate), and the
         // caller validated every pointer and extent in it; the stream is valid (owned, or vouched
@@ -630,6 +636,8 @@ impl Context {
 
 /// The cluster size every GPU with clusters holds; larger ones need the function's opt-in.
 const PORTABLE_CLUSTER: u32 = 8;
+/// The largest cluster Hopper holds (non-portable).
+const MAX_CLUSTER: u32 = 16;
 /// `CUfunction_attribute` that allows clusters above the portable size (cuda.h, CUDA 11.8 on).
 const CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED: i32 = 14;
 
@@ -638,10 +646,31 @@ const CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED: i32 = 14;
 const CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION: u32 = 4;
 const CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION: u32 = 6;
 
-/// A launch's attributes: programmatic stream serialization when `dependent`, and clusters of
-/// `cluster` blocks along x when above 1.
-fn launch_attributes(dependent: bool, cluster: u32) -> Vec<LaunchAttribute> {
-    let mut attributes = Vec::with_capacity(2);
+/// A launch's attributes, in place (no allocation on the launch path), and how many of them are
+/// set: programmatic stream serialization when `dependent`, and clusters of `cluster` blocks
+/// along x when above 1.
+struct LaunchAttributes {
+    list: [LaunchAttribute; 2],
+    count: usize,
+}
+
+impl LaunchAttributes {
+    fn push(&mut self, attribute: LaunchAttribute) {
+        self.list[self.count] = attribute;
+        self.count += 1;
+    }
+}
+
+fn launch_attributes(dependent: bool, cluster: u32) -> LaunchAttributes {
+    let empty = || LaunchAttribute {
+        id: 0,
+        pad: [0; 4],
+        value: [0; 64],
+    };
+    let mut attributes = LaunchAttributes {
+        list: [empty(), empty()],
+        count: 0,
+    };
     if dependent {
         // `programmaticStreamSerializationAllowed`, an int.
         let mut value = [0u8; 64];
@@ -725,5 +754,19 @@ mod launch_abi {
         assert_eq!(std::mem::offset_of!(LaunchConfig, attributes), 40);
         assert_eq!(std::mem::offset_of!(LaunchConfig, attribute_count), 48);
         assert_eq!(std::mem::size_of::<LaunchConfig>(), 56);
+    }
+
+    /// Dependent launch and clusters each add their attribute, with cuda.h's value layout.
+    #[test]
+    fn launch_attributes_hold_what_was_asked() {
+        assert_eq!(launch_attributes(false, 1).count, 0);
+        let a = launch_attributes(true, 1);
+        assert_eq!((a.count, a.list[0].id), (1, 6));
+        assert_eq!(a.list[0].value[..4], 1i32.to_ne_bytes());
+        let c = launch_attributes(true, 9);
+        assert_eq!((c.count, c.list[1].id), (2, 4));
+        let dims: Vec<u8> = [9u32, 1, 1].iter().flat_map(|x| x.to_ne_bytes()).collect();
+        assert_eq!(c.list[1].value[..12], dims[..]);
+        assert_eq!(launch_attributes(false, 16).list[0].id, 4);
     }
 }
