@@ -282,6 +282,18 @@ unsafe fn append_own_rows<const D: usize, const PAGING: u8>(
     }
 }
 
+/// The mask of a decode head (streaming or retrieval) over `seqlen` keys.
+#[inline(always)]
+fn head_mask(p: &DecodeParams, streaming: bool, seqlen: i32) -> HeadMask {
+    HeadMask {
+        streaming,
+        causal: p.causal != 0,
+        sink: p.sink,
+        window: p.window,
+        seqlen_k: seqlen,
+    }
+}
+
 /// The KV tiles a head walks for the step's queries (the last `n_q` of `mask.seqlen_k` keys): a
 /// ring's filled slots (`n_keys` of them), else the mask's block ranges.
 #[inline(always)]
@@ -350,13 +362,7 @@ unsafe fn prefetch_first_tiles<const D: usize, const PAGING: u8>(p: &DecodeParam
     } else {
         seqlen
     };
-    let mask = HeadMask {
-        streaming,
-        causal: p.causal != 0,
-        sink: p.sink,
-        window: p.window,
-        seqlen_k: seqlen,
-    };
+    let mask = head_mask(p, streaming, seqlen);
     let tiles = visited_tiles(&mask, use_ring, p.n_q, n_keys, bn);
     let total = tiles[0].len() + tiles[1].len();
     let per_split = split_share(p, total, splits);
@@ -517,13 +523,7 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
         }
     }
     let (q_lo, q_hi) = (seqlen - p.n_q, seqlen - 1);
-    let mask = HeadMask {
-        streaming,
-        causal: p.causal != 0,
-        sink: p.sink,
-        window: p.window,
-        seqlen_k: seqlen,
-    };
+    let mask = head_mask(p, streaming, seqlen);
 
     // The tiles this head visits (ring: all slots; else the mask's ranges), and this split's share.
     let tiles = visited_tiles(&mask, use_ring, p.n_q, n_keys, bn as i32);
