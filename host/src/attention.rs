@@ -92,22 +92,28 @@ impl AttentionConfig {
             .window(window)
     }
 
+    /// Sets [`AttentionConfig::causal`].
     pub fn causal(mut self, causal: bool) -> Self {
         self.causal = causal;
         self
     }
+    /// Sets [`AttentionConfig::sink`].
     pub fn sink(mut self, sink: u32) -> Self {
         self.sink = sink;
         self
     }
+    /// Sets [`AttentionConfig::window`].
     pub fn window(mut self, window: u32) -> Self {
         self.window = window;
         self
     }
+    /// Sets [`AttentionConfig::softmax_scale`] (finite and positive, else the call fails with
+    /// [`Error::InvalidScale`]).
     pub fn softmax_scale(mut self, scale: f32) -> Self {
         self.softmax_scale = Some(scale);
         self
     }
+    /// Sets [`AttentionConfig::kernel`].
     pub fn kernel(mut self, kernel: PrefillKernel) -> Self {
         self.kernel = kernel;
         self
@@ -127,12 +133,16 @@ impl AttentionConfig {
 /// A validated launch: kernel entry, grid, block, dynamic shared memory and parameters.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PrefillPlan {
+    /// The kernel's entry name in the embedded module.
     pub entry: String,
     /// `(query tiles, Hq, B)`: one block per work tile, or, for a persistent kernel, the work
     /// space its blocks walk (the launch then has one block per resident slot).
     pub grid: (u32, u32, u32),
+    /// Threads per block.
     pub block: u32,
+    /// Dynamic shared memory per block, in bytes.
     pub shared_bytes: u32,
+    /// The kernel's parameter block (device addresses included).
     pub params: PrefillParams,
     /// The kernel walks work tiles in a loop (`QueryTile::from_work`).
     pub persistent: bool,

@@ -46,11 +46,15 @@ const CACHE_THREADS: usize = 256;
 /// Sizes of a [`DuoCache`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct CacheConfig {
+    /// Sequence slots.
     pub batch: usize,
     /// Most tokens per sequence (retrieval caches are allocated for this many).
     pub max_len: usize,
+    /// Query heads (a multiple of `heads_kv`).
     pub heads_q: usize,
+    /// KV heads: one head kind each, per layer.
     pub heads_kv: usize,
+    /// Head dim: 64, 128 or 256.
     pub head_dim: usize,
     /// Streaming heads: attention-sink tokens.
     pub sink: u32,
@@ -79,6 +83,7 @@ pub struct CacheMemory {
 }
 
 impl CacheMemory {
+    /// Bytes the cache holds: its full caches and rings.
     pub fn total_bytes(&self) -> usize {
         self.full_bytes.saturating_add(self.ring_bytes)
     }
@@ -374,10 +379,12 @@ impl<T: AttnElement> DuoCache<T> {
         Self::new(ctx, cfg, pattern.head_kinds(how)?)
     }
 
+    /// The sizes it was made with.
     pub fn config(&self) -> &CacheConfig {
         &self.cfg
     }
 
+    /// Layers it holds.
     pub fn layers(&self) -> usize {
         self.layers.len()
     }

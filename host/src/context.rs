@@ -21,11 +21,17 @@ use std::sync::{Arc, Mutex};
 /// What the context's device is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceInfo {
+    /// The CUDA device ordinal.
     pub ordinal: u32,
+    /// The device's name, e.g. `NVIDIA H100 80GB HBM3`.
     pub name: String,
+    /// (major, minor): (9, 0) on Hopper.
     pub compute_capability: (i32, i32),
+    /// Streaming multiprocessors (132 on an H100 SXM or H200).
     pub multiprocessors: u32,
+    /// L2 cache size, in bytes.
     pub l2_cache_bytes: usize,
+    /// Device memory, in bytes.
     pub total_memory: usize,
 }
 
@@ -294,10 +300,12 @@ impl Context {
         Module::from_ptx(kernels::PTX, &[]).during("loading the kernel module")
     }
 
+    /// What the context's device is.
     pub fn info(&self) -> &DeviceInfo {
         &self.shared.info
     }
 
+    /// The context's device ordinal.
     pub fn ordinal(&self) -> u32 {
         self.shared.info.ordinal
     }

@@ -21,9 +21,13 @@ pub const MAX_DECODE_QUERIES: usize = 16;
 /// A validated decode launch (splits merge inside the kernel).
 #[derive(Clone, Debug, PartialEq)]
 pub struct DecodePlan {
+    /// The kernel's entry name in the embedded module.
     pub entry: String,
+    /// Blocks (x: every retrieval head's splits, then every streaming head's).
     pub grid: (u32, u32, u32),
+    /// Threads per block.
     pub block: u32,
+    /// Dynamic shared memory per block, in bytes.
     pub shared_bytes: u32,
     /// `o_partial`/`lse_partial`/`counters` are filled in at launch from the context's
     /// workspace.
@@ -32,6 +36,7 @@ pub struct DecodePlan {
     pub splits: usize,
     /// Row groups (batch entry, KV head, chunk of query rows): one merge counter each.
     pub groups: usize,
+    /// Head dim of Q, K, V and O.
     pub head_dim: usize,
     /// Blocks per cluster that would merge each row group's splits in distributed shared memory
     /// (`decode_cluster`; 1: none). The launch uses it where the context allows and the GPU holds

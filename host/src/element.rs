@@ -5,18 +5,26 @@ use half::{bf16, f16};
 /// Data types of device tensors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
+    /// `half::bf16`.
     BF16,
+    /// `half::f16`.
     F16,
+    /// `f32` (LSE outputs, split partials).
     F32,
+    /// `i32` (varlen prefix sums, key counts, block tables).
     I32,
 }
 
 /// A scalar stored in device memory. `Raw` is the bit-identical type cust copies (`half` 2's types
 /// are not `DeviceCopy`: cust_core implements it for `half` 1 only).
 pub trait DeviceScalar: Copy + bytemuck::Pod + Send + Sync + 'static {
+    /// The type cust copies, bit-identical to `Self`.
     type Raw: DeviceCopy + bytemuck::Pod;
+    /// The type's tag.
     const DTYPE: DType;
+    /// The value as `f32` (exact for every type but `i32` beyond 2^24).
     fn to_f32(self) -> f32;
+    /// The nearest value to `v` (rounded to nearest even for the 16-bit types).
     fn from_f32(v: f32) -> Self;
     /// A NaN pattern of this type, used to poison outputs in tests.
     fn nan() -> Self;

@@ -30,14 +30,19 @@ use duo_attn_kernels::abi::ws_block_n;
 pub enum KvCacheDesc<'a> {
     /// `[B, S_max, Hkv, D]` K and V: sequence `b`'s keys are the first rows of batch entry `b`.
     Contiguous {
+        /// The key cache.
         k: &'a TensorDesc<4>,
+        /// The value cache, shaped as `k`.
         v: &'a TensorDesc<4>,
     },
     /// Pages `[pages, page_size, Hkv, D]` of K and V shared by the batch, and the device
     /// `[B, max_pages]` i32 table whose row `b` lists sequence `b`'s pages in key order.
     Paged {
+        /// The key pages.
         k_pages: &'a TensorDesc<4>,
+        /// The value pages, shaped as `k_pages`.
         v_pages: &'a TensorDesc<4>,
+        /// The block table.
         block_table: &'a TensorDesc<2>,
     },
 }

@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! # duo-attn
 //!
 //! DuoAttention on NVIDIA Hopper from Rust. Each layer's KV heads are either **retrieval** heads

@@ -15,8 +15,9 @@ use crate::attention::HeadKind;
 use crate::error::{Error, Result};
 use std::path::Path;
 
-/// File names inside a pattern directory.
+/// The gate file inside a pattern directory: one row per layer, one gate per KV head.
 pub const GATES_FILE: &str = "full_attention_heads.tsv";
+/// The pattern directory's config: its sink and recent sizes.
 pub const CONFIG_FILE: &str = "config.json";
 
 /// Gates this far outside [0, 1] are clipped into it; further out is an error.
@@ -121,6 +122,7 @@ impl HeadPattern {
         Ok(pattern)
     }
 
+    /// Layers the pattern has gates for.
     pub fn layers(&self) -> usize {
         self.gates.len()
     }

@@ -9,30 +9,42 @@ use crate::attention::{AttentionConfig, HeadKind};
 /// Problem sizes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Shape {
+    /// Batch entries.
     pub batch: usize,
+    /// Query rows per entry.
     pub seqlen_q: usize,
+    /// Keys per entry.
     pub seqlen_k: usize,
+    /// Query heads.
     pub heads_q: usize,
+    /// KV heads.
     pub heads_kv: usize,
+    /// Head dim.
     pub head_dim: usize,
 }
 
 impl Shape {
+    /// Elements of q (and out).
     pub fn q_len(&self) -> usize {
         self.batch * self.seqlen_q * self.heads_q * self.head_dim
     }
+    /// Elements of k (and v).
     pub fn kv_len(&self) -> usize {
         self.batch * self.seqlen_k * self.heads_kv * self.head_dim
     }
+    /// Elements of lse.
     pub fn lse_len(&self) -> usize {
         self.batch * self.heads_q * self.seqlen_q
     }
+    /// `[B, Sq, Hq, D]`, of q and out.
     pub fn q_shape(&self) -> [usize; 4] {
         [self.batch, self.seqlen_q, self.heads_q, self.head_dim]
     }
+    /// `[B, Sk, Hkv, D]`, of k and v.
     pub fn kv_shape(&self) -> [usize; 4] {
         [self.batch, self.seqlen_k, self.heads_kv, self.head_dim]
     }
+    /// `[B, Hq, Sq]`, of lse.
     pub fn lse_shape(&self) -> [usize; 3] {
         [self.batch, self.heads_q, self.seqlen_q]
     }

@@ -12,9 +12,11 @@ use std::collections::BinaryHeap;
 pub struct SplitKv {
     /// The split build of the kernel, and the merge.
     pub entry: String,
+    /// The merge kernel's entry.
     pub merge_entry: String,
     /// `AttentionConfig::kv_splits`.
     pub requested: Option<usize>,
+    /// Head dim of the rows merged.
     pub head_dim: usize,
     /// The rows the merge writes, and the partial rows' layout.
     pub rows: PartialRows,
@@ -27,15 +29,21 @@ pub struct SplitKv {
 /// derives only when it has not seen the shape before.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SplitShape {
+    /// Query heads.
     pub heads_q: usize,
     /// One per KV head.
     pub kinds: Vec<HeadKind>,
+    /// Retrieval heads are causal.
     pub causal: bool,
+    /// Streaming heads' sink tokens.
     pub sink: usize,
+    /// Streaming heads' window.
     pub window: usize,
+    /// Keys per KV block of the kernel.
     pub block_n: usize,
     /// Query tiles per sequence (the longest sequence's).
     pub m_blocks: usize,
+    /// The launch's sequences, alike ones run together.
     pub sequences: SequenceRuns,
 }
 
@@ -47,12 +55,16 @@ pub type SequenceRuns = Vec<((usize, usize, usize), usize)>;
 /// batch packed as one sequence of `total_q` rows (`B = 1`). Each has `kv_splits` partial rows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PartialRows {
+    /// Batch entries (1 for a varlen batch).
     pub batch: usize,
+    /// Query heads.
     pub heads_q: usize,
+    /// Query rows per entry (`total_q` for a varlen batch).
     pub seqlen_q: usize,
 }
 
 impl PartialRows {
+    /// Rows of one split's partials.
     pub fn count(&self) -> usize {
         self.batch * self.heads_q * self.seqlen_q
     }

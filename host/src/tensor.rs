@@ -24,11 +24,18 @@ fn elements<const N: usize>(shape: [usize; N]) -> Option<usize> {
 /// of elements addressable from `ptr` inside its allocation, element size and device ordinal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TensorDesc<const N: usize> {
+    /// Device address of element 0.
     pub ptr: u64,
+    /// Extents, outermost first.
     pub shape: [usize; N],
+    /// Strides, in elements.
     pub strides: [usize; N],
+    /// Elements addressable from `ptr` inside its allocation (the bound every view is checked
+    /// against).
     pub available: usize,
+    /// Bytes per element.
     pub elem_bytes: usize,
+    /// The CUDA device ordinal of the memory.
     pub device: u32,
 }
 
@@ -186,14 +193,17 @@ impl<T: DeviceScalar, const N: usize> DeviceTensor<T, N> {
         Ok(t)
     }
 
+    /// Extents, outermost first.
     pub fn shape(&self) -> [usize; N] {
         self.shape
     }
 
+    /// Elements.
     pub fn len(&self) -> usize {
         self.buf.len()
     }
 
+    /// Whether it holds no element.
     pub fn is_empty(&self) -> bool {
         self.buf.is_empty()
     }
@@ -338,12 +348,15 @@ impl<T, const N: usize> View<'_, T, N> {
             _marker: PhantomData,
         }
     }
+    /// Where the view is and how it is laid out.
     pub fn desc(&self) -> &TensorDesc<N> {
         &self.desc
     }
+    /// Extents, outermost first.
     pub fn shape(&self) -> [usize; N] {
         self.desc.shape
     }
+    /// Strides, in elements.
     pub fn strides(&self) -> [usize; N] {
         self.desc.strides
     }
@@ -357,12 +370,15 @@ impl<T, const N: usize> ViewMut<'_, T, N> {
             _marker: PhantomData,
         }
     }
+    /// Where the view is and how it is laid out.
     pub fn desc(&self) -> &TensorDesc<N> {
         &self.desc
     }
+    /// Extents, outermost first.
     pub fn shape(&self) -> [usize; N] {
         self.desc.shape
     }
+    /// Strides, in elements.
     pub fn strides(&self) -> [usize; N] {
         self.desc.strides
     }

@@ -20,6 +20,7 @@ const TMA_ALIGN: u64 = 16;
 /// One operand as TMA sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TmaTensor {
+    /// Device address of element 0.
     pub base: u64,
     /// Extents, innermost first: head dim, rows, heads, batch.
     pub dims: [u64; 4],
