@@ -29,11 +29,13 @@ pub const WS_THREADS: usize = 384;
 /// Registers per thread after `setmaxnreg`, cp.async build: the producer gives its registers to
 /// the consumers. 168 at entry x 384 threads = 72 x 128 + 216 x 256: the pool balances exactly.
 pub const WS_PRODUCER_REGISTERS: u32 = 72;
+/// Registers per consumer thread after `setmaxnreg`, cp.async build.
 pub const WS_CONSUMER_REGISTERS: u32 = 216;
 /// The TMA build (its producer is one warp with one issuing thread, which fits in 24): 24 x 128 +
 /// 240 x 256, the same pool. D = 256 needs it (O alone is 128 registers), D <= 128 holds Q in
 /// registers with it.
 pub const WS_TMA_PRODUCER_REGISTERS: u32 = 24;
+/// Registers per consumer thread after `setmaxnreg`, TMA build.
 pub const WS_TMA_CONSUMER_REGISTERS: u32 = 240;
 const _: () = assert!(
     WS_PRODUCER_REGISTERS * 128 + WS_CONSUMER_REGISTERS * 256 == 168 * 384
@@ -78,20 +80,33 @@ pub const MAX_SEQLEN: usize = 1 << 30;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct PrefillParams {
+    /// Device address of Q.
     pub q: u64,
+    /// Device address of K (the retrieval heads' with `split_kv`).
     pub k: u64,
+    /// Device address of V (the retrieval heads' with `split_kv`).
     pub v: u64,
+    /// Device address of O.
     pub o: u64,
+    /// Device address of the f32 LSE (natural log), laid out by `lse_strides`.
     pub lse: u64,
+    /// Bit `h` set: KV head `h` is a streaming head.
     pub streaming_heads: [u32; HEAD_MASK_WORDS],
     /// Element strides of (batch, sequence, head).
     pub q_strides: [i64; 3],
+    /// Element strides of K, as `q_strides`.
     pub k_strides: [i64; 3],
+    /// Element strides of V, as `q_strides`.
     pub v_strides: [i64; 3],
+    /// Element strides of O, as `q_strides`.
     pub o_strides: [i64; 3],
+    /// Query rows per sequence (varlen: the most).
     pub seqlen_q: i32,
+    /// Keys per sequence (varlen: the most).
     pub seqlen_k: i32,
+    /// Query heads.
     pub heads_q: i32,
+    /// KV heads (`heads_q` is a multiple).
     pub heads_kv: i32,
     /// Streaming heads: keys `< sink` are always visible (clamped to `MAX_SEQLEN` by the host).
     pub sink: i32,
@@ -106,16 +121,22 @@ pub struct PrefillParams {
     /// at its rank among the KV heads of its kind, with that source's own length; query rows are
     /// bottom-right aligned to each source.
     pub split_kv: i32,
+    /// With `split_kv`: keys of the streaming heads' source.
     pub seqlen_k_stream: i32,
+    /// With `split_kv`: device address of the streaming heads' K.
     pub stream_k: u64,
+    /// With `split_kv`: device address of the streaming heads' V.
     pub stream_v: u64,
+    /// Element strides of `stream_k`, as `q_strides`.
     pub stream_k_strides: [i64; 3],
+    /// Element strides of `stream_v`, as `q_strides`.
     pub stream_v_strides: [i64; 3],
     /// Varlen batches: device pointers to `[B + 1]` i32 prefix sums of the query and key lengths
     /// (both 0 for fixed-length batches). Sequence `b` is rows `cu[b]..cu[b + 1]` of packed
     /// `[total, H, D]` tensors (batch strides 0); `seqlen_q/k` (and `seqlen_k_stream`) are then
     /// the maxima. Keys end at `ends_k` (below).
     pub cu_seqlens_q: u64,
+    /// Varlen: the keys' `[B + 1]` prefix sums (see `cu_seqlens_q`).
     pub cu_seqlens_k: u64,
     /// Varlen: device `[B]` i32 arrays, per K/V source (retrieval or all heads, then the
     /// streaming heads'), of each sequence's end row: sequence `b` reads key rows
@@ -123,6 +144,7 @@ pub struct PrefillParams {
     /// The DuoAttention cache's ragged prefill: batch-strided K/V, `cu_seqlens_k` zeros and the
     /// ends each sequence's key count in that source (FlashAttention's `seqused_k`).
     pub ends_k: u64,
+    /// Varlen: the streaming heads' source's ends (see `ends_k`).
     pub ends_k_stream: u64,
     /// LSE element strides of (batch, head): `[Hq * Sq, Sq]` for `[B, Hq, Sq]`, `[0, total_q]`
     /// for varlen `[Hq, total_q]` (rows then offset by the sequence start).
@@ -130,6 +152,7 @@ pub struct PrefillParams {
     /// Query tiles per (sequence, head) and sequences: the persistent kernel's work space
     /// (`m_blocks * heads_q * batch` tiles; set at launch).
     pub m_blocks: i32,
+    /// Sequences.
     pub batch: i32,
     /// Persistent kernel: two u32 counters (work tiles claimed, blocks done), zero at launch and
     /// left zero by the kernel's last block.
@@ -138,7 +161,9 @@ pub struct PrefillParams {
     /// shift: a work tile's decode sits on the consumers' critical path at each tile switch, and
     /// `div.u32` is a long dependent chain in SASS.
     pub m_blocks_div: FastDiv,
+    /// Division by `heads_q` (see `m_blocks_div`).
     pub heads_q_div: FastDiv,
+    /// Division by the query heads per KV head (see `m_blocks_div`).
     pub group_div: FastDiv,
     /// Split-KV (the `_split` TMA entries only; 1 elsewhere): work tile `w` is split `w %
     /// kv_splits` of query tile `w / kv_splits`, which walks that share of the tile's KV blocks
@@ -147,8 +172,11 @@ pub struct PrefillParams {
     /// side by side; O rows of D) for `duo_prefill_merge_*`. Few query tiles
     /// against a long context (chunked prefill) then still fill every SM.
     pub kv_splits: i32,
+    /// Division by `kv_splits`.
     pub kv_splits_div: FastDiv,
+    /// Split-KV: device address of the f32 partial O rows.
     pub partial_o: u64,
+    /// Split-KV: device address of the f32 partial LSE rows.
     pub partial_lse: u64,
     /// Paged K/V in the retrieval (or only) source, `duo_prefill_wgmma_tma_cache_*` entries only
     /// (0: not paged; those entries also zero V's rows past each sequence's keys): a device
@@ -157,7 +185,9 @@ pub struct PrefillParams {
     /// `page_table[b][r >> page_shift]`; a page is a whole number of KV blocks. A page index
     /// outside the pool reads zeros (TMA's out-of-bounds fill), never other memory.
     pub page_table: u64,
+    /// Paged: entries from one sequence's table row to the next.
     pub page_table_stride: i32,
+    /// Paged: log2 of the rows per page.
     pub page_shift: i32,
 }
 
@@ -180,15 +210,25 @@ pub const PREFILL_MAX_SPLITS: usize = 32;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct PrefillMergeParams {
+    /// Device address of the f32 partial O rows (`PrefillParams::partial_o`).
     pub partial_o: u64,
+    /// Device address of the f32 partial LSE rows (`PrefillParams::partial_lse`).
     pub partial_lse: u64,
+    /// Device address of O.
     pub o: u64,
+    /// Device address of the f32 LSE.
     pub lse: u64,
+    /// Element strides of O: (batch, sequence, head).
     pub o_strides: [i64; 3],
+    /// Element strides of the LSE: (batch, head).
     pub lse_strides: [i64; 2],
+    /// Sequences (1 for a varlen launch).
     pub batch: i32,
+    /// Query heads.
     pub heads_q: i32,
+    /// Query rows per sequence (`total_q` for a varlen launch).
     pub seqlen_q: i32,
+    /// Partial rows per query row.
     pub kv_splits: i32,
 }
 
@@ -202,11 +242,14 @@ pub const PREFILL_MERGE_ROWS: usize = 8;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FastDiv {
+    /// `ceil(2^shift / d)`.
     pub multiplier: u32,
+    /// `31 + ceil(log2 d)`.
     pub shift: u32,
 }
 
 impl FastDiv {
+    /// The pair for divisor `d`.
     pub const fn new(d: u32) -> Self {
         if d == 0 {
             return FastDiv {
@@ -240,10 +283,15 @@ pub struct TensorMap(pub [u64; 16]);
 
 /// Tensor maps of the TMA prefill kernel, in [`TmaPrefillParams::maps`] order.
 pub const TMA_Q: usize = 0;
+/// K (the retrieval heads' with `PrefillParams::split_kv`).
 pub const TMA_K: usize = 1;
+/// V (the retrieval heads' with `PrefillParams::split_kv`).
 pub const TMA_V: usize = 2;
+/// The streaming heads' K (`PrefillParams::stream_k`).
 pub const TMA_STREAM_K: usize = 3;
+/// The streaming heads' V (`PrefillParams::stream_v`).
 pub const TMA_STREAM_V: usize = 4;
+/// Tensor maps per launch.
 pub const TMA_MAPS: usize = 5;
 
 /// Parameters of the TMA prefill kernels (`duo_prefill_wgmma_tma_*`): the tensor maps of Q, K,
@@ -255,7 +303,9 @@ pub const TMA_MAPS: usize = 5;
 #[repr(C, align(16))]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct TmaPrefillParams {
+    /// Indexed by `TMA_Q` .. `TMA_STREAM_V`.
     pub maps: [TensorMap; TMA_MAPS],
+    /// The parameters every prefill kernel takes.
     pub prefill: PrefillParams,
 }
 
@@ -384,9 +434,13 @@ pub const fn decode_paged_smem_bytes(d: usize) -> usize {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct KvSource {
+    /// Device address of K.
     pub k: u64,
+    /// Device address of V.
     pub v: u64,
+    /// Element strides of K: (batch, sequence, head).
     pub k_strides: [i64; 3],
+    /// Element strides of V: (batch, sequence, head).
     pub v_strides: [i64; 3],
 }
 
@@ -405,29 +459,49 @@ pub struct KvSource {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct DecodeParams {
+    /// Device address of Q.
     pub q: u64,
+    /// Element strides of Q: (batch, token, head).
     pub q_strides: [i64; 3],
+    /// K/V of every head (`ring == 0`) or of the retrieval heads (`ring == 1`).
     pub full: KvSource,
+    /// With `ring == 1`: the streaming heads' rings.
     pub stream: KvSource,
+    /// Device address of the f32 partial O rows of the global merge.
     pub o_partial: u64,
+    /// Device address of the f32 partial LSE rows of the global merge.
     pub lse_partial: u64,
+    /// One u32 per row group: split blocks done, zero between launches.
     pub counters: u64,
+    /// Device address of O, `[B, n_q, Hq, D]` by `o_strides`.
     pub o: u64,
+    /// Device address of the f32 LSE, `[B, Hq, n_q]` contiguous.
     pub lse: u64,
+    /// Element strides of O: (batch, token, head).
     pub o_strides: [i64; 3],
+    /// Bit `h` set: KV head `h` is a streaming head.
     pub streaming_heads: [u32; HEAD_MASK_WORDS],
     /// Splits of each retrieval head's tiles.
     pub splits: i32,
+    /// Sequences.
     pub batch: i32,
+    /// New query tokens per sequence.
     pub n_q: i32,
+    /// Query heads.
     pub heads_q: i32,
+    /// KV heads (`heads_q` is a multiple).
     pub heads_kv: i32,
+    /// Keys per sequence, new tokens included (see `seqlens`).
     pub seqlen: i32,
+    /// Streaming heads: attention-sink tokens.
     pub sink: i32,
+    /// Streaming heads: keys with `q_pos - k_pos < window` are visible.
     pub window: i32,
     /// Streaming ring: recent slots (after the `sink` fixed ones).
     pub recent: i32,
+    /// 1: streaming heads read their rings in `stream` (the DuoAttention cache).
     pub ring: i32,
+    /// Retrieval heads: 1 = causal, 0 = full.
     pub causal: i32,
     /// KV tiles each split walks (of the head's visited tiles, in order), planned for `seqlen`.
     /// With `seqlens`, a sequence spreads its own tiles over the splits instead: as evenly as
@@ -440,8 +514,11 @@ pub struct DecodeParams {
     /// Divisions by `splits`, `stream_splits`, the row chunks per KV head and the retrieval and
     /// streaming head counts, for the block's place in the grid (`heads::DecodeBlock`).
     pub split_divs: [FastDiv; 2],
+    /// Division by the row chunks per KV head.
     pub row_chunks_div: FastDiv,
+    /// Divisions by the retrieval and the streaming head counts.
     pub kind_heads_divs: [FastDiv; 2],
+    /// softmax_scale * log2(e): scores go through exp2.
     pub scale_log2: f32,
     /// 0, or a device `[batch]` i32 array of per-sequence key counts (`cache_seqlens`), each
     /// clamped into `0..=seqlen` by the kernel; `seqlen` is then the K/V tensors' length.
@@ -453,8 +530,11 @@ pub struct DecodeParams {
     /// The `duo_decode_paged_tiles_*` entries look up one page per KV tile and need pages of at
     /// least `decode_block_n(D)` rows; the `duo_decode_paged_*` ones take any power of two.
     pub block_table: u64,
+    /// Entries from one sequence's table row to the next.
     pub block_table_stride: i64,
+    /// Pages in the pool.
     pub num_pages: i32,
+    /// log2 of the rows per page.
     pub page_shift: i32,
     /// The append fused into a DuoAttention cache's decode step (0 in `append.k`: no append).
     /// `seqlens` is then the cache's device lengths before the step: every block reads its
@@ -466,7 +546,9 @@ pub struct DecodeParams {
     /// belongs to exactly one block, its only reader. The last of a sequence's `seq_blocks`
     /// blocks to count itself in `arrivals[b]` advances `seqlens[b]` and zeroes the count.
     pub append: KvSource,
+    /// With `append`: one u32 per sequence, zero between launches.
     pub arrivals: u64,
+    /// With `append`: blocks per sequence (the launch's blocks over `batch`).
     pub seq_blocks: i32,
     /// K/V tiles (of the first ones this block walks) that each block asks the L2 for before it
     /// waits for the previous kernel (`cp.async.bulk.prefetch`): the loads then overlap that
@@ -517,9 +599,13 @@ pub const fn decode_fuses_append(d: usize, paged: bool) -> bool {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct CacheParams {
+    /// The new rows (append).
     pub new: KvSource,
+    /// The retrieval heads' full caches.
     pub full: KvSource,
+    /// The streaming heads' rings.
     pub stream: KvSource,
+    /// The gather's output.
     pub out: KvSource,
     /// `[B]` i32 cached lengths on the device (append), or 0: `start` for every sequence.
     pub lens: u64,
@@ -532,13 +618,19 @@ pub struct CacheParams {
     /// 0, or a device `[B]` i32 array of each sequence's cached length for the gather (in
     /// place of `start`).
     pub starts: u64,
+    /// Bit `h` set: KV head `h` is a streaming head.
     pub streaming_heads: [u32; HEAD_MASK_WORDS],
+    /// New rows per sequence (ragged: the most).
     pub n_new: i32,
+    /// KV heads.
     pub heads_kv: i32,
+    /// Head dim.
     pub head_dim: i32,
     /// Cached length before the new rows (gather without `starts`; append without `lens`).
     pub start: i32,
+    /// Ring slots that hold the sink tokens.
     pub sink: i32,
+    /// Ring slots that hold the recent tokens.
     pub recent: i32,
     /// Rows of `full` per sequence.
     pub capacity: i32,
@@ -551,9 +643,11 @@ pub struct CacheParams {
     pub pad_block: i32,
     /// 0, or a device `[B, block_table_stride]` i32 table of the pages of `full` (see above).
     pub block_table: u64,
+    /// Entries from one sequence's table row to the next.
     pub block_table_stride: i32,
     /// Rows per page: `1 << page_shift`.
     pub page_shift: i32,
+    /// Pages in the pool.
     pub num_pages: i32,
 }
 

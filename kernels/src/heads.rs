@@ -65,17 +65,24 @@ pub fn head_of_rank(mask: &[u32; HEAD_MASK_WORDS], streaming: bool, rank: i32) -
 /// long blocks start first, and a streaming head has only the splits its few tiles fill
 /// (`stream_splits`): no block is launched without tiles to walk.
 pub struct DecodeBlock {
+    /// The block serves a streaming head.
     pub streaming: bool,
+    /// The head's rank among the KV heads of its kind.
     pub rank: i32,
+    /// The KV head.
     pub kv_head: i32,
+    /// The chunk of `DECODE_ROWS` query rows of the head's group.
     pub chunk: i32,
+    /// The batch entry.
     pub batch: i64,
+    /// The split of the head's tiles.
     pub split: i32,
     /// Splits of this block's head.
     pub splits: i32,
 }
 
 impl DecodeBlock {
+    /// Block `x` of a launch with `row_chunks` row chunks per KV head.
     #[inline(always)]
     pub fn of(p: &DecodeParams, x: i32, row_chunks: i32) -> Self {
         let stream_heads = streaming_count(&p.streaming_heads);

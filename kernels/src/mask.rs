@@ -18,11 +18,15 @@ pub fn div_or_zero(a: i32, b: i32) -> i32 {
 /// The mask of one head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HeadMask {
+    /// A streaming head (sink and window) rather than a retrieval head.
     pub streaming: bool,
     /// Retrieval heads only: causal or full.
     pub causal: bool,
+    /// Streaming heads: keys `< sink` are visible to every query at or after them.
     pub sink: i32,
+    /// Streaming heads: keys with `q_pos - k < window` are visible.
     pub window: i32,
+    /// Keys of the sequence.
     pub seqlen_k: i32,
 }
 
@@ -31,8 +35,11 @@ pub struct HeadMask {
 /// between its sink and its window; empty for retrieval heads).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RowBounds {
+    /// The last visible key.
     pub last: i32,
+    /// The first hidden key of the gap.
     pub gap_start: i32,
+    /// The last hidden key of the gap.
     pub gap_end: i32,
 }
 
@@ -47,12 +54,16 @@ impl RowBounds {
 /// Half-open block index range `[start, end)`; empty when `start >= end`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BlockRange {
+    /// First block.
     pub start: i32,
+    /// One past the last block.
     pub end: i32,
 }
 
 impl BlockRange {
+    /// No block.
     pub const EMPTY: BlockRange = BlockRange { start: 0, end: 0 };
+    /// Blocks in the range (0 when empty).
     #[inline(always)]
     pub fn len(&self) -> i32 {
         if self.end > self.start {
@@ -61,6 +72,7 @@ impl BlockRange {
             0
         }
     }
+    /// Whether the range holds no block.
     #[inline(always)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0

@@ -51,6 +51,7 @@ pub struct RingPositions {
 }
 
 impl RingPositions {
+    /// The map of a ring of `sink + recent` slots that has seen `len` positions.
     #[inline(always)]
     pub fn new(len: i32, sink: i32, recent: i32) -> Self {
         let lo = recent_start(len, sink, recent);
