@@ -26,6 +26,8 @@ pub mod cache;
 #[cfg(target_arch = "nvptx64")]
 pub mod decode;
 #[cfg(target_arch = "nvptx64")]
+mod decode_merge;
+#[cfg(target_arch = "nvptx64")]
 pub mod device;
 #[cfg(target_arch = "nvptx64")]
 pub mod mma;
