@@ -24,7 +24,8 @@ pub trait DeviceScalar: Copy + bytemuck::Pod + Send + Sync + 'static {
     const DTYPE: DType;
     /// The value as `f32` (exact for every type but `i32` beyond 2^24).
     fn to_f32(self) -> f32;
-    /// The nearest value to `v` (rounded to nearest even for the 16-bit types).
+    /// `v` in this type: rounded to nearest even for the 16-bit types, truncated toward zero
+    /// (saturating) for `i32`.
     fn from_f32(v: f32) -> Self;
     /// A NaN pattern of this type, used to poison outputs in tests.
     fn nan() -> Self;
