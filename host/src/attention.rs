@@ -16,7 +16,8 @@ use duo_attn_kernels::abi::{
 pub enum HeadKind {
     /// The whole context: causal or full, per [`AttentionConfig::causal`].
     Retrieval,
-    /// The first `sink` keys plus the last `window` keys up to the query (always causal).
+    /// The first `sink` keys plus the last `window` keys up to the query (causal, or up to
+    /// [`AttentionConfig::right_window`] keys past it).
     Streaming,
 }
 
@@ -54,6 +55,11 @@ pub struct AttentionConfig {
     pub sink: u32,
     /// Streaming heads: recent keys, the query's own position included (`q - k < window`).
     pub window: u32,
+    /// Causal retrieval heads and streaming heads: keys up to `right_window` positions after
+    /// the query are visible too (FlashAttention's `window_size[1]`; default 0, causal).
+    /// Prefill only: decode and the DuoAttention cache reject a nonzero value
+    /// ([`Error::RightWindowUnsupported`]). Values past any sequence length act as unbounded.
+    pub right_window: u32,
     /// Scale of `q.k`; `None` means `1 / sqrt(head_dim)`.
     pub softmax_scale: Option<f32>,
     /// Kernel choice (default: `Auto`).
@@ -74,6 +80,7 @@ impl AttentionConfig {
             causal: true,
             sink: 64,
             window: 256,
+            right_window: 0,
             softmax_scale: None,
             kernel: PrefillKernel::Auto,
             kv_splits: None,
@@ -107,6 +114,38 @@ impl AttentionConfig {
         self.window = window;
         self
     }
+    /// Sets [`AttentionConfig::right_window`].
+    pub fn right_window(mut self, right: u32) -> Self {
+        self.right_window = right;
+        self
+    }
+
+    /// FlashAttention's mask arguments for a layer of `heads_kv` KV heads: `causal` and
+    /// `window_size = (left, right)`, each side a key count or -1 for unbounded, with
+    /// bottom-right aligned positions as in FlashAttention 2.1 and later. Query position `p`
+    /// sees key `k` when `p - left <= k <= p + right`; `causal` sets `right` to 0.
+    ///
+    /// A bounded `left` maps to streaming heads without sink tokens (`window = left + 1`),
+    /// so the kernels visit only the blocks inside the band; an unbounded one to retrieval heads
+    /// (non-causal when both sides are unbounded). Any other value than -1 or a count is
+    /// [`Error::InvalidWindowSize`].
+    pub fn flash(heads_kv: usize, causal: bool, window_size: (i64, i64)) -> Result<Self> {
+        let (left, right) = window_size;
+        let side = |x: i64| match x {
+            -1 => Ok(None),
+            // Past any sequence length a side is as good as unbounded.
+            0.. => Ok(Some(x.min(MAX_SEQLEN as i64) as u32)),
+            _ => Err(Error::InvalidWindowSize { left, right }),
+        };
+        let (left, right) = (side(left)?, if causal { Some(0) } else { side(right)? });
+        Ok(match (left, right) {
+            (None, None) => Self::all_retrieval(heads_kv).causal(false),
+            (None, Some(right)) => Self::all_retrieval(heads_kv).right_window(right),
+            (Some(left), right) => Self::all_streaming(heads_kv, 0, left + 1)
+                .right_window(right.unwrap_or(MAX_SEQLEN as u32)),
+        })
+    }
+
     /// Sets [`AttentionConfig::softmax_scale`] (finite and positive, else the call fails with
     /// [`Error::InvalidScale`]).
     pub fn softmax_scale(mut self, scale: f32) -> Self {
@@ -404,6 +443,12 @@ pub(crate) fn clamp_len(x: u32) -> i32 {
     (x as usize).min(MAX_SEQLEN) as i32
 }
 
+/// A right window past any sequence length acts as `MAX_SEQLEN - 1`, so that a query position
+/// plus one plus it stays inside i32.
+pub(crate) fn clamp_right(x: u32) -> i32 {
+    (x as usize).min(MAX_SEQLEN - 1) as i32
+}
+
 /// Validates a prefill call and builds its launch. Pure: no GPU needed, so every rule is unit-tested.
 ///
 /// q/out `[B, Sq, Hq, D]`, k/v `[B, Sk, Hkv, D]`, lse `[B, Hq, Sq]` (contiguous f32).
@@ -475,6 +520,7 @@ pub(crate) fn prefill_params(
         sink: clamp_len(cfg.sink),
         window: clamp_len(cfg.window),
         causal: cfg.causal as i32,
+        right: clamp_right(cfg.right_window),
         scale_log2: cfg.scale_for(head_dim) * std::f32::consts::LOG2_E,
         split_kv: stream.is_some() as i32,
         seqlen_k_stream: seqlen_k_stream as i32,
@@ -563,6 +609,7 @@ fn split_kv<T: AttnElement>(
             causal: p.causal != 0,
             sink: p.sink.max(0) as usize,
             window: p.window.max(0) as usize,
+            right: p.right.max(0) as usize,
             block_n: ws_block_n(head_dim),
             m_blocks,
             sequences,

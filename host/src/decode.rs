@@ -249,6 +249,12 @@ pub(crate) fn plan_decode<T: AttnElement>(
     resident_blocks: usize,
 ) -> Result<DecodePlan> {
     let [batch, n_q, heads_q, head_dim] = check_queries(q, out, lse, cfg, device)?;
+    if cfg.right_window != 0 {
+        return Err(Error::RightWindowUnsupported {
+            right: cfg.right_window,
+            by: "decode",
+        });
+    }
     if n_q > MAX_DECODE_QUERIES {
         return Err(Error::DecodeQueryBlock {
             got: n_q,
@@ -856,6 +862,29 @@ mod tests {
             // One resident block: a single split walks every tile of the 1000 keys.
             assert_eq!((plan.splits, plan.params.tiles_per_split), (1, tiles));
         }
+    }
+
+    /// Decode's queries are the last tokens: a right window is a typed error, not ignored.
+    #[test]
+    fn a_right_window_is_rejected() {
+        use crate::attention::HeadKind;
+        use half::bf16;
+        let at = |i: u64| 0x7000_0000_0000 + i * 0x1_0000_0000;
+        let q = TensorDesc::contiguous(at(0), [1, 1, 8, 128], 2, 0);
+        let k = TensorDesc::contiguous(at(1), [1, 1000, 2, 128], 2, 0);
+        let v = TensorDesc::contiguous(at(2), [1, 1000, 2, 128], 2, 0);
+        let out = TensorDesc::contiguous(at(3), [1, 1, 8, 128], 2, 0);
+        let lse = TensorDesc::contiguous(at(4), [1, 8, 1], 4, 0);
+        let cfg = AttentionConfig::new(vec![HeadKind::Retrieval; 2]).right_window(3);
+        let err = plan_decode::<bf16>(&q, DecodeKv::Plain { k: &k, v: &v }, &out, &lse, &cfg, 0, 1)
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            Error::RightWindowUnsupported {
+                right: 3,
+                by: "decode"
+            }
+        ));
     }
 
     /// `cache_seqlens` must be `[B]` i32 on the context's device, contiguous, and clear of the

@@ -202,6 +202,27 @@ pub enum Error {
     /// `softmax_scale` is not finite and positive.
     #[error("softmax_scale must be finite and > 0, got {0}")]
     InvalidScale(f32),
+    /// A FlashAttention `window_size` side below -1.
+    #[error(
+        "window_size ({left}, {right}) is invalid: each side is a key count (>= 0) or -1 for unbounded"
+    )]
+    InvalidWindowSize {
+        /// The left side given.
+        left: i64,
+        /// The right side given.
+        right: i64,
+    },
+    /// `AttentionConfig::right_window` is nonzero for an operation whose queries cannot see
+    /// keys after them.
+    #[error(
+        "right_window {right} is not supported by {by}: its queries are the sequence's last tokens, so only a causal mask (right_window 0) applies"
+    )]
+    RightWindowUnsupported {
+        /// The value given.
+        right: u32,
+        /// The operation.
+        by: &'static str,
+    },
     /// A length or count over the largest the kernels support (their index arithmetic is 32-bit).
     #[error("{what} is {value}, over the supported maximum {limit}")]
     TooLarge {

@@ -58,11 +58,13 @@ impl Shape {
     }
 }
 
-/// Does the query at position `q_pos` see key `k` under a head of `kind`?
+/// Does the query at position `q_pos` see key `k` under a head of `kind`? Written apart from the
+/// kernels' `HeadMask`, which the tests check against it.
 pub fn key_visible(kind: HeadKind, cfg: &AttentionConfig, q_pos: i64, k: i64) -> bool {
+    let reach = q_pos + cfg.right_window as i64;
     match kind {
-        HeadKind::Retrieval => !cfg.causal || k <= q_pos,
-        HeadKind::Streaming => k <= q_pos && (k < cfg.sink as i64 || q_pos - k < cfg.window as i64),
+        HeadKind::Retrieval => !cfg.causal || k <= reach,
+        HeadKind::Streaming => k <= reach && (k < cfg.sink as i64 || q_pos - k < cfg.window as i64),
     }
 }
 
@@ -70,7 +72,8 @@ pub fn key_visible(kind: HeadKind, cfg: &AttentionConfig, q_pos: i64, k: i64) ->
 /// count FLOPs as `4 * D` per attended pair.
 pub fn visible_keys(kind: HeadKind, cfg: &AttentionConfig, q_pos: i64, seqlen_k: usize) -> u64 {
     let sk = seqlen_k as i64;
-    let causal_end = (q_pos + 1).clamp(0, sk); // keys 0..causal_end are at or before the query
+    // Keys 0..causal_end are at most `right_window` after the query.
+    let causal_end = (q_pos + cfg.right_window as i64 + 1).clamp(0, sk);
     match kind {
         HeadKind::Retrieval if !cfg.causal => seqlen_k as u64,
         HeadKind::Retrieval => causal_end as u64,

@@ -4,6 +4,7 @@
 //! whichever resident block frees first, then the merge's traffic.
 use crate::attention::HeadKind;
 use duo_attn_kernels::abi::{PREFILL_MAX_SPLITS, WG_BLOCK_M};
+use duo_attn_kernels::mask::HeadMask;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
@@ -39,6 +40,8 @@ pub struct SplitShape {
     pub sink: usize,
     /// Streaming heads' window.
     pub window: usize,
+    /// Causal retrieval and streaming heads' right window.
+    pub right: usize,
     /// Keys per KV block of the kernel.
     pub block_n: usize,
     /// Query tiles per sequence (the longest sequence's).
@@ -113,12 +116,13 @@ const MAX_ITEM_WAVES: usize = 16;
 const CANDIDATE_SPLITS: [usize; 10] = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32];
 
 /// KV blocks of `block_n` keys that a tile of query rows `m0..m0 + WG_BLOCK_M` (clipped to
-/// `seqlen_q`) visits, its rows bottom-right aligned to `seqlen_k` keys.
+/// `seqlen_q`) visits, its rows bottom-right aligned to `seqlen_k` keys: the kernels' own
+/// `HeadMask::block_ranges`. Lengths and reaches are at most `MAX_SEQLEN` (the launch's checks).
 #[allow(clippy::too_many_arguments)]
 fn blocks_of_tile(
     kind: HeadKind,
     causal: bool,
-    (sink, window): (usize, usize),
+    (sink, window, right): (usize, usize, usize),
     seqlen_q: usize,
     seqlen_k: usize,
     m0: usize,
@@ -127,30 +131,25 @@ fn blocks_of_tile(
     if seqlen_k == 0 || m0 >= seqlen_q {
         return 0;
     }
-    let offset = seqlen_k as i64 - seqlen_q as i64;
-    let last = (m0 + WG_BLOCK_M).min(seqlen_q) as i64 - 1;
-    let all = seqlen_k.div_ceil(block_n);
-    if kind == HeadKind::Retrieval && !causal {
-        return all as u32;
-    }
-    // Keys up to the last row's position.
-    let end = (offset + last + 1).clamp(0, seqlen_k as i64) as usize;
-    let causal_blocks = end.div_ceil(block_n);
-    if kind == HeadKind::Retrieval {
-        return causal_blocks as u32;
-    }
-    // Streaming: the sink's blocks and the blocks from the first row's window start.
-    let window_start = (offset + m0 as i64 - window as i64 + 1).max(0) as usize;
-    let window_blocks = causal_blocks.saturating_sub(window_start / block_n);
-    let sink_blocks = sink.min(seqlen_k).div_ceil(block_n);
-    causal_blocks.min(sink_blocks + window_blocks) as u32
+    let mask = HeadMask {
+        streaming: kind == HeadKind::Streaming,
+        causal,
+        sink: sink as i32,
+        window: window as i32,
+        right: right as i32,
+        seqlen_k: seqlen_k as i32,
+    };
+    let offset = seqlen_k as i32 - seqlen_q as i32;
+    let last = (m0 + WG_BLOCK_M).min(seqlen_q) as i32 - 1;
+    let ranges = mask.block_ranges(offset + m0 as i32, offset + last, block_n as i32);
+    ranges.iter().map(|r| r.len() as u32).sum()
 }
 
 impl SplitShape {
     /// The launch's work tiles in claim order (`SplitWork`).
     pub fn work(&self) -> SplitWork {
         let group = (self.heads_q / self.kinds.len().max(1)).max(1);
-        let reach = (self.sink, self.window);
+        let reach = (self.sink, self.window, self.right);
         let runs = self.sequences.iter().map(|&(_, n)| n).sum::<usize>();
         let tiles = runs * self.heads_q * self.m_blocks;
         let (mut tile_blocks, mut max_blocks) = (Vec::new(), 1);
@@ -360,6 +359,7 @@ mod tests {
             causal: true,
             sink: 0,
             window: 0,
+            right: 0,
             block_n: 128,
             m_blocks,
             sequences,
@@ -371,24 +371,24 @@ mod tests {
         let r = HeadKind::Retrieval;
         let s = HeadKind::Streaming;
         // A 128-row chunk at the end of 32k keys: all 256 blocks, causal or not.
-        assert_eq!(blocks_of_tile(r, true, (0, 0), 128, 32768, 0, 128), 256);
+        assert_eq!(blocks_of_tile(r, true, (0, 0, 0), 128, 32768, 0, 128), 256);
         // Sq = Sk causal: tile m sees m + 1 blocks; full attention all of them.
-        assert_eq!(blocks_of_tile(r, true, (0, 0), 1024, 1024, 384, 128), 4);
-        assert_eq!(blocks_of_tile(r, false, (0, 0), 1024, 1024, 384, 128), 8);
+        assert_eq!(blocks_of_tile(r, true, (0, 0, 0), 1024, 1024, 384, 128), 4);
+        assert_eq!(blocks_of_tile(r, false, (0, 0, 0), 1024, 1024, 384, 128), 8);
         // Streaming, sink 128 + window 1024, rows 4096..4224 of 8192: the sink block and the
         // window's 9 blocks (keys 3072..4224; row 4096's window starts at 3073).
         assert_eq!(
-            blocks_of_tile(s, true, (128, 1024), 8192, 8192, 4096, 128),
+            blocks_of_tile(s, true, (128, 1024, 0), 8192, 8192, 4096, 128),
             1 + 9
         );
         // Near the start the window reaches the sink: no block counts twice.
         assert_eq!(
-            blocks_of_tile(s, true, (128, 1024), 8192, 8192, 128, 128),
+            blocks_of_tile(s, true, (128, 1024, 0), 8192, 8192, 128, 128),
             2
         );
         // Rows past the sequence, or no keys: nothing.
-        assert_eq!(blocks_of_tile(r, true, (0, 0), 100, 1000, 128, 128), 0);
-        assert_eq!(blocks_of_tile(r, true, (0, 0), 100, 0, 0, 128), 0);
+        assert_eq!(blocks_of_tile(r, true, (0, 0, 0), 100, 1000, 128, 128), 0);
+        assert_eq!(blocks_of_tile(r, true, (0, 0, 0), 100, 0, 0, 128), 0);
     }
 
     #[test]

@@ -114,6 +114,10 @@ pub struct PrefillParams {
     pub window: i32,
     /// Retrieval heads: 1 = causal, 0 = full.
     pub causal: i32,
+    /// Causal retrieval heads and streaming heads: keys up to `right` positions after the
+    /// query are visible too (FlashAttention's `window_size[1]`; 0: causal). Clamped to
+    /// `MAX_SEQLEN - 1` by the host.
+    pub right: i32,
     /// softmax_scale * log2(e): scores go through exp2.
     pub scale_log2: f32,
     /// 0: KV head `h` reads head `h` of `k`/`v` (the plain attention API). 1 (the DuoAttention

@@ -278,6 +278,8 @@ fn head_mask(p: &DecodeParams, streaming: bool, seqlen: i32) -> HeadMask {
         sink: p.sink,
         window: p.window,
         seqlen_k: seqlen,
+        // Decode has no right window: its queries are the sequence's last keys.
+        right: 0,
     }
 }
 

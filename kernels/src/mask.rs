@@ -28,6 +28,9 @@ pub struct HeadMask {
     pub window: i32,
     /// Keys of the sequence.
     pub seqlen_k: i32,
+    /// Causal retrieval heads and streaming heads: keys up to `q_pos + right` are visible
+    /// (FlashAttention's `window_size[1]`; 0 is causal). `0..MAX_SEQLEN`, so sums stay in `i32`.
+    pub right: i32,
 }
 
 /// The keys one query row sees, as bounds that test branch-free: key `k` is visible when
@@ -91,10 +94,11 @@ impl HeadMask {
         if k < 0 || k >= self.seqlen_k {
             return false;
         }
+        let reach = q_pos + self.right;
         if self.streaming {
-            k <= q_pos && (k < self.sink || q_pos - k < self.window)
+            k <= reach && (k < self.sink || q_pos - k < self.window)
         } else {
-            !self.causal || k <= q_pos
+            !self.causal || k <= reach
         }
     }
 
@@ -103,17 +107,19 @@ impl HeadMask {
     #[inline(always)]
     pub fn row_bounds(&self, q_pos: i32) -> RowBounds {
         let last_key = self.seqlen_k - 1;
+        // One sum for both kinds: decode's code (right = 0) then stays what it was.
+        let reach = q_pos + self.right;
         if self.streaming {
             // Hidden: sink <= k <= q_pos - window (k > q_pos - window is inside the window).
             RowBounds {
-                last: min(last_key, q_pos),
+                last: min(last_key, reach),
                 gap_start: self.sink,
                 gap_end: q_pos - self.window,
             }
         } else {
             RowBounds {
                 last: if self.causal {
-                    min(last_key, q_pos)
+                    min(last_key, reach)
                 } else {
                     last_key
                 },
@@ -127,12 +133,13 @@ impl HeadMask {
     /// `q_lo..=q_hi`: for streaming heads the sink blocks, then the window blocks, nothing between.
     #[inline(always)]
     pub fn block_ranges(&self, q_lo: i32, q_hi: i32, block_n: i32) -> [BlockRange; 2] {
-        // Keys strictly after the last query position are invisible to every head kind but full
-        // retrieval.
-        let causal_end = if q_hi < 0 {
+        // Keys more than `right` after the last query position are invisible to every head kind
+        // but full retrieval.
+        let reach = q_hi + self.right;
+        let causal_end = if reach < 0 {
             0
         } else {
-            min(self.seqlen_k, q_hi + 1)
+            min(self.seqlen_k, reach + 1)
         };
         if !self.streaming {
             let end = if self.causal {
@@ -150,7 +157,8 @@ impl HeadMask {
         }
         let sink_end = min(self.sink, causal_end);
         let sink_blocks = ceil_div(sink_end, block_n);
-        let window_start = if self.window == 0 {
+        // Row `q` sees `q - window < k <= q + right` besides its sink: with both 0 no key.
+        let window_start = if (self.window | self.right) == 0 {
             causal_end
         } else {
             max(0, q_lo - self.window + 1)
@@ -192,7 +200,7 @@ impl HeadMask {
     ) -> [BlockRange; 2] {
         // The last key every row sees, and the blocks that end at or before it.
         let common_last = if self.streaming || self.causal {
-            min(q_lo, self.seqlen_k - 1)
+            min(q_lo + self.right, self.seqlen_k - 1)
         } else {
             self.seqlen_k - 1
         };
@@ -230,10 +238,11 @@ impl HeadMask {
         if n_last >= self.seqlen_k {
             return false;
         }
+        let reach = q_lo + self.right;
         if self.streaming {
-            n_last <= q_lo && (n_last < self.sink || q_hi - n0 < self.window)
+            n_last <= reach && (n_last < self.sink || q_hi - n0 < self.window)
         } else {
-            !self.causal || n_last <= q_lo
+            !self.causal || n_last <= reach
         }
     }
 }
@@ -261,17 +270,25 @@ mod tests {
         }
     }
 
+    /// Left windows, each with no right window and with a few.
+    fn windows() -> impl Iterator<Item = (i32, i32)> {
+        [0, 1, 3, 8, 20, 1000]
+            .into_iter()
+            .flat_map(|w| [0, 1, 9, 30].into_iter().map(move |r| (w, r)))
+    }
+
     fn block_ranges_cover_exactly_the_visible_keys_for(bn: i32) {
         for &(sq, sk) in &[(1, 1), (5, 17), (17, 5), (33, 33), (40, 70), (70, 40)] {
             for &streaming in &[false, true] {
                 for &causal in &[false, true] {
                     for &sink in &[0, 1, 4, 9, 100] {
-                        for &window in &[0, 1, 3, 8, 20, 1000] {
+                        for (window, right) in windows() {
                             let m = HeadMask {
                                 streaming,
                                 causal,
                                 sink,
                                 window,
+                                right,
                                 seqlen_k: sk,
                             };
                             for tile in 0..(sq + 15) / 16 {
@@ -367,6 +384,7 @@ mod tests {
                             causal,
                             sink: 4,
                             window: 40,
+                            right: 0,
                             seqlen_k: len,
                         };
                         let want = BlockRange {

@@ -216,6 +216,7 @@ impl QueryTile {
             causal: flag(p.causal as u32) != 0,
             sink: p.sink,
             window: flag(p.window as u32) as i32,
+            right: flag(p.right as u32) as i32,
             seqlen_k,
         };
         let m0 = m_block * block_m;

@@ -207,11 +207,15 @@ fn visible_key_count_matches_the_mask() {
     for kind in [HeadKind::Retrieval, HeadKind::Streaming] {
         for causal in [true, false] {
             for sink in [0, 1, 3, 20] {
-                for window in [0, 1, 4, 20] {
+                for (window, right) in [0, 1, 4, 20]
+                    .into_iter()
+                    .flat_map(|w| [0, 1, 6, 40].map(|r| (w, r)))
+                {
                     let cfg = AttentionConfig::new(vec![kind])
                         .causal(causal)
                         .sink(sink)
-                        .window(window);
+                        .window(window)
+                        .right_window(right);
                     for sk in [1, 5, 12] {
                         for q_pos in -3..15 {
                             let count = (0..sk as i64)
@@ -223,6 +227,74 @@ fn visible_key_count_matches_the_mask() {
                                 "{kind:?} {cfg:?} q {q_pos} sk {sk}"
                             );
                         }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `AttentionConfig::flash` is FlashAttention's band: position `p` sees key `k` when
+/// `p - left <= k <= p + right` (-1: that side unbounded; `causal` makes `right` 0).
+#[test]
+fn flash_window_size_is_the_band() {
+    let sides = [-1i64, 0, 1, 5, 30];
+    for causal in [false, true] {
+        for left in sides {
+            for right in sides {
+                let cfg = AttentionConfig::flash(2, causal, (left, right)).unwrap();
+                let right = if causal { 0 } else { right };
+                for kind in cfg.head_kinds.iter().copied() {
+                    for q_pos in -4..40i64 {
+                        for k in 0..40i64 {
+                            let band = (left < 0 || k >= q_pos - left)
+                                && (right < 0 || k <= q_pos + right);
+                            assert_eq!(
+                                key_visible(kind, &cfg, q_pos, k),
+                                band,
+                                "causal {causal} ({left}, {right}) q {q_pos} k {k}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for bad in [(-2, 0), (0, -5), (i64::MIN, -1)] {
+        assert!(matches!(
+            AttentionConfig::flash(1, false, bad),
+            Err(duo_attn::Error::InvalidWindowSize { .. })
+        ));
+    }
+}
+
+/// The kernels' mask (`HeadMask`, shared with the host) sees exactly the reference's keys.
+#[test]
+fn kernel_mask_matches_the_reference() {
+    use duo_attn_kernels::mask::HeadMask;
+    for kind in [HeadKind::Retrieval, HeadKind::Streaming] {
+        for causal in [true, false] {
+            for (sink, window, right) in [(0, 0, 0), (3, 5, 0), (0, 8, 2), (2, 0, 3), (4, 1, 30)] {
+                let cfg = AttentionConfig::new(vec![kind])
+                    .causal(causal)
+                    .sink(sink)
+                    .window(window)
+                    .right_window(right);
+                let mask = HeadMask {
+                    streaming: kind == HeadKind::Streaming,
+                    causal,
+                    sink: sink as i32,
+                    window: window as i32,
+                    right: right as i32,
+                    seqlen_k: 24,
+                };
+                for q_pos in -5..30 {
+                    for k in 0..24 {
+                        assert_eq!(
+                            mask.visible(q_pos, k),
+                            key_visible(kind, &cfg, q_pos as i64, k as i64),
+                            "{cfg:?} q {q_pos} k {k}"
+                        );
                     }
                 }
             }

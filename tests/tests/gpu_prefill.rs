@@ -800,6 +800,153 @@ fn split_kv_varlen_matches_reference_per_sequence() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// FlashAttention's `causal` and `window_size = (left, right)` (`AttentionConfig::flash`):
+/// bands to the left, to the right and both ways, Sq < Sk, Sq = Sk and Sq > Sk, GQA, every
+/// kernel at D 64 and 128 and the TMA kernel at D 256, split-KV forced on some TMA cases; then
+/// DuoAttention's mixed heads with a right window, and a varlen batch.
+#[test]
+fn flash_window_sizes_match_reference() {
+    let test = "flash_window_sizes_match_reference";
+    let Some(ctx) = gpu_or_skip(test) else {
+        return;
+    };
+    let mut rng = rng(test);
+    let windows: [(bool, (i64, i64)); 9] = [
+        (false, (-1, -1)),
+        (true, (-1, -1)),
+        (false, (-1, 37)),
+        (true, (255, -1)),
+        (false, (100, 100)),
+        (false, (0, 300)),
+        (false, (1000, -1)),
+        (false, (3, 7)),
+        (false, (200, 0)),
+    ];
+    let shapes = [(1000, 1000), (300, 4096), (517, 200), (17, 1000)];
+    let mut failures = Vec::new();
+    let mut n = 0;
+    for &kernel in &ALL_KERNELS {
+        let dims: &[usize] = if kernel == PrefillKernel::WgmmaTma {
+            &[64, 128, 256]
+        } else {
+            &[64, 128]
+        };
+        for &(sq, sk) in &shapes {
+            for &(causal, window_size) in &windows {
+                n += 1;
+                let shape = Shape {
+                    batch: 1 + n % 2,
+                    seqlen_q: sq,
+                    seqlen_k: sk,
+                    heads_q: 8,
+                    heads_kv: 2,
+                    head_dim: dims[n % dims.len()],
+                };
+                let mut cfg = AttentionConfig::flash(2, causal, window_size)
+                    .unwrap()
+                    .kernel(kernel);
+                if kernel == PrefillKernel::WgmmaTma && n % 3 == 0 {
+                    cfg = cfg.kv_splits(Some(3));
+                }
+                let case = Case {
+                    shape,
+                    cfg,
+                    dtype: if n % 2 == 0 { DType::BF16 } else { DType::F16 },
+                };
+                let label = format!(
+                    "{kernel:?} {:?} B={} Sq={sq} Sk={sk} D={} causal={causal} window_size={window_size:?} splits {:?}",
+                    case.dtype, shape.batch, shape.head_dim, case.cfg.kv_splits
+                );
+                let cmp = run(&ctx, &case, &mut rng).unwrap_or_else(|e| panic!("{label}: {e}"));
+                notice(&format!("{label}: {cmp:?}"));
+                if !cmp.passed() {
+                    failures.push(label);
+                }
+            }
+        }
+    }
+    // DuoAttention's heads with a right window: streaming sink + window + right, causal
+    // retrieval + right.
+    for (n, &kernel) in ALL_KERNELS.iter().enumerate() {
+        let shape = Shape {
+            batch: 2,
+            seqlen_q: 700,
+            seqlen_k: 1500,
+            heads_q: 8,
+            heads_kv: 2,
+            head_dim: 128,
+        };
+        let cfg = AttentionConfig::new(vec![HeadKind::Streaming, HeadKind::Retrieval])
+            .sink(16)
+            .window(300)
+            .right_window(45)
+            .kernel(kernel);
+        let case = Case {
+            shape,
+            cfg,
+            dtype: if n % 2 == 0 { DType::BF16 } else { DType::F16 },
+        };
+        let cmp = run(&ctx, &case, &mut rng).unwrap();
+        let label = format!("{kernel:?} mixed heads, right window 45: {cmp:?}");
+        notice(&label);
+        if !cmp.passed() {
+            failures.push(label);
+        }
+    }
+    let lens = [(100, 300), (517, 517), (0, 50), (37, 0), (1, 1000)];
+    for splits in [None, Some(3)] {
+        let cfg = AttentionConfig::flash(2, false, (120, 40))
+            .unwrap()
+            .kernel(PrefillKernel::WgmmaTma)
+            .kv_splits(splits);
+        failures.extend(check_varlen(&ctx, &mut rng, (8, 2, 128), &lens, &cfg));
+    }
+    notice(&format!("{test}: {} failed", failures.len()));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// A small `window_size` launch per kernel for compute-sanitizer (`run.sh sanitize`): a band
+/// both ways over 100 queries and 300 keys, GQA; the TMA kernel also at D 256 and with three
+/// forced splits.
+#[test]
+fn flash_window_small_launches() {
+    let test = "flash_window_small_launches";
+    let Some(ctx) = gpu_or_skip(test) else {
+        return;
+    };
+    let mut rng = rng(test);
+    let mut failures = Vec::new();
+    let runs = ALL_KERNELS.iter().map(|&k| (k, 128, None)).chain([
+        (PrefillKernel::WgmmaTma, 256, None),
+        (PrefillKernel::WgmmaTma, 64, Some(3)),
+    ]);
+    for (n, (kernel, d, splits)) in runs.enumerate() {
+        let shape = Shape {
+            batch: 2,
+            seqlen_q: 100,
+            seqlen_k: 300,
+            heads_q: 4,
+            heads_kv: 2,
+            head_dim: d,
+        };
+        let case = Case {
+            shape,
+            cfg: AttentionConfig::flash(2, false, (70, 20))
+                .unwrap()
+                .kernel(kernel)
+                .kv_splits(splits),
+            dtype: if n % 2 == 0 { DType::BF16 } else { DType::F16 },
+        };
+        let cmp = run(&ctx, &case, &mut rng).unwrap();
+        let label = format!("{kernel:?} D={d} splits {splits:?} window_size (70, 20): {cmp:?}");
+        notice(&label);
+        if !cmp.passed() {
+            failures.push(label);
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 /// One varlen launch checked per sequence (`run_varlen_case`); the failures, labelled.
 fn check_varlen(
     ctx: &Context,

@@ -223,6 +223,26 @@ fn huge_sink_and_window_are_clamped_not_rejected() {
     assert_eq!((p.params.sink, p.params.window), (1 << 30, 1 << 30));
 }
 
+/// A right window reaches the kernels clamped below `MAX_SEQLEN` (a position plus one plus it
+/// stays inside i32); FlashAttention's `window_size` maps onto head kinds.
+#[test]
+fn right_windows_are_clamped_and_flash_windows_map_to_head_kinds() {
+    let mut c = valid();
+    c.cfg = c.cfg.right_window(u32::MAX);
+    assert_eq!(plan(&c).unwrap().params.right, (1 << 30) - 1);
+    c.cfg = AttentionConfig::flash(HKV, false, (127, 3)).unwrap();
+    let p = plan(&c).unwrap().params;
+    assert_eq!(p.streaming_heads[0], 0b11);
+    assert_eq!((p.sink, p.window, p.right), (0, 128, 3));
+    c.cfg = AttentionConfig::flash(HKV, true, (-1, 50)).unwrap();
+    let p = plan(&c).unwrap().params;
+    assert_eq!((p.streaming_heads[0], p.causal, p.right), (0, 1, 0));
+    c.cfg = AttentionConfig::flash(HKV, false, (-1, -1)).unwrap();
+    assert_eq!(plan(&c).unwrap().params.causal, 0);
+    c.cfg = AttentionConfig::flash(HKV, false, (5, -1)).unwrap();
+    assert_eq!(plan(&c).unwrap().params.right, (1 << 30) - 1);
+}
+
 #[test]
 fn wrong_device() {
     assert!(matches!(
