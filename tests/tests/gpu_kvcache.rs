@@ -184,6 +184,16 @@ fn kvcache_prefill_matches_reference() {
     for (d, splits) in [(256, None), (128, Some(3)), (256, Some(5))] {
         run(d, mixed(PrefillKernel::WgmmaTma, splits));
     }
+    // FlashAttention's window_size over the cache: a band both ways (chunk rows see later
+    // chunk keys, never rows past a count), with and without splits, and the cp.async kernel.
+    for (kernel, splits) in [
+        (PrefillKernel::Auto, None),
+        (PrefillKernel::Auto, Some(3)),
+        (PrefillKernel::WgmmaWarpSpecialized, None),
+    ] {
+        let cfg = AttentionConfig::flash(2, false, (150, 40)).unwrap();
+        run(128, cfg.kernel(kernel).kv_splits(splits));
+    }
     // f16, MQA, all retrieval.
     let cfg = AttentionConfig::all_retrieval(1);
     let layout = Layout::Contiguous;
@@ -223,6 +233,16 @@ fn kvcache_paged_prefill_matches_reference() {
             &cfg,
         ));
     }
+    let band = AttentionConfig::flash(8, false, (300, 10)).unwrap();
+    failures.extend(check::<bf16>(
+        &ctx,
+        &mut rng,
+        (8, 8, 128),
+        1000,
+        &SEQS,
+        Layout::Paged(256),
+        &band,
+    ));
     let (cfg, layout) = (
         AttentionConfig::all_streaming(2, 4, 100),
         Layout::Paged(128),

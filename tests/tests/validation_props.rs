@@ -63,6 +63,7 @@ struct Knobs {
     streaming: Vec<bool>,
     sink: u32,
     window: u32,
+    right: u32,
     causal: bool,
     scale: Option<f32>,
     kernel: PrefillKernel,
@@ -74,6 +75,7 @@ fn knobs(heads_kv: usize) -> impl Strategy<Value = Knobs> {
         prop::collection::vec(any::<bool>(), heads_kv),
         prop_oneof![3 => 0u32..300, 1 => odd_u32()],
         prop_oneof![3 => 0u32..3000, 1 => odd_u32()],
+        prop_oneof![4 => Just(0u32), 1 => 0u32..500, 1 => odd_u32()],
         any::<bool>(),
         prop_oneof![
             16 => Just(None),
@@ -85,10 +87,11 @@ fn knobs(heads_kv: usize) -> impl Strategy<Value = Knobs> {
         prop_oneof![3 => Just(None), 1 => (0usize..300).prop_map(Some)],
     )
         .prop_map(
-            |(streaming, sink, window, causal, scale, kernel, kv_splits)| Knobs {
+            |(streaming, sink, window, right, causal, scale, kernel, kv_splits)| Knobs {
                 streaming,
                 sink,
                 window,
+                right,
                 causal,
                 scale,
                 kernel,
@@ -110,6 +113,7 @@ impl Knobs {
         let mut cfg = AttentionConfig::new(kinds)
             .sink(self.sink)
             .window(self.window)
+            .right_window(self.right)
             .causal(self.causal)
             .kernel(self.kernel)
             .kv_splits(self.kv_splits);
