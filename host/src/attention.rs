@@ -1,4 +1,5 @@
 //! DuoAttention prefill: per-KV-head kinds, validation of every input, and the launch.
+use crate::alibi::AlibiSlopes;
 use crate::context::Context;
 use crate::element::AttnElement;
 use crate::error::{Error, Result};
@@ -60,6 +61,10 @@ pub struct AttentionConfig {
     /// Prefill only: decode and the DuoAttention cache reject a nonzero value
     /// ([`Error::RightWindowUnsupported`]). Values past any sequence length act as unbounded.
     pub right_window: u32,
+    /// ALiBi slopes (FlashAttention's `alibi_slopes`): `-slope * |q - k|` added to each scaled
+    /// score. Prefill (plain and varlen) on the TMA kernel and its cp.async fallback at head
+    /// dims 64 and 128; elsewhere [`Error::AlibiUnsupported`].
+    pub alibi: Option<AlibiSlopes>,
     /// Scale of `q.k`; `None` means `1 / sqrt(head_dim)`.
     pub softmax_scale: Option<f32>,
     /// Kernel choice (default: `Auto`).
@@ -81,6 +86,7 @@ impl AttentionConfig {
             sink: 64,
             window: 256,
             right_window: 0,
+            alibi: None,
             softmax_scale: None,
             kernel: PrefillKernel::Auto,
             kv_splits: None,
@@ -117,6 +123,12 @@ impl AttentionConfig {
     /// Sets [`AttentionConfig::right_window`].
     pub fn right_window(mut self, right: u32) -> Self {
         self.right_window = right;
+        self
+    }
+
+    /// Sets [`AttentionConfig::alibi`].
+    pub fn alibi(mut self, slopes: AlibiSlopes) -> Self {
+        self.alibi = Some(slopes);
         self
     }
 
@@ -336,6 +348,23 @@ pub(crate) fn check_queries(
     check_limit("seqlen_q", seqlen_q, MAX_SEQLEN)?;
     check_limit("the batch size", batch, MAX_GRID_YZ)?;
     check_limit("the number of query heads", heads_q, MAX_GRID_YZ)?;
+    if let Some(alibi) = &cfg.alibi {
+        if alibi.device() != device {
+            return Err(Error::WrongDevice {
+                tensor: "alibi slopes",
+                tensor_device: alibi.device(),
+                context_device: device,
+            });
+        }
+        if alibi.heads() != heads_q {
+            return Err(Error::InvalidAlibi {
+                why: format!(
+                    "{} slopes per row, but q has {heads_q} query heads",
+                    alibi.heads()
+                ),
+            });
+        }
+    }
     let scale = cfg.scale_for(head_dim);
     if !(scale.is_finite() && scale > 0.0) {
         return Err(Error::InvalidScale(scale));
@@ -449,6 +478,19 @@ pub(crate) fn clamp_right(x: u32) -> i32 {
     (x as usize).min(MAX_SEQLEN - 1) as i32
 }
 
+/// ALiBi slopes per batch entry need one row per entry (or varlen sequence).
+pub(crate) fn check_alibi_rows(cfg: &AttentionConfig, batch: usize) -> Result<()> {
+    match &cfg.alibi {
+        Some(a) if a.rows() != 1 && a.rows() != batch => Err(Error::InvalidAlibi {
+            why: format!(
+                "{} rows of slopes for a batch of {batch}: give one row, or one per entry",
+                a.rows()
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Validates a prefill call and builds its launch. Pure: no GPU needed, so every rule is unit-tested.
 ///
 /// q/out `[B, Sq, Hq, D]`, k/v `[B, Sk, Hkv, D]`, lse `[B, Hq, Sq]` (contiguous f32).
@@ -462,6 +504,7 @@ pub fn plan_prefill<T: AttnElement>(
     device: u32,
 ) -> Result<PrefillPlan> {
     let [batch, _, heads_q, head_dim] = check_queries(q, out, lse, cfg, device)?;
+    check_alibi_rows(cfg, batch)?;
     let heads_kv = k.shape[2];
     check_heads(heads_q, heads_kv, cfg)?;
     let seqlen_k = check_kv(
@@ -547,6 +590,12 @@ pub(crate) fn prefill_params(
         page_table: 0,
         page_table_stride: 0,
         page_shift: 0,
+        alibi_slopes: cfg.alibi.as_ref().map_or(0, AlibiSlopes::device_ptr),
+        alibi_batch_stride: match &cfg.alibi {
+            Some(a) if a.rows() > 1 => heads_q as i32,
+            _ => 0,
+        },
+        alibi_neg_inv_scale: -1.0 / cfg.scale_for(head_dim),
     };
     PrefillArgs {
         params,
@@ -597,8 +646,12 @@ fn split_kv<T: AttnElement>(
     (m_blocks, sequences): (usize, SequenceRuns),
     rows: PartialRows,
 ) -> SplitKv {
+    let alibi = if p.alibi_slopes != 0 { "alibi_" } else { "" };
     SplitKv {
-        entry: format!("duo_prefill_wgmma_tma_split_{}_d{head_dim}", T::KERNEL_NAME),
+        entry: format!(
+            "duo_prefill_wgmma_tma_{alibi}split_{}_d{head_dim}",
+            T::KERNEL_NAME
+        ),
         merge_entry: format!("duo_prefill_merge_{}_d{head_dim}", T::KERNEL_NAME),
         requested,
         head_dim,
@@ -654,6 +707,28 @@ pub(crate) fn prefill_launch<T: AttnElement>(
         (kernel, _) => (kernel, None),
     };
     let (variant, block_m, block, shared_bytes, persistent) = kernel_shape(kernel, head_dim);
+    // ALiBi has builds of the warp-specialised kernels at D <= 128 (`_alibi_` entries).
+    let alibi = args.params.alibi_slopes != 0;
+    if alibi
+        && !matches!(
+            kernel,
+            PrefillKernel::WgmmaTma | PrefillKernel::WgmmaWarpSpecialized
+        )
+    {
+        return Err(Error::AlibiUnsupported {
+            by: "the mma.sync and plain wgmma prefill kernels",
+        });
+    }
+    if alibi && head_dim > 128 {
+        return Err(Error::AlibiUnsupported {
+            by: "head dim 256 (its consumers have no registers to spare for the bias)",
+        });
+    }
+    let variant = if alibi {
+        format!("{variant}alibi_")
+    } else {
+        variant.to_string()
+    };
     // Split-KV: the TMA kernel (every head dim).
     let split = (kernel == PrefillKernel::WgmmaTma).then(|| {
         let p = &args.params;
@@ -827,6 +902,7 @@ pub(crate) fn into_varlen<T: AttnElement>(
 ) -> Result<()> {
     let batch = sequences.len();
     check_limit("the number of varlen sequences", batch, MAX_GRID_YZ)?;
+    check_alibi_rows(cfg, batch)?;
     let longest = |f: fn(&(usize, usize, usize)) -> usize| sequences.iter().map(f).max();
     let max_q = longest(|s| s.0).unwrap_or(0);
     let (_, rows_per_block, ..) = kernel_shape(cfg.kernel, head_dim);

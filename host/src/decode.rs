@@ -249,6 +249,9 @@ pub(crate) fn plan_decode<T: AttnElement>(
     resident_blocks: usize,
 ) -> Result<DecodePlan> {
     let [batch, n_q, heads_q, head_dim] = check_queries(q, out, lse, cfg, device)?;
+    if cfg.alibi.is_some() {
+        return Err(Error::AlibiUnsupported { by: "decode" });
+    }
     if cfg.right_window != 0 {
         return Err(Error::RightWindowUnsupported {
             right: cfg.right_window,
@@ -864,9 +867,10 @@ mod tests {
         }
     }
 
-    /// Decode's queries are the last tokens: a right window is a typed error, not ignored.
+    /// Decode's queries are the last tokens: a right window is a typed error, not ignored; it
+    /// has no ALiBi build either.
     #[test]
-    fn a_right_window_is_rejected() {
+    fn a_right_window_and_alibi_are_rejected() {
         use crate::attention::HeadKind;
         use half::bf16;
         let at = |i: u64| 0x7000_0000_0000 + i * 0x1_0000_0000;
@@ -885,6 +889,11 @@ mod tests {
                 by: "decode"
             }
         ));
+        let slopes = unsafe { crate::AlibiSlopes::from_device_ptr(at(5), 0, &[0.5; 8], 1) };
+        let cfg = AttentionConfig::new(vec![HeadKind::Retrieval; 2]).alibi(slopes.unwrap());
+        let err = plan_decode::<bf16>(&q, DecodeKv::Plain { k: &k, v: &v }, &out, &lse, &cfg, 0, 1)
+            .unwrap_err();
+        assert!(matches!(err, Error::AlibiUnsupported { by: "decode" }));
     }
 
     /// `cache_seqlens` must be `[B]` i32 on the context's device, contiguous, and clear of the

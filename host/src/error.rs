@@ -212,6 +212,20 @@ pub enum Error {
         /// The right side given.
         right: i64,
     },
+    /// ALiBi slopes that do not fit the call: their count, rows or values.
+    #[error("ALiBi slopes: {why}")]
+    InvalidAlibi {
+        /// What does not fit.
+        why: String,
+    },
+    /// ALiBi slopes were given to an operation or kernel without an ALiBi build.
+    #[error(
+        "ALiBi is not supported by {by}; it runs in prefill (plain and varlen) on PrefillKernel::Auto, WgmmaTma or WgmmaWarpSpecialized at head dims 64 and 128"
+    )]
+    AlibiUnsupported {
+        /// The operation or kernel.
+        by: &'static str,
+    },
     /// `AttentionConfig::right_window` is nonzero for an operation whose queries cannot see
     /// keys after them.
     #[error(

@@ -94,6 +94,11 @@ pub fn plan_prefill_kvcache<T: AttnElement>(
     };
     let heads_kv = k.shape[2];
     check_heads(heads_q, heads_kv, cfg)?;
+    if cfg.alibi.is_some() {
+        return Err(Error::AlibiUnsupported {
+            by: "prefill over a KV cache (its cache builds have no ALiBi)",
+        });
+    }
     let rows = check_kv(
         (k, names.0),
         (v, names.1),

@@ -24,6 +24,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod alibi;
 pub mod attention;
 pub mod cache;
 pub mod context;
@@ -39,6 +40,7 @@ pub mod split_kv;
 pub mod tensor;
 pub mod tma;
 
+pub use alibi::AlibiSlopes;
 pub use attention::{
     AttentionConfig, HeadKind, PrefillKernel, PrefillPlan, plan_prefill, plan_prefill_varlen,
 };

@@ -3,7 +3,8 @@
 //! Layouts are dense row-major host arrays: q/out `[B, Sq, Hq, D]`, k/v `[B, Sk, Hkv, D]`,
 //! lse `[B, Hq, Sq]`. Query row `i` sits at position `Sk - Sq + i` (bottom-right alignment);
 //! query head `h` reads KV head `h / (Hq / Hkv)`. LSE is the natural log of the softmax
-//! denominator of the scaled scores; rows that see no key give output 0 and LSE `-inf`.
+//! denominator of the scaled scores, ALiBi biases included (`cfg.alibi`'s row `b`, or its only
+//! row); rows that see no key give output 0 and LSE `-inf`.
 use crate::attention::{AttentionConfig, HeadKind};
 
 /// Problem sizes.
@@ -119,6 +120,8 @@ pub fn attention_row(
     let q_row = &q[((b * shape.seqlen_q + i) * shape.heads_q + h) * d..][..d];
     let kv_row = |j: usize| ((b * shape.seqlen_k + j) * shape.heads_kv + kvh) * d;
     let q_pos = shape.q_pos(i);
+    // ALiBi: FlashAttention's bias on the scaled score.
+    let slope = cfg.alibi.as_ref().map_or(0.0, |a| a.slope(b, h) as f64);
 
     let scores: Vec<(usize, f64)> = (0..shape.seqlen_k)
         .filter(|&j| key_visible(kind, cfg, q_pos, j as i64))
@@ -129,7 +132,7 @@ pub fn attention_row(
                 .zip(k_row)
                 .map(|(&a, &b)| a as f64 * b as f64)
                 .sum();
-            (j, dot * scale)
+            (j, dot * scale - slope * (q_pos - j as i64).abs() as f64)
         })
         .collect();
     let mut out = vec![0.0; d];

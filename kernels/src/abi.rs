@@ -193,6 +193,14 @@ pub struct PrefillParams {
     pub page_table_stride: i32,
     /// Paged: log2 of the rows per page.
     pub page_shift: i32,
+    /// ALiBi entries (`_alibi_`) only: device address of f32 slopes, query head `h` of batch
+    /// entry (or varlen sequence) `b` at `alibi_slopes[b * alibi_batch_stride + h]`.
+    pub alibi_slopes: u64,
+    /// ALiBi: 0 for one slope per head, `heads_q` for one per (batch entry, head).
+    pub alibi_batch_stride: i32,
+    /// ALiBi: `-1 / softmax_scale`; the kernels add `slope * alibi_neg_inv_scale * |q - k|` to
+    /// raw scores (`softmax::alibi_scores`).
+    pub alibi_neg_inv_scale: f32,
 }
 
 /// KV blocks `[lo, hi)` of split `split` of a tile that walks `blocks` of them in `splits`
@@ -320,7 +328,7 @@ pub const TMA_BOX_COLS: usize = 64;
 /// Prefill kernel entry names, by (element, head dim): the mma.sync kernel, the plain wgmma
 /// kernel, the warp-specialised wgmma kernel with cp.async loads and with TMA loads, its split-KV
 /// build and the split-KV merge.
-pub const PREFILL_ENTRIES: [(&str, &str, usize); 42] = [
+pub const PREFILL_ENTRIES: [(&str, &str, usize); 54] = [
     ("duo_prefill_bf16_d64", "bf16", 64),
     ("duo_prefill_bf16_d128", "bf16", 128),
     ("duo_prefill_f16_d64", "f16", 64),
@@ -363,6 +371,18 @@ pub const PREFILL_ENTRIES: [(&str, &str, usize); 42] = [
     ("duo_prefill_merge_f16_d128", "f16", 128),
     ("duo_prefill_merge_bf16_d256", "bf16", 256),
     ("duo_prefill_merge_f16_d256", "f16", 256),
+    ("duo_prefill_wgmma_ws_alibi_bf16_d64", "bf16", 64),
+    ("duo_prefill_wgmma_ws_alibi_bf16_d128", "bf16", 128),
+    ("duo_prefill_wgmma_ws_alibi_f16_d64", "f16", 64),
+    ("duo_prefill_wgmma_ws_alibi_f16_d128", "f16", 128),
+    ("duo_prefill_wgmma_tma_alibi_bf16_d64", "bf16", 64),
+    ("duo_prefill_wgmma_tma_alibi_bf16_d128", "bf16", 128),
+    ("duo_prefill_wgmma_tma_alibi_f16_d64", "f16", 64),
+    ("duo_prefill_wgmma_tma_alibi_f16_d128", "f16", 128),
+    ("duo_prefill_wgmma_tma_alibi_split_bf16_d64", "bf16", 64),
+    ("duo_prefill_wgmma_tma_alibi_split_bf16_d128", "bf16", 128),
+    ("duo_prefill_wgmma_tma_alibi_split_f16_d64", "f16", 64),
+    ("duo_prefill_wgmma_tma_alibi_split_f16_d128", "f16", 128),
 ];
 
 /// Head dims the decode kernel (and so the DuoAttention cache) serves.

@@ -649,6 +649,8 @@ struct SoftmaxStep<'a> {
     q_pos: [i32; 2],
     t: usize,
     scale_log2: f32,
+    /// ALiBi builds: the tile's `-slope / softmax_scale` (`softmax::alibi_scores`).
+    alibi_slope_raw: f32,
 }
 
 impl SoftmaxStep<'_> {
@@ -662,7 +664,16 @@ impl SoftmaxStep<'_> {
         n_block: i32,
     ) -> [f32; 2] {
         let n0 = n_block * H::BN as i32;
-        H::softmax::<MASK>(self.tile, s, state, n0, self.q_pos, self.t, self.scale_log2)
+        H::softmax::<MASK>(
+            self.tile,
+            s,
+            state,
+            n0,
+            self.q_pos,
+            self.t,
+            self.scale_log2,
+            self.alibi_slope_raw,
+        )
     }
 }
 
@@ -897,6 +908,13 @@ impl ConsumerThread {
             q_pos,
             t: self.t,
             scale_log2: p.scale_log2,
+            alibi_slope_raw: if H::ALIBI {
+                let at = (tile.batch * p.alibi_batch_stride + tile.head) as u64;
+                let slope = f32::from_bits(unsafe { ld_global_nc_u32(p.alibi_slopes + 4 * at) });
+                slope * p.alibi_neg_inv_scale
+            } else {
+                0.0
+            },
         };
         let mut o = H::zero_o();
         let mut pa = H::zero_p();
@@ -1120,10 +1138,13 @@ unsafe fn consumer_serial<
 
 macro_rules! wgmma_entry {
     ($name:ident, $elem:ty, $d:literal) => {
+        wgmma_entry!($name, $elem, $d, false);
+    };
+    ($name:ident, $elem:ty, $d:literal, $alibi:literal) => {
         #[unsafe(no_mangle)]
         pub unsafe extern "ptx-kernel" fn $name(p: PrefillParams) {
             enter_dependent_grid();
-            unsafe { prefill_wgmma::<$elem, HeadDim<$d>, false, false, false>(&p, 0) }
+            unsafe { prefill_wgmma::<$elem, HeadDim<$d, $alibi>, false, false, false>(&p, 0) }
         }
     };
 }
@@ -1136,6 +1157,9 @@ macro_rules! tma_entry {
         tma_entry!($name, $elem, $d, false, false);
     };
     ($name:ident, $elem:ty, $d:literal, $split:literal, $cache:literal) => {
+        tma_entry!($name, $elem, $d, $split, $cache, false);
+    };
+    ($name:ident, $elem:ty, $d:literal, $split:literal, $cache:literal, $alibi:literal) => {
         #[unsafe(no_mangle)]
         pub unsafe extern "ptx-kernel" fn $name(p: TmaPrefillParams) {
             let maps: u64;
@@ -1149,7 +1173,9 @@ macro_rules! tma_entry {
             };
             enter_dependent_grid();
             unsafe {
-                prefill_wgmma::<$elem, HeadDim<$d>, true, $split, $cache>(&p.prefill, maps)
+                prefill_wgmma::<$elem, HeadDim<$d, $alibi>, true, $split, $cache>(
+                    &p.prefill, maps,
+                )
             }
         }
     };
@@ -1241,5 +1267,77 @@ tma_entry!(
     F16,
     256,
     true,
+    true
+);
+
+// ALiBi builds: the TMA kernel (plain and split-KV) and its cp.async fallback, D 64 and 128.
+// At D = 256 the bias's registers (the slope, the rows' distances) spill 8-28 bytes in the
+// consumers, so that head dim has no ALiBi build.
+wgmma_entry!(duo_prefill_wgmma_ws_alibi_bf16_d64, Bf16, 64, true);
+wgmma_entry!(duo_prefill_wgmma_ws_alibi_bf16_d128, Bf16, 128, true);
+wgmma_entry!(duo_prefill_wgmma_ws_alibi_f16_d64, F16, 64, true);
+wgmma_entry!(duo_prefill_wgmma_ws_alibi_f16_d128, F16, 128, true);
+tma_entry!(
+    duo_prefill_wgmma_tma_alibi_bf16_d64,
+    Bf16,
+    64,
+    false,
+    false,
+    true
+);
+tma_entry!(
+    duo_prefill_wgmma_tma_alibi_bf16_d128,
+    Bf16,
+    128,
+    false,
+    false,
+    true
+);
+tma_entry!(
+    duo_prefill_wgmma_tma_alibi_f16_d64,
+    F16,
+    64,
+    false,
+    false,
+    true
+);
+tma_entry!(
+    duo_prefill_wgmma_tma_alibi_f16_d128,
+    F16,
+    128,
+    false,
+    false,
+    true
+);
+tma_entry!(
+    duo_prefill_wgmma_tma_alibi_split_bf16_d64,
+    Bf16,
+    64,
+    true,
+    false,
+    true
+);
+tma_entry!(
+    duo_prefill_wgmma_tma_alibi_split_bf16_d128,
+    Bf16,
+    128,
+    true,
+    false,
+    true
+);
+tma_entry!(
+    duo_prefill_wgmma_tma_alibi_split_f16_d64,
+    F16,
+    64,
+    true,
+    false,
+    true
+);
+tma_entry!(
+    duo_prefill_wgmma_tma_alibi_split_f16_d128,
+    F16,
+    128,
+    true,
+    false,
     true
 );

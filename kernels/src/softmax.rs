@@ -59,6 +59,32 @@ pub fn mask_scores<const N: usize>(
     }
 }
 
+/// ALiBi (`HeadDim<D, true>` builds): adds `slope_raw * |q_pos - key|` to each raw score of
+/// KV block `n0`. `slope_raw` is `-slope / softmax_scale`, so the scaled score the softmax
+/// exponentiates is `scale * q.k - slope * |q_pos - key|`, FlashAttention's bias. Distances are
+/// exact in f32 below 2^24 keys. Masked scores are set to -inf after this, so every block takes
+/// it, fully visible or not.
+#[inline(always)]
+pub fn alibi_scores<const N: usize>(
+    s: &mut [f32; N],
+    slope_raw: f32,
+    q_pos: [i32; 2],
+    n0: i32,
+    t: usize,
+) {
+    // Row r's distance to the quad's first key of column group 0; each score then subtracts
+    // its constant column offset.
+    let base = [
+        (q_pos[0] - n0 - 2 * t as i32) as f32,
+        (q_pos[1] - n0 - 2 * t as i32) as f32,
+    ];
+    for (i, v) in s.iter_mut().enumerate() {
+        let (j, e) = (i / 4, i % 4);
+        let distance = (base[e / 2] - (8 * j + (e & 1)) as f32).abs();
+        *v = fma_f32(slope_raw, distance, *v);
+    }
+}
+
 /// With lazy rescaling, how far (log2 domain) a row's block max may exceed its running max before
 /// the running max moves (FlashAttention-4). Below it the running max stays put, the rescale
 /// factor is exactly 1 and the caller may skip the output rescale; probabilities then reach at

@@ -44,6 +44,8 @@ fn lse_row(p: &PrefillParams, batch: i64, head: i32, start_q: i32) -> i64 {
 /// addresses of its sequence (fixed-length batch entry or varlen sequence) and K/V source.
 pub struct QueryTile {
     pub head: i32,
+    /// The tile's batch entry or varlen sequence.
+    pub batch: i32,
     pub mask: HeadMask,
     /// Byte addresses of this tile's K and V at position 0 (batch and head applied), their
     /// sequence strides in elements, and their length (the source depends on the head's kind).
@@ -224,6 +226,7 @@ impl QueryTile {
         let lse_row0 = lse_row(p, batch, head, start_q);
         QueryTile {
             head,
+            batch: batch as i32,
             mask,
             k_base: k + elem_offset(&k_strides, batch, start_k, kv_index, 0),
             v_base: v + elem_offset(&v_strides, batch, start_k, kv_index, 0),

@@ -8,16 +8,18 @@
 //! well). S is then 64 x 48.
 use crate::abi::{WG_STAGES, ws_block_n};
 use crate::mma::Element;
-use crate::softmax::{RowState, p_fragments, rescale};
+use crate::softmax::{RowState, alibi_scores, p_fragments, rescale};
 use crate::tile::QueryTile;
 use crate::wgmma::{WgmmaElement, fence_accumulators_24, fence_accumulators_64};
 
-/// Head dim `D` of the warp-specialised kernel.
-pub struct HeadDim<const D: usize>;
+/// Head dim `D` of the warp-specialised kernel; `ALIBI`: the build that adds ALiBi biases.
+pub struct HeadDim<const D: usize, const ALIBI: bool = false>;
 
 /// What the kernel body needs to know about its head dim.
 pub trait WsShape {
     const D: usize;
+    /// The ALiBi build: scores take `alibi_scores` before the mask and the softmax.
+    const ALIBI: bool = false;
     /// Keys per KV block.
     const BN: usize = ws_block_n(Self::D);
     /// K/V stages of the shared-memory ring.
@@ -53,7 +55,8 @@ pub trait WsShape {
     /// One 16-key k-step of O += P V with A fragment `a`; `v(half)` is the V descriptor of
     /// columns `128 half ..` (D = 256 has two halves).
     fn mma_pv_step<E: WgmmaElement>(o: &mut Self::O, a: &[u32; 4], v: impl Fn(usize) -> u64);
-    /// `QueryTile::softmax_scores` on this shape's scores.
+    /// `QueryTile::softmax_scores` on this shape's scores, after `alibi_scores` with
+    /// `alibi_slope_raw` in the ALiBi build (ignored in the others).
     #[allow(clippy::too_many_arguments)]
     fn softmax<const MASK: u32>(
         tile: &QueryTile,
@@ -63,6 +66,7 @@ pub trait WsShape {
         q_pos: [i32; 2],
         t: usize,
         scale_log2: f32,
+        alibi_slope_raw: f32,
     ) -> [f32; 2];
     fn rescale(o: &mut Self::O, alpha: [f32; 2]);
     fn p_fragments<E: Element>(s: &Self::S) -> Self::P;
@@ -79,9 +83,10 @@ pub trait WsShape {
 }
 
 /// The score-side items of a shape: S of `$sn` registers per thread (BN = 2 $sn keys) filled by
-/// `$qk`, fenced by `$fence`, P of `$pk` k-steps.
+/// `$qk`, fenced by `$fence`, P of `$pk` k-steps; `$lazy` is the shape's `LAZY_RESCALE` (a literal:
+/// a const generic argument cannot name `Self` in a generic impl).
 macro_rules! score_tiles {
-    ($sn:literal, $pk:literal, $qk:ident, $fence:ident) => {
+    ($sn:literal, $pk:literal, $qk:ident, $fence:ident, $lazy:literal) => {
         type S = [f32; $sn];
         type P = [[u32; 4]; $pk];
 
@@ -110,11 +115,13 @@ macro_rules! score_tiles {
             q_pos: [i32; 2],
             t: usize,
             scale_log2: f32,
+            alibi_slope_raw: f32,
         ) -> [f32; 2] {
             let bn = Self::BN as i32;
-            tile.softmax_scores::<MASK, { Self::LAZY_RESCALE }, $sn>(
-                s, state, n0, bn, q_pos, t, scale_log2,
-            )
+            if Self::ALIBI {
+                alibi_scores(s, alibi_slope_raw, q_pos, n0, t);
+            }
+            tile.softmax_scores::<MASK, $lazy, $sn>(s, state, n0, bn, q_pos, t, scale_log2)
         }
         #[inline(always)]
         fn p_fragments<E: Element>(s: &Self::S) -> Self::P {
@@ -127,11 +134,12 @@ macro_rules! score_tiles {
 /// first 32 registers of O, with n64 PV GEMMs).
 macro_rules! narrow_shape {
     ($d:literal) => {
-        impl WsShape for HeadDim<$d> {
+        impl<const A: bool> WsShape for HeadDim<$d, A> {
             const D: usize = $d;
+            const ALIBI: bool = A;
             const Q_IN_REGISTERS: bool = true;
             type O = [f32; 64];
-            score_tiles!(64, 8, mma_ss_m64n128k16, fence_accumulators_64);
+            score_tiles!(64, 8, mma_ss_m64n128k16, fence_accumulators_64, false);
 
             #[inline(always)]
             fn mma_qk_rs_step<E: WgmmaElement>(s: &mut Self::S, a: &[u32; 4], b: u64) {
@@ -188,12 +196,13 @@ narrow_shape!(64);
 narrow_shape!(128);
 
 /// D = 256: 48-key blocks (S 24 registers, three k-steps of P), O as two 64 x 128 halves.
-impl WsShape for HeadDim<256> {
+impl<const A: bool> WsShape for HeadDim<256, A> {
+    const ALIBI: bool = A;
     const D: usize = 256;
     const Q_IN_REGISTERS: bool = true;
     const LAZY_RESCALE: bool = true;
     type O = [[f32; 64]; 2];
-    score_tiles!(24, 3, mma_ss_m64n48k16, fence_accumulators_24);
+    score_tiles!(24, 3, mma_ss_m64n48k16, fence_accumulators_24, true);
 
     #[inline(always)]
     fn mma_qk_rs_step<E: WgmmaElement>(s: &mut Self::S, a: &[u32; 4], b: u64) {

@@ -1,7 +1,7 @@
 //! The prefill kernel against the float64 reference on a Hopper GPU. Without one every test here
 //! prints a SKIPPED notice and returns.
 use duo_attn::reference::Shape;
-use duo_attn::{AttentionConfig, Context, DType, Error, HeadKind, PrefillKernel};
+use duo_attn::{AlibiSlopes, AttentionConfig, Context, DType, Error, HeadKind, PrefillKernel};
 use duo_attn_tests::{
     Comparison, alternating_kinds, compare, gpu_or_skip, notice, random_tensor, rng, rows_to_check,
     run_decode_case, run_prefill, run_prefill_case, run_scaled_keys_case, run_varlen_case,
@@ -939,6 +939,132 @@ fn flash_window_small_launches() {
         };
         let cmp = run(&ctx, &case, &mut rng).unwrap();
         let label = format!("{kernel:?} D={d} splits {splits:?} window_size (70, 20): {cmp:?}");
+        notice(&label);
+        if !cmp.passed() {
+            failures.push(label);
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// ALiBi (`AttentionConfig::alibi`, FlashAttention's `alibi_slopes`) on the warp-specialised
+/// kernels' builds: TMA (with and without forced splits) and cp.async, D 64 and 128, Sq below,
+/// at and above Sk, GQA; causal mixed DuoAttention heads, non-causal retrieval heads and a
+/// FlashAttention band; the standard slopes per head and random slopes per batch entry; then a
+/// varlen batch.
+#[test]
+fn alibi_matches_reference() {
+    let test = "alibi_matches_reference";
+    let Some(ctx) = gpu_or_skip(test) else {
+        return;
+    };
+    let mut rng = rng(test);
+    let mut failures = Vec::new();
+    let mut n = 0;
+    for kernel in [PrefillKernel::WgmmaTma, PrefillKernel::WgmmaWarpSpecialized] {
+        for d in [64, 128] {
+            for (sq, sk) in [(1000, 1000), (300, 4096), (517, 200)] {
+                for masks in 0..3 {
+                    n += 1;
+                    let batch = 1 + n % 2;
+                    let shape = Shape {
+                        batch,
+                        seqlen_q: sq,
+                        seqlen_k: sk,
+                        heads_q: 8,
+                        heads_kv: 2,
+                        head_dim: d,
+                    };
+                    let slopes = if n % 2 == 0 {
+                        AlibiSlopes::new(&ctx, &AlibiSlopes::standard(8))
+                    } else {
+                        let random: Vec<f32> =
+                            (0..batch * 8).map(|_| rng.random_range(0.0..0.2)).collect();
+                        AlibiSlopes::per_batch(&ctx, &random, batch)
+                    }
+                    .unwrap();
+                    let cfg = match masks {
+                        0 => AttentionConfig::new(vec![HeadKind::Streaming, HeadKind::Retrieval])
+                            .sink(4)
+                            .window(300),
+                        1 => AttentionConfig::all_retrieval(2).causal(false),
+                        _ => AttentionConfig::flash(2, false, (255, 30)).unwrap(),
+                    };
+                    let mut cfg = cfg.kernel(kernel).alibi(slopes);
+                    if kernel == PrefillKernel::WgmmaTma && n % 3 == 0 {
+                        cfg = cfg.kv_splits(Some(3));
+                    }
+                    let case = Case {
+                        shape,
+                        cfg,
+                        dtype: if n % 4 < 2 { DType::BF16 } else { DType::F16 },
+                    };
+                    let label = format!(
+                        "{kernel:?} {:?} B={batch} Sq={sq} Sk={sk} D={d} masks {masks} slopes {:?} splits {:?}",
+                        case.dtype, case.cfg.alibi, case.cfg.kv_splits
+                    );
+                    let cmp = run(&ctx, &case, &mut rng).unwrap_or_else(|e| panic!("{label}: {e}"));
+                    notice(&format!("{label}: {cmp:?}"));
+                    if !cmp.passed() {
+                        failures.push(label);
+                    }
+                }
+            }
+        }
+    }
+    let lens = [(100, 300), (517, 517), (0, 50), (37, 0), (1, 1000)];
+    for splits in [None, Some(3)] {
+        let slopes = AlibiSlopes::new(&ctx, &AlibiSlopes::standard(8)).unwrap();
+        let cfg = AttentionConfig::new(vec![HeadKind::Streaming, HeadKind::Retrieval])
+            .sink(8)
+            .window(64)
+            .kernel(PrefillKernel::WgmmaTma)
+            .kv_splits(splits)
+            .alibi(slopes);
+        failures.extend(check_varlen(&ctx, &mut rng, (8, 2, 128), &lens, &cfg));
+    }
+    notice(&format!("{test}: {n} cases, {} failed", failures.len()));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// A small ALiBi launch per build for compute-sanitizer (`run.sh sanitize`): per-batch slopes,
+/// 100 queries over 300 keys, causal mixed heads; TMA with and without three splits, cp.async.
+#[test]
+fn alibi_small_launches() {
+    let test = "alibi_small_launches";
+    let Some(ctx) = gpu_or_skip(test) else {
+        return;
+    };
+    let mut rng = rng(test);
+    let mut failures = Vec::new();
+    let runs = [
+        (PrefillKernel::WgmmaTma, 128, None),
+        (PrefillKernel::WgmmaTma, 64, Some(3)),
+        (PrefillKernel::WgmmaWarpSpecialized, 128, None),
+    ];
+    for (n, (kernel, d, splits)) in runs.into_iter().enumerate() {
+        let shape = Shape {
+            batch: 2,
+            seqlen_q: 100,
+            seqlen_k: 300,
+            heads_q: 4,
+            heads_kv: 2,
+            head_dim: d,
+        };
+        let slopes: Vec<f32> = (0..8).map(|_| rng.random_range(0.0..0.3)).collect();
+        let cfg = AttentionConfig::new(vec![HeadKind::Streaming, HeadKind::Retrieval])
+            .sink(8)
+            .window(90)
+            .kernel(kernel)
+            .kv_splits(splits)
+            .alibi(AlibiSlopes::per_batch(&ctx, &slopes, 2).unwrap());
+        let case = Case {
+            shape,
+            cfg,
+            dtype: if n % 2 == 0 { DType::BF16 } else { DType::F16 },
+        };
+        let cmp = run(&ctx, &case, &mut rng).unwrap();
+        let label = format!("{kernel:?} D={d} splits {splits:?} ALiBi: {cmp:?}");
         notice(&label);
         if !cmp.passed() {
             failures.push(label);

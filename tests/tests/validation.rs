@@ -243,6 +243,59 @@ fn right_windows_are_clamped_and_flash_windows_map_to_head_kinds() {
     assert_eq!(plan(&c).unwrap().params.right, (1 << 30) - 1);
 }
 
+/// ALiBi: the warp-specialised kernels' `_alibi_` builds at D <= 128, slopes per head or per
+/// batch entry; everything else is a typed error.
+#[test]
+fn alibi_plans_and_rules() {
+    use duo_attn::AlibiSlopes;
+    let slopes = |rows: usize, heads: usize, device: u32| {
+        let host = vec![0.25f32; rows * heads];
+        unsafe { AlibiSlopes::from_device_ptr(0x7f00_0000_0000, device, &host, rows) }.unwrap()
+    };
+    let mut c = valid();
+    c.cfg = c.cfg.alibi(slopes(1, HQ, DEV));
+    let p = plan(&c).unwrap();
+    assert_eq!(p.entry, "duo_prefill_wgmma_tma_alibi_bf16_d64");
+    assert_eq!(
+        p.split.as_ref().unwrap().entry,
+        "duo_prefill_wgmma_tma_alibi_split_bf16_d64"
+    );
+    assert_eq!(
+        (p.params.alibi_slopes, p.params.alibi_batch_stride),
+        (0x7f00_0000_0000, 0)
+    );
+    assert_eq!(p.params.alibi_neg_inv_scale, -(D as f32).sqrt());
+    c.cfg = c.cfg.alibi(slopes(B, HQ, DEV));
+    assert_eq!(plan(&c).unwrap().params.alibi_batch_stride, HQ as i32);
+    c.cfg.kernel = PrefillKernel::WgmmaWarpSpecialized;
+    assert_eq!(
+        plan(&c).unwrap().entry,
+        "duo_prefill_wgmma_ws_alibi_bf16_d64"
+    );
+    for kernel in [PrefillKernel::MmaSync, PrefillKernel::Wgmma] {
+        c.cfg.kernel = kernel;
+        assert!(matches!(plan(&c), Err(Error::AlibiUnsupported { .. })));
+    }
+    let wrong = [
+        (slopes(1, HQ + 1, DEV), "heads"),
+        (slopes(B + 1, HQ, DEV), "rows"),
+    ];
+    for (s, what) in wrong {
+        let mut c = valid();
+        c.cfg = c.cfg.alibi(s);
+        assert!(
+            matches!(plan(&c), Err(Error::InvalidAlibi { .. })),
+            "{what}"
+        );
+    }
+    let mut c = valid();
+    c.cfg = c.cfg.alibi(slopes(1, HQ, DEV + 1));
+    assert!(matches!(plan(&c), Err(Error::WrongDevice { .. })));
+    let mut c = call_of([B, SQ, SK, HQ, HKV, 256], 0x1_0000_0000);
+    c.cfg = c.cfg.alibi(slopes(1, HQ, DEV));
+    assert!(matches!(plan(&c), Err(Error::AlibiUnsupported { .. })));
+}
+
 #[test]
 fn wrong_device() {
     assert!(matches!(
@@ -710,4 +763,22 @@ fn kvcache_prefill_plans_and_rules() {
         eprintln!("rejected: {err}");
         assert!(matches!(err, Error::InvalidPagedKv { .. }), "{err}");
     }
+}
+
+/// Prefill over a caller's KV cache has no ALiBi build: a typed error, not a launch without it.
+#[test]
+fn kvcache_prefill_rejects_alibi() {
+    use duo_attn::{AlibiSlopes, KvCacheDesc, plan_prefill_kvcache};
+    let at = |i: u64| 0x7000_0000_0000 + i * 0x1_0000_0000;
+    let q = TensorDesc::contiguous(at(0), [10, HQ, 128], 2, DEV);
+    let out = TensorDesc::contiguous(at(1), [10, HQ, 128], 2, DEV);
+    let lse = TensorDesc::contiguous(at(2), [HQ, 10], 4, DEV);
+    let k = TensorDesc::contiguous(at(5), [2, 512, HKV, 128], 2, DEV);
+    let v = TensorDesc::contiguous(at(6), [2, 512, HKV, 128], 2, DEV);
+    let slopes = unsafe { AlibiSlopes::from_device_ptr(at(8), DEV, &[0.5; HQ], 1) }.unwrap();
+    let cfg = AttentionConfig::all_retrieval(HKV).alibi(slopes);
+    let cache = KvCacheDesc::Contiguous { k: &k, v: &v };
+    let (cu, lens) = ((&[0, 4, 10][..], at(3)), (&[300, 512][..], at(4)));
+    let err = plan_prefill_kvcache::<bf16>(&q, cache, &out, &lse, cu, lens, &cfg, DEV).unwrap_err();
+    assert!(matches!(err, Error::AlibiUnsupported { .. }), "{err}");
 }

@@ -227,6 +227,7 @@ if [ "${1:-}" = "sanitize" ]; then
     compute-sanitizer --tool "$tool" --error-exitcode 99 bin/test-gpu_prefill split_kv_varlen_matches_reference_per_sequence --test-threads=1 || status=1
     compute-sanitizer --tool "$tool" --error-exitcode 99 bin/test-gpu_prefill split_kv_small_launches --test-threads=1 || status=1
     compute-sanitizer --tool "$tool" --error-exitcode 99 bin/test-gpu_prefill flash_window_small_launches --test-threads=1 || status=1
+    compute-sanitizer --tool "$tool" --error-exitcode 99 bin/test-gpu_prefill alibi_small_launches --test-threads=1 || status=1
     compute-sanitizer --tool "$tool" --error-exitcode 99 bin/test-gpu_prefill foreign_device_memory --test-threads=1 || status=1
     compute-sanitizer --tool "$tool" --error-exitcode 99 bin/test-gpu_streams caller_stream_and_graph_capture --test-threads=1 || status=1
     compute-sanitizer --tool "$tool" --error-exitcode 99 bin/test-gpu_streams graph_replays_new_cache_seqlens --test-threads=1 || status=1

@@ -10,7 +10,7 @@ mod timing;
 
 use cases::{Case, Mode, all_cases};
 use clap::Parser;
-use duo_attn::{Context, PrefillKernel};
+use duo_attn::{AlibiSlopes, Context, PrefillKernel};
 use duo_attn_tests::{Comparison, rng, run_decode_case, run_prefill_case, run_varlen_case};
 use half::bf16;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -68,6 +68,11 @@ struct Args {
     /// work tile's fixed cost from its per-block cost). Not the shapes.
     #[arg(long, hide = true)]
     window: Option<u32>,
+    /// Timing probes: prefill cases add ALiBi biases (the standard slopes per query head), to
+    /// weigh the `_alibi_` builds against the plain ones of another run. The peers run without
+    /// ALiBi, so the speedups of such a run are not comparisons.
+    #[arg(long, hide = true)]
+    alibi: bool,
     /// Decode cases read paged K/V (`decode_attention_paged`) with pages of this many rows,
     /// shuffled through the pool, instead of a contiguous cache (the gate checks plain decode).
     #[arg(long)]
@@ -281,7 +286,16 @@ fn main() -> ExitCode {
                 case.seqlen_k
             ))
         });
-        let cfg = case.config().kernel(kernel).kv_splits(args.kv_splits);
+        let mut cfg = case.config().kernel(kernel).kv_splits(args.kv_splits);
+        if args.alibi && !case.is_decode() {
+            match AlibiSlopes::new(&ctx, &AlibiSlopes::standard(case.heads_q)) {
+                Ok(slopes) => cfg = cfg.alibi(slopes),
+                Err(e) => {
+                    eprintln!("ALiBi slopes: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
         let kv_cache = args
             .prefill_kv_cache
             .as_deref()
