@@ -7,8 +7,10 @@ merges (same case keys; times are medians from triton.testing.do_bench).
     python3 peers.py --out peers.json [--quick] [--prefill-head-dim 256] [--decode-head-dim 256]
         [--only decode,decode-mixed]
 
-`--only` takes duo-bench's modes and skips the other peers. Other flags (duo-bench's, which run.sh
-passes to both) are ignored.
+`--only` takes duo-bench's modes and skips the other peers. `--alibi` (duo-bench's timing flag
+for its ALiBi builds) measures FlexAttention with an ALiBi score_mod (ALiBi's standard slopes) on
+the full causal and streaming cases instead, as `flex-alibi`: the peer those runs compare with.
+Other flags (duo-bench's, which run.sh passes to both) are ignored.
 """
 import argparse
 import json
@@ -27,6 +29,14 @@ def median_ms(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
+def alibi_slopes(n):
+    """ALiBi's reference get_slopes (as duo_attn::AlibiSlopes::standard)."""
+    def pow2(m):
+        return [2.0 ** (-8.0 * i / m) for i in range(1, m + 1)]
+    p = 1 << (n.bit_length() - 1)
+    return pow2(p) + pow2(2 * p)[0::2][: n - p]
+
+
 def causal(b, h, q, kv):
     return kv <= q
 
@@ -42,6 +52,7 @@ def main():
     ap.add_argument("--prefill-head-dim", type=int, default=128, choices=[64, 128, 256])
     ap.add_argument("--decode-head-dim", type=int, default=128, choices=[64, 128, 256])
     ap.add_argument("--only", default="", help="modes as duo-bench's --only (comma separated)")
+    ap.add_argument("--alibi", action="store_true", help="FlexAttention with ALiBi (see above)")
     args, _ = ap.parse_known_args()
     only = set(args.only.split(",")) if args.only else {
         "full", "streaming", "mixed", "decode", "decode-mixed", "chunked", "chunked-mixed",
@@ -78,6 +89,19 @@ def main():
                     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
             return run
 
+        if args.alibi:
+            slopes = torch.tensor(alibi_slopes(h), device=dev, dtype=torch.float32)
+
+            def alibi(score, b, hh, qi, kv):
+                return score - slopes[hh] * (qi - kv).abs()
+
+            record("full", 1, s, s, h, h, "flex-alibi",
+                   lambda: flex(q, k, v, score_mod=alibi, block_mask=bm_causal), d)
+            record("streaming", 1, s, s, h, h, "flex-alibi",
+                   lambda: flex(q, k, v, score_mod=alibi, block_mask=bm_stream), d)
+            del q, k, v
+            torch.cuda.empty_cache()
+            continue
         record("full", 1, s, s, h, h, "cudnn-sdpa", sdpa(SDPBackend.CUDNN_ATTENTION), d)
         record("full", 1, s, s, h, h, "flash-sdpa", sdpa(SDPBackend.FLASH_ATTENTION), d)
         record("full", 1, s, s, h, h, "flex", lambda: flex(q, k, v, block_mask=bm_causal), d)

@@ -68,10 +68,10 @@ struct Args {
     /// work tile's fixed cost from its per-block cost). Not the shapes.
     #[arg(long, hide = true)]
     window: Option<u32>,
-    /// Timing probes: prefill cases add ALiBi biases (the standard slopes per query head), to
-    /// weigh the `_alibi_` builds against the plain ones of another run. The peers run without
-    /// ALiBi, so the speedups of such a run are not comparisons.
-    #[arg(long, hide = true)]
+    /// Prefill cases add ALiBi biases (ALiBi's standard slopes per query head). `run.sh bench
+    /// --alibi` passes the flag to peers.py too, which then measures FlexAttention with the same
+    /// bias (`flex-alibi`) on the full causal and streaming cases, and no other peer.
+    #[arg(long)]
     alibi: bool,
     /// Decode cases read paged K/V (`decode_attention_paged`) with pages of this many rows,
     /// shuffled through the pool, instead of a contiguous cache (the gate checks plain decode).
