@@ -29,7 +29,7 @@ enum Storage {
 
 impl AlibiSlopes {
     /// One slope per query head (`slopes.len()` is the layer's query head count), copied to
-    /// `ctx`'s device. Slopes must be finite ([`Error::InvalidAlibi`]).
+    /// `ctx`'s device. Slopes must be finite and >= 0 ([`Error::InvalidAlibi`]).
     pub fn new(ctx: &Context, slopes: &[f32]) -> Result<Self> {
         Self::per_batch(ctx, slopes, 1)
     }
@@ -139,9 +139,11 @@ fn check_slopes(slopes: &[f32], batch: usize) -> Result<()> {
             ),
         });
     }
-    if let Some(i) = slopes.iter().position(|s| !s.is_finite()) {
+    // The kernels fold `-slope * |d|` into one subtraction of `|slope * d|`, which holds for
+    // slopes >= 0 (ALiBi's are all positive).
+    if let Some(i) = slopes.iter().position(|s| !(s.is_finite() && *s >= 0.0)) {
         return Err(Error::InvalidAlibi {
-            why: format!("slope {i} is {}, not finite", slopes[i]),
+            why: format!("slope {i} is {}; slopes are finite and >= 0", slopes[i]),
         });
     }
     Ok(())
@@ -197,6 +199,7 @@ mod tests {
         for (ptr, slopes, batch) in [
             (0x1000, &[0.5f32, 0.25, 0.125][..], 2),
             (0x1000, &[f32::NAN][..], 1),
+            (0x1000, &[-0.5][..], 1),
             (0x1002, &[0.5][..], 1),
             (0, &[0.5][..], 1),
             (0x1000, &[][..], 1),

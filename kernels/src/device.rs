@@ -218,6 +218,21 @@ pub fn fma_f32(a: f32, b: f32, c: f32) -> f32 {
     r
 }
 
+/// `a - |b|` (`abs.f32` then `sub.rn.f32`, which ptxas folds into one FADD with an operand
+/// modifier; LLVM writes a plain `abs` as an integer AND, a LOP3 of its own).
+#[inline(always)]
+pub fn sub_abs_f32(a: f32, b: f32) -> f32 {
+    let r: f32;
+    unsafe {
+        asm!(
+            "{{ .reg .f32 t; abs.f32 t, {b}; sub.rn.f32 {r}, {a}, t; }}",
+            r = out(reg32) r, a = in(reg32) a, b = in(reg32) b,
+            options(pure, nomem, nostack)
+        )
+    };
+    r
+}
+
 /// log2(x) with the SFU (`lg2.approx.ftz`).
 #[inline(always)]
 pub fn log2_approx(x: f32) -> f32 {

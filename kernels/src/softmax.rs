@@ -4,7 +4,8 @@
 //! `4j + e` belongs to row `e / 2` and key `n0 + 8j + 2t + e % 2` (`t = lane % 4`). The four
 //! threads of a quad hold the rest of each row, so row reductions shuffle over lanes ^1 and ^2.
 use crate::device::{
-    exp2_approx, fma_f32, log2_approx, max_f32, rcp_approx, select_u32, shfl_xor_f32, warp_any,
+    exp2_approx, fma_f32, log2_approx, max_f32, rcp_approx, select_u32, shfl_xor_f32, sub_abs_f32,
+    warp_any,
 };
 use crate::mask::HeadMask;
 use crate::mma::Element;
@@ -60,10 +61,14 @@ pub fn mask_scores<const N: usize>(
 }
 
 /// ALiBi (`HeadDim<D, true>` builds): adds `slope_raw * |q_pos - key|` to each raw score of
-/// KV block `n0`. `slope_raw` is `-slope / softmax_scale`, so the scaled score the softmax
-/// exponentiates is `scale * q.k - slope * |q_pos - key|`, FlashAttention's bias. Distances are
-/// exact in f32 below 2^24 keys. Masked scores are set to -inf after this, so every block takes
-/// it, fully visible or not.
+/// KV block `n0`. `slope_raw` is `-slope / softmax_scale` (at most 0: the host takes slopes >= 0),
+/// so the scaled score the softmax exponentiates is `scale * q.k - slope * |q_pos - key|`,
+/// FlashAttention's bias. Distances are exact in f32 below 2^24 keys. Masked scores are set to
+/// -inf after this, so every block takes it, fully visible or not.
+///
+/// Two instructions per score: `x = sigma * (q_pos - key)` as one FFMA from a per-row product and
+/// the score's constant column offset, then `s - |x|` as one FADD (the absolute value is an
+/// operand modifier of FADD; written on bit patterns it was a LOP3 of its own).
 #[inline(always)]
 pub fn alibi_scores<const N: usize>(
     s: &mut [f32; N],
@@ -72,16 +77,16 @@ pub fn alibi_scores<const N: usize>(
     n0: i32,
     t: usize,
 ) {
-    // Row r's distance to the quad's first key of column group 0; each score then subtracts
-    // its constant column offset.
-    let base = [
-        (q_pos[0] - n0 - 2 * t as i32) as f32,
-        (q_pos[1] - n0 - 2 * t as i32) as f32,
+    // sigma = -slope_raw >= 0; row r's sigma * (distance to the quad's first key of column
+    // group 0).
+    let row = [
+        -slope_raw * (q_pos[0] - n0 - 2 * t as i32) as f32,
+        -slope_raw * (q_pos[1] - n0 - 2 * t as i32) as f32,
     ];
     for (i, v) in s.iter_mut().enumerate() {
         let (j, e) = (i / 4, i % 4);
-        let distance = (base[e / 2] - (8 * j + (e & 1)) as f32).abs();
-        *v = fma_f32(slope_raw, distance, *v);
+        let x = fma_f32(slope_raw, (8 * j + (e & 1)) as f32, row[e / 2]);
+        *v = sub_abs_f32(*v, x);
     }
 }
 
