@@ -857,11 +857,7 @@ fn flash_window_sizes_match_reference() {
                     "{kernel:?} {:?} B={} Sq={sq} Sk={sk} D={} causal={causal} window_size={window_size:?} splits {:?}",
                     case.dtype, shape.batch, shape.head_dim, case.cfg.kv_splits
                 );
-                let cmp = run(&ctx, &case, &mut rng).unwrap_or_else(|e| panic!("{label}: {e}"));
-                notice(&format!("{label}: {cmp:?}"));
-                if !cmp.passed() {
-                    failures.push(label);
-                }
+                check_case(&ctx, &case, &mut rng, label, &mut failures);
             }
         }
     }
@@ -886,12 +882,8 @@ fn flash_window_sizes_match_reference() {
             cfg,
             dtype: if n % 2 == 0 { DType::BF16 } else { DType::F16 },
         };
-        let cmp = run(&ctx, &case, &mut rng).unwrap();
-        let label = format!("{kernel:?} mixed heads, right window 45: {cmp:?}");
-        notice(&label);
-        if !cmp.passed() {
-            failures.push(label);
-        }
+        let label = format!("{kernel:?} mixed heads, right window 45");
+        check_case(&ctx, &case, &mut rng, label, &mut failures);
     }
     let lens = [(100, 300), (517, 517), (0, 50), (37, 0), (1, 1000)];
     for splits in [None, Some(3)] {
@@ -910,17 +902,32 @@ fn flash_window_sizes_match_reference() {
 /// forced splits.
 #[test]
 fn flash_window_small_launches() {
-    let test = "flash_window_small_launches";
+    let runs: Vec<_> = ALL_KERNELS
+        .iter()
+        .map(|&k| (k, 128, None))
+        .chain([
+            (PrefillKernel::WgmmaTma, 256, None),
+            (PrefillKernel::WgmmaTma, 64, Some(3)),
+        ])
+        .collect();
+    small_launches("flash_window_small_launches", &runs, |_, _| {
+        AttentionConfig::flash(2, false, (70, 20)).unwrap()
+    });
+}
+
+/// Small launches for compute-sanitizer: batch 2 of 100 queries over 300 keys, 4 query heads on
+/// 2 KV heads, one launch per (kernel, head dim, splits) run with the config `cfg` makes.
+fn small_launches(
+    test: &str,
+    runs: &[(PrefillKernel, usize, Option<usize>)],
+    cfg: impl Fn(&Context, &mut StdRng) -> AttentionConfig,
+) {
     let Some(ctx) = gpu_or_skip(test) else {
         return;
     };
     let mut rng = rng(test);
     let mut failures = Vec::new();
-    let runs = ALL_KERNELS.iter().map(|&k| (k, 128, None)).chain([
-        (PrefillKernel::WgmmaTma, 256, None),
-        (PrefillKernel::WgmmaTma, 64, Some(3)),
-    ]);
-    for (n, (kernel, d, splits)) in runs.enumerate() {
+    for (n, &(kernel, d, splits)) in runs.iter().enumerate() {
         let shape = Shape {
             batch: 2,
             seqlen_q: 100,
@@ -931,18 +938,11 @@ fn flash_window_small_launches() {
         };
         let case = Case {
             shape,
-            cfg: AttentionConfig::flash(2, false, (70, 20))
-                .unwrap()
-                .kernel(kernel)
-                .kv_splits(splits),
+            cfg: cfg(&ctx, &mut rng).kernel(kernel).kv_splits(splits),
             dtype: if n % 2 == 0 { DType::BF16 } else { DType::F16 },
         };
-        let cmp = run(&ctx, &case, &mut rng).unwrap();
-        let label = format!("{kernel:?} D={d} splits {splits:?} window_size (70, 20): {cmp:?}");
-        notice(&label);
-        if !cmp.passed() {
-            failures.push(label);
-        }
+        let label = format!("{test}: {kernel:?} D={d} splits {splits:?}");
+        check_case(&ctx, &case, &mut rng, label, &mut failures);
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
@@ -1003,11 +1003,7 @@ fn alibi_matches_reference() {
                         "{kernel:?} {:?} B={batch} Sq={sq} Sk={sk} D={d} masks {masks} slopes {:?} splits {:?}",
                         case.dtype, case.cfg.alibi, case.cfg.kv_splits
                     );
-                    let cmp = run(&ctx, &case, &mut rng).unwrap_or_else(|e| panic!("{label}: {e}"));
-                    notice(&format!("{label}: {cmp:?}"));
-                    if !cmp.passed() {
-                        failures.push(label);
-                    }
+                    check_case(&ctx, &case, &mut rng, label, &mut failures);
                 }
             }
         }
@@ -1031,46 +1027,34 @@ fn alibi_matches_reference() {
 /// 100 queries over 300 keys, causal mixed heads; TMA with and without three splits, cp.async.
 #[test]
 fn alibi_small_launches() {
-    let test = "alibi_small_launches";
-    let Some(ctx) = gpu_or_skip(test) else {
-        return;
-    };
-    let mut rng = rng(test);
-    let mut failures = Vec::new();
     let runs = [
         (PrefillKernel::WgmmaTma, 128, None),
         (PrefillKernel::WgmmaTma, 64, Some(3)),
         (PrefillKernel::WgmmaWarpSpecialized, 128, None),
     ];
-    for (n, (kernel, d, splits)) in runs.into_iter().enumerate() {
-        let shape = Shape {
-            batch: 2,
-            seqlen_q: 100,
-            seqlen_k: 300,
-            heads_q: 4,
-            heads_kv: 2,
-            head_dim: d,
-        };
+    small_launches("alibi_small_launches", &runs, |ctx, rng| {
         let slopes: Vec<f32> = (0..8).map(|_| rng.random_range(0.0..0.3)).collect();
-        let cfg = AttentionConfig::new(vec![HeadKind::Streaming, HeadKind::Retrieval])
+        AttentionConfig::new(vec![HeadKind::Streaming, HeadKind::Retrieval])
             .sink(8)
             .window(90)
-            .kernel(kernel)
-            .kv_splits(splits)
-            .alibi(AlibiSlopes::per_batch(&ctx, &slopes, 2).unwrap());
-        let case = Case {
-            shape,
-            cfg,
-            dtype: if n % 2 == 0 { DType::BF16 } else { DType::F16 },
-        };
-        let cmp = run(&ctx, &case, &mut rng).unwrap();
-        let label = format!("{kernel:?} D={d} splits {splits:?} ALiBi: {cmp:?}");
-        notice(&label);
-        if !cmp.passed() {
-            failures.push(label);
-        }
+            .alibi(AlibiSlopes::per_batch(ctx, &slopes, 2).unwrap())
+    });
+}
+
+/// One case against the reference, its comparison noticed under `label`, which a failure adds
+/// to `failures`.
+fn check_case(
+    ctx: &Context,
+    case: &Case,
+    rng: &mut StdRng,
+    label: String,
+    failures: &mut Vec<String>,
+) {
+    let cmp = run(ctx, case, rng).unwrap_or_else(|e| panic!("{label}: {e}"));
+    notice(&format!("{label}: {cmp:?}"));
+    if !cmp.passed() {
+        failures.push(label);
     }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 /// One varlen launch checked per sequence (`run_varlen_case`); the failures, labelled.
