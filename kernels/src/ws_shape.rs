@@ -83,10 +83,11 @@ pub trait WsShape {
 }
 
 /// The score-side items of a shape: S of `$sn` registers per thread (BN = 2 $sn keys) filled by
-/// `$qk`, fenced by `$fence`, P of `$pk` k-steps; `$lazy` is the shape's `LAZY_RESCALE` (a literal:
-/// a const generic argument cannot name `Self` in a generic impl).
+/// `$qk`, fenced by `$fence`, P of `$pk` k-steps; `$lazy` sets the shape's `LAZY_RESCALE` (a literal,
+/// which the softmax also takes: a const generic argument cannot name `Self` in a generic impl).
 macro_rules! score_tiles {
     ($sn:literal, $pk:literal, $qk:ident, $fence:ident, $lazy:literal) => {
+        const LAZY_RESCALE: bool = $lazy;
         type S = [f32; $sn];
         type P = [[u32; 4]; $pk];
 
@@ -200,7 +201,6 @@ impl<const A: bool> WsShape for HeadDim<256, A> {
     const ALIBI: bool = A;
     const D: usize = 256;
     const Q_IN_REGISTERS: bool = true;
-    const LAZY_RESCALE: bool = true;
     type O = [[f32; 64]; 2];
     score_tiles!(24, 3, mma_ss_m64n48k16, fence_accumulators_24, true);
 
