@@ -16,6 +16,8 @@ pub struct AlibiSlopes {
     device: Storage,
     /// Rows (1 or the batch entries) and slopes per row.
     shape: [usize; 2],
+    /// Rows of the device copy before this set's first (`row`: a view of one row).
+    first_row: usize,
 }
 
 /// Where the device copy lives.
@@ -44,6 +46,7 @@ impl AlibiSlopes {
             host: slopes.into(),
             device: Storage::Owned(Arc::new(device)),
             shape,
+            first_row: 0,
         })
     }
 
@@ -70,6 +73,7 @@ impl AlibiSlopes {
             host: slopes.into(),
             device: Storage::Foreign { ptr, device },
             shape: [batch, slopes.len() / batch],
+            first_row: 0,
         })
     }
 
@@ -120,12 +124,29 @@ impl AlibiSlopes {
         }
     }
 
+    /// Batch entry `batch`'s slopes as a set of one row, sharing the device copy (for a call
+    /// that serves that entry alone); `None` past the rows. A set of one row gives itself.
+    pub fn row(&self, batch: usize) -> Option<AlibiSlopes> {
+        if self.rows() == 1 {
+            return Some(self.clone());
+        }
+        let heads = self.heads();
+        let host = self.host.get(batch * heads..(batch + 1) * heads)?;
+        Some(AlibiSlopes {
+            host: host.into(),
+            device: self.device.clone(),
+            shape: [1, heads],
+            first_row: self.first_row + batch,
+        })
+    }
+
     /// Device address of the slopes.
     pub(crate) fn device_ptr(&self) -> u64 {
-        match &self.device {
+        let base = match &self.device {
             Storage::Owned(t) => t.view().desc().ptr,
             Storage::Foreign { ptr, .. } => *ptr,
-        }
+        };
+        base + (self.first_row * self.heads() * std::mem::size_of::<f32>()) as u64
     }
 }
 
@@ -207,5 +228,19 @@ mod tests {
             let err = unsafe { AlibiSlopes::from_device_ptr(ptr, 0, slopes, batch) }.unwrap_err();
             assert!(matches!(err, Error::InvalidAlibi { .. }), "{err}");
         }
+    }
+
+    /// A row view reads its own row of the host copy and the device copy.
+    #[test]
+    fn a_row_is_a_view_of_its_entry() {
+        let slopes = [0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625];
+        let all = unsafe { AlibiSlopes::from_device_ptr(0x1000, 0, &slopes, 3) }.unwrap();
+        let second = all.row(1).unwrap();
+        assert_eq!((second.rows(), second.heads()), (1, 2));
+        assert_eq!(second.host(), &slopes[2..4]);
+        assert_eq!(second.slope(7, 1), 0.0625);
+        assert_eq!(second.device_ptr(), 0x1000 + 2 * 4);
+        assert_eq!(second.row(0).unwrap().device_ptr(), 0x1008);
+        assert!(all.row(3).is_none());
     }
 }

@@ -62,8 +62,9 @@ pub struct AttentionConfig {
     /// ([`Error::RightWindowUnsupported`]). Values past any sequence length act as unbounded.
     pub right_window: u32,
     /// ALiBi slopes (FlashAttention's `alibi_slopes`): `-slope * |q - k|` added to each scaled
-    /// score. Prefill (plain and varlen) on the TMA kernel and its cp.async fallback at head
-    /// dims 64 and 128; elsewhere [`Error::AlibiUnsupported`].
+    /// score. Prefill (plain, varlen and over a KV cache) on the TMA kernel and its cp.async
+    /// fallback at head dims 64 and 128, and decode over contiguous or paged K/V at every head
+    /// dim; elsewhere (the DuoAttention cache included) [`Error::AlibiUnsupported`].
     pub alibi: Option<AlibiSlopes>,
     /// Scale of `q.k`; `None` means `1 / sqrt(head_dim)`.
     pub softmax_scale: Option<f32>,

@@ -1,9 +1,10 @@
 //! Decode attention: 1..16 new query tokens per sequence against a long KV cache, split across
 //! SMs and merged by LSE. Over plain K/V tensors ([`Context::decode_attention`]) or, inside
 //! [`crate::DuoCache`], over the retrieval (full) and streaming (ring) caches of a layer.
+use crate::alibi::AlibiSlopes;
 use crate::attention::{
-    AttentionConfig, HeadKind, check_device, check_heads, check_kv, check_limit, check_no_aliasing,
-    check_queries, check_shape, clamp_len, streaming_mask, strides3,
+    AttentionConfig, HeadKind, check_alibi_rows, check_device, check_heads, check_kv, check_limit,
+    check_no_aliasing, check_queries, check_shape, clamp_len, streaming_mask, strides3,
 };
 use crate::context::Context;
 use crate::element::AttnElement;
@@ -126,14 +127,16 @@ pub(crate) enum DecodePaging {
     Tiles,
 }
 
-/// The decode kernel entry for element `T` and head dim `d` (`DECODE_ENTRIES`).
-fn decode_entry<T: AttnElement>(d: usize, paging: DecodePaging) -> String {
+/// The decode kernel entry for element `T` and head dim `d` (`DECODE_ENTRIES`), with ALiBi or
+/// without.
+fn decode_entry<T: AttnElement>(d: usize, paging: DecodePaging, alibi: bool) -> String {
     let paged = match paging {
         DecodePaging::None => "",
         DecodePaging::Rows => "paged_",
         DecodePaging::Tiles => "paged_tiles_",
     };
-    format!("duo_decode_{paged}{}_d{d}", T::KERNEL_NAME)
+    let alibi = if alibi { "alibi_" } else { "" };
+    format!("duo_decode_{alibi}{paged}{}_d{d}", T::KERNEL_NAME)
 }
 
 /// Dynamic shared memory of the decode entry for head dim `d`, contiguous or paged.
@@ -249,9 +252,7 @@ pub(crate) fn plan_decode<T: AttnElement>(
     resident_blocks: usize,
 ) -> Result<DecodePlan> {
     let [batch, n_q, heads_q, head_dim] = check_queries(q, out, lse, cfg, device)?;
-    if cfg.alibi.is_some() {
-        return Err(Error::AlibiUnsupported { by: "decode" });
-    }
+    check_alibi_rows(cfg, batch)?;
     if cfg.right_window != 0 {
         return Err(Error::RightWindowUnsupported {
             right: cfg.right_window,
@@ -311,6 +312,12 @@ pub(crate) fn plan_decode<T: AttnElement>(
             pages,
         } => {
             check_heads(heads_q, heads_kv, cfg)?;
+            // The ALiBi builds read keys at their own positions, not a ring's slots.
+            if cfg.alibi.is_some() {
+                return Err(Error::AlibiUnsupported {
+                    by: "the DuoAttention cache's decode",
+                });
+            }
             cache_pages = pages;
             (full, stream, seqlen, recent, true)
         }
@@ -388,9 +395,15 @@ pub(crate) fn plan_decode<T: AttnElement>(
         seq_blocks: 0,
         prefetch_tiles: DECODE_PREFETCH_TILES,
         blocks: kinds.blocks as i32,
+        alibi_slopes: cfg.alibi.as_ref().map_or(0, AlibiSlopes::device_ptr),
+        alibi_batch_stride: match &cfg.alibi {
+            Some(a) if a.rows() > 1 => heads_q as i32,
+            _ => 0,
+        },
+        alibi_neg_inv_scale: -1.0 / cfg.scale_for(head_dim),
     };
     Ok(DecodePlan {
-        entry: decode_entry::<T>(head_dim, paging),
+        entry: decode_entry::<T>(head_dim, paging, cfg.alibi.is_some()),
         grid: (kinds.blocks as u32, 1, 1),
         block: decode_threads(head_dim) as u32,
         shared_bytes: decode_shared_bytes(head_dim, paging) as u32,
@@ -616,7 +629,7 @@ impl Context {
         cfg: &AttentionConfig,
     ) -> Result<DecodePlan> {
         let d = q.shape[3];
-        let resident = self.decode_resident_blocks::<T>(d, kv.paging(d))?;
+        let resident = self.decode_resident_blocks::<T>(d, kv.paging(d), cfg.alibi.is_some())?;
         plan_decode::<T>(q, kv, out, lse, cfg, self.ordinal(), resident)
     }
 
@@ -626,11 +639,12 @@ impl Context {
         &self,
         d: usize,
         paging: DecodePaging,
+        alibi: bool,
     ) -> Result<usize> {
         if !DECODE_HEAD_DIMS.contains(&d) {
             return Ok(1);
         }
-        let entry = decode_entry::<T>(d, paging);
+        let entry = decode_entry::<T>(d, paging, alibi);
         let per_sm = self.resident_blocks_per_sm(
             &entry,
             decode_threads(d) as u32,
@@ -800,20 +814,23 @@ mod tests {
         }
         use half::bf16;
         assert_eq!(
-            decode_entry::<bf16>(128, DecodePaging::Tiles),
+            decode_entry::<bf16>(128, DecodePaging::Tiles, false),
             "duo_decode_paged_tiles_bf16_d128"
         );
         assert_eq!(
-            decode_entry::<bf16>(64, DecodePaging::Rows),
-            "duo_decode_paged_bf16_d64"
+            decode_entry::<bf16>(64, DecodePaging::Rows, true),
+            "duo_decode_alibi_paged_bf16_d64"
         );
         assert_eq!(
-            decode_entry::<bf16>(256, DecodePaging::None),
+            decode_entry::<bf16>(256, DecodePaging::None, false),
             "duo_decode_bf16_d256"
         );
         for paging in [DecodePaging::None, DecodePaging::Rows, DecodePaging::Tiles] {
-            for d in [64, 128, 256] {
-                let entry = decode_entry::<bf16>(d, paging);
+            for (d, alibi) in [64, 128, 256]
+                .into_iter()
+                .flat_map(|d| [(d, false), (d, true)])
+            {
+                let entry = decode_entry::<bf16>(d, paging, alibi);
                 assert!(
                     duo_attn_kernels::abi::DECODE_ENTRIES
                         .iter()
@@ -867,10 +884,9 @@ mod tests {
         }
     }
 
-    /// Decode's queries are the last tokens: a right window is a typed error, not ignored; it
-    /// has no ALiBi build either.
+    /// Decode's queries are the last tokens: a right window is a typed error, not ignored.
     #[test]
-    fn a_right_window_and_alibi_are_rejected() {
+    fn a_right_window_is_rejected() {
         use crate::attention::HeadKind;
         use half::bf16;
         let at = |i: u64| 0x7000_0000_0000 + i * 0x1_0000_0000;
@@ -889,11 +905,49 @@ mod tests {
                 by: "decode"
             }
         ));
-        let slopes = unsafe { crate::AlibiSlopes::from_device_ptr(at(5), 0, &[0.5; 8], 1) };
-        let cfg = AttentionConfig::new(vec![HeadKind::Retrieval; 2]).alibi(slopes.unwrap());
-        let err = plan_decode::<bf16>(&q, DecodeKv::Plain { k: &k, v: &v }, &out, &lse, &cfg, 0, 1)
-            .unwrap_err();
-        assert!(matches!(err, Error::AlibiUnsupported { by: "decode" }));
+    }
+
+    /// ALiBi decodes on its own entries, one row of slopes or one per sequence; a DuoAttention
+    /// cache's rings (slots, not positions) have no ALiBi build.
+    #[test]
+    fn alibi_takes_its_entries_and_rows() {
+        use crate::attention::HeadKind;
+        use half::bf16;
+        let at = |i: u64| 0x7000_0000_0000 + i * 0x1_0000_0000;
+        let q = TensorDesc::contiguous(at(0), [2, 1, 8, 128], 2, 0);
+        let k = TensorDesc::contiguous(at(1), [2, 1000, 2, 128], 2, 0);
+        let v = TensorDesc::contiguous(at(2), [2, 1000, 2, 128], 2, 0);
+        let out = TensorDesc::contiguous(at(3), [2, 1, 8, 128], 2, 0);
+        let lse = TensorDesc::contiguous(at(4), [2, 8, 1], 4, 0);
+        let cfg = |rows: usize| {
+            let host = vec![0.5; 8 * rows];
+            let slopes = unsafe { crate::AlibiSlopes::from_device_ptr(at(5), 0, &host, rows) };
+            AttentionConfig::new(vec![HeadKind::Retrieval; 2])
+                .softmax_scale(0.25)
+                .alibi(slopes.unwrap())
+        };
+        let plain = || DecodeKv::Plain { k: &k, v: &v };
+        for (rows, stride) in [(1, 0), (2, 8)] {
+            let plan = plan_decode::<bf16>(&q, plain(), &out, &lse, &cfg(rows), 0, 1).unwrap();
+            assert_eq!(plan.entry, "duo_decode_alibi_bf16_d128");
+            let p = &plan.params;
+            assert_eq!(p.alibi_slopes, at(5));
+            assert_eq!(
+                (p.alibi_batch_stride, p.alibi_neg_inv_scale),
+                (stride, -4.0)
+            );
+        }
+        let err = plan_decode::<bf16>(&q, plain(), &out, &lse, &cfg(3), 0, 1).unwrap_err();
+        assert!(matches!(err, Error::InvalidAlibi { .. }), "{err}");
+        let ring = DecodeKv::Cache {
+            full: kv_source(&k, &v),
+            stream: kv_source(&k, &v),
+            seqlen: 1000,
+            recent: 64,
+            pages: None,
+        };
+        let err = plan_decode::<bf16>(&q, ring, &out, &lse, &cfg(1), 0, 1).unwrap_err();
+        assert!(matches!(err, Error::AlibiUnsupported { .. }), "{err}");
     }
 
     /// `cache_seqlens` must be `[B]` i32 on the context's device, contiguous, and clear of the

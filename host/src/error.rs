@@ -220,7 +220,7 @@ pub enum Error {
     },
     /// ALiBi slopes were given to an operation or kernel without an ALiBi build.
     #[error(
-        "ALiBi is not supported by {by}; it runs in prefill (plain and varlen) on PrefillKernel::Auto, WgmmaTma or WgmmaWarpSpecialized at head dims 64 and 128"
+        "ALiBi is not supported by {by}; it runs in prefill (plain, varlen and over a KV cache) on PrefillKernel::Auto, WgmmaTma or WgmmaWarpSpecialized at head dims 64 and 128, and in decode over contiguous or paged K/V"
     )]
     AlibiUnsupported {
         /// The operation or kernel.

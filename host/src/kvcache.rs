@@ -94,11 +94,6 @@ pub fn plan_prefill_kvcache<T: AttnElement>(
     };
     let heads_kv = k.shape[2];
     check_heads(heads_q, heads_kv, cfg)?;
-    if cfg.alibi.is_some() {
-        return Err(Error::AlibiUnsupported {
-            by: "prefill over a KV cache (its cache builds have no ALiBi)",
-        });
-    }
     let rows = check_kv(
         (k, names.0),
         (v, names.1),
@@ -179,9 +174,15 @@ pub(crate) fn use_cache_build<T: AttnElement>(
         return Ok(());
     }
     let name = T::KERNEL_NAME;
-    plan.entry = format!("duo_prefill_wgmma_tma_cache_{name}_d{head_dim}");
+    // `prefill_launch` has already refused ALiBi where no build has it (D 256).
+    let alibi = if plan.params.alibi_slopes != 0 {
+        "alibi_"
+    } else {
+        ""
+    };
+    plan.entry = format!("duo_prefill_wgmma_tma_cache_{alibi}{name}_d{head_dim}");
     if let Some(split) = &mut plan.split {
-        split.entry = format!("duo_prefill_wgmma_tma_cache_split_{name}_d{head_dim}");
+        split.entry = format!("duo_prefill_wgmma_tma_cache_{alibi}split_{name}_d{head_dim}");
     }
     if let Some(Paging {
         table,

@@ -328,7 +328,7 @@ pub const TMA_BOX_COLS: usize = 64;
 /// Prefill kernel entry names, by (element, head dim): the mma.sync kernel, the plain wgmma
 /// kernel, the warp-specialised wgmma kernel with cp.async loads and with TMA loads, its split-KV
 /// build and the split-KV merge.
-pub const PREFILL_ENTRIES: [(&str, &str, usize); 54] = [
+pub const PREFILL_ENTRIES: [(&str, &str, usize); 62] = [
     ("duo_prefill_bf16_d64", "bf16", 64),
     ("duo_prefill_bf16_d128", "bf16", 128),
     ("duo_prefill_f16_d64", "f16", 64),
@@ -383,6 +383,26 @@ pub const PREFILL_ENTRIES: [(&str, &str, usize); 54] = [
     ("duo_prefill_wgmma_tma_alibi_split_bf16_d128", "bf16", 128),
     ("duo_prefill_wgmma_tma_alibi_split_f16_d64", "f16", 64),
     ("duo_prefill_wgmma_tma_alibi_split_f16_d128", "f16", 128),
+    ("duo_prefill_wgmma_tma_cache_alibi_bf16_d64", "bf16", 64),
+    ("duo_prefill_wgmma_tma_cache_alibi_f16_d64", "f16", 64),
+    ("duo_prefill_wgmma_tma_cache_alibi_bf16_d128", "bf16", 128),
+    ("duo_prefill_wgmma_tma_cache_alibi_f16_d128", "f16", 128),
+    (
+        "duo_prefill_wgmma_tma_cache_alibi_split_bf16_d64",
+        "bf16",
+        64,
+    ),
+    ("duo_prefill_wgmma_tma_cache_alibi_split_f16_d64", "f16", 64),
+    (
+        "duo_prefill_wgmma_tma_cache_alibi_split_bf16_d128",
+        "bf16",
+        128,
+    ),
+    (
+        "duo_prefill_wgmma_tma_cache_alibi_split_f16_d128",
+        "f16",
+        128,
+    ),
 ];
 
 /// Head dims the decode kernel (and so the DuoAttention cache) serves.
@@ -585,6 +605,14 @@ pub struct DecodeParams {
     /// that path (so a streaming row group of one split, or a cluster that is not one row group,
     /// keeps the other paths).
     pub blocks: i32,
+    /// ALiBi entries (`duo_decode_alibi_*`) only: device address of f32 slopes, query head `h`
+    /// of sequence `b` at `alibi_slopes[b * alibi_batch_stride + h]`. Keys sit at their own
+    /// positions, so these entries take no ring (`ring == 0`).
+    pub alibi_slopes: u64,
+    /// ALiBi: 0 (one row of slopes for every sequence) or the query heads.
+    pub alibi_batch_stride: i32,
+    /// ALiBi: `-1 / softmax_scale` (see `PrefillParams::alibi_neg_inv_scale`).
+    pub alibi_neg_inv_scale: f32,
 }
 
 /// Most blocks of a decode cluster (Hopper's non-portable cluster size; 8 is portable): row
@@ -676,7 +704,7 @@ pub struct CacheParams {
 }
 
 /// Decode kernel entry names, by (element, head dim).
-pub const DECODE_ENTRIES: [(&str, &str, usize); 18] = [
+pub const DECODE_ENTRIES: [(&str, &str, usize); 36] = [
     ("duo_decode_bf16_d64", "bf16", 64),
     ("duo_decode_bf16_d128", "bf16", 128),
     ("duo_decode_bf16_d256", "bf16", 256),
@@ -695,6 +723,24 @@ pub const DECODE_ENTRIES: [(&str, &str, usize); 18] = [
     ("duo_decode_paged_tiles_f16_d64", "f16", 64),
     ("duo_decode_paged_tiles_f16_d128", "f16", 128),
     ("duo_decode_paged_tiles_f16_d256", "f16", 256),
+    ("duo_decode_alibi_bf16_d64", "bf16", 64),
+    ("duo_decode_alibi_f16_d64", "f16", 64),
+    ("duo_decode_alibi_bf16_d128", "bf16", 128),
+    ("duo_decode_alibi_f16_d128", "f16", 128),
+    ("duo_decode_alibi_bf16_d256", "bf16", 256),
+    ("duo_decode_alibi_f16_d256", "f16", 256),
+    ("duo_decode_alibi_paged_bf16_d64", "bf16", 64),
+    ("duo_decode_alibi_paged_f16_d64", "f16", 64),
+    ("duo_decode_alibi_paged_bf16_d128", "bf16", 128),
+    ("duo_decode_alibi_paged_f16_d128", "f16", 128),
+    ("duo_decode_alibi_paged_bf16_d256", "bf16", 256),
+    ("duo_decode_alibi_paged_f16_d256", "f16", 256),
+    ("duo_decode_alibi_paged_tiles_bf16_d64", "bf16", 64),
+    ("duo_decode_alibi_paged_tiles_f16_d64", "f16", 64),
+    ("duo_decode_alibi_paged_tiles_bf16_d128", "bf16", 128),
+    ("duo_decode_alibi_paged_tiles_f16_d128", "f16", 128),
+    ("duo_decode_alibi_paged_tiles_bf16_d256", "bf16", 256),
+    ("duo_decode_alibi_paged_tiles_f16_d256", "f16", 256),
 ];
 
 /// The remaining entries: cache maintenance.

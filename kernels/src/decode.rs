@@ -23,7 +23,9 @@ use crate::heads::DecodeBlock;
 use crate::mask::{BlockRange, HeadMask, div_or_zero};
 use crate::mma::{Bf16, Element, F16, quad, set_quad};
 use crate::ring::{RingPositions, filled_slots, slot_of};
-use crate::softmax::{RowState, mask_scores, merged_lse, online_softmax, rescale};
+use crate::softmax::{
+    RowState, alibi_scores_by_row, mask_scores, merged_lse, online_softmax, rescale,
+};
 use crate::tile::min_i32;
 
 /// Padding (f32) of each row of the warp merge's O buffer: 8 words put the 8 rows a warp store
@@ -389,7 +391,14 @@ unsafe fn prefetch_first_tiles<const D: usize, const PAGING: u8>(p: &DecodeParam
 /// The decode body, per (element, head dim): `KQ = D / 16` k-steps, `ON = D / 2` accumulators;
 /// `PAGING`: how K/V rows are found ([`paging`]).
 #[inline(always)]
-unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, const PAGING: u8>(
+unsafe fn decode<
+    E: Element,
+    const D: usize,
+    const KQ: usize,
+    const ON: usize,
+    const PAGING: u8,
+    const ALIBI: bool,
+>(
     p: &DecodeParams,
 ) {
     // Keys per tile, threads and warps (one per 16 keys), the merge's per-warp row statistics
@@ -513,6 +522,18 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
     }
     let (q_lo, q_hi) = (seqlen - p.n_q, seqlen - 1);
     let mask = head_mask(p, streaming, seqlen);
+    // ALiBi builds: each row's `-slope / softmax_scale` (its query head's slope).
+    let mut slope_raw = [0f32; 2];
+    if ALIBI {
+        for r in 0..2 {
+            if valid[r] {
+                let at = batch * p.alibi_batch_stride as i64 + q_head[r] as i64;
+                let slope =
+                    f32::from_bits(unsafe { ld_global_nc_u32(p.alibi_slopes + 4 * at as u64) });
+                slope_raw[r] = slope * p.alibi_neg_inv_scale;
+            }
+        }
+    }
 
     // The tiles this head visits (ring: all slots; else the mask's ranges), and this split's share.
     let tiles = visited_tiles(&mask, use_ring, p.n_q, n_keys, bn as i32);
@@ -715,6 +736,10 @@ unsafe fn decode<E: Element, const D: usize, const KQ: usize, const ON: usize, c
         set_quad(&mut s, 1, s1);
 
         let key0 = n0 + kw as i32;
+        // ALiBi entries take no ring (`DecodeParams::alibi_slopes`): a key is its position.
+        if ALIBI {
+            alibi_scores_by_row(&mut s, slope_raw, q_pos, key0, t);
+        }
         // Ring tiles whose slots every row sees whole (all but the one or two that hold the
         // oldest and newest positions) skip the element mask, as fully visible blocks do.
         if use_ring && !ring_positions.slots_fully_visible(n0, n0 + bn as i32, q_lo, q_hi, p.window)
@@ -1109,6 +1134,9 @@ fn head_and_token(p: &DecodeParams, kv_head: i32, group: i32, row: i32) -> (i32,
 
 macro_rules! decode_entry {
     ($name:ident, $elem:ty, $d:literal, $paging:expr) => {
+        decode_entry!($name, $elem, $d, $paging, false);
+    };
+    ($name:ident, $elem:ty, $d:literal, $paging:expr, $alibi:literal) => {
         #[unsafe(no_mangle)]
         pub unsafe extern "ptx-kernel" fn $name(p: DecodeParams) {
             allow_dependent_grid();
@@ -1119,7 +1147,7 @@ macro_rules! decode_entry {
                 unsafe { prefetch_first_tiles::<$d, { $paging }>(&p) };
             }
             wait_for_previous_grid();
-            unsafe { decode::<$elem, $d, { $d / 16 }, { $d / 2 }, { $paging }>(&p) }
+            unsafe { decode::<$elem, $d, { $d / 16 }, { $d / 2 }, { $paging }, $alibi>(&p) }
         }
     };
 }
@@ -1142,3 +1170,89 @@ decode_entry!(duo_decode_paged_tiles_bf16_d256, Bf16, 256, paging::TILES);
 decode_entry!(duo_decode_paged_tiles_f16_d64, F16, 64, paging::TILES);
 decode_entry!(duo_decode_paged_tiles_f16_d128, F16, 128, paging::TILES);
 decode_entry!(duo_decode_paged_tiles_f16_d256, F16, 256, paging::TILES);
+
+// ALiBi builds (FlashAttention's `alibi_slopes` over a KV cache, contiguous or paged).
+decode_entry!(duo_decode_alibi_bf16_d64, Bf16, 64, paging::NONE, true);
+decode_entry!(duo_decode_alibi_f16_d64, F16, 64, paging::NONE, true);
+decode_entry!(duo_decode_alibi_bf16_d128, Bf16, 128, paging::NONE, true);
+decode_entry!(duo_decode_alibi_f16_d128, F16, 128, paging::NONE, true);
+decode_entry!(duo_decode_alibi_bf16_d256, Bf16, 256, paging::NONE, true);
+decode_entry!(duo_decode_alibi_f16_d256, F16, 256, paging::NONE, true);
+decode_entry!(
+    duo_decode_alibi_paged_bf16_d64,
+    Bf16,
+    64,
+    paging::ROWS,
+    true
+);
+decode_entry!(duo_decode_alibi_paged_f16_d64, F16, 64, paging::ROWS, true);
+decode_entry!(
+    duo_decode_alibi_paged_bf16_d128,
+    Bf16,
+    128,
+    paging::ROWS,
+    true
+);
+decode_entry!(
+    duo_decode_alibi_paged_f16_d128,
+    F16,
+    128,
+    paging::ROWS,
+    true
+);
+decode_entry!(
+    duo_decode_alibi_paged_bf16_d256,
+    Bf16,
+    256,
+    paging::ROWS,
+    true
+);
+decode_entry!(
+    duo_decode_alibi_paged_f16_d256,
+    F16,
+    256,
+    paging::ROWS,
+    true
+);
+decode_entry!(
+    duo_decode_alibi_paged_tiles_bf16_d64,
+    Bf16,
+    64,
+    paging::TILES,
+    true
+);
+decode_entry!(
+    duo_decode_alibi_paged_tiles_f16_d64,
+    F16,
+    64,
+    paging::TILES,
+    true
+);
+decode_entry!(
+    duo_decode_alibi_paged_tiles_bf16_d128,
+    Bf16,
+    128,
+    paging::TILES,
+    true
+);
+decode_entry!(
+    duo_decode_alibi_paged_tiles_f16_d128,
+    F16,
+    128,
+    paging::TILES,
+    true
+);
+decode_entry!(
+    duo_decode_alibi_paged_tiles_bf16_d256,
+    Bf16,
+    256,
+    paging::TILES,
+    true
+);
+decode_entry!(
+    duo_decode_alibi_paged_tiles_f16_d256,
+    F16,
+    256,
+    paging::TILES,
+    true
+);

@@ -1341,3 +1341,69 @@ tma_entry!(
     false,
     true
 );
+
+// ALiBi over a caller's KV cache (prefill with `cache_seqlens` or a block table), D 64 and 128.
+tma_entry!(
+    duo_prefill_wgmma_tma_cache_alibi_bf16_d64,
+    Bf16,
+    64,
+    false,
+    true,
+    true
+);
+tma_entry!(
+    duo_prefill_wgmma_tma_cache_alibi_f16_d64,
+    F16,
+    64,
+    false,
+    true,
+    true
+);
+tma_entry!(
+    duo_prefill_wgmma_tma_cache_alibi_bf16_d128,
+    Bf16,
+    128,
+    false,
+    true,
+    true
+);
+tma_entry!(
+    duo_prefill_wgmma_tma_cache_alibi_f16_d128,
+    F16,
+    128,
+    false,
+    true,
+    true
+);
+tma_entry!(
+    duo_prefill_wgmma_tma_cache_alibi_split_bf16_d64,
+    Bf16,
+    64,
+    true,
+    true,
+    true
+);
+tma_entry!(
+    duo_prefill_wgmma_tma_cache_alibi_split_f16_d64,
+    F16,
+    64,
+    true,
+    true,
+    true
+);
+tma_entry!(
+    duo_prefill_wgmma_tma_cache_alibi_split_bf16_d128,
+    Bf16,
+    128,
+    true,
+    true,
+    true
+);
+tma_entry!(
+    duo_prefill_wgmma_tma_cache_alibi_split_f16_d128,
+    F16,
+    128,
+    true,
+    true,
+    true
+);

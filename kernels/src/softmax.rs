@@ -77,15 +77,28 @@ pub fn alibi_scores<const N: usize>(
     n0: i32,
     t: usize,
 ) {
+    alibi_scores_by_row(s, [slope_raw; 2], q_pos, n0, t);
+}
+
+/// [`alibi_scores`] with a slope per row (rows `g` and `g + 8` of the fragment): the decode
+/// kernel packs several query heads of a group into one tile.
+#[inline(always)]
+pub fn alibi_scores_by_row<const N: usize>(
+    s: &mut [f32; N],
+    slope_raw: [f32; 2],
+    q_pos: [i32; 2],
+    n0: i32,
+    t: usize,
+) {
     // sigma = -slope_raw >= 0; row r's sigma * (distance to the quad's first key of column
     // group 0).
     let row = [
-        -slope_raw * (q_pos[0] - n0 - 2 * t as i32) as f32,
-        -slope_raw * (q_pos[1] - n0 - 2 * t as i32) as f32,
+        -slope_raw[0] * (q_pos[0] - n0 - 2 * t as i32) as f32,
+        -slope_raw[1] * (q_pos[1] - n0 - 2 * t as i32) as f32,
     ];
     for (i, v) in s.iter_mut().enumerate() {
         let (j, e) = (i / 4, i % 4);
-        let x = fma_f32(slope_raw, (8 * j + (e & 1)) as f32, row[e / 2]);
+        let x = fma_f32(slope_raw[e / 2], (8 * j + (e & 1)) as f32, row[e / 2]);
         *v = sub_abs_f32(*v, x);
     }
 }

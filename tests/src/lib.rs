@@ -363,22 +363,39 @@ pub fn run_varlen_case(
                 &rows_of(&k32, k0, sk, hkv)[..],
                 &rows_of(&v32, k0, sk, hkv)[..],
             );
-            compare_packed_sequence(cfg, (hq, hkv, d), (q0, sq), (&q32, keys), &out32, &lse_all)
+            compare_packed_sequence(
+                cfg,
+                (hq, hkv, d),
+                (b, q0, sq),
+                (&q32, keys),
+                &out32,
+                &lse_all,
+            )
         })
         .collect())
 }
 
+/// `cfg` for sequence `seq` seen by the reference as a batch of one: its own row of ALiBi slopes.
+fn for_sequence(cfg: &AttentionConfig, seq: usize) -> AttentionConfig {
+    let mut cfg = cfg.clone();
+    cfg.alibi = cfg
+        .alibi
+        .map(|a| a.row(seq).expect("a row of slopes per sequence"));
+    cfg
+}
+
 /// Compares one sequence of a varlen call with the reference on all its rows: query rows
 /// `q0..q0 + sq` of the packed `q`/`out` (`[total_q, Hq, D]`) and `lse` (`[Hq, total_q]`), against
-/// its own key rows `k`/`v` (`[Sk, Hkv, D]`).
+/// its own key rows `k`/`v` (`[Sk, Hkv, D]`); `seq` is its index (its row of ALiBi slopes).
 pub fn compare_packed_sequence(
     cfg: &AttentionConfig,
     (hq, hkv, d): (usize, usize, usize),
-    (q0, sq): (usize, usize),
+    (seq, q0, sq): (usize, usize, usize),
     (q, (k, v)): (&[f32], (&[f32], &[f32])),
     out: &[f32],
     lse: &[f32],
 ) -> Comparison {
+    let cfg = &for_sequence(cfg, seq);
     let total_q = lse.len() / hq;
     let shape = Shape {
         batch: 1,
@@ -454,6 +471,7 @@ pub fn compare_sequence(
     let rows: Vec<_> = (0..hq)
         .flat_map(|h| (0..sq).map(move |i| (0, h, i)))
         .collect();
+    let cfg = &for_sequence(cfg, b);
     compare(
         one,
         cfg,

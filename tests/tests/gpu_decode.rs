@@ -3,8 +3,8 @@
 //! Without a Hopper GPU each test prints a SKIPPED notice and passes.
 use duo_attn::reference::Shape;
 use duo_attn::{
-    AttentionConfig, AttnElement, CacheConfig, CachePaging, Context, DeviceScalar, DeviceTensor,
-    DuoCache, Error, HeadKind, PrefillKernel,
+    AlibiSlopes, AttentionConfig, AttnElement, CacheConfig, CachePaging, Context, DeviceScalar,
+    DeviceTensor, DuoCache, Error, HeadKind, PrefillKernel,
 };
 use duo_attn_tests::{
     Comparison, alternating_kinds, compare, compare_per_sequence_lengths, gpu_or_skip,
@@ -277,6 +277,129 @@ fn paged_case(
     let cmps = compare_per_sequence_lengths(&shape, cfg, &q32, &k32, &v32, &out32, &lse, lens);
     let case = format!("paged D={d}, page {page}, heads major {heads_major}");
     all_passed(&case, &cmps, lens)
+}
+
+/// ALiBi slopes for `rows` sequences of `hq` query heads: the standard ones (one row for all)
+/// when `standard`, else random ones per sequence.
+fn alibi_slopes(
+    ctx: &Context,
+    rng: &mut StdRng,
+    hq: usize,
+    rows: usize,
+    standard: bool,
+) -> AlibiSlopes {
+    if standard {
+        return AlibiSlopes::new(ctx, &AlibiSlopes::standard(hq)).unwrap();
+    }
+    let slopes: Vec<f32> = (0..rows * hq).map(|_| rng.random_range(0.0..0.2)).collect();
+    AlibiSlopes::per_batch(ctx, &slopes, rows).unwrap()
+}
+
+/// ALiBi in decode (the `duo_decode_alibi_*` entries): contiguous K/V over a GQA matrix (every
+/// head dim, 1 to 16 new queries, caches short to long enough to split, mixed heads and
+/// non-causal retrieval heads), per-sequence key counts, and paged K/V of pages under and over a
+/// tile (the per-row and per-tile lookups); standard slopes and random ones per sequence.
+#[test]
+fn decode_alibi_matches_reference() {
+    let test = "decode_alibi_matches_reference";
+    let Some(ctx) = gpu_or_skip(test) else {
+        return;
+    };
+    let mut rng = rng(test);
+    let mut failures = Vec::new();
+    let mut cases = 0;
+    for d in [64, 128, 256] {
+        for (sk, nq) in [(1, 1), (300, 4), (5000, 1), (20_000, 16)] {
+            for causal in [true, false] {
+                cases += 1;
+                let shape = Shape {
+                    batch: 2,
+                    seqlen_q: nq,
+                    seqlen_k: sk,
+                    heads_q: 8,
+                    heads_kv: 2,
+                    head_dim: d,
+                };
+                let slopes = alibi_slopes(&ctx, &mut rng, 8, 2, cases % 2 == 0);
+                let cfg = AttentionConfig::new(vec![S, R])
+                    .sink(4)
+                    .window(200)
+                    .causal(causal)
+                    .alibi(slopes);
+                let cmp = if cases % 3 == 0 {
+                    run_decode_case::<f16>(&ctx, &shape, &cfg, &mut rng)
+                } else {
+                    run_decode_case::<bf16>(&ctx, &shape, &cfg, &mut rng)
+                }
+                .unwrap();
+                let label = format!("{shape:?} causal {causal} {:?}: {cmp:?}", cfg.alibi);
+                notice(&format!("{test}: {label}"));
+                if !cmp.passed() {
+                    failures.push(label);
+                }
+            }
+        }
+    }
+    for d in [64, 128, 256] {
+        cases += 1;
+        let shape = Shape {
+            batch: 7,
+            seqlen_q: 3,
+            seqlen_k: 3000,
+            heads_q: 16,
+            heads_kv: 4,
+            head_dim: d,
+        };
+        let lens = [99_999, 0, 2, 1500, 129, -7, 3000];
+        let cfg = AttentionConfig::new(alternating_kinds(4))
+            .sink(8)
+            .window(700)
+            .alibi(alibi_slopes(&ctx, &mut rng, 16, 7, false));
+        if !seqlens_case::<bf16>(&ctx, &mut rng, &shape, &cfg, &lens) {
+            failures.push(format!("cache_seqlens D={d}"));
+        }
+    }
+    for (d, page, heads_major) in [(64, 16, false), (128, 256, true), (256, 128, false)] {
+        cases += 1;
+        let cfg = AttentionConfig::new(alternating_kinds(4))
+            .sink(8)
+            .window(700)
+            .alibi(alibi_slopes(&ctx, &mut rng, 16, 6, d == 128));
+        let lens = [1000, 0, 2, 99_999, 777, 1500];
+        if !paged_case(&ctx, &mut rng, (d, page, heads_major), &cfg, &lens) {
+            failures.push(format!("paged D={d}, page {page}"));
+        }
+    }
+    notice(&format!("{test}: {cases} cases, {} failed", failures.len()));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Small ALiBi decodes for compute-sanitizer (`run.sh sanitize`): contiguous with per-sequence
+/// counts and paged by rows and by tiles, random slopes per sequence.
+#[test]
+fn decode_alibi_small_launches() {
+    let test = "decode_alibi_small_launches";
+    let Some(ctx) = gpu_or_skip(test) else {
+        return;
+    };
+    let mut rng = rng(test);
+    let cfg = AttentionConfig::new(alternating_kinds(4))
+        .sink(8)
+        .window(300)
+        .alibi(alibi_slopes(&ctx, &mut rng, 16, 3, false));
+    let lens = [700, 0, 300];
+    let shape = Shape {
+        batch: 3,
+        seqlen_q: 2,
+        seqlen_k: 700,
+        heads_q: 16,
+        heads_kv: 4,
+        head_dim: 128,
+    };
+    assert!(seqlens_case::<bf16>(&ctx, &mut rng, &shape, &cfg, &lens));
+    for page in [16, 128] {
+        assert!(paged_case(&ctx, &mut rng, (64, page, false), &cfg, &lens));
+    }
 }
 
 #[test]

@@ -3,12 +3,15 @@
 //! every unused page) NaN, so a kernel that let one reach the output fails. Each sequence is
 //! compared with the float64 reference on its own.
 use duo_attn::reference::Shape;
-use duo_attn::{AttentionConfig, AttnElement, Context, Error, HeadKind, PrefillKernel};
+use duo_attn::{
+    AlibiSlopes, AttentionConfig, AttnElement, Context, Error, HeadKind, PrefillKernel,
+};
 use duo_attn_tests::{
     Comparison, compare_packed_sequence, gpu_or_skip, kv_with_nan_tails, notice, prefix_sums,
     random_tensor, rng, scatter_pages, shuffled_pages,
 };
 use half::{bf16, f16};
+use rand::Rng;
 use rand::rngs::StdRng;
 
 /// Where the cache lives: batch-strided, or in pages of this many keys.
@@ -103,7 +106,7 @@ fn run_case<T: AttnElement>(
         .map(|(i, &(sq, sk))| {
             let keys = i * s_max * row..(i * s_max + sk) * row;
             let kv = (&k32[keys.clone()], &v32[keys]);
-            let at = (cu_q[i] as usize, sq);
+            let at = (i, cu_q[i] as usize, sq);
             compare_packed_sequence(cfg, (hq, hkv, d), at, (&q32, kv), &out32, &lse_all)
         })
         .collect())
@@ -259,8 +262,68 @@ fn kvcache_paged_prefill_matches_reference() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// Random ALiBi slopes, one row per sequence of `seqs` (8 query heads).
+fn random_slopes(ctx: &Context, rng: &mut StdRng, seqs: usize) -> AlibiSlopes {
+    let slopes: Vec<f32> = (0..seqs * 8).map(|_| rng.random_range(0.0..0.2)).collect();
+    AlibiSlopes::per_batch(ctx, &slopes, seqs).unwrap()
+}
+
+/// ALiBi over a caller's cache (the `_cache_alibi_` TMA builds, and the cp.async kernel's ALiBi
+/// build): both layouts, with and without splits, D 64 and 128, mixed heads and a band, the
+/// standard slopes and random ones per sequence (each query at its position in its cache).
+#[test]
+fn kvcache_alibi_matches_reference() {
+    let test = "kvcache_alibi_matches_reference";
+    let Some(ctx) = gpu_or_skip(test) else {
+        return;
+    };
+    let mut rng = rng(test);
+    let mut failures = Vec::new();
+    let (tma, cp_async) = (PrefillKernel::Auto, PrefillKernel::WgmmaWarpSpecialized);
+    for (n, (layout, kernel, splits, d)) in [
+        (Layout::Contiguous, tma, None, 128),
+        (Layout::Contiguous, tma, Some(3), 64),
+        (Layout::Contiguous, cp_async, None, 128),
+        (Layout::Paged(128), tma, None, 64),
+        (Layout::Paged(256), tma, Some(3), 128),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for band in [false, true] {
+            let slopes = if (n + band as usize).is_multiple_of(2) {
+                AlibiSlopes::new(&ctx, &AlibiSlopes::standard(8)).unwrap()
+            } else {
+                random_slopes(&ctx, &mut rng, SEQS.len())
+            };
+            let cfg = if band {
+                AttentionConfig::flash(2, false, (150, 40)).unwrap()
+            } else {
+                mixed(kernel, splits)
+            };
+            let cfg = cfg.kernel(kernel).kv_splits(splits).alibi(slopes);
+            let heads = (8, 2, d);
+            let found = check::<bf16>(&ctx, &mut rng, heads, 1000, &SEQS, layout, &cfg);
+            failures.extend(found);
+        }
+    }
+    let cfg = AttentionConfig::all_retrieval(2).alibi(random_slopes(&ctx, &mut rng, SEQS.len()));
+    let found = check::<f16>(
+        &ctx,
+        &mut rng,
+        (8, 2, 128),
+        1000,
+        &SEQS,
+        Layout::Paged(128),
+        &cfg,
+    );
+    failures.extend(found);
+    notice(&format!("{test}: {} failed", failures.len()));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 /// Small enough for compute-sanitizer (`run.sh sanitize`): both layouts, the TMA kernel with and
-/// without split-KV, and the cp.async kernel.
+/// without split-KV, and the cp.async kernel; then ALiBi on two of them.
 #[test]
 fn sanitizer_small_kvcache_prefill() {
     let Some(ctx) = gpu_or_skip("sanitizer_small_kvcache_prefill") else {
@@ -287,6 +350,16 @@ fn sanitizer_small_kvcache_prefill() {
             layout,
             &cfg,
         ));
+    }
+    // ALiBi's cache builds, slopes per sequence.
+    for (layout, kernel, splits) in [(contiguous, cp_async, None), (paged, tma, Some(2))] {
+        let slopes: Vec<f32> = (0..4 * seqs.len())
+            .map(|_| rng.random_range(0.0..0.3))
+            .collect();
+        let slopes = AlibiSlopes::per_batch(&ctx, &slopes, seqs.len()).unwrap();
+        let cfg = mixed(kernel, splits).alibi(slopes);
+        let found = check::<bf16>(&ctx, &mut rng, (4, 2, 64), 256, &seqs, layout, &cfg);
+        failures.extend(found);
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

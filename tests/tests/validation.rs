@@ -765,20 +765,58 @@ fn kvcache_prefill_plans_and_rules() {
     }
 }
 
-/// Prefill over a caller's KV cache has no ALiBi build: a typed error, not a launch without it.
+/// Prefill over a caller's KV cache takes ALiBi on its own cache builds (`_cache_alibi_`), one
+/// row of slopes or one per sequence; head dim 256 has no ALiBi build: a typed error.
 #[test]
-fn kvcache_prefill_rejects_alibi() {
+fn kvcache_prefill_takes_alibi() {
     use duo_attn::{AlibiSlopes, KvCacheDesc, plan_prefill_kvcache};
     let at = |i: u64| 0x7000_0000_0000 + i * 0x1_0000_0000;
-    let q = TensorDesc::contiguous(at(0), [10, HQ, 128], 2, DEV);
-    let out = TensorDesc::contiguous(at(1), [10, HQ, 128], 2, DEV);
-    let lse = TensorDesc::contiguous(at(2), [HQ, 10], 4, DEV);
-    let k = TensorDesc::contiguous(at(5), [2, 512, HKV, 128], 2, DEV);
-    let v = TensorDesc::contiguous(at(6), [2, 512, HKV, 128], 2, DEV);
-    let slopes = unsafe { AlibiSlopes::from_device_ptr(at(8), DEV, &[0.5; HQ], 1) }.unwrap();
-    let cfg = AttentionConfig::all_retrieval(HKV).alibi(slopes);
-    let cache = KvCacheDesc::Contiguous { k: &k, v: &v };
-    let (cu, lens) = ((&[0, 4, 10][..], at(3)), (&[300, 512][..], at(4)));
-    let err = plan_prefill_kvcache::<bf16>(&q, cache, &out, &lse, cu, lens, &cfg, DEV).unwrap_err();
+    let plan = |d: usize, rows: usize, paged: bool| {
+        let q = TensorDesc::contiguous(at(0), [10, HQ, d], 2, DEV);
+        let out = TensorDesc::contiguous(at(1), [10, HQ, d], 2, DEV);
+        let lse = TensorDesc::contiguous(at(2), [HQ, 10], 4, DEV);
+        let (k, v) = if paged {
+            (
+                TensorDesc::contiguous(at(5), [8, 128, HKV, d], 2, DEV),
+                TensorDesc::contiguous(at(6), [8, 128, HKV, d], 2, DEV),
+            )
+        } else {
+            (
+                TensorDesc::contiguous(at(5), [2, 512, HKV, d], 2, DEV),
+                TensorDesc::contiguous(at(6), [2, 512, HKV, d], 2, DEV),
+            )
+        };
+        let table = TensorDesc::contiguous(at(7), [2, 4], 4, DEV);
+        let host = vec![0.5; rows * HQ];
+        let slopes = unsafe { AlibiSlopes::from_device_ptr(at(8), DEV, &host, rows) }.unwrap();
+        let cfg = AttentionConfig::all_retrieval(HKV).alibi(slopes);
+        let cache = if paged {
+            KvCacheDesc::Paged {
+                k_pages: &k,
+                v_pages: &v,
+                block_table: &table,
+            }
+        } else {
+            KvCacheDesc::Contiguous { k: &k, v: &v }
+        };
+        let (cu, lens) = ((&[0, 4, 10][..], at(3)), (&[300, 512][..], at(4)));
+        plan_prefill_kvcache::<bf16>(&q, cache, &out, &lse, cu, lens, &cfg, DEV)
+    };
+    for (rows, paged) in [(1, false), (2, false), (2, true)] {
+        let p = plan(128, rows, paged).unwrap();
+        assert_eq!(p.entry, "duo_prefill_wgmma_tma_cache_alibi_bf16_d128");
+        assert_ne!(p.params.alibi_slopes, 0);
+        let stride = if rows == 1 { 0 } else { HQ as i32 };
+        assert_eq!(p.params.alibi_batch_stride, stride);
+        if let Some(split) = p.split {
+            assert_eq!(
+                split.entry,
+                "duo_prefill_wgmma_tma_cache_alibi_split_bf16_d128"
+            );
+        }
+    }
+    let err = plan(128, 3, false).unwrap_err();
+    assert!(matches!(err, Error::InvalidAlibi { .. }), "{err}");
+    let err = plan(256, 1, false).unwrap_err();
     assert!(matches!(err, Error::AlibiUnsupported { .. }), "{err}");
 }

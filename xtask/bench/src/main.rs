@@ -68,9 +68,9 @@ struct Args {
     /// work tile's fixed cost from its per-block cost). Not the shapes.
     #[arg(long, hide = true)]
     window: Option<u32>,
-    /// Prefill cases add ALiBi biases (ALiBi's standard slopes per query head). `run.sh bench
-    /// --alibi` passes the flag to peers.py too, which then measures FlexAttention with the same
-    /// bias (`flex-alibi`) on the full causal and streaming cases, and no other peer.
+    /// Cases add ALiBi biases (ALiBi's standard slopes per query head), decode included. `run.sh
+    /// bench --alibi` passes the flag to peers.py too, which then measures FlexAttention with the
+    /// same bias (`flex-alibi`) on the full causal and streaming cases, and no other peer.
     #[arg(long)]
     alibi: bool,
     /// Decode cases read paged K/V (`decode_attention_paged`) with pages of this many rows,
@@ -287,7 +287,7 @@ fn main() -> ExitCode {
             ))
         });
         let mut cfg = case.config().kernel(kernel).kv_splits(args.kv_splits);
-        if args.alibi && !case.is_decode() {
+        if args.alibi {
             match AlibiSlopes::new(&ctx, &AlibiSlopes::standard(case.heads_q)) {
                 Ok(slopes) => cfg = cfg.alibi(slopes),
                 Err(e) => {
