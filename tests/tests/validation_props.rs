@@ -5,8 +5,8 @@
 //! the kernel inside the memory it was given: the largest offset each operand's kernel
 //! parameters can reach, and every tensor map's extent, lie inside that operand's allocation.
 use duo_attn::{
-    AttentionConfig, Binarize, CacheConfig, CachePaging, DuoCache, HeadKind, HeadPattern,
-    KvCacheDesc, PrefillKernel, PrefillPlan, TensorDesc, cache_memory, plan_prefill,
+    AlibiSlopes, AttentionConfig, Binarize, CacheConfig, CachePaging, DuoCache, HeadKind,
+    HeadPattern, KvCacheDesc, PrefillKernel, PrefillPlan, TensorDesc, cache_memory, plan_prefill,
     plan_prefill_kvcache, plan_prefill_varlen,
 };
 use half::bf16;
@@ -68,6 +68,9 @@ struct Knobs {
     scale: Option<f32>,
     kernel: PrefillKernel,
     kv_splits: Option<usize>,
+    /// ALiBi slopes: (rows, query heads past the call's); the rows from 1 to 3, whatever the
+    /// batch, and now and then a head too many.
+    alibi: Option<(usize, usize)>,
 }
 
 fn knobs(heads_kv: usize) -> impl Strategy<Value = Knobs> {
@@ -85,9 +88,13 @@ fn knobs(heads_kv: usize) -> impl Strategy<Value = Knobs> {
         ],
         any_kernel(),
         prop_oneof![3 => Just(None), 1 => (0usize..300).prop_map(Some)],
+        prop_oneof![
+            3 => Just(None),
+            1 => (1usize..4, prop_oneof![4 => Just(0usize), 1 => Just(1usize)]).prop_map(Some),
+        ],
     )
         .prop_map(
-            |(streaming, sink, window, right, causal, scale, kernel, kv_splits)| Knobs {
+            |(streaming, sink, window, right, causal, scale, kernel, kv_splits, alibi)| Knobs {
                 streaming,
                 sink,
                 window,
@@ -96,12 +103,14 @@ fn knobs(heads_kv: usize) -> impl Strategy<Value = Knobs> {
                 scale,
                 kernel,
                 kv_splits,
+                alibi,
             },
         )
 }
 
 impl Knobs {
-    fn config(&self) -> AttentionConfig {
+    /// The config of a call with `hq` query heads.
+    fn config(&self, hq: usize) -> AttentionConfig {
         let kinds = self
             .streaming
             .iter()
@@ -120,8 +129,38 @@ impl Knobs {
         if let Some(scale) = self.scale {
             cfg = cfg.softmax_scale(scale);
         }
+        if let Some((rows, extra)) = self.alibi {
+            let host = vec![0.5; rows * (hq + extra)];
+            let at = 0x1000_0000 + 9 * REGION;
+            let slopes = unsafe { AlibiSlopes::from_device_ptr(at, DEV, &host, rows) };
+            cfg = cfg.alibi(slopes.expect("valid slopes"));
+        }
         cfg
     }
+}
+
+/// A plan with ALiBi reads slope `b * alibi_batch_stride + h` for every batch entry (or varlen
+/// sequence) `b < batch` and query head `h < hq`: all inside the slopes given.
+fn alibi_inside(
+    plan: &PrefillPlan,
+    cfg: &AttentionConfig,
+    batch: usize,
+    hq: usize,
+) -> Result<(), TestCaseError> {
+    let p = &plan.params;
+    match &cfg.alibi {
+        None => prop_assert_eq!(p.alibi_slopes, 0),
+        Some(a) => {
+            prop_assert_ne!(p.alibi_slopes, 0);
+            let last = (batch.max(1) - 1) * p.alibi_batch_stride as usize + hq - 1;
+            prop_assert!(
+                last < a.rows() * a.heads(),
+                "slope {last} of {}",
+                a.host().len()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// One random edit of a tensor descriptor.
@@ -326,10 +365,11 @@ proptest! {
                 i => apply(&mut t4[*i], e),
             }
         }
-        let cfg = kn.config();
+        let cfg = kn.config(shape.3 * shape.4);
         let [q, k, v, out] = &t4;
         if let Ok(plan) = plan_prefill::<bf16>(q, k, v, out, &lse, &cfg, DEV) {
             fixed_plan_inside(&plan, &t4, &lse)?;
+            alibi_inside(&plan, &cfg, q.shape[0], q.shape[2])?;
         }
     }
 
@@ -367,10 +407,13 @@ proptest! {
         let v = TensorDesc::contiguous(at(2), [total_k, hkv, d], 2, DEV);
         let out = TensorDesc::contiguous(at(3), [total_q, hq, d], 2, DEV);
         let lse = TensorDesc::contiguous(at(4), [hq, total_q], 4, DEV);
-        let cfg = kn.config();
+        let cfg = kn.config(hq);
         let planned = plan_prefill_varlen::<bf16>(
             &q, &k, &v, &out, &lse, (&cu_q, at(5)), (&cu_k, at(5) + 4096), &cfg, DEV,
         );
+        if let Ok(plan) = &planned {
+            alibi_inside(plan, &cfg, cu_q.len() - 1, hq)?;
+        }
         if planned.is_ok() {
             for w in cu_q.windows(2).chain(cu_k.windows(2)) {
                 prop_assert!(0 <= w[0] && w[0] <= w[1]);
@@ -448,10 +491,13 @@ proptest! {
             true => KvCacheDesc::Paged { k_pages: k, v_pages: v, block_table: &table },
             false => KvCacheDesc::Contiguous { k, v },
         };
-        let cfg = kn.config();
+        let cfg = kn.config(hq);
         let planned = plan_prefill_kvcache::<bf16>(
             &q, cache, &out, &lse, (&cu_q, at(6)), (counts, at(7)), &cfg, DEV,
         );
+        if let Ok(plan) = &planned {
+            alibi_inside(plan, &cfg, batch, hq)?;
+        }
         if planned.is_ok() {
             let capacity = match paged {
                 true => table_cols.saturating_mul(k.shape[1]),
