@@ -2,7 +2,7 @@
 //! skip notice, and comparison of kernel outputs with the float64 reference.
 use duo_attn::reference::{Shape, attention_row};
 use duo_attn::{
-    AttentionConfig, AttnElement, CacheConfig, Context, DeviceScalar, Error, HeadKind,
+    AlibiSlopes, AttentionConfig, AttnElement, CacheConfig, Context, DeviceScalar, Error, HeadKind,
     PrefillKernel,
 };
 use half::bf16;
@@ -373,6 +373,21 @@ pub fn run_varlen_case(
             )
         })
         .collect())
+}
+
+/// ALiBi slopes for `rows` batch entries (or sequences) of `hq` query heads: ALiBi's standard
+/// ones (one row for all) when `standard`, else random ones in `0..0.2`, a row per entry.
+pub fn alibi_slopes(
+    ctx: &Context,
+    rng: &mut StdRng,
+    (hq, rows): (usize, usize),
+    standard: bool,
+) -> AlibiSlopes {
+    if standard {
+        return AlibiSlopes::new(ctx, &AlibiSlopes::standard(hq)).unwrap();
+    }
+    let slopes: Vec<f32> = (0..rows * hq).map(|_| rng.random_range(0.0..0.2)).collect();
+    AlibiSlopes::per_batch(ctx, &slopes, rows).unwrap()
 }
 
 /// `cfg` for sequence `seq` seen by the reference as a batch of one: its own row of ALiBi slopes.

@@ -3,13 +3,13 @@
 //! Without a Hopper GPU each test prints a SKIPPED notice and passes.
 use duo_attn::reference::Shape;
 use duo_attn::{
-    AlibiSlopes, AttentionConfig, AttnElement, CacheConfig, CachePaging, Context, DeviceScalar,
-    DeviceTensor, DuoCache, Error, HeadKind, PrefillKernel,
+    AttentionConfig, AttnElement, CacheConfig, CachePaging, Context, DeviceScalar, DeviceTensor,
+    DuoCache, Error, HeadKind, PrefillKernel,
 };
 use duo_attn_tests::{
-    Comparison, alternating_kinds, compare, compare_per_sequence_lengths, gpu_or_skip,
-    kv_with_nan_tails, notice, random_tensor, rng, run_decode_case, run_scaled_keys_case,
-    sanitizer_cache, tiny_cache,
+    Comparison, alibi_slopes, alternating_kinds, compare, compare_per_sequence_lengths,
+    gpu_or_skip, kv_with_nan_tails, notice, random_tensor, rng, run_decode_case,
+    run_scaled_keys_case, sanitizer_cache, tiny_cache,
 };
 use half::{bf16, f16};
 use rand::{Rng, rngs::StdRng};
@@ -87,15 +87,7 @@ fn decode_with_cache_seqlens() {
                 .sink(8)
                 .window(700)
                 .causal(causal);
-            let shape = Shape {
-                batch: 7,
-                seqlen_q: 3,
-                seqlen_k: 3000,
-                heads_q: 16,
-                heads_kv: 4,
-                head_dim: d,
-            };
-            let lens = [99_999, 0, 2, 1500, 129, -7, 3000];
+            let (shape, lens) = seqlens_shape(d);
             let passed = if d == 128 {
                 seqlens_case::<f16>(&ctx, &mut rng, &shape, &cfg, &lens)
             } else {
@@ -104,6 +96,20 @@ fn decode_with_cache_seqlens() {
             assert!(passed, "D={d}, causal {causal}");
         }
     }
+}
+
+/// Seven sequences of 3 new queries over 3000-row K/V and their key counts: past the rows
+/// (clamped), zero, under the query count, negative (clamped to 0) and in between.
+fn seqlens_shape(d: usize) -> (Shape, [i32; 7]) {
+    let shape = Shape {
+        batch: 7,
+        seqlen_q: 3,
+        seqlen_k: 3000,
+        heads_q: 16,
+        heads_kv: 4,
+        head_dim: d,
+    };
+    (shape, [99_999, 0, 2, 1500, 129, -7, 3000])
 }
 
 fn seqlens_case<T: AttnElement>(
@@ -279,22 +285,6 @@ fn paged_case(
     all_passed(&case, &cmps, lens)
 }
 
-/// ALiBi slopes for `rows` sequences of `hq` query heads: the standard ones (one row for all)
-/// when `standard`, else random ones per sequence.
-fn alibi_slopes(
-    ctx: &Context,
-    rng: &mut StdRng,
-    hq: usize,
-    rows: usize,
-    standard: bool,
-) -> AlibiSlopes {
-    if standard {
-        return AlibiSlopes::new(ctx, &AlibiSlopes::standard(hq)).unwrap();
-    }
-    let slopes: Vec<f32> = (0..rows * hq).map(|_| rng.random_range(0.0..0.2)).collect();
-    AlibiSlopes::per_batch(ctx, &slopes, rows).unwrap()
-}
-
 /// ALiBi in decode (the `duo_decode_alibi_*` entries): contiguous K/V over a GQA matrix (every
 /// head dim, 1 to 16 new queries, caches short to long enough to split, mixed heads and
 /// non-causal retrieval heads), per-sequence key counts, and paged K/V of pages under and over a
@@ -320,7 +310,7 @@ fn decode_alibi_matches_reference() {
                     heads_kv: 2,
                     head_dim: d,
                 };
-                let slopes = alibi_slopes(&ctx, &mut rng, 8, 2, cases % 2 == 0);
+                let slopes = alibi_slopes(&ctx, &mut rng, (8, 2), cases % 2 == 0);
                 let cfg = AttentionConfig::new(vec![S, R])
                     .sink(4)
                     .window(200)
@@ -342,19 +332,11 @@ fn decode_alibi_matches_reference() {
     }
     for d in [64, 128, 256] {
         cases += 1;
-        let shape = Shape {
-            batch: 7,
-            seqlen_q: 3,
-            seqlen_k: 3000,
-            heads_q: 16,
-            heads_kv: 4,
-            head_dim: d,
-        };
-        let lens = [99_999, 0, 2, 1500, 129, -7, 3000];
+        let (shape, lens) = seqlens_shape(d);
         let cfg = AttentionConfig::new(alternating_kinds(4))
             .sink(8)
             .window(700)
-            .alibi(alibi_slopes(&ctx, &mut rng, 16, 7, false));
+            .alibi(alibi_slopes(&ctx, &mut rng, (16, 7), false));
         if !seqlens_case::<bf16>(&ctx, &mut rng, &shape, &cfg, &lens) {
             failures.push(format!("cache_seqlens D={d}"));
         }
@@ -364,7 +346,7 @@ fn decode_alibi_matches_reference() {
         let cfg = AttentionConfig::new(alternating_kinds(4))
             .sink(8)
             .window(700)
-            .alibi(alibi_slopes(&ctx, &mut rng, 16, 6, d == 128));
+            .alibi(alibi_slopes(&ctx, &mut rng, (16, 6), d == 128));
         let lens = [1000, 0, 2, 99_999, 777, 1500];
         if !paged_case(&ctx, &mut rng, (d, page, heads_major), &cfg, &lens) {
             failures.push(format!("paged D={d}, page {page}"));
@@ -386,7 +368,7 @@ fn decode_alibi_small_launches() {
     let cfg = AttentionConfig::new(alternating_kinds(4))
         .sink(8)
         .window(300)
-        .alibi(alibi_slopes(&ctx, &mut rng, 16, 3, false));
+        .alibi(alibi_slopes(&ctx, &mut rng, (16, 3), false));
     let lens = [700, 0, 300];
     let shape = Shape {
         batch: 3,

@@ -3,15 +3,12 @@
 //! every unused page) NaN, so a kernel that let one reach the output fails. Each sequence is
 //! compared with the float64 reference on its own.
 use duo_attn::reference::Shape;
-use duo_attn::{
-    AlibiSlopes, AttentionConfig, AttnElement, Context, Error, HeadKind, PrefillKernel,
-};
+use duo_attn::{AttentionConfig, AttnElement, Context, Error, HeadKind, PrefillKernel};
 use duo_attn_tests::{
-    Comparison, compare_packed_sequence, gpu_or_skip, kv_with_nan_tails, notice, prefix_sums,
-    random_tensor, rng, scatter_pages, shuffled_pages,
+    Comparison, alibi_slopes, compare_packed_sequence, gpu_or_skip, kv_with_nan_tails, notice,
+    prefix_sums, random_tensor, rng, scatter_pages, shuffled_pages,
 };
 use half::{bf16, f16};
-use rand::Rng;
 use rand::rngs::StdRng;
 
 /// Where the cache lives: batch-strided, or in pages of this many keys.
@@ -262,12 +259,6 @@ fn kvcache_paged_prefill_matches_reference() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// Random ALiBi slopes, one row per sequence of `seqs` (8 query heads).
-fn random_slopes(ctx: &Context, rng: &mut StdRng, seqs: usize) -> AlibiSlopes {
-    let slopes: Vec<f32> = (0..seqs * 8).map(|_| rng.random_range(0.0..0.2)).collect();
-    AlibiSlopes::per_batch(ctx, &slopes, seqs).unwrap()
-}
-
 /// ALiBi over a caller's cache (the `_cache_alibi_` TMA builds, and the cp.async kernel's ALiBi
 /// build): both layouts, with and without splits, D 64 and 128, mixed heads and a band, the
 /// standard slopes and random ones per sequence (each query at its position in its cache).
@@ -291,11 +282,8 @@ fn kvcache_alibi_matches_reference() {
     .enumerate()
     {
         for band in [false, true] {
-            let slopes = if (n + band as usize).is_multiple_of(2) {
-                AlibiSlopes::new(&ctx, &AlibiSlopes::standard(8)).unwrap()
-            } else {
-                random_slopes(&ctx, &mut rng, SEQS.len())
-            };
+            let standard = (n + band as usize).is_multiple_of(2);
+            let slopes = alibi_slopes(&ctx, &mut rng, (8, SEQS.len()), standard);
             let cfg = if band {
                 AttentionConfig::flash(2, false, (150, 40)).unwrap()
             } else {
@@ -307,7 +295,12 @@ fn kvcache_alibi_matches_reference() {
             failures.extend(found);
         }
     }
-    let cfg = AttentionConfig::all_retrieval(2).alibi(random_slopes(&ctx, &mut rng, SEQS.len()));
+    let cfg = AttentionConfig::all_retrieval(2).alibi(alibi_slopes(
+        &ctx,
+        &mut rng,
+        (8, SEQS.len()),
+        false,
+    ));
     let found = check::<f16>(
         &ctx,
         &mut rng,
@@ -353,10 +346,7 @@ fn sanitizer_small_kvcache_prefill() {
     }
     // ALiBi's cache builds, slopes per sequence.
     for (layout, kernel, splits) in [(contiguous, cp_async, None), (paged, tma, Some(2))] {
-        let slopes: Vec<f32> = (0..4 * seqs.len())
-            .map(|_| rng.random_range(0.0..0.3))
-            .collect();
-        let slopes = AlibiSlopes::per_batch(&ctx, &slopes, seqs.len()).unwrap();
+        let slopes = alibi_slopes(&ctx, &mut rng, (4, seqs.len()), false);
         let cfg = mixed(kernel, splits).alibi(slopes);
         let found = check::<bf16>(&ctx, &mut rng, (4, 2, 64), 256, &seqs, layout, &cfg);
         failures.extend(found);

@@ -3,8 +3,9 @@
 use duo_attn::reference::Shape;
 use duo_attn::{AlibiSlopes, AttentionConfig, Context, DType, Error, HeadKind, PrefillKernel};
 use duo_attn_tests::{
-    Comparison, alternating_kinds, compare, gpu_or_skip, notice, random_tensor, rng, rows_to_check,
-    run_decode_case, run_prefill, run_prefill_case, run_scaled_keys_case, run_varlen_case,
+    Comparison, alibi_slopes, alternating_kinds, compare, gpu_or_skip, notice, random_tensor, rng,
+    rows_to_check, run_decode_case, run_prefill, run_prefill_case, run_scaled_keys_case,
+    run_varlen_case,
 };
 use half::{bf16, f16};
 use rand::{Rng, rngs::StdRng};
@@ -975,14 +976,7 @@ fn alibi_matches_reference() {
                         heads_kv: 2,
                         head_dim: d,
                     };
-                    let slopes = if n % 2 == 0 {
-                        AlibiSlopes::new(&ctx, &AlibiSlopes::standard(8))
-                    } else {
-                        let random: Vec<f32> =
-                            (0..batch * 8).map(|_| rng.random_range(0.0..0.2)).collect();
-                        AlibiSlopes::per_batch(&ctx, &random, batch)
-                    }
-                    .unwrap();
+                    let slopes = alibi_slopes(&ctx, &mut rng, (8, batch), n % 2 == 0);
                     let cfg = match masks {
                         0 => AttentionConfig::new(vec![HeadKind::Streaming, HeadKind::Retrieval])
                             .sink(4)
@@ -1033,11 +1027,10 @@ fn alibi_small_launches() {
         (PrefillKernel::WgmmaWarpSpecialized, 128, None),
     ];
     small_launches("alibi_small_launches", &runs, |ctx, rng| {
-        let slopes: Vec<f32> = (0..8).map(|_| rng.random_range(0.0..0.3)).collect();
         AttentionConfig::new(vec![HeadKind::Streaming, HeadKind::Retrieval])
             .sink(8)
             .window(90)
-            .alibi(AlibiSlopes::per_batch(ctx, &slopes, 2).unwrap())
+            .alibi(alibi_slopes(ctx, rng, (4, 2), false))
     });
 }
 
