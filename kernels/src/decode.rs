@@ -12,6 +12,8 @@
 //! rows directly.
 //! Streaming heads read only their sink and window blocks, or, in a DuoAttention cache, their
 //! `sink + recent` ring slots, mapped back to true positions.
+//! The `duo_decode_alibi_*` builds add ALiBi's `-slope * |q - k|` (a slope per query head, so
+//! per fragment row) to each score; they read contiguous or paged K/V, never a ring.
 use crate::abi::{
     DECODE_MAX_SPLITS, DECODE_MIN_TILES_PER_SPLIT, DECODE_ROWS, DECODE_STAGES, DecodeParams,
     decode_block_n, decode_fuses_append, decode_paged_smem_bytes, decode_q_in_shared,
