@@ -140,6 +140,24 @@ impl AlibiSlopes {
         })
     }
 
+    /// The kernels' ALiBi parameters for `cfg` with `heads_q` query heads at head dim
+    /// `head_dim`: the slopes' address (0: no ALiBi), the row stride (0 for one row for every
+    /// batch entry, else the query heads) and `-1 / softmax_scale`.
+    pub(crate) fn kernel_args(
+        cfg: &crate::AttentionConfig,
+        heads_q: usize,
+        head_dim: usize,
+    ) -> (u64, i32, f32) {
+        let (ptr, stride) = match &cfg.alibi {
+            None => (0, 0),
+            Some(a) => (
+                a.device_ptr(),
+                if a.rows() > 1 { heads_q as i32 } else { 0 },
+            ),
+        };
+        (ptr, stride, -1.0 / cfg.scale_for(head_dim))
+    }
+
     /// Device address of the slopes.
     pub(crate) fn device_ptr(&self) -> u64 {
         let base = match &self.device {

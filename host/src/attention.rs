@@ -546,6 +546,8 @@ pub(crate) fn prefill_params(
     let (k, v, seqlen_k) = kv;
     let (sk, sv, seqlen_k_stream) = stream.unwrap_or(kv);
     let tma = prefill_tensors(q, kv, (sk, sv, seqlen_k_stream));
+    let (alibi_slopes, alibi_batch_stride, alibi_neg_inv_scale) =
+        AlibiSlopes::kernel_args(cfg, heads_q, head_dim);
     let params = PrefillParams {
         q: q.ptr,
         k: k.ptr,
@@ -591,12 +593,9 @@ pub(crate) fn prefill_params(
         page_table: 0,
         page_table_stride: 0,
         page_shift: 0,
-        alibi_slopes: cfg.alibi.as_ref().map_or(0, AlibiSlopes::device_ptr),
-        alibi_batch_stride: match &cfg.alibi {
-            Some(a) if a.rows() > 1 => heads_q as i32,
-            _ => 0,
-        },
-        alibi_neg_inv_scale: -1.0 / cfg.scale_for(head_dim),
+        alibi_slopes,
+        alibi_batch_stride,
+        alibi_neg_inv_scale,
     };
     PrefillArgs {
         params,

@@ -349,6 +349,8 @@ pub(crate) fn plan_decode<T: AttnElement>(
         resident_blocks,
     );
 
+    let (alibi_slopes, alibi_batch_stride, alibi_neg_inv_scale) =
+        AlibiSlopes::kernel_args(cfg, heads_q, head_dim);
     let params = DecodeParams {
         q: q.ptr,
         q_strides: strides3(q),
@@ -395,12 +397,9 @@ pub(crate) fn plan_decode<T: AttnElement>(
         seq_blocks: 0,
         prefetch_tiles: DECODE_PREFETCH_TILES,
         blocks: kinds.blocks as i32,
-        alibi_slopes: cfg.alibi.as_ref().map_or(0, AlibiSlopes::device_ptr),
-        alibi_batch_stride: match &cfg.alibi {
-            Some(a) if a.rows() > 1 => heads_q as i32,
-            _ => 0,
-        },
-        alibi_neg_inv_scale: -1.0 / cfg.scale_for(head_dim),
+        alibi_slopes,
+        alibi_batch_stride,
+        alibi_neg_inv_scale,
     };
     Ok(DecodePlan {
         entry: decode_entry::<T>(head_dim, paging, cfg.alibi.is_some()),
