@@ -26,7 +26,8 @@ use crate::mask::{BlockRange, HeadMask, div_or_zero};
 use crate::mma::{Bf16, Element, F16, quad, set_quad};
 use crate::ring::{RingPositions, filled_slots, slot_of};
 use crate::softmax::{
-    RowState, alibi_scores_by_row, mask_scores, merged_lse, online_softmax, rescale,
+    RowState, alibi_scores_by_row, alibi_slope_raw, mask_scores, merged_lse, online_softmax,
+    rescale,
 };
 use crate::tile::min_i32;
 
@@ -529,10 +530,9 @@ unsafe fn decode<
     if ALIBI {
         for r in 0..2 {
             if valid[r] {
-                let at = batch * p.alibi_batch_stride as i64 + q_head[r] as i64;
-                let slope =
-                    f32::from_bits(unsafe { ld_global_nc_u32(p.alibi_slopes + 4 * at as u64) });
-                slope_raw[r] = slope * p.alibi_neg_inv_scale;
+                let at = (batch * p.alibi_batch_stride as i64 + q_head[r] as i64) as u64;
+                slope_raw[r] =
+                    unsafe { alibi_slope_raw(p.alibi_slopes, at, p.alibi_neg_inv_scale) };
             }
         }
     }

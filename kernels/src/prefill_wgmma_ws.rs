@@ -41,7 +41,7 @@ use crate::device::*;
 use crate::mask::BlockRange;
 use crate::mma::{Bf16, Element, F16};
 use crate::smem_layout::{descriptor, descriptor_plus, swizzled};
-use crate::softmax::{RowState, finish, needs_rescale};
+use crate::softmax::{RowState, alibi_slope_raw, finish, needs_rescale};
 use crate::tile::{MASK_KEYS, MASK_NONE, MASK_TEST, QueryTile};
 use crate::wgmma::{WgmmaElement, wgmma_commit, wgmma_fence, wgmma_wait};
 use crate::ws_shape::{HeadDim, WsShape};
@@ -910,8 +910,7 @@ impl ConsumerThread {
             scale_log2: p.scale_log2,
             alibi_slope_raw: if H::ALIBI {
                 let at = (tile.batch * p.alibi_batch_stride + tile.head) as u64;
-                let slope = f32::from_bits(unsafe { ld_global_nc_u32(p.alibi_slopes + 4 * at) });
-                slope * p.alibi_neg_inv_scale
+                unsafe { alibi_slope_raw(p.alibi_slopes, at, p.alibi_neg_inv_scale) }
             } else {
                 0.0
             },

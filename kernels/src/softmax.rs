@@ -4,8 +4,8 @@
 //! `4j + e` belongs to row `e / 2` and key `n0 + 8j + 2t + e % 2` (`t = lane % 4`). The four
 //! threads of a quad hold the rest of each row, so row reductions shuffle over lanes ^1 and ^2.
 use crate::device::{
-    exp2_approx, fma_f32, log2_approx, max_f32, rcp_approx, select_u32, shfl_xor_f32, sub_abs_f32,
-    warp_any,
+    exp2_approx, fma_f32, ld_global_nc_u32, log2_approx, max_f32, rcp_approx, select_u32,
+    shfl_xor_f32, sub_abs_f32, warp_any,
 };
 use crate::mask::HeadMask;
 use crate::mma::Element;
@@ -78,6 +78,16 @@ pub fn alibi_scores<const N: usize>(
     t: usize,
 ) {
     alibi_scores_by_row(s, [slope_raw; 2], q_pos, n0, t);
+}
+
+/// ALiBi: the `-slope / softmax_scale` that [`alibi_scores`] takes, from the f32 slope at
+/// `slopes[index]` (device memory) and the launch's `-1 / softmax_scale`.
+///
+/// # Safety
+/// `slopes + 4 * index` must be a readable f32 in global memory.
+#[inline(always)]
+pub unsafe fn alibi_slope_raw(slopes: u64, index: u64, neg_inv_scale: f32) -> f32 {
+    f32::from_bits(unsafe { ld_global_nc_u32(slopes + 4 * index) }) * neg_inv_scale
 }
 
 /// [`alibi_scores`] with a slope per row (rows `g` and `g + 8` of the fragment): the decode
