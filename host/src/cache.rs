@@ -41,7 +41,7 @@ pub use pages::CachePaging;
 use pages::PageTable;
 
 /// Threads per block of the cache kernels (`duo_attn_kernels::cache::CACHE_THREADS`).
-const CACHE_THREADS: usize = 256;
+pub(crate) const CACHE_THREADS: usize = 256;
 
 /// Sizes of a [`DuoCache`].
 #[derive(Clone, Debug, PartialEq)]

@@ -441,8 +441,19 @@ pub(crate) fn use_cache_seqlens(
     lse: &TensorDesc<3>,
     device: u32,
 ) -> Result<()> {
+    check_cache_seqlens(seqlens, plan.params.batch as usize, device)?;
+    check_clear_of_outputs(seqlens, CACHE_SEQLENS, out, lse)?;
+    plan.params.seqlens = seqlens.ptr;
+    Ok(())
+}
+
+/// Checks per-sequence key counts: `[batch]` i32 on `device`, contiguous.
+pub(crate) fn check_cache_seqlens(
+    seqlens: &TensorDesc<1>,
+    batch: usize,
+    device: u32,
+) -> Result<()> {
     check_device(seqlens, CACHE_SEQLENS, device)?;
-    let batch = plan.params.batch as usize;
     check_shape(
         seqlens,
         CACHE_SEQLENS,
@@ -457,8 +468,6 @@ pub(crate) fn use_cache_seqlens(
             expected: vec![1],
         });
     }
-    check_clear_of_outputs(seqlens, CACHE_SEQLENS, out, lse)?;
-    plan.params.seqlens = seqlens.ptr;
     Ok(())
 }
 
@@ -653,9 +662,22 @@ impl Context {
     }
 
     /// Runs a decode plan with its partials in the context's workspace.
-    pub(crate) fn launch_decode(&self, mut plan: DecodePlan) -> Result<()> {
+    pub(crate) fn launch_decode(&self, plan: DecodePlan) -> Result<()> {
+        self.launch_decode_with(plan, false)
+    }
+
+    /// [`Context::launch_decode`]; with `arrivals`, the fused append's per-sequence counts
+    /// (`DecodeParams::arrivals`) come from the workspace too, after the merge counters, so the
+    /// launch advances `seqlens`.
+    pub(crate) fn launch_decode_with(&self, mut plan: DecodePlan, arrivals: bool) -> Result<()> {
         let rows = plan.params.batch as u64 * plan.params.heads_q as u64 * plan.params.n_q as u64;
         let groups = plan.groups;
+        let counters = groups
+            + if arrivals {
+                plan.params.batch as usize
+            } else {
+                0
+            };
         // The grid rounded up to whole clusters (blocks past `params.blocks` return at once).
         let cluster = self.decode_launch_cluster(&plan)?;
         let grid = (
@@ -663,11 +685,14 @@ impl Context {
             plan.grid.1,
             plan.grid.2,
         );
-        self.with_scratch(plan.workspace_len(), groups, |scratch| {
+        self.with_scratch(plan.workspace_len(), counters, |scratch| {
             plan.params.o_partial = scratch.partials;
             plan.params.lse_partial =
                 scratch.partials + 4 * plan.splits as u64 * rows * plan.head_dim as u64;
             plan.params.counters = scratch.counters;
+            if arrivals {
+                plan.params.arrivals = scratch.counters + 4 * groups as u64;
+            }
             self.launch_in_clusters(
                 &plan.entry,
                 grid,

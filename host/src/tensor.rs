@@ -370,6 +370,11 @@ impl<T, const N: usize> ViewMut<'_, T, N> {
             _marker: PhantomData,
         }
     }
+    /// The same memory, read-only, for as long as this borrow: e.g. a KV cache that an append
+    /// wrote, read by the attention that follows.
+    pub fn as_view(&self) -> View<'_, T, N> {
+        View::from_desc(self.desc)
+    }
     /// Where the view is and how it is laid out.
     pub fn desc(&self) -> &TensorDesc<N> {
         &self.desc

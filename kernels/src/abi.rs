@@ -580,17 +580,21 @@ pub struct DecodeParams {
     pub num_pages: i32,
     /// log2 of the rows per page.
     pub page_shift: i32,
-    /// The append fused into a DuoAttention cache's decode step (0 in `append.k`: no append).
-    /// `seqlens` is then the cache's device lengths before the step: every block reads its
-    /// sequence's length `len` (clamped into `0..=seqlen`) and attends over
+    /// The append fused into a decode step, of the DuoAttention cache or of a caller's KV cache
+    /// (0 in `append.k`: no append). `seqlens` is then the device lengths before the step: every
+    /// block reads its sequence's length `len` (clamped into `0..=seqlen`) and attends over
     /// `min(len + n_q, seqlen)` keys. Before its first load, each block writes the new rows
-    /// `append` `[B, n_q, Hkv, D]` that fall in the keys (retrieval heads: positions, below
-    /// `seqlen`, in `full` or its pages) or ring slots (streaming heads, skipping a row that a
-    /// later new row overwrites) it reads, as `duo_cache_append` would: each such key or slot
-    /// belongs to exactly one block, its only reader. The last of a sequence's `seq_blocks`
-    /// blocks to count itself in `arrivals[b]` advances `seqlens[b]` and zeroes the count.
+    /// `append` `[B, n_q, Hkv, D]` that fall in the keys (at their positions, below `seqlen`, in
+    /// `full` or its pages) or ring slots (a cache's streaming heads, skipping a row that a later
+    /// new row overwrites) it reads, as `duo_cache_append` would: each such key or slot
+    /// belongs to exactly one split, its only reader (a key no split reads goes with split 0).
+    /// With `arrivals` set, the last of a sequence's `seq_blocks` blocks to count itself in
+    /// `arrivals[b]` advances `seqlens[b]` and zeroes the count. An entry that does not fuse
+    /// the append ([`decode_fuses_append`]) still attends over the `n_q` new keys: the host then
+    /// queues `duo_cache_append` before it.
     pub append: KvSource,
-    /// With `append`: one u32 per sequence, zero between launches.
+    /// With `append`: one u32 per sequence, zero between launches; 0: `seqlens` stay as they are
+    /// (a caller's `cache_seqlens`, which it advances itself).
     pub arrivals: u64,
     /// With `append`: blocks per sequence (the launch's blocks over `batch`).
     pub seq_blocks: i32,
@@ -634,10 +638,10 @@ pub const fn decode_fuses_append(d: usize, paged: bool) -> bool {
 /// that a later row of the same call would overwrite is skipped.
 ///
 /// With `lens` set, the append reads each sequence's `start` from `lens[b]` (clamped into
-/// `0..=capacity`) and advances it to `min(start + n_new, capacity)` once every block of the
-/// sequence has read it (the last block to count itself in `arrivals[b]` writes it and zeroes
-/// the count), so the cache's lengths live on the device and a captured step replays. Rows at or
-/// past `capacity` never reach `full`.
+/// `0..=capacity`) and, with `arrivals` set too, advances it to `min(start + n_new, capacity)`
+/// once every block of the sequence has read it (the last block to count itself in
+/// `arrivals[b]` writes it and zeroes the count), so the cache's lengths live on the device and a
+/// captured step replays. Rows at or past `capacity` never reach `full`.
 ///
 /// With `block_table` set, `full` is a pool of pages (a paged cache): position `pos` of sequence
 /// `b` is row `pos % page` of page `block_table[b * block_table_stride + pos / page]`, and
@@ -661,7 +665,8 @@ pub struct CacheParams {
     pub out: KvSource,
     /// `[B]` i32 cached lengths on the device (append), or 0: `start` for every sequence.
     pub lens: u64,
-    /// `[B]` u32 block counts of the append, zero between launches (with `lens`).
+    /// `[B]` u32 block counts of the append, zero between launches (with `lens`); 0: the
+    /// append leaves `lens` as they are (a caller's `cache_seqlens` that it advances itself).
     pub arrivals: u64,
     /// 0, or a device `[B + 1]` i32 prefix sum of the new rows per sequence (a ragged prefill):
     /// sequence `b`'s new rows are rows `cu_new[b]..cu_new[b + 1]` of `new` (packed, batch

@@ -96,7 +96,7 @@ pub unsafe extern "ptx-kernel" fn duo_cache_append(p: CacheParams) {
             unsafe { zero_full_row(&p, start + row, head, chunk, batch) };
         }
     }
-    if p.lens != 0 && thread_idx_x() == 0 {
+    if p.lens != 0 && p.arrivals != 0 && thread_idx_x() == 0 {
         // The last block of the sequence to count itself advances its length: every block read
         // it before its count (the fence in `read_start`), and the fence below puts the write
         // after all of those counts. Later kernels on the stream see the new length.

@@ -22,7 +22,7 @@ use crate::abi::{
 use crate::decode_merge::{LOG2_E, MERGE_DEPTH, Merge, merge_depth, merge_in_cluster};
 use crate::device::*;
 use crate::heads::DecodeBlock;
-use crate::mask::{BlockRange, HeadMask, div_or_zero};
+use crate::mask::{BlockRange, HeadMask, div_or_zero, nth_tile, split_of_tile};
 use crate::mma::{Bf16, Element, F16, quad, set_quad};
 use crate::ring::{RingPositions, filled_slots, slot_of};
 use crate::softmax::{
@@ -107,11 +107,12 @@ fn fuses_append<const D: usize, const PAGING: u8>(p: &DecodeParams) -> bool {
     p.append.k != 0 && const { decode_fuses_append(D, PAGING != paging::NONE) }
 }
 
-/// The keys this step attends, from the sequence's clamped count `len` before it: with the
-/// append fused, its `n_q` new keys too.
+/// The keys this step attends, from the sequence's clamped count `len` before it: with an
+/// append (`append.k` set: fused into this launch, or queued before it on entries that do not
+/// fuse it), its `n_q` new keys too.
 #[inline(always)]
-fn step_keys<const D: usize, const PAGING: u8>(p: &DecodeParams, len: i32) -> i32 {
-    if fuses_append::<D, PAGING>(p) {
+fn step_keys(p: &DecodeParams, len: i32) -> i32 {
+    if p.append.k != 0 {
         min_i32(len + p.n_q, p.seqlen)
     } else {
         len
@@ -194,10 +195,11 @@ impl HeadKv {
 }
 
 /// The fused append (`DecodeParams::append`): this block writes the new rows of its sequence
-/// and KV head that fall among the keys (retrieval heads) or ring slots (streaming heads) of its
-/// split, the only block to read them. Everything is worked out afresh from the block index, so
-/// nothing here stays live into the decode. (With it, ptxas took 154-162 registers at D = 64:
-/// those entries are capped at 128, for two blocks per SM, by `entry_directives`.)
+/// and KV head that fall in the KV tiles of its split, the only blocks to read them (the row
+/// chunks of one split write the same bytes). A new row no block reads (a streaming head's key
+/// outside its sink and window) goes with split 0. Everything is worked out afresh from the block
+/// index, so nothing here stays live into the decode. (With it, ptxas took 154-162 registers at
+/// D = 64: those entries are capped at 128, for two blocks per SM, by `entry_directives`.)
 #[inline(always)]
 unsafe fn append_own_rows<const D: usize, const PAGING: u8>(
     p: &DecodeParams,
@@ -216,15 +218,15 @@ unsafe fn append_own_rows<const D: usize, const PAGING: u8>(
     } = DecodeBlock::of(p, fresh_u32(block_idx_x()) as i32, row_chunks);
     let end = min_i32(start + p.n_q, p.seqlen);
     let use_ring = streaming && p.ring != 0;
-    // The head's tiles after the append: a ring's filled slots, else (a retrieval head of the
-    // cache) every key: `HeadMask::block_ranges` is `0..ceil(len / bn)` for those.
-    let keys = if use_ring {
+    // The head's tiles after the append, as the decode walks them: a ring's filled slots, else
+    // the mask's block ranges (every key, for a retrieval head).
+    let n_keys = if use_ring {
         filled_slots(end, p.sink, p.recent)
     } else {
         end
     };
-    let per_split = split_share(p, div_or_zero(keys + bn - 1, bn), splits);
-    let (lo, hi) = (split * per_split * bn, (split + 1) * per_split * bn);
+    let tiles = visited_tiles(&head_mask(p, streaming, end), use_ring, p.n_q, n_keys, bn);
+    let per_split = split_share(p, tiles[0].len() + tiles[1].len(), splits);
     let kv = HeadKv::of::<D, PAGING>(p, streaming, rank, kv_head, batch);
     let table = p.block_table + (batch * p.block_table_stride * 4) as u64;
     let threads = const { decode_threads(D) };
@@ -242,7 +244,7 @@ unsafe fn append_own_rows<const D: usize, const PAGING: u8>(
         } else {
             (pos, pos < p.seqlen)
         };
-        if !kept || key < lo || key >= hi {
+        if !kept || split_of_tile(&tiles, key / bn, per_split) != split {
             continue;
         }
         // The row's offsets: its page's row (a page the host has not given the sequence is not
@@ -311,16 +313,6 @@ fn visited_tiles(
     }
 }
 
-/// The `i`-th tile of the ranges `[first, second]`.
-#[inline(always)]
-fn nth_tile([first, second]: &[BlockRange; 2], i: i32) -> i32 {
-    if i < first.len() {
-        first.start + i
-    } else {
-        second.start + i - first.len()
-    }
-}
-
 /// Before the wait for the previous kernel (`DecodeParams::prefetch_tiles`): asks the L2 for the
 /// first K/V tiles this block will walk, so their reads from memory overlap the previous kernel's
 /// tail and this kernel's own start. Everything here is a hint: the length and page entries are
@@ -346,7 +338,7 @@ unsafe fn prefetch_first_tiles<const D: usize, const PAGING: u8>(p: &DecodeParam
     } = DecodeBlock::of(p, block_idx_x() as i32, row_chunks_of(p));
     let seqlen = if p.seqlens != 0 {
         let raw = unsafe { ld_relaxed_u32(p.seqlens + 4 * batch as u64) };
-        step_keys::<D, PAGING>(p, clamped_len(p, raw))
+        step_keys(p, clamped_len(p, raw))
     } else {
         p.seqlen
     };
@@ -466,7 +458,7 @@ unsafe fn decode<
         sync_threads(); // the new rows before any thread's loads of them
     }
     let seqlen = if p.seqlens != 0 {
-        step_keys::<D, PAGING>(p, len_before)
+        step_keys(p, len_before)
     } else {
         p.seqlen
     };
@@ -965,7 +957,7 @@ unsafe fn decode<
     // The fused append's length: the sequence's last block to count itself advances it (every
     // block read it before its count; none reads it after). A thread of another warp counts,
     // beside the row group's count.
-    if tid == 32 && fused_append {
+    if tid == 32 && fused_append && p.arrivals != 0 {
         fence_acq_rel_gpu(); // the block's reads of the length, before its arrival
         let arrivals = p.arrivals + 4 * batch as u64;
         if unsafe { atom_add_u32(arrivals, 1) } == (p.seq_blocks - 1) as u32 {

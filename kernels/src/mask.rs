@@ -82,6 +82,32 @@ impl BlockRange {
     }
 }
 
+/// The `i`-th tile of the ranges `[first, second]` (a decode walks its head's tiles in this
+/// order, `per_split` of them per split).
+#[inline(always)]
+pub fn nth_tile([first, second]: &[BlockRange; 2], i: i32) -> i32 {
+    if i < first.len() {
+        first.start + i
+    } else {
+        second.start + i - first.len()
+    }
+}
+
+/// The split that walks tile `tile` of the ranges `[first, second]` when each split walks
+/// `per_split` of them in order ([`nth_tile`]); 0 for a tile no split walks. The decode's fused
+/// append writes a new key through this split, its only reader.
+#[inline(always)]
+pub fn split_of_tile([first, second]: &[BlockRange; 2], tile: i32, per_split: i32) -> i32 {
+    let nth = if tile >= first.start && tile < first.end {
+        tile - first.start
+    } else if tile >= second.start && tile < second.end {
+        first.len() + tile - second.start
+    } else {
+        0
+    };
+    div_or_zero(nth, per_split)
+}
+
 #[inline(always)]
 fn ceil_div(a: i32, b: i32) -> i32 {
     (a + b - 1) / b
@@ -260,6 +286,42 @@ fn max(a: i32, b: i32) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fused append's owner of a tile is the split that walks it, for decode-shaped masks
+    /// (the last queries of `sk` keys) of both kinds, and split 0 for a tile no split walks.
+    #[test]
+    fn a_tile_belongs_to_the_split_that_walks_it() {
+        for sk in [1, 9, 40, 333] {
+            for n_q in [1, 4, 16] {
+                for streaming in [false, true] {
+                    for (sink, window) in [(0, 0), (4, 0), (4, 5), (8, 70), (100, 1000)] {
+                        let m = HeadMask {
+                            streaming,
+                            causal: true,
+                            sink,
+                            window,
+                            right: 0,
+                            seqlen_k: sk,
+                        };
+                        let bn = 8;
+                        let ranges = m.block_ranges(sk - n_q, sk - 1, bn);
+                        let total = ranges[0].len() + ranges[1].len();
+                        for per_split in 1..=4 {
+                            let walked: [i32; 64] =
+                                core::array::from_fn(|i| nth_tile(&ranges, i as i32));
+                            for tile in 0..ceil_div(sk, bn) {
+                                let owner = split_of_tile(&ranges, tile, per_split);
+                                match (0..total).find(|&i| walked[i as usize] == tile) {
+                                    Some(i) => assert_eq!(owner, i / per_split, "{m:?} {tile}"),
+                                    None => assert_eq!(owner, 0, "{m:?} {tile}"),
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     /// Every visible (query, key) pair lies in a visited block, and "fully visible" blocks really are.
     /// Block sizes 8 and 10 (a block size need not be a power of two).

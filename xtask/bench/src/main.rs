@@ -81,6 +81,12 @@ struct Args {
     /// contiguous) or nhd (`[page, Hkv, D]`, vLLM's FlashAttention layout).
     #[arg(long, default_value = "hnd", value_parser = ["hnd", "nhd"])]
     decode_page_layout: String,
+    /// Decode cases append their new keys and values to the cache first: `fused` in the decode
+    /// launch (`decode_attention_append`), `separate` in an append launch before it
+    /// (`append_kv`, then `decode_attention_seqlens`). Contiguous caches; the gate checks plain
+    /// decode.
+    #[arg(long, value_parser = ["fused", "separate"])]
+    decode_append: Option<String>,
     /// Chunked cases read K/V from a KV cache through `plan_prefill_kvcache`: `contiguous` (a
     /// `[B, S, Hkv, D]` cache with a key count per sequence) or a page size (paged, pages
     /// shuffled through the pool). Rows past each count are NaN. The gate checks packed varlen.
@@ -304,6 +310,10 @@ fn main() -> ExitCode {
             _ if kv_cache.is_some() => {
                 let page = kv_cache.and_then(|c| c.parse().ok());
                 timing::time_kvcache_case(&ctx, case, page, &cfg, &mut rng, &clock)
+            }
+            _ if case.is_decode() && args.decode_append.is_some() => {
+                let fused = args.decode_append.as_deref() == Some("fused");
+                timing::time_append_decode(&ctx, case, fused, &cfg, &mut rng, &clock)
             }
             Some(page) if case.is_decode() => {
                 let heads_major = args.decode_page_layout == "hnd";

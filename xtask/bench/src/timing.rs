@@ -98,6 +98,66 @@ pub fn time_case(
     Ok(timing)
 }
 
+/// A decode case whose step appends its `n` new keys and values to the cache first (each
+/// sequence's count `Sk - n` before the step, kept for the next rep): in the decode launch
+/// (`fused`, `decode_attention_append`) or in an append launch before it (`append_kv`, then
+/// `decode_attention_seqlens` over `Sk` keys). K/V head-major as in [`time_case`].
+pub fn time_append_decode(
+    ctx: &Context,
+    case: &Case,
+    fused: bool,
+    cfg: &duo_attn::AttentionConfig,
+    rng: &mut StdRng,
+    clock: &ClockSampler,
+) -> Result<Timing> {
+    use duo_attn::NewKv;
+    let shape = case.shape();
+    let (b, n, h, s, d) = (
+        shape.batch,
+        shape.seqlen_q,
+        shape.heads_kv,
+        shape.seqlen_k,
+        shape.head_dim,
+    );
+    let sets = input_sets(ctx, 2 * (shape.q_len() + 2 * shape.kv_len()));
+    let (q, _) = random_tensor::<bf16>(rng, shape.q_len());
+    let (kv, _) = random_tensor::<bf16>(rng, shape.kv_len());
+    let (new, _) = random_tensor::<bf16>(rng, b * n * h * d);
+    let stored = [b, h, s, d];
+    let mut inputs: Vec<[DeviceTensor<bf16, 4>; 3]> = Vec::new();
+    for _ in 0..sets {
+        inputs.push([
+            ctx.upload(&q, shape.q_shape())?,
+            ctx.upload(&kv, stored)?,
+            ctx.upload(&kv, stored)?,
+        ]);
+    }
+    let (k_new, v_new) = (
+        ctx.upload(&new, [b, n, h, d])?,
+        ctx.upload(&new, [b, n, h, d])?,
+    );
+    let mut before = ctx.upload(&vec![(s - n) as i32; b], [b])?;
+    let after = ctx.upload(&vec![s as i32; b], [b])?;
+    let mut out = ctx.alloc::<bf16, 4>(shape.q_shape())?;
+    let mut lse = ctx.alloc::<f32, 3>(shape.lse_shape())?;
+    let strides = [h * s * d, d, s * d, 1];
+    time_launches(ctx, clock, |i| {
+        let [q, k, v] = &mut inputs[i % sets];
+        let mut k = k.strided_view_mut(0, shape.kv_shape(), strides)?;
+        let mut v = v.strided_view_mut(0, shape.kv_shape(), strides)?;
+        let new = NewKv::keep(k_new.view(), v_new.view());
+        let (o, l) = (&mut out.view_mut(), &mut lse.view_mut());
+        if fused {
+            let lens = &mut before.view_mut();
+            ctx.decode_attention_append(&q.view(), &mut k, &mut v, new, o, l, lens, cfg)
+        } else {
+            ctx.append_kv(&mut k, &mut v, new, &mut before.view_mut())?;
+            let (k, v) = (k.as_view(), v.as_view());
+            ctx.decode_attention_seqlens(&q.view(), &k, &v, o, l, &after.view(), cfg)
+        }
+    })
+}
+
 /// A decode case over paged K/V: a pool of `B * S / page` pages, each stored `[Hkv, page, D]`
 /// (`heads_major`) or `[page, Hkv, D]`, each sequence's pages shuffled through it by the block
 /// table, every sequence full.
