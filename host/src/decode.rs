@@ -447,7 +447,7 @@ pub(crate) fn use_cache_seqlens(
     Ok(())
 }
 
-/// Checks per-sequence key counts: `[batch]` i32 on `device`, contiguous.
+/// Checks per-sequence key counts: `[batch]` i32 on `device`, contiguous, inside its allocation.
 pub(crate) fn check_cache_seqlens(
     seqlens: &TensorDesc<1>,
     batch: usize,
@@ -468,7 +468,7 @@ pub(crate) fn check_cache_seqlens(
             expected: vec![1],
         });
     }
-    Ok(())
+    seqlens.check_in_bounds(CACHE_SEQLENS)
 }
 
 /// How errors name the block table.
@@ -1150,18 +1150,18 @@ mod tests {
 /// Planning returns a typed error or a plan, never a panic (overflow included, in debug builds),
 /// and a plan's parameters keep every address the kernel forms inside the tensors it was given.
 #[cfg(test)]
-mod props {
+pub(crate) mod props {
     use super::*;
     use duo_attn_kernels::heads::DecodeBlock;
     use half::bf16;
     use proptest::prelude::*;
 
     /// Each operand in its own 2^44-byte region of fake device addresses.
-    const REGION: u64 = 1 << 44;
+    pub(crate) const REGION: u64 = 1 << 44;
 
     /// Bytes `[start, end)` the kernel may reach from `ptr` through element strides `extents`
     /// `(count, stride)`, plus a row of `row` elements, lie inside `t`'s allocation.
-    fn inside<const N: usize>(
+    pub(crate) fn inside<const N: usize>(
         what: &str,
         t: &TensorDesc<N>,
         ptr: u64,
@@ -1183,7 +1183,7 @@ mod props {
         Ok(())
     }
 
-    fn odd_dim() -> impl Strategy<Value = usize> {
+    pub(crate) fn odd_dim() -> impl Strategy<Value = usize> {
         prop_oneof![
             0usize..=3,
             Just(64usize),
@@ -1202,7 +1202,10 @@ mod props {
         (0usize..5, 0usize..5, odd_dim(), any::<u64>())
     }
 
-    fn apply<const N: usize>(t: &mut TensorDesc<N>, (_, kind, n, x): (usize, usize, usize, u64)) {
+    pub(crate) fn apply<const N: usize>(
+        t: &mut TensorDesc<N>,
+        (_, kind, n, x): (usize, usize, usize, u64),
+    ) {
         let i = (x % N as u64) as usize;
         match kind {
             0 => t.shape[i] = n,

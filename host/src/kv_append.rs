@@ -609,3 +609,118 @@ mod tests {
         );
     }
 }
+
+/// Property tests of the append plan (no GPU): random appends, mostly valid ones bent by edits.
+/// Planning returns a typed error or a plan, never a panic, and a plan keeps every address the
+/// append kernel forms inside the tensors it was given.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use crate::decode::props::{REGION, apply, inside, odd_dim};
+    use proptest::prelude::*;
+
+    /// Every address `duo_cache_append` forms from `p` lies inside the operands: the new rows it
+    /// reads, the cache rows it writes (a page below `num_pages` when paged), the table entries
+    /// and counts it reads.
+    fn plan_inside(
+        p: &AppendPlan,
+        (k, v, kn, vn): (
+            &TensorDesc<4>,
+            &TensorDesc<4>,
+            &TensorDesc<4>,
+            &TensorDesc<4>,
+        ),
+        table: Option<&TensorDesc<2>>,
+        lens: &TensorDesc<1>,
+    ) -> std::result::Result<(), TestCaseError> {
+        let c = &p.params;
+        let batch = p.grid.1 as i64;
+        let (n, heads, d) = (c.n_new as i64, c.heads_kv as i64, c.head_dim as i64);
+        prop_assert!(p.grid.1 <= 65535 && d % 8 == 0 && n >= 1);
+        let items = p.grid.0 as i64 * CACHE_THREADS as i64;
+        prop_assert!(items >= n * heads * d / 8, "the grid covers every new row");
+        for (what, t, ptr, s) in [
+            ("k_new", kn, c.new.k, c.new.k_strides),
+            ("v_new", vn, c.new.v, c.new.v_strides),
+        ] {
+            inside(what, t, ptr, &[(batch, s[0]), (n, s[1]), (heads, s[2])], d)?;
+        }
+        // Rows `0..capacity` of every sequence, or every row of every page.
+        let (outer, rows) = match table {
+            Some(_) => (c.num_pages as i64, 1i64 << c.page_shift),
+            None => (batch, c.capacity as i64),
+        };
+        for (what, t, ptr, s) in [
+            ("k cache", k, c.full.k, c.full.k_strides),
+            ("v cache", v, c.full.v, c.full.v_strides),
+        ] {
+            inside(
+                what,
+                t,
+                ptr,
+                &[(outer, s[0]), (rows, s[1]), (heads, s[2])],
+                d,
+            )?;
+        }
+        if let Some(t) = table {
+            let entries = ((c.capacity as i64 - 1) >> c.page_shift) + 1;
+            let stride = c.block_table_stride as i64;
+            inside(
+                "block table",
+                t,
+                c.block_table,
+                &[(batch, stride), (entries, 1)],
+                1,
+            )?;
+        } else {
+            prop_assert_eq!(c.block_table, 0);
+        }
+        inside("cache_seqlens", lens, c.lens, &[(batch, 1)], 1)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2048, ..ProptestConfig::default() })]
+
+        #[test]
+        fn append_plans_stay_inside_their_operands(
+            (b, s, hkv, d, n) in (1usize..9, 1usize..3000, 1usize..9, prop_oneof![Just(64usize), Just(128), Just(256)], 1usize..40),
+            page in prop_oneof![Just(None), (0u32..9).prop_map(|e| Some(1usize << e)), Just(Some(24))],
+            edits in prop::collection::vec((0usize..6, 0usize..5, odd_dim(), any::<u64>()), 0..3),
+        ) {
+            let at = |i: u64| REGION * (i + 1);
+            let (mut k, mut v, mut table) = match page {
+                None => {
+                    let shape = [b, s, hkv, d];
+                    (TensorDesc::contiguous(at(0), shape, 2, 0), TensorDesc::contiguous(at(1), shape, 2, 0), None)
+                }
+                Some(page) => {
+                    let per_seq = s.div_ceil(page);
+                    let pool = [b * per_seq + 1, page, hkv, d];
+                    let table = TensorDesc::contiguous(at(5), [b, per_seq], 4, 0);
+                    (TensorDesc::contiguous(at(0), pool, 2, 0), TensorDesc::contiguous(at(1), pool, 2, 0), Some(table))
+                }
+            };
+            let new = [b, n, hkv, d];
+            let mut kn = TensorDesc::contiguous(at(2), new, 2, 0);
+            let mut vn = TensorDesc::contiguous(at(3), new, 2, 0);
+            let mut lens = TensorDesc::contiguous(at(4), [b], 4, 0);
+            for e in &edits {
+                match e.0 {
+                    0 => apply(&mut k, *e),
+                    1 => apply(&mut v, *e),
+                    2 => apply(&mut kn, *e),
+                    3 => apply(&mut vn, *e),
+                    4 => apply(&mut lens, *e),
+                    _ => if let Some(t) = &mut table { apply(t, *e) },
+                }
+            }
+            let cache = match &table {
+                None => KvCacheDesc::Contiguous { k: &k, v: &v },
+                Some(t) => KvCacheDesc::Paged { k_pages: &k, v_pages: &v, block_table: t },
+            };
+            if let Ok(p) = plan_append(cache, (&kn, &vn, SeqlensUpdate::Advance), &lens, 0) {
+                plan_inside(&p, (&k, &v, &kn, &vn), table.as_ref(), &lens)?;
+            }
+        }
+    }
+}
