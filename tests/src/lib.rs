@@ -1,5 +1,8 @@
 //! Shared helpers of the integration tests and the demo: random inputs, GPU detection with a loud
 //! skip notice, and comparison of kernel outputs with the float64 reference.
+use cust::context::CurrentContext;
+use cust::stream::Stream;
+use cust::sys::{self, CUresult};
 use duo_attn::reference::{Shape, attention_row};
 use duo_attn::{
     AlibiSlopes, AttentionConfig, AttnElement, CacheConfig, Context, DeviceScalar, Error, HeadKind,
@@ -648,4 +651,64 @@ pub fn sanitizer_cache(batch: usize, max_len: usize) -> CacheConfig {
         prefill_kernel: PrefillKernel::Auto,
         paging: None,
     }
+}
+
+/// Asserts that a CUDA driver call succeeded.
+pub fn check(status: CUresult, what: &str) {
+    assert_eq!(status, CUresult::CUDA_SUCCESS, "{what}");
+}
+
+/// An instantiated CUDA graph of what `queue` puts on `stream` (captured in global mode),
+/// destroyed on drop.
+pub struct Graph {
+    graph: sys::CUgraph,
+    exec: sys::CUgraphExec,
+}
+
+impl Graph {
+    pub fn capture(stream: &Stream, queue: impl FnOnce()) -> Graph {
+        let raw = stream.as_inner();
+        let mut graph: sys::CUgraph = std::ptr::null_mut();
+        let mut exec: sys::CUgraphExec = std::ptr::null_mut();
+        let global = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL;
+        // SAFETY (each call): a valid stream and live out-parameters.
+        check(
+            unsafe { sys::cuStreamBeginCapture_v2(raw, global) },
+            "begin capture",
+        );
+        queue();
+        check(
+            unsafe { sys::cuStreamEndCapture(raw, &mut graph) },
+            "end capture",
+        );
+        check(
+            unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) },
+            "instantiate the graph",
+        );
+        Graph { graph, exec }
+    }
+
+    pub fn launch(&self, stream: &Stream) {
+        // SAFETY: an instantiated graph, a live stream.
+        check(
+            unsafe { sys::cuGraphLaunch(self.exec, stream.as_inner()) },
+            "launch the graph",
+        );
+    }
+}
+
+impl Drop for Graph {
+    fn drop(&mut self) {
+        // SAFETY: handles made by `capture`, destroyed once.
+        unsafe {
+            sys::cuGraphExecDestroy(self.exec);
+            sys::cuGraphDestroy(self.graph);
+        }
+    }
+}
+
+/// Waits for the whole device: orders `DeviceTensor`'s legacy-stream copies and fills with work
+/// on a non-blocking stream.
+pub fn device_sync() {
+    CurrentContext::synchronize().unwrap();
 }

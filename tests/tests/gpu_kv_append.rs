@@ -3,11 +3,12 @@
 //! of the cache and the float64 reference. Cache rows past each sequence's count start as NaN,
 //! so a decode that read one fails; every cache element is compared bit for bit afterwards (the
 //! new rows where they belong, nothing else touched), and so are the counts (kept or advanced).
+use cust::stream::{Stream, StreamFlags};
 use duo_attn::reference::Shape;
 use duo_attn::{AttentionConfig, AttnElement, Context, DeviceTensor, Error, NewKv, SeqlensUpdate};
 use duo_attn_tests::{
-    alibi_slopes, alternating_kinds, compare_per_sequence_lengths, gpu_or_skip, notice,
-    random_tensor, rng, scatter_pages, shuffled_pages,
+    Graph, alibi_slopes, alternating_kinds, compare_per_sequence_lengths, device_sync, gpu_or_skip,
+    notice, random_tensor, rng, scatter_pages, shuffled_pages,
 };
 use half::{bf16, f16};
 use rand::Rng;
@@ -227,10 +228,146 @@ fn append_kv_writes_rows_at_each_count() {
     assert!(failed.is_empty(), "{failed:?}");
 }
 
-/// One decode step with its append fused: `n` queries of 8 heads per sequence over `cache`,
-/// whose counts are `lens` on the device and `host_lens` in the model (both updated); whether
-/// the outputs match the reference over the cache after the append, and the cache and counts the
-/// model.
+/// One decode step's inputs and outputs on the device (`n` queries of 8 heads per sequence, and
+/// the new rows), with host copies for the model and the reference.
+struct StepIo<T: AttnElement> {
+    shape: Shape,
+    q: DeviceTensor<T, 4>,
+    k_new: DeviceTensor<T, 4>,
+    v_new: DeviceTensor<T, 4>,
+    out: DeviceTensor<T, 4>,
+    lse: DeviceTensor<f32, 3>,
+    /// q as f32, then the new keys and values.
+    host: (Vec<f32>, Vec<T>, Vec<T>),
+}
+
+impl<T: AttnElement> StepIo<T> {
+    fn new(ctx: &Context, cache: &Cache<T>, n: usize) -> Self {
+        let (b, hkv, d) = (LENS.len(), cache.heads_kv, cache.head_dim);
+        let shape = Shape {
+            batch: b,
+            seqlen_q: n,
+            seqlen_k: cache.cap,
+            heads_q: 8,
+            heads_kv: hkv,
+            head_dim: d,
+        };
+        StepIo {
+            q: ctx.alloc(shape.q_shape()).unwrap(),
+            k_new: ctx.alloc([b, n, hkv, d]).unwrap(),
+            v_new: ctx.alloc([b, n, hkv, d]).unwrap(),
+            out: ctx.alloc(shape.q_shape()).unwrap(),
+            lse: ctx.alloc(shape.lse_shape()).unwrap(),
+            host: (Vec::new(), Vec::new(), Vec::new()),
+            shape,
+        }
+    }
+
+    /// Fresh random inputs, poisoned outputs (synchronous copies on the legacy stream).
+    fn refill(&mut self, rng: &mut StdRng) {
+        let (q, q32) = random_tensor::<T>(rng, self.shape.q_len());
+        let (k, _) = random_tensor::<T>(rng, self.k_new.len());
+        let (v, _) = random_tensor::<T>(rng, self.v_new.len());
+        self.q.copy_from_host(&q).unwrap();
+        self.k_new.copy_from_host(&k).unwrap();
+        self.v_new.copy_from_host(&v).unwrap();
+        self.out.fill(T::nan()).unwrap();
+        self.lse.fill(f32::NAN).unwrap();
+        self.host = (q32, k, v);
+    }
+
+    /// Queues the step on `ctx`'s stream.
+    fn queue(
+        &mut self,
+        ctx: &Context,
+        cache: &mut Cache<T>,
+        lens: &mut DeviceTensor<i32, 1>,
+        cfg: &AttentionConfig,
+        update: SeqlensUpdate,
+    ) {
+        let new = NewKv {
+            k: self.k_new.view(),
+            v: self.v_new.view(),
+            seqlens: update,
+        };
+        let (ck, cv) = (&mut cache.k, &mut cache.v);
+        let (o, l, dl) = (
+            &mut self.out.view_mut(),
+            &mut self.lse.view_mut(),
+            &mut lens.view_mut(),
+        );
+        let q = &self.q.view();
+        match &cache.table {
+            None => ctx.decode_attention_append(
+                q,
+                &mut ck.view_mut(),
+                &mut cv.view_mut(),
+                new,
+                o,
+                l,
+                dl,
+                cfg,
+            ),
+            Some((table, _)) => ctx.decode_attention_paged_append(
+                q,
+                &mut ck.view_mut(),
+                &mut cv.view_mut(),
+                new,
+                o,
+                l,
+                &table.view(),
+                dl,
+                cfg,
+            ),
+        }
+        .unwrap();
+    }
+
+    /// After the step ran: the model appends its rows at `host_lens` (then updated as `update`
+    /// says); whether the outputs match the reference over each sequence's keys after the
+    /// append, and the device cache and counts the model.
+    fn check(
+        &self,
+        cache: &mut Cache<T>,
+        (lens, host_lens): (&DeviceTensor<i32, 1>, &mut Vec<i32>),
+        cfg: &AttentionConfig,
+        update: SeqlensUpdate,
+    ) -> bool {
+        let (q32, k, v) = &self.host;
+        let n = self.shape.seqlen_q;
+        let ends = cache.append_on_host((k, v), n, host_lens);
+        let to_f32 = |x: &[T]| x.iter().map(|e| e.to_f32()).collect::<Vec<f32>>();
+        let (k32, v32) = (to_f32(&cache.host_k), to_f32(&cache.host_v));
+        let out32 = to_f32(&self.out.to_host().unwrap());
+        let lse = self.lse.to_host().unwrap();
+        let shape = &self.shape;
+        let cmps = compare_per_sequence_lengths(shape, cfg, q32, &k32, &v32, &out32, &lse, &ends);
+        *host_lens = counts_after(update, host_lens, &ends);
+        let (cache_ok, lens_ok) = (cache.matches_host(), lens.to_host().unwrap() == *host_lens);
+        let case = format!(
+            "decode append D={} {:?} {:?} n={n} sink {} window {} alibi {} {update:?}",
+            shape.head_dim,
+            T::DTYPE,
+            cache.layout,
+            cfg.sink,
+            cfg.window,
+            cfg.alibi.is_some()
+        );
+        let outputs_ok = cmps.iter().all(|c| c.passed());
+        for (cmp, end) in cmps.iter().zip(&ends) {
+            if !cmp.passed() {
+                notice(&format!("{case}, {end} keys: {cmp:?}"));
+            }
+        }
+        notice(&format!(
+            "{case}: cache {cache_ok}, counts {lens_ok}, outputs {outputs_ok}"
+        ));
+        cache_ok && lens_ok && outputs_ok
+    }
+}
+
+/// One decode step with its append fused over `cache`, whose counts are `lens` on the device and
+/// `host_lens` in the model (both updated); whether it came out as [`StepIo::check`] says.
 fn decode_step<T: AttnElement>(
     ctx: &Context,
     rng: &mut StdRng,
@@ -240,85 +377,11 @@ fn decode_step<T: AttnElement>(
     cfg: &AttentionConfig,
     update: SeqlensUpdate,
 ) -> bool {
-    let (b, hq, hkv, d) = (LENS.len(), 8, cache.heads_kv, cache.head_dim);
-    let shape = Shape {
-        batch: b,
-        seqlen_q: n,
-        seqlen_k: cache.cap,
-        heads_q: hq,
-        heads_kv: hkv,
-        head_dim: d,
-    };
-    let (q, q32) = random_tensor::<T>(rng, shape.q_len());
-    let (k, _) = random_tensor::<T>(rng, b * n * hkv * d);
-    let (v, _) = random_tensor::<T>(rng, b * n * hkv * d);
-    let dq = ctx.upload(&q, shape.q_shape()).unwrap();
-    let (dk, dv) = (
-        ctx.upload(&k, [b, n, hkv, d]).unwrap(),
-        ctx.upload(&v, [b, n, hkv, d]).unwrap(),
-    );
-    let mut out = ctx.alloc::<T, 4>(shape.q_shape()).unwrap();
-    let mut lse = ctx.alloc::<f32, 3>(shape.lse_shape()).unwrap();
-    out.fill(T::nan()).unwrap();
-    lse.fill(f32::NAN).unwrap();
-    let new = NewKv {
-        k: dk.view(),
-        v: dv.view(),
-        seqlens: update,
-    };
-    let (ck, cv) = (&mut cache.k, &mut cache.v);
-    let (mut o, mut l, mut dl) = (out.view_mut(), lse.view_mut(), lens.view_mut());
-    match &cache.table {
-        None => ctx.decode_attention_append(
-            &dq.view(),
-            &mut ck.view_mut(),
-            &mut cv.view_mut(),
-            new,
-            &mut o,
-            &mut l,
-            &mut dl,
-            cfg,
-        ),
-        Some((table, _)) => ctx.decode_attention_paged_append(
-            &dq.view(),
-            &mut ck.view_mut(),
-            &mut cv.view_mut(),
-            new,
-            &mut o,
-            &mut l,
-            &table.view(),
-            &mut dl,
-            cfg,
-        ),
-    }
-    .unwrap();
+    let mut io = StepIo::new(ctx, cache, n);
+    io.refill(rng);
+    io.queue(ctx, cache, lens, cfg, update);
     ctx.synchronize().unwrap();
-    let ends = cache.append_on_host((&k, &v), n, host_lens);
-    let to_f32 = |x: &[T]| x.iter().map(|e| e.to_f32()).collect::<Vec<f32>>();
-    let (k32, v32) = (to_f32(&cache.host_k), to_f32(&cache.host_v));
-    let out32 = to_f32(&out.to_host().unwrap());
-    let lse = lse.to_host().unwrap();
-    let cmps = compare_per_sequence_lengths(&shape, cfg, &q32, &k32, &v32, &out32, &lse, &ends);
-    *host_lens = counts_after(update, host_lens, &ends);
-    let (cache_ok, lens_ok) = (cache.matches_host(), lens.to_host().unwrap() == *host_lens);
-    let case = format!(
-        "decode append D={d} {:?} {:?} n={n} sink {} window {} alibi {} {update:?}",
-        T::DTYPE,
-        cache.layout,
-        cfg.sink,
-        cfg.window,
-        cfg.alibi.is_some()
-    );
-    let outputs_ok = cmps.iter().all(|c| c.passed());
-    for (cmp, end) in cmps.iter().zip(&ends) {
-        if !cmp.passed() {
-            notice(&format!("{case}, {end} keys: {cmp:?}"));
-        }
-    }
-    notice(&format!(
-        "{case}: cache {cache_ok}, counts {lens_ok}, outputs {outputs_ok}"
-    ));
-    cache_ok && lens_ok && outputs_ok
+    io.check(cache, (lens, host_lens), cfg, update)
 }
 
 /// [`decode_step`] on a fresh cache at `LENS`.
@@ -507,4 +570,50 @@ fn decode_append_errors() {
     );
     // Nothing was queued: the stream is clean.
     ctx.synchronize().unwrap();
+}
+
+/// A decode step with its append, on a caller's non-blocking stream, captured in a CUDA graph
+/// and replayed on fresh inputs: each replay appends where the counts the previous one advanced
+/// on the device point (no host copy between), until the fullest sequences drop their rows at the
+/// capacity; paged, so the graph also replays the table lookups.
+#[test]
+fn graph_replays_decode_append_steps() {
+    let test = "graph_replays_decode_append_steps";
+    let Some(ctx) = gpu_or_skip(test) else {
+        return;
+    };
+    let mut rng = rng(test);
+    let theirs = Stream::new(StreamFlags::NON_BLOCKING, None).unwrap();
+    let raw = theirs.as_inner();
+    // SAFETY: `theirs` outlives `on_theirs`.
+    let on_theirs = unsafe { ctx.on_stream(raw) }.unwrap();
+    let cfg = AttentionConfig::new(alternating_kinds(2))
+        .sink(4)
+        .window(300);
+    let update = SeqlensUpdate::Advance;
+    let mut cache = Cache::<bf16>::new(&ctx, &mut rng, (2, 128), Layout::Paged(16));
+    let mut lens = ctx.upload(&LENS, [LENS.len()]).unwrap();
+    let mut host_lens = LENS.to_vec();
+    let mut io = StepIo::new(&ctx, &cache, 4);
+    let mut passed = true;
+    // Eager once (sizes the scratch), then captured, then replayed.
+    io.refill(&mut rng);
+    device_sync();
+    io.queue(&on_theirs, &mut cache, &mut lens, &cfg, update);
+    on_theirs.synchronize().unwrap();
+    passed &= io.check(&mut cache, (&lens, &mut host_lens), &cfg, update);
+    let graph = Graph::capture(&theirs, || {
+        io.queue(&on_theirs, &mut cache, &mut lens, &cfg, update)
+    });
+    for _ in 0..5 {
+        io.refill(&mut rng);
+        device_sync();
+        graph.launch(&theirs);
+        on_theirs.synchronize().unwrap();
+        passed &= io.check(&mut cache, (&lens, &mut host_lens), &cfg, update);
+    }
+    drop(graph);
+    assert!(passed);
+    // The fullest sequences reached the capacity: later rows were dropped.
+    assert!(host_lens.contains(&(cache.cap as i32)), "{host_lens:?}");
 }

@@ -2,78 +2,20 @@
 //! one over), CUDA graph capture of operations on it, a context's own second stream, and a stream
 //! of another CUDA context (refused); a captured decode replayed with new per-sequence lengths. On machines without a Hopper GPU every test says loudly
 //! that it skipped.
-use cust::context::CurrentContext;
 use cust::stream::{Stream, StreamFlags};
-use cust::sys::{self, CUresult};
+use cust::sys;
 use duo_attn::reference::Shape;
 use duo_attn::{
     AttentionConfig, CacheConfig, CachePaging, Context, DeviceTensor, DuoCache, Error, HeadKind,
     PrefillKernel,
 };
 use duo_attn_tests::{
-    Comparison, SlotHistory, alternating_kinds, compare, compare_per_sequence_lengths, gpu_or_skip,
-    notice, random_tensor, rng, rows_to_check, run_decode_case, run_prefill_case,
+    Comparison, Graph, SlotHistory, alternating_kinds, check, compare,
+    compare_per_sequence_lengths, device_sync, gpu_or_skip, notice, random_tensor, rng,
+    rows_to_check, run_decode_case, run_prefill_case,
 };
 use half::bf16;
 use rand::rngs::StdRng;
-
-fn check(status: CUresult, what: &str) {
-    assert_eq!(status, CUresult::CUDA_SUCCESS, "{what}");
-}
-
-/// An instantiated CUDA graph of what `queue` puts on stream `raw` (captured in global mode),
-/// destroyed on drop.
-struct Graph {
-    graph: sys::CUgraph,
-    exec: sys::CUgraphExec,
-}
-
-impl Graph {
-    fn capture(raw: sys::CUstream, queue: impl FnOnce()) -> Graph {
-        let mut graph: sys::CUgraph = std::ptr::null_mut();
-        let mut exec: sys::CUgraphExec = std::ptr::null_mut();
-        let global = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL;
-        // SAFETY (each call): a valid stream and live out-parameters.
-        check(
-            unsafe { sys::cuStreamBeginCapture_v2(raw, global) },
-            "begin capture",
-        );
-        queue();
-        check(
-            unsafe { sys::cuStreamEndCapture(raw, &mut graph) },
-            "end capture",
-        );
-        check(
-            unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) },
-            "instantiate the graph",
-        );
-        Graph { graph, exec }
-    }
-
-    fn launch(&self, raw: sys::CUstream) {
-        // SAFETY: an instantiated graph, a valid stream.
-        check(
-            unsafe { sys::cuGraphLaunch(self.exec, raw) },
-            "launch the graph",
-        );
-    }
-}
-
-impl Drop for Graph {
-    fn drop(&mut self) {
-        // SAFETY: handles made by `capture`, destroyed once.
-        unsafe {
-            sys::cuGraphExecDestroy(self.exec);
-            sys::cuGraphDestroy(self.graph);
-        }
-    }
-}
-
-/// Waits for the whole device: orders `DeviceTensor`'s legacy-stream copies and fills with work
-/// on a non-blocking stream.
-fn device_sync() {
-    CurrentContext::synchronize().unwrap();
-}
 
 /// One operation's inputs and outputs on the device, with host copies for the reference.
 struct Case {
@@ -235,7 +177,7 @@ fn caller_stream_and_graph_capture() {
         case.refill(&mut rng);
     }
     device_sync();
-    let graph = Graph::capture(raw, || {
+    let graph = Graph::capture(&theirs, || {
         for case in &mut work {
             case.queue(&on_theirs);
         }
@@ -246,7 +188,7 @@ fn caller_stream_and_graph_capture() {
         "a captured operation ran at capture time: it was not queued on the caller's stream"
     );
     let replay = |what: &str, work: &mut [Case], rng: &mut StdRng| {
-        graph.launch(raw);
+        graph.launch(&theirs);
         on_theirs.synchronize().unwrap();
         assert_passed(work, rng, what);
     };
@@ -350,13 +292,13 @@ fn graph_replays_new_cache_seqlens() {
     on_theirs.synchronize().unwrap();
     check_step("eager", &out, &lse, &steps[0]);
 
-    let graph = Graph::capture(raw, || queue(&mut out, &mut lse, &lens));
+    let graph = Graph::capture(&theirs, || queue(&mut out, &mut lse, &lens));
     for (i, step) in steps.iter().enumerate() {
         lens.copy_from_host(step).unwrap();
         out.fill(bf16::NAN).unwrap();
         lse.fill(f32::NAN).unwrap();
         device_sync();
-        graph.launch(raw);
+        graph.launch(&theirs);
         on_theirs.synchronize().unwrap();
         check_step(&format!("graph replay {i}"), &out, &lse, step);
     }
@@ -617,10 +559,10 @@ fn cache_decode_graph(test: &str, paging: Option<CachePaging>) {
     on_theirs.synchronize().unwrap();
     check("eager", &cache, &step, &hist);
     cache.reserve(&on_theirs, 8).unwrap();
-    let graph = Graph::capture(raw, || queue(&mut cache, &mut step));
+    let graph = Graph::capture(&theirs, || queue(&mut cache, &mut step));
     for replay in 0..3 {
         refill(&mut rng, &mut step, &mut hist);
-        graph.launch(raw);
+        graph.launch(&theirs);
         on_theirs.synchronize().unwrap();
         check(&format!("replay {replay}"), &cache, &step, &hist);
     }
@@ -644,7 +586,7 @@ fn cache_decode_graph(test: &str, paging: Option<CachePaging>) {
     prefill(&mut rng, &mut cache, &mut hist, 0, 20);
     for replay in 0..2 {
         refill(&mut rng, &mut step, &mut hist);
-        graph.launch(raw);
+        graph.launch(&theirs);
         on_theirs.synchronize().unwrap();
         check(
             &format!("replay {replay} after a reset"),
