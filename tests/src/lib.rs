@@ -519,6 +519,24 @@ pub fn kv_with_nan_tails<T: DeviceScalar>(
     (x, x32)
 }
 
+/// Where a caller's KV cache lives: batch-strided, or in pages of this many keys.
+#[derive(Clone, Copy, Debug)]
+pub enum CacheLayout {
+    Contiguous,
+    Paged(usize),
+}
+
+impl CacheLayout {
+    /// Keys per sequence of a cache made for `keys`: those, rounded up to whole pages when paged
+    /// (a block table row's capacity).
+    pub fn capacity(self, keys: usize) -> usize {
+        match self {
+            CacheLayout::Contiguous => keys,
+            CacheLayout::Paged(page) => keys.next_multiple_of(page),
+        }
+    }
+}
+
 /// Pool pages `0..pages` in random order: a paged cache's placement, sequence `b`'s page `j` at
 /// entry `b * pages_per_sequence + j` (the block table's rows); entries past those are spare.
 pub fn shuffled_pages(rng: &mut impl Rng, pages: usize) -> Vec<i32> {

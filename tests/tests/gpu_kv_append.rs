@@ -7,32 +7,16 @@ use cust::stream::{Stream, StreamFlags};
 use duo_attn::reference::Shape;
 use duo_attn::{AttentionConfig, AttnElement, Context, DeviceTensor, Error, NewKv, SeqlensUpdate};
 use duo_attn_tests::{
-    Graph, alibi_slopes, alternating_kinds, compare_per_sequence_lengths, device_sync, gpu_or_skip,
-    notice, random_tensor, rng, scatter_pages, shuffled_pages,
+    CacheLayout, Graph, alibi_slopes, alternating_kinds, compare_per_sequence_lengths, device_sync,
+    gpu_or_skip, notice, random_tensor, rng, scatter_pages, shuffled_pages,
 };
 use half::{bf16, f16};
 use rand::Rng;
 use rand::rngs::StdRng;
 
-/// Where the cache lives: batch-strided, or in pages of this many keys.
-#[derive(Clone, Copy, Debug)]
-enum Layout {
-    Contiguous,
-    Paged(usize),
-}
-
-/// Keys per sequence a contiguous cache holds (a paged one: rounded up to whole pages).
+/// Keys per sequence a contiguous cache holds (a paged one: rounded up to whole pages, see
+/// `CacheLayout::capacity`).
 const CAPACITY: usize = 3000;
-
-impl Layout {
-    /// Keys per sequence: the cache's rows, or a block table row's pages.
-    fn capacity(self) -> usize {
-        match self {
-            Layout::Contiguous => CAPACITY,
-            Layout::Paged(page) => CAPACITY.next_multiple_of(page),
-        }
-    }
-}
 
 /// Counts before the append: empty, short, mid, near the end (rows past the capacity dropped),
 /// negative and past the capacity (clamped), and full.
@@ -40,7 +24,7 @@ const LENS: [i32; 7] = [0, 129, 1500, 2995, -7, 99_999, 3000];
 
 /// A caller's cache on the device and its host model (dense `[B, capacity, Hkv, D]`).
 struct Cache<T: AttnElement> {
-    layout: Layout,
+    layout: CacheLayout,
     cap: usize,
     heads_kv: usize,
     head_dim: usize,
@@ -54,8 +38,8 @@ struct Cache<T: AttnElement> {
 
 impl<T: AttnElement> Cache<T> {
     /// Random rows below each count, NaN past it (and in the pool's spare pages).
-    fn new(ctx: &Context, rng: &mut StdRng, (hkv, d): (usize, usize), layout: Layout) -> Self {
-        let (b, cap) = (LENS.len(), layout.capacity());
+    fn new(ctx: &Context, rng: &mut StdRng, (hkv, d): (usize, usize), layout: CacheLayout) -> Self {
+        let (b, cap) = (LENS.len(), layout.capacity(CAPACITY));
         let row = hkv * d;
         let mut host = [0, 1].map(|_| random_tensor::<T>(rng, b * cap * row).0);
         for x in &mut host {
@@ -66,7 +50,7 @@ impl<T: AttnElement> Cache<T> {
         }
         let [host_k, host_v] = host;
         let (k, v, table) = match layout {
-            Layout::Contiguous => {
+            CacheLayout::Contiguous => {
                 let shape = [b, cap, hkv, d];
                 (
                     ctx.upload(&host_k, shape).unwrap(),
@@ -74,7 +58,7 @@ impl<T: AttnElement> Cache<T> {
                     None,
                 )
             }
-            Layout::Paged(page) => {
+            CacheLayout::Paged(page) => {
                 let per_seq = cap / page;
                 let order = shuffled_pages(rng, b * per_seq + 3);
                 let pool = [order.len(), page, hkv, d];
@@ -121,7 +105,7 @@ impl<T: AttnElement> Cache<T> {
     /// Whether the device cache equals the host model bit for bit (NaN where the model has NaN).
     fn matches_host(&self) -> bool {
         let want = |x: &[T]| match (&self.layout, &self.table) {
-            (Layout::Paged(page), Some((_, order))) => {
+            (CacheLayout::Paged(page), Some((_, order))) => {
                 let row = self.heads_kv * self.head_dim;
                 scatter_pages(x, (self.cap, row), *page, order, T::nan())
             }
@@ -151,7 +135,7 @@ fn counts_after(update: SeqlensUpdate, lens: &[i32], ends: &[i32]) -> Vec<i32> {
 fn append_case<T: AttnElement>(
     ctx: &Context,
     rng: &mut StdRng,
-    (d, layout, n): (usize, Layout, usize),
+    (d, layout, n): (usize, CacheLayout, usize),
     update: SeqlensUpdate,
 ) -> bool {
     let (b, hkv) = (LENS.len(), 3);
@@ -207,7 +191,11 @@ fn append_kv_writes_rows_at_each_count() {
     let mut rng = rng(test);
     let mut failed = Vec::new();
     for (i, d) in [64, 128, 256].into_iter().enumerate() {
-        for layout in [Layout::Contiguous, Layout::Paged(16), Layout::Paged(256)] {
+        for layout in [
+            CacheLayout::Contiguous,
+            CacheLayout::Paged(16),
+            CacheLayout::Paged(256),
+        ] {
             for n in [1, 37, 700] {
                 let update = if (i + n) % 2 == 0 {
                     SeqlensUpdate::Keep
@@ -388,7 +376,7 @@ fn decode_step<T: AttnElement>(
 fn decode_case<T: AttnElement>(
     ctx: &Context,
     rng: &mut StdRng,
-    (d, layout, n): (usize, Layout, usize),
+    (d, layout, n): (usize, CacheLayout, usize),
     cfg: &AttentionConfig,
     update: SeqlensUpdate,
 ) -> bool {
@@ -412,7 +400,11 @@ fn decode_append_matches_reference() {
     let mut failed = Vec::new();
     let mut case = 0;
     for d in [64, 128, 256] {
-        for layout in [Layout::Contiguous, Layout::Paged(16), Layout::Paged(128)] {
+        for layout in [
+            CacheLayout::Contiguous,
+            CacheLayout::Paged(16),
+            CacheLayout::Paged(128),
+        ] {
             for (sink, window) in [(8, 700), (4, 5), (8, 0)] {
                 case += 1;
                 let n = [1, 3, 16][case % 3];
@@ -456,9 +448,9 @@ fn sanitizer_small_kv_append() {
     let mut rng = rng(test);
     let mut passed = true;
     for (d, layout) in [
-        (64, Layout::Contiguous),
-        (128, Layout::Paged(16)),
-        (256, Layout::Paged(128)),
+        (64, CacheLayout::Contiguous),
+        (128, CacheLayout::Paged(16)),
+        (256, CacheLayout::Paged(128)),
     ] {
         for update in [SeqlensUpdate::Keep, SeqlensUpdate::Advance] {
             passed &= append_case::<bf16>(&ctx, &mut rng, (d, layout, 5), update);
@@ -482,7 +474,7 @@ fn decode_append_steps_advance_the_counts() {
     };
     let mut rng = rng(test);
     let mut passed = true;
-    for (d, layout) in [(128, Layout::Contiguous), (64, Layout::Paged(16))] {
+    for (d, layout) in [(128, CacheLayout::Contiguous), (64, CacheLayout::Paged(16))] {
         let cfg = AttentionConfig::new(alternating_kinds(2))
             .sink(4)
             .window(300);
@@ -591,7 +583,7 @@ fn graph_replays_decode_append_steps() {
         .sink(4)
         .window(300);
     let update = SeqlensUpdate::Advance;
-    let mut cache = Cache::<bf16>::new(&ctx, &mut rng, (2, 128), Layout::Paged(16));
+    let mut cache = Cache::<bf16>::new(&ctx, &mut rng, (2, 128), CacheLayout::Paged(16));
     let mut lens = ctx.upload(&LENS, [LENS.len()]).unwrap();
     let mut host_lens = LENS.to_vec();
     let mut io = StepIo::new(&ctx, &cache, 4);

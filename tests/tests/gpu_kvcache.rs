@@ -5,18 +5,11 @@
 use duo_attn::reference::Shape;
 use duo_attn::{AttentionConfig, AttnElement, Context, Error, HeadKind, PrefillKernel};
 use duo_attn_tests::{
-    Comparison, alibi_slopes, compare_packed_sequence, gpu_or_skip, kv_with_nan_tails, notice,
-    prefix_sums, random_tensor, rng, scatter_pages, shuffled_pages,
+    CacheLayout, Comparison, alibi_slopes, compare_packed_sequence, gpu_or_skip, kv_with_nan_tails,
+    notice, prefix_sums, random_tensor, rng, scatter_pages, shuffled_pages,
 };
 use half::{bf16, f16};
 use rand::rngs::StdRng;
-
-/// Where the cache lives: batch-strided, or in pages of this many keys.
-#[derive(Clone, Copy, Debug)]
-enum Layout {
-    Contiguous,
-    Paged(usize),
-}
 
 /// One KV-cache prefill of sequences `(query rows, key count)` over caches of `s_max` keys with
 /// `(Hq, Hkv, D)` heads, on fresh random inputs with the outputs poisoned; per-sequence results.
@@ -26,7 +19,7 @@ fn run_case<T: AttnElement>(
     (hq, hkv, d): (usize, usize, usize),
     s_max: usize,
     seqs: &[(usize, usize)],
-    layout: Layout,
+    layout: CacheLayout,
     cfg: &AttentionConfig,
 ) -> Result<Vec<Comparison>, Error> {
     let b = seqs.len();
@@ -54,7 +47,7 @@ fn run_case<T: AttnElement>(
     out.fill(T::nan())?;
     lse.fill(f32::NAN)?;
     match layout {
-        Layout::Contiguous => {
+        CacheLayout::Contiguous => {
             let dk = ctx.upload(&k, [b, s_max, hkv, d])?;
             let dv = ctx.upload(&v, [b, s_max, hkv, d])?;
             let (mut o, mut l) = (out.view_mut(), lse.view_mut());
@@ -69,7 +62,7 @@ fn run_case<T: AttnElement>(
                 cfg,
             )?;
         }
-        Layout::Paged(page) => {
+        CacheLayout::Paged(page) => {
             // Each sequence's pages scattered over a pool with spare (NaN) pages, in random order.
             let per_seq = s_max.div_ceil(page);
             let pages = b * per_seq + 3;
@@ -117,7 +110,7 @@ fn check<T: AttnElement>(
     heads: (usize, usize, usize),
     s_max: usize,
     seqs: &[(usize, usize)],
-    layout: Layout,
+    layout: CacheLayout,
     cfg: &AttentionConfig,
 ) -> Vec<String> {
     let what = format!(
@@ -167,7 +160,7 @@ fn kvcache_prefill_matches_reference() {
             heads,
             1000,
             seqs,
-            Layout::Contiguous,
+            CacheLayout::Contiguous,
             &cfg,
         ));
     };
@@ -196,7 +189,7 @@ fn kvcache_prefill_matches_reference() {
     }
     // f16, MQA, all retrieval.
     let cfg = AttentionConfig::all_retrieval(1);
-    let layout = Layout::Contiguous;
+    let layout = CacheLayout::Contiguous;
     failures.extend(check::<f16>(
         &ctx,
         &mut rng,
@@ -222,7 +215,7 @@ fn kvcache_paged_prefill_matches_reference() {
         (128, 512, Some(3)),
         (64, 128, Some(32)),
     ] {
-        let (cfg, layout) = (mixed(PrefillKernel::Auto, splits), Layout::Paged(page));
+        let (cfg, layout) = (mixed(PrefillKernel::Auto, splits), CacheLayout::Paged(page));
         failures.extend(check::<bf16>(
             &ctx,
             &mut rng,
@@ -240,12 +233,12 @@ fn kvcache_paged_prefill_matches_reference() {
         (8, 8, 128),
         1000,
         &SEQS,
-        Layout::Paged(256),
+        CacheLayout::Paged(256),
         &band,
     ));
     let (cfg, layout) = (
         AttentionConfig::all_streaming(2, 4, 100),
-        Layout::Paged(128),
+        CacheLayout::Paged(128),
     );
     failures.extend(check::<f16>(
         &ctx,
@@ -272,11 +265,11 @@ fn kvcache_alibi_matches_reference() {
     let mut failures = Vec::new();
     let (tma, cp_async) = (PrefillKernel::Auto, PrefillKernel::WgmmaWarpSpecialized);
     for (n, (layout, kernel, splits, d)) in [
-        (Layout::Contiguous, tma, None, 128),
-        (Layout::Contiguous, tma, Some(3), 64),
-        (Layout::Contiguous, cp_async, None, 128),
-        (Layout::Paged(128), tma, None, 64),
-        (Layout::Paged(256), tma, Some(3), 128),
+        (CacheLayout::Contiguous, tma, None, 128),
+        (CacheLayout::Contiguous, tma, Some(3), 64),
+        (CacheLayout::Contiguous, cp_async, None, 128),
+        (CacheLayout::Paged(128), tma, None, 64),
+        (CacheLayout::Paged(256), tma, Some(3), 128),
     ]
     .into_iter()
     .enumerate()
@@ -307,7 +300,7 @@ fn kvcache_alibi_matches_reference() {
         (8, 2, 128),
         1000,
         &SEQS,
-        Layout::Paged(128),
+        CacheLayout::Paged(128),
         &cfg,
     );
     failures.extend(found);
@@ -325,7 +318,7 @@ fn sanitizer_small_kvcache_prefill() {
     let mut rng = rng("sanitizer kvcache prefill");
     let seqs = [(70, 200), (0, 9), (3, 3), (130, 130)];
     let mut failures = Vec::new();
-    let (contiguous, paged) = (Layout::Contiguous, Layout::Paged(128));
+    let (contiguous, paged) = (CacheLayout::Contiguous, CacheLayout::Paged(128));
     let (tma, cp_async) = (PrefillKernel::Auto, PrefillKernel::WgmmaWarpSpecialized);
     for (layout, kernel, splits) in [
         (contiguous, tma, None),
