@@ -273,7 +273,7 @@ pub(crate) fn check_shape<const N: usize>(
 }
 
 /// Rules for a `[B, S, H, D]` operand: head dim contiguous, 16-byte aligned base and strides, in bounds.
-fn check_bshd(t: &TensorDesc<4>, tensor: &'static str) -> Result<()> {
+pub(crate) fn check_bshd(t: &TensorDesc<4>, tensor: &'static str) -> Result<()> {
     if t.strides[3] != 1 {
         return Err(Error::NonContiguousHeadDim {
             tensor,

@@ -26,6 +26,7 @@ use crate::element::AttnElement;
 use crate::error::{Error, Result};
 use crate::kvcache::{Paging, use_cache_build};
 use crate::pattern::{Binarize, HeadPattern};
+use crate::rotary::RotaryPositions;
 use crate::tensor::{DeviceTensor, TensorDesc, View, ViewMut};
 use duo_attn_kernels::abi::{
     CacheParams, DECODE_HEAD_DIMS, KvSource, MAX_KV_HEADS, MAX_SEQLEN, decode_fuses_append,
@@ -422,6 +423,30 @@ impl<T: AttnElement> DuoCache<T> {
         Ok(&self.layer(layer)?.lens)
     }
 
+    /// Where `layer`'s next tokens sit, per slot: its cached lengths as the device holds them,
+    /// for [`Context::apply_rotary`] on a step's Q and K before the step's append, decode or
+    /// forward (stream order: the rotation reads the lengths before the step advances them, so
+    /// a captured step replays at the lengths the device holds).
+    pub fn rotary_positions(&self, layer: usize) -> Result<RotaryPositions<'_>> {
+        self.positions_of(layer, 0..self.cfg.batch)
+    }
+
+    /// The device lengths of `layer` for slots `seqs`, as rotary positions.
+    fn positions_of(&self, layer: usize, seqs: Range<usize>) -> Result<RotaryPositions<'_>> {
+        self.layer(layer)?;
+        let (ptr, _) = self.device_lengths(layer, seqs.start);
+        let n = seqs.len();
+        let desc = TensorDesc {
+            ptr,
+            shape: [n],
+            strides: [1],
+            available: n,
+            elem_bytes: 4,
+            device: self.lengths.device(),
+        };
+        Ok(RotaryPositions::PerSequence(View::from_desc(desc)))
+    }
+
     /// Forgets every cached token of every slot (the memory stays allocated), on the context's
     /// stream.
     pub fn reset(&mut self, ctx: &Context) -> Result<()> {
@@ -742,6 +767,11 @@ impl<T: AttnElement> CacheSlots<'_, T> {
     /// Tokens cached in `layer` by each of these slots.
     pub fn lens(&self, layer: usize) -> Result<&[usize]> {
         Ok(&self.cache.layer(layer)?.lens[self.seqs.clone()])
+    }
+
+    /// [`DuoCache::rotary_positions`] of these slots.
+    pub fn rotary_positions(&self, layer: usize) -> Result<RotaryPositions<'_>> {
+        self.cache.positions_of(layer, self.seqs.clone())
     }
 
     /// Forgets these slots' tokens in every layer (a finished request's slot, ready for the

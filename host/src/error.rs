@@ -218,6 +218,12 @@ pub enum Error {
         /// What does not fit.
         why: String,
     },
+    /// A rotary table that does not fit the call: its dims, values, positions or address.
+    #[error("rotary embedding: {why}")]
+    InvalidRotary {
+        /// What does not fit.
+        why: String,
+    },
     /// ALiBi slopes were given to an operation or kernel without an ALiBi build.
     #[error(
         "ALiBi is not supported by {by}; it runs in prefill (plain, varlen and over a KV cache) on PrefillKernel::Auto, WgmmaTma or WgmmaWarpSpecialized at head dims 64 and 128, and in decode over contiguous or paged K/V"

@@ -37,6 +37,7 @@ pub mod kv_append;
 pub mod kvcache;
 pub mod pattern;
 pub mod reference;
+pub mod rotary;
 pub mod split_kv;
 pub mod tensor;
 pub mod tma;
@@ -55,6 +56,7 @@ pub use error::{Error, Result};
 pub use kv_append::{NewKv, SeqlensUpdate};
 pub use kvcache::{KvCacheDesc, plan_prefill_kvcache};
 pub use pattern::{Binarize, HeadPattern};
+pub use rotary::{RotaryPositions, RotaryTable};
 pub use split_kv::{PartialRows, SplitKv, SplitShape, SplitWork, choose_kv_splits};
 pub use tensor::{DeviceTensor, TensorDesc, View, ViewMut};
 

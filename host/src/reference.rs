@@ -178,3 +178,27 @@ pub fn attention(
     }
     (out, lse)
 }
+
+/// Float64 RoPE of one head row `x` at table position `pos`: pair `j < half` (elements `j` and
+/// `j + half`, or `2j` and `2j + 1` when `interleaved`) turned by `cos[pos * half + j]`,
+/// `sin[pos * half + j]` (tables `[positions, half]`); the elements past `2 * half` stay.
+pub fn rotary_row(
+    x: &[f64],
+    (cos, sin): (&[f32], &[f32]),
+    half: usize,
+    interleaved: bool,
+    pos: usize,
+) -> Vec<f64> {
+    let mut y = x.to_vec();
+    for j in 0..half {
+        let (i1, i2) = if interleaved {
+            (2 * j, 2 * j + 1)
+        } else {
+            (j, j + half)
+        };
+        let (c, s) = (cos[pos * half + j] as f64, sin[pos * half + j] as f64);
+        y[i1] = x[i1] * c - x[i2] * s;
+        y[i2] = x[i2] * c + x[i1] * s;
+    }
+    y
+}

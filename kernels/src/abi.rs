@@ -708,6 +708,93 @@ pub struct CacheParams {
     pub num_pages: i32,
 }
 
+/// A rotary embedding table (FlashAttention's `rotary_cos` / `rotary_sin`): f32
+/// `[rows, half]` each, row-major, where `half` is the rotary dim over two. Position `p`'s pair
+/// `j` turns by the angle whose cosine and sine are `cos[p * half + j]` and `sin[p * half + j]`.
+/// Non-interleaved (GPT-NeoX, Llama): pair `j` is elements `j` and `j + half` of a head's row;
+/// interleaved (GPT-J): elements `2j` and `2j + 1`. Elements at and past `2 * half` stay.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RotaryTable {
+    /// Device address of the cosines (16-byte aligned); 0: no rotation.
+    pub cos: u64,
+    /// Device address of the sines (16-byte aligned).
+    pub sin: u64,
+    /// Positions in the table.
+    pub rows: i32,
+    /// Rotary dim / 2 (a multiple of 8): f32 per table row.
+    pub half: i32,
+    /// 1: interleaved pairs, 0: pairs half a rotary dim apart.
+    pub interleaved: u32,
+    /// Padding (keeps the struct's size a multiple of 8 bytes).
+    pub pad: u32,
+}
+
+/// `duo_rotary_{bf16,f16}`: rotates (RoPE) rows of `src` `[.., heads, head_dim]` into `dst` (the
+/// same address: in place) by `table`. Row `r` of the launch (`0..rows`) belongs to sequence `b`
+/// at index `s` within it: with `cu_seqlens` (varlen, `[batch + 1]` i32 prefix sums) `b` is the
+/// sequence whose range holds `r` and the tensor row is `r`; else `b = r / seqlen` and the
+/// tensor row is `s = r % seqlen` of batch entry `b`. Its position is `offsets[b] + s` (`offsets`
+/// a device `[batch]` i32, or 0: `offset + s`). A row whose position lies outside the table, or
+/// (varlen) outside every sequence, is copied unrotated (`dst != src`) or left as it is.
+/// Element strides are (batch, row, head); the head dim is contiguous. Grid: one-dimensional,
+/// `ceil(rows * heads * items / ROTARY_THREADS)` blocks of `ROTARY_THREADS`, `items` from
+/// [`rotary_items`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RotaryParams {
+    /// The table.
+    pub table: RotaryTable,
+    /// Device address of the input rows.
+    pub src: u64,
+    /// Element strides of `src`: (batch, row, head); batch 0 for varlen.
+    pub src_strides: [i64; 3],
+    /// Device address of the output rows (`src`: in place).
+    pub dst: u64,
+    /// Element strides of `dst`.
+    pub dst_strides: [i64; 3],
+    /// 0, or the device `[batch + 1]` i32 row prefix sums of a varlen batch.
+    pub cu_seqlens: u64,
+    /// 0, or a device `[batch]` i32 array of each sequence's first position.
+    pub offsets: u64,
+    /// The first position of every sequence when `offsets` is 0.
+    pub offset: i32,
+    /// Rows of the launch (`batch * seqlen`, or the varlen total).
+    pub rows: i32,
+    /// Rows per batch entry (without `cu_seqlens`).
+    pub seqlen: i32,
+    /// Sequences.
+    pub batch: i32,
+    /// Heads per row.
+    pub heads: i32,
+    /// Elements per head row (a multiple of 8, at least the rotary dim).
+    pub head_dim: i32,
+    /// 1: also copy the elements past the rotary dim (out of place).
+    pub copy_rest: u32,
+    /// Padding.
+    pub pad: u32,
+}
+
+/// Threads per block of the rotary kernel.
+pub const ROTARY_THREADS: u32 = 256;
+
+/// Threads per head row of the rotary kernel: one per 16-byte chunk pair (non-interleaved) or
+/// chunk (interleaved) of the rotary dim, plus one per chunk past it when those are copied.
+pub const fn rotary_items(
+    half: usize,
+    interleaved: bool,
+    head_dim: usize,
+    copy_rest: bool,
+) -> usize {
+    let rotated = if interleaved { half / 4 } else { half / 8 };
+    let rest = if copy_rest {
+        (head_dim - 2 * half) / 8
+    } else {
+        0
+    };
+    rotated + rest
+}
+
 /// Decode kernel entry names, by (element, head dim).
 pub const DECODE_ENTRIES: [(&str, &str, usize); 36] = [
     ("duo_decode_bf16_d64", "bf16", 64),
@@ -748,8 +835,13 @@ pub const DECODE_ENTRIES: [(&str, &str, usize); 36] = [
     ("duo_decode_alibi_paged_tiles_f16_d256", "f16", 256),
 ];
 
-/// The remaining entries: cache maintenance.
-pub const SUPPORT_ENTRIES: [&str; 2] = ["duo_cache_append", "duo_cache_gather_stream"];
+/// The remaining entries: cache maintenance and rotary embeddings.
+pub const SUPPORT_ENTRIES: [&str; 4] = [
+    "duo_cache_append",
+    "duo_cache_gather_stream",
+    "duo_rotary_bf16",
+    "duo_rotary_f16",
+];
 
 /// Every kernel entry of the module.
 pub fn all_entries() -> impl Iterator<Item = &'static str> {

@@ -282,6 +282,26 @@ pub fn pack_f16x2(lo: f32, hi: f32) -> u32 {
     r
 }
 
+/// A packed bf16x2 to two f32 (low half first): a bf16 is the top half of its f32.
+#[inline(always)]
+pub fn unpack_bf16x2(x: u32) -> [f32; 2] {
+    [f32::from_bits(x << 16), f32::from_bits(x & 0xffff_0000)]
+}
+
+/// A packed f16x2 to two f32 (low half first), exactly.
+#[inline(always)]
+pub fn unpack_f16x2(x: u32) -> [f32; 2] {
+    let (lo, hi): (f32, f32);
+    unsafe {
+        asm!(
+            "{{ .reg .b16 l, h; mov.b32 {{l, h}}, {x}; cvt.f32.f16 {lo}, l; cvt.f32.f16 {hi}, h; }}",
+            x = in(reg32) x, lo = out(reg32) lo, hi = out(reg32) hi,
+            options(pure, nomem, nostack)
+        )
+    };
+    [lo, hi]
+}
+
 /// Loads of four 32-bit values by one vector instruction `$op` from address `addr` (`$addr`
 /// in register class `$reg`): global vector loads and `ldmatrix ... .x4`.
 macro_rules! load_x4 {
@@ -308,6 +328,15 @@ load_x4!(
     reg64,
     u32,
     "ld.global.nc.v4.u32"
+);
+load_x4!(
+    /// Plain (coherent) load: for data this kernel may write, such as the rows an in-place
+    /// kernel reads and then overwrites.
+    ld_global_v4,
+    u64,
+    reg64,
+    u32,
+    "ld.global.v4.u32"
 );
 load_x4!(
     /// Cached in L2 only: for data other blocks of the same kernel wrote.

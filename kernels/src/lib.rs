@@ -40,6 +40,8 @@ pub mod prefill_wgmma;
 #[cfg(target_arch = "nvptx64")]
 pub mod prefill_wgmma_ws;
 #[cfg(target_arch = "nvptx64")]
+pub mod rotary;
+#[cfg(target_arch = "nvptx64")]
 pub mod softmax;
 #[cfg(target_arch = "nvptx64")]
 pub mod tile;

@@ -4,7 +4,7 @@
 //! A (16x16, row-major): regs 0/1 hold rows g / g+8 at columns 2t..2t+1, regs 2/3 the same rows at
 //! columns 2t+8..2t+9. B (16x8, "col"): reg 0 holds k = 2t..2t+1 of column g, reg 1 k = 2t+8..2t+9.
 //! C (16x8 f32): c0,c1 row g columns 2t,2t+1; c2,c3 row g+8.
-use crate::device::{ld_shared_u32, pack_bf16x2, pack_f16x2};
+use crate::device::{ld_shared_u32, pack_bf16x2, pack_f16x2, unpack_bf16x2, unpack_f16x2};
 use core::arch::asm;
 
 /// A 16-bit element type the tensor cores take.
@@ -13,13 +13,15 @@ pub trait Element {
     fn mma(acc: &mut [f32; 4], a: &[u32; 4], b: [u32; 2]);
     /// Two f32 to a packed pair, `lo` in the low half.
     fn pack(lo: f32, hi: f32) -> u32;
+    /// A packed pair to two f32, the low half first (exact).
+    fn unpack(x: u32) -> [f32; 2];
 }
 
 pub enum Bf16 {}
 pub enum F16 {}
 
 macro_rules! mma_element {
-    ($ty:ty, $ptx_ty:literal, $pack:ident) => {
+    ($ty:ty, $ptx_ty:literal, $pack:ident, $unpack:ident) => {
         impl Element for $ty {
             #[inline(always)]
             fn mma(acc: &mut [f32; 4], a: &[u32; 4], b: [u32; 2]) {
@@ -40,12 +42,16 @@ macro_rules! mma_element {
             fn pack(lo: f32, hi: f32) -> u32 {
                 $pack(lo, hi)
             }
+            #[inline(always)]
+            fn unpack(x: u32) -> [f32; 2] {
+                $unpack(x)
+            }
         }
     };
 }
 
-mma_element!(Bf16, "bf16", pack_bf16x2);
-mma_element!(F16, "f16", pack_f16x2);
+mma_element!(Bf16, "bf16", pack_bf16x2, unpack_bf16x2);
+mma_element!(F16, "f16", pack_f16x2, unpack_f16x2);
 
 /// The 4 accumulators of 8-column tile `j` of a flat accumulator array (m16n8 C layout).
 #[inline(always)]

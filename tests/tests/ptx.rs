@@ -93,7 +93,7 @@ fn sass_shows_tensor_core_instructions() {
                 k.hgmma,
                 k.hmma
             );
-        } else if is("duo_prefill_merge") || is("duo_cache") {
+        } else if is("duo_prefill_merge") || is("duo_cache") || is("duo_rotary") {
             assert_eq!(k.hgmma + k.hmma, 0, "{}: tensor-core instructions", k.name);
         } else {
             assert!(k.hmma > 0, "{}: no HMMA", k.name);

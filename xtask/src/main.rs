@@ -196,6 +196,7 @@ const RUN_SH: &str = r#"#!/usr/bin/env bash
 #   ./run.sh serve [ARGS] the serve example only (e.g. --prompt 32768 --steps 128)
 #   ./run.sh sass         HGMMA/HMMA instruction counts per kernel (cuobjdump)
 #   ./run.sh sanitize     compute-sanitizer memcheck, racecheck and synccheck on a small GPU test
+#   ./run.sh rotary       rotary embeddings: PyTorch peers (rotary_peers.py), then duo-bench --rotary
 #   ./run.sh bench [--quick] [--prefill-head-dim 64|256]  peers (PyTorch) then duo-bench: merged
 #                         table, $BENCH_OUT/bench.{json,svg}
 set -uo pipefail
@@ -208,6 +209,12 @@ if [ "${1:-}" = "bench" ]; then
   mkdir -p "$out"
   python3 peers.py --out "$out/peers.json" "$@" || exit 1
   exec bin/duo-bench --peers "$out/peers.json" --out-dir "$out" "$@"
+fi
+if [ "${1:-}" = "rotary" ]; then
+  out="${BENCH_OUT:-bench-out}"
+  mkdir -p "$out"
+  python3 rotary_peers.py --out "$out/rotary-peers.json" || exit 1
+  exec bin/duo-bench --rotary --rotary-peers "$out/rotary-peers.json" --out-dir "$out"
 fi
 if [ "${1:-}" = "serve" ]; then
   shift
@@ -245,6 +252,7 @@ if [ "${1:-}" = "sanitize" ]; then
     compute-sanitizer --tool "$tool" --error-exitcode 99 bin/test-gpu_decode decode_alibi_small_launches --test-threads=1 || status=1
     compute-sanitizer --tool "$tool" --error-exitcode 99 bin/test-gpu_kv_append sanitizer_small_kv_append --test-threads=1 || status=1
     compute-sanitizer --tool "$tool" --error-exitcode 99 bin/test-gpu_kv_append graph_replays_decode_append_steps --test-threads=1 || status=1
+    compute-sanitizer --tool "$tool" --error-exitcode 99 bin/test-gpu_rotary sanitizer_small_rotary --test-threads=1 || status=1
   done
   exit $status
 fi
@@ -299,10 +307,12 @@ fn gpu_bundle(out: &Path) -> Result<()> {
     let bench = cargo_executables(&["build", "--release", "-p", "duo-attn-bench"], false)?;
     let (_, bench_exe) = bench.first().ok_or("duo-bench was not built")?;
     std::fs::copy(bench_exe, bin.join("duo-bench"))?;
-    std::fs::copy(
-        workspace_root().join("xtask/bench/peers.py"),
-        out.join("peers.py"),
-    )?;
+    for script in ["peers.py", "rotary_peers.py"] {
+        std::fs::copy(
+            workspace_root().join("xtask/bench").join(script),
+            out.join(script),
+        )?;
+    }
     // The module as built, for cuobjdump/nvdisasm on the GPU host.
     let kernels = out.join("kernels");
     std::fs::create_dir_all(&kernels)?;

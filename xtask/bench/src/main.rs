@@ -6,6 +6,7 @@ mod cache_prefill;
 mod cases;
 mod clock;
 mod report;
+mod rotary;
 mod timing;
 
 use cases::{Case, Mode, all_cases};
@@ -102,6 +103,13 @@ struct Args {
     /// `cache-prefill.json`.
     #[arg(long)]
     cache_prefill: bool,
+    /// Instead of the cases: rotary embeddings (`apply_rotary`) on a packed QKV buffer, and a
+    /// decode step with and without the rotation before it; writes `rotary.json`.
+    #[arg(long)]
+    rotary: bool,
+    /// With `--rotary`: the peers' JSON written by `rotary_peers.py` on the same GPU.
+    #[arg(long)]
+    rotary_peers: Option<PathBuf>,
     /// With `--cache-prefill`: a paged cache with pages of this many tokens runs the ragged
     /// prefill beside the unpaged one, and both time a decode step after it.
     #[arg(long)]
@@ -222,6 +230,9 @@ fn main() -> ExitCode {
     let mut rng = rng("bench");
     if args.cache_prefill {
         return run_cache_prefill(&args, &ctx, &mut rng);
+    }
+    if args.rotary {
+        return run_rotary(&args, &ctx, &mut rng);
     }
 
     // Correctness gate: one shape per kernel path, against the float64 reference.
@@ -425,6 +436,45 @@ fn run_cache_prefill(args: &Args, ctx: &Context, rng: &mut rand::rngs::StdRng) -
         eprintln!("cache prefill: ragged outputs differ from slot by slot: {bad:?}");
         return ExitCode::FAILURE;
     }
+    ExitCode::SUCCESS
+}
+
+/// `--rotary`: the table, and its records in `rotary.json`.
+fn run_rotary(args: &Args, ctx: &Context, rng: &mut rand::rngs::StdRng) -> ExitCode {
+    let peers = match &args.rotary_peers {
+        None => Vec::new(),
+        Some(path) => match std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|s| serde_json::from_str(&s).map_err(|e| e.to_string()))
+        {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("reading {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let clock = clock::ClockSampler::new(ctx.info().ordinal);
+    let records = match rotary::run(ctx, rng, &clock, peers) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("rotary: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let path = args.out_dir.join("rotary.json");
+    let json = serde_json::json!({
+        "date": report::today(),
+        "device": ctx.info().name,
+        "records": records,
+    });
+    if let Err(e) = std::fs::create_dir_all(&args.out_dir)
+        .and_then(|()| std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()))
+    {
+        eprintln!("writing {}: {e}", path.display());
+        return ExitCode::FAILURE;
+    }
+    println!("\nwrote {}", path.display());
     ExitCode::SUCCESS
 }
 

@@ -367,7 +367,7 @@ pub fn time_kvcache_case(
 }
 
 /// Times `launch(i)` (input set `i`) with CUDA events: warm-up, then enough reps for the budget.
-fn time_launches(
+pub fn time_launches(
     ctx: &Context,
     clock: &ClockSampler,
     mut launch: impl FnMut(usize) -> Result<()>,
