@@ -711,3 +711,98 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use crate::decode::props::{REGION, apply, inside, odd_dim};
+    use proptest::prelude::*;
+
+    /// Every address `duo_rotary_*` forms from the plan lies inside the operands: the rows it
+    /// reads and writes (all of a head row at most), the prefix sums and offsets it reads.
+    fn plan_inside(
+        p: &RotaryPlan,
+        (src, dst): (&TensorDesc<4>, &TensorDesc<4>),
+        cu: Option<&TensorDesc<1>>,
+        offsets: Option<&TensorDesc<1>>,
+    ) -> std::result::Result<(), TestCaseError> {
+        let c = &p.params;
+        let (rows, heads, d) = (c.rows as i64, c.heads as i64, c.head_dim as i64);
+        prop_assert!(rows >= 1 && heads >= 1 && d % 8 == 0 && 2 * c.table.half as i64 <= d);
+        let items = rotary_items(
+            c.table.half as usize,
+            c.table.interleaved != 0,
+            d as usize,
+            c.copy_rest != 0,
+        ) as i64;
+        let threads = p.blocks as i64 * ROTARY_THREADS as i64;
+        prop_assert!(threads >= rows * heads * items && threads <= i32::MAX as i64 + 256);
+        for (what, t, ptr, s) in [
+            ("x", src, c.src, c.src_strides),
+            ("out", dst, c.dst, c.dst_strides),
+        ] {
+            let extents = if c.cu_seqlens != 0 {
+                prop_assert_eq!(s[0], 0);
+                vec![(rows, s[1]), (heads, s[2])]
+            } else {
+                prop_assert!(c.seqlen >= 1 && rows % c.seqlen as i64 == 0);
+                let batch = rows / c.seqlen as i64;
+                vec![(batch, s[0]), (c.seqlen as i64, s[1]), (heads, s[2])]
+            };
+            inside(what, t, ptr, &extents, d)?;
+        }
+        let batch = c.batch as i64;
+        match cu {
+            Some(t) => inside("cu_seqlens", t, c.cu_seqlens, &[(batch + 1, 1)], 1)?,
+            None => prop_assert_eq!(c.cu_seqlens, 0),
+        }
+        match offsets {
+            Some(t) => inside("offsets", t, c.offsets, &[(batch, 1)], 1)?,
+            None => prop_assert_eq!(c.offsets, 0),
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2048, ..ProptestConfig::default() })]
+
+        #[test]
+        fn rotary_plans_stay_inside_their_operands(
+            (b, s, h, d) in (1usize..9, 1usize..3000, 1usize..49, prop_oneof![Just(64usize), Just(128), Just(256), Just(96)]),
+            (rotary_dim, interleaved, table_rows) in (prop_oneof![Just(16usize), Just(64), Just(128), Just(256)], any::<bool>(), 1usize..5000),
+            (in_place, varlen, per_sequence, start) in (any::<bool>(), any::<bool>(), any::<bool>(), 0usize..5000),
+            edits in prop::collection::vec((0usize..4, 0usize..5, odd_dim(), any::<u64>()), 0..3),
+        ) {
+            let at = |i: u64| REGION * (i + 1);
+            let shape = if varlen { [1, b * s, h, d] } else { [b, s, h, d] };
+            let mut src = TensorDesc::contiguous(at(0), shape, 2, 0);
+            let mut dst = if in_place { src } else { TensorDesc::contiguous(at(1), shape, 2, 0) };
+            let mut cu = TensorDesc::contiguous(at(2), [b + 1], 4, 0);
+            let mut offsets = TensorDesc::contiguous(at(3), [b], 4, 0);
+            for e in &edits {
+                match e.0 {
+                    0 => apply(&mut src, *e),
+                    1 => apply(&mut dst, *e),
+                    2 => apply(&mut cu, *e),
+                    _ => apply(&mut offsets, *e),
+                }
+            }
+            if in_place {
+                dst = src;
+            }
+            let table = unsafe {
+                RotaryTable::from_device_ptrs(at(4), at(5), 0, table_rows, rotary_dim, interleaved)
+            }
+            .unwrap();
+            let positions = if per_sequence {
+                RotaryPositions::PerSequence(View::from_desc(offsets))
+            } else {
+                RotaryPositions::From(start)
+            };
+            let cu = varlen.then_some(&cu);
+            if let Ok(p) = plan_rotary(&table, (&src, &dst, in_place), &positions, cu, 0) {
+                plan_inside(&p, (&src, &dst), cu, per_sequence.then_some(&offsets))?;
+            }
+        }
+    }
+}
