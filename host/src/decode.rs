@@ -453,22 +453,30 @@ pub(crate) fn check_cache_seqlens(
     batch: usize,
     device: u32,
 ) -> Result<()> {
-    check_device(seqlens, CACHE_SEQLENS, device)?;
-    check_shape(
-        seqlens,
-        CACHE_SEQLENS,
-        [batch],
-        "one key count per sequence: [B] with q's B",
-    )?;
-    if batch > 1 && seqlens.strides[0] != 1 {
+    let why = "one key count per sequence: [B] with q's B";
+    check_device_array(seqlens, CACHE_SEQLENS, batch, why, device)
+}
+
+/// Checks a device array the kernels index from 0: `[len]` on `device`, contiguous, inside its
+/// allocation.
+pub(crate) fn check_device_array(
+    t: &TensorDesc<1>,
+    name: &'static str,
+    len: usize,
+    why: &'static str,
+    device: u32,
+) -> Result<()> {
+    check_device(t, name, device)?;
+    check_shape(t, name, [len], why)?;
+    if len > 1 && t.strides[0] != 1 {
         return Err(Error::NotContiguous {
-            tensor: CACHE_SEQLENS,
-            shape: seqlens.shape.to_vec(),
-            strides: seqlens.strides.to_vec(),
+            tensor: name,
+            shape: t.shape.to_vec(),
+            strides: t.strides.to_vec(),
             expected: vec![1],
         });
     }
-    seqlens.check_in_bounds(CACHE_SEQLENS)
+    t.check_in_bounds(name)
 }
 
 /// How errors name the block table.

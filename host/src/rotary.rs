@@ -25,6 +25,7 @@
 //! ```
 use crate::attention::{as_batch_of_one, check_bshd, check_device, check_limit};
 use crate::context::Context;
+use crate::decode::check_device_array;
 use crate::element::AttnElement;
 use crate::error::{Error, Result};
 use crate::tensor::{DeviceTensor, TensorDesc, View, ViewMut};
@@ -270,24 +271,7 @@ fn check_i32_array(
     written: &TensorDesc<4>,
     device: u32,
 ) -> Result<()> {
-    check_device(t, name, device)?;
-    if t.shape != [len] {
-        return Err(Error::ShapeMismatch {
-            tensor: name,
-            got: t.shape.to_vec(),
-            expected: vec![len],
-            why,
-        });
-    }
-    if len > 1 && t.strides[0] != 1 {
-        return Err(Error::NotContiguous {
-            tensor: name,
-            shape: t.shape.to_vec(),
-            strides: t.strides.to_vec(),
-            expected: vec![1],
-        });
-    }
-    t.check_in_bounds(name)?;
+    check_device_array(t, name, len, why, device)?;
     let (start, end) = written.byte_range();
     if t.overlaps(start, end) {
         return Err(Error::Aliasing {

@@ -416,19 +416,9 @@ fn run_cache_prefill(args: &Args, ctx: &Context, rng: &mut rand::rngs::StdRng) -
             return ExitCode::FAILURE;
         }
     };
-    let path = args.out_dir.join("cache-prefill.json");
-    let json = serde_json::json!({
-        "date": report::today(),
-        "device": ctx.info().name,
-        "records": records,
-    });
-    if let Err(e) = std::fs::create_dir_all(&args.out_dir)
-        .and_then(|()| std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()))
-    {
-        eprintln!("writing {}: {e}", path.display());
+    if !write_records(args, ctx, "cache-prefill.json", &records) {
         return ExitCode::FAILURE;
     }
-    println!("\nwrote {}", path.display());
     if let Some(bad) = records
         .iter()
         .find(|r| r.max_rel_diff.is_nan() || r.max_rel_diff >= 1e-2)
@@ -462,7 +452,16 @@ fn run_rotary(args: &Args, ctx: &Context, rng: &mut rand::rngs::StdRng) -> ExitC
             return ExitCode::FAILURE;
         }
     };
-    let path = args.out_dir.join("rotary.json");
+    match write_records(args, ctx, "rotary.json", &records) {
+        true => ExitCode::SUCCESS,
+        false => ExitCode::FAILURE,
+    }
+}
+
+/// Writes `records` with the date and device to `name` in the output directory; false (after
+/// saying why) when that fails.
+fn write_records(args: &Args, ctx: &Context, name: &str, records: &impl serde::Serialize) -> bool {
+    let path = args.out_dir.join(name);
     let json = serde_json::json!({
         "date": report::today(),
         "device": ctx.info().name,
@@ -472,10 +471,10 @@ fn run_rotary(args: &Args, ctx: &Context, rng: &mut rand::rngs::StdRng) -> ExitC
         .and_then(|()| std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()))
     {
         eprintln!("writing {}: {e}", path.display());
-        return ExitCode::FAILURE;
+        return false;
     }
     println!("\nwrote {}", path.display());
-    ExitCode::SUCCESS
+    true
 }
 
 /// A varlen launch's check: the first failing sequence's comparison, else the one with the
