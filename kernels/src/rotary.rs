@@ -99,10 +99,8 @@ unsafe fn rotary<E: Element>(p: &RotaryParams) {
     if !turns {
         // Unrotated: copied out of place, left as it is in place.
         if p.dst != p.src {
-            if interleaved {
-                copy(item);
-            } else {
-                copy(item);
+            copy(item);
+            if !interleaved {
                 copy(item + half / 8);
             }
         }
