@@ -23,7 +23,7 @@
 //! ctx.apply_rotary(&mut q_and_k, &rope, RotaryPositions::From(0))?;
 //! # Ok(()) }
 //! ```
-use crate::attention::{as_batch_of_one, check_bshd, check_device, check_limit};
+use crate::attention::{as_batch_of_one, check_bshd, check_device, check_limit, check_shape};
 use crate::context::Context;
 use crate::decode::check_device_array;
 use crate::element::AttnElement;
@@ -303,14 +303,7 @@ pub(crate) fn plan_rotary(
         t.check_not_empty(name)?;
         check_bshd(t, name)?;
     }
-    if dst.shape != src.shape {
-        return Err(Error::ShapeMismatch {
-            tensor: "out",
-            got: dst.shape.to_vec(),
-            expected: src.shape.to_vec(),
-            why: "the output has x's shape",
-        });
-    }
+    check_shape(dst, "out", src.shape, "the output has x's shape")?;
     let [batch, seqlen, heads, head_dim] = src.shape;
     if !head_dim.is_multiple_of(8) {
         return Err(Error::UnsupportedHeadDim {
