@@ -26,11 +26,10 @@ use crate::element::AttnElement;
 use crate::error::{Error, Result};
 use crate::kvcache::{Paging, use_cache_build};
 use crate::pattern::{Binarize, HeadPattern};
-use crate::rotary::RotaryPositions;
+use crate::rotary::{RotaryPositions, RotaryTable, fused_table, use_decode_rotary};
 use crate::tensor::{DeviceTensor, TensorDesc, View, ViewMut};
 use duo_attn_kernels::abi::{
-    CacheParams, DECODE_HEAD_DIMS, KvSource, MAX_KV_HEADS, MAX_SEQLEN, decode_fuses_append,
-    ws_block_n,
+    self, CacheParams, DECODE_HEAD_DIMS, KvSource, MAX_KV_HEADS, MAX_SEQLEN, ws_block_n,
 };
 use duo_attn_kernels::ring;
 use std::ops::Range;
@@ -624,6 +623,29 @@ impl<T: AttnElement> DuoCache<T> {
             .decode(ctx, layer, q, k, v, out, lse)
     }
 
+    /// [`DuoCache::decode`] with RoPE fused in: the new keys go into the caches turned by
+    /// `rotary`, key `i` of sequence `b` at its position `len(b) + i`, and query token `i` turns
+    /// at the same position, as [`Context::apply_rotary`] at [`DuoCache::rotary_positions`]
+    /// before [`DuoCache::decode`] would turn them, without a launch of its own and leaving
+    /// `q` and `k` as they are. Rows at positions outside the table are not turned. (Queries
+    /// whose rotary dim is not the head dim, pairs half of it apart, turn in a launch before the
+    /// step, into the workspace.)
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_rotary(
+        &mut self,
+        ctx: &Context,
+        layer: usize,
+        q: &View<'_, T, 4>,
+        k: &View<'_, T, 4>,
+        v: &View<'_, T, 4>,
+        rotary: &RotaryTable,
+        out: &mut ViewMut<'_, T, 4>,
+        lse: &mut ViewMut<'_, f32, 3>,
+    ) -> Result<()> {
+        self.slots(0..self.cfg.batch)?
+            .decode_rotary(ctx, layer, q, k, v, rotary, out, lse)
+    }
+
     fn layer(&self, layer: usize) -> Result<&LayerCache<T>> {
         self.layers.get(layer).ok_or(Error::LayerOutOfRange {
             layer,
@@ -727,6 +749,7 @@ impl<T: AttnElement> DuoCache<T> {
             block_table_stride: pages.map_or(0, |p| p.stride as i32),
             page_shift: pages.map_or(0, |p| p.shift),
             num_pages: pages.map_or(0, |p| p.pages),
+            rotary: Default::default(),
         }
     }
 
@@ -828,7 +851,7 @@ impl<T: AttnElement> CacheSlots<'_, T> {
     ) -> Result<()> {
         self.cache.check_device(ctx)?;
         let n = self.check_new(layer, k.desc(), v.desc())?;
-        self.append_unchecked(ctx, layer, k.desc(), v.desc(), n)
+        self.append_unchecked(ctx, layer, (k.desc(), v.desc(), n), None)
     }
 
     /// [`DuoCache::forward`] for these slots: decode when `n <= 16` and one of them holds
@@ -938,7 +961,7 @@ impl<T: AttnElement> CacheSlots<'_, T> {
             let params = c.cache_params(layer, &seqs, new, kv_source(&sk, &sv), start);
             c.launch_cache_kernel(ctx, "duo_cache_gather_stream", (stream_len, b), &params)?;
         }
-        self.append_unchecked(ctx, layer, k.desc(), v.desc(), n)?;
+        self.append_unchecked(ctx, layer, (k.desc(), v.desc(), n), None)?;
         ctx.launch_prefill(&plan)
     }
 
@@ -951,6 +974,34 @@ impl<T: AttnElement> CacheSlots<'_, T> {
         q: &View<'_, T, 4>,
         k: &View<'_, T, 4>,
         v: &View<'_, T, 4>,
+        out: &mut ViewMut<'_, T, 4>,
+        lse: &mut ViewMut<'_, f32, 3>,
+    ) -> Result<()> {
+        self.decode_turned(ctx, layer, (q, k, v), None, out, lse)
+    }
+
+    /// [`DuoCache::decode_rotary`] for these slots.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_rotary(
+        &mut self,
+        ctx: &Context,
+        layer: usize,
+        q: &View<'_, T, 4>,
+        k: &View<'_, T, 4>,
+        v: &View<'_, T, 4>,
+        rotary: &RotaryTable,
+        out: &mut ViewMut<'_, T, 4>,
+        lse: &mut ViewMut<'_, f32, 3>,
+    ) -> Result<()> {
+        self.decode_turned(ctx, layer, (q, k, v), Some(rotary), out, lse)
+    }
+
+    fn decode_turned(
+        &mut self,
+        ctx: &Context,
+        layer: usize,
+        (q, k, v): (&View<'_, T, 4>, &View<'_, T, 4>, &View<'_, T, 4>),
+        rotary: Option<&RotaryTable>,
         out: &mut ViewMut<'_, T, 4>,
         lse: &mut ViewMut<'_, f32, 3>,
     ) -> Result<()> {
@@ -975,8 +1026,18 @@ impl<T: AttnElement> CacheSlots<'_, T> {
         let (lens, arrivals) = c.device_lengths(layer, self.seqs.start);
         plan.params.seqlens = lens;
         plan.params.seqlen = c.cfg.max_len as i32;
-        if !decode_fuses_append(c.cfg.head_dim, c.pages.is_some()) {
-            self.append_unchecked(ctx, layer, k.desc(), v.desc(), n)?;
+        let fused = plan.fuses_append(rotary.is_some());
+        let key_turn = match rotary {
+            Some(table) => {
+                let d = c.cfg.head_dim;
+                let keys = fused_table::<T>(table, d, ctx.ordinal())?;
+                use_decode_rotary::<T>(&mut plan, table, q.desc(), !fused, ctx.ordinal())?;
+                Some(keys)
+            }
+            None => None,
+        };
+        if !fused {
+            self.append_unchecked(ctx, layer, (k.desc(), v.desc(), n), key_turn)?;
             return ctx.launch_decode(plan);
         }
         // The append runs inside the decode (`DecodeParams::append`): each block writes the new
@@ -1089,20 +1150,20 @@ impl<T: AttnElement> CacheSlots<'_, T> {
         &mut self,
         ctx: &Context,
         layer: usize,
-        k: &TensorDesc<4>,
-        v: &TensorDesc<4>,
-        n: usize,
+        (k, v, n): (&TensorDesc<4>, &TensorDesc<4>, usize),
+        rotary: Option<abi::RotaryTable>,
     ) -> Result<()> {
         self.ensure_pages(ctx, layer, n)?;
         let c = &mut *self.cache;
         let start = c.layers[layer].lens[self.seqs.start];
-        let params = c.cache_params(
+        let mut params = c.cache_params(
             layer,
             &self.seqs,
             (kv_source(k, v), n),
             KvSource::default(),
             start,
         );
+        params.rotary = rotary.unwrap_or_default();
         c.launch_cache_kernel(ctx, "duo_cache_append", (n, self.seqs.len()), &params)?;
         self.advance_lens(layer, n);
         Ok(())

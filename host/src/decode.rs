@@ -9,11 +9,12 @@ use crate::attention::{
 use crate::context::Context;
 use crate::element::AttnElement;
 use crate::error::{Error, Result};
+use crate::rotary::QueryTurn;
 use crate::tensor::{TensorDesc, View, ViewMut};
 use duo_attn_kernels::abi::{
     DECODE_HEAD_DIMS, DECODE_MAX_CLUSTER, DECODE_MAX_SPLITS, DECODE_MIN_TILES_PER_SPLIT,
-    DECODE_ROWS, DecodeParams, FastDiv, KvSource, MAX_SEQLEN, decode_block_n,
-    decode_paged_smem_bytes, decode_smem_bytes, decode_threads,
+    DECODE_ROWS, DecodeParams, FastDiv, KvSource, MAX_SEQLEN, decode_block_n, decode_fuses_append,
+    decode_paged_smem_bytes, decode_smem_bytes, decode_threads, decode_turns_appended_keys,
 };
 
 /// Most new query tokens per sequence of one decode call.
@@ -43,6 +44,11 @@ pub struct DecodePlan {
     /// (`decode_cluster`; 1: none). The launch uses it where the context allows and the GPU holds
     /// every cluster at once.
     pub cluster: usize,
+    /// How the entry finds K/V rows.
+    pub(crate) paging: DecodePaging,
+    /// With a rotary table the kernel cannot apply to Q itself: the launch that turns Q into the
+    /// workspace first.
+    pub(crate) q_turn: Option<QueryTurn>,
 }
 
 impl DecodePlan {
@@ -52,6 +58,13 @@ impl DecodePlan {
             self.params.batch as usize * self.params.heads_q as usize * self.params.n_q as usize;
         let d = self.head_dim;
         self.splits * rows * (d + 1)
+    }
+
+    /// Whether the entry fuses an append into the step (`rotary`: one that turns the new keys).
+    pub(crate) fn fuses_append(&self, rotary: bool) -> bool {
+        let d = self.head_dim;
+        decode_fuses_append(d, self.paging != DecodePaging::None)
+            && (!rotary || decode_turns_appended_keys(d, self.paging == DecodePaging::Rows))
     }
 }
 
@@ -400,6 +413,7 @@ pub(crate) fn plan_decode<T: AttnElement>(
         alibi_slopes,
         alibi_batch_stride,
         alibi_neg_inv_scale,
+        rotary: Default::default(),
     };
     Ok(DecodePlan {
         entry: decode_entry::<T>(head_dim, paging, cfg.alibi.is_some()),
@@ -411,6 +425,8 @@ pub(crate) fn plan_decode<T: AttnElement>(
         groups: batch * heads_kv * row_chunks,
         head_dim,
         cluster: decode_cluster(&kinds, heads_kv - retrieval),
+        paging,
+        q_turn: None,
     })
 }
 
@@ -693,7 +709,20 @@ impl Context {
             plan.grid.1,
             plan.grid.2,
         );
-        self.with_scratch(plan.workspace_len(), counters, |scratch| {
+        // A query turn's copy of Q (2-byte elements) after the partials, 16-byte aligned.
+        let partials = plan.workspace_len().next_multiple_of(4);
+        let q_copy = plan.q_turn.as_ref().map_or(0, |t| {
+            let p = &t.plan.params;
+            (p.rows as usize * p.heads as usize * p.head_dim as usize).div_ceil(2)
+        });
+        self.with_scratch(partials + q_copy, counters, |scratch| {
+            if let Some(QueryTurn { entry, plan: turn }) = &plan.q_turn {
+                let mut turn = turn.clone();
+                turn.params.dst = scratch.partials + 4 * partials as u64;
+                self.launch_rotary_plan(entry, &turn)?;
+                plan.params.q = turn.params.dst;
+                plan.params.q_strides = turn.params.dst_strides;
+            }
             plan.params.o_partial = scratch.partials;
             plan.params.lse_partial =
                 scratch.partials + 4 * plan.splits as u64 * rows * plan.head_dim as u64;

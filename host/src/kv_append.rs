@@ -50,10 +50,9 @@ use crate::decode::{
 use crate::element::AttnElement;
 use crate::error::{Error, Result};
 use crate::kvcache::KvCacheDesc;
+use crate::rotary::{RotaryTable, fused_table, use_decode_rotary};
 use crate::tensor::{TensorDesc, View, ViewMut};
-use duo_attn_kernels::abi::{
-    CacheParams, DECODE_HEAD_DIMS, MAX_KV_HEADS, MAX_SEQLEN, decode_fuses_append,
-};
+use duo_attn_kernels::abi::{CacheParams, DECODE_HEAD_DIMS, MAX_KV_HEADS, MAX_SEQLEN};
 
 /// What an append does to the caller's `cache_seqlens`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,6 +76,9 @@ pub struct NewKv<'a, T: AttnElement> {
     pub v: View<'a, T, 4>,
     /// What the call does to `cache_seqlens` afterwards.
     pub seqlens: SeqlensUpdate,
+    /// RoPE applied on the way (FlashAttention's `rotary_cos` / `rotary_sin`): see
+    /// [`NewKv::rotated`].
+    pub rotary: Option<&'a RotaryTable>,
 }
 
 impl<'a, T: AttnElement> NewKv<'a, T> {
@@ -86,6 +88,7 @@ impl<'a, T: AttnElement> NewKv<'a, T> {
             k,
             v,
             seqlens: SeqlensUpdate::Keep,
+            rotary: None,
         }
     }
 
@@ -95,6 +98,24 @@ impl<'a, T: AttnElement> NewKv<'a, T> {
             k,
             v,
             seqlens: SeqlensUpdate::Advance,
+            rotary: None,
+        }
+    }
+
+    /// These rows turned by `table` (RoPE) as they go into the cache, new key `i` of sequence
+    /// `b` at position `cache_seqlens[b] + i`; in a decode step ([`Context::decode_attention_append`])
+    /// query token `i` turns at the same position as new key `i`. The caller's `k` and `q` stay as
+    /// they are: FlashAttention's `flash_attn_with_kvcache` with `rotary_cos`, `rotary_sin` and
+    /// `rotary_interleaved`, except that its non-causal calls turn every query at
+    /// `cache_seqlens[b]`. Rows whose position lies outside the table are not turned. One
+    /// launch, as without a table, but at head dim 64 over pages smaller than 128 rows, where
+    /// the keys turn in an append launched before the step; and at head dims up to 128 with a
+    /// rotary dim that is not the head dim and pairs half of it apart, where the queries turn
+    /// into the workspace before the step.
+    pub fn rotated(self, table: &'a RotaryTable) -> Self {
+        NewKv {
+            rotary: Some(table),
+            ..self
         }
     }
 }
@@ -305,7 +326,7 @@ impl Context {
         let cache = KvCacheDesc::Contiguous { k, v };
         let (o, l) = (out.desc(), lse.desc());
         let plan = self.decode_plan::<T>(q.desc(), DecodeKv::Plain { k, v }, o, l, cfg)?;
-        self.run_decode_append(plan, cache, new, cache_seqlens.desc(), (o, l))
+        self.run_decode_append(plan, (q.desc(), cache), new, cache_seqlens.desc(), (o, l))
     }
 
     /// [`Context::decode_attention_append`] over paged K/V: pages `[pages, page_size, Hkv, D]`
@@ -335,7 +356,7 @@ impl Context {
             v_pages: v,
             block_table: table,
         };
-        self.run_decode_append(plan, cache, new, cache_seqlens.desc(), (o, l))
+        self.run_decode_append(plan, (q.desc(), cache), new, cache_seqlens.desc(), (o, l))
     }
 
     /// Queues a checked append alone.
@@ -345,12 +366,16 @@ impl Context {
         new: NewKv<'_, T>,
         seqlens: &TensorDesc<1>,
     ) -> Result<()> {
-        let plan = plan_append(
+        let mut plan = plan_append(
             cache,
             (new.k.desc(), new.v.desc(), new.seqlens),
             seqlens,
             self.ordinal(),
         )?;
+        if let Some(table) = new.rotary {
+            let d = new.k.desc().shape[3];
+            plan.params.rotary = fused_table::<T>(table, d, self.ordinal())?;
+        }
         self.launch_append(plan)
     }
 
@@ -378,13 +403,13 @@ impl Context {
     fn run_decode_append<T: AttnElement>(
         &self,
         mut plan: DecodePlan,
-        cache: KvCacheDesc<'_>,
+        (q, cache): (&TensorDesc<4>, KvCacheDesc<'_>),
         new: NewKv<'_, T>,
         seqlens: &TensorDesc<1>,
         (out, lse): (&TensorDesc<4>, &TensorDesc<3>),
     ) -> Result<()> {
         let (k_new, v_new) = (new.k.desc(), new.v.desc());
-        let append = plan_append(cache, (k_new, v_new, new.seqlens), seqlens, self.ordinal())?;
+        let mut append = plan_append(cache, (k_new, v_new, new.seqlens), seqlens, self.ordinal())?;
         let n_q = plan.params.n_q;
         if append.params.n_new != n_q {
             return Err(Error::ShapeMismatch {
@@ -396,8 +421,13 @@ impl Context {
         }
         check_no_aliasing(out, lse, &[(k_new, "k_new"), (v_new, "v_new")])?;
         use_cache_seqlens(&mut plan, seqlens, out, lse, self.ordinal())?;
-        let paged = matches!(cache, KvCacheDesc::Paged { .. });
-        if !decode_fuses_append(plan.head_dim, paged) {
+        let fused = plan.fuses_append(new.rotary.is_some());
+        if let Some(table) = new.rotary {
+            append.params.rotary = fused_table::<T>(table, plan.head_dim, self.ordinal())?;
+            let advanced = !fused && append.advance;
+            use_decode_rotary::<T>(&mut plan, table, q, advanced, self.ordinal())?;
+        }
+        if !fused {
             // The append first. Kept counts: the decode adds the `n_q` new keys itself (`append`
             // set); advanced ones: it reads them after the append.
             let advance = append.advance;

@@ -25,11 +25,13 @@
 //! ```
 use crate::attention::{as_batch_of_one, check_bshd, check_device, check_limit, check_shape};
 use crate::context::Context;
+use crate::decode::DecodePlan;
 use crate::decode::check_device_array;
 use crate::element::AttnElement;
+use crate::element::DType;
 use crate::error::{Error, Result};
 use crate::tensor::{DeviceTensor, TensorDesc, View, ViewMut};
-use duo_attn_kernels::abi::{self, ROTARY_THREADS, RotaryParams, rotary_items};
+use duo_attn_kernels::abi::{self, ROTARY_THREADS, RotaryParams, decode_turns_q, rotary_items};
 use std::sync::Arc;
 
 /// The cosines and sines of a rotary embedding, f32 `[positions, rotary_dim / 2]` each on the
@@ -183,7 +185,7 @@ impl RotaryTable {
             rows: self.rows as i32,
             half: self.half as i32,
             interleaved: self.interleaved as u32,
-            pad: 0,
+            f16: 0,
         }
     }
 }
@@ -254,6 +256,17 @@ pub enum RotaryPositions<'a> {
     PerSequence(View<'a, i32, 1>),
 }
 
+/// The launch that turns a decode's queries before it ([`use_decode_rotary`]).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct QueryTurn {
+    pub(crate) entry: String,
+    pub(crate) plan: RotaryPlan,
+}
+
+fn rotary_entry<T: AttnElement>() -> String {
+    format!("duo_rotary_{}", T::KERNEL_NAME)
+}
+
 /// A checked rotary launch.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct RotaryPlan {
@@ -282,6 +295,99 @@ fn check_i32_array(
     Ok(())
 }
 
+fn check_table_device(table: &RotaryTable, device: u32) -> Result<()> {
+    if table.device() != device {
+        return Err(Error::WrongDevice {
+            tensor: "rotary table",
+            tensor_device: table.device(),
+            context_device: device,
+        });
+    }
+    Ok(())
+}
+
+fn check_rotary_dim(table: &RotaryTable, head_dim: usize) -> Result<()> {
+    if table.rotary_dim() > head_dim {
+        return Err(Error::InvalidRotary {
+            why: format!(
+                "rotary dim {} is larger than the head dim {head_dim}",
+                table.rotary_dim()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// `table` checked for head rows of `head_dim` elements `T` on `device`, as the kernels that
+/// turn rows while they move them take it (the decode and the KV cache append).
+pub(crate) fn fused_table<T: AttnElement>(
+    table: &RotaryTable,
+    head_dim: usize,
+    device: u32,
+) -> Result<abi::RotaryTable> {
+    check_table_device(table, device)?;
+    check_rotary_dim(table, head_dim)?;
+    Ok(abi::RotaryTable {
+        f16: (T::DTYPE == DType::F16) as u32,
+        ..table.abi()
+    })
+}
+
+/// Points a checked decode plan at `table`: the step's new keys turn in its append, its queries
+/// in the kernel or, where it cannot turn them ([`decode_turns_q`]), by a launch before it into
+/// a contiguous copy `q` `[B, n, Hq, D]` (in the workspace). `plan.params.seqlens` holds the
+/// counts, `advanced` when an append before the launch already moved them on by `n`.
+pub(crate) fn use_decode_rotary<T: AttnElement>(
+    plan: &mut DecodePlan,
+    table: &RotaryTable,
+    q: &TensorDesc<4>,
+    advanced: bool,
+    device: u32,
+) -> Result<()> {
+    plan.params.rotary = fused_table::<T>(table, plan.head_dim, device)?;
+    if decode_turns_q(plan.head_dim, table.half, table.interleaved) {
+        return Ok(());
+    }
+    let [batch, n, heads, head_dim] = q.shape;
+    let strides = |t: &TensorDesc<4>| {
+        [
+            t.strides[0] as i64,
+            t.strides[1] as i64,
+            t.strides[2] as i64,
+        ]
+    };
+    let rows = batch * n;
+    let items = rotary_items(table.half, table.interleaved, head_dim, true);
+    let threads = rows * heads * items;
+    let params = RotaryParams {
+        table: table.abi(),
+        src: q.ptr,
+        src_strides: strides(q),
+        dst: 0, // the workspace's, at launch
+        dst_strides: [
+            (n * heads * head_dim) as i64,
+            (heads * head_dim) as i64,
+            head_dim as i64,
+        ],
+        cu_seqlens: 0,
+        offsets: plan.params.seqlens,
+        offset: if advanced { -(n as i32) } else { 0 },
+        rows: rows as i32,
+        seqlen: n as i32,
+        batch: batch as i32,
+        heads: heads as i32,
+        head_dim: head_dim as i32,
+        copy_rest: 1,
+        pad: 0,
+    };
+    let blocks = threads.div_ceil(ROTARY_THREADS as usize) as u32;
+    plan.q_turn = Some(QueryTurn {
+        entry: rotary_entry::<T>(),
+        plan: RotaryPlan { params, blocks },
+    });
+    Ok(())
+}
+
 /// Validates a rotation of `src` `[B, S, H, D]` into `dst` (the same tensor when `in_place`;
 /// varlen: `[1, total, H, D]` with `cu_seqlens` `[B + 1]`) and builds its launch (pure).
 pub(crate) fn plan_rotary(
@@ -291,13 +397,7 @@ pub(crate) fn plan_rotary(
     cu_seqlens: Option<&TensorDesc<1>>,
     device: u32,
 ) -> Result<RotaryPlan> {
-    if table.device() != device {
-        return Err(Error::WrongDevice {
-            tensor: "rotary table",
-            tensor_device: table.device(),
-            context_device: device,
-        });
-    }
+    check_table_device(table, device)?;
     for (t, name) in [(src, "x"), (dst, "out")] {
         check_device(t, name, device)?;
         t.check_not_empty(name)?;
@@ -312,14 +412,7 @@ pub(crate) fn plan_rotary(
             supported: "multiples of 8",
         });
     }
-    if table.rotary_dim() > head_dim {
-        return Err(Error::InvalidRotary {
-            why: format!(
-                "rotary dim {} is larger than the head dim {head_dim}",
-                table.rotary_dim()
-            ),
-        });
-    }
+    check_rotary_dim(table, head_dim)?;
     // One thread writes each element: a view whose rows overlap would be written twice, and an
     // output overlapping the input would race its reads.
     dst.check_non_overlapping(if in_place { "x" } else { "out" })?;
@@ -453,8 +546,11 @@ impl Context {
     }
 
     fn launch_rotary<T: AttnElement>(&self, plan: RotaryPlan) -> Result<()> {
-        let entry = format!("duo_rotary_{}", T::KERNEL_NAME);
-        self.launch(&entry, (plan.blocks, 1, 1), ROTARY_THREADS, 0, &plan.params)
+        self.launch_rotary_plan(&rotary_entry::<T>(), &plan)
+    }
+
+    pub(crate) fn launch_rotary_plan(&self, entry: &str, plan: &RotaryPlan) -> Result<()> {
+        self.launch(entry, (plan.blocks, 1, 1), ROTARY_THREADS, 0, &plan.params)
     }
 }
 
@@ -780,6 +876,127 @@ mod props {
             if let Ok(p) = plan_rotary(&table, (&src, &dst, in_place), &positions, cu, 0) {
                 plan_inside(&p, (&src, &dst), cu, per_sequence.then_some(&offsets))?;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod decode_tests {
+    use super::*;
+    use crate::attention::{AttentionConfig, HeadKind};
+    use crate::decode::{DecodeKv, DecodePaging, plan_decode};
+    use half::{bf16, f16};
+
+    const GB: u64 = 1 << 30;
+
+    fn table(rotary_dim: usize, interleaved: bool) -> RotaryTable {
+        unsafe { RotaryTable::from_device_ptrs(GB, 2 * GB, 0, 4096, rotary_dim, interleaved) }
+            .unwrap()
+    }
+
+    /// A decode plan of 3 sequences, 2 new tokens, 8 query and 2 KV heads at head dim `d`, its
+    /// counts at 7 GB.
+    fn plan(d: usize) -> (DecodePlan, TensorDesc<4>) {
+        let at = |i: u64| (3 + i) * GB;
+        let q = TensorDesc::contiguous(at(0), [3, 2, 8, d], 2, 0);
+        let k = TensorDesc::contiguous(at(1), [3, 1000, 2, d], 2, 0);
+        let v = TensorDesc::contiguous(at(2), [3, 1000, 2, d], 2, 0);
+        let out = TensorDesc::contiguous(at(3), [3, 2, 8, d], 2, 0);
+        let lse = TensorDesc::contiguous(at(4), [3, 8, 2], 4, 0);
+        let cfg = AttentionConfig::new(vec![HeadKind::Retrieval; 2]);
+        let kv = DecodeKv::Plain { k: &k, v: &v };
+        let mut plan = plan_decode::<bf16>(&q, kv, &out, &lse, &cfg, 0, 132).unwrap();
+        plan.params.seqlens = 7 * GB;
+        (plan, q)
+    }
+
+    /// Tables the kernel turns Q by set the plan's table only; the others (D <= 128, halves of a
+    /// partial rotary dim) queue a turn of Q into a contiguous copy at the counts, less the new
+    /// tokens once an append before the step advanced them.
+    #[test]
+    fn queries_turn_in_the_kernel_or_before_it() {
+        for (d, rotary_dim, interleaved, in_kernel) in [
+            (64, 64, false, true),
+            (64, 32, true, true),
+            (64, 32, false, false),
+            (128, 128, false, true),
+            (128, 64, false, false),
+            (256, 128, false, true),
+            (256, 64, true, true),
+        ] {
+            let t = table(rotary_dim, interleaved);
+            for advanced in [false, true] {
+                let (mut p, q) = plan(d);
+                use_decode_rotary::<f16>(&mut p, &t, &q, advanced, 0).unwrap();
+                let r = p.params.rotary;
+                assert_eq!(
+                    (r.cos, r.sin, r.rows, r.half),
+                    (GB, 2 * GB, 4096, rotary_dim as i32 / 2)
+                );
+                assert_eq!((r.interleaved != 0, r.f16), (interleaved, 1));
+                match &p.q_turn {
+                    None => assert!(in_kernel, "D={d} rotary dim {rotary_dim}"),
+                    Some(turn) => {
+                        assert!(!in_kernel, "D={d} rotary dim {rotary_dim}");
+                        assert_eq!(turn.entry, "duo_rotary_f16");
+                        let c = &turn.plan.params;
+                        assert_eq!((c.src, c.dst, c.offsets), (3 * GB, 0, 7 * GB));
+                        assert_eq!(c.offset, if advanced { -2 } else { 0 });
+                        assert_eq!((c.rows, c.seqlen, c.batch, c.heads), (6, 2, 3, 8));
+                        assert_eq!(c.dst_strides, [16 * d as i64, 8 * d as i64, d as i64]);
+                        assert_eq!(
+                            c.copy_rest, 1,
+                            "the elements past the rotary dim are copied"
+                        );
+                        let items = rotary_items(rotary_dim / 2, interleaved, d, true);
+                        assert_eq!(turn.plan.blocks as usize, (6 * 8 * items).div_ceil(256));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn decode_tables_are_checked() {
+        let (mut p, q) = plan(64);
+        let err = use_decode_rotary::<bf16>(&mut p, &table(128, false), &q, false, 0).unwrap_err();
+        assert!(matches!(err, Error::InvalidRotary { .. }), "{err}");
+        let err = use_decode_rotary::<bf16>(&mut p, &table(64, false), &q, false, 1).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::WrongDevice {
+                    tensor: "rotary table",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = fused_table::<bf16>(&table(128, false), 64, 0).unwrap_err();
+        assert!(matches!(err, Error::InvalidRotary { .. }), "{err}");
+        assert_eq!(fused_table::<bf16>(&table(64, true), 64, 0).unwrap().f16, 0);
+    }
+
+    /// With a table the D = 64 entries that look up a page per row leave the append to a launch
+    /// of its own, as paged D = 256 entries always do.
+    #[test]
+    fn which_entries_fuse_an_append() {
+        for (d, paging, plain, turned) in [
+            (64, DecodePaging::None, true, true),
+            (64, DecodePaging::Rows, true, false),
+            (64, DecodePaging::Tiles, true, true),
+            (128, DecodePaging::Rows, true, true),
+            (256, DecodePaging::None, true, true),
+            (256, DecodePaging::Rows, false, false),
+            (256, DecodePaging::Tiles, false, false),
+        ] {
+            let (mut p, _) = plan(d);
+            p.paging = paging;
+            assert_eq!(
+                (p.fuses_append(false), p.fuses_append(true)),
+                (plain, turned),
+                "D={d} {paging:?}"
+            );
         }
     }
 }

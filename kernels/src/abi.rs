@@ -617,6 +617,13 @@ pub struct DecodeParams {
     pub alibi_batch_stride: i32,
     /// ALiBi: `-1 / softmax_scale` (see `PrefillParams::alibi_neg_inv_scale`).
     pub alibi_neg_inv_scale: f32,
+    /// RoPE fused into the step (`rotary.cos != 0`; with `append` and `seqlens`): the fused
+    /// append writes the new K rows turned, new key `i` of sequence `b` at its position
+    /// `seqlens[b] + i`, and Q rows turn as they load, query token `i` at the position of the
+    /// step's `i`-th new key (the step's keys less `n_q`, plus `i`), where
+    /// [`decode_turns_q`] holds (else the host turned Q before the launch). The caller's Q and
+    /// new K stay as they are. A position outside the table leaves its row unturned.
+    pub rotary: RotaryTable,
 }
 
 /// Most blocks of a decode cluster (Hopper's non-portable cluster size; 8 is portable): row
@@ -628,6 +635,23 @@ pub const DECODE_MAX_CLUSTER: usize = 16;
 /// cache takes head dims 64 and 128 only).
 pub const fn decode_fuses_append(d: usize, paged: bool) -> bool {
     !(d > 128 && paged)
+}
+
+/// Whether the decode entries for head dim `d` turn Q rows by a [`DecodeParams::rotary`] table
+/// of `half` pairs (`interleaved` or not) themselves. Up to D = 128 each thread holds its query
+/// rows' A fragments in registers, which hold both elements of every pair when pairs are
+/// interleaved or the halves of the whole head dim; at D = 256 the rows pass through shared
+/// memory and any table turns.
+pub const fn decode_turns_q(d: usize, half: usize, interleaved: bool) -> bool {
+    d > 128 || interleaved || 2 * half == d
+}
+
+/// Whether the decode entries for head dim `d` that fuse the append (`paged_rows`: the
+/// `duo_decode_paged_*` ones that look up a page per row) also turn the new keys by
+/// [`DecodeParams::rotary`]. Not at D = 64 with a lookup per row, where it spills under the
+/// 128-register cap: with a table the host queues `duo_cache_append` (which turns them) first.
+pub const fn decode_turns_appended_keys(d: usize, paged_rows: bool) -> bool {
+    !(d == 64 && paged_rows)
 }
 
 /// Parameters of the cache kernels, which move 16-byte chunks of K/V rows.
@@ -706,6 +730,9 @@ pub struct CacheParams {
     pub page_shift: i32,
     /// Pages in the pool.
     pub num_pages: i32,
+    /// `duo_cache_append`: RoPE on the new K rows (`rotary.cos != 0`), each turned at its
+    /// position `start + i` as it is written (the new rows stay as they are).
+    pub rotary: RotaryTable,
 }
 
 /// A rotary embedding table (FlashAttention's `rotary_cos` / `rotary_sin`): f32
@@ -726,16 +753,17 @@ pub struct RotaryTable {
     pub half: i32,
     /// 1: interleaved pairs, 0: pairs half a rotary dim apart.
     pub interleaved: u32,
-    /// Padding (keeps the struct's size a multiple of 8 bytes).
-    pub pad: u32,
+    /// The rows' element type where a kernel does not know it by its entry (the cache append):
+    /// 1 f16, 0 bf16. Also keeps the struct's size a multiple of 8 bytes.
+    pub f16: u32,
 }
 
 /// `duo_rotary_{bf16,f16}`: rotates (RoPE) rows of `src` `[.., heads, head_dim]` into `dst` (the
 /// same address: in place) by `table`. Row `r` of the launch (`0..rows`) belongs to sequence `b`
 /// at index `s` within it: with `cu_seqlens` (varlen, `[batch + 1]` i32 prefix sums) `b` is the
 /// sequence whose range holds `r` and the tensor row is `r`; else `b = r / seqlen` and the
-/// tensor row is `s = r % seqlen` of batch entry `b`. Its position is `offsets[b] + s` (`offsets`
-/// a device `[batch]` i32, or 0: `offset + s`). A row whose position lies outside the table, or
+/// tensor row is `s = r % seqlen` of batch entry `b`. Its position is `offsets[b] + offset + s`
+/// (`offsets` a device `[batch]` i32, or 0: `offset + s`). A row whose position lies outside the table, or
 /// (varlen) outside every sequence, is copied unrotated (`dst != src`) or left as it is.
 /// Element strides are (batch, row, head); the head dim is contiguous. Grid: one-dimensional,
 /// `ceil(rows * heads * items / ROTARY_THREADS)` blocks of `ROTARY_THREADS`, `items` from
@@ -757,7 +785,7 @@ pub struct RotaryParams {
     pub cu_seqlens: u64,
     /// 0, or a device `[batch]` i32 array of each sequence's first position.
     pub offsets: u64,
-    /// The first position of every sequence when `offsets` is 0.
+    /// The first position of every sequence (added to `offsets[b]` when `offsets` is set).
     pub offset: i32,
     /// Rows of the launch (`batch * seqlen`, or the varlen total).
     pub rows: i32,

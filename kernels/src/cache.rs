@@ -9,7 +9,9 @@ use crate::device::{
 };
 use crate::heads::kind_and_rank;
 use crate::mask::div_or_zero;
+use crate::mma::{Bf16, F16};
 use crate::ring::{history, slot_of};
+use crate::rotary::turn_words;
 
 /// Threads per block of the cache kernels.
 pub const CACHE_THREADS: u32 = 256;
@@ -25,7 +27,8 @@ fn chunk_addr(base: u64, strides: &[i64; 3], batch: i64, pos: i32, head: i32, ch
 }
 
 /// Copies chunk `chunk` of K and V row `(pos, head, batch)` of `src` to row `(pos, head, batch)`
-/// of `dst` (the batch coordinate of a paged full cache is the page).
+/// of `dst` (the batch coordinate of a paged full cache is the page), the K chunk read by
+/// `load_k` from its address (the append's RoPE turns it there).
 #[inline(always)]
 unsafe fn copy_kv(
     src: &KvSource,
@@ -33,6 +36,7 @@ unsafe fn copy_kv(
     dst: &KvSource,
     (dst_pos, dst_head, dst_batch): (i32, i32, i64),
     chunk: i32,
+    load_k: impl FnOnce(u64) -> [u32; 4],
 ) {
     let from = |base: u64, strides: &[i64; 3]| {
         chunk_addr(base, strides, src_batch, src_pos, src_head, chunk)
@@ -41,7 +45,7 @@ unsafe fn copy_kv(
         chunk_addr(base, strides, dst_batch, dst_pos, dst_head, chunk)
     };
     unsafe {
-        let k = ld_global_nc_v4(from(src.k, &src.k_strides));
+        let k = load_k(from(src.k, &src.k_strides));
         let v = ld_global_nc_v4(from(src.v, &src.v_strides));
         st_global_v4(to(dst.k, &dst.k_strides), k);
         st_global_v4(to(dst.v, &dst.v_strides), v);
@@ -197,9 +201,26 @@ unsafe fn append_row(
     let (streaming, rank) = kind_and_rank(&p.streaming_heads, head as usize);
     let pos = start + row;
     let src = first + row;
+    // RoPE (`CacheParams::rotary`): the key turns at its position, its pairs' other elements
+    // read from the same new row.
+    let turn = |_: u64| {
+        let load = |col: i32| unsafe {
+            let at = chunk_addr(p.new.k, &p.new.k_strides, batch, src, head, col / 8);
+            ld_global_nc_v4(at)
+        };
+        let (t, col) = (&p.rotary, 8 * chunk);
+        unsafe {
+            if t.f16 != 0 {
+                turn_words::<F16, 4>(t, pos, col, load)
+            } else {
+                turn_words::<Bf16, 4>(t, pos, col, load)
+            }
+        }
+    };
     if !streaming {
         if let Some((at, row)) = full_row(p, pos, batch) {
-            unsafe { copy_kv(&p.new, (src, head, batch), &p.full, (row, rank, at), chunk) };
+            let to = (row, rank, at);
+            unsafe { copy_kv(&p.new, (src, head, batch), &p.full, to, chunk, turn) };
         }
         return;
     }
@@ -209,7 +230,7 @@ unsafe fn append_row(
         return;
     }
     let to = (slot_of(pos, p.sink, p.recent), rank, batch);
-    unsafe { copy_kv(&p.new, (src, head, batch), &p.stream, to, chunk) };
+    unsafe { copy_kv(&p.new, (src, head, batch), &p.stream, to, chunk, turn) };
 }
 
 #[unsafe(no_mangle)]
@@ -245,7 +266,9 @@ pub unsafe extern "ptx-kernel" fn duo_cache_gather_stream(p: CacheParams) {
             zero_kv(&p.out, row, rank, batch, chunk);
         } else if row >= n_hist {
             let new_row = (first + row - n_hist, head, batch);
-            copy_kv(&p.new, new_row, &p.out, (row, rank, batch), chunk);
+            copy_kv(&p.new, new_row, &p.out, (row, rank, batch), chunk, |a| {
+                ld_global_nc_v4(a)
+            });
         } else {
             let pos = if row < sink_rows {
                 row
@@ -253,7 +276,9 @@ pub unsafe extern "ptx-kernel" fn duo_cache_gather_stream(p: CacheParams) {
                 lo + row - sink_rows
             };
             let from = (slot_of(pos, p.sink, p.recent), rank, batch);
-            copy_kv(&p.stream, from, &p.out, (row, rank, batch), chunk);
+            copy_kv(&p.stream, from, &p.out, (row, rank, batch), chunk, |a| {
+                ld_global_nc_v4(a)
+            });
         }
     }
 }

@@ -18,6 +18,7 @@ use crate::abi::{
     DECODE_MAX_SPLITS, DECODE_MIN_TILES_PER_SPLIT, DECODE_ROWS, DECODE_STAGES, DecodeParams,
     decode_block_n, decode_fuses_append, decode_paged_smem_bytes, decode_q_in_shared,
     decode_ring_bytes, decode_smem_bytes, decode_threads, decode_tile_offset,
+    decode_turns_appended_keys,
 };
 use crate::decode_merge::{LOG2_E, MERGE_DEPTH, Merge, merge_depth, merge_in_cluster};
 use crate::device::*;
@@ -25,6 +26,7 @@ use crate::heads::DecodeBlock;
 use crate::mask::{BlockRange, HeadMask, div_or_zero, nth_tile, split_of_tile};
 use crate::mma::{Bf16, Element, F16, quad, set_quad};
 use crate::ring::{RingPositions, filled_slots, slot_of};
+use crate::rotary::{fragments_turn, turn_fragments, turn_words};
 use crate::softmax::{
     RowState, alibi_scores_by_row, alibi_slope_raw, mask_scores, merged_lse, online_softmax,
     rescale,
@@ -104,7 +106,14 @@ fn clamped_len(p: &DecodeParams, raw: u32) -> i32 {
 /// Whether this entry runs `p`'s fused append (`DecodeParams::append`).
 #[inline(always)]
 fn fuses_append<const D: usize, const PAGING: u8>(p: &DecodeParams) -> bool {
-    p.append.k != 0 && const { decode_fuses_append(D, PAGING != paging::NONE) }
+    p.append.k != 0
+        && const { decode_fuses_append(D, PAGING != paging::NONE) }
+        && (p.rotary.cos == 0 || const { turns_appended_keys::<D, PAGING>() })
+}
+
+/// Whether this entry's fused append turns the new keys ([`decode_turns_appended_keys`]).
+const fn turns_appended_keys<const D: usize, const PAGING: u8>() -> bool {
+    decode_turns_appended_keys(D, PAGING == paging::ROWS)
 }
 
 /// The keys this step attends, from the sequence's clamped count `len` before it: with an
@@ -201,7 +210,7 @@ impl HeadKv {
 /// index, so nothing here stays live into the decode. (With it, ptxas took 154-162 registers at
 /// D = 64: those entries are capped at 128, for two blocks per SM, by `entry_directives`.)
 #[inline(always)]
-unsafe fn append_own_rows<const D: usize, const PAGING: u8>(
+unsafe fn append_own_rows<E: Element, const D: usize, const PAGING: u8>(
     p: &DecodeParams,
     row_chunks: i32,
     start: i32,
@@ -263,13 +272,20 @@ unsafe fn append_own_rows<const D: usize, const PAGING: u8>(
         } else {
             (key as i64 * kv.ks[1], key as i64 * kv.vs[1])
         };
-        let new_at = |base: u64, st: &[i64; 3]| {
-            base + ((batch * st[0] + r as i64 * st[1] + kv_head as i64 * st[2] + 8 * part) * 2)
-                as u64
+        let new_at = |base: u64, st: &[i64; 3], col: i64| {
+            base + ((batch * st[0] + r as i64 * st[1] + kv_head as i64 * st[2] + col) * 2) as u64
         };
+        let k_at = |col: i32| new_at(p.append.k, &p.append.k_strides, col as i64);
         unsafe {
-            let k = ld_global_nc_v4(new_at(p.append.k, &p.append.k_strides));
-            let v = ld_global_nc_v4(new_at(p.append.v, &p.append.v_strides));
+            // RoPE (`DecodeParams::rotary`): the key turns at its position.
+            let k = if !const { turns_appended_keys::<D, PAGING>() } {
+                ld_global_nc_v4(k_at(8 * part as i32))
+            } else {
+                turn_words::<E, 4>(&p.rotary, pos, 8 * part as i32, |c| {
+                    ld_global_nc_v4(k_at(c))
+                })
+            };
+            let v = ld_global_nc_v4(new_at(p.append.v, &p.append.v_strides, 8 * part));
             st_global_v4(kv.k_base + ((k_row + 8 * part) * 2) as u64, k);
             st_global_v4(kv.v_base + ((v_row + 8 * part) * 2) as u64, v);
         }
@@ -454,7 +470,7 @@ unsafe fn decode<
     // The fused append (`DecodeParams::append`) first, on its own: nothing of it stays live.
     let fused_append = fuses_append::<D, PAGING>(p);
     if fused_append {
-        unsafe { append_own_rows::<D, PAGING>(p, row_chunks, len_before) };
+        unsafe { append_own_rows::<E, D, PAGING>(p, row_chunks, len_before) };
         sync_threads(); // the new rows before any thread's loads of them
     }
     let seqlen = if p.seqlens != 0 {
@@ -658,6 +674,7 @@ unsafe fn decode<
             + col;
         p.q + (off * 2) as u64
     };
+    // RoPE (`DecodeParams::rotary`): each query row turns as it loads, at its token's position.
     let mut qa = [[0u32; 4]; KQ];
     if q_shared {
         for idx in (tid..DECODE_ROWS * D / 8).step_by(threads) {
@@ -666,10 +683,13 @@ unsafe fn decode<
             let mut v = [0u32; 4];
             if global_row < rows_per_head {
                 let (head, tok) = row_head_token(global_row);
-                let base = q_at(head, tok, 8 * chunk as i64);
-                for (j, x) in v.iter_mut().enumerate() {
-                    *x = unsafe { ld_global_nc_u32(base + 4 * j as u64) };
-                }
+                let load = |col: i32| {
+                    let base = q_at(head, tok, col as i64);
+                    core::array::from_fn(|j| unsafe { ld_global_nc_u32(base + 4 * j as u64) })
+                };
+                let col = 8 * chunk as i32;
+                let pos = q_lo + tok;
+                v = unsafe { turn_words::<E, 4>(&p.rotary, pos, col, load) };
             }
             unsafe { st_shared_v4(q_smem + decode_tile_offset(D, row, chunk) as u32, v) };
         }
@@ -680,6 +700,9 @@ unsafe fn decode<
             for (kk, frag) in qa.iter_mut().enumerate() {
                 frag[r] = unsafe { ld_global_nc_u32(base + (kk * 32) as u64) };
                 frag[r + 2] = unsafe { ld_global_nc_u32(base + (kk * 32 + 16) as u64) };
+            }
+            if fragments_turn(&p.rotary, D) {
+                unsafe { turn_fragments::<E, KQ>(&p.rotary, q_pos[r], t, r, &mut qa) };
             }
         }
     }

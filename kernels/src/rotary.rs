@@ -2,7 +2,7 @@
 //! work of FlashAttention's `apply_rotary_emb`. Memory-bound: each thread turns one 16-byte chunk
 //! of a head row (interleaved pairs) or two chunks half a rotary dim apart (the other layout) in
 //! f32, with the table's cosines and sines at the row's position.
-use crate::abi::{ROTARY_THREADS, RotaryParams};
+use crate::abi::{ROTARY_THREADS, RotaryParams, RotaryTable, decode_turns_q};
 use crate::device::{
     block_idx_x, enter_dependent_grid, fma_f32, ld_global_nc_u32, ld_global_nc_v4, ld_global_v4,
     st_global_v4, thread_idx_x,
@@ -48,6 +48,168 @@ fn turn(x1: f32, x2: f32, c: f32, s: f32) -> (f32, f32) {
     (fma_f32(x1, c, -(x2 * s)), fma_f32(x2, c, x1 * s))
 }
 
+/// `N` f32 of a table from index `at` on: 16-byte loads when `N` is a multiple of 4 (`at` is
+/// then too), else one by one.
+#[inline(always)]
+unsafe fn table_n<const N: usize>(base: u64, at: i64) -> [f32; N] {
+    let addr = |i: usize| base + (4 * (at + i as i64)) as u64;
+    let mut v = [0f32; N];
+    if N.is_multiple_of(4) {
+        for i in (0..N).step_by(4) {
+            let q = unsafe { ld_global_nc_v4(addr(i)) };
+            v[i..i + 4].copy_from_slice(&q.map(f32::from_bits));
+        }
+    } else {
+        for (i, e) in v.iter_mut().enumerate() {
+            *e = f32::from_bits(unsafe { ld_global_nc_u32(addr(i)) });
+        }
+    }
+    v
+}
+
+/// `N` 32-bit words of a head row (its elements `col .. col + 2N`, `col` even), loaded by
+/// `load(col)` and turned by `t` at position `pos`, in f32, as `duo_rotary` turns them: for the
+/// kernels that fuse the rotation into their loads (the decode's Q, the appended K rows). As
+/// loaded with no table (`t.cos == 0`), past the rotary dim, or at a position outside the table.
+/// Without interleaving the pairs' other elements lie half a rotary dim away, and `load` brings
+/// them too (the rotary dim is a multiple of 16, so `col .. col + 2N` never straddles a half
+/// when `2N` divides 16). Every load is issued before any is used, without branches between
+/// them, so the rotation adds no round trip to memory: words that do not turn read the table's
+/// first entries and keep their own values.
+#[inline(always)]
+pub(crate) unsafe fn turn_words<E: Element, const N: usize>(
+    t: &RotaryTable,
+    pos: i32,
+    col: i32,
+    load: impl Fn(i32) -> [u32; N],
+) -> [u32; N] {
+    if t.cos == 0 {
+        return load(col);
+    }
+    let (half, interleaved) = (t.half, t.interleaved != 0);
+    let turns = col < 2 * half && pos >= 0 && pos < t.rows;
+    // Elements `col..` are the first of their pairs (below `half`) or the second; interleaved,
+    // word k is pair col / 2 + k.
+    let first = col < half;
+    let pair = if interleaved {
+        col / 2
+    } else if first {
+        col
+    } else {
+        col - half
+    };
+    let j = if turns {
+        pos as i64 * half as i64 + pair as i64
+    } else {
+        0
+    };
+    let other_col = if interleaved || !turns {
+        col
+    } else if first {
+        col + half
+    } else {
+        col - half
+    };
+    let x = load(col);
+    let other = load(other_col);
+    // Interleaved: N pairs (read twice: nothing past them); else 2N, the first N then the next.
+    let j2 = if interleaved { j } else { j + N as i64 };
+    let (c, s) = unsafe {
+        (
+            [table_n::<N>(t.cos, j), table_n::<N>(t.cos, j2)],
+            [table_n::<N>(t.sin, j), table_n::<N>(t.sin, j2)],
+        )
+    };
+    if !turns {
+        return x;
+    }
+    core::array::from_fn(|k| {
+        let [x1, x2] = E::unpack(x[k]);
+        if interleaved {
+            let (y1, y2) = turn(x1, x2, c[0][k], s[0][k]);
+            return E::pack(y1, y2);
+        }
+        let [o1, o2] = E::unpack(other[k]);
+        let y = |x: f32, o: f32, e: usize| {
+            let (c, s) = (c[e / N][e % N], s[e / N][e % N]);
+            if first {
+                turn(x, o, c, s).0
+            } else {
+                turn(o, x, c, s).1
+            }
+        };
+        E::pack(y(x1, o1, 2 * k), y(x2, o2, 2 * k + 1))
+    })
+}
+
+/// Whether the decode turns Q rows held in registers (head dims up to 128) by table `t`
+/// ([`decode_turns_q`]): interleaved pairs lie in one word of a thread's A fragments, and the
+/// halves of the whole head dim in words `KQ / 2` k-steps apart.
+#[inline(always)]
+pub(crate) fn fragments_turn(t: &RotaryTable, head_dim: usize) -> bool {
+    t.cos != 0 && decode_turns_q(head_dim, t.half as usize, t.interleaved != 0)
+}
+
+/// Turns query row `r` (0: rows g, 1: rows g + 8) of a thread's `mma.m16n8k16` A fragments
+/// `qa` at position `pos` by `t` ([`fragments_turn`] holds): word `qa[kk][r]` holds elements
+/// `16 kk + 2 lane_t ..`, `qa[kk][r + 2]` elements 8 later. One form for both pairings, without
+/// branches on the table: each element becomes `x c + o s'` with `o` its pair's other element
+/// (the other half of its word, or the same word KQ / 2 k-steps away) and `s'` the sine signed
+/// by its place in the pair; the products match `duo_rotary`'s bit for bit.
+#[inline(always)]
+pub(crate) unsafe fn turn_fragments<E: Element, const KQ: usize>(
+    t: &RotaryTable,
+    pos: i32,
+    lane_t: usize,
+    r: usize,
+    qa: &mut [[u32; 4]; KQ],
+) {
+    let (half, interleaved) = (t.half, t.interleaved != 0);
+    // Out of the table: every word reads the table's first entries and keeps its value.
+    let inside = pos >= 0 && pos < t.rows;
+    let row = if inside { pos as i64 * half as i64 } else { 0 };
+    let q = *qa;
+    for kk in 0..KQ {
+        for (w, off) in [(r, 0), (r + 2, 8)] {
+            let col = (16 * kk + 2 * lane_t + off) as i32;
+            // Past an interleaved table's rotary dim the word stays.
+            let turns = inside && col < 2 * half;
+            let first = col < half;
+            let other = if interleaved {
+                q[kk][w].rotate_left(16)
+            } else {
+                q[(kk + KQ / 2) % KQ][w]
+            };
+            // Table entries of the word's two elements: one pair interleaved, two consecutive
+            // pairs otherwise.
+            let pair = if interleaved {
+                col / 2
+            } else if first {
+                col
+            } else {
+                col - half
+            };
+            let j = if turns { row + pair as i64 } else { 0 };
+            let j2 = if interleaved { j } else { j + 1 };
+            let entry = |base: u64, at: i64| {
+                f32::from_bits(unsafe { ld_global_nc_u32(base + (4 * at) as u64) })
+            };
+            let (c1, c2) = (entry(t.cos, j), entry(t.cos, j2));
+            let (s1, s2) = (entry(t.sin, j), entry(t.sin, j2));
+            let (s1, s2) = if interleaved {
+                (-s1, s2)
+            } else if first {
+                (-s1, -s2)
+            } else {
+                (s1, s2)
+            };
+            let ([x1, x2], [o1, o2]) = (E::unpack(q[kk][w]), E::unpack(other));
+            let y = E::pack(fma_f32(x1, c1, o1 * s1), fma_f32(x2, c2, o2 * s2));
+            qa[kk][w] = if turns { y } else { q[kk][w] };
+        }
+    }
+}
+
 #[inline(always)]
 unsafe fn rotary<E: Element>(p: &RotaryParams) {
     enter_dependent_grid();
@@ -81,11 +243,12 @@ unsafe fn rotary<E: Element>(p: &RotaryParams) {
             + 8 * chunk as i64)
             * 2) as u64
     };
-    let first = if p.offsets != 0 {
-        unsafe { ld_global_nc_u32(p.offsets + 4 * batch as u64) as i32 as i64 }
-    } else {
-        p.offset as i64
-    };
+    let first = p.offset as i64
+        + if p.offsets != 0 {
+            unsafe { ld_global_nc_u32(p.offsets + 4 * batch as u64) as i32 as i64 }
+        } else {
+            0
+        };
     let pos = first + s as i64;
     let turns = seq.is_some() && pos >= 0 && pos < t.rows as i64;
     let copy = |chunk: i32| unsafe {

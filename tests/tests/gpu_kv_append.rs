@@ -151,6 +151,7 @@ fn append_case<T: AttnElement>(
         k: dk.view(),
         v: dv.view(),
         seqlens: update,
+        rotary: None,
     };
     let (ck, cv) = (&mut cache.k, &mut cache.v);
     match &cache.table {
@@ -277,6 +278,7 @@ impl<T: AttnElement> StepIo<T> {
             k: self.k_new.view(),
             v: self.v_new.view(),
             seqlens: update,
+            rotary: None,
         };
         let (ck, cv) = (&mut cache.k, &mut cache.v);
         let (o, l, dl) = (

@@ -253,6 +253,7 @@ if [ "${1:-}" = "sanitize" ]; then
     compute-sanitizer --tool "$tool" --error-exitcode 99 bin/test-gpu_kv_append sanitizer_small_kv_append --test-threads=1 || status=1
     compute-sanitizer --tool "$tool" --error-exitcode 99 bin/test-gpu_kv_append graph_replays_decode_append_steps --test-threads=1 || status=1
     compute-sanitizer --tool "$tool" --error-exitcode 99 bin/test-gpu_rotary sanitizer_small_rotary --test-threads=1 || status=1
+    compute-sanitizer --tool "$tool" --error-exitcode 99 bin/test-gpu_rotary_decode sanitizer_small_rotary_decode --test-threads=1 || status=1
   done
   exit $status
 fi

@@ -1,7 +1,8 @@
 //! Rotary embeddings (`--rotary`): `Context::apply_rotary` on the Q and K heads of a packed QKV
 //! buffer (Llama 3 8B's layer: 32 query and 8 KV heads, D 128, the whole head dim turned), in
 //! place, and what the launch adds to a decode step (`decode_attention_append` over a KV cache,
-//! its new K/V from the same buffer) when it runs before it. Peers (`--rotary-peers`, written by
+//! its new K/V from the same buffer) when it runs before it, against the rotation fused into the
+//! step (`NewKv::rotated`). Peers (`--rotary-peers`, written by
 //! `rotary_peers.py` on the same GPU) are PyTorch's eager rotation (`x * cos + rotate_half(x) *
 //! sin`, as Hugging Face's Llama) and the same under `torch.compile`.
 use crate::clock::ClockSampler;
@@ -50,14 +51,9 @@ pub fn run(
         records.push(record("prefill", 1, seqlen, "ours", &t));
     }
     for (batch, seqlen) in [(1, 4096), (8, 4096), (8, 131072), (32, 32768)] {
-        for with_rotary in [false, true] {
-            let t = time_decode(ctx, rng, clock, &table, (batch, seqlen), with_rotary)?;
-            let name = if with_rotary {
-                "ours: rotary + decode"
-            } else {
-                "ours: decode alone"
-            };
-            records.push(record("decode step", batch, seqlen, name, &t));
+        for step in [Step::Alone, Step::RotaryFirst, Step::Fused] {
+            let t = time_decode(ctx, rng, clock, &table, (batch, seqlen), step)?;
+            records.push(record("decode step", batch, seqlen, step.name(), &t));
         }
     }
     for batch in [1, 8, 32] {
@@ -126,8 +122,29 @@ fn time_rotary_rows(
     })
 }
 
+/// How a timed decode step treats RoPE.
+#[derive(Clone, Copy, PartialEq)]
+enum Step {
+    /// No rotation: the step alone.
+    Alone,
+    /// `apply_rotary` on Q and K in place, then the step.
+    RotaryFirst,
+    /// The rotation inside the step (`NewKv::rotated`).
+    Fused,
+}
+
+impl Step {
+    fn name(self) -> &'static str {
+        match self {
+            Step::Alone => "ours: decode alone",
+            Step::RotaryFirst => "ours: rotary + decode",
+            Step::Fused => "ours: fused rotary",
+        }
+    }
+}
+
 /// A decode step over a `[B, seqlen, Hkv, D]` cache holding `seqlen - 1` keys: its new token's
-/// Q, K and V in a packed buffer, turned first (`with_rotary`) at the cache counts, then
+/// Q, K and V in a packed buffer, turned as `step` says at the cache counts, by
 /// `decode_attention_append` (counts kept, so every rep is the same step). Half the KV heads
 /// streaming, as the DuoAttention layers.
 fn time_decode(
@@ -136,7 +153,7 @@ fn time_decode(
     clock: &ClockSampler,
     table: &RotaryTable,
     (batch, seqlen): (usize, usize),
-    with_rotary: bool,
+    step: Step,
 ) -> Result<Timing> {
     let mut x = qkv(ctx, rng, batch, 1)?;
     let (cache, _) = random_tensor::<bf16>(rng, batch * seqlen * HKV * D);
@@ -156,7 +173,7 @@ fn time_decode(
         .window(crate::cases::WINDOW);
     let strides = [H * D, H * D, D, 1];
     time_launches(ctx, clock, |_| {
-        if with_rotary {
+        if step == Step::RotaryFirst {
             let pos = RotaryPositions::PerSequence(lens.view());
             ctx.apply_rotary(&mut q_and_k(&mut x)?, table, pos)?;
         }
@@ -167,7 +184,10 @@ fn time_decode(
             &q,
             &mut k_cache.view_mut(),
             &mut v_cache.view_mut(),
-            NewKv::keep(k, v),
+            match step {
+                Step::Fused => NewKv::keep(k, v).rotated(table),
+                _ => NewKv::keep(k, v),
+            },
             &mut out.view_mut(),
             &mut lse.view_mut(),
             &mut lens.view_mut(),
