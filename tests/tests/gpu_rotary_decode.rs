@@ -13,8 +13,8 @@ use duo_attn::{
     NewKv, PrefillKernel, RotaryPositions, RotaryTable, SeqlensUpdate,
 };
 use duo_attn_tests::{
-    CacheLayout, alternating_kinds, gpu_or_skip, notice, random_tensor, rng, scatter_pages,
-    shuffled_pages,
+    CacheLayout, alternating_kinds, gpu_or_skip, notice, random_tensor, rng, sanitizer_cache,
+    scatter_pages, shuffled_pages,
 };
 use half::{bf16, f16};
 use rand::Rng;
@@ -491,18 +491,7 @@ fn sanitizer_small_rotary_decode() {
     ] {
         passed &= decode_case::<bf16>(&ctx, &mut rng, (d, layout, 3), kind, &cfg, update);
     }
-    let cache = CacheConfig {
-        batch: 2,
-        max_len: 256,
-        heads_q: 4,
-        heads_kv: 2,
-        head_dim: 64,
-        sink: 3,
-        window: 10,
-        softmax_scale: None,
-        prefill_kernel: PrefillKernel::Auto,
-        paging: None,
-    };
+    let cache = sanitizer_cache(2, 256);
     passed &= duo_cache_case::<bf16>(&ctx, &mut rng, cache, (32, false), (20, &[2]));
     assert!(passed);
 }
