@@ -26,7 +26,7 @@ use crate::element::AttnElement;
 use crate::error::{Error, Result};
 use crate::kvcache::{Paging, use_cache_build};
 use crate::pattern::{Binarize, HeadPattern};
-use crate::rotary::{RotaryPositions, RotaryTable, fused_table, use_decode_rotary};
+use crate::rotary::{RotaryPositions, RotaryTable, use_decode_rotary};
 use crate::tensor::{DeviceTensor, TensorDesc, View, ViewMut};
 use duo_attn_kernels::abi::{
     self, CacheParams, DECODE_HEAD_DIMS, KvSource, MAX_KV_HEADS, MAX_SEQLEN, ws_block_n,
@@ -851,7 +851,7 @@ impl<T: AttnElement> CacheSlots<'_, T> {
     ) -> Result<()> {
         self.cache.check_device(ctx)?;
         let n = self.check_new(layer, k.desc(), v.desc())?;
-        self.append_unchecked(ctx, layer, (k.desc(), v.desc(), n), None)
+        self.append_unchecked(ctx, layer, (k.desc(), v.desc(), n), Default::default())
     }
 
     /// [`DuoCache::forward`] for these slots: decode when `n <= 16` and one of them holds
@@ -961,7 +961,7 @@ impl<T: AttnElement> CacheSlots<'_, T> {
             let params = c.cache_params(layer, &seqs, new, kv_source(&sk, &sv), start);
             c.launch_cache_kernel(ctx, "duo_cache_gather_stream", (stream_len, b), &params)?;
         }
-        self.append_unchecked(ctx, layer, (k.desc(), v.desc(), n), None)?;
+        self.append_unchecked(ctx, layer, (k.desc(), v.desc(), n), Default::default())?;
         ctx.launch_prefill(&plan)
     }
 
@@ -1027,16 +1027,12 @@ impl<T: AttnElement> CacheSlots<'_, T> {
         plan.params.seqlens = lens;
         plan.params.seqlen = c.cfg.max_len as i32;
         let fused = plan.fuses_append(rotary.is_some());
-        let key_turn = match rotary {
-            Some(table) => {
-                let d = c.cfg.head_dim;
-                let keys = fused_table::<T>(table, d, ctx.ordinal())?;
-                use_decode_rotary::<T>(&mut plan, table, q.desc(), !fused, ctx.ordinal())?;
-                Some(keys)
-            }
-            None => None,
-        };
+        if let Some(table) = rotary {
+            use_decode_rotary::<T>(&mut plan, table, q.desc(), !fused, ctx.ordinal())?;
+        }
         if !fused {
+            // The keys turn by the decode's table (none without one).
+            let key_turn = plan.params.rotary;
             self.append_unchecked(ctx, layer, (k.desc(), v.desc(), n), key_turn)?;
             return ctx.launch_decode(plan);
         }
@@ -1145,13 +1141,14 @@ impl<T: AttnElement> CacheSlots<'_, T> {
         Ok(())
     }
 
-    /// Queues the append (which reads and advances the device's lengths) and advances the host's.
+    /// Queues the append (which reads and advances the device's lengths) and advances the host's;
+    /// `rotary` turns the new keys (the default table: none).
     fn append_unchecked(
         &mut self,
         ctx: &Context,
         layer: usize,
         (k, v, n): (&TensorDesc<4>, &TensorDesc<4>, usize),
-        rotary: Option<abi::RotaryTable>,
+        rotary: abi::RotaryTable,
     ) -> Result<()> {
         self.ensure_pages(ctx, layer, n)?;
         let c = &mut *self.cache;
@@ -1163,7 +1160,7 @@ impl<T: AttnElement> CacheSlots<'_, T> {
             KvSource::default(),
             start,
         );
-        params.rotary = rotary.unwrap_or_default();
+        params.rotary = rotary;
         c.launch_cache_kernel(ctx, "duo_cache_append", (n, self.seqs.len()), &params)?;
         self.advance_lens(layer, n);
         Ok(())

@@ -423,9 +423,10 @@ impl Context {
         use_cache_seqlens(&mut plan, seqlens, out, lse, self.ordinal())?;
         let fused = plan.fuses_append(new.rotary.is_some());
         if let Some(table) = new.rotary {
-            append.params.rotary = fused_table::<T>(table, plan.head_dim, self.ordinal())?;
             let advanced = !fused && append.advance;
             use_decode_rotary::<T>(&mut plan, table, q, advanced, self.ordinal())?;
+            // The keys turn by the same checked table, in whichever launch appends them.
+            append.params.rotary = plan.params.rotary;
         }
         if !fused {
             // The append first. Kept counts: the decode adds the `n_q` new keys itself (`append`

@@ -23,7 +23,9 @@
 //! ctx.apply_rotary(&mut q_and_k, &rope, RotaryPositions::From(0))?;
 //! # Ok(()) }
 //! ```
-use crate::attention::{as_batch_of_one, check_bshd, check_device, check_limit, check_shape};
+use crate::attention::{
+    as_batch_of_one, check_bshd, check_device, check_limit, check_shape, strides3,
+};
 use crate::context::Context;
 use crate::decode::DecodePlan;
 use crate::decode::check_device_array;
@@ -349,20 +351,13 @@ pub(crate) fn use_decode_rotary<T: AttnElement>(
         return Ok(());
     }
     let [batch, n, heads, head_dim] = q.shape;
-    let strides = |t: &TensorDesc<4>| {
-        [
-            t.strides[0] as i64,
-            t.strides[1] as i64,
-            t.strides[2] as i64,
-        ]
-    };
     let rows = batch * n;
     let items = rotary_items(table.half, table.interleaved, head_dim, true);
     let threads = rows * heads * items;
     let params = RotaryParams {
         table: table.abi(),
         src: q.ptr,
-        src_strides: strides(q),
+        src_strides: strides3(q),
         dst: 0, // the workspace's, at launch
         dst_strides: [
             (n * heads * head_dim) as i64,
