@@ -67,6 +67,20 @@ unsafe fn table_n<const N: usize>(base: u64, at: i64) -> [f32; N] {
     v
 }
 
+/// The table column (pair index) of element `col` of a head row (`col` even): interleaved,
+/// element `col` is in pair `col / 2`; otherwise elements below `half` are the first of pair
+/// `col` and the others the second of pair `col - half`.
+#[inline(always)]
+fn first_pair(col: i32, half: i32, interleaved: bool) -> i32 {
+    if interleaved {
+        col / 2
+    } else if col < half {
+        col
+    } else {
+        col - half
+    }
+}
+
 /// `N` 32-bit words of a head row (its elements `col .. col + 2N`, `col` even), loaded by
 /// `load(col)` and turned by `t` at position `pos`, in f32, as `duo_rotary` turns them: for the
 /// kernels that fuse the rotation into their loads (the decode's Q, the appended K rows). As
@@ -88,16 +102,8 @@ pub(crate) unsafe fn turn_words<E: Element, const N: usize>(
     }
     let (half, interleaved) = (t.half, t.interleaved != 0);
     let turns = col < 2 * half && pos >= 0 && pos < t.rows;
-    // Elements `col..` are the first of their pairs (below `half`) or the second; interleaved,
-    // word k is pair col / 2 + k.
     let first = col < half;
-    let pair = if interleaved {
-        col / 2
-    } else if first {
-        col
-    } else {
-        col - half
-    };
+    let pair = first_pair(col, half, interleaved);
     let j = if turns {
         pos as i64 * half as i64 + pair as i64
     } else {
@@ -182,13 +188,7 @@ pub(crate) unsafe fn turn_fragments<E: Element, const KQ: usize>(
             };
             // Table entries of the word's two elements: one pair interleaved, two consecutive
             // pairs otherwise.
-            let pair = if interleaved {
-                col / 2
-            } else if first {
-                col
-            } else {
-                col - half
-            };
+            let pair = first_pair(col, half, interleaved);
             let j = if turns { row + pair as i64 } else { 0 };
             let j2 = if interleaved { j } else { j + 1 };
             let entry = |base: u64, at: i64| {
